@@ -1,0 +1,994 @@
+"""
+One-time data preparation, and the fixed runtime harness that every experiment's number comes out of.
+Downloads the data shards (or, in the cpu profile, builds them from the standard library's own text),
+trains the BPE tokenizer and tokenizes every shard once into a token cache. train.py imports the
+runtime half: the tokenizer, the packed dataloader, the fixed bits-per-byte metric and the run recorder.
+
+Usage:
+    uv run prepare.py                              # 10 training shards + the validation shard, tokenizer
+    uv run prepare.py --num-shards 8               # fewer training shards (-1 = all 6542)
+    uv run prepare.py --download-workers 16        # more parallel downloads
+    AUTORESEARCH_PROFILE=cpu uv run prepare.py     # tiny laptop harness, no network at all
+
+Data and tokenizer live in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch); the cpu profile
+keeps its own copy under cpu/ and never shares it with gpu. Re-running does no work twice.
+"""
+
+import argparse
+import ast
+import bisect
+import concurrent.futures
+import hashlib
+import itertools
+import json
+import math
+import os
+import pickle
+import platform
+import random
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import rustbpe
+import tiktoken
+import torch
+
+# ---------------------------------------------------------------------------
+# Profiles and paths (fixed, do not modify)
+# ---------------------------------------------------------------------------
+
+PROFILES = {
+    # gpu: karpathy/autoresearch's H100 harness, constants unchanged
+    "gpu": dict(MAX_SEQ_LEN=2048, TIME_BUDGET=300, EVAL_TOKENS=40 * 524288, VOCAB_SIZE=8192),
+    # cpu: the same loop scaled down so it runs on a 2-core laptop in minutes, with no network
+    "cpu": dict(MAX_SEQ_LEN=256, TIME_BUDGET=60, EVAL_TOKENS=2**16, VOCAB_SIZE=2048),
+}
+PROFILE = os.environ.get("AUTORESEARCH_PROFILE", "gpu")
+if PROFILE not in PROFILES:
+    raise SystemExit(f"prepare.py: AUTORESEARCH_PROFILE must be one of {sorted(PROFILES)}, got {PROFILE!r}")
+
+CACHE_DIR = Path(os.environ.get("AUTORESEARCH_CACHE") or Path.home() / ".cache" / "autoresearch")
+_PROFILE_DIR = CACHE_DIR if PROFILE == "gpu" else CACHE_DIR / "cpu"   # the profiles never share a cache
+DATA_DIR = _PROFILE_DIR / "data"            # shard_NNNNN.parquet files, plus their token cache
+TOKENIZER_DIR = _PROFILE_DIR / "tokenizer"  # tokenizer.pkl (tiktoken encoding) + token_bytes.pt
+
+MAX_SEQ_LEN = PROFILES[PROFILE]["MAX_SEQ_LEN"]   # context length
+TIME_BUDGET = PROFILES[PROFILE]["TIME_BUDGET"]   # training time budget in seconds
+EVAL_TOKENS = PROFILES[PROFILE]["EVAL_TOKENS"]   # number of tokens for the final val eval
+VOCAB_SIZE = PROFILES[PROFILE]["VOCAB_SIZE"]     # BPE vocabulary size, special tokens included
+
+_overrides = {}
+if os.environ.get("AUTORESEARCH_TIME_BUDGET"):
+    try:
+        TIME_BUDGET = float(os.environ["AUTORESEARCH_TIME_BUDGET"])
+    except ValueError:
+        TIME_BUDGET = -1.0
+    if not (TIME_BUDGET > 0 and math.isfinite(TIME_BUDGET)):
+        raise SystemExit("prepare.py: AUTORESEARCH_TIME_BUDGET must be a positive number of seconds, "
+                         f"got {os.environ['AUTORESEARCH_TIME_BUDGET']!r}")
+    _overrides["AUTORESEARCH_TIME_BUDGET"] = TIME_BUDGET
+if os.environ.get("AUTORESEARCH_DATA_URL") and PROFILE == "gpu":  # the cpu profile never downloads
+    _overrides["AUTORESEARCH_DATA_URL"] = os.environ["AUTORESEARCH_DATA_URL"]
+
+# two runs are comparable only if their HARNESS dicts are equal
+HARNESS = {"profile": PROFILE, "MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET,
+           "EVAL_TOKENS": EVAL_TOKENS, "VOCAB_SIZE": VOCAB_SIZE, "overrides": _overrides}
+
+# ---------------------------------------------------------------------------
+# Data and tokenizer (fixed, do not modify)
+# ---------------------------------------------------------------------------
+
+BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
+            or "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
+MAX_SHARD = 6542                                 # the last shard is shard_06542.parquet
+VAL_SHARD = MAX_SHARD                            # pinned validation shard
+VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"  # same name in both profiles
+# GPT-4 split pattern, with numbers in groups of one or two (\p{N}{1,2} instead of {1,3})
+SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # reserved ids at the top of the vocabulary
+BOS_TOKEN = SPECIAL_TOKENS[0]                    # starts every document and every packed row
+TOKENIZER_MAX_CHARS = 1_000_000_000              # training text for the BPE merges
+TOKENIZER_DOC_CAP = 10_000                       # characters kept per document for BPE training
+LOADER_BUFFER_DOCS = 1000                        # documents the best-fit packer chooses from (shapes val rows)
+
+# cpu profile data: built from the standard library's docstrings, comments and pydoc topics
+CPU_TRAIN_SHARDS = 4        # training shards (shard_00000..), plus the validation shard
+CPU_DOC_CHARS = 300         # paragraphs grouped into documents up to this size: rows of 256 hold several
+CPU_VAL_FRACTION = 0.15     # share of characters, as whole modules, held out for validation
+CPU_SEED = 1337             # fixed shuffle: the same standard library always gives the same shards
+
+# ---------------------------------------------------------------------------
+# Configuration (how the work gets done; changes no number)
+# ---------------------------------------------------------------------------
+
+DOWNLOAD_ATTEMPTS = 5       # tries per shard before giving up
+RETRY_BACKOFF_S = 1.0       # sleep before retry k is RETRY_BACKOFF_S * 2**(k-1): 1+2+4+8 s at most
+CONNECT_TIMEOUT_S = 5.0     # an unreachable mirror fails within about a minute
+READ_TIMEOUT_S = 30.0       # a stalled transfer is retried
+PINNED_SLOTS = 3            # host staging buffers in flight per CUDA loader
+
+
+class PrepareError(RuntimeError):
+    """An expected failure with a one-line message that says what to do."""
+
+
+def shard_name(index):
+    return f"shard_{index:05d}.parquet"
+
+# ---------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------
+
+class ProgressLine:
+    """One live line on a terminal (rewritten with \\r); whole lines at most every `every_s` otherwise,
+    so a log file never holds a megabyte-long line of carriage returns."""
+
+    def __init__(self, every_s=5.0, stream=None):
+        self.every_s = every_s
+        self.stream = stream if stream is not None else sys.stdout
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = bool(isatty and isatty())
+        self._last = -math.inf
+        self._width = 0
+
+    def _rewrite(self, text):
+        self.stream.write("\r" + text + " " * max(0, self._width - len(text)))
+        self._width = len(text)
+
+    def update(self, text):
+        if self.live:
+            self._rewrite(text)
+        elif time.monotonic() - self._last >= self.every_s:
+            self.stream.write(text + "\n")
+            self._last = time.monotonic()
+        self.stream.flush()
+
+    def done(self, text):
+        if self.live:
+            self._rewrite(text)
+        self.stream.write(("\n" if self.live else text + "\n"))
+        self.stream.flush()
+
+# ---------------------------------------------------------------------------
+# Data download (gpu profile)
+# ---------------------------------------------------------------------------
+
+class _Retryable(Exception):
+    """A failure worth another attempt: connection trouble, a 5xx, a body that is not a whole shard."""
+
+
+def check_shard(path):
+    """Raise ValueError unless `path` reads as parquet with a `text` column, every row group included."""
+    try:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise ValueError(f"no 'text' column (columns: {pf.schema_arrow.names})")
+        for rg in range(pf.num_row_groups):
+            pf.read_row_group(rg, columns=["text"])
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
+
+
+def _download_once(url, dest, stop, on_bytes):
+    """Stream `url` into a temp file next to `dest`; rename it into place only once it is a whole shard."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            try:
+                with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                                  headers={"Accept-Encoding": "identity"}) as r:
+                    if r.status_code >= 500 or r.status_code == 429:
+                        raise _Retryable(f"HTTP {r.status_code}")
+                    if r.status_code >= 400:
+                        raise PrepareError(f"{url} answered HTTP {r.status_code}")
+                    expected = r.headers.get("Content-Length")
+                    written = 0
+                    for chunk in r.iter_content(chunk_size=1 << 20):
+                        if stop.is_set():
+                            raise PrepareError(f"download of {url} cancelled")
+                        f.write(chunk)
+                        written += len(chunk)
+                        on_bytes(len(chunk))
+            except requests.RequestException as e:
+                raise _Retryable(type(e).__name__) from e
+        if expected is not None and written != int(expected):
+            raise _Retryable(f"body cut short: {written} of {expected} bytes")
+        try:
+            check_shard(tmp)
+        except ValueError as e:
+            raise _Retryable(f"not a parquet shard with a text column: {e}") from e
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def download_shard(index, base_url, data_dir, stop, on_bytes, backoff_s):
+    """Download one shard with retries and exponential backoff; raise PrepareError naming the URL."""
+    dest = Path(data_dir) / shard_name(index)
+    url = f"{base_url.rstrip('/')}/{dest.name}"
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            _download_once(url, dest, stop, on_bytes)
+            return
+        except _Retryable as e:
+            reason = str(e)
+        if attempt < DOWNLOAD_ATTEMPTS and stop.wait(backoff_s * 2 ** (attempt - 1)):
+            break
+    raise PrepareError(f"could not download {url} ({reason}, {attempt} attempts)")
+
+
+def download_data(num_shards, download_workers=8, base_url=None, data_dir=None, backoff_s=None):
+    """Download training shards 0..num_shards-1 plus the pinned validation shard, in parallel."""
+    base_url, data_dir = base_url or BASE_URL, Path(data_dir or DATA_DIR)
+    backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for stale in data_dir.glob(".shard_*.part"):  # left by a killed run
+        stale.unlink()
+    ids = list(range(min(num_shards, MAX_SHARD))) + [VAL_SHARD]
+    todo = [i for i in ids if not (data_dir / shard_name(i)).exists()]
+    if not todo:
+        print(f"Data: all {len(ids)} shards already at {data_dir}")
+        return
+    print(f"Data: downloading {len(todo)} shards from {base_url} ({len(ids) - len(todo)} already there)")
+    stop, lock, nbytes = threading.Event(), threading.Lock(), [0]
+
+    def on_bytes(n):
+        with lock:
+            nbytes[0] += n
+
+    progress, t0, done = ProgressLine(every_s=10.0), time.time(), 0
+    with concurrent.futures.ThreadPoolExecutor(max(1, min(download_workers, len(todo)))) as pool:
+        pending = {pool.submit(download_shard, i, base_url, data_dir, stop, on_bytes, backoff_s) for i in todo}
+        try:
+            while pending:
+                finished, pending = concurrent.futures.wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
+                for fut in finished:
+                    fut.result()  # the first failure stops every other download
+                    done += 1
+                mb = nbytes[0] / 1e6
+                progress.update(f"Data: {done}/{len(todo)} shards | {mb:,.1f} MB | "
+                                f"{mb / max(time.time() - t0, 1e-9):.1f} MB/s")
+        except BaseException:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
+            raise
+    progress.done(f"Data: {len(ids)} shards ready at {data_dir} ({nbytes[0] / 1e6:,.1f} MB in {time.time() - t0:.0f}s)")
+
+# ---------------------------------------------------------------------------
+# Standard-library shards (cpu profile: real English text, no network)
+# ---------------------------------------------------------------------------
+
+def _stdlib_sources():
+    """Every pure-Python module of the standard library, test suites and installed packages excluded."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+    return root, sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+
+
+def _comment_blocks(source):
+    """(line, text) of each block of consecutive comment lines that reads like prose."""
+    blocks, lines, start = [], [], 0
+    for i, line in enumerate(source.splitlines() + [""], start=1):
+        s = line.strip()
+        if s.startswith("#") and not s.startswith("#!"):
+            start = start or i
+            lines.append(s.lstrip("#").strip())
+            continue
+        text = " ".join(t for t in lines if t)
+        letters = sum(c.isalpha() or c == " " for c in text)
+        if len(text) >= 40 and letters >= 0.8 * len(text) and "coding" not in text[:30]:
+            blocks.append((start, text))
+        lines, start = [], 0
+    return blocks
+
+
+def _module_units(path):
+    """Docstrings and comment blocks of one module, in source order."""
+    source = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return []
+    units = _comment_blocks(source)
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and doc.strip():
+                units.append((getattr(node, "lineno", 0), doc.strip()))
+    return [text for _, text in sorted(units)]
+
+
+def _group_paragraphs(units, max_chars):
+    """Join paragraphs, in order, into documents of at most max_chars (a longer paragraph stands alone)."""
+    docs, cur = [], ""
+    for para in (p.strip() for u in units for p in u.split("\n\n")):
+        if not para:
+            continue
+        if cur and len(cur) + 2 + len(para) > max_chars:
+            docs.append(cur)
+            cur = ""
+        cur = f"{cur}\n\n{para}" if cur else para
+    return docs + [cur] if cur else docs
+
+
+def stdlib_documents(paths=None):
+    """{source name: [documents]} from the standard library's docstrings, comments and pydoc topics."""
+    root, default_paths = _stdlib_sources()
+    groups = {}
+    for path in default_paths if paths is None else paths:
+        docs = _group_paragraphs(_module_units(path), CPU_DOC_CHARS)
+        if docs:
+            groups[path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name] = docs
+    if paths is None:
+        from pydoc_data.topics import topics  # the language reference's prose, shipped with pydoc
+        for key in sorted(topics):
+            groups[f"pydoc_data/topics/{key}"] = _group_paragraphs([topics[key]], CPU_DOC_CHARS)
+    return groups
+
+
+def split_documents(groups, num_train_shards=CPU_TRAIN_SHARDS, val_fraction=CPU_VAL_FRACTION, seed=CPU_SEED):
+    """Deterministic split: whole modules go to validation until it holds val_fraction of the text;
+    duplicate documents are dropped; each split is shuffled; training is cut into equal shards."""
+    rng = random.Random(seed)
+    names = sorted(groups)
+    rng.shuffle(names)
+    total = sum(len(d) for docs in groups.values() for d in docs)
+    seen, val, train, val_chars = set(), [], [], 0
+    for name in names:
+        fresh = [d for d in groups[name] if d not in seen]
+        seen.update(fresh)
+        if val_chars < val_fraction * total:
+            val.extend(fresh)
+            val_chars += sum(map(len, fresh))
+        else:
+            train.extend(fresh)
+    rng.shuffle(val)
+    rng.shuffle(train)
+    bounds = np.linspace(0, len(train), num_train_shards + 1).astype(int)
+    return [train[a:b] for a, b in zip(bounds[:-1], bounds[1:])], val
+
+
+def _write_shard(texts, dest):
+    tmp = dest.with_name(f".{dest.name}.part")
+    pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp, row_group_size=1024)
+    os.replace(tmp, dest)
+
+
+def build_cpu_shards(data_dir=None, paths=None):
+    """Write the cpu profile's shards (shard_00000.. and the validation shard) from standard-library text."""
+    data_dir = Path(data_dir or DATA_DIR)
+    names = [shard_name(i) for i in range(CPU_TRAIN_SHARDS)] + [VAL_FILENAME]
+    if all((data_dir / n).exists() for n in names):
+        print(f"Data: all {len(names)} cpu shards already at {data_dir}")
+        return
+    t0 = time.time()
+    train, val = split_documents(stdlib_documents(paths))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for name, texts in zip(names, train + [val]):
+        _write_shard(texts, data_dir / name)
+    chars = [sum(map(len, t)) for t in train + [val]]
+    print(f"Data: built {len(names)} cpu shards from the standard library of Python {platform.python_version()} "
+          f"in {time.time() - t0:.1f}s: train {sum(chars[:-1]) / 1e6:.2f}M chars, val {chars[-1] / 1e6:.2f}M chars")
+
+# ---------------------------------------------------------------------------
+# Tokenizer training
+# ---------------------------------------------------------------------------
+
+def shard_paths(split, data_dir=None):
+    """The shards of a split, checking there is at least one training shard plus the validation shard."""
+    assert split in ("train", "val"), split
+    data_dir = Path(data_dir or DATA_DIR)
+    val = data_dir / VAL_FILENAME
+    train = sorted(p for p in data_dir.glob("shard_*.parquet") if p.name != VAL_FILENAME)
+    if not train or not val.exists():
+        raise PrepareError(f"need at least 1 training shard plus the validation shard {VAL_FILENAME} in "
+                           f"{data_dir}, found {len(train)} training shard(s) and "
+                           f"{'the' if val.exists() else 'no'} validation shard: run `uv run prepare.py`")
+    return train if split == "train" else [val]
+
+
+def read_texts(path):
+    """Yield the `text` column of a shard one row group at a time; a broken file is a clear error."""
+    try:
+        pf = pq.ParquetFile(path)
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
+                           f"delete it and re-run `uv run prepare.py`") from e
+
+
+def _training_text(paths, max_chars, doc_cap):
+    nchars = 0
+    for path in paths:
+        for texts in read_texts(path):
+            for text in texts:
+                yield text[:doc_cap]
+                nchars += min(len(text), doc_cap)
+                if nchars >= max_chars:
+                    return
+
+
+def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
+    """Train BPE with rustbpe on the training shards only; save a tiktoken encoding and the byte table."""
+    tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
+    vocab_size = vocab_size or VOCAB_SIZE
+    if (tokenizer_dir / "tokenizer.pkl").exists() and (tokenizer_dir / "token_bytes.pt").exists():
+        print(f"Tokenizer: already trained at {tokenizer_dir}")
+        return
+    paths = shard_paths("train", data_dir)
+    print(f"Tokenizer: training a {vocab_size}-token BPE on {len(paths)} training shard(s)...")
+    t0 = time.time()
+    bpe = rustbpe.Tokenizer()
+    bpe.train_from_iterator(_training_text(paths, TOKENIZER_MAX_CHARS, TOKENIZER_DOC_CAP),
+                            vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
+    specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
+                            special_tokens=specials)
+    # exact byte length of every token (decode_single_token_bytes, so a token holding part of a
+    # multi-byte character counts its real bytes); special tokens count 0 and so drop out of the metric
+    token_bytes = torch.tensor([0 if i in specials.values() else len(enc.decode_single_token_bytes(i))
+                                for i in range(enc.n_vocab)], dtype=torch.int32)
+    _sanity_check(enc, token_bytes)
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(token_bytes, tokenizer_dir / "token_bytes.pt")
+    tmp = tokenizer_dir / ".tokenizer.pkl.part"
+    tmp.write_bytes(pickle.dumps(enc))
+    os.replace(tmp, tokenizer_dir / "tokenizer.pkl")  # written last: its presence means "trained"
+    print(f"Tokenizer: trained in {time.time() - t0:.1f}s (vocab_size={enc.n_vocab}), saved to {tokenizer_dir}")
+
+
+def _sanity_check(enc, token_bytes):
+    for text in ["Hello world! Numbers: 123456. Unicode: 你好 naïve café 🦀", "\n\t  tabs and\r\nnewlines"]:
+        ids = enc.encode_ordinary(text)
+        assert enc.decode(ids) == text, f"tokenizer round-trip failed: {text!r} -> {enc.decode(ids)!r}"
+        nbytes = int(token_bytes[ids].sum())
+        assert nbytes == len(text.encode("utf-8")), f"token bytes {nbytes} != {len(text.encode())} for {text!r}"
+
+# ---------------------------------------------------------------------------
+# Runtime utilities (imported by train.py)
+# ---------------------------------------------------------------------------
+
+class Tokenizer:
+    """A tiktoken encoding trained above, plus the byte table the metric needs."""
+
+    def __init__(self, enc, directory=None, fingerprint=""):
+        self.enc = enc
+        self.directory = directory
+        self.fingerprint = fingerprint  # names this tokenizer's token cache
+        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
+        self._token_bytes = {}
+
+    @classmethod
+    def from_directory(cls, tokenizer_dir=None):
+        tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
+        pkl = tokenizer_dir / "tokenizer.pkl"
+        if not (pkl.exists() and (tokenizer_dir / "token_bytes.pt").exists()):
+            raise PrepareError(f"no tokenizer at {tokenizer_dir}: run `uv run prepare.py` first "
+                               f"(profile {PROFILE})")
+        blob = pkl.read_bytes()
+        return cls(pickle.loads(blob), tokenizer_dir, hashlib.sha256(blob).hexdigest()[:16])
+
+    def get_vocab_size(self):
+        return self.enc.n_vocab
+
+    def get_bos_token_id(self):
+        return self.bos_token_id
+
+    def encode(self, text, prepend=None, num_threads=8):
+        """Token ids of a string (list) or of a list of strings (list of lists); `prepend` is a
+        special-token string or id put in front of each."""
+        if isinstance(prepend, str):
+            prepend = self.enc.encode_single_token(prepend)
+        if isinstance(text, str):
+            ids = self.enc.encode_ordinary(text)
+            return ids if prepend is None else [prepend] + ids
+        if isinstance(text, list):
+            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+            return rows if prepend is None else [[prepend] + row for row in rows]
+        raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
+
+    def decode(self, ids):
+        return self.enc.decode(ids)
+
+    def token_bytes(self, device="cpu"):
+        """int32 (vocab_size,): UTF-8 bytes of each token, 0 for special tokens."""
+        key = str(device)
+        if key not in self._token_bytes:
+            self._token_bytes[key] = torch.load(Path(self.directory) / "token_bytes.pt", map_location=device)
+        return self._token_bytes[key]
+
+# ---------------------------------------------------------------------------
+# Token cache: every shard is tokenized once, then the loader only slices arrays
+# ---------------------------------------------------------------------------
+
+def _token_cache_paths(tokenizer, shard):
+    cache = shard.parent / "tokens" / tokenizer.fingerprint
+    return cache / f"{shard.stem}.tokens.npy", cache / f"{shard.stem}.offsets.npy"
+
+
+def cache_tokens(tokenizer, shard):
+    """Tokenize one shard into (tokens: uint16/int32 flat array, offsets: int64 document boundaries)."""
+    tok_path, off_path = _token_cache_paths(tokenizer, shard)
+    # offsets are written last, so their presence means the pair is whole; a shard rebuilt since is redone
+    if off_path.exists() and off_path.stat().st_mtime_ns >= shard.stat().st_mtime_ns:
+        return
+    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32
+    pieces, lengths = [], []
+    for texts in read_texts(shard):
+        rows = tokenizer.encode(texts, num_threads=os.cpu_count() or 1)
+        lengths.extend(map(len, rows))
+        pieces.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=sum(map(len, rows))))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tok_path.parent.mkdir(parents=True, exist_ok=True)
+    for path, array in ((tok_path, np.concatenate(pieces) if pieces else np.zeros(0, dtype)), (off_path, offsets)):
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+
+
+def load_tokens(tokenizer, shard):
+    """The cached (tokens, offsets) of a shard, building the cache first if needed."""
+    cache_tokens(tokenizer, shard)
+    tok_path, off_path = _token_cache_paths(tokenizer, shard)
+    return np.load(tok_path, mmap_mode="r"), np.load(off_path)
+
+
+def _documents(tokenizer, paths):
+    """Infinite stream of (tokens, start, end, epoch): every document of every shard, in order, epoch after epoch."""
+    for epoch in itertools.count(1):
+        for path in paths:
+            tokens, offsets = load_tokens(tokenizer, path)
+            bounds = offsets.tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                yield tokens, start, end, epoch
+
+
+class _BestFitPacker:
+    """BOS-aligned best-fit packing: each row is filled with the largest buffered document that fits;
+    when none fits, the shortest is cropped to fill the row exactly. No padding. The buffer is kept
+    sorted by length, so a placement is a bisect instead of a scan."""
+
+    def __init__(self, docs, bos, buffer_size):
+        self.docs, self.bos, self.buffer_size = docs, bos, buffer_size
+        self.lens, self.refs = [], []  # parallel lists sorted by length (BOS included); ties oldest first
+        self.epoch = 1
+        self.taken_tokens = 0          # tokens drawn from documents, BOS included
+        self.cropped_tokens = 0        # of those, dropped from the tail of cropped documents
+
+    def _refill(self):
+        while len(self.lens) < self.buffer_size:
+            tokens, start, end, self.epoch = next(self.docs)
+            i = bisect.bisect_right(self.lens, end - start + 1)
+            self.lens.insert(i, end - start + 1)
+            self.refs.insert(i, (tokens, start))
+
+    def fill(self, rows):
+        """Fill rows (B, T+1) in place; return the epoch of the last document read."""
+        capacity = rows.shape[1]
+        for row in rows:
+            pos = 0
+            while pos < capacity:
+                self._refill()
+                remaining = capacity - pos
+                j = bisect.bisect_right(self.lens, remaining) - 1
+                j = bisect.bisect_left(self.lens, self.lens[j]) if j >= 0 else 0  # no fit: crop the shortest
+                n = self.lens.pop(j)
+                tokens, start = self.refs.pop(j)
+                take = min(n, remaining)
+                row[pos] = self.bos
+                row[pos + 1:pos + take] = tokens[start:start + take - 1]
+                pos += take
+                self.taken_tokens += n
+                self.cropped_tokens += n - take
+        return self.epoch
+
+
+class _DataLoader:
+    """Iterator of (inputs, targets, epoch), inputs/targets int64 (B, T). On CUDA each batch is staged in
+    one of PINNED_SLOTS pinned host buffers and copied without blocking into a fresh device tensor; a
+    slot is refilled only after the CUDA event recorded behind its last copy has completed, so a copy in
+    flight is never overwritten. On CPU: plain fresh tensors."""
+
+    def __init__(self, packer, B, T, device):
+        self.packer, self.B, self.T, self.device = packer, B, T, device
+        self.rows = np.empty((B, T + 1), dtype=np.int64)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.slots = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(PINNED_SLOTS)]
+            self.events = [None] * PINNED_SLOTS
+            self.step = 0
+
+    @property
+    def crop_fraction(self):
+        """Share of document tokens dropped by cropping so far."""
+        return self.packer.cropped_tokens / max(self.packer.taken_tokens, 1)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        epoch = self.packer.fill(self.rows)
+        if not self.cuda:
+            batch = torch.empty((2, self.B, self.T), dtype=torch.long)
+            self._split(batch.numpy())
+            return batch[0], batch[1], epoch
+        k = self.step % PINNED_SLOTS
+        self.step += 1
+        if self.events[k] is not None:
+            self.events[k].synchronize()  # the slot's previous copy has landed on the device
+        self._split(self.slots[k].numpy())
+        batch = torch.empty((2, self.B, self.T), dtype=torch.long, device=self.device)
+        batch.copy_(self.slots[k], non_blocking=True)
+        self.events[k] = torch.cuda.Event()
+        self.events[k].record()
+        return batch[0], batch[1], epoch
+
+    def _split(self, out):
+        out[0] = self.rows[:, :-1]  # inputs
+        out[1] = self.rows[:, 1:]   # targets: the same rows shifted by one
+
+
+def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFFER_DOCS, data_dir=None):
+    """Infinite iterator of (inputs, targets, epoch) over BOS-aligned, best-fit packed rows of T+1 tokens.
+    The row sequence depends only on the split and T: the same for every B, every time."""
+    assert split in ("train", "val"), split
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    paths = shard_paths(split, data_dir)
+    packer = _BestFitPacker(_documents(tokenizer, paths), tokenizer.get_bos_token_id(), buffer_size)
+    return _DataLoader(packer, B, T, torch.device(device))
+
+# ---------------------------------------------------------------------------
+# Evaluation (DO NOT CHANGE: this is the fixed metric)
+# ---------------------------------------------------------------------------
+
+def _model_device(model):
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    if param is not None:
+        return param.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokenizer, batch_size, eval_tokens=EVAL_TOKENS):
+    """
+    Bits per byte on the pinned validation shard: THE number every experiment is judged by.
+
+    Loss per token depends on the vocabulary: a bigger vocabulary packs more text into each token, so
+    its per-token loss is higher for the same model quality. Bytes of text do not depend on the
+    tokenizer, so we sum the cross-entropy (nats) over all target tokens, divide by the number of UTF-8
+    bytes those tokens spell, and convert nats to bits (/ ln 2). The result is the cost of encoding the
+    validation text, per byte, and stays comparable when the vocabulary or tokenizer changes.
+    Special tokens (0 bytes, e.g. BOS) are excluded from both sums.
+
+    Fixed MAX_SEQ_LEN; eval_tokens // (batch_size * MAX_SEQ_LEN) batches of the same packed val rows
+    every time (a smaller eval_tokens is a prefix of the same rows). `model(x, y, reduction='none')`
+    must return per-token nats shaped like y (or flat).
+    """
+    device = _model_device(model)
+    steps = eval_tokens // (batch_size * MAX_SEQ_LEN)
+    if steps < 1:
+        raise ValueError(f"eval_tokens={eval_tokens} is less than one batch of {batch_size}x{MAX_SEQ_LEN}")
+    token_bytes = tokenizer.token_bytes(device)
+    val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    total_nats = torch.zeros((), dtype=torch.float64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    for _ in range(steps):
+        x, y, _ = next(val_loader)
+        nats = model(x, y, reduction="none").reshape(-1).double()
+        nbytes = token_bytes[y.reshape(-1)]
+        total_nats += torch.where(nbytes > 0, nats, 0.0).sum()
+        total_bytes += nbytes.sum()
+    return (total_nats / (math.log(2) * total_bytes)).item()
+
+# ---------------------------------------------------------------------------
+# Run recording (imported by train.py; outputs survive any failure of train.py)
+# ---------------------------------------------------------------------------
+
+FINAL_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+              "total_tokens_M", "num_steps", "num_params_M", "depth")
+_FINAL_FORMATS = {"val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
+                  "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
+                  "num_steps": "{:d}", "num_params_M": "{:.1f}", "depth": "{:d}"}
+EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3}  # run.exit_code by status
+DIVERGED_LOSS = 100.0                                            # a training loss above this has diverged
+
+# dense bf16 tensor-core peak by GPU name; checked in order, so specific names come first
+_PEAK_BF16_FLOPS = (
+    ("GH200", 989.4e12), ("H200", 989.4e12), ("H100 NVL", 835e12), ("H100 PCIE", 756e12),
+    ("H100", 989.4e12), ("H800", 989.4e12), ("B200", 2250e12), ("B100", 1750e12),
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+)
+
+
+class Diverged(Exception):
+    """Training loss became NaN/inf or exploded; the run ends with status 'diverged'."""
+
+
+def peak_bf16_flops(device_name):
+    """Dense bf16 peak FLOP/s of a GPU by name, or None when unknown (MFU is then null, never wrong)."""
+    name = (device_name or "").upper()
+    return next((flops for key, flops in _PEAK_BF16_FLOPS if key in name), None)
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def collect_config(namespace):
+    """Every UPPER_CASE global of train.py whose value is JSON-serialisable (tuples become lists),
+    except the harness constants train.py imported from here."""
+    config = {}
+    for name, value in namespace.items():
+        if not name.isupper() or name.startswith("_") or globals().get(name, object()) is value:
+            continue
+        try:
+            json.dumps(_jsonable(value))
+        except (TypeError, ValueError):
+            continue
+        config[name] = _jsonable(value)
+    return config
+
+
+def _json_default(value):
+    """Tensors and numpy scalars become Python numbers; anything else its repr, so a row is never lost."""
+    if hasattr(value, "item"):
+        try:
+            return value.item()
+        except (ValueError, RuntimeError):
+            pass
+    return repr(value)
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _git(*args):
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _provenance():
+    root = Path(__file__).resolve().parent
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    git = {"commit": commit, "dirty": None if status is None else bool(status)}
+    git.update({f"{n}_py_sha256": _sha256(root / f"{n}.py") for n in ("train", "prepare", "analyze")})
+    cuda = torch.cuda.is_available()
+    driver = None
+    if cuda:
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            driver = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
+        except (OSError, subprocess.TimeoutExpired):
+            driver = None
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda if cuda else None,
+           "gpu_name": torch.cuda.get_device_name() if cuda else None, "driver": driver}
+    return git, env
+
+
+class RunRecorder:
+    """Owns a run's outputs (metrics.jsonl, run_summary.json) so that a broken train.py can never lose them.
+
+        with RunRecorder(collect_config(globals())) as run:
+            train(run)
+        sys.exit(run.exit_code)
+
+    The summary is written on every exit path: ok, crash (any exception, or finish() never called),
+    diverged, and timeout (hard wall-clock cap or SIGTERM, which also end the process with code 3).
+    """
+
+    def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.hard_cap_s = hard_cap_s if hard_cap_s is not None else max(2 * TIME_BUDGET, TIME_BUDGET + 300)
+        self.flush_every_s = flush_every_s
+        self.final = dict.fromkeys(FINAL_KEYS)
+        self.timings = {}
+        self.exit_code = None
+        self._rows, self._last_step, self._file, self._warned = [], None, None, set()
+        self._finished, self._closed = False, False
+        self._metrics_lock, self._close_lock = threading.RLock(), threading.RLock()
+        self._stop = threading.Event()
+        self.started_at = self._last_flush = time.time()
+
+    # -- lifecycle --
+
+    def __enter__(self):
+        for name in ("metrics.jsonl", "run_summary.json"):  # never let a previous run's outputs pass as ours
+            (self.out_dir / name).unlink(missing_ok=True)
+        self.started_at = self._last_flush = time.time()
+        self.git, self.env = _provenance()
+        try:
+            self._file = open(self.out_dir / "metrics.jsonl", "w")
+        except OSError as e:
+            self._warn_once("io", f"metrics.jsonl: {e}")
+        threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
+        self._old_sigterm = None
+        if threading.current_thread() is threading.main_thread():
+            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stop.set()
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+        if exc_type is None:
+            status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
+        else:
+            traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
+            status = "diverged" if issubclass(exc_type, Diverged) else "crash"
+            error = _tail("".join(traceback.format_exception(exc_type, exc, tb)))
+        self._close(status, error)
+        return True
+
+    def _watchdog(self):
+        if not self._stop.wait(self.hard_cap_s):
+            self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
+
+    def _on_sigterm(self, signum, frame):
+        self._timeout("SIGTERM received")
+
+    def _timeout(self, reason):
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        if self._close("timeout", _tail(f"{reason}; main thread was at:\n{stack}")):
+            print(f"\nRunRecorder: {reason}, wrote run_summary.json (status timeout)", file=sys.stderr)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_CODES["timeout"])
+
+    def _close(self, status, error):
+        """Flush metrics and write the summary, once; False if another path already did."""
+        with self._close_lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self.exit_code = EXIT_CODES[status]
+            self.flush()
+            with self._metrics_lock:
+                if self._file is not None:
+                    self._file.close()
+            self._write_summary(status, error)
+            return True
+
+    # -- during the run --
+
+    def log(self, step, **metrics):
+        """Buffer one metrics row; written at most every flush_every_s and at exit. Never raises on I/O."""
+        with self._metrics_lock:
+            if self._last_step is not None and step < self._last_step:
+                self._warn_once("order", f"log(step={step}) after step {self._last_step}: row dropped")
+                return
+            self._last_step = step
+            self._rows.append({"step": step, "time": time.time(), **metrics})
+            if time.time() - self._last_flush >= self.flush_every_s:
+                self.flush()
+
+    def flush(self):
+        with self._metrics_lock:
+            rows, self._rows = self._rows, []
+            self._last_flush = time.time()
+            if self._file is None or self._file.closed or not rows:
+                return
+            try:
+                self._file.write("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+                self._file.flush()
+            except OSError as e:
+                self._warn_once("io", f"metrics.jsonl: {e}")
+
+    def _warn_once(self, kind, message):
+        if kind not in self._warned:
+            self._warned.add(kind)
+            print(f"RunRecorder: warning: {message} (further warnings of this kind suppressed)", file=sys.stderr)
+
+    def set(self, **values):
+        """Record final-block values known so far; they reach the summary whatever the exit path."""
+        unknown = set(values) - set(FINAL_KEYS)
+        if unknown:
+            raise KeyError(f"not final-block keys: {sorted(unknown)}; known: {FINAL_KEYS}")
+        self.final.update(values)
+
+    def timing(self, name, seconds):
+        self.timings[name] = float(seconds)
+
+    def check_divergence(self, step, loss):
+        if not math.isfinite(loss) or loss > DIVERGED_LOSS:
+            raise Diverged(f"training loss {loss} at step {step}")
+
+    def finish(self, **final):
+        """Set the final-block values and print karpathy/autoresearch's greppable block to stdout."""
+        self.set(**final)
+        self._finished = True
+        lines = ["---"]
+        for key in FINAL_KEYS:
+            value = self.final[key]
+            if value is None:
+                text = "n/a"
+            else:
+                text = _FINAL_FORMATS[key].format(int(value) if _FINAL_FORMATS[key] == "{:d}" else float(value))
+            lines.append(f"{key + ':':<18}{text}")
+        print("\n".join(lines), flush=True)
+
+    # -- the summary --
+
+    def _write_summary(self, status, error):
+        summary = {"status": status, **self.final, "config": self.config, "harness": HARNESS,
+                   "git": self.git, "env": self.env,
+                   "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
+                   "error": error}
+        path = self.out_dir / "run_summary.json"
+        tmp = path.with_name(f".run_summary.json.{os.getpid()}.part")
+        try:
+            tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            print(f"RunRecorder: could not write {path}: {e}", file=sys.stderr)
+
+
+def _tail(text, max_lines=40, max_chars=4000):
+    return "\n".join(text.rstrip().splitlines()[-max_lines:])[-max_chars:]
+
+# ---------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Prepare data and tokenizer for auto-log-research")
+    parser.add_argument("--num-shards", type=int, default=10,
+                        help="training shards to download (-1 = all); the validation shard is always pinned")
+    parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
+    args = parser.parse_args(argv)
+    num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
+    try:
+        if num_shards < 1:
+            raise PrepareError(f"--num-shards must be at least 1 (or -1 for all), got {args.num_shards}")
+        print(f"Profile: {PROFILE} | cache: {DATA_DIR.parent}")
+        if PROFILE == "cpu":
+            build_cpu_shards(DATA_DIR)
+        else:
+            download_data(num_shards, args.download_workers)
+        train_tokenizer(DATA_DIR, TOKENIZER_DIR, VOCAB_SIZE)
+        tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
+        t0, shards = time.time(), shard_paths("train", DATA_DIR) + shard_paths("val", DATA_DIR)
+        for shard in shards:
+            cache_tokens(tokenizer, shard)
+        print(f"Tokens: {len(shards)} shards tokenized into {DATA_DIR / 'tokens'} ({time.time() - t0:.1f}s)")
+    except PrepareError as e:
+        raise SystemExit(f"prepare.py: error: {e}") from None
+    print("Done! Ready to train.")
+
+
+if __name__ == "__main__":
+    main()

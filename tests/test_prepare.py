@@ -1,0 +1,680 @@
+"""prepare.py is the fixed harness: shards arrive whole or not at all, the tokenizer round-trips and counts
+bytes exactly, the packer never pads or invents tokens, the metric matches a hand computation, and the
+run recorder writes its outputs on every exit path. Hermetic: loopback servers only, no network."""
+import http.server
+import io
+import json
+import math
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import prepare  # noqa: E402
+
+B, T = 4, 64  # small packed batches for the loader tests
+
+
+def run_python(code, env=None, cwd=ROOT, timeout=120):
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def shard_bytes(texts):
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"text": texts}), sink)
+    return sink.getvalue().to_pybytes()
+
+# ---------------------------------------------------------------------------
+# cpu profile, end to end (also the data every loader and metric test below uses)
+# ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def cpu_cache(tmp_path_factory):
+    """`prepare.py` in the cpu profile, run for real into a temp cache, with a dead mirror URL so any
+    network access would fail. Returns (completed process, data_dir, tokenizer_dir)."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
+           "AUTORESEARCH_DATA_URL": "http://127.0.0.1:9/nowhere"}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "prepare.py"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    out.elapsed = time.time() - t0
+    return out, cache / "cpu" / "data", cache / "cpu" / "tokenizer"
+
+
+@pytest.fixture(scope="session")
+def tokenizer(cpu_cache):
+    return prepare.Tokenizer.from_directory(cpu_cache[2])
+
+
+def test_cpu_profile_prepares_end_to_end_without_network(cpu_cache):
+    out, data_dir, tokenizer_dir = cpu_cache
+    assert out.returncode == 0, f"prepare.py failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+    names = sorted(p.name for p in data_dir.glob("shard_*.parquet"))
+    expected = [prepare.shard_name(i) for i in range(prepare.CPU_TRAIN_SHARDS)] + [prepare.VAL_FILENAME]
+    assert names == expected, f"cpu shards: {names}"
+    assert (tokenizer_dir / "tokenizer.pkl").exists() and (tokenizer_dir / "token_bytes.pt").exists()
+    assert not (data_dir.parent.parent / "data").exists(), "cpu profile wrote into the gpu cache"
+    assert out.elapsed < 120, f"cpu prepare took {out.elapsed:.0f}s"
+    tok = prepare.Tokenizer.from_directory(tokenizer_dir)
+    assert tok.get_vocab_size() == prepare.PROFILES["cpu"]["VOCAB_SIZE"]
+
+
+def test_cpu_profile_rerun_does_no_work_twice(cpu_cache):
+    _, data_dir, _ = cpu_cache
+    before = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()}
+    env = {"AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(data_dir.parent.parent)}
+    out = run_python("import prepare; prepare.main([])", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "already" in out.stdout, out.stdout
+    after = {p: p.stat().st_mtime_ns for p in data_dir.rglob("*") if p.is_file()}
+    assert after == before, "re-running prepare.py rewrote files"
+
+
+def test_cpu_validation_shard_holds_the_eval_set_without_repeating(cpu_cache, tokenizer):
+    _, data_dir, _ = cpu_cache
+    tokens, _ = prepare.load_tokens(tokenizer, data_dir / prepare.VAL_FILENAME)
+    need = prepare.PROFILES["cpu"]["EVAL_TOKENS"]
+    assert len(tokens) > 1.5 * need, f"val shard has {len(tokens)} tokens for EVAL_TOKENS={need}"
+
+
+def test_stdlib_shards_are_deterministic_and_split_by_module():
+    _, paths = prepare._stdlib_sources()
+    subset = paths[::25]  # a spread of modules keeps this fast
+    first = prepare.split_documents(prepare.stdlib_documents(subset), num_train_shards=2)
+    second = prepare.split_documents(prepare.stdlib_documents(subset), num_train_shards=2)
+    assert first == second, "the same standard library gave different shards"
+    train, val = first
+    assert val and all(train), f"empty split: val {len(val)}, train {[len(t) for t in train]}"
+    overlap = set(val) & {d for shard in train for d in shard}
+    assert not overlap, f"{len(overlap)} documents in both train and val"
+
+# ---------------------------------------------------------------------------
+# Tokenizer
+# ---------------------------------------------------------------------------
+
+UNICODE_TEXTS = ["Hello world! Numbers: 1234567.", "naïve café, Straße, 你好世界, emoji 🦀🚀, ∑ x²",
+                 "  tabs\tand\r\nnewlines\n\n", "", "a" * 500]
+
+
+@pytest.mark.parametrize("text", UNICODE_TEXTS)
+def test_tokenizer_round_trips_and_token_bytes_sum_to_utf8_length(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    nbytes = int(tokenizer.token_bytes()[ids].sum()) if ids else 0
+    assert nbytes == len(text.encode("utf-8")), f"token bytes {nbytes} != utf-8 bytes {len(text.encode())}"
+
+
+def test_token_bytes_are_zero_exactly_for_special_tokens(tokenizer):
+    table = tokenizer.token_bytes()
+    special = [tokenizer.enc.encode_single_token(s) for s in prepare.SPECIAL_TOKENS]
+    assert special[0] == tokenizer.get_bos_token_id()
+    assert table.shape == (tokenizer.get_vocab_size(),)
+    assert table[special].tolist() == [0] * len(special)
+    nonzero = int((table > 0).sum())
+    assert nonzero == tokenizer.get_vocab_size() - len(special), f"{nonzero} tokens with bytes"
+
+
+def test_encode_prepends_a_special_token_given_by_name_or_id(tokenizer):
+    bos = tokenizer.get_bos_token_id()
+    plain = tokenizer.encode(["one doc", "two docs"])
+    assert tokenizer.encode(["one doc", "two docs"], prepend=prepare.BOS_TOKEN) == [[bos] + r for r in plain]
+    assert tokenizer.encode("one doc", prepend=bos) == [bos] + plain[0]
+
+
+def test_missing_tokenizer_says_to_run_prepare(tmp_path):
+    with pytest.raises(prepare.PrepareError, match=r"uv run prepare\.py"):
+        prepare.Tokenizer.from_directory(tmp_path)
+
+# ---------------------------------------------------------------------------
+# Packer and loader
+# ---------------------------------------------------------------------------
+
+def rows_of(inputs, targets):
+    return torch.cat([inputs[:, :1], targets], dim=1)  # (B, T+1)
+
+
+def test_packed_rows_start_with_bos_and_targets_are_inputs_shifted(cpu_cache, tokenizer):
+    loader = prepare.make_dataloader(tokenizer, B, T, "train", device="cpu", data_dir=cpu_cache[1])
+    for _ in range(20):
+        x, y, epoch = next(loader)
+        assert x.shape == y.shape == (B, T) and x.dtype == y.dtype == torch.int64
+        assert (x[:, 0] == tokenizer.get_bos_token_id()).all(), f"first tokens {x[:, 0].tolist()}"
+        assert torch.equal(x[:, 1:], y[:, :-1]), "targets are not inputs shifted by one"
+        assert epoch == 1
+
+
+def test_every_packed_token_comes_from_a_real_document(cpu_cache, tokenizer):
+    data_dir = cpu_cache[1]
+    docs = {}  # first token -> documents of shard 0, the shard these first batches come from
+    for texts in prepare.read_texts(data_dir / prepare.shard_name(0)):
+        for ids in tokenizer.encode(texts):
+            docs.setdefault(ids[0], []).append(ids)
+    bos = tokenizer.get_bos_token_id()
+    loader = prepare.make_dataloader(tokenizer, B, T, "train", device="cpu", data_dir=data_dir)
+    for _ in range(10):
+        for row in rows_of(*next(loader)[:2]).tolist():
+            starts = [i for i, t in enumerate(row) if t == bos]
+            assert starts[0] == 0
+            for k, (a, b) in enumerate(zip(starts, starts[1:] + [len(row)])):
+                seg, last = row[a + 1:b], b == len(row)
+                # a segment is a whole document; only the one that ends a row may be cropped
+                ok = (last and not seg) or any(d == seg or (last and d[:len(seg)] == seg) for d in docs.get(seg[0], []))
+                assert ok, f"segment {k} of {len(seg)} tokens is not {'a prefix of ' if last else ''}a document"
+
+
+def test_loader_is_deterministic_and_independent_of_batch_size(cpu_cache, tokenizer):
+    def rows(b, n):
+        ld = prepare.make_dataloader(tokenizer, b, T, "val", device="cpu", data_dir=cpu_cache[1])
+        return torch.cat([rows_of(*next(ld)[:2]) for _ in range(n)])
+    a, again, halves = rows(4, 6), rows(4, 6), rows(2, 12)
+    assert torch.equal(a, again), "two val loaders gave different batches"
+    assert torch.equal(a, halves), "the packed rows depend on the batch size"
+
+
+def reference_best_fit(lengths, capacity, buffer_size, n_rows):
+    """karpathy/autoresearch's packer: linear scan of a list, largest fit else crop the shortest.
+    Returns each row as [(document index, tokens placed)]."""
+    stream, buf, out = iter(enumerate(lengths)), [], []
+    for _ in range(n_rows):
+        row, pos = [], 0
+        while pos < capacity:
+            while len(buf) < buffer_size:
+                buf.append(next(stream))
+            fits = [k for k, (_, n) in enumerate(buf) if n <= capacity - pos]
+            k = (max(fits, key=lambda k: (buf[k][1], -k)) if fits
+                 else min(range(len(buf)), key=lambda k: (buf[k][1], k)))
+            doc, n = buf.pop(k)
+            row.append((doc, min(n, capacity - pos)))
+            pos += row[-1][1]
+        out.append(row)
+    return out
+
+
+def test_best_fit_packer_matches_a_linear_scan_reference():
+    rng = random.Random(0)
+    lengths = [rng.randint(2, 90) for _ in range(5000)]  # BOS included
+    capacity, buffer_size, n_rows = 65, 50, 300
+    # document i holds the ids 1000*i+1, 1000*i+2, ...: every placed token names its document and position
+    tokens = np.concatenate([np.arange(1000 * i + 1, 1000 * i + n, dtype=np.int64) for i, n in enumerate(lengths)])
+    offsets = np.concatenate([[0], np.cumsum([n - 1 for n in lengths])])
+    docs = ((tokens, int(offsets[i]), int(offsets[i + 1]), 1) for i in range(len(lengths)))
+    packer = prepare._BestFitPacker(docs, bos=0, buffer_size=buffer_size)
+    rows = np.empty((n_rows, capacity), dtype=np.int64)
+    packer.fill(rows)
+    expected = reference_best_fit(lengths, capacity, buffer_size, n_rows)
+    for r, (row, want) in enumerate(zip(rows, expected)):
+        got = []
+        for seg in np.split(row, np.flatnonzero(row == 0))[1:]:  # each segment starts with its BOS
+            doc = want[len(got)][0] if len(seg) == 1 else int(seg[1]) // 1000
+            assert (seg[1:] == np.arange(1000 * doc + 1, 1000 * doc + len(seg))).all(), f"row {r}: tokens out of order"
+            got.append((doc, len(seg)))
+        assert got == want, f"row {r}: placed {got}, the linear-scan reference placed {want}"
+    crop = packer.cropped_tokens / packer.taken_tokens
+    assert 0 < crop < 0.5, f"crop fraction {crop:.3f}"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_loader_gives_the_same_batches_as_cpu_while_copies_overlap(cpu_cache, tokenizer):
+    cpu = prepare.make_dataloader(tokenizer, 8, T, "train", device="cpu", data_dir=cpu_cache[1])
+    gpu = prepare.make_dataloader(tokenizer, 8, T, "train", device="cuda", data_dir=cpu_cache[1])
+    held = [next(gpu) for _ in range(3 * prepare.PINNED_SLOTS)]  # keep every batch alive, reuse every slot
+    for i, (x, y, _) in enumerate(held):
+        cx, cy, _ = next(cpu)
+        assert x.is_cuda and torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy), f"batch {i} differs"
+
+# ---------------------------------------------------------------------------
+# The metric
+# ---------------------------------------------------------------------------
+
+class UniformModel(torch.nn.Module):
+    """Uniform logits over V tokens: every token costs ln(V) nats."""
+
+    def __init__(self, vocab_size, flat=False):
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.zeros(vocab_size))
+        self.flat = flat
+
+    def forward(self, x, y, reduction="mean"):
+        logits = self.logits.expand(*y.shape, -1)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        return loss if self.flat else loss.view_as(y)
+
+
+class TokenCostModel(torch.nn.Module):
+    """A made-up per-token cost that depends on the target id, so different rows give different numbers."""
+
+    def forward(self, x, y, reduction="mean"):
+        return (y % 7).float() * 0.25 + 0.5
+
+
+EVAL_T = 256  # the cpu profile's context: rows hold several documents, so BOS shows up among targets
+
+
+@pytest.fixture
+def small_eval(monkeypatch, cpu_cache):
+    monkeypatch.setattr(prepare, "DATA_DIR", cpu_cache[1])
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", EVAL_T)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_evaluate_bpb_of_uniform_logits_is_log2_vocab_times_tokens_over_bytes(small_eval, tokenizer, flat):
+    batch_size, steps = 4, 3
+    V = tokenizer.get_vocab_size()
+    bpb = prepare.evaluate_bpb(UniformModel(V, flat), tokenizer, batch_size, eval_tokens=batch_size * EVAL_T * steps)
+    # by hand: the same val rows, bytes from each token's own byte string, special tokens skipped
+    loader = prepare.make_dataloader(tokenizer, batch_size, EVAL_T, "val", device="cpu")
+    specials = {tokenizer.enc.encode_single_token(s) for s in prepare.SPECIAL_TOKENS}
+    ntokens = nbytes = nspecial = 0
+    for _ in range(steps):
+        for t in next(loader)[1].reshape(-1).tolist():
+            if t in specials:
+                nspecial += 1
+                continue
+            ntokens += 1
+            nbytes += len(tokenizer.enc.decode_single_token_bytes(t))
+    expected = math.log2(V) * ntokens / nbytes
+    assert nspecial > 0, "no BOS among the targets: the exclusion of special tokens went untested"
+    assert bpb == pytest.approx(expected, rel=1e-6), \
+        f"bpb {bpb:.6f} != log2({V}) x {ntokens} / {nbytes} = {expected:.6f}"
+
+
+def test_evaluate_bpb_uses_the_same_val_rows_every_time_for_any_batch_size(small_eval, tokenizer):
+    model = TokenCostModel()
+    a = prepare.evaluate_bpb(model, tokenizer, 4, eval_tokens=4 * EVAL_T * 3)
+    b = prepare.evaluate_bpb(model, tokenizer, 4, eval_tokens=4 * EVAL_T * 3)
+    c = prepare.evaluate_bpb(model, tokenizer, 2, eval_tokens=2 * EVAL_T * 6)
+    assert a == b == c, f"bpb {a!r}, again {b!r}, at half the batch size {c!r}"
+
+
+def test_evaluate_bpb_rejects_an_eval_set_smaller_than_one_batch(small_eval, tokenizer):
+    with pytest.raises(ValueError, match="less than one batch"):
+        prepare.evaluate_bpb(TokenCostModel(), tokenizer, 8, eval_tokens=8 * EVAL_T - 1)
+
+# ---------------------------------------------------------------------------
+# Broken data: clear one-line errors
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("content", [b"", b"<html>502 Bad Gateway</html>", shard_bytes(["ok"])[:-20],
+                                     "no_text_column"], ids=["empty", "html", "truncated", "no_text"])
+def test_corrupt_shard_names_the_file_and_says_delete_and_rerun(tmp_path, tokenizer, content):
+    if content == "no_text_column":
+        pq.write_table(pa.table({"body": ["x"]}), tmp_path / "shard_00000.parquet")
+    else:
+        (tmp_path / "shard_00000.parquet").write_bytes(content)
+    (tmp_path / prepare.VAL_FILENAME).write_bytes(shard_bytes(["validation text"]))
+    with pytest.raises(prepare.PrepareError) as err:
+        next(prepare.make_dataloader(tokenizer, B, T, "train", device="cpu", data_dir=tmp_path))
+    msg = str(err.value)
+    assert "shard_00000.parquet" in msg and "delete it and re-run" in msg and "\n" not in msg, msg
+
+
+def test_fewer_than_one_training_shard_plus_validation_is_a_clear_error(tmp_path):
+    (tmp_path / prepare.VAL_FILENAME).write_bytes(shard_bytes(["validation text"]))
+    with pytest.raises(prepare.PrepareError, match="need at least 1 training shard"):
+        prepare.train_tokenizer(tmp_path, tmp_path / "tok", vocab_size=300)
+    (tmp_path / prepare.VAL_FILENAME).unlink()
+    (tmp_path / "shard_00000.parquet").write_bytes(shard_bytes(["training text"]))
+    with pytest.raises(prepare.PrepareError, match="no validation shard"):
+        prepare.shard_paths("val", tmp_path)
+
+
+def test_cli_refuses_zero_shards_in_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--num-shards", "0"])
+    msg = str(exit_info.value.code)
+    assert msg.startswith("prepare.py: error:") and "\n" not in msg, msg
+
+# ---------------------------------------------------------------------------
+# Download: loopback mirrors
+# ---------------------------------------------------------------------------
+
+SERVED = {prepare.shard_name(i): shard_bytes([f"document {i}.{j} " * 20 for j in range(50)])
+          for i in (0, 1, 2, prepare.VAL_SHARD)}
+
+
+class Mirror(http.server.BaseHTTPRequestHandler):
+    mode = "good"        # good | fail_first | truncate | html | empty | missing
+    fail_first = 2       # 503 answers before the real one, per file
+    hits = {}            # file name -> requests
+
+    def do_GET(self):
+        name = self.path.rsplit("/", 1)[-1]
+        n = Mirror.hits[name] = Mirror.hits.get(name, 0) + 1
+        body = SERVED.get(name)
+        if body is None or self.mode == "missing":
+            return self.send_error(404)
+        if self.mode == "fail_first" and n <= self.fail_first:
+            return self.send_error(503)
+        if self.mode == "html":
+            body = b"<html><body>rate limited</body></html>"
+        if self.mode == "empty":
+            body = b""
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body[:len(body) // 2] if self.mode == "truncate" else body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def mirror():
+    Mirror.hits = {}
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Mirror)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/data"
+    server.shutdown()
+    server.server_close()
+    Mirror.mode = "good"
+
+
+def leftovers(data_dir):
+    return sorted(p.name for p in data_dir.iterdir()) if data_dir.exists() else []
+
+
+def test_download_gets_whole_shards_and_a_rerun_downloads_nothing(mirror, tmp_path):
+    prepare.download_data(2, download_workers=3, base_url=mirror, data_dir=tmp_path, backoff_s=0.01)
+    names = [prepare.shard_name(0), prepare.shard_name(1), prepare.VAL_FILENAME]
+    assert leftovers(tmp_path) == sorted(names)
+    for name in names:
+        assert (tmp_path / name).read_bytes() == SERVED[name], f"{name} differs from what was served"
+    before = sum(Mirror.hits.values())
+    prepare.download_data(2, download_workers=3, base_url=mirror, data_dir=tmp_path, backoff_s=0.01)
+    assert sum(Mirror.hits.values()) == before, "re-running downloaded again"
+
+
+def test_download_retries_5xx_answers_then_succeeds(mirror, tmp_path):
+    Mirror.mode = "fail_first"
+    prepare.download_data(1, download_workers=2, base_url=mirror, data_dir=tmp_path, backoff_s=0.01)
+    assert (tmp_path / prepare.shard_name(0)).read_bytes() == SERVED[prepare.shard_name(0)]
+    assert Mirror.hits[prepare.shard_name(0)] == Mirror.fail_first + 1, Mirror.hits
+
+
+@pytest.mark.parametrize("mode", ["truncate", "html", "empty"])
+def test_a_body_that_is_not_a_whole_shard_never_becomes_one(mirror, tmp_path, mode):
+    Mirror.mode = mode
+    with pytest.raises(prepare.PrepareError, match=r"could not download http://127\.0\.0\.1:\d+/data/shard_"):
+        prepare.download_data(1, download_workers=2, base_url=mirror, data_dir=tmp_path, backoff_s=0.01)
+    assert leftovers(tmp_path) == [], f"left behind: {leftovers(tmp_path)}"
+    assert max(Mirror.hits.values()) == prepare.DOWNLOAD_ATTEMPTS, Mirror.hits
+
+
+def test_a_missing_file_fails_without_retrying(mirror, tmp_path):
+    Mirror.mode = "missing"
+    with pytest.raises(prepare.PrepareError, match="HTTP 404"):
+        prepare.download_data(1, download_workers=1, base_url=mirror, data_dir=tmp_path, backoff_s=0.01)
+    assert set(Mirror.hits.values()) == {1}, f"a 404 was retried: {Mirror.hits}"
+    assert leftovers(tmp_path) == []
+
+
+def test_unreachable_mirror_ends_with_a_one_line_error_naming_the_url(monkeypatch, tmp_path, capsys):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/mirror"
+    for name, value in {"PROFILE": "gpu", "DATA_DIR": tmp_path / "data", "TOKENIZER_DIR": tmp_path / "tok",
+                        "BASE_URL": url, "RETRY_BACKOFF_S": 0.01}.items():
+        monkeypatch.setattr(prepare, name, value)
+    t0 = time.time()
+    with pytest.raises(SystemExit) as exit_info:
+        prepare.main(["--num-shards", "2"])
+    msg = str(exit_info.value.code)
+    assert msg.startswith("prepare.py: error: could not download " + url) and "\n" not in msg, msg
+    assert time.time() - t0 < 30, f"took {time.time() - t0:.0f}s"
+    assert leftovers(tmp_path / "data") == [], f"left behind: {leftovers(tmp_path / 'data')}"
+
+
+def test_default_retry_schedule_gives_up_on_a_dead_mirror_within_about_a_minute():
+    n = prepare.DOWNLOAD_ATTEMPTS
+    worst = n * prepare.CONNECT_TIMEOUT_S + sum(prepare.RETRY_BACKOFF_S * 2 ** k for k in range(n - 1))
+    assert worst <= 60, f"worst case {worst:.0f}s before the error"
+
+# ---------------------------------------------------------------------------
+# Profiles and harness constants
+# ---------------------------------------------------------------------------
+
+def test_profiles_use_separate_caches_and_record_overrides(tmp_path):
+    code = """
+        import json, prepare
+        paths = {"data": str(prepare.DATA_DIR), "tok": str(prepare.TOKENIZER_DIR)}
+        print(json.dumps({**paths, "harness": prepare.HARNESS}))
+    """
+    env = {"AUTORESEARCH_CACHE": str(tmp_path), "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_TIME_BUDGET": "12.5"}
+    out = run_python(code, env=env)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["data"] == str(tmp_path / "cpu" / "data") and got["tok"] == str(tmp_path / "cpu" / "tokenizer")
+    assert got["harness"] == {"profile": "cpu", "MAX_SEQ_LEN": 256, "TIME_BUDGET": 12.5, "EVAL_TOKENS": 2**16,
+                              "VOCAB_SIZE": 2048, "overrides": {"AUTORESEARCH_TIME_BUDGET": 12.5}}, got
+    assert prepare.PROFILES["gpu"] == dict(MAX_SEQ_LEN=2048, TIME_BUDGET=300, EVAL_TOKENS=40 * 524288, VOCAB_SIZE=8192)
+
+
+@pytest.mark.parametrize("env,needle", [({"AUTORESEARCH_PROFILE": "tpu"}, "AUTORESEARCH_PROFILE"),
+                                        ({"AUTORESEARCH_TIME_BUDGET": "-5"}, "AUTORESEARCH_TIME_BUDGET")])
+def test_bad_environment_fails_in_one_line(env, needle):
+    out = run_python("import prepare", env=env)
+    assert out.returncode != 0
+    assert out.stderr.strip().count("\n") == 0 and needle in out.stderr, out.stderr
+
+# ---------------------------------------------------------------------------
+# Run recording
+# ---------------------------------------------------------------------------
+
+def summary(out_dir):
+    return json.loads((out_dir / "run_summary.json").read_text())
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys):
+    with prepare.RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
+        run.set(num_params_M=1.234, depth=4)
+        for step in range(3):
+            run.log(step, **{"train/loss": 5.0 - step})
+        run.timing("startup_s", 1.5)
+        run.finish(val_bpb=1.2345678, training_seconds=60.04, total_seconds=70.0, peak_vram_mb=None,
+                   mfu_percent=None, total_tokens_M=1.25, num_steps=3)
+    assert run.exit_code == 0
+    s = summary(tmp_path)
+    assert s["status"] == "ok" and s["error"] is None and s["config"] == {"DEPTH": 4}
+    assert {k: s[k] for k in ("val_bpb", "num_steps", "depth", "peak_vram_mb")} == \
+        {"val_bpb": 1.2345678, "num_steps": 3, "depth": 4, "peak_vram_mb": None}
+    assert s["harness"] == prepare.HARNESS
+    assert set(s["git"]) == {"commit", "dirty", "train_py_sha256", "prepare_py_sha256", "analyze_py_sha256"}
+    assert set(s["env"]) == {"python", "torch", "cuda", "gpu_name", "driver"}
+    assert s["timings"]["startup_s"] == 1.5 and s["timings"]["finished_at"] >= s["timings"]["started_at"]
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
+    block = capsys.readouterr().out.split("---\n")[-1].splitlines()
+    assert block == ["val_bpb:          1.234568", "training_seconds: 60.0", "total_seconds:    70.0",
+                     "peak_vram_mb:     n/a", "mfu_percent:      n/a", "total_tokens_M:   1.2",
+                     "num_steps:        3", "num_params_M:     1.2", "depth:            4"], block
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_crash_keeps_the_traceback_and_known_values(tmp_path, capsys):
+    with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        run.set(num_params_M=2.5)
+        run.log(0, **{"train/loss": 9.0})
+        raise RuntimeError("boom in the model")
+    assert run.exit_code == 1
+    s = summary(tmp_path)
+    assert s["status"] == "crash" and s["num_params_M"] == 2.5 and s["val_bpb"] is None
+    assert "Traceback" in s["error"] and "RuntimeError: boom in the model" in s["error"], s["error"]
+    assert "boom in the model" in capsys.readouterr().err
+    assert metrics(tmp_path)[0]["train/loss"] == 9.0
+
+
+def test_diverged_loss_ends_the_run_with_status_diverged(tmp_path):
+    with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        run.check_divergence(1, 99.0)
+        run.check_divergence(2, float("nan"))
+    assert (run.exit_code, summary(tmp_path)["status"]) == (2, "diverged")
+    for bad in (float("inf"), 100.5):
+        with pytest.raises(prepare.Diverged):
+            run.check_divergence(3, bad)
+
+
+def test_a_run_that_never_calls_finish_is_a_crash(tmp_path):
+    with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        pass
+    s = summary(tmp_path)
+    assert (run.exit_code, s["status"]) == (1, "crash") and "finish" in s["error"]
+
+
+def test_previous_outputs_are_removed_at_start(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text('{"step": 99}\n')
+    (tmp_path / "run_summary.json").write_text('{"status": "ok", "val_bpb": 0.5}')
+    with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        assert not (tmp_path / "run_summary.json").exists(), "a stale summary survived the start"
+        assert (tmp_path / "metrics.jsonl").read_text() == "", "stale metrics survived the start"
+        raise KeyboardInterrupt
+    assert summary(tmp_path)["status"] == "crash" and run.exit_code == 1
+
+
+def test_metrics_are_flushed_on_schedule_and_at_exit(tmp_path):
+    with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60, flush_every_s=0) as run:
+        run.log(0, a=1.0)
+        assert [r["a"] for r in metrics(tmp_path)] == [1.0], "row not flushed with flush_every_s=0"
+        run.flush_every_s = 1e9
+        run.log(1, a=torch.tensor(2.0), b=None, c=float("nan"))
+        assert len(metrics(tmp_path)) == 1, "row written before its flush was due"
+        run.log(0, a=3.0)  # a step going backwards is dropped, never written out of order
+        run.finish()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["a"] == 2.0 and rows[1]["b"] is None
+    assert math.isnan(rows[1]["c"])
+
+
+def test_metrics_io_error_warns_once_and_never_raises(tmp_path, capsys):
+    class FullDisk:
+        closed = False
+
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            pass
+
+        def close(self):
+            pass
+
+    with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60, flush_every_s=0) as run:
+        run._file.close()
+        run._file = FullDisk()
+        for step in range(5):
+            run.log(step, loss=1.0)
+        run.finish()
+    assert run.exit_code == 0
+    assert capsys.readouterr().err.count("No space left") == 1
+
+
+def test_summary_is_written_atomically_through_a_temp_file(tmp_path, monkeypatch):
+    replaced = []
+    real_replace = os.replace
+    monkeypatch.setattr(prepare.os, "replace", lambda a, b: (replaced.append((Path(a), Path(b))), real_replace(a, b)))
+    with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        run.finish()
+    (src, dst), = replaced
+    assert dst == tmp_path / "run_summary.json" and src.parent == tmp_path and src != dst
+    assert not src.exists() and summary(tmp_path)["status"] == "ok"
+
+
+TIMEOUT_SCRIPT = """
+    import sys, time, prepare
+    with prepare.RunRecorder({{}}, hard_cap_s={cap}, flush_every_s=1e9) as run:
+        run.log(0, loss=3.0)
+        print("ready", flush=True)
+        time.sleep(60)
+    sys.exit(run.exit_code)
+"""
+
+
+def start_sleeper(tmp_path, cap):
+    script = tmp_path / "sleeper.py"  # a file, so the timeout's stack shows source lines
+    script.write_text(textwrap.dedent(TIMEOUT_SCRIPT.format(cap=cap)))
+    return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_hard_cap_writes_a_timeout_summary_and_exits_3(tmp_path):
+    proc = start_sleeper(tmp_path, cap=1.0)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, f"exit {proc.returncode}: {err}"
+    s = summary(tmp_path)
+    assert s["status"] == "timeout" and "hard cap" in s["error"] and "time.sleep(60)" in s["error"], s["error"]
+    assert metrics(tmp_path) and metrics(tmp_path)[0]["loss"] == 3.0, "buffered metrics lost on timeout"
+
+
+def test_sigterm_writes_a_timeout_summary_and_exits_3(tmp_path):
+    proc = start_sleeper(tmp_path, cap=300)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3, f"exit {proc.returncode}: {err}"
+    s = summary(tmp_path)
+    assert s["status"] == "timeout" and "SIGTERM" in s["error"]
+    assert metrics(tmp_path)[0]["loss"] == 3.0
+
+# ---------------------------------------------------------------------------
+# Small helpers train.py uses
+# ---------------------------------------------------------------------------
+
+def test_collect_config_takes_json_uppercase_globals_but_not_harness_constants():
+    namespace = {"DEPTH": 8, "WINDOW_PATTERN": ("S", "L"), "LR": 0.04, "MAX_SEQ_LEN": prepare.MAX_SEQ_LEN,
+                 "TIME_BUDGET": prepare.TIME_BUDGET, "DEVICE": torch.device("cpu"), "Model": object,
+                 "lowercase": 1, "_PRIVATE": 2, "NESTED": {"a": (1, 2)}}
+    assert prepare.collect_config(namespace) == {"DEPTH": 8, "WINDOW_PATTERN": ["S", "L"], "LR": 0.04,
+                                                 "NESTED": {"a": [1, 2]}}
+
+
+@pytest.mark.parametrize("name,flops", [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989.4e12),
+                                        ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                        ("NVIDIA B200", 2250e12), ("NVIDIA L40S", 362e12),
+                                        ("NVIDIA GeForce GTX 1080", None), ("", None)])
+def test_peak_bf16_flops_by_gpu_name(name, flops):
+    assert prepare.peak_bf16_flops(name) == flops
+
+
+def test_progress_line_writes_no_carriage_returns_when_not_a_tty():
+    stream = io.StringIO()
+    line = prepare.ProgressLine(every_s=3600, stream=stream)
+    for i in range(100):
+        line.update(f"step {i}")
+    line.done("finished")
+    assert "\r" not in stream.getvalue()
+    assert stream.getvalue().splitlines() == ["step 0", "finished"], stream.getvalue()
+
+
+def test_progress_line_rewrites_one_line_on_a_tty():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    stream = Tty()
+    line = prepare.ProgressLine(every_s=3600, stream=stream)
+    line.update("step 10")
+    line.update("step 9")
+    line.done("done")
+    assert stream.getvalue() == "\rstep 10\rstep 9 \rdone  \n", repr(stream.getvalue())
