@@ -1,0 +1,1239 @@
+"""
+Everything that happens after a run: archive it, explain it against the best run so far, and keep
+the experiment log that the research loop steers by.
+
+Usage:
+    uv run analyze.py                            # archive the run in this directory, write analysis.md and plots
+    uv run analyze.py list                       # every archived run, one line each
+    uv run analyze.py show ID                    # print a run's analysis.md
+    uv run analyze.py compare A B                # two runs side by side, plus an overlay plot
+    uv run analyze.py best                       # the current best run
+    uv run analyze.py status ID keep|discard|crash
+
+It reads run_summary.json, metrics.jsonl and run.log in the working directory (written by train.py),
+git, and its own archive under .auto-log-research/: results.tsv plus the few run directories it
+compares (this run, the best, the previous one). Nothing else, so its cost does not grow with history.
+"""
+import argparse
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+# ---------------------------------------------------------------------------
+# Archive layout (fixed: other tools and program.md rely on these names)
+
+ARCHIVE_DIR = Path(".auto-log-research")
+RESULTS_TSV = ARCHIVE_DIR / "results.tsv"
+HARNESS_PIN = ARCHIVE_DIR / "harness.json"      # sha256 of prepare.py and analyze.py, pinned by the first run
+INSIGHTS_MD = ARCHIVE_DIR / "insights.md"       # the agent's notes; only "## Current Best" is rewritten here
+PROGRESS_PNG = ARCHIVE_DIR / "progress.png"     # val_bpb of every run, redrawn after each one
+LOCK_FILE = ARCHIVE_DIR / ".lock"               # every write to the archive happens under this flock
+RECORD_JSON = "record.json"                     # per run: how it was identified, and input problems seen
+COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",  # karpathy/autoresearch's five
+           "run_id", "outcome", "harness", "train_py_sha", "num_steps", "mfu_percent",
+           "training_seconds", "started_at", "run_key")
+STATUSES = ("pending", "keep", "discard", "crash", "invalid")
+HARNESS_FILES = ("prepare.py", "analyze.py")
+
+# ---------------------------------------------------------------------------
+# Analysis settings
+
+STALE_SLACK_S = 30.0       # run.log written this long after the summary finished -> the summary is older
+SMOOTH_BETA = 0.9          # EMA of train/loss (as train.py's train/loss_smooth) when that key is absent
+GRID_POINTS = 200          # common training-progress grid on which two runs are compared
+DEPARTURE_SIGMAS = 3.0     # smoothed losses "differ" beyond this many sigmas of their combined noise
+DEPARTURE_HOLD = 5         # ... for this many consecutive grid points (one blip is not a departure)
+VAL_BPB_TOLERANCE = 0.005  # in-training val/bpb threshold while the noise band is still unknown
+NOISE_SIGMAS = 2.0         # noise band = +-2 std of val_bpb among runs of identical train.py
+PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
+SPIKE_WINDOW = 50          # trailing steps that a loss value is compared against
+SPIKE_Z = 6.0              # robust z-score above which a loss value is a spike
+STALL_FACTOR = 3.0         # a step slower than this many times the median step is a stall
+LAYER_OUTLIER_RATIO = 3.0  # a layer whose stat is this many times above/below its peers' median stands out
+PLOT_DPI = 80              # with PLOT_POINTS, keeps each PNG well under 200 KB
+PLOT_POINTS = 500          # longer curves are drawn as bin medians (stalls and spikes are in the text)
+
+
+def die(message):
+    """Bad input or a broken archive: one line naming the file and what to do, exit status 1."""
+    raise SystemExit(f"analyze.py: {message}")
+
+
+# ---------------------------------------------------------------------------
+# Files, git, and the lock
+
+def sha256_file(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def git(*args):
+    """stdout of a git command, or None when git fails (the callers say what that means)."""
+    out = subprocess.run(["git", *args], capture_output=True, text=True)
+    return out.stdout if out.returncode == 0 else None
+
+
+def head_commit():
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if out.returncode != 0:
+        reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        die(f"{Path.cwd()} is not a git repository with a commit ({reason}); "
+            "run analyze.py from the repository that holds train.py")
+    return out.stdout.strip()
+
+
+def commit_subject(commit):
+    return (git("log", "-1", "--format=%s", commit) or "").strip()
+
+
+def write_atomic(path, data):
+    """Temporary file + rename: a reader, or a killed writer, never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+@contextmanager
+def archive_lock():
+    """Serialises every invocation that writes; the kernel drops the lock if the holder is killed."""
+    ARCHIVE_DIR.mkdir(exist_ok=True)
+    with open(LOCK_FILE, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def read_json(path):
+    """(dict, None) or (None, one-line problem) for a missing or corrupt JSON file."""
+    path = Path(path)
+    if not path.exists():
+        return None, f"{path} is missing"
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return None, f"{path} is not valid JSON ({e})"
+    if not isinstance(data, dict):
+        return None, f"{path} holds no JSON object"
+    return data, None
+
+
+# ---------------------------------------------------------------------------
+# results.tsv: the experiment log, one row per archived run
+
+def read_results():
+    lines = RESULTS_TSV.read_text().splitlines() if RESULTS_TSV.exists() else []
+    if not lines:
+        return []
+    if lines[0].split("\t")[:1] != ["commit"]:
+        die(f"{RESULTS_TSV} has no `commit\\tval_bpb\\t...` header; restore it from a backup or move it aside")
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t") + [""] * len(header))) for line in lines[1:] if line.strip()]
+
+
+def write_results(rows):
+    extra = [k for row in rows for k in row if k not in COLUMNS]
+    header = list(COLUMNS) + list(dict.fromkeys(extra))
+    lines = ["\t".join(header)] + ["\t".join(tsv_field(row.get(c, "")) for c in header) for row in rows]
+    write_atomic(RESULTS_TSV, "\n".join(lines) + "\n")
+
+
+def tsv_field(value):
+    return " ".join(str(value).split())  # a tab or newline inside a field would tear the row
+
+
+def row_bpb(row):
+    """val_bpb of a row as a float, or None for a crash (karpathy writes 0.000000 there)."""
+    if row.get("status") == "crash":
+        return None
+    try:
+        value = float(row.get("val_bpb", ""))
+    except ValueError:
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def comparable(rows, harness):
+    """Valid runs with a val_bpb made under the same harness: the only ones a run is measured against."""
+    return [r for r in rows if r.get("harness") == harness and r.get("status") in ("pending", "keep", "discard")
+            and row_bpb(r) is not None]
+
+
+def pick_best(rows, harness):
+    """The kept run with the lowest val_bpb; before anything is kept, the lowest not-yet-judged run."""
+    pool = comparable(rows, harness)
+    kept = [r for r in pool if r["status"] == "keep"] or [r for r in pool if r["status"] == "pending"]
+    return min(kept, key=row_bpb, default=None)
+
+
+def pick_previous(rows, harness):
+    pool = comparable(rows, harness)
+    return pool[-1] if pool else None
+
+
+def latest_harness(rows):
+    return next((r["harness"] for r in reversed(rows) if r.get("harness")), "")
+
+
+def find_row(rows, run_id):
+    """Exact run id, else the one run whose id starts with it or whose commit a full sha starts with."""
+    hits = [r for r in rows if r.get("run_id") == run_id] or [
+        r for r in rows if r.get("run_id", "").startswith(run_id)
+        or (len(run_id) > 7 and r.get("commit") and run_id.startswith(r["commit"]))]
+    if len(hits) == 1:
+        return hits[0]
+    known = " ".join(r.get("run_id", "?") for r in rows[-8:]) or "none yet"
+    if not hits:
+        die(f"no run {run_id!r} in {RESULTS_TSV} (latest ids: {known})")
+    die(f"{run_id!r} matches several runs ({' '.join(r['run_id'] for r in hits)}); give the full run id")
+
+
+# ---------------------------------------------------------------------------
+# metrics.jsonl as columns
+
+def read_metrics(path):
+    """(Metrics or None, notes). Unreadable lines are skipped and reported, never fatal."""
+    path = Path(path)
+    if not path.exists():
+        return None, [f"{path} is missing: no training curves for this run"]
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")
+    rows, bad = [], []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            bad.append(number)
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
+            rows.append(row)
+        else:
+            bad.append(number)
+    notes = []
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    if bad and bad[-1] == last and not raw.endswith(b"\n"):
+        notes.append(f"{path}: the last line (line {last}) is half-written, the process stopped mid-write; skipped")
+        bad = bad[:-1]
+    if bad:
+        notes.append(f"{path}: {len(bad)} unreadable line(s) skipped (lines {', '.join(map(str, bad[:5]))})")
+    if not rows:
+        notes.append(f"{path} holds no readable rows: no training curves for this run")
+        return None, notes
+    rows.sort(key=lambda r: r["step"])
+    return Metrics(rows), notes
+
+
+class Metrics:
+    """Every key of metrics.jsonl as (row index, value) arrays, aligned to step and training progress."""
+
+    def __init__(self, rows):
+        columns = {}
+        for i, row in enumerate(rows):
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    columns.setdefault(key, ([], []))
+                    columns[key][0].append(i)
+                    columns[key][1].append(float(value))
+        self.columns = {k: (np.array(idx), np.array(vals)) for k, (idx, vals) in columns.items()}
+        self.keys = list(dict.fromkeys(k for row in rows for k in row))
+        self.step = np.array([float(r["step"]) for r in rows])
+        if "train/progress" in self.columns:
+            idx, prog = self.columns["train/progress"]
+            self.progress = np.interp(self.step, self.step[idx], prog)  # rows without it: by step
+        else:
+            self.progress = self.step / max(self.step.max(), 1.0)
+
+    def __contains__(self, key):
+        return key in self.columns or (key == "train/loss_smooth" and "train/loss" in self.columns)
+
+    def series(self, key):
+        """(progress, step, values) over the rows that hold `key`."""
+        if key == "train/loss_smooth" and key not in self.columns:
+            return self.smooth_loss
+        idx, values = self.columns.get(key, (np.zeros(0, int), np.zeros(0)))
+        return self.progress[idx], self.step[idx], values
+
+    @cached_property
+    def smooth_loss(self):
+        """train.py's debiased EMA when logged, else the same EMA computed here."""
+        if "train/loss_smooth" in self.columns:
+            return self.series("train/loss_smooth")
+        p, s, loss = self.series("train/loss")
+        ema, out = 0.0, np.empty_like(loss)
+        for i, x in enumerate(loss):
+            ema = SMOOTH_BETA * ema + (1 - SMOOTH_BETA) * x
+            out[i] = ema / (1 - SMOOTH_BETA ** (i + 1))
+        return p, s, out
+
+    @cached_property
+    def loss_noise(self):
+        """Robust std of train/loss around its smoothed curve over the second half of training."""
+        p, _, loss = self.series("train/loss")
+        ps, _, smooth = self.smooth_loss
+        if len(loss) < 10 or len(smooth) < 10:
+            return None
+        resid = loss - np.interp(p, ps, smooth)
+        resid = resid[(p >= 0.5 * p.max()) & np.isfinite(resid)]
+        if len(resid) < 5:
+            return None
+        return float(1.4826 * np.median(np.abs(resid - np.median(resid))))
+
+    def layer_keys(self):
+        """{stat: {name: key}} for keys layer/<name>/<stat>."""
+        out = {}
+        for key in self.columns:
+            parts = key.split("/")
+            if parts[0] == "layer" and len(parts) >= 3:
+                out.setdefault(parts[-1], {})["/".join(parts[1:-1])] = key
+        return out
+
+
+# ---------------------------------------------------------------------------
+# Reading the run in the working directory and deciding what it is
+
+@dataclass
+class Capture:
+    """What the working directory says about the latest run, before anything is archived."""
+    commit: str                 # full sha of the commit that was run
+    summary: dict | None        # None: no summary, a corrupt one, or one left by an earlier run
+    outcome: str                # ok | crash | diverged | timeout | no_summary | stale_summary | corrupt_summary
+    key: str                    # identity of the run: the same run always gets the same key
+    use_metrics: bool           # metrics.jsonl belongs to this run
+    notes: list = field(default_factory=list)
+
+
+def stale_reasons(summary, summary_path, head, log_path):
+    """Why run_summary.json cannot be the latest run's; empty when it is. RunRecorder deletes the old
+    summary at start-up, so a summary survives a run only when train.py died before reaching it."""
+    reasons = []
+    git_info = summary.get("git") or {}
+    ran_sha, ran_commit = git_info.get("train_py_sha256"), git_info.get("commit")
+    now_sha = sha256_file("train.py") if Path("train.py").exists() else None
+    if ran_sha and now_sha and ran_sha != now_sha:
+        reasons.append(f"it describes a different train.py (commit {str(ran_commit)[:7]}, "
+                       f"sha256 {ran_sha[:8]}) than the checkout (HEAD {head[:7]}, sha256 {now_sha[:8]})")
+    elif not ran_sha and ran_commit and ran_commit != head:
+        reasons.append(f"it is for commit {ran_commit[:7]} but HEAD is {head[:7]}")
+    if log_path.exists():
+        finished = (summary.get("timings") or {}).get("finished_at")
+        if not isinstance(finished, (int, float)):
+            finished = summary_path.stat().st_mtime
+        lag = log_path.stat().st_mtime - finished
+        if lag > STALE_SLACK_S:
+            reasons.append(f"run.log was written {lag:.0f} s after it finished")
+    return reasons
+
+
+def read_summary(summary_path, log_path, head):
+    """(summary or None, outcome, notes): whether run_summary.json describes the latest run."""
+    if not summary_path.exists():
+        return None, "no_summary", ["no run_summary.json: the process ended before writing it (killed, e.g. out "
+                                    "of memory, or train.py failed before RunRecorder started)"]
+    summary, problem = read_json(summary_path)
+    if problem:
+        return None, "corrupt_summary", [f"{problem}: the run is recorded as a crash of HEAD from run.log; "
+                                         "the unreadable file is kept as run_summary.json.corrupt"]
+    reasons = stale_reasons(summary, summary_path, head, log_path)
+    if reasons:
+        return None, "stale_summary", [f"run_summary.json was left by an earlier run ({'; '.join(reasons)}): "
+                                       "this run is recorded as a crash of HEAD from run.log"]
+    return summary, summary.get("status") or "crash", []
+
+
+def capture_run(head):
+    summary_path, log_path, metrics_path = Path("run_summary.json"), Path("run.log"), Path("metrics.jsonl")
+    if not summary_path.exists() and not log_path.exists():
+        die(f"nothing to archive in {Path.cwd()}: no run_summary.json and no run.log "
+            "(train.py writes the first, `uv run train.py > run.log 2>&1` the second)")
+    summary, outcome, notes = read_summary(summary_path, log_path, head)
+    # RunRecorder deletes metrics.jsonl together with the old summary: a stale summary means stale curves too
+    use_metrics = metrics_path.exists() and outcome != "stale_summary"
+    if outcome == "stale_summary" and metrics_path.exists():
+        notes.append("metrics.jsonl is the earlier run's too; not archived")
+    elif not metrics_path.exists():
+        notes.append("metrics.jsonl is missing: no training curves for this run")
+    if not log_path.exists():
+        if summary is None:
+            die("run_summary.json is unusable and there is no run.log to recover the run from; "
+                "rerun with `uv run train.py > run.log 2>&1`")
+        notes.append("run.log is missing: train.py's output was not redirected to it")
+    if summary is not None:
+        git_info = summary.get("git") or {}
+        commit = git_info.get("commit") or head
+        basis = f"summary|{commit}|{(summary.get('timings') or {}).get('started_at')}|{git_info.get('train_py_sha256')}"
+    else:  # the same crash log rewritten by a rerun is a new run: its mtime tells them apart
+        commit = head
+        basis = f"crash|{head}|{sha256_file(log_path)}|{log_path.stat().st_mtime_ns}"
+    return Capture(commit, summary, outcome, hashlib.sha256(basis.encode()).hexdigest()[:16], use_metrics, notes)
+
+
+def harness_key(summary):
+    """profile:hash of the harness dict; runs compare only within one key."""
+    harness = (summary or {}).get("harness")
+    if not isinstance(harness, dict):
+        return ""
+    digest = hashlib.sha256(json.dumps(harness, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{harness.get('profile', '?')}:{digest}"
+
+
+def check_harness(summary, run_id):
+    """None when prepare.py and analyze.py match the pinned sha256, else which file changed.
+    The first run whose summary records both hashes pins them."""
+    git_info = (summary or {}).get("git") or {}
+    shas = {name: git_info.get(f"{Path(name).stem}_py_sha256") for name in HARNESS_FILES}
+    if not HARNESS_PIN.exists():
+        if all(shas.values()):
+            write_atomic(HARNESS_PIN, json.dumps({**shas, "pinned_by": run_id}, indent=2) + "\n")
+        return None
+    pin, problem = read_json(HARNESS_PIN)
+    if problem:
+        die(f"{problem}; restore it, or delete it to pin the harness of the next run")
+    changed = [f"{name} (sha256 {str(shas[name])[:8]} vs pinned {pin[name][:8]} from run {pin.get('pinned_by')})"
+               if shas[name] else f"{name} (sha256 not recorded)" for name in HARNESS_FILES
+               if pin.get(name) and shas[name] != pin[name]]
+    return "; ".join(changed) or None
+
+
+def new_run_id(commit, rows):
+    taken = {r.get("run_id") for r in rows}
+    base, n = commit[:7], 1
+    while (run_id := base if n == 1 else f"{base}-{n}") in taken or (ARCHIVE_DIR / run_id).exists():
+        n += 1
+    return run_id
+
+
+def make_row(capture, run_id, status, default_harness):
+    """The results.tsv row. A run without a summary is assumed to share the latest run's harness."""
+    s = capture.summary or {}
+
+    def num(key, spec):
+        return "" if s.get(key) is None else format(float(s[key]), spec)
+
+    started = (s.get("timings") or {}).get("started_at")
+    crashed = status == "crash"
+    description = commit_subject(capture.commit)
+    if (s.get("git") or {}).get("dirty"):
+        description += " [uncommitted changes]"
+    return {
+        "commit": capture.commit[:7],
+        "val_bpb": "0.000000" if crashed or s.get("val_bpb") is None else f"{s['val_bpb']:.6f}",
+        "memory_gb": "0.0" if crashed or s.get("peak_vram_mb") is None else f"{s['peak_vram_mb'] / 1024:.1f}",
+        "status": status, "description": description, "run_id": run_id, "outcome": capture.outcome,
+        "harness": harness_key(s) or default_harness, "train_py_sha": ((s.get("git") or {}).get("train_py_sha256") or "")[:12],
+        "num_steps": num("num_steps", ".0f"), "mfu_percent": num("mfu_percent", ".2f"),
+        "training_seconds": num("training_seconds", ".1f"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)) if started else "",
+        "run_key": capture.key,
+    }
+
+
+def store_run(capture, run_id, best_commit):
+    """Copy the run's files into its directory (built aside, then renamed into place)."""
+    final, tmp = ARCHIVE_DIR / run_id, ARCHIVE_DIR / f".tmp-{run_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if capture.summary is not None:
+        shutil.copyfile("run_summary.json", tmp / "run_summary.json")
+    elif capture.outcome == "corrupt_summary":
+        shutil.copyfile("run_summary.json", tmp / "run_summary.json.corrupt")
+    if capture.use_metrics:
+        shutil.copyfile("metrics.jsonl", tmp / "metrics.jsonl")
+    if Path("run.log").exists():
+        shutil.copyfile("run.log", tmp / "run.log")
+    (tmp / "diff.patch").write_text(train_py_diff(capture, best_commit))
+    (tmp / RECORD_JSON).write_text(json.dumps({"run_key": capture.key, "commit": capture.commit,
+                                               "outcome": capture.outcome, "notes": capture.notes}, indent=2) + "\n")
+    os.rename(tmp, final)
+
+
+def train_py_diff(capture, best_commit):
+    """train.py as run, against the best commit. The working tree is what ran when the summary's
+    sha256 matches it (or there is no summary: a crash of the checkout)."""
+    if best_commit is None:
+        return ""
+    ran_sha = ((capture.summary or {}).get("git") or {}).get("train_py_sha256")
+    tree_ran = Path("train.py").exists() and (ran_sha is None or ran_sha == sha256_file("train.py"))
+    args = [best_commit] if tree_ran else [best_commit, capture.commit]
+    patch = git("diff", "--no-color", *args, "--", "train.py")
+    return patch if patch is not None else f"# git diff against {best_commit[:7]} failed: that commit is gone\n"
+
+
+# ---------------------------------------------------------------------------
+# An archived run, loaded for analysis
+
+@dataclass
+class Run:
+    id: str
+    row: dict
+    summary: dict | None
+    metrics: Metrics | None
+    notes: list
+
+    @property
+    def dir(self):
+        return ARCHIVE_DIR / self.id
+
+    @property
+    def bpb(self):
+        return row_bpb(self.row)
+
+
+def load_run(row):
+    run_dir = ARCHIVE_DIR / row["run_id"]
+    if not run_dir.is_dir():
+        die(f"{run_dir} is missing although {RESULTS_TSV} lists it; restore the directory or delete its row")
+    summary = read_json(run_dir / "run_summary.json")[0] if (run_dir / "run_summary.json").exists() else None
+    record = read_json(run_dir / RECORD_JSON)[0] or {}
+    metrics, metric_notes = (read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists()
+                             else (None, []))
+    return Run(row["run_id"], row, summary, metrics, record.get("notes", []) + metric_notes)
+
+
+@dataclass
+class Context:
+    """Everything one analysis.md is written from."""
+    run: Run
+    best: Run | None
+    prev: Run | None
+    history: list           # results.tsv rows up to and including this run
+    diff: str
+    noise: dict
+    harness_change: str | None  # which of prepare.py / analyze.py differ from the pinned sha256
+
+
+def noise_band(history, run_row):
+    """val_bpb spread among runs of identical train.py under one harness, per sha and pooled."""
+    groups = {}
+    for r in comparable(history, run_row.get("harness")):
+        if r.get("train_py_sha"):
+            groups.setdefault(r["train_py_sha"], []).append(r)
+    own = groups.get(run_row.get("train_py_sha"), [])
+    repeated = [np.array([row_bpb(r) for r in g]) for g in groups.values() if len(g) >= 2]
+    dof = sum(len(g) - 1 for g in repeated)
+    pooled = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in repeated) / dof)) if dof else None
+    return {"own": own, "pooled_std": pooled, "groups": len(repeated), "runs": sum(len(g) for g in repeated),
+            "band": NOISE_SIGMAS * pooled if pooled is not None else None}
+
+
+def build_context(run, rows):
+    """Measured against what came before it, so a rebuilt analysis.md reads as the original did."""
+    history = rows[:rows.index(run.row) + 1]
+    best_row, prev_row = pick_best(history[:-1], run.row["harness"]), pick_previous(history[:-1], run.row["harness"])
+    best = load_run(best_row) if best_row else None
+    prev = best if prev_row is best_row else (load_run(prev_row) if prev_row else None)
+    diff = (run.dir / "diff.patch").read_text() if (run.dir / "diff.patch").exists() else ""
+    changed = check_harness(run.summary, run.id) if run.summary else None
+    return Context(run, best, prev, history, diff, noise_band(history, run.row), changed)
+
+
+# ---------------------------------------------------------------------------
+# Curve analysis (pure functions of arrays)
+
+def fmt(x, spec=".4f"):
+    return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
+
+
+def departure(a, b, threshold):
+    """Align curve a=(progress, values) and b on a common progress grid. Returns the grid, the gap a-b
+    and the first index from which |gap| exceeds threshold for DEPARTURE_HOLD points (None: never)."""
+    (pa, va), (pb, vb) = a, b
+    lo, hi = max(pa.min(), pb.min()), min(pa.max(), pb.max())
+    if hi <= lo:
+        return None
+    grid = np.linspace(lo, hi, GRID_POINTS)
+    gap = np.interp(grid, pa, va) - np.interp(grid, pb, vb)
+    over = np.abs(gap) > threshold
+    start = next((i for i in range(len(grid)) if over[i:i + DEPARTURE_HOLD].all()), None)  # at the end: all left
+    return grid, gap, start
+
+
+def describe_departure(name, a, b, threshold, this, other):
+    result = departure(a, b, threshold)
+    if result is None:
+        return f"- {name}: no overlap in training progress to compare"
+    grid, gap, start = result
+    if start is None:
+        return (f"- {name}: within {threshold:.4f} of {other} over the whole run "
+                f"(progress {grid[0]:.2f}-{grid[-1]:.2f}); final gap {gap[-1]:+.4f}")
+    end_lead = f"{this} is {'ahead' if gap[-1] < 0 else 'behind'} by {abs(gap[-1]):.4f} at progress {grid[-1]:.2f}"
+    tail = np.abs(gap[start:])
+    third = max(len(tail) // 3, 1)
+    change = tail[-1] - tail[-third]
+    trend = "growing" if change > threshold else "closing" if change < -threshold else "steady"
+    crossed = " (the sign flips after the departure)" if np.sign(gap[-1]) != np.sign(gap[start]) else ""
+    return (f"- {name}: departs from {other} at progress {grid[start]:.2f} (gap {gap[start]:+.4f}, "
+            f"threshold {threshold:.4f}); {end_lead}; gap {trend} over the last third "
+            f"({tail[-third]:.4f} -> {tail[-1]:.4f}){crossed}")
+
+
+def loss_spikes(step, progress, loss):
+    """Loss values far above the trailing window's median, in robust z-scores; consecutive spike
+    steps are one event, reported at its peak."""
+    if len(loss) <= SPIKE_WINDOW:
+        return []
+    x = np.where(np.isfinite(loss), loss, np.nan)
+    windows = np.lib.stride_tricks.sliding_window_view(x[:-1], SPIKE_WINDOW)
+    med = np.nanmedian(windows, axis=1)
+    mad = np.nanmedian(np.abs(windows - med[:, None]), axis=1)
+    scale = np.maximum(1.4826 * mad, 1e-3 * np.abs(med) + 1e-8)
+    z = (x[SPIKE_WINDOW:] - med) / scale
+    hits = np.flatnonzero(z > SPIKE_Z) + SPIKE_WINDOW
+    events = []
+    for i in hits:
+        if events and i - events[-1][-1] <= 3:
+            events[-1].append(i)
+        else:
+            events.append([i])
+    out = []
+    for ev in events:
+        i = max(ev, key=lambda j: z[j - SPIKE_WINDOW])
+        out.append({"step": int(step[i]), "progress": float(progress[i]), "loss": float(loss[i]),
+                    "baseline": float(med[i - SPIKE_WINDOW]), "z": float(z[i - SPIKE_WINDOW])})
+    return out
+
+
+def last_tenth_trend(metrics):
+    """Fitted change of train/loss over the last tenth of progress, as a fraction of the final loss."""
+    p, _, loss = metrics.series("train/loss") if "train/loss" in metrics.columns else metrics.smooth_loss
+    keep = (p >= p.max() - 0.1) & np.isfinite(loss)
+    if keep.sum() < 3:
+        return None
+    slope = np.polyfit(p[keep], loss[keep], 1)[0]
+    change = slope * 0.1
+    final = float(np.median(loss[keep][-max(keep.sum() // 10, 1):]))
+    return {"slope": float(slope), "change": float(change), "fraction": float(change / final) if final else 0.0}
+
+
+# ---------------------------------------------------------------------------
+# analysis.md: one function per section, each returns its text (or "" to leave it out)
+
+def section_headline(ctx):
+    run, s = ctx.run, ctx.run.summary or {}
+    lines = [f"# Run {run.id}", "", "## Headline",
+             f"- val_bpb **{fmt(run.bpb, '.6f')}**, status `{run.row['status']}`, outcome `{run.row['outcome']}`",
+             f"- commit {run.row['commit']}: {run.row['description'] or '(no subject)'}; harness "
+             f"{run.row['harness'] or 'unknown'}; {run.row.get('num_steps') or 'n/a'} steps, "
+             f"{fmt(s.get('training_seconds'), '.1f')} s training, peak VRAM "
+             f"{'n/a' if s.get('peak_vram_mb') is None else format(s['peak_vram_mb'] / 1024, '.1f')} GB"]
+    for label, other in (("best", ctx.best), ("previous", ctx.prev)):
+        if other is None:
+            lines.append(f"- vs {label}: no earlier comparable run")
+        elif run.bpb is not None:
+            delta = run.bpb - other.bpb
+            lines.append(f"- vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
+                         f"({'better' if delta < 0 else 'worse' if delta > 0 else 'equal'})")
+    lines.append(f"- verdict: {verdict(ctx)}")
+    if ctx.harness_change:
+        lines.append(f"- harness changed since it was pinned: {ctx.harness_change}. The run is `invalid` "
+                     "(or a crash) and is never the best")
+    lines += [f"- note: {n}" for n in run.notes]
+    return "\n".join(lines)
+
+
+def verdict(ctx):
+    run, band = ctx.run, ctx.noise["band"]
+    if run.bpb is None:
+        return "no val_bpb (the run did not finish)"
+    if run.row["status"] == "invalid":
+        return "not comparable: the harness changed (see below)"
+    if ctx.best is None:
+        return "first comparable run: nothing to beat yet"
+    delta = run.bpb - ctx.best.bpb
+    if band is None:
+        return f"{delta:+.6f} against the best; the noise band is unknown, so its significance is unknown"
+    if abs(delta) <= band:
+        return f"{delta:+.6f} against the best lies within the noise band (+-{band:.6f})"
+    return f"{delta:+.6f} against the best is {'an improvement' if delta < 0 else 'a regression'} beyond the noise band (+-{band:.6f})"
+
+
+def section_crash(ctx):
+    run = ctx.run
+    if run.row["status"] != "crash":
+        return ""
+    error = (run.summary or {}).get("error")
+    if not error and (run.dir / "run.log").exists():
+        error = traceback_tail((run.dir / "run.log").read_text(errors="replace"))
+    return "\n".join(["## Crash", f"- outcome `{run.row['outcome']}`; the error's tail "
+                      f"({'from run_summary.json' if (run.summary or {}).get('error') else 'from run.log'}):",
+                      "```", (error or "(no error text: run.log is empty or missing)").rstrip(), "```"])
+
+
+def traceback_tail(log, max_lines=30):
+    lines = log.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    tail = lines[starts[-1]:] if starts else lines
+    return "\n".join(tail[-max_lines:])
+
+
+def section_changes(ctx):
+    best = ctx.best
+    if best is None:
+        return "## What changed\n- no earlier comparable run: diff.patch is empty"
+    lines = [f"## What changed (against best {best.id})"]
+    if ctx.run.summary and best.summary:
+        lines += config_diff((best.summary.get("config") or {}), (ctx.run.summary.get("config") or {}))
+    else:
+        lines.append("- config: unknown (a run has no summary)")
+    lines += diff_summary(ctx.diff)
+    return "\n".join(lines)
+
+
+def config_diff(old, new):
+    changed = [f"  - {k}: {old[k]!r} -> {new[k]!r}" for k in old if k in new and old[k] != new[k]]
+    added = [f"  - {k} = {new[k]!r} (new)" for k in new if k not in old]
+    removed = [f"  - {k} (removed; was {old[k]!r})" for k in old if k not in new]
+    body = changed + added + removed
+    return ["- config: identical"] if not body else ["- config:"] + body
+
+
+def diff_summary(patch, max_lines=15):
+    if not patch.strip():
+        return ["- diff.patch: train.py is identical to the best commit's"]
+    body = [line for line in patch.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    added, removed = sum(line[0] == "+" for line in body), sum(line[0] == "-" for line in body)
+    contexts = list(dict.fromkeys(line.split("@@")[-1].strip() for line in patch.splitlines()
+                                  if line.startswith("@@") and line.split("@@")[-1].strip()))
+    lines = [f"- diff.patch: +{added} -{removed} lines in train.py"
+             + (f"; hunks in: {', '.join(f'`{c[:60]}`' for c in contexts[:6])}" if contexts else "")]
+    shown = [line for line in body if line[1:].strip()][:max_lines]
+    lines += ["```diff", *[line[:120] for line in shown], "```"] if shown else []
+    return lines
+
+
+def section_trajectory(ctx):
+    m = ctx.run.metrics
+    if m is None or "train/loss_smooth" not in m:
+        return "## Trajectory\n- no training loss recorded"
+    p, step, smooth = m.smooth_loss
+    finite = np.isfinite(smooth)
+    if not finite.any():
+        return "## Trajectory\n- every smoothed loss value is NaN or inf"
+    i_min = int(np.nanargmin(np.where(finite, smooth, np.nan)))
+    last = np.flatnonzero(finite)[-1]
+    lines = ["## Trajectory",
+             f"- smoothed loss: first {smooth[finite][0]:.4f} (step {int(step[finite][0])}), final {smooth[last]:.4f} "
+             f"(step {int(step[last])}, progress {p[last]:.2f}), minimum {smooth[i_min]:.4f} "
+             f"(step {int(step[i_min])}, progress {p[i_min]:.2f})"]
+    trend = last_tenth_trend(m)
+    if trend:
+        state = ("still improving when time ran out" if trend["fraction"] < -PLATEAU_DROP else
+                 "rising at the end" if trend["fraction"] > PLATEAU_DROP else "plateaued")
+        lines.append(f"- last tenth of training: fitted change {trend['change']:+.4f} "
+                     f"({100 * trend['fraction']:+.2f}% of the loss; slope {trend['slope']:+.3f} per unit progress): "
+                     f"{state}")
+    return "\n".join(lines)
+
+
+def section_departure(ctx):
+    run, best = ctx.run, ctx.best
+    if best is None or best.metrics is None or run.metrics is None:
+        return "## Where it departs from the best\n- no comparison: " + (
+            "no earlier comparable run" if best is None else "a run has no metrics")
+    lines = [f"## Where it departs from the best ({best.id}), aligned on training progress"]
+    lines += compare_curves(run.metrics, best.metrics, ctx.noise["pooled_std"], "this run", "the best")
+    return "\n".join(lines)
+
+
+def compare_curves(a, b, val_std, this, other):
+    """Loss and in-training val/bpb of a against b, on training progress."""
+    lines = []
+    if "train/loss_smooth" in a and "train/loss_smooth" in b:
+        noise = [n for n in (a.loss_noise, b.loss_noise) if n is not None]
+        ema_factor = np.sqrt((1 - SMOOTH_BETA) / (1 + SMOOTH_BETA))  # an EMA shrinks white noise by this
+        sigma = float(np.sqrt(np.mean(np.square(noise)) * 2)) * ema_factor if noise else 0.0
+        threshold = max(DEPARTURE_SIGMAS * sigma, 1e-4)
+        pa, _, va = a.smooth_loss
+        pb, _, vb = b.smooth_loss
+        lines.append(describe_departure("train loss (smoothed)", (pa, va), (pb, vb), threshold, this, other))
+    if "val/bpb" in a.columns and "val/bpb" in b.columns:
+        pa, _, va = a.series("val/bpb")
+        pb, _, vb = b.series("val/bpb")
+        threshold = NOISE_SIGMAS * val_std if val_std else VAL_BPB_TOLERANCE
+        lines.append(describe_departure("in-training val/bpb", (pa, va), (pb, vb), threshold, this, other)
+                     + ("" if val_std else f" (threshold {VAL_BPB_TOLERANCE} while the noise band is unknown)"))
+    return lines or ["- no curves in common"]
+
+
+def section_stability(ctx):
+    m = ctx.run.metrics
+    if m is None:
+        return "## Stability\n- no metrics"
+    lines = ["## Stability"]
+    if "train/loss" in m.columns:
+        p, step, loss = m.series("train/loss")
+        spikes = loss_spikes(step, p, loss)
+        lines.append(f"- loss spikes (robust z > {SPIKE_Z:g} against the trailing {SPIKE_WINDOW} steps): "
+                     + ("none" if not spikes else f"{len(spikes)}"))
+        lines += [f"  - step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs {e['baseline']:.4f} "
+                  f"typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})" for e in spikes[:10]]
+    bad = []
+    for key, (idx, values) in m.columns.items():
+        nonfinite = ~np.isfinite(values)
+        if nonfinite.any():
+            bad.append(f"{key} from step {int(m.step[idx[nonfinite][0]])} ({int(nonfinite.sum())} rows)")
+    lines.append("- NaN/inf: " + ("none" if not bad else "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")))
+    return "\n".join(lines)
+
+
+def section_throughput(ctx):
+    run, m, s = ctx.run, ctx.run.metrics, ctx.run.summary or {}
+    lines = ["## Throughput"]
+    stats = throughput_stats(m) if m is not None else {}
+    if stats:
+        lines.append(f"- step time median {stats['step_ms']:.1f} ms (p90 {stats['p90_ms']:.1f}); tokens/s median "
+                     f"{fmt(stats['tokens_per_sec'], ',.0f')}; MFU median {fmt(stats['mfu'], '.2f')}% "
+                     f"(summary {fmt(s.get('mfu_percent'), '.2f')}%)")
+        stalls = stats["stalls"]
+        lines.append(f"- stalls (step > {STALL_FACTOR:g}x median): " + ("none" if not stalls else
+                     f"{len(stalls)}: " + ", ".join(f"step {st} ({ms:.0f} ms)" for st, ms in stalls[:8])))
+    timings = {k: v for k, v in (s.get("timings") or {}).items() if k not in ("started_at", "finished_at")}
+    spent = [f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, (int, float))]
+    spent += [f"{k} {s[k]:.1f} s" for k in ("training_seconds", "total_seconds") if s.get(k) is not None]
+    lines.append("- time: " + (", ".join(spent) if spent else "no timings in the summary"))
+    if ctx.best is not None and ctx.best.metrics is not None and stats:
+        ref = throughput_stats(ctx.best.metrics)
+        if ref:
+            lines.append(f"- vs best ({ctx.best.id}): step time {stats['step_ms']:.1f} vs {ref['step_ms']:.1f} ms "
+                         f"({100 * (stats['step_ms'] / ref['step_ms'] - 1):+.1f}%); steps "
+                         f"{(run.summary or {}).get('num_steps', 'n/a')} vs {(ctx.best.summary or {}).get('num_steps', 'n/a')}")
+    return "\n".join(lines)
+
+
+def throughput_stats(m):
+    if "perf/step_time_ms" not in m.columns:
+        return {}
+    p, step, ms = m.series("perf/step_time_ms")
+    ok = np.isfinite(ms)
+    if not ok.any():
+        return {}
+    median = float(np.median(ms[ok]))
+
+    def median_of(key):
+        values = m.series(key)[2]
+        return float(np.nanmedian(values)) if len(values) and np.isfinite(values).any() else None
+
+    # warm-up/compile steps come before the clock starts (progress 0): slow by design, not stalls
+    slow = np.flatnonzero(ok & (p > 0) & (ms > STALL_FACTOR * median))
+    return {"step_ms": median, "p90_ms": float(np.percentile(ms[ok], 90)),
+            "tokens_per_sec": median_of("perf/tokens_per_sec"), "mfu": median_of("perf/mfu_percent"),
+            "stalls": [(int(step[i]), float(ms[i])) for i in slow]}
+
+
+def section_layers(ctx):
+    m = ctx.run.metrics
+    stats = m.layer_keys() if m is not None else {}
+    if not stats:
+        return "## Per-layer health\n- no layer/ keys in metrics.jsonl"
+    lines = [f"## Per-layer health (median over the second half of training; a layer stands out at "
+             f"{LAYER_OUTLIER_RATIO:g}x above or below the median of the same module in other blocks)"]
+    for stat, names in sorted(stats.items()):
+        values = {}
+        for name, key in names.items():
+            p, _, v = m.series(key)
+            v = v[p >= 0.5 * p.max()] if len(p) else v
+            values[name] = float(np.median(v)) if len(v) and np.isfinite(v).all() else float("nan")
+        outliers = layer_outliers(values)
+        lines.append(f"- {stat} ({len(values)} layers): " + ("nothing stands out" if not outliers else "; ".join(outliers)))
+    return "\n".join(lines)
+
+
+def layer_outliers(values):
+    """Compare each layer with the same module in the other blocks: '3.attn.c_q' is grouped with
+    'attn.c_q' of every block, a bare block index with the other blocks."""
+    groups = {}
+    for name, value in values.items():
+        head, _, rest = name.partition(".")
+        groups.setdefault(rest if head.isdigit() else name, []).append((name, value))
+    out = []
+    for members in groups.values():
+        out += [f"{name} is NaN/inf" for name, v in members if not np.isfinite(v)]
+        finite = [(name, v) for name, v in members if np.isfinite(v) and v > 0]
+        if len(finite) < 3:
+            continue
+        median = float(np.median([v for _, v in finite]))
+        for name, v in finite:
+            if v > LAYER_OUTLIER_RATIO * median or v < median / LAYER_OUTLIER_RATIO:
+                out.append(f"{name} {v:.3g} ({v / median:.1f}x the median {median:.3g})")
+    return out
+
+
+def section_noise(ctx):
+    noise, sha = ctx.noise, ctx.run.row.get("train_py_sha") or "unknown"
+    own = noise["own"]
+    lines = ["## Noise"]
+    if len(own) >= 2:
+        vals = np.array([row_bpb(r) for r in own])
+        lines.append(f"- this train.py (sha256 {sha[:8]}): {len(own)} runs ({', '.join(r['run_id'] for r in own)}); "
+                     f"val_bpb mean {vals.mean():.6f}, std {vals.std(ddof=1):.6f}, range {np.ptp(vals):.6f}")
+    else:
+        lines.append(f"- this train.py (sha256 {sha[:8]}): {len(own)} run(s) under this harness")
+    if noise["band"] is None:
+        lines.append("- noise band: unknown, fewer than two runs of an identical train.py under this harness. "
+                     "Rerunning an unchanged commit measures it; each rerun is archived as <commit7>-2, -3, ...")
+    else:
+        lines.append(f"- noise band: +-{noise['band']:.6f} ({NOISE_SIGMAS:g} x pooled std {noise['pooled_std']:.6f}, "
+                     f"from {noise['runs']} runs of {noise['groups']} repeated train.py version(s))")
+    return "\n".join(lines)
+
+
+def section_lineage(ctx, max_rows=25):
+    kept = [r for r in comparable(ctx.history, ctx.run.row["harness"]) if r["status"] == "keep"]
+    if not kept:
+        return "## Lineage of kept runs\n- nothing kept yet under this harness"
+    lines = ["## Lineage of kept runs", "| run | commit | val_bpb | change | description |", "|---|---|---|---|---|"]
+    prev = None
+    rows = []
+    for r in kept:
+        change = "" if prev is None else f"{row_bpb(r) - prev:+.6f}"
+        rows.append(f"| {r['run_id']} | {r['commit']} | {row_bpb(r):.6f} | {change} | {r['description'][:70]} |")
+        prev = row_bpb(r)
+    if len(rows) > max_rows:
+        lines.append(f"| ... | {len(rows) - max_rows} earlier kept runs | | | |")
+    return "\n".join(lines + rows[-max_rows:])
+
+
+def section_files(ctx):
+    run = ctx.run
+    files = sorted({p.name for p in run.dir.iterdir()} | {"analysis.md"})
+    lines = ["## Files", f"- this run: {run.dir}/ ({', '.join(files)})"]
+    lines += [f"- {label}: {other.dir}/" for label, other in (("best", ctx.best), ("previous", ctx.prev)) if other]
+    if run.metrics is not None:
+        plain = [k for k in run.metrics.keys if not k.startswith("layer/")]
+        lines.append(f"- metrics.jsonl keys: {', '.join(plain)}")
+        layers = run.metrics.layer_keys()
+        if layers:
+            names = {n for v in layers.values() for n in v}
+            example = next(iter(next(iter(layers.values())).values()))
+            lines.append(f"- per-layer keys: layer/<name>/<stat>, {len(names)} names x stats "
+                         f"{', '.join(sorted(layers))} (e.g. {example})")
+        lines.append(f"- load: `pandas.read_json('{run.dir / 'metrics.jsonl'}', lines=True)`; "
+                     f"the run list is {RESULTS_TSV} (tab-separated)")
+    return "\n".join(lines)
+
+
+def section_agent_notes(ctx):
+    return "## Agent notes\n"
+
+
+SECTIONS = (section_headline, section_crash, section_changes, section_trajectory, section_departure,
+            section_stability, section_throughput, section_layers, section_noise, section_lineage,
+            section_files, section_agent_notes)
+
+
+def write_analysis(ctx):
+    text = "\n\n".join(t for t in (section(ctx) for section in SECTIONS) if t)
+    write_atomic(ctx.run.dir / "analysis.md", text)
+    return text
+
+
+# ---------------------------------------------------------------------------
+# Plots: one table, one overlay helper
+
+PLOTS = (  # (metric key, panel title, file): one figure per file, one panel per row
+    ("train/loss_smooth", "training loss (smoothed)", "loss.png"),
+    ("val/bpb", "validation bpb (in-training slice)", "val_bpb.png"),
+    ("train/lr_multiplier", "LR multiplier", "schedules.png"),
+    ("train/muon_momentum", "Muon momentum", "schedules.png"),
+    ("train/weight_decay", "weight decay", "schedules.png"),
+    ("perf/mfu_percent", "MFU (%)", "throughput.png"),
+    ("perf/step_time_ms", "step time (ms)", "throughput.png"),
+)
+STYLES = ({"color": "C0", "lw": 1.6}, {"color": "C2", "lw": 1.2, "ls": "--"}, {"color": "C7", "lw": 1.0, "ls": ":"})
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def overlay(ax, key, title, curves):
+    """curves: [(label, Metrics)], drawn against training progress. The y range ignores the first
+    tenth of training so that the initial loss does not flatten the part that matters."""
+    top, bottom = [], []
+    for (label, m), style in zip(curves, STYLES):
+        p, _, v = m.series(key)
+        ok = np.isfinite(v)
+        if not ok.any():
+            continue
+        p, v = thin(p[ok], v[ok])
+        ax.plot(p, v, label=label, marker="o" if len(v) < 30 else None, ms=3, **style)
+        late = v[p >= 0.1]
+        top.append((late if len(late) else v).max())
+        bottom.append(v.min())
+    if top:
+        lo, hi = min(bottom), max(top)
+        pad = 0.05 * (hi - lo) or 0.05 * abs(hi) or 0.05
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("training progress (fraction of the time budget)", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def thin(x, y, points=PLOT_POINTS):
+    """At most `points` bin medians: a noisy 5000-step line would make a PNG of megabytes."""
+    if len(x) <= points:
+        return x, y
+    k = -(-len(x) // points)
+    n = len(x) // k * k
+    return (np.append(np.median(x[:n].reshape(-1, k), axis=1), x[-1]),
+            np.append(np.median(y[:n].reshape(-1, k), axis=1), y[-1]))
+
+
+def draw_overlays(out_dir, curves):
+    """One PNG per file of PLOTS, panels only for keys some run holds. Returns the files written."""
+    plt = pyplot()
+    curves = [(label, m) for label, m in curves if m is not None]
+    written = []
+    for file in dict.fromkeys(row[2] for row in PLOTS):
+        panels = [(key, title) for key, title, f in PLOTS if f == file and any(key in m for _, m in curves)]
+        if not panels:
+            continue
+        fig, axes = plt.subplots(len(panels), 1, figsize=(7, 2.6 * len(panels)), squeeze=False)
+        for ax, (key, title) in zip(axes[:, 0], panels):
+            overlay(ax, key, title, [(label, m) for label, m in curves if key in m])
+        fig.tight_layout()
+        fig.savefig(Path(out_dir) / file, dpi=PLOT_DPI)
+        plt.close(fig)
+        written.append(file)
+    return written
+
+
+def draw_layer_heatmap(out_dir, m, stat="grad_norm"):
+    """log10 of one per-layer stat: layers (by block, then module) against training progress."""
+    names = (m.layer_keys() if m is not None else {}).get(stat)
+    if not names:
+        return []
+    plt = pyplot()
+    order = sorted(names, key=lambda n: (int(n.split(".")[0]) if n.split(".")[0].isdigit() else -1, n))
+    series = [m.series(names[n]) for n in order]
+    lo, hi = min(p.min() for p, _, _ in series), max(p.max() for p, _, _ in series)
+    columns = np.linspace(lo, hi, min(GRID_POINTS, max(len(p) for p, _, _ in series)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        grid = np.array([np.interp(columns, p, np.log10(np.where(v > 0, v, np.nan))) for p, _, v in series])
+    fig, ax = plt.subplots(figsize=(7, min(8.0, 1.5 + 0.12 * len(order))))
+    image = ax.imshow(grid, aspect="auto", interpolation="nearest", cmap="viridis",
+                      extent=(lo, hi, len(order) - 0.5, -0.5))
+    every = -(-len(order) // 32)  # at most ~32 labels: text is the slow part of drawing
+    ax.set_yticks(range(0, len(order), every), order[::every], fontsize=7)
+    ax.set_xlabel("training progress", fontsize=8)
+    ax.set_title(f"log10 {stat} per layer", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(Path(out_dir) / f"layers_{stat}.png", dpi=PLOT_DPI)
+    plt.close(fig)
+    return [f"layers_{stat}.png"]
+
+
+def draw_progress(rows):
+    """val_bpb of every run of the latest harness, in order; kept runs labelled; running best as steps."""
+    harness = latest_harness(rows)
+    points = [(i, r) for i, r in enumerate(rows) if r.get("harness") == harness and row_bpb(r) is not None
+              and r.get("status") != "invalid"]
+    if not points:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    xs, ys = [i for i, _ in points], [row_bpb(r) for _, r in points]
+    ax.scatter(xs, ys, s=12, color="0.6", label="pending / discarded")
+    kept = [(i, r) for i, r in points if r["status"] == "keep"]
+    if kept:
+        ax.scatter([i for i, _ in kept], [row_bpb(r) for _, r in kept], s=30, color="C2", zorder=3, label="kept")
+        for i, r in kept:
+            ax.annotate(r["description"][:28] or r["commit"], (i, row_bpb(r)), fontsize=6, rotation=20,
+                        xytext=(3, 3), textcoords="offset points")
+    best_pool = kept or points
+    ax.step([i for i, _ in best_pool] + [len(rows) - 1], list(np.minimum.accumulate([row_bpb(r) for _, r in best_pool]))
+            + [min(row_bpb(r) for _, r in best_pool)], where="post", color="C2", lw=1, label="running best")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_xlabel("run (order archived)")
+    ax.set_ylabel("val_bpb")
+    ax.set_title(f"val_bpb per run, harness {harness}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = PROGRESS_PNG.with_name(f".progress.{os.getpid()}.png")
+    fig.savefig(tmp, dpi=PLOT_DPI)
+    plt.close(fig)
+    os.replace(tmp, PROGRESS_PNG)
+
+
+def report(run, rows):
+    """analysis.md and the plots of one archived run; returns the analysis text."""
+    ctx = build_context(run, rows)
+    if run.metrics is not None:  # a run without curves gets no plots of other runs' curves
+        others = [("best", ctx.best)] + ([("previous", ctx.prev)] if ctx.prev is not ctx.best else [])
+        curves = [(f"this ({run.id})", run.metrics)]
+        curves += [(f"{label} ({other.id})", other.metrics) for label, other in others if other is not None]
+        draw_overlays(run.dir, curves)
+        draw_layer_heatmap(run.dir, run.metrics)
+    return write_analysis(ctx)
+
+
+# ---------------------------------------------------------------------------
+# Commands
+
+def cmd_archive():
+    head = head_commit()
+    capture = capture_run(head)
+    with archive_lock():
+        for leftover in ARCHIVE_DIR.glob(".tmp-*"):  # a killed invocation's half-built directory
+            shutil.rmtree(leftover)
+        rows = read_results()
+        row = next((r for r in rows if r.get("run_key") == capture.key), None)
+        if row is not None and (ARCHIVE_DIR / row["run_id"] / "analysis.md").exists():
+            print(f"already archived as {row['run_id']}: {ARCHIVE_DIR / row['run_id'] / 'analysis.md'} (nothing added)")
+            return 0
+        if row is None:
+            run_id = new_run_id(capture.commit, rows)
+            harness_changed = check_harness(capture.summary, run_id) if capture.summary else None
+            status = ("crash" if capture.outcome != "ok" or capture.summary.get("val_bpb") is None
+                      else "invalid" if harness_changed else "pending")
+            row = make_row(capture, run_id, status, latest_harness(rows))
+            best = pick_best(rows, row["harness"])
+            store_run(capture, run_id, best["commit"] if best else None)
+            rows.append(row)
+            write_results(rows)  # the record is safe from here on; analysis and plots follow
+        text = report(load_run(row), rows)
+        draw_progress(rows)
+    print(text.split("\n\n## ")[1])
+    print(f"archived as {row['run_id']}: {ARCHIVE_DIR / row['run_id'] / 'analysis.md'}")
+    return 0
+
+
+def cmd_list():
+    rows = read_results()
+    if not rows:
+        print(f"no runs archived yet ({RESULTS_TSV} is missing or empty)")
+        return 0
+    best_ids = {b["run_id"] for b in (pick_best(rows, h) for h in {r["harness"] for r in rows}) if b}
+    print(f"{'run':<12} {'val_bpb':>9} {'mem_gb':>6}  {'status':<8} {'outcome':<15} {'harness':<13} description")
+    for r in rows:
+        mark = "*" if r["run_id"] in best_ids else " "
+        print(f"{r.get('run_id', ''):<11}{mark} {r.get('val_bpb', ''):>9} {r.get('memory_gb', ''):>6}  "
+              f"{r.get('status', ''):<8} {r.get('outcome', ''):<15} {r.get('harness', ''):<13} {r.get('description', '')}")
+    return 0
+
+
+def cmd_show(run_id):
+    rows = read_results()
+    row = find_row(rows, run_id)
+    path = ARCHIVE_DIR / row["run_id"] / "analysis.md"
+    if not path.exists():  # an invocation was killed between recording the run and analysing it
+        with archive_lock():
+            report(load_run(row), rows)
+    print(path.read_text())
+    return 0
+
+
+def cmd_best():
+    rows = read_results()
+    best = pick_best(rows, latest_harness(rows))
+    if best is None:
+        print("no best run yet: no valid run under the latest harness")
+        return 0
+    print(f"{best['run_id']}\tcommit {best['commit']}\tval_bpb {best['val_bpb']}\tstatus {best['status']}\t"
+          f"{best['description']}\t{ARCHIVE_DIR / best['run_id'] / 'analysis.md'}")
+    return 0
+
+
+def cmd_compare(id_a, id_b):
+    rows = read_results()
+    a, b = load_run(find_row(rows, id_a)), load_run(find_row(rows, id_b))
+    lines = [f"compare {a.id} (A) with {b.id} (B)"]
+    for tag, r in (("A", a), ("B", b)):
+        lines.append(f"- {tag} {r.id}: val_bpb {fmt(r.bpb, '.6f')}, status {r.row['status']}, "
+                     f"steps {r.row.get('num_steps') or 'n/a'}, harness {r.row['harness'] or 'unknown'}: {r.row['description']}")
+    if a.bpb is not None and b.bpb is not None:
+        lines.append(f"- val_bpb B - A: {b.bpb - a.bpb:+.6f}")
+    if a.row["harness"] != b.row["harness"]:
+        lines.append("- different harness settings: their numbers are not comparable")
+    if a.summary and b.summary:
+        lines += config_diff(a.summary.get("config") or {}, b.summary.get("config") or {})
+    if a.metrics is not None and b.metrics is not None:
+        lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row)["pooled_std"], "B", "A")
+    out = ARCHIVE_DIR / f"compare_{a.id}_{b.id}"
+    out.mkdir(exist_ok=True)
+    files = draw_overlays(out, [(f"A {a.id}", a.metrics), (f"B {b.id}", b.metrics)])
+    lines.append(f"- plots: {', '.join(str(out / f) for f in files) or 'none (no metrics)'}")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_status(run_id, status):
+    with archive_lock():
+        rows = read_results()
+        row = find_row(rows, run_id)
+        if status == "keep" and (row["status"] in ("crash", "invalid") or row_bpb(row) is None):
+            die(f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept")
+        was_kept, row["status"] = row["status"] == "keep", status
+        write_results(rows)
+        if status == "keep" or was_kept:
+            write_current_best(pick_best(rows, row["harness"]))
+        draw_progress(rows)
+    print(f"{row['run_id']}: {status}")
+    return 0
+
+
+def write_current_best(best):
+    """Rewrite only the `## Current Best` section of insights.md; the rest is the agent's."""
+    section = "## Current Best\n" + ("- no run kept\n" if best is None else
+        f"- run {best['run_id']}, commit {best['commit']}, val_bpb {best['val_bpb']}, status {best['status']}, "
+        f"memory {best['memory_gb']} GB, harness {best['harness']}\n- {best['description']}\n"
+        f"- analysis: {ARCHIVE_DIR / best['run_id'] / 'analysis.md'}\n")
+    text = INSIGHTS_MD.read_text() if INSIGHTS_MD.exists() else "# Insights\n\n"
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == "## Current Best"), None)
+    if start is None:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        text = "".join(lines[:start]) + section + ("\n" + "".join(lines[end:]) if end < len(lines) else "")
+    write_atomic(INSIGHTS_MD, text)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Archive and explain training runs (no subcommand: archive the "
+                                                 "run in the working directory).")
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("list", help="every archived run, one line each")
+    sub.add_parser("show", help="print a run's analysis.md").add_argument("id")
+    compare = sub.add_parser("compare", help="two runs side by side, plus an overlay plot")
+    compare.add_argument("a")
+    compare.add_argument("b")
+    sub.add_parser("best", help="the current best run")
+    status = sub.add_parser("status", help="mark a run keep, discard or crash")
+    status.add_argument("id")
+    status.add_argument("status", choices=("keep", "discard", "crash"))
+    args = parser.parse_args(argv)
+    if args.command is None:
+        return cmd_archive()
+    if args.command == "list":
+        return cmd_list()
+    if args.command == "show":
+        return cmd_show(args.id)
+    if args.command == "compare":
+        return cmd_compare(args.a, args.b)
+    if args.command == "best":
+        return cmd_best()
+    return cmd_status(args.id, args.status)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""analyze.py archives every run exactly once, never tears its log, guards the harness, and reports
+the features planted in synthetic training curves. Each test builds runs in its own temporary git
+repository: run_summary.json, metrics.jsonl and run.log written as train.py would write them."""
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ANALYZE_PY = Path(__file__).resolve().parent.parent / "analyze.py"
+_spec = importlib.util.spec_from_file_location("analyze", ANALYZE_PY)
+analyze = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(analyze)
+
+ARCHIVE = Path(".auto-log-research")
+STEPS = 400                  # training steps of a synthetic run
+PREPARE_SHA = "a" * 64       # the harness hashes a run's summary records
+ANALYZE_SHA = "b" * 64
+GPU_HARNESS = {"profile": "gpu", "MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300, "EVAL_TOKENS": 20971520,
+               "VOCAB_SIZE": 8192, "overrides": {}}
+
+
+# ---------------------------------------------------------------------------
+# Synthetic runs
+
+def sh(*args):
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sh("git", "init", "-q", "-b", "main")
+    sh("git", "config", "user.email", "t@example.com")
+    sh("git", "config", "user.name", "test")
+    Path("prepare.py").write_text("MAX_SEQ_LEN = 2048\n")
+    commit("baseline", "DEPTH = 8\nMATRIX_LR = 0.04\n")
+    return tmp_path
+
+
+def commit(message, train_py):
+    Path("train.py").write_text(train_py)
+    sh("git", "add", "-A")
+    sh("git", "commit", "-q", "-m", message)
+    return sh("git", "rev-parse", "HEAD")
+
+
+def falling(p):
+    """A loss curve that has flattened out by the end of training."""
+    return 3.0 + 5.0 * np.exp(-12.0 * p)
+
+
+def write_run(val_bpb=1.0, status="ok", loss=falling, noise=0.01, seed=0, spike=None, layer_scale=None,
+              prepare_sha=PREPARE_SHA, harness=GPU_HARNESS, config=None, summary=True, log=None, age_s=0.0):
+    """Write the three run files for the checked-out train.py. spike=(step, size) adds a loss spike;
+    layer_scale={name: factor} scales one layer's grad_norm; age_s backdates the whole run."""
+    rng = np.random.default_rng(seed)
+    head = sh("git", "rev-parse", "HEAD")
+    now = time.time() - age_s
+    start = now - 330.0
+    p = np.linspace(0.0, 1.0, STEPS)
+    losses = loss(p) + noise * rng.standard_normal(STEPS)
+    if spike:
+        losses[spike[0]] += spike[1]
+    rows, ema = [], 0.0
+    for i in range(STEPS):
+        ema = 0.9 * ema + 0.1 * losses[i]
+        row = {"step": i, "time": start + 10 + 300 * p[i], "elapsed_s": 300 * p[i], "train/loss": losses[i],
+               "train/loss_smooth": ema / (1 - 0.9 ** (i + 1)), "train/progress": p[i],
+               "train/lr_multiplier": min(1.0, 2 * (1 - p[i])), "train/muon_momentum": 0.95,
+               "train/weight_decay": 0.2 * (1 - p[i]), "perf/step_time_ms": 750.0 + rng.normal(0, 5),
+               "perf/tokens_per_sec": 700000.0, "perf/mfu_percent": 40.0}
+        if i % (STEPS // 10) == 0 or i == STEPS - 1:
+            row["val/bpb"] = float(loss(p[i:i + 1])[0]) / 3.0
+        if i % 25 == 0:
+            for block in range(4):
+                for module in ("attn.c_q", "mlp.c_fc"):
+                    name = f"{block}.{module}"
+                    row[f"layer/{name}/grad_norm"] = 0.5 * (layer_scale or {}).get(name, 1.0)
+                    row[f"layer/{name}/update_ratio"] = 1e-3
+                row[f"layer/{block}/act_rms"] = 1.0
+        rows.append(row)
+    Path("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_sha = hashlib.sha256(Path("train.py").read_bytes()).hexdigest()
+    if summary:
+        Path("run_summary.json").write_text(json.dumps({
+            "status": status, "val_bpb": val_bpb if status == "ok" else None, "training_seconds": 300.0,
+            "total_seconds": 330.0, "peak_vram_mb": 46080.0, "mfu_percent": 40.0, "total_tokens_M": 210.0,
+            "num_steps": STEPS, "num_params_M": 50.3, "depth": 8,
+            "config": config or {"DEPTH": 8, "MATRIX_LR": 0.04},
+            "harness": harness,
+            "git": {"commit": head, "dirty": False, "train_py_sha256": train_sha,
+                    "prepare_py_sha256": prepare_sha, "analyze_py_sha256": ANALYZE_SHA},
+            "env": {"python": "3.11", "torch": "2.9.1", "cuda": None, "gpu_name": None, "driver": None},
+            "timings": {"started_at": start, "finished_at": now, "startup_s": 8.0, "warmup_s": 12.0,
+                        "eval_s": 4.0, "final_eval_s": 20.0},
+            "error": None if status == "ok" else "Traceback (most recent call last):\nRuntimeError: boom"}))
+        os.utime("run_summary.json", (now, now))
+    Path("run.log").write_text(log if log is not None else f"step 399 loss 3.0\n---\nval_bpb: {val_bpb:.6f}\n")
+    os.utime("run.log", (now + 0.5, now + 0.5))
+    os.utime("metrics.jsonl", (now, now))
+    return head
+
+
+def run_analyze(*argv):
+    """analyze.py in this process; returns its exit code."""
+    return analyze.main(list(argv))
+
+
+def results():
+    lines = (ARCHIVE / "results.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    return [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+
+
+def analysis(run_id):
+    return (ARCHIVE / run_id / "analysis.md").read_text()
+
+
+def section(text, title):
+    match = re.search(rf"^## {re.escape(title)}.*?(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"no '## {title}' section in:\n{text}"
+    return match.group(0)
+
+
+def archive_run(**kwargs):
+    head = write_run(**kwargs)
+    assert run_analyze() == 0
+    return results()[-1], head
+
+
+# ---------------------------------------------------------------------------
+# Archive and results.tsv
+
+def test_finished_run_is_archived_with_karpathy_columns_files_and_small_plots(repo):
+    row, head = archive_run(val_bpb=0.998765)
+    header = (ARCHIVE / "results.tsv").read_text().splitlines()[0].split("\t")
+    assert header[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert (row["commit"], row["val_bpb"], row["memory_gb"], row["status"], row["description"]) == \
+        (head[:7], "0.998765", "45.0", "pending", "baseline")
+    run_dir = ARCHIVE / head[:7]
+    for name in ("run_summary.json", "metrics.jsonl", "run.log", "analysis.md", "diff.patch", "loss.png",
+                 "val_bpb.png", "schedules.png", "throughput.png", "layers_grad_norm.png"):
+        assert (run_dir / name).exists(), f"{name} missing from {sorted(p.name for p in run_dir.iterdir())}"
+    for png in [*run_dir.glob("*.png"), ARCHIVE / "progress.png"]:
+        assert png.stat().st_size <= 200_000, f"{png} is {png.stat().st_size} bytes"
+    text = analysis(head[:7])
+    for title in ("Headline", "What changed", "Trajectory", "Where it departs from the best", "Stability",
+                  "Throughput", "Per-layer health", "Noise", "Lineage of kept runs", "Files", "Agent notes"):
+        section(text, title)
+    assert text.rstrip().endswith("## Agent notes"), "the Agent notes section must be last and empty"
+    assert "MUST" not in text and "you should" not in text.lower()
+
+
+def test_second_invocation_for_the_same_run_adds_nothing(repo, capsys):
+    row, head = archive_run()
+    before = {p: p.stat().st_mtime_ns for p in ARCHIVE.rglob("*") if p.is_file()}
+    assert run_analyze() == 0
+    assert "already archived" in capsys.readouterr().out
+    after = {p: p.stat().st_mtime_ns for p in ARCHIVE.rglob("*") if p.is_file()}
+    assert len(results()) == 1 and after == before, f"files changed: {set(after.items()) ^ set(before.items())}"
+
+
+def test_rerun_of_the_same_commit_gets_its_own_directory_and_measures_noise(repo):
+    first, head = archive_run(val_bpb=1.000)
+    second, _ = archive_run(val_bpb=1.004, age_s=-5)  # a later run of the same commit
+    assert [first["run_id"], second["run_id"]] == [head[:7], f"{head[:7]}-2"]
+    noise = section(analysis(second["run_id"]), "Noise")
+    assert "2 runs" in noise and "range 0.004000" in noise, noise
+
+
+def test_crash_with_summary_is_a_crash_row_with_its_error(repo):
+    row, head = archive_run(status="crash")
+    assert (row["val_bpb"], row["memory_gb"], row["status"], row["outcome"]) == ("0.000000", "0.0", "crash", "crash")
+    assert "RuntimeError: boom" in section(analysis(row["run_id"]), "Crash")
+
+
+def test_crash_without_summary_is_recorded_for_head_with_the_traceback_from_run_log(repo):
+    archive_run()
+    head = commit("use a broken attention", "DEPTH = 8\ndef f(:\n")
+    for name in ("run_summary.json", "metrics.jsonl"):
+        Path(name).unlink()
+    Path("run.log").write_text('Traceback (most recent call last):\n  File "train.py", line 2\n'
+                               "    def f(:\n          ^\nSyntaxError: invalid syntax\n")
+    assert run_analyze() == 0
+    row = results()[-1]
+    assert (row["commit"], row["status"], row["outcome"]) == (head[:7], "crash", "no_summary")
+    assert row["description"] == "use a broken attention"
+    crash = section(analysis(row["run_id"]), "Crash")
+    assert "SyntaxError: invalid syntax" in crash, crash
+    assert "+def f(:" in (ARCHIVE / row["run_id"] / "diff.patch").read_text()
+
+
+def test_stale_summary_is_recorded_as_a_crash_of_the_commit_actually_run(repo):
+    first, old_head = archive_run(age_s=600)
+    head = commit("typo in train.py", "DEPTH = 8\nimport nonexistent_module\n")
+    Path("run.log").write_text("Traceback (most recent call last):\nModuleNotFoundError: No module named 'nonexistent_module'\n")
+    assert run_analyze() == 0
+    row = results()[-1]
+    assert (row["commit"], row["status"], row["outcome"]) == (head[:7], "crash", "stale_summary"), row
+    assert not (ARCHIVE / row["run_id"] / "metrics.jsonl").exists(), "the earlier run's curves were archived as this run's"
+    text = analysis(row["run_id"])
+    assert "earlier run" in text and "ModuleNotFoundError" in section(text, "Crash")
+    assert len(results()) == 2 and results()[0]["run_id"] == old_head[:7]
+
+
+def test_summary_older_than_run_log_is_stale_even_for_the_same_commit(repo):
+    archive_run(age_s=600)  # summary finished 10 minutes ago; now train.py fails before writing a new one
+    Path("run.log").write_text("Traceback (most recent call last):\nOSError: data shard missing\n")
+    assert run_analyze() == 0
+    row = results()[-1]
+    assert (row["status"], row["outcome"]) == ("crash", "stale_summary"), row
+    assert "s after it finished" in analysis(row["run_id"])
+
+
+def test_changed_prepare_py_makes_the_run_invalid_and_it_can_never_be_kept(repo):
+    first, _ = archive_run(val_bpb=1.0)
+    assert json.loads((ARCHIVE / "harness.json").read_text())["prepare.py"] == PREPARE_SHA
+    commit("edit the metric", "DEPTH = 8\nMATRIX_LR = 0.05\n")
+    row, _ = archive_run(val_bpb=0.5, prepare_sha="c" * 64, age_s=-5)
+    assert row["status"] == "invalid"
+    assert "prepare.py" in section(analysis(row["run_id"]), "Headline")
+    with pytest.raises(SystemExit, match="cannot be kept"):
+        run_analyze("status", row["run_id"], "keep")
+    assert analyze.pick_best(results(), row["harness"])["run_id"] == first["run_id"]
+
+
+def test_runs_under_another_harness_are_not_compared(repo):
+    archive_run(val_bpb=1.0)
+    cpu = {**GPU_HARNESS, "profile": "cpu", "TIME_BUDGET": 60}
+    row, _ = archive_run(val_bpb=1.5, harness=cpu, age_s=-5)
+    headline = section(analysis(row["run_id"]), "Headline")
+    assert "vs best: no earlier comparable run" in headline, headline
+    assert row["harness"].startswith("cpu:")
+
+
+def test_status_keep_updates_results_and_rewrites_only_the_current_best_section(repo, capsys):
+    ARCHIVE.mkdir()
+    (ARCHIVE / "insights.md").write_text("# Insights\n\n## Current Best\nold\n\n## Findings\n- depth 12 OOMs\n")
+    row, head = archive_run(val_bpb=0.987654)
+    assert run_analyze("status", row["run_id"], "keep") == 0
+    assert results()[0]["status"] == "keep"
+    insights = (ARCHIVE / "insights.md").read_text()
+    best = section(insights, "Current Best")
+    assert head[:7] in best and "0.987654" in best and "old" not in best, insights
+    assert "## Findings\n- depth 12 OOMs" in insights
+    assert run_analyze("best") == 0 and row["run_id"] in capsys.readouterr().out
+
+
+def test_status_keep_creates_insights_md_and_discarding_the_best_updates_it(repo):
+    row, head = archive_run()
+    run_analyze("status", row["run_id"], "keep")
+    assert head[:7] in section((ARCHIVE / "insights.md").read_text(), "Current Best")
+    run_analyze("status", row["run_id"], "discard")
+    assert "no run kept" in section((ARCHIVE / "insights.md").read_text(), "Current Best")
+
+
+def test_concurrent_invocations_for_one_run_archive_it_once(repo):
+    write_run()
+    procs = [subprocess.Popen([sys.executable, str(ANALYZE_PY)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1].decode()[-500:] for o in outs]
+    assert len(results()) == 1, results()
+    assert sorted(p.name for p in ARCHIVE.iterdir() if p.is_dir()) == [results()[0]["run_id"]]
+
+
+def test_concurrent_status_updates_are_all_kept(repo):
+    ids = []
+    for i in range(4):
+        commit(f"idea {i}", f"DEPTH = {9 + i}\n")
+        ids.append(archive_run(val_bpb=1.0 - 0.01 * i, age_s=-5 * i)[0]["run_id"])
+    wanted = dict(zip(ids, ("keep", "discard", "keep", "discard")))
+    procs = [subprocess.Popen([sys.executable, str(ANALYZE_PY), "status", rid, st], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for rid, st in wanted.items()]
+    for p in procs:
+        assert p.wait(timeout=60) == 0, p.stderr.read().decode()
+    got = {r["run_id"]: r["status"] for r in results()}
+    assert got == wanted, f"lost updates: {got} != {wanted}"
+
+
+def test_killed_invocation_never_leaves_a_torn_log(repo):
+    write_run()
+    for delay in (0.3, 0.8):
+        proc = subprocess.Popen([sys.executable, str(ANALYZE_PY)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        if (ARCHIVE / "results.tsv").exists():
+            assert all(len(r) == len(analyze.COLUMNS) for r in results()), "torn results.tsv"
+    assert run_analyze() == 0
+    assert len(results()) == 1 and (ARCHIVE / results()[0]["run_id"] / "analysis.md").exists()
+
+
+def test_failure_while_storing_leaves_no_row_and_the_next_invocation_archives_cleanly(repo, monkeypatch):
+    head = write_run()
+
+    def broken_diff(*args):
+        raise OSError("disk full")
+    monkeypatch.setattr(analyze, "train_py_diff", broken_diff)
+    with pytest.raises(OSError):
+        run_analyze()
+    assert not (ARCHIVE / "results.tsv").exists()
+    monkeypatch.undo()
+    monkeypatch.chdir(repo)
+    assert run_analyze() == 0
+    assert [r["run_id"] for r in results()] == [head[:7]]
+    assert not list(ARCHIVE.glob(".tmp-*"))
+
+
+def test_failure_while_analysing_keeps_the_record_and_a_rerun_completes_the_analysis(repo, monkeypatch):
+    write_run()
+
+    def broken_plot(*args):
+        raise RuntimeError("no display")
+    monkeypatch.setattr(analyze, "draw_overlays", broken_plot)
+    with pytest.raises(RuntimeError):
+        run_analyze()
+    assert len(results()) == 1
+    monkeypatch.setattr(analyze, "draw_overlays", lambda *args: [])
+    assert run_analyze() == 0
+    assert len(results()) == 1 and (ARCHIVE / results()[0]["run_id"] / "analysis.md").exists()
+
+
+# ---------------------------------------------------------------------------
+# Bad input
+
+def test_half_written_last_line_and_corrupt_lines_of_metrics_are_skipped_and_reported(repo):
+    write_run()
+    lines = Path("metrics.jsonl").read_text().splitlines(keepends=True)
+    lines[100] = "{not json\n"
+    Path("metrics.jsonl").write_text("".join(lines) + '{"step": 400, "train/lo')
+    assert run_analyze() == 0
+    headline = section(analysis(results()[0]["run_id"]), "Headline")
+    assert "half-written" in headline and "1 unreadable line(s) skipped (lines 101)" in headline, headline
+    assert results()[0]["status"] == "pending"
+
+
+def test_corrupt_summary_is_kept_and_the_run_recorded_as_a_crash(repo):
+    write_run()
+    Path("run_summary.json").write_text('{"status": "ok", "val_')
+    assert run_analyze() == 0
+    row = results()[0]
+    assert (row["status"], row["outcome"]) == ("crash", "corrupt_summary")
+    assert (ARCHIVE / row["run_id"] / "run_summary.json.corrupt").exists()
+    assert "run_summary.json is not valid JSON" in analysis(row["run_id"])
+
+
+def test_outside_git_and_with_nothing_to_archive_the_error_is_one_clear_line(tmp_path_factory, monkeypatch, repo):
+    with pytest.raises(SystemExit, match="nothing to archive"):
+        run_analyze()
+    monkeypatch.chdir(tmp_path_factory.mktemp("not_a_repo"))
+    with pytest.raises(SystemExit, match="not a git repository") as err:
+        run_analyze()
+    assert "\n" not in str(err.value)
+
+
+# ---------------------------------------------------------------------------
+# Curves with known features
+
+def test_loss_spike_at_a_known_step_is_reported_with_its_size(repo):
+    row, _ = archive_run(spike=(250, 2.0))
+    stability = section(analysis(row["run_id"]), "Stability")
+    match = re.search(r"step (\d+) \(progress [\d.]+\): loss [\d.]+ vs [\d.]+ typical \(\+([\d.]+)", stability)
+    assert match and int(match.group(1)) == 250, stability
+    assert abs(float(match.group(2)) - 2.0) < 0.1, f"spike size {match.group(2)} != 2.0"
+
+
+def test_departure_from_the_best_is_found_at_the_known_progress_fraction(repo):
+    best, _ = archive_run(val_bpb=1.0)
+    run_analyze("status", best["run_id"], "keep")
+    commit("higher lr", "DEPTH = 8\nMATRIX_LR = 0.08\n")
+    def worse(p):  # the best's curve until progress 0.4, then a growing gap
+        return falling(p) + 0.5 * np.clip(p - 0.4, 0, None)
+    row, _ = archive_run(val_bpb=1.05, loss=worse, config={"DEPTH": 8, "MATRIX_LR": 0.08}, seed=1, age_s=-5)
+    text = analysis(row["run_id"])
+    loss_line = next(line for line in section(text, "Where it departs").splitlines() if "train loss" in line)
+    found = float(re.search(r"departs from the best at progress ([\d.]+)", loss_line).group(1))
+    assert 0.38 <= found <= 0.47, f"departure at {found}, planted at 0.40: {loss_line}"
+    assert "this run is behind" in loss_line and "growing" in loss_line, loss_line
+    assert "MATRIX_LR: 0.04 -> 0.08" in section(text, "What changed")
+
+
+def test_identical_curves_do_not_depart(repo):
+    best, _ = archive_run(val_bpb=1.0)
+    row, _ = archive_run(val_bpb=1.0, seed=1, age_s=-5)
+    departs = section(analysis(row["run_id"]), "Where it departs")
+    assert "within" in departs and "departs from the best at" not in departs, departs
+
+
+def test_still_falling_loss_and_plateaued_loss_are_told_apart(repo):
+    def still(p):
+        return 3.0 + 3.0 * np.exp(-5.0 * p) - 0.4 * p
+    row, _ = archive_run(loss=still)
+    assert "still improving" in section(analysis(row["run_id"]), "Trajectory")
+    row, _ = archive_run(loss=lambda p: 3.0 + 5.0 * np.exp(-30.0 * p), age_s=-5)
+    assert "plateaued" in section(analysis(row["run_id"]), "Trajectory")
+
+
+def test_gain_inside_the_noise_band_is_called_noise_and_a_large_gain_is_not(repo):
+    row, _ = archive_run(val_bpb=1.000)
+    assert "unknown" in section(analysis(row["run_id"]), "Noise")
+    run_analyze("status", row["run_id"], "keep")
+    for i, bpb in enumerate((1.006, 0.997)):
+        archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
+    commit("small tweak", "DEPTH = 8\nMATRIX_LR = 0.041\n")
+    small, _ = archive_run(val_bpb=0.995, age_s=-20)
+    verdict = section(analysis(small["run_id"]), "Headline")
+    assert "within the noise band" in verdict, verdict
+    commit("big tweak", "DEPTH = 8\nMATRIX_LR = 0.03\n")
+    big, _ = archive_run(val_bpb=0.950, age_s=-25)
+    assert "an improvement beyond the noise band" in section(analysis(big["run_id"]), "Headline")
+
+
+def test_stalls_and_nan_losses_are_reported_but_the_compile_step_is_no_stall(repo):
+    write_run()
+    rows = [json.loads(line) for line in Path("metrics.jsonl").read_text().splitlines()]
+    rows[0]["perf/step_time_ms"] = 20000.0  # compilation, before the clock starts (progress 0)
+    rows[200]["perf/step_time_ms"] = 5000.0
+    for row in rows[390:]:
+        row["train/loss"] = float("nan")
+    Path("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_analyze() == 0
+    text = analysis(results()[0]["run_id"])
+    assert "stalls (step > 3x median): 1: step 200 (5000 ms)" in section(text, "Throughput"), section(text, "Throughput")
+    assert "train/loss from step 390 (10 rows)" in section(text, "Stability"), section(text, "Stability")
+
+
+def test_a_layer_with_outsized_gradient_norm_stands_out(repo):
+    row, _ = archive_run(layer_scale={"2.attn.c_q": 10.0})
+    layers = section(analysis(row["run_id"]), "Per-layer health")
+    grad = next(line for line in layers.splitlines() if line.startswith("- grad_norm"))
+    assert "2.attn.c_q" in grad and "10.0x" in grad and "mlp" not in grad, grad
+
+
+# ---------------------------------------------------------------------------
+# Subcommands and cost
+
+def test_compare_prints_the_difference_and_writes_an_overlay(repo, capsys):
+    a, _ = archive_run(val_bpb=1.0)
+    commit("deeper", "DEPTH = 12\n")
+    b, _ = archive_run(val_bpb=0.99, config={"DEPTH": 12}, age_s=-5)
+    capsys.readouterr()
+    assert run_analyze("compare", a["run_id"], b["run_id"]) == 0
+    out = capsys.readouterr().out
+    assert "val_bpb B - A: -0.010000" in out and "DEPTH: 8 -> 12" in out, out
+    assert (ARCHIVE / f"compare_{a['run_id']}_{b['run_id']}" / "loss.png").exists()
+
+
+def test_list_and_show(repo, capsys):
+    row, _ = archive_run()
+    capsys.readouterr()
+    run_analyze("list")
+    assert row["run_id"] in capsys.readouterr().out
+    run_analyze("show", row["run_id"])
+    assert f"# Run {row['run_id']}" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="no run 'zzz'"):
+        run_analyze("show", "zzz")
+
+
+def test_cost_does_not_grow_with_history_only_compared_runs_are_read(repo):
+    best, _ = archive_run(val_bpb=1.0)
+    run_analyze("status", best["run_id"], "keep")
+    # 300 earlier runs whose directories do not exist: reading any of them would fail loudly
+    lines = (ARCHIVE / "results.tsv").read_text().splitlines()
+    fake = [f"f{i:06x}\t1.1\t45.0\tdiscard\tidea {i}\tf{i:06x}\tok\t{best['harness']}\t{i:012x}\t400\t40.00\t300.0\t\tk{i}"
+            for i in range(300)]
+    (ARCHIVE / "results.tsv").write_text("\n".join([lines[0], *fake, *lines[1:]]) + "\n")
+    commit("next idea", "DEPTH = 9\n")
+    row, _ = archive_run(val_bpb=0.99, age_s=-5)
+    assert row["status"] == "pending" and len(results()) == 302
+    assert f"vs best ({best['run_id']}" in section(analysis(row["run_id"]), "Headline")
