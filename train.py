@@ -1,0 +1,819 @@
+"""
+Autoresearch pretraining script. Single-GPU, single-file: the one file the agent edits.
+karpathy/autoresearch's GPT and MuonAdamW on PyTorch-native attention, trained for a fixed
+wall-clock budget, recording what happened (metrics.jsonl, run_summary.json) for analyze.py.
+
+Usage:
+    uv run train.py                                 # the H100 harness (gpu profile)
+    AUTORESEARCH_PROFILE=cpu uv run train.py        # a tiny model that runs the whole loop on a CPU
+"""
+
+import os
+import time
+t_process_start = time.time()  # startup_s counts the imports too (torch alone takes seconds)
+os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
+
+import gc
+import sys
+from contextlib import nullcontext
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, RunRecorder, collect_config, peak_bf16_flops, ProgressLine
+
+# ---------------------------------------------------------------------------
+# GPT Model
+# ---------------------------------------------------------------------------
+
+@dataclass
+class GPTConfig:
+    sequence_len: int = 2048
+    vocab_size: int = 32768
+    n_layer: int = 12
+    n_head: int = 6
+    n_kv_head: int = 6
+    n_embd: int = 768
+    window_pattern: str = "SSSL"
+
+
+def norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def has_ve(layer_idx, n_layer):
+    """Returns True if layer should have Value Embedding (alternating, last always included)."""
+    return layer_idx % 2 == (n_layer - 1) % 2
+
+
+def apply_rotary_emb(x, cos, sin):
+    assert x.ndim == 4  # (B, T, H, D)
+    d = x.shape[3] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    y1 = x1 * cos + x2 * sin
+    y2 = x1 * (-sin) + x2 * cos
+    return torch.cat([y1, y2], 3)
+
+# Attention. A layer with window w lets query i see keys i-w..i (FlashAttention's
+# window_size=(w, 0)). Full-context layers go through SDPA's causal kernel; sliding-window
+# layers through flex_attention (compiled, on CUDA) or SDPA with a boolean mask (CPU).
+
+def cuda_compile(fn):
+    """fn under torch.compile where CUDA is present; elsewhere fn itself, so a CPU-only
+    machine never imports the compiler (seconds of startup) for code it will not run."""
+    return torch.compile(fn, dynamic=False, fullgraph=True) if torch.cuda.is_available() else fn
+
+
+flex_attention_compiled = cuda_compile(flex_attention)
+
+
+def sliding_window_block_mask(T, window, device):
+    """flex_attention's block mask: skips the key blocks a query can never see."""
+    def sliding_window_causal(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
+    return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
+
+
+def sliding_window_bool_mask(T, window, device):
+    """SDPA's boolean mask (True = attend), (T, T)."""
+    pos = torch.arange(T, device=device)
+    dist = pos[:, None] - pos[None, :]  # query position minus key position
+    return (dist >= 0) & (dist <= window)
+
+
+def sliding_window_mask(T, window, device):
+    device = torch.device(device)
+    if device.type == "cuda":
+        return sliding_window_block_mask(T, window, device)
+    return sliding_window_bool_mask(T, window, device)
+
+
+def attention(q, k, v, mask):
+    """Causal attention, (B, H, T, D) in and out. mask: None (full context), a BlockMask or a bool mask."""
+    gqa = k.size(1) != q.size(1)
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if isinstance(mask, BlockMask):
+        flex = flex_attention_compiled if q.is_cuda else flex_attention
+        # flex_attention is not autocast-aware: give it one dtype
+        return flex(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.n_head = config.n_head
+        self.n_kv_head = config.n_kv_head
+        self.n_embd = config.n_embd
+        self.head_dim = self.n_embd // self.n_head
+        assert self.n_embd % self.n_head == 0
+        assert self.n_kv_head <= self.n_head and self.n_head % self.n_kv_head == 0
+        self.c_q = nn.Linear(self.n_embd, self.n_head * self.head_dim, bias=False)
+        self.c_k = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_v = nn.Linear(self.n_embd, self.n_kv_head * self.head_dim, bias=False)
+        self.c_proj = nn.Linear(self.n_embd, self.n_embd, bias=False)
+        self.ve_gate_channels = 32
+        self.ve_gate = nn.Linear(self.ve_gate_channels, self.n_kv_head, bias=False) if has_ve(layer_idx, config.n_layer) else None
+
+    def forward(self, x, ve, cos_sin, mask):
+        B, T, C = x.size()
+        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+
+        # Value residual (ResFormer): mix in value embedding with input-dependent gate per head
+        if ve is not None:
+            ve = ve.view(B, T, self.n_kv_head, self.head_dim)
+            gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, n_kv_head)
+            v = v + gate.unsqueeze(-1) * ve
+
+        cos, sin = cos_sin
+        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = norm(q), norm(k)
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        y = attention(q, k, v, mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, -1)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=False)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x):
+        x = self.c_fc(x)
+        x = F.relu(x).square()
+        return self.c_proj(x)
+
+
+class Block(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.mlp = MLP(config)
+
+    def forward(self, x, ve, cos_sin, mask):
+        x = x + self.attn(norm(x), ve, cos_sin, mask)
+        x = x + self.mlp(norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.window_sizes = self._compute_window_sizes(config)
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(config.vocab_size, config.n_embd),
+            "h": nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+        })
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
+        self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
+        # Value embeddings
+        head_dim = config.n_embd // config.n_head
+        kv_dim = config.n_kv_head * head_dim
+        self.value_embeds = nn.ModuleDict({
+            str(i): nn.Embedding(config.vocab_size, kv_dim)
+            for i in range(config.n_layer) if has_ve(i, config.n_layer)
+        })
+        # Rotary embeddings
+        self.rotary_seq_len = config.sequence_len * 10
+        cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        self._masks = {}  # (T, device) -> per-layer attention mask, see attention_masks()
+
+    @torch.no_grad()
+    def init_weights(self):
+        # Embedding and unembedding
+        torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
+        torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
+        # Transformer blocks: uniform with the std of N(0, 1/d); output projections start at zero
+        n_embd = self.config.n_embd
+        s = 3**0.5 * n_embd**-0.5
+        for block in self.transformer.h:
+            torch.nn.init.uniform_(block.attn.c_q.weight, -s, s)
+            torch.nn.init.uniform_(block.attn.c_k.weight, -s, s)
+            torch.nn.init.uniform_(block.attn.c_v.weight, -s, s)
+            torch.nn.init.zeros_(block.attn.c_proj.weight)
+            torch.nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
+            torch.nn.init.zeros_(block.mlp.c_proj.weight)
+        # Per-layer scalars
+        self.resid_lambdas.fill_(1.0)
+        self.x0_lambdas.fill_(0.1)
+        # Value embeddings
+        for ve in self.value_embeds.values():
+            torch.nn.init.uniform_(ve.weight, -s, s)
+        # Gate weights init to zero (sigmoid(0)=0.5, scaled by 2 -> 1.0 = neutral)
+        for block in self.transformer.h:
+            if block.attn.ve_gate is not None:
+                torch.nn.init.zeros_(block.attn.ve_gate.weight)
+        # Rotary embeddings
+        head_dim = self.config.n_embd // self.config.n_head
+        self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
+        # Embeddings in bf16 on the GPU (autocast computes in bf16 there anyway); the CPU path stays fp32
+        if self.transformer.wte.weight.is_cuda:
+            self.transformer.wte.to(dtype=torch.bfloat16)
+            for ve in self.value_embeds.values():
+                ve.to(dtype=torch.bfloat16)
+
+    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
+        if device is None:
+            device = self.transformer.wte.weight.device
+        channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / (base ** (channel_range / head_dim))
+        t = torch.arange(seq_len, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)
+        cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
+        return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
+
+    def _compute_window_sizes(self, config):
+        """Keys each layer looks back over: S = half the context, L = all of it; the last layer is L."""
+        pattern = config.window_pattern.upper()
+        assert all(c in "SL" for c in pattern)
+        long_window = config.sequence_len
+        char_to_window = {"L": long_window, "S": long_window // 2}
+        window_sizes = [char_to_window[pattern[i % len(pattern)]] for i in range(config.n_layer)]
+        window_sizes[-1] = long_window
+        return window_sizes
+
+    def attention_masks(self, T, device):
+        """Per-layer masks for sequence length T, built once per (T, window) and cached.
+        Call it before torch.compile: the compiled forward only reads the cache."""
+        key = (T, str(device))
+        if key not in self._masks:
+            assert not torch.compiler.is_compiling(), "build the masks before torch.compile: model.attention_masks(T, device)"
+            by_window = {w: None if w >= T - 1 else sliding_window_mask(T, w, device) for w in set(self.window_sizes)}
+            self._masks[key] = [by_window[w] for w in self.window_sizes]
+        return self._masks[key]
+
+    def estimate_flops(self):
+        """Estimated FLOPs per token (forward + backward)."""
+        nparams = sum(p.numel() for p in self.parameters())
+        value_embeds_numel = sum(ve.weight.numel() for ve in self.value_embeds.values())
+        nparams_exclude = (self.transformer.wte.weight.numel() + value_embeds_numel +
+                           self.resid_lambdas.numel() + self.x0_lambdas.numel())
+        h = self.config.n_head
+        q = self.config.n_embd // self.config.n_head
+        t = self.config.sequence_len
+        attn_flops = sum(12 * h * q * min(window, t) for window in self.window_sizes)
+        return 6 * (nparams - nparams_exclude) + attn_flops
+
+    def num_scaling_params(self):
+        wte = sum(p.numel() for p in self.transformer.wte.parameters())
+        value_embeds = sum(p.numel() for p in self.value_embeds.parameters())
+        lm_head = sum(p.numel() for p in self.lm_head.parameters())
+        transformer_matrices = sum(p.numel() for p in self.transformer.h.parameters())
+        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        total = wte + value_embeds + lm_head + transformer_matrices + scalars
+        return {
+            "wte": wte, "value_embeds": value_embeds, "lm_head": lm_head,
+            "transformer_matrices": transformer_matrices, "scalars": scalars, "total": total,
+        }
+
+    def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
+                        weight_decay=0.0, adam_betas=(0.8, 0.95), scalar_lr=0.5):
+        model_dim = self.config.n_embd
+        matrix_params = list(self.transformer.h.parameters())
+        value_embeds_params = list(self.value_embeds.parameters())
+        embedding_params = list(self.transformer.wte.parameters())
+        lm_head_params = list(self.lm_head.parameters())
+        resid_params = [self.resid_lambdas]
+        x0_params = [self.x0_lambdas]
+        assert len(list(self.parameters())) == (len(matrix_params) + len(embedding_params) +
+            len(lm_head_params) + len(value_embeds_params) + len(resid_params) + len(x0_params))
+        # Scale the AdamW LRs by 1/sqrt(dmodel) (tuned at 768 dim)
+        dmodel_lr_scale = (model_dim / 768) ** -0.5
+        print(f"Scaling AdamW LRs by 1/sqrt({model_dim}/768) = {dmodel_lr_scale:.6f}")
+        adamw = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
+        param_groups = [
+            dict(adamw, params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale),
+            dict(adamw, params=embedding_params, lr=embedding_lr * dmodel_lr_scale),
+            dict(adamw, params=value_embeds_params, lr=embedding_lr * dmodel_lr_scale),
+            dict(adamw, params=resid_params, lr=scalar_lr * 0.01),
+            dict(adamw, params=x0_params, lr=scalar_lr, betas=(0.96, 0.95)),
+        ]
+        for shape in sorted({p.shape for p in matrix_params}):
+            group_params = [p for p in matrix_params if p.shape == shape]
+            param_groups.append(dict(
+                kind="muon", params=group_params, lr=matrix_lr,
+                momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay,
+            ))
+        optimizer = MuonAdamW(param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        return optimizer
+
+    def forward(self, idx, targets=None, reduction="mean", return_act_rms=False):
+        B, T = idx.size()
+        assert T <= self.cos.size(1)
+        cos_sin = self.cos[:, :T], self.sin[:, :T]
+        masks = self.attention_masks(T, idx.device)
+
+        x = self.transformer.wte(idx)
+        x = norm(x)
+        x0 = x
+        act_rms = []  # RMS of each block's output, for the per-layer health log
+        for i, block in enumerate(self.transformer.h):
+            x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            ve = self.value_embeds[str(i)](idx) if str(i) in self.value_embeds else None
+            x = block(x, ve, cos_sin, masks[i])
+            if return_act_rms:
+                act_rms.append(x.detach().float().square().mean().sqrt())
+        x = norm(x)
+
+        softcap = 15
+        logits = self.lm_head(x)
+        logits = logits.float()
+        logits = softcap * torch.tanh(logits / softcap)
+
+        if targets is None:
+            return logits
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
+                               ignore_index=-1, reduction=reduction)
+        return (loss, torch.stack(act_rms)) if return_act_rms else loss
+
+# ---------------------------------------------------------------------------
+# Optimizer (MuonAdamW, single GPU only)
+# ---------------------------------------------------------------------------
+
+# Polar Express (Amsel et al. 2025): per-iteration odd-polynomial coefficients that drive
+# every singular value to ~1 in a few steps, faster than the fixed Newton-Schulz quintic
+polar_express_coeffs = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def polar_express(G, ns_steps):
+    """The orthogonal polar factor U V^T of G = U S V^T, approximately, in bf16. G: (..., m, n)."""
+    X = G.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
+    if G.size(-2) > G.size(-1):
+        for a, b, c in polar_express_coeffs[:ns_steps]:
+            A = X.mT @ X  # the smaller Gram matrix
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+    else:
+        for a, b, c in polar_express_coeffs[:ns_steps]:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    return X
+
+
+def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
+    p.mul_(1 - lr_t * wd_t)
+    exp_avg.lerp_(grad, 1 - beta1_t)
+    exp_avg_sq.lerp_(grad.square(), 1 - beta2_t)
+    bias1 = 1 - beta1_t ** step_t
+    bias2 = 1 - beta2_t ** step_t
+    denom = (exp_avg_sq / bias2).sqrt() + eps_t
+    step_size = lr_t / bias1
+    p.add_(exp_avg / denom * -step_size)
+
+
+def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
+              momentum_t, lr_t, wd_t, beta2_t, ns_steps, red_dim):
+    # Nesterov momentum
+    momentum = momentum_t.to(stacked_grads.dtype)
+    momentum_buffer.lerp_(stacked_grads, 1 - momentum)
+    g = stacked_grads.lerp_(momentum_buffer, momentum)
+    g = polar_express(g, ns_steps)
+    # NorMuon: per-row (or per-column) second moment evens out the update's neuron scales,
+    # then the whole update is rescaled back to the norm it had after orthogonalization
+    v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
+    red_dim_size = g.size(red_dim)
+    v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * red_dim_size).sqrt()
+    second_momentum_buffer.lerp_(v_mean.to(second_momentum_buffer.dtype), 1 - beta2_t.to(second_momentum_buffer.dtype))
+    step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
+    v_norm_new = ((v_mean * red_dim_size) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
+    # Cautious weight decay: only where the update and the weight agree in sign
+    lr = lr_t.to(g.dtype)
+    wd = wd_t.to(g.dtype)
+    mask = (g * stacked_params) >= 0
+    stacked_params.sub_(lr * g + lr * wd * stacked_params * mask)
+
+
+# On CUDA the step kernels are compiled once: hyperparameters arrive as 0-D tensors, so a
+# schedule changing their values never recompiles (a Python float would be baked in)
+adamw_step_fused = cuda_compile(adamw_step)
+muon_step_fused = cuda_compile(muon_step)
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Combined optimizer: Muon for 2D matrix params, AdamW for others."""
+
+    def __init__(self, param_groups):
+        super().__init__(param_groups, defaults={})
+        # 0-D CPU tensors to avoid torch.compile recompilation when values change
+        scalar = lambda: torch.tensor(0.0, dtype=torch.float32, device="cpu")
+        self._adamw_step_t, self._adamw_lr_t, self._adamw_eps_t, self._adamw_wd_t = scalar(), scalar(), scalar(), scalar()
+        self._adamw_beta1_t, self._adamw_beta2_t = scalar(), scalar()
+        self._muon_momentum_t, self._muon_lr_t = scalar(), scalar()
+        self._muon_wd_t, self._muon_beta2_t = scalar(), scalar()
+
+    def _step_adamw(self, group):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            self._adamw_step_t.fill_(state["step"])
+            self._adamw_lr_t.fill_(group["lr"])
+            self._adamw_beta1_t.fill_(group["betas"][0])
+            self._adamw_beta2_t.fill_(group["betas"][1])
+            self._adamw_eps_t.fill_(group["eps"])
+            self._adamw_wd_t.fill_(group["weight_decay"])
+            kernel = adamw_step_fused if p.is_cuda else adamw_step
+            kernel(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                   self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t,
+                   self._adamw_beta2_t, self._adamw_eps_t, self._adamw_wd_t)
+
+    def _step_muon(self, group):
+        params = group["params"]
+        if not params or params[0].grad is None:
+            return
+        p = params[0]
+        state = self.state[p]  # the whole group's state lives on its first parameter
+        shape, device, dtype = p.shape, p.device, p.dtype
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros(len(params), *shape, dtype=dtype, device=device)
+            state_shape = (len(params), shape[-2], 1) if shape[-2] >= shape[-1] else (len(params), 1, shape[-1])
+            state["second_momentum_buffer"] = torch.zeros(state_shape, dtype=dtype, device=device)
+        red_dim = -1 if shape[-2] >= shape[-1] else -2
+        stacked_grads = torch.stack([p.grad for p in params])  # one kernel call for all same-shape matrices
+        stacked_params = torch.stack(params)
+        self._muon_momentum_t.fill_(group["momentum"])
+        self._muon_beta2_t.fill_(group["beta2"])
+        self._muon_lr_t.fill_(group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5)
+        self._muon_wd_t.fill_(group["weight_decay"])
+        kernel = muon_step_fused if p.is_cuda else muon_step
+        kernel(stacked_grads, stacked_params, state["momentum_buffer"], state["second_momentum_buffer"],
+               self._muon_momentum_t, self._muon_lr_t, self._muon_wd_t, self._muon_beta2_t,
+               group["ns_steps"], red_dim)
+        torch._foreach_copy_(params, list(stacked_params.unbind(0)))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                self._step_adamw(group)
+            elif group["kind"] == "muon":
+                self._step_muon(group)
+
+# ---------------------------------------------------------------------------
+# Hyperparameters (edit these directly, no CLI flags needed)
+# ---------------------------------------------------------------------------
+
+# Model architecture
+ASPECT_RATIO = 64       # model_dim = depth * ASPECT_RATIO
+HEAD_DIM = 128          # target head dimension for attention
+WINDOW_PATTERN = "SSSL" # sliding window pattern: L=full, S=half context
+
+# Optimization
+TOTAL_BATCH_SIZE = 2**19 # ~524K tokens per optimizer step
+EMBEDDING_LR = 0.6      # learning rate for token embeddings (Adam)
+UNEMBEDDING_LR = 0.004  # learning rate for lm_head (Adam)
+MATRIX_LR = 0.04        # learning rate for matrix parameters (Muon)
+SCALAR_LR = 0.5         # learning rate for per-layer scalars (Adam)
+WEIGHT_DECAY = 0.2      # cautious weight decay for Muon
+ADAM_BETAS = (0.8, 0.95) # Adam beta1, beta2
+WARMUP_RATIO = 0.0      # fraction of time budget for LR warmup
+WARMDOWN_RATIO = 0.5    # fraction of time budget for LR warmdown
+FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
+
+# Model size
+DEPTH = 8               # number of transformer layers
+DEVICE_BATCH_SIZE = 128 # per-device batch size (reduce if OOM)
+
+# ---------------------------------------------------------------------------
+# Run logging (what a run records about itself; does not change the training)
+# ---------------------------------------------------------------------------
+
+LAYER_STATS_EVERY = 25  # steps between per-layer health rows (grad norm, update ratio, activation RMS)
+VAL_POINTS = 10         # in-training val/bpb points, evenly spaced in progress, plus one at the end
+VAL_TOKENS = 2**20      # tokens per in-training val/bpb: a fixed slice, the val shard's first batches
+TIMING_SKIP_STEPS = 10  # the first steps (compilation, warm-up) are not counted in the time budget
+
+# ---------------------------------------------------------------------------
+# CPU profile: a tiny model so the whole loop runs on a laptop CPU in seconds.
+# Only AUTORESEARCH_PROFILE=cpu reads this block; the gpu profile uses the values above.
+# ---------------------------------------------------------------------------
+
+if PROFILE == "cpu":
+    DEPTH = 4
+    ASPECT_RATIO = 32
+    HEAD_DIM = 32
+    TOTAL_BATCH_SIZE = 2**12
+    DEVICE_BATCH_SIZE = 8
+    VAL_TOKENS = 2**13
+    LAYER_STATS_EVERY = 10
+
+# ---------------------------------------------------------------------------
+# Schedules (all based on progress = training_time / TIME_BUDGET)
+# ---------------------------------------------------------------------------
+
+def get_lr_multiplier(progress):
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0
+    elif progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    else:
+        cooldown = (1.0 - progress) / WARMDOWN_RATIO
+        return cooldown * 1.0 + (1 - cooldown) * FINAL_LR_FRAC
+
+
+def get_muon_momentum(step):
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+
+def get_weight_decay(progress):
+    return WEIGHT_DECAY * (1 - progress)
+
+# ---------------------------------------------------------------------------
+# Per-layer health: computed on the device, fetched with the step's loss in one transfer
+# ---------------------------------------------------------------------------
+
+class LayerHealth:
+    """Gradient norm and update-to-weight ratio of every block matrix, RMS of every block's output."""
+
+    def __init__(self, model):
+        named = list(model.transformer.h.named_parameters())
+        self.names = [name.removesuffix(".weight") for name, _ in named]  # e.g. "0.attn.c_q"
+        self.params = [p for _, p in named]
+        self.before = None
+
+    @torch.no_grad()
+    def before_step(self):
+        """Call after backward, before optimizer.step()."""
+        self.grad_norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))
+        self.before = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def after_step(self, act_rms):
+        """All statistics as one flat device tensor (nothing is transferred here)."""
+        weight_norms = torch.stack(torch._foreach_norm(self.before))
+        update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self.params, self.before)))
+        self.before = None
+        return torch.cat([self.grad_norms.float(), update_norms.float(), weight_norms.float(), act_rms.float()])
+
+    def unpack(self, values):
+        """The flat list from after_step(), fetched to the host, as metrics.jsonl keys."""
+        n = len(self.names)
+        grad_norms, update_norms, weight_norms, act_rms = values[:n], values[n:2*n], values[2*n:3*n], values[3*n:]
+        metrics = {}
+        for name, g, u, w in zip(self.names, grad_norms, update_norms, weight_norms):
+            metrics[f"layer/{name}/grad_norm"] = g
+            metrics[f"layer/{name}/update_ratio"] = u / w if w > 0 else None  # zero-init weights have no ratio yet
+        for i, rms in enumerate(act_rms):
+            metrics[f"layer/{i}/act_rms"] = rms
+        return metrics
+
+# ---------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------
+
+@dataclass
+class Trainer:
+    """Everything the loop needs, built once by setup()."""
+    device: torch.device
+    autocast_ctx: object
+    tokenizer: Tokenizer
+    model: nn.Module          # compiled on CUDA
+    optimizer: MuonAdamW
+    health: LayerHealth
+    train_loader: object
+    grad_accum_steps: int
+    num_params: int
+    num_flops_per_token: int
+    peak_flops: float | None  # dense bf16 FLOP/s of this GPU; None: MFU unknown
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+def build_model(vocab_size, device):
+    base_dim = DEPTH * ASPECT_RATIO
+    model_dim = ((base_dim + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
+    num_heads = model_dim // HEAD_DIM
+    config = GPTConfig(
+        sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size,
+        n_layer=DEPTH, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim,
+        window_pattern=WINDOW_PATTERN,
+    )
+    print(f"Model config: {asdict(config)}")
+    with torch.device("meta"):
+        model = GPT(config)
+    model.to_empty(device=device)
+    model.init_weights()
+    # built eagerly, before torch.compile sees the model; keyed by a tensor's device ("cuda:0", as in forward)
+    model.attention_masks(MAX_SEQ_LEN, model.cos.device)
+    return model
+
+
+def setup(run):
+    device = torch.device("cuda" if PROFILE == "gpu" else "cpu")
+    on_cuda = device.type == "cuda"
+    torch.manual_seed(42)
+    torch.cuda.manual_seed(42)
+    torch.set_float32_matmul_precision("high")
+    autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
+
+    tokenizer = Tokenizer.from_directory()
+    vocab_size = tokenizer.get_vocab_size()
+    print(f"Vocab size: {vocab_size:,}")
+    model = build_model(vocab_size, device)
+    param_counts = model.num_scaling_params()
+    print("Parameter counts:")
+    for key, value in param_counts.items():
+        print(f"  {key:24s}: {value:,}")
+    num_flops_per_token = model.estimate_flops()
+    print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
+    run.set(num_params_M=param_counts["total"] / 1e6, depth=DEPTH)
+
+    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0
+    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
+    optimizer = model.setup_optimizer(
+        unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
+        adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY,
+    )
+    health = LayerHealth(model)
+    if on_cuda:
+        model = torch.compile(model, dynamic=False)
+    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device.type)
+    print(f"Time budget: {TIME_BUDGET}s")
+    print(f"Gradient accumulation steps: {grad_accum_steps}")
+    return Trainer(device, autocast_ctx, tokenizer, model, optimizer, health, train_loader, grad_accum_steps,
+                   param_counts["total"], num_flops_per_token,
+                   peak_bf16_flops(torch.cuda.get_device_name()) if on_cuda else None)
+
+
+def validate(t, eval_tokens):
+    """val/bpb on the first eval_tokens of the validation rows, and the seconds it took."""
+    t0 = time.time()
+    # no model.eval(): there is no dropout, and flipping the mode would recompile the model
+    with t.autocast_ctx:
+        val_bpb = evaluate_bpb(t.model, t.tokenizer, DEVICE_BATCH_SIZE, eval_tokens=eval_tokens)
+    return val_bpb, time.time() - t0
+
+
+def train_step(t, batch, step, progress, want_stats):
+    """One optimizer step. Returns the loss, the schedule values used, the layer metrics
+    (when want_stats) and the next batch; the loss and the statistics reach the host in one transfer."""
+    x, y, epoch = batch
+    for micro_step in range(t.grad_accum_steps):
+        with t.autocast_ctx:
+            if want_stats and micro_step == t.grad_accum_steps - 1:
+                loss, act_rms = t.model(x, y, return_act_rms=True)
+            else:
+                loss = t.model(x, y)
+        train_loss = loss.detach()
+        loss = loss / t.grad_accum_steps
+        loss.backward()
+        x, y, epoch = next(t.train_loader)
+
+    # Progress and schedules
+    schedule = {"train/lr_multiplier": get_lr_multiplier(progress), "train/muon_momentum": get_muon_momentum(step),
+                "train/weight_decay": get_weight_decay(progress)}
+    for group in t.optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * schedule["train/lr_multiplier"]
+        if group["kind"] == "muon":
+            group["momentum"] = schedule["train/muon_momentum"]
+            group["weight_decay"] = schedule["train/weight_decay"]
+    if want_stats:
+        t.health.before_step()
+    t.optimizer.step()
+    layer_metrics = {}
+    if want_stats:
+        fetched = torch.cat([train_loss.float().view(1), t.health.after_step(act_rms)]).tolist()
+        train_loss_f = fetched[0]
+        layer_metrics = t.health.unpack(fetched[1:])
+    else:
+        train_loss_f = train_loss.item()
+    t.model.zero_grad(set_to_none=True)
+    return train_loss_f, schedule, layer_metrics, (x, y, epoch)
+
+
+def train_loop(run, t):
+    """Train until the budget is spent. Returns (num_steps, training_seconds)."""
+    batch = next(t.train_loader)  # prefetch first batch
+    progress_line = ProgressLine(every_s=10)
+    val_at = [i / VAL_POINTS for i in range(VAL_POINTS)]  # progress points still to validate at
+    smooth_train_loss, total_training_time, warmup_time, eval_time = 0.0, 0.0, 0.0, 0.0
+    step = 0
+    run.timing("startup_s", time.time() - t_process_start)
+    while True:
+        progress = min(total_training_time / TIME_BUDGET, 1.0)
+        row = {}
+        if val_at and progress >= val_at[0]:
+            row["val/bpb"], dt_eval = validate(t, VAL_TOKENS)
+            eval_time += dt_eval
+            val_at = [p for p in val_at if p > progress]
+
+        t.sync()
+        t0 = time.time()
+        train_loss_f, schedule, layer_metrics, batch = train_step(t, batch, step, progress, step % LAYER_STATS_EVERY == 0)
+        t.sync()
+        dt = time.time() - t0
+        if step > TIMING_SKIP_STEPS:
+            total_training_time += dt
+        else:
+            warmup_time += dt
+
+        # Logging
+        ema_beta = 0.9
+        smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
+        debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
+        tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
+        mfu = 100 * t.num_flops_per_token * TOTAL_BATCH_SIZE / dt / t.peak_flops if t.peak_flops else None
+        run.log(step, **{"elapsed_s": total_training_time, "train/loss": train_loss_f,
+                         "train/loss_smooth": debiased_smooth_loss, **schedule,
+                         "train/progress": total_training_time / TIME_BUDGET, "perf/step_time_ms": dt * 1000,
+                         "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **row, **layer_metrics})
+        run.check_divergence(step, train_loss_f)
+        remaining = max(0, TIME_BUDGET - total_training_time)
+        mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
+        progress_line.update(f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_smooth_loss:.6f} | "
+                             f"lrm: {schedule['train/lr_multiplier']:.2f} | dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | "
+                             f"mfu: {mfu_text} | epoch: {batch[2]} | remaining: {remaining:.0f}s")
+
+        # GC management (Python's GC causes ~500ms stalls)
+        if step == 0:
+            gc.collect()
+            gc.freeze()
+            gc.disable()
+        elif (step + 1) % 5000 == 0:
+            gc.collect()
+
+        step += 1
+
+        # Time's up, but only stop after the warm-up steps so we don't count compilation
+        if step > TIMING_SKIP_STEPS and total_training_time >= TIME_BUDGET:
+            break
+
+    progress_line.done(f"step {step:05d} (100.0%) | loss: {debiased_smooth_loss:.6f} | training done in {total_training_time:.1f}s")
+    # The in-training slice once more, so the val/bpb curve has its end point
+    val_bpb_slice, dt_eval = validate(t, VAL_TOKENS)
+    run.log(step, **{"elapsed_s": total_training_time, "train/progress": total_training_time / TIME_BUDGET,
+                     "val/bpb": val_bpb_slice})
+    run.timing("warmup_s", warmup_time)
+    run.timing("eval_s", eval_time + dt_eval)
+    return step, total_training_time
+
+
+def train(run):
+    t_start = time.time()
+    t = setup(run)
+    step, total_training_time = train_loop(run, t)
+
+    # Final eval: the fixed metric
+    t0 = time.time()
+    with t.autocast_ctx:
+        val_bpb = evaluate_bpb(t.model, t.tokenizer, DEVICE_BATCH_SIZE)
+    run.timing("final_eval_s", time.time() - t0)
+
+    # Final summary
+    timed_steps = step - TIMING_SKIP_STEPS - 1
+    steady_state_mfu = None
+    if t.peak_flops and total_training_time > 0:
+        steady_state_mfu = 100 * t.num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / t.peak_flops
+    run.finish(
+        val_bpb=val_bpb,
+        training_seconds=total_training_time,
+        total_seconds=time.time() - t_start,
+        peak_vram_mb=torch.cuda.max_memory_allocated() / 1024 / 1024 if t.device.type == "cuda" else None,
+        mfu_percent=steady_state_mfu,
+        total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6,
+        num_steps=step,
+        num_params_M=t.num_params / 1e6,
+        depth=DEPTH,
+    )
+
+
+if __name__ == "__main__":
+    if PROFILE == "gpu" and not torch.cuda.is_available():
+        sys.exit("train.py: the gpu profile needs a CUDA GPU and none is usable here; "
+                 "for a small CPU run use AUTORESEARCH_PROFILE=cpu (after `AUTORESEARCH_PROFILE=cpu uv run prepare.py`)")
+    with RunRecorder(collect_config(globals())) as run:
+        train(run)
+    sys.exit(run.exit_code)
