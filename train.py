@@ -730,7 +730,7 @@ def train_loop(run, t):
             eval_time += dt_eval
             val_at = [p for p in val_at if p > progress]
 
-        t.sync()
+        # the previous step ended in a sync (its loss reached the host), so t0 needs none
         t0 = time.time()
         train_loss_f, schedule, layer_metrics, batch = train_step(t, batch, step, progress, step % LAYER_STATS_EVERY == 0)
         t.sync()
