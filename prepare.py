@@ -830,6 +830,10 @@ class RunRecorder:
             (self.out_dir / name).unlink(missing_ok=True)
         self.started_at = self._last_flush = time.time()
         self.git, self.env = _provenance()
+        # the tokenizer stands for the data it was trained on (the cpu profile's text is this Python's
+        # standard library): runs on another tokenizer are another harness
+        tokenizer_sha = _sha256(TOKENIZER_DIR / "tokenizer.pkl")
+        self.harness = {**HARNESS, "tokenizer": tokenizer_sha[:16] if tokenizer_sha else None}
         try:
             self._file = open(self.out_dir / "metrics.jsonl", "w")
         except OSError as e:
@@ -944,7 +948,7 @@ class RunRecorder:
     # -- the summary --
 
     def _write_summary(self, status, error):
-        summary = {"status": status, **self.final, "config": self.config, "harness": HARNESS,
+        summary = {"status": status, **self.final, "config": self.config, "harness": self.harness,
                    "git": self.git, "env": self.env,
                    "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
                    "error": error}

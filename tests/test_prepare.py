@@ -1,6 +1,8 @@
 """prepare.py is the fixed harness: shards arrive whole or not at all, the tokenizer round-trips and counts
 bytes exactly, the packer never pads or invents tokens, the metric matches a hand computation, and the
 run recorder writes its outputs on every exit path. Hermetic: loopback servers only, no network."""
+import contextlib
+import hashlib
 import http.server
 import io
 import json
@@ -500,7 +502,7 @@ def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys):
     assert s["status"] == "ok" and s["error"] is None and s["config"] == {"DEPTH": 4}
     assert {k: s[k] for k in ("val_bpb", "num_steps", "depth", "peak_vram_mb")} == \
         {"val_bpb": 1.2345678, "num_steps": 3, "depth": 4, "peak_vram_mb": None}
-    assert s["harness"] == prepare.HARNESS
+    assert {k: v for k, v in s["harness"].items() if k != "tokenizer"} == prepare.HARNESS
     assert set(s["git"]) == {"commit", "dirty", "train_py_sha256", "prepare_py_sha256", "analyze_py_sha256"}
     assert set(s["env"]) == {"python", "torch", "cuda", "gpu_name", "driver"}
     assert s["timings"]["startup_s"] == 1.5 and s["timings"]["finished_at"] >= s["timings"]["started_at"]
@@ -510,6 +512,21 @@ def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys):
                      "peak_vram_mb:     n/a", "mfu_percent:      n/a", "total_tokens_M:   1.2",
                      "num_steps:        3", "num_params_M:     1.2", "depth:            4"], block
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+def test_summary_harness_names_the_tokenizer_so_other_data_is_another_harness(tmp_path, monkeypatch):
+    # the cpu profile's text is this Python's standard library: a new Python, new data, new tokenizer
+    harnesses = []
+    for blob in (b"tokenizer trained on python 3.11.7", b"tokenizer trained on python 3.11.9"):
+        tok_dir = tmp_path / f"tok{len(harnesses)}"
+        tok_dir.mkdir()
+        (tok_dir / "tokenizer.pkl").write_bytes(blob)
+        monkeypatch.setattr(prepare, "TOKENIZER_DIR", tok_dir)
+        with prepare.RunRecorder({}, out_dir=tmp_path) as run, contextlib.redirect_stdout(io.StringIO()):
+            run.finish()
+        harnesses.append(summary(tmp_path)["harness"])
+    assert harnesses[0]["tokenizer"] == hashlib.sha256(b"tokenizer trained on python 3.11.7").hexdigest()[:16]
+    assert harnesses[0] != harnesses[1], harnesses
 
 
 def test_crash_keeps_the_traceback_and_known_values(tmp_path, capsys):
