@@ -1,7 +1,10 @@
 """The set-up files keep runs reproducible and keep run outputs out of the agent's commits."""
 import subprocess
-import tomllib
 from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; .python-version pins 3.11
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_OUTPUTS = ["run.log", "metrics.jsonl", "run_summary.json", "results.tsv",
