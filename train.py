@@ -396,7 +396,8 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
     red_dim_size = g.size(red_dim)
     v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * red_dim_size).sqrt()
-    second_momentum_buffer.lerp_(v_mean.to(second_momentum_buffer.dtype), 1 - beta2_t.to(second_momentum_buffer.dtype))
+    beta2 = beta2_t.to(g.dtype)  # in the update's dtype (bf16: 0.95 -> 0.9492 in eager), as karpathy's kernel has it
+    second_momentum_buffer.lerp_(v_mean.to(second_momentum_buffer.dtype), 1 - beta2)
     step_size = second_momentum_buffer.clamp_min(1e-10).rsqrt()
     v_norm_new = ((v_mean * red_dim_size) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
     g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
@@ -793,7 +794,7 @@ def train(run):
     run.timing("final_eval_s", time.time() - t0)
 
     # Final summary
-    timed_steps = step - TIMING_SKIP_STEPS - 1
+    timed_steps = step - TIMING_SKIP_STEPS - 1  # the steps in total_training_time (karpathy's step - 10 counts one more)
     steady_state_mfu = None
     if t.peak_flops and total_training_time > 0:
         steady_state_mfu = 100 * t.num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / t.peak_flops

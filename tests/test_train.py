@@ -137,6 +137,38 @@ def test_compiled_model_is_one_graph_on_flex_masks(monkeypatch):
     with pytest.raises(Exception, match="build the masks before torch.compile"):
         unprepared(x, y)  # a mask built inside the graph would be rebuilt every step
 
+
+def test_cuda_dtype_flow_compiles_to_three_graphs(monkeypatch):
+    # what CUDA runs, on the CPU: bf16 embeddings, bf16 autocast, flex masks, the compiled model.
+    # q, k, v must reach attention in one dtype, and the loop's three calls (train step, train step
+    # with layer stats, no-grad eval) must stay three graphs, well under dynamo's recompile limit
+    from torch._dynamo.testing import CompileCounterWithBackend
+    monkeypatch.setattr(train, "sliding_window_mask", train.sliding_window_block_mask)
+    dtypes = set()
+    attention = train.attention
+    monkeypatch.setattr(train, "attention", lambda q, k, v, mask: dtypes.add((q.dtype, k.dtype, v.dtype)) or attention(q, k, v, mask))
+    model = tiny_model()
+    model.transformer.wte.to(dtype=torch.bfloat16)
+    for ve in model.value_embeds.values():
+        ve.to(dtype=torch.bfloat16)
+    x, y = tiny_batch()
+    model.attention_masks(T, x.device)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # stands in for CUDA's autocast
+    with autocast():
+        model(x, y)
+    assert dtypes == {(torch.bfloat16,) * 3}, f"q, k, v dtypes under autocast: {dtypes}"
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, dynamic=False, backend=counter)
+    for _ in range(2):
+        with autocast():
+            compiled(x, y).backward()
+            loss, _ = compiled(x, y, return_act_rms=True)
+            loss.backward()
+        with torch.no_grad(), autocast():
+            compiled(x, y, reduction="none")
+    assert counter.frame_count == 3, f"{counter.frame_count} graphs for 3 kinds of call: something recompiles"
+
 # ---------------------------------------------------------------------------
 # Model
 # ---------------------------------------------------------------------------
@@ -230,6 +262,19 @@ def test_muon_on_a_stack_equals_muon_on_each_matrix():
     one_by_one = torch.cat([run(grads[i:i + 1], params[i:i + 1]) for i in range(3)])
     err = (stacked - one_by_one).abs().max().item()
     assert err < 1e-6, f"stacked vs per-matrix Muon differ by {err:.2e}"
+
+
+def test_normuon_second_moment_uses_beta2_rounded_to_bf16_as_karpathy():
+    # karpathy's kernel casts beta2 to the orthogonalized update's dtype (bf16): 0.95 becomes 0.9492
+    g = torch.Generator().manual_seed(0)
+    grads, params = torch.randn(2, 16, 8, generator=g), torch.randn(2, 16, 8, generator=g)
+    second = torch.zeros(2, 16, 1)
+    v_mean = train.polar_express(grads, 5).float().square().mean(dim=-1, keepdim=True)
+    train.muon_step(grads.clone(), params, torch.zeros_like(params), second,
+                    torch.tensor(0.0), torch.tensor(0.02), torch.tensor(0.0), torch.tensor(0.95), 5, -1)
+    rate = 1 - torch.tensor(0.95).bfloat16().float()
+    err = ((second - rate * v_mean).abs().max() / v_mean.abs().max()).item()
+    assert err < 1e-6, f"second moment is not (1 - bf16(0.95)) * v_mean: relative error {err:.2e}"
 
 
 def test_cautious_weight_decay_spares_weights_the_update_pushes_outward():
