@@ -711,10 +711,11 @@ _FINAL_FORMATS = {"val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seco
 EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3}  # run.exit_code by status
 DIVERGED_LOSS = 100.0                                            # a training loss above this has diverged
 
-# dense bf16 tensor-core peak by GPU name; checked in order, so specific names come first
+# dense bf16 tensor-core peak by GPU name; checked in order, so specific names come first.
+# H100 SXM at karpathy/autoresearch's 989.5e12, so MFU figures compare with his directly
 _PEAK_BF16_FLOPS = (
-    ("GH200", 989.4e12), ("H200", 989.4e12), ("H100 NVL", 835e12), ("H100 PCIE", 756e12),
-    ("H100", 989.4e12), ("H800", 989.4e12), ("B200", 2250e12), ("B100", 1750e12),
+    ("GH200", 989.5e12), ("H200", 989.5e12), ("H100 NVL", 835e12), ("H100 PCIE", 756e12),
+    ("H100", 989.5e12), ("H800", 989.5e12), ("B200", 2250e12), ("B100", 1750e12),
     ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 )
 

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.dont_write_bytecode = True  # importing prepare/train from ROOT must not leave __pycache__ there
 SCRIPTS = ("prepare.py", "train.py", "analyze.py")
 
 # ---------------------------------------------------------------------------

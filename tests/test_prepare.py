@@ -665,9 +665,9 @@ def test_collect_config_takes_json_uppercase_globals_but_not_harness_constants()
                                                  "NESTED": {"a": [1, 2]}}
 
 
-@pytest.mark.parametrize("name,flops", [("NVIDIA H100 80GB HBM3", 989.4e12), ("NVIDIA H100 PCIe", 756e12),
-                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989.4e12),
-                                        ("NVIDIA GH200 480GB", 989.4e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+@pytest.mark.parametrize("name,flops", [("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12),
+                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989.5e12),
+                                        ("NVIDIA GH200 480GB", 989.5e12), ("NVIDIA A100-SXM4-80GB", 312e12),
                                         ("NVIDIA B200", 2250e12), ("NVIDIA L40S", 362e12),
                                         ("NVIDIA GeForce GTX 1080", None), ("", None)])
 def test_peak_bf16_flops_by_gpu_name(name, flops):
