@@ -818,7 +818,7 @@ class RunRecorder:
         self.final = dict.fromkeys(FINAL_KEYS)
         self.timings = {}
         self.exit_code = None
-        self._rows, self._last_step, self._file, self._warned = [], None, None, set()
+        self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
         self._finished, self._closed = False, False
         self._metrics_lock, self._close_lock = threading.RLock(), threading.RLock()
         self._stop = threading.Event()
@@ -881,6 +881,10 @@ class RunRecorder:
                 return False
             self._closed = True
             self.exit_code = EXIT_CODES[status]
+            if not self._finished and self._last_step is not None:
+                # how far a run got before it died: the last logged step, unless train.py said more
+                self.final["num_steps"] = self.final["num_steps"] or self._last_step + 1
+                self.final["training_seconds"] = self.final["training_seconds"] or self._last_elapsed
             self.flush()
             with self._metrics_lock:
                 if self._file is not None:
@@ -897,6 +901,8 @@ class RunRecorder:
                 self._warn_once("order", f"log(step={step}) after step {self._last_step}: row dropped")
                 return
             self._last_step = step
+            if "elapsed_s" in metrics:
+                self._last_elapsed = metrics["elapsed_s"]
             self._rows.append({"step": step, "time": time.time(), **metrics})
             if time.time() - self._last_flush >= self.flush_every_s:
                 self.flush()

@@ -532,11 +532,14 @@ def test_summary_harness_names_the_tokenizer_so_other_data_is_another_harness(tm
 def test_crash_keeps_the_traceback_and_known_values(tmp_path, capsys):
     with prepare.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
         run.set(num_params_M=2.5)
-        run.log(0, **{"train/loss": 9.0})
+        for step in range(3):
+            run.log(step, **{"train/loss": 9.0 - step, "elapsed_s": 1.5 * step})
         raise RuntimeError("boom in the model")
     assert run.exit_code == 1
     s = summary(tmp_path)
     assert s["status"] == "crash" and s["num_params_M"] == 2.5 and s["val_bpb"] is None
+    # how far it got, from the last logged row
+    assert (s["num_steps"], s["training_seconds"]) == (3, 3.0), (s["num_steps"], s["training_seconds"])
     assert "Traceback" in s["error"] and "RuntimeError: boom in the model" in s["error"], s["error"]
     assert "boom in the model" in capsys.readouterr().err
     assert metrics(tmp_path)[0]["train/loss"] == 9.0
