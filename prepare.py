@@ -114,8 +114,9 @@ CPU_SEED = 1337             # fixed shuffle: the same standard library always gi
 
 DOWNLOAD_ATTEMPTS = 5       # tries per shard before giving up
 RETRY_BACKOFF_S = 1.0       # sleep before retry k is RETRY_BACKOFF_S * 2**(k-1): 1+2+4+8 s at most
-CONNECT_TIMEOUT_S = 5.0     # an unreachable mirror fails within about a minute
+CONNECT_TIMEOUT_S = 5.0     # per address: a host name with several addresses takes a multiple of it
 READ_TIMEOUT_S = 30.0       # a stalled transfer is retried
+GIVE_UP_S = 55.0            # no retry starts this long after a shard's last received byte
 PINNED_SLOTS = 3            # host staging buffers in flight per CUDA loader
 
 
@@ -168,12 +169,19 @@ class _Retryable(Exception):
     """A failure worth another attempt: connection trouble, a 5xx, a body that is not a whole shard."""
 
 
+def _check_text_column(pf):
+    if "text" not in pf.schema_arrow.names:
+        raise ValueError(f"no 'text' column (columns: {pf.schema_arrow.names})")
+    kind = pf.schema_arrow.field("text").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"its 'text' column holds {kind}, not strings")
+
+
 def check_shard(path):
-    """Raise ValueError unless `path` reads as parquet with a `text` column, every row group included."""
+    """Raise ValueError unless `path` reads as parquet with a string `text` column, every row group included."""
     try:
         pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise ValueError(f"no 'text' column (columns: {pf.schema_arrow.names})")
+        _check_text_column(pf)
         for rg in range(pf.num_row_groups):
             pf.read_row_group(rg, columns=["text"])
     except (pa.ArrowException, OSError) as e:
@@ -200,6 +208,8 @@ def _download_once(url, dest, stop, on_bytes):
                         f.write(chunk)
                         written += len(chunk)
                         on_bytes(len(chunk))
+                    f.flush()
+                    os.fsync(f.fileno())  # whole on disk before the rename makes it a shard
             except requests.RequestException as e:
                 raise _Retryable(type(e).__name__) from e
         if expected is not None and written != int(expected):
@@ -208,23 +218,36 @@ def _download_once(url, dest, stop, on_bytes):
             check_shard(tmp)
         except ValueError as e:
             raise _Retryable(f"not a parquet shard with a text column: {e}") from e
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
         os.replace(tmp, dest)
+    except OSError as e:  # disk full, permissions: not worth a retry
+        raise PrepareError(f"could not write {dest} ({e.strerror or e}): free space or fix permissions "
+                           f"under {dest.parent}, then re-run `uv run prepare.py`") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
 def download_shard(index, base_url, data_dir, stop, on_bytes, backoff_s):
-    """Download one shard with retries and exponential backoff; raise PrepareError naming the URL."""
+    """Download one shard with retries and exponential backoff; raise PrepareError naming the URL.
+    Retries stop after DOWNLOAD_ATTEMPTS, or once GIVE_UP_S have passed without a byte from the mirror,
+    so a dead or stalled mirror fails in about a minute however many addresses its name resolves to."""
     dest = Path(data_dir) / shard_name(index)
     url = f"{base_url.rstrip('/')}/{dest.name}"
+    last_byte = [time.monotonic()]
+
+    def on_shard_bytes(n):
+        last_byte[0] = time.monotonic()
+        on_bytes(n)
+
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
-            _download_once(url, dest, stop, on_bytes)
+            _download_once(url, dest, stop, on_shard_bytes)
             return
         except _Retryable as e:
             reason = str(e)
-        if attempt < DOWNLOAD_ATTEMPTS and stop.wait(backoff_s * 2 ** (attempt - 1)):
+        wait = backoff_s * 2 ** (attempt - 1)
+        if attempt == DOWNLOAD_ATTEMPTS or time.monotonic() + wait - last_byte[0] > GIVE_UP_S or stop.wait(wait):
             break
     raise PrepareError(f"could not download {url} ({reason}, {attempt} attempts)")
 
@@ -404,9 +427,10 @@ def read_texts(path):
     """Yield the `text` column of a shard one row group at a time; a broken file is a clear error."""
     try:
         pf = pq.ParquetFile(path)
+        _check_text_column(pf)
         for rg in range(pf.num_row_groups):
             yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-    except (pa.ArrowException, OSError, KeyError) as e:
+    except (pa.ArrowException, OSError, ValueError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
                            f"delete it and re-run `uv run prepare.py`") from e
@@ -446,19 +470,25 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
                                 for i in range(enc.n_vocab)], dtype=torch.int32)
     _sanity_check(enc, token_bytes)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(token_bytes, tokenizer_dir / "token_bytes.pt")
-    tmp = tokenizer_dir / ".tokenizer.pkl.part"
-    tmp.write_bytes(pickle.dumps(enc))
-    os.replace(tmp, tokenizer_dir / "tokenizer.pkl")  # written last: its presence means "trained"
+    for name, save in (("token_bytes.pt", lambda f: torch.save(token_bytes, f)),
+                       ("tokenizer.pkl", lambda f: pickle.dump(enc, f))):  # tokenizer.pkl last: it means "trained"
+        tmp = tokenizer_dir / f".{name}.part"
+        with open(tmp, "wb") as f:
+            save(f)
+        os.replace(tmp, tokenizer_dir / name)
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s (vocab_size={enc.n_vocab}), saved to {tokenizer_dir}")
 
 
 def _sanity_check(enc, token_bytes):
     for text in ["Hello world! Numbers: 123456. Unicode: 你好 naïve café 🦀", "\n\t  tabs and\r\nnewlines"]:
         ids = enc.encode_ordinary(text)
-        assert enc.decode(ids) == text, f"tokenizer round-trip failed: {text!r} -> {enc.decode(ids)!r}"
+        if enc.decode(ids) != text:
+            raise PrepareError(f"tokenizer round-trip failed: {text!r} -> {enc.decode(ids)!r}; "
+                               "this is a bug in tokenizer training, please report it")
         nbytes = int(token_bytes[ids].sum())
-        assert nbytes == len(text.encode("utf-8")), f"token bytes {nbytes} != {len(text.encode())} for {text!r}"
+        if nbytes != len(text.encode("utf-8")):
+            raise PrepareError(f"token bytes {nbytes} != {len(text.encode())} UTF-8 bytes for {text!r}; "
+                               "this is a bug in tokenizer training, please report it")
 
 # ---------------------------------------------------------------------------
 # Runtime utilities (imported by train.py)
@@ -638,7 +668,7 @@ class _DataLoader:
         batch = torch.empty((2, self.B, self.T), dtype=torch.long, device=self.device)
         batch.copy_(self.slots[k], non_blocking=True)
         self.events[k] = torch.cuda.Event()
-        self.events[k].record()
+        self.events[k].record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
         return batch[0], batch[1], epoch
 
     def _split(self, out):
@@ -667,8 +697,7 @@ def _model_device(model):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-@torch.no_grad()
-def evaluate_bpb(model, tokenizer, batch_size, eval_tokens=EVAL_TOKENS):
+def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte on the pinned validation shard: THE number every experiment is judged by.
 
@@ -679,22 +708,41 @@ def evaluate_bpb(model, tokenizer, batch_size, eval_tokens=EVAL_TOKENS):
     validation text, per byte, and stays comparable when the vocabulary or tokenizer changes.
     Special tokens (0 bytes, e.g. BOS) are excluded from both sums.
 
-    Fixed MAX_SEQ_LEN; eval_tokens // (batch_size * MAX_SEQ_LEN) batches of the same packed val rows
-    every time (a smaller eval_tokens is a prefix of the same rows). `model(x, y, reduction='none')`
-    must return per-token nats shaped like y (or flat).
+    Fixed MAX_SEQ_LEN and EVAL_TOKENS: the first EVAL_TOKENS // MAX_SEQ_LEN packed val rows, the same
+    rows every time and for every batch_size (when batch_size does not divide them, the rows past the
+    end of the last batch are computed but not counted, so every batch has one shape).
+    `model(x, y, reduction='none')` must return per-token nats shaped like y (or flat). RunRecorder
+    accepts a final val_bpb only if this function returned it.
     """
+    bpb = _bits_per_byte(model, tokenizer, batch_size, EVAL_TOKENS // MAX_SEQ_LEN)
+    _METRIC_RESULTS.append(bpb)
+    return bpb
+
+
+def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
+    """The same computation on the first eval_tokens of the same rows: for validation curves during
+    training, where the full set would cost too much. Not the metric: a final val_bpb must come from
+    evaluate_bpb."""
+    return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)
+
+
+_METRIC_RESULTS = []  # every value evaluate_bpb has returned in this process
+
+
+@torch.no_grad()
+def _bits_per_byte(model, tokenizer, batch_size, n_rows):
+    if n_rows < 1:
+        raise ValueError(f"an eval set of less than one row of {MAX_SEQ_LEN} tokens")
     device = _model_device(model)
-    steps = eval_tokens // (batch_size * MAX_SEQ_LEN)
-    if steps < 1:
-        raise ValueError(f"eval_tokens={eval_tokens} is less than one batch of {batch_size}x{MAX_SEQ_LEN}")
     token_bytes = tokenizer.token_bytes(device)
     val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros((), dtype=torch.int64, device=device)
-    for _ in range(steps):
+    for first in range(0, n_rows, batch_size):
         x, y, _ = next(val_loader)
-        nats = model(x, y, reduction="none").reshape(-1).double()
-        nbytes = token_bytes[y.reshape(-1)]
+        nats = model(x, y, reduction="none").reshape(y.shape).double()
+        nbytes = token_bytes[y]
+        nbytes[n_rows - first:] = 0  # rows past the eval set count in neither sum
         total_nats += torch.where(nbytes > 0, nats, 0.0).sum()
         total_bytes += nbytes.sum()
     return (total_nats / (math.log(2) * total_bytes)).item()
@@ -714,8 +762,8 @@ DIVERGED_LOSS = 100.0                                            # a training lo
 # dense bf16 tensor-core peak by GPU name; checked in order, so specific names come first.
 # H100 SXM at karpathy/autoresearch's 989.5e12, so MFU figures compare with his directly
 _PEAK_BF16_FLOPS = (
-    ("GH200", 989.5e12), ("H200", 989.5e12), ("H100 NVL", 835e12), ("H100 PCIE", 756e12),
-    ("H100", 989.5e12), ("H800", 989.5e12), ("B200", 2250e12), ("B100", 1750e12),
+    ("GH200", 989.5e12), ("H200 NVL", 835e12), ("H200", 989.5e12), ("H100 NVL", 835e12), ("H100 PCIE", 756e12),
+    ("H100", 989.5e12), ("H800 PCIE", 756e12), ("H800", 989.5e12), ("B200", 2250e12), ("B100", 1750e12),
     ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
 )
 
@@ -940,6 +988,9 @@ class RunRecorder:
 
     def finish(self, **final):
         """Set the final-block values and print karpathy/autoresearch's greppable block to stdout."""
+        if final.get("val_bpb") is not None and final["val_bpb"] not in _METRIC_RESULTS:
+            raise ValueError(f"val_bpb={final['val_bpb']!r} did not come from prepare.evaluate_bpb: the final "
+                             "number must be the fixed metric, passed on as it returned it")
         self.set(**final)
         self._finished = True
         lines = ["---"]

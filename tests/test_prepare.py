@@ -9,6 +9,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -140,6 +141,23 @@ def test_encode_prepends_a_special_token_given_by_name_or_id(tokenizer):
     assert tokenizer.encode("one doc", prepend=bos) == [bos] + plain[0]
 
 
+def test_split_pattern_is_gpt4s_with_numbers_in_groups_of_one_or_two(tokenizer):
+    assert tokenizer.enc._pat_str == prepare.SPLIT_PATTERN
+    digits = [tokenizer.decode([i]) for i in tokenizer.encode("1234567")]
+    assert "".join(digits) == "1234567" and all(len(d) <= 2 for d in digits), digits
+
+
+def test_tokenizer_learns_from_training_shards_only(tmp_path):
+    train_word, val_word = "quokkaberry", "zyzzogeton"
+    pq.write_table(pa.table({"text": [f"the {train_word} grows here. " * 40] * 30}), tmp_path / "shard_00000.parquet")
+    pq.write_table(pa.table({"text": [f"a {val_word} hums there. " * 40] * 30}), tmp_path / prepare.VAL_FILENAME)
+    prepare.train_tokenizer(tmp_path, tmp_path / "tok", vocab_size=320)
+    tok = prepare.Tokenizer.from_directory(tmp_path / "tok")
+    n_train, n_val = len(tok.encode(" " + train_word)), len(tok.encode(" " + val_word))
+    assert n_train <= 2 and n_val >= 5, \
+        f"' {train_word}' (training text) -> {n_train} tokens, ' {val_word}' (validation only) -> {n_val} tokens"
+
+
 def test_missing_tokenizer_says_to_run_prepare(tmp_path):
     with pytest.raises(prepare.PrepareError, match=r"uv run prepare\.py"):
         prepare.Tokenizer.from_directory(tmp_path)
@@ -236,6 +254,7 @@ def test_best_fit_packer_matches_a_linear_scan_reference():
 def test_cuda_loader_gives_the_same_batches_as_cpu_while_copies_overlap(cpu_cache, tokenizer):
     cpu = prepare.make_dataloader(tokenizer, 8, T, "train", device="cpu", data_dir=cpu_cache[1])
     gpu = prepare.make_dataloader(tokenizer, 8, T, "train", device="cuda", data_dir=cpu_cache[1])
+    torch.cuda._sleep(2_000_000_000)  # hold the stream (~1 s): every copy queued below is still in flight
     held = [next(gpu) for _ in range(3 * prepare.PINNED_SLOTS)]  # keep every batch alive, reuse every slot
     for i, (x, y, _) in enumerate(held):
         cx, cy, _ = next(cpu)
@@ -269,17 +288,22 @@ class TokenCostModel(torch.nn.Module):
 EVAL_T = 256  # the cpu profile's context: rows hold several documents, so BOS shows up among targets
 
 
+EVAL_ROWS = 12  # rows in the small eval set
+
+
 @pytest.fixture
 def small_eval(monkeypatch, cpu_cache):
     monkeypatch.setattr(prepare, "DATA_DIR", cpu_cache[1])
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", EVAL_T)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", EVAL_ROWS * EVAL_T)
+    monkeypatch.setattr(prepare, "_METRIC_RESULTS", [])
 
 
 @pytest.mark.parametrize("flat", [False, True])
 def test_evaluate_bpb_of_uniform_logits_is_log2_vocab_times_tokens_over_bytes(small_eval, tokenizer, flat):
     batch_size, steps = 4, 3
     V = tokenizer.get_vocab_size()
-    bpb = prepare.evaluate_bpb(UniformModel(V, flat), tokenizer, batch_size, eval_tokens=batch_size * EVAL_T * steps)
+    bpb = prepare.evaluate_bpb(UniformModel(V, flat), tokenizer, batch_size)
     # by hand: the same val rows, bytes from each token's own byte string, special tokens skipped
     loader = prepare.make_dataloader(tokenizer, batch_size, EVAL_T, "val", device="cpu")
     specials = {tokenizer.enc.encode_single_token(s) for s in prepare.SPECIAL_TOKENS}
@@ -299,25 +323,48 @@ def test_evaluate_bpb_of_uniform_logits_is_log2_vocab_times_tokens_over_bytes(sm
 
 def test_evaluate_bpb_uses_the_same_val_rows_every_time_for_any_batch_size(small_eval, tokenizer):
     model = TokenCostModel()
-    a = prepare.evaluate_bpb(model, tokenizer, 4, eval_tokens=4 * EVAL_T * 3)
-    b = prepare.evaluate_bpb(model, tokenizer, 4, eval_tokens=4 * EVAL_T * 3)
-    c = prepare.evaluate_bpb(model, tokenizer, 2, eval_tokens=2 * EVAL_T * 6)
-    assert a == b == c, f"bpb {a!r}, again {b!r}, at half the batch size {c!r}"
+    a = prepare.evaluate_bpb(model, tokenizer, 4)
+    b = prepare.evaluate_bpb(model, tokenizer, 4)
+    # 12 rows: 5 and 8 leave a short last batch, whose extra rows must count in neither sum
+    others = {bs: prepare.evaluate_bpb(model, tokenizer, bs) for bs in (2, 5, 8)}
+    assert a == b and all(v == pytest.approx(a, rel=1e-12) for v in others.values()), \
+        f"bpb {a!r}, again {b!r}, at other batch sizes {others}"
+    more = prepare.evaluate_bpb_sample(model, tokenizer, 4, (EVAL_ROWS + 4) * EVAL_T)
+    assert more != pytest.approx(a, rel=1e-9), "four more rows did not change the number: rows are not counted"
 
 
-def test_evaluate_bpb_rejects_an_eval_set_smaller_than_one_batch(small_eval, tokenizer):
-    with pytest.raises(ValueError, match="less than one batch"):
-        prepare.evaluate_bpb(TokenCostModel(), tokenizer, 8, eval_tokens=8 * EVAL_T - 1)
+def test_evaluate_bpb_sample_is_the_metric_on_a_prefix_of_the_same_rows(small_eval, tokenizer):
+    model = TokenCostModel()
+    full = prepare.evaluate_bpb(model, tokenizer, 4)
+    assert prepare.evaluate_bpb_sample(model, tokenizer, 3, EVAL_ROWS * EVAL_T) == pytest.approx(full, rel=1e-12)
+    with pytest.raises(ValueError, match="less than one row"):
+        prepare.evaluate_bpb_sample(model, tokenizer, 8, EVAL_T - 1)
+
+
+def test_a_final_val_bpb_must_come_from_evaluate_bpb(small_eval, tokenizer, tmp_path):
+    bpb = prepare.evaluate_bpb(TokenCostModel(), tokenizer, 4)
+    sample = prepare.evaluate_bpb_sample(TokenCostModel(), tokenizer, 4, 2 * EVAL_T)
+    (tmp_path / "ok").mkdir(), (tmp_path / "sample").mkdir()
+    with prepare.RunRecorder({}, out_dir=tmp_path / "ok", hard_cap_s=60) as run:
+        run.finish(val_bpb=bpb)
+    assert run.exit_code == 0
+    with prepare.RunRecorder({}, out_dir=tmp_path / "sample", hard_cap_s=60) as run:
+        run.finish(val_bpb=sample)
+    s = summary(tmp_path / "sample")
+    assert s["status"] == "crash" and s["val_bpb"] is None and "prepare.evaluate_bpb" in s["error"], s
 
 # ---------------------------------------------------------------------------
 # Broken data: clear one-line errors
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("content", [b"", b"<html>502 Bad Gateway</html>", shard_bytes(["ok"])[:-20],
-                                     "no_text_column"], ids=["empty", "html", "truncated", "no_text"])
+                                     "no_text_column", "int_text_column"],
+                         ids=["empty", "html", "truncated", "no_text", "int_text"])
 def test_corrupt_shard_names_the_file_and_says_delete_and_rerun(tmp_path, tokenizer, content):
     if content == "no_text_column":
         pq.write_table(pa.table({"body": ["x"]}), tmp_path / "shard_00000.parquet")
+    elif content == "int_text_column":
+        pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "shard_00000.parquet")
     else:
         (tmp_path / "shard_00000.parquet").write_bytes(content)
     (tmp_path / prepare.VAL_FILENAME).write_bytes(shard_bytes(["validation text"]))
@@ -445,10 +492,27 @@ def test_unreachable_mirror_ends_with_a_one_line_error_naming_the_url(monkeypatc
     assert leftovers(tmp_path / "data") == [], f"left behind: {leftovers(tmp_path / 'data')}"
 
 
-def test_default_retry_schedule_gives_up_on_a_dead_mirror_within_about_a_minute():
-    n = prepare.DOWNLOAD_ATTEMPTS
-    worst = n * prepare.CONNECT_TIMEOUT_S + sum(prepare.RETRY_BACKOFF_S * 2 ** k for k in range(n - 1))
-    assert worst <= 60, f"worst case {worst:.0f}s before the error"
+def test_a_mirror_that_accepts_but_never_answers_gives_up_after_the_deadline(monkeypatch, tmp_path):
+    with socket.socket() as server:  # accepts connections (the kernel's backlog) and never says a word
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        url = f"http://127.0.0.1:{server.getsockname()[1]}/mirror"
+        monkeypatch.setattr(prepare, "READ_TIMEOUT_S", 0.5)
+        monkeypatch.setattr(prepare, "GIVE_UP_S", 2.0)
+        t0 = time.time()
+        with pytest.raises(prepare.PrepareError, match="could not download " + url) as err:
+            prepare.download_data(1, download_workers=2, base_url=url, data_dir=tmp_path, backoff_s=0.2)
+        elapsed = time.time() - t0
+    attempts = int(re.search(r"(\d+) attempts", str(err.value)).group(1))
+    assert attempts < prepare.DOWNLOAD_ATTEMPTS and elapsed < 5, \
+        f"{attempts} attempts in {elapsed:.1f}s: retries went on past GIVE_UP_S=2s"
+    assert leftovers(tmp_path) == [], f"left behind: {leftovers(tmp_path)}"
+
+
+def test_the_download_deadline_is_about_a_minute():
+    worst_attempt = prepare.CONNECT_TIMEOUT_S * 2 + prepare.READ_TIMEOUT_S  # two addresses, then a stall
+    assert prepare.GIVE_UP_S + worst_attempt <= 120 and prepare.GIVE_UP_S <= 60, \
+        f"a dead mirror may take {prepare.GIVE_UP_S + worst_attempt:.0f}s to report"
 
 # ---------------------------------------------------------------------------
 # Profiles and harness constants
@@ -489,7 +553,8 @@ def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys):
+def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(prepare, "_METRIC_RESULTS", [1.2345678])  # as if evaluate_bpb had returned it
     with prepare.RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
         run.set(num_params_M=1.234, depth=4)
         for step in range(3):
@@ -670,6 +735,7 @@ def test_collect_config_takes_json_uppercase_globals_but_not_harness_constants()
 
 @pytest.mark.parametrize("name,flops", [("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12),
                                         ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989.5e12),
+                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA H800 PCIe", 756e12),
                                         ("NVIDIA GH200 480GB", 989.5e12), ("NVIDIA A100-SXM4-80GB", 312e12),
                                         ("NVIDIA B200", 2250e12), ("NVIDIA L40S", 362e12),
                                         ("NVIDIA GeForce GTX 1080", None), ("", None)])
