@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, RunRecorder, collect_config, peak_bf16_flops, ProgressLine
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, evaluate_bpb_sample, RunRecorder, collect_config, peak_bf16_flops, ProgressLine
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -674,7 +674,7 @@ def validate(t, eval_tokens):
     t0 = time.time()
     # no model.eval(): there is no dropout, and flipping the mode would recompile the model
     with t.autocast_ctx:
-        val_bpb = evaluate_bpb(t.model, t.tokenizer, DEVICE_BATCH_SIZE, eval_tokens=eval_tokens)
+        val_bpb = evaluate_bpb_sample(t.model, t.tokenizer, DEVICE_BATCH_SIZE, eval_tokens)
     return val_bpb, time.time() - t0
 
 
@@ -749,7 +749,7 @@ def train_loop(run, t):
         mfu = 100 * t.num_flops_per_token * TOTAL_BATCH_SIZE / dt / t.peak_flops if t.peak_flops else None
         run.log(step, **{"elapsed_s": total_training_time, "train/loss": train_loss_f,
                          "train/loss_smooth": debiased_smooth_loss, **schedule,
-                         "train/progress": total_training_time / TIME_BUDGET, "perf/step_time_ms": dt * 1000,
+                         "train/progress": min(total_training_time / TIME_BUDGET, 1.0), "perf/step_time_ms": dt * 1000,
                          "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **row, **layer_metrics})
         run.check_divergence(step, train_loss_f)
         remaining = max(0, TIME_BUDGET - total_training_time)
@@ -775,7 +775,7 @@ def train_loop(run, t):
     progress_line.done(f"step {step:05d} (100.0%) | loss: {debiased_smooth_loss:.6f} | training done in {total_training_time:.1f}s")
     # The in-training slice once more, so the val/bpb curve has its end point
     val_bpb_slice, dt_eval = validate(t, VAL_TOKENS)
-    run.log(step, **{"elapsed_s": total_training_time, "train/progress": total_training_time / TIME_BUDGET,
+    run.log(step, **{"elapsed_s": total_training_time, "train/progress": 1.0,
                      "val/bpb": val_bpb_slice})
     run.timing("warmup_s", warmup_time)
     run.timing("eval_s", eval_time + dt_eval)

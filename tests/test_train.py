@@ -18,8 +18,9 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (imports prepare; trains nothing)
 from prepare import FINAL_KEYS  # noqa: E402
 
-# small shapes: big enough for several flex blocks and windows, small enough for 2 CPU cores
-B, H, T, D = 2, 4, 96, 16
+# small shapes: three of flex's 128-token blocks (so full, partial and skipped blocks all occur),
+# small enough for 2 CPU cores
+B, H, T, D = 2, 4, 384, 16
 CONTRACT_STEP_KEYS = {"step", "time", "elapsed_s", "train/loss", "train/loss_smooth", "train/lr_multiplier",
                       "train/muon_momentum", "train/weight_decay", "train/progress", "perf/step_time_ms",
                       "perf/tokens_per_sec", "perf/mfu_percent"}
@@ -39,7 +40,7 @@ def reference_attention(q, k, v, window):
 def attention_with_grads(fn, q, k, v):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     y = fn(q, k, v)
-    y.backward(torch.cos(torch.arange(y.numel(), dtype=y.dtype)).view_as(y))  # a fixed, uneven upstream gradient
+    y.backward(torch.cos(torch.arange(y.numel(), device=y.device).float()).to(y.dtype).view_as(y))  # a fixed, uneven upstream gradient
     return y.detach(), q.grad, k.grad, v.grad
 
 
@@ -74,7 +75,7 @@ def quiet_flex_warning():
 # ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("n_kv_head", [H, H // 2])
-@pytest.mark.parametrize("window", [0, 5, 31, 48, 94, T - 1, T])
+@pytest.mark.parametrize("window", [0, 5, 100, 128, 200, T - 2, T - 1, T])
 def test_attention_paths_agree_with_reference(window, n_kv_head):
     g = torch.Generator().manual_seed(window)
     q = torch.randn(B, H, T, D, generator=g)
@@ -90,6 +91,34 @@ def test_attention_paths_agree_with_reference(window, n_kv_head):
         for name, got, want in zip(("out", "dq", "dk", "dv"), attention_with_grads(fn, q, k, v), expected):
             err = (got - want).abs().max().item()
             assert err < 1e-5, f"{path} {name} differs from reference (window={window}, kv_heads={n_kv_head}): {err:.2e}"
+
+
+@pytest.mark.parametrize("window", [5, 100, 128, 200])
+def test_block_mask_is_the_bool_mask_and_skips_blocks_out_of_the_window(window):
+    block_mask = train.sliding_window_block_mask(T, window, "cpu")
+    dense = block_mask.to_dense()[0, 0].bool()  # (q blocks, kv blocks) that are computed at all
+    n = T // 128
+    q_blk, kv_blk = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    want = (kv_blk <= q_blk) & ((q_blk - kv_blk) * 128 - 127 <= window)  # some query sees some key
+    assert torch.equal(dense, want), f"window {window}: blocks computed\n{dense.int()}\nexpected\n{want.int()}"
+    bool_mask = train.sliding_window_bool_mask(T, window, "cpu")
+    flex = block_mask.mask_mod(0, 0, torch.arange(T)[:, None], torch.arange(T)[None, :])
+    assert torch.equal(flex, bool_mask.view(T, T)), f"window {window}: mask_mod and the SDPA mask disagree"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled, block-sparse flex kernel")
+@pytest.mark.parametrize("window", [100, 1024])
+def test_compiled_flex_matches_sdpa_in_bf16_on_cuda(window):
+    T_gpu = 2048
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, T_gpu, 128, generator=g, device="cuda", dtype=torch.bfloat16)
+    flex = train.sliding_window_block_mask(T_gpu, window, "cuda")
+    sdpa = train.sliding_window_bool_mask(T_gpu, window, "cuda")
+    got = attention_with_grads(lambda q, k, v: train.attention(q, k, v, flex), q, k, v)
+    want = attention_with_grads(lambda q, k, v: train.attention(q, k, v, sdpa), q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+        err = ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+        assert err < 2e-2, f"compiled flex vs SDPA, window {window}: {name} differs by {err:.2e} of its largest value"
 
 
 def test_window_pattern_gives_half_context_short_layers_and_a_full_last_layer():
@@ -462,6 +491,8 @@ def test_cpu_run_streams_contract_metrics(ok_run):
         missing = CONTRACT_STEP_KEYS - set(r)
         assert not missing, f"step {r['step']} lacks {missing}"
     assert [r["step"] for r in train_rows] == list(range(len(train_rows)))
+    progress = [r["train/progress"] for r in rows]
+    assert progress == sorted(progress) and 0 <= progress[0] and progress[-1] == 1.0, progress[-3:]
     losses = [r["train/loss"] for r in train_rows]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     val = [r for r in rows if "val/bpb" in r]
@@ -492,15 +523,16 @@ def test_planted_exception_is_a_crash_with_its_traceback(cpu_env, tmp_path):
     assert [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [0, 1]
 
 
-def test_planted_nan_is_diverged(cpu_env, tmp_path):
+@pytest.mark.parametrize("factor", ["float('nan')", "1e3"], ids=["nan", "loss_over_100"])
+def test_planted_blow_up_is_diverged(cpu_env, tmp_path, factor):
     script = planted_copy(tmp_path, "        train_loss = loss.detach()\n",
-                          "        train_loss = loss.detach() * (float('nan') if step == 3 else 1.0)\n")
+                          f"        train_loss = loss.detach() * ({factor} if step == 3 else 1.0)\n")
     out = run_train(cpu_env, tmp_path, script)
     assert out.returncode == 2, f"exit {out.returncode}\n{out.stderr[-2000:]}"
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["status"] == "diverged" and "step 3" in summary["error"]
-    rows = read_metrics(tmp_path / "metrics.jsonl")
-    assert rows[-1]["step"] == 3 and math.isnan(rows[-1]["train/loss"]), "the diverging step is on record"
+    last = read_metrics(tmp_path / "metrics.jsonl")[-1]
+    assert last["step"] == 3 and not last["train/loss"] <= 100, f"the diverging step is not on record: {last}"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when there is no GPU")
