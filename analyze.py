@@ -7,7 +7,7 @@ Usage:
     uv run analyze.py list                       # every archived run, one line each
     uv run analyze.py show ID                    # print a run's analysis.md
     uv run analyze.py compare A B                # two runs side by side, plus an overlay plot
-    uv run analyze.py best                       # the current best run
+    uv run analyze.py best                       # the current best run: the one most recently kept
     uv run analyze.py status ID keep|discard|crash
 
 It reads run_summary.json, metrics.jsonl and run.log in the working directory (written by train.py),
@@ -19,6 +19,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,7 @@ import numpy as np
 
 ARCHIVE_DIR = Path(".auto-log-research")
 RESULTS_TSV = ARCHIVE_DIR / "results.tsv"
+TORN_TSV = ARCHIVE_DIR / "results.tsv.torn"     # rows of results.tsv with missing fields, set aside verbatim
 HARNESS_PIN = ARCHIVE_DIR / "harness.json"      # sha256 of prepare.py and analyze.py, pinned by the first run
 INSIGHTS_MD = ARCHIVE_DIR / "insights.md"       # the agent's notes; only "## Current Best" is rewritten here
 PROGRESS_PNG = ARCHIVE_DIR / "progress.png"     # val_bpb of every run, redrawn after each one
@@ -55,7 +57,7 @@ GRID_POINTS = 200          # common training-progress grid on which two runs are
 DEPARTURE_SIGMAS = 3.0     # smoothed losses "differ" beyond this many sigmas of their combined noise
 DEPARTURE_HOLD = 5         # ... for this many consecutive grid points (one blip is not a departure)
 VAL_BPB_TOLERANCE = 0.005  # in-training val/bpb threshold while the noise band is still unknown
-NOISE_SIGMAS = 2.0         # noise band = +-2 std of val_bpb among runs of identical train.py
+NOISE_SIGMAS = 2.0         # noise band = +-2 std of the difference of two runs (sqrt(2) x one run's std)
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
 SPIKE_WINDOW = 50          # trailing steps that a loss value is compared against
 SPIKE_Z = 6.0              # robust z-score above which a loss value is a spike
@@ -133,17 +135,43 @@ def read_json(path):
 # ---------------------------------------------------------------------------
 # results.tsv: the experiment log, one row per archived run
 
-def read_results():
-    lines = RESULTS_TSV.read_text().splitlines() if RESULTS_TSV.exists() else []
+def parse_results():
+    """(rows, torn): torn are (line number, line) of rows with fewer fields than the header, e.g. a write
+    cut short or a hand edit. They are left out rather than padded with blanks."""
+    try:
+        lines = RESULTS_TSV.read_text().splitlines() if RESULTS_TSV.exists() else []
+    except UnicodeDecodeError as e:
+        die(f"{RESULTS_TSV} is not UTF-8 text (byte {e.start}: {e.reason}); re-encode it "
+            "(e.g. `iconv -f latin1 -t utf-8`) or move it aside")
     if not lines:
-        return []
+        return [], []
     if lines[0].split("\t")[:1] != ["commit"]:
         die(f"{RESULTS_TSV} has no `commit\\tval_bpb\\t...` header; restore it from a backup or move it aside")
     header = lines[0].split("\t")
-    return [dict(zip(header, line.split("\t") + [""] * len(header))) for line in lines[1:] if line.strip()]
+    rows, torn = [], []
+    for number, line in enumerate(lines[1:], 2):
+        fields = line.split("\t")
+        if len(fields) >= len(header):
+            rows.append(dict(zip(header, fields)))
+        elif line.strip():
+            torn.append((number, line))
+    return rows, torn
+
+
+def read_results():
+    rows, torn = parse_results()
+    for number, line in torn:
+        fields = line.count("\t") + 1
+        print(f"analyze.py: {RESULTS_TSV} line {number} is torn ({fields} fields): left out, "
+              f"and moved to {TORN_TSV} at the next write", file=sys.stderr)
+    return rows
 
 
 def write_results(rows):
+    torn = parse_results()[1]
+    if torn:  # set aside verbatim, never silently dropped
+        old = TORN_TSV.read_text() if TORN_TSV.exists() else ""
+        write_atomic(TORN_TSV, old + "".join(line + "\n" for _, line in torn))
     extra = [k for row in rows for k in row if k not in COLUMNS]
     header = list(COLUMNS) + list(dict.fromkeys(extra))
     lines = ["\t".join(header)] + ["\t".join(tsv_field(row.get(c, "")) for c in header) for row in rows]
@@ -166,16 +194,34 @@ def row_bpb(row):
 
 
 def comparable(rows, harness):
-    """Valid runs with a val_bpb made under the same harness: the only ones a run is measured against."""
-    return [r for r in rows if r.get("harness") == harness and r.get("status") in ("pending", "keep", "discard")
+    """Valid runs with a val_bpb made under the same harness: the only ones a run is measured against.
+    `invalid` (harness changed) and `crash` rows are never among them."""
+    return [r for r in rows if r.get("harness", "") == harness and r.get("status") in ("pending", "keep", "discard")
             and row_bpb(r) is not None]
 
 
 def pick_best(rows, harness):
-    """The kept run with the lowest val_bpb; before anything is kept, the lowest not-yet-judged run."""
+    """The run the branch stands on: the most recently kept one (in results.tsv order), as keep advances
+    the branch in karpathy/autoresearch. It need not have the lowest val_bpb: a simplification kept inside
+    the noise band is the new base. Before anything is kept, the lowest not-yet-judged run."""
     pool = comparable(rows, harness)
-    kept = [r for r in pool if r["status"] == "keep"] or [r for r in pool if r["status"] == "pending"]
-    return min(kept, key=row_bpb, default=None)
+    kept = [r for r in pool if r["status"] == "keep"]
+    if kept:
+        return kept[-1]
+    return min((r for r in pool if r["status"] == "pending"), key=row_bpb, default=None)
+
+
+def best_over_time(rows):
+    """val_bpb of the best after each row (None before there is one), by pick_best's rule, in one pass."""
+    kept = lowest = None
+    out = []
+    for r in rows:
+        if r.get("status") == "keep":
+            kept = row_bpb(r)
+        elif r.get("status") == "pending":
+            lowest = row_bpb(r) if lowest is None else min(lowest, row_bpb(r))
+        out.append(kept if kept is not None else lowest)
+    return out
 
 
 def pick_previous(rows, harness):
@@ -185,6 +231,16 @@ def pick_previous(rows, harness):
 
 def latest_harness(rows):
     return next((r["harness"] for r in reversed(rows) if r.get("harness")), "")
+
+
+def remove_leftovers(directory):
+    """Temporary files and directories of invocations killed mid-write. Every writer holds the lock,
+    and so does the caller, so none of them is in use."""
+    for path in Path(directory).glob(".*"):
+        if path.is_dir() and path.name.startswith(".tmp-"):
+            shutil.rmtree(path)
+        elif path.is_file() and (path.name.endswith(".tmp") or path.name.startswith(".progress.")):
+            path.unlink()
 
 
 def find_row(rows, run_id):
@@ -316,18 +372,15 @@ class Capture:
     notes: list = field(default_factory=list)
 
 
-def stale_reasons(summary, summary_path, head, log_path):
+def stale_reasons(summary, summary_path, log_path, archived):
     """Why run_summary.json cannot be the latest run's; empty when it is. RunRecorder deletes the old
-    summary at start-up, so a summary survives a run only when train.py died before reaching it."""
-    reasons = []
-    git_info = summary.get("git") or {}
-    ran_sha, ran_commit = git_info.get("train_py_sha256"), git_info.get("commit")
-    now_sha = sha256_file("train.py") if Path("train.py").exists() else None
-    if ran_sha and now_sha and ran_sha != now_sha:
-        reasons.append(f"it describes a different train.py (commit {str(ran_commit)[:7]}, "
-                       f"sha256 {ran_sha[:8]}) than the checkout (HEAD {head[:7]}, sha256 {now_sha[:8]})")
-    elif not ran_sha and ran_commit and ran_commit != head:
-        reasons.append(f"it is for commit {ran_commit[:7]} but HEAD is {head[:7]}")
+    summary at start-up, so a summary survives a run only when train.py died before reaching it; then
+    run.log, rewritten by the shell redirect, differs from the log archived with the summary's run
+    (`archived`: its results.tsv row) or, when that run is not archived, is newer than the summary.
+    A train.py or HEAD that moved on since is no reason: the summary names its own commit."""
+    if archived is not None and not log_rewritten(archived, log_path):
+        return []  # the run on record, run.log the same in content (perhaps touched)
+    reasons = [] if archived is None else [f"it is archived as {archived['run_id']}, whose run.log differs"]
     if log_path.exists():
         finished = (summary.get("timings") or {}).get("finished_at")
         if not isinstance(finished, (int, float)):
@@ -338,8 +391,17 @@ def stale_reasons(summary, summary_path, head, log_path):
     return reasons
 
 
-def read_summary(summary_path, log_path, head):
-    """(summary or None, outcome, notes): whether run_summary.json describes the latest run."""
+def log_rewritten(row, log_path):
+    """run.log differs from the one archived with `row`. No run.log here means nothing new ran."""
+    run_dir = ARCHIVE_DIR / row["run_id"]
+    if not log_path.exists() or not run_dir.is_dir():
+        return False
+    archived = run_dir / "run.log"
+    return not archived.exists() or sha256_file(archived) != sha256_file(log_path)
+
+
+def read_summary(summary_path):
+    """(summary or None, outcome, notes) for a missing, corrupt or readable run_summary.json."""
     if not summary_path.exists():
         return None, "no_summary", ["no run_summary.json: the process ended before writing it (killed, e.g. out "
                                     "of memory, or train.py failed before RunRecorder started)"]
@@ -347,38 +409,53 @@ def read_summary(summary_path, log_path, head):
     if problem:
         return None, "corrupt_summary", [f"{problem}: the run is recorded as a crash of HEAD from run.log; "
                                          "the unreadable file is kept as run_summary.json.corrupt"]
-    reasons = stale_reasons(summary, summary_path, head, log_path)
-    if reasons:
-        return None, "stale_summary", [f"run_summary.json was left by an earlier run ({'; '.join(reasons)}): "
-                                       "this run is recorded as a crash of HEAD from run.log"]
     return summary, summary.get("status") or "crash", []
 
 
-def capture_run(head):
-    summary_path, log_path, metrics_path = Path("run_summary.json"), Path("run.log"), Path("metrics.jsonl")
-    if not summary_path.exists() and not log_path.exists():
-        die(f"nothing to archive in {Path.cwd()}: no run_summary.json and no run.log "
-            "(train.py writes the first, `uv run train.py > run.log 2>&1` the second)")
-    summary, outcome, notes = read_summary(summary_path, log_path, head)
-    # RunRecorder deletes metrics.jsonl together with the old summary: a stale summary means stale curves too
-    use_metrics = metrics_path.exists() and outcome != "stale_summary"
-    if outcome == "stale_summary" and metrics_path.exists():
-        notes.append("metrics.jsonl is the earlier run's too; not archived")
-    elif not metrics_path.exists():
-        notes.append("metrics.jsonl is missing: no training curves for this run")
-    if not log_path.exists():
-        if summary is None:
+def summary_identity(summary, head):
+    """(commit, run key) of a summary: the same run always gets the same key."""
+    git_info = summary.get("git") or {}
+    commit = git_info.get("commit") or head
+    basis = f"summary|{commit}|{(summary.get('timings') or {}).get('started_at')}|{git_info.get('train_py_sha256')}"
+    return commit, hashlib.sha256(basis.encode()).hexdigest()[:16]
+
+
+def capture_run(head, rows):
+    """Read the run files in the working directory (cmd_archive checked that there are some)."""
+    summary_path, log_path = Path("run_summary.json"), Path("run.log")
+    summary, outcome, notes = read_summary(summary_path)
+    if summary is not None:
+        commit, key = summary_identity(summary, head)
+        archived = next((r for r in rows if r.get("run_key") == key), None)
+        reasons = stale_reasons(summary, summary_path, log_path, archived)
+        if reasons:
+            summary, outcome = None, "stale_summary"
+            notes.append(f"run_summary.json was left by an earlier run ({'; '.join(reasons)}): this run is "
+                         "recorded as a crash of HEAD from run.log; that summary is kept as stale_run_summary.json")
+        elif commit != head:
+            notes.append(f"HEAD has moved to {head[:7]} since this run; it is archived under the commit it ran")
+    if summary is None:  # the same crash log rewritten by a rerun is a new run: its mtime tells them apart
+        if not log_path.exists():
             die("run_summary.json is unusable and there is no run.log to recover the run from; "
                 "rerun with `uv run train.py > run.log 2>&1`")
-        notes.append("run.log is missing: train.py's output was not redirected to it")
-    if summary is not None:
-        git_info = summary.get("git") or {}
-        commit = git_info.get("commit") or head
-        basis = f"summary|{commit}|{(summary.get('timings') or {}).get('started_at')}|{git_info.get('train_py_sha256')}"
-    else:  # the same crash log rewritten by a rerun is a new run: its mtime tells them apart
         commit = head
         basis = f"crash|{head}|{sha256_file(log_path)}|{log_path.stat().st_mtime_ns}"
-    return Capture(commit, summary, outcome, hashlib.sha256(basis.encode()).hexdigest()[:16], use_metrics, notes)
+        key = hashlib.sha256(basis.encode()).hexdigest()[:16]
+    # RunRecorder deletes metrics.jsonl together with the old summary: a stale summary means stale curves too
+    use_metrics = Path("metrics.jsonl").exists() and outcome != "stale_summary"
+    return Capture(commit, summary, outcome, key, use_metrics, notes + input_notes(outcome, log_path))
+
+
+def input_notes(outcome, log_path):
+    """Run files that are missing, or not this run's."""
+    notes = []
+    if not Path("metrics.jsonl").exists():
+        notes.append("metrics.jsonl is missing: no training curves for this run")
+    elif outcome == "stale_summary":
+        notes.append("metrics.jsonl is the earlier run's too; not archived")
+    if not log_path.exists():
+        notes.append("run.log is missing: train.py's output was not redirected to it")
+    return notes
 
 
 def harness_key(summary):
@@ -390,15 +467,24 @@ def harness_key(summary):
     return f"{harness.get('profile', '?')}:{digest}"
 
 
-def check_harness(summary, run_id):
-    """None when prepare.py and analyze.py match the pinned sha256, else which file changed.
-    The first run whose summary records both hashes pins them."""
+def harness_shas(summary):
     git_info = (summary or {}).get("git") or {}
-    shas = {name: git_info.get(f"{Path(name).stem}_py_sha256") for name in HARNESS_FILES}
+    return {name: git_info.get(f"{Path(name).stem}_py_sha256") for name in HARNESS_FILES}
+
+
+def pin_harness(summary, run_id):
+    """The first stored run whose summary records both hashes pins them (only cmd_archive calls this)."""
+    shas = harness_shas(summary)
+    if not HARNESS_PIN.exists() and all(shas.values()):
+        write_atomic(HARNESS_PIN, json.dumps({**shas, "pinned_by": run_id}, indent=2) + "\n")
+
+
+def check_harness(summary):
+    """None when prepare.py and analyze.py match the pinned sha256 (or nothing is pinned yet), else
+    which file changed. Only reads: rebuilding an analysis for show must not pin anything."""
     if not HARNESS_PIN.exists():
-        if all(shas.values()):
-            write_atomic(HARNESS_PIN, json.dumps({**shas, "pinned_by": run_id}, indent=2) + "\n")
         return None
+    shas = harness_shas(summary)
     pin, problem = read_json(HARNESS_PIN)
     if problem:
         die(f"{problem}; restore it, or delete it to pin the harness of the next run")
@@ -450,6 +536,8 @@ def store_run(capture, run_id, best_commit):
         shutil.copyfile("run_summary.json", tmp / "run_summary.json")
     elif capture.outcome == "corrupt_summary":
         shutil.copyfile("run_summary.json", tmp / "run_summary.json.corrupt")
+    elif capture.outcome == "stale_summary":  # an earlier run's, perhaps never archived: keep it
+        shutil.copyfile("run_summary.json", tmp / "stale_run_summary.json")
     if capture.use_metrics:
         shutil.copyfile("metrics.jsonl", tmp / "metrics.jsonl")
     if Path("run.log").exists():
@@ -526,7 +614,12 @@ def noise_band(history, run_row):
     dof = sum(len(g) - 1 for g in repeated)
     pooled = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in repeated) / dof)) if dof else None
     return {"own": own, "pooled_std": pooled, "groups": len(repeated), "runs": sum(len(g) for g in repeated),
-            "band": NOISE_SIGMAS * pooled if pooled is not None else None}
+            "dof": dof, "band": difference_band(pooled)}
+
+
+def difference_band(std):
+    """One run against one other: their difference has std sqrt(2) x one run's."""
+    return None if std is None else NOISE_SIGMAS * np.sqrt(2.0) * std
 
 
 def build_context(run, rows):
@@ -536,7 +629,7 @@ def build_context(run, rows):
     best = load_run(best_row) if best_row else None
     prev = best if prev_row is best_row else (load_run(prev_row) if prev_row else None)
     diff = (run.dir / "diff.patch").read_text() if (run.dir / "diff.patch").exists() else ""
-    changed = check_harness(run.summary, run.id) if run.summary else None
+    changed = check_harness(run.summary) if run.summary else None
     return Context(run, best, prev, history, diff, noise_band(history, run.row), changed)
 
 
@@ -615,7 +708,8 @@ def last_tenth_trend(metrics):
     slope = np.polyfit(p[keep], loss[keep], 1)[0]
     change = slope * 0.1
     final = float(np.median(loss[keep][-max(keep.sum() // 10, 1):]))
-    return {"slope": float(slope), "change": float(change), "fraction": float(change / final) if final else 0.0}
+    return {"slope": float(slope), "change": float(change), "fraction": float(change / final) if final else 0.0,
+            "window": (float(p.max() - 0.1), float(p.max()))}
 
 
 # ---------------------------------------------------------------------------
@@ -655,9 +749,11 @@ def verdict(ctx):
     delta = run.bpb - ctx.best.bpb
     if band is None:
         return f"{delta:+.6f} against the best; the noise band is unknown, so its significance is unknown"
+    basis = f"+-{band:.6f} from {ctx.noise['runs']} runs, {ctx.noise['dof']} degrees of freedom"
     if abs(delta) <= band:
-        return f"{delta:+.6f} against the best lies within the noise band (+-{band:.6f})"
-    return f"{delta:+.6f} against the best is {'an improvement' if delta < 0 else 'a regression'} beyond the noise band (+-{band:.6f})"
+        return f"{delta:+.6f} against the best lies within the noise band ({basis})"
+    return (f"{delta:+.6f} against the best is {'an improvement' if delta < 0 else 'a regression'} "
+            f"beyond the noise band ({basis})")
 
 
 def section_crash(ctx):
@@ -730,12 +826,28 @@ def section_trajectory(ctx):
              f"(step {int(step[i_min])}, progress {p[i_min]:.2f})"]
     trend = last_tenth_trend(m)
     if trend:
-        state = ("still improving when time ran out" if trend["fraction"] < -PLATEAU_DROP else
+        falling = trend["fraction"] < -PLATEAU_DROP
+        stop = "when time ran out" if ctx.run.row.get("outcome") == "ok" else "when it stopped"
+        state = (f"still improving {stop}" if falling else
                  "rising at the end" if trend["fraction"] > PLATEAU_DROP else "plateaued")
         lines.append(f"- last tenth of training: fitted change {trend['change']:+.4f} "
                      f"({100 * trend['fraction']:+.2f}% of the loss; slope {trend['slope']:+.3f} per unit progress): "
                      f"{state}")
+        lines += warmdown_note(m, trend["window"], falling)
     return "\n".join(lines)
+
+
+def warmdown_note(m, window, falling):
+    """The LR multiplier across the last tenth: a warmdown lowers the loss there by itself."""
+    p, _, lr = m.series("train/lr_multiplier")
+    ok = np.isfinite(lr)
+    if ok.sum() < 2:
+        return []
+    start, end = np.interp(window, p[ok], lr[ok])
+    if end >= start:
+        return []
+    return [f"- LR multiplier over that window: {start:.3f} -> {end:.3f}"
+            + ("; part of the fall is this annealing" if falling else "")]
 
 
 def section_departure(ctx):
@@ -744,11 +856,11 @@ def section_departure(ctx):
         return "## Where it departs from the best\n- no comparison: " + (
             "no earlier comparable run" if best is None else "a run has no metrics")
     lines = [f"## Where it departs from the best ({best.id}), aligned on training progress"]
-    lines += compare_curves(run.metrics, best.metrics, ctx.noise["pooled_std"], "this run", "the best")
+    lines += compare_curves(run.metrics, best.metrics, ctx.noise["band"], "this run", "the best")
     return "\n".join(lines)
 
 
-def compare_curves(a, b, val_std, this, other):
+def compare_curves(a, b, val_band, this, other):
     """Loss and in-training val/bpb of a against b, on training progress."""
     lines = []
     if "train/loss_smooth" in a and "train/loss_smooth" in b:
@@ -762,9 +874,9 @@ def compare_curves(a, b, val_std, this, other):
     if "val/bpb" in a.columns and "val/bpb" in b.columns:
         pa, _, va = a.series("val/bpb")
         pb, _, vb = b.series("val/bpb")
-        threshold = NOISE_SIGMAS * val_std if val_std else VAL_BPB_TOLERANCE
+        threshold = val_band or VAL_BPB_TOLERANCE
         lines.append(describe_departure("in-training val/bpb", (pa, va), (pb, vb), threshold, this, other)
-                     + ("" if val_std else f" (threshold {VAL_BPB_TOLERANCE} while the noise band is unknown)"))
+                     + ("" if val_band else f" (threshold {VAL_BPB_TOLERANCE} while the noise band is unknown)"))
     return lines or ["- no curves in common"]
 
 
@@ -885,8 +997,9 @@ def section_noise(ctx):
         lines.append("- noise band: unknown, fewer than two runs of an identical train.py under this harness. "
                      "Rerunning an unchanged commit measures it; each rerun is archived as <commit7>-2, -3, ...")
     else:
-        lines.append(f"- noise band: +-{noise['band']:.6f} ({NOISE_SIGMAS:g} x pooled std {noise['pooled_std']:.6f}, "
-                     f"from {noise['runs']} runs of {noise['groups']} repeated train.py version(s))")
+        lines.append(f"- noise band: +-{noise['band']:.6f} ({NOISE_SIGMAS:g} x sqrt(2) x pooled std "
+                     f"{noise['pooled_std']:.6f}: one run against one best run; estimated from {noise['runs']} runs "
+                     f"of {noise['groups']} repeated train.py version(s), {noise['dof']} degrees of freedom)")
     return "\n".join(lines)
 
 
@@ -1024,6 +1137,8 @@ def draw_layer_heatmap(out_dir, m, stat="grad_norm"):
     order = sorted(names, key=lambda n: (int(n.split(".")[0]) if n.split(".")[0].isdigit() else -1, n))
     series = [m.series(names[n]) for n in order]
     lo, hi = min(p.min() for p, _, _ in series), max(p.max() for p, _, _ in series)
+    if hi <= lo:  # one logging point: no progress axis to draw
+        return []
     columns = np.linspace(lo, hi, min(GRID_POINTS, max(len(p) for p, _, _ in series)))
     with np.errstate(divide="ignore", invalid="ignore"):
         grid = np.array([np.interp(columns, p, np.log10(np.where(v > 0, v, np.nan))) for p, _, v in series])
@@ -1042,7 +1157,8 @@ def draw_layer_heatmap(out_dir, m, stat="grad_norm"):
 
 
 def draw_progress(rows):
-    """val_bpb of every run of the latest harness, in order; kept runs labelled; running best as steps."""
+    """val_bpb of every run of the latest harness, in order; kept runs labelled; the current best's val_bpb
+    as steps (it may step up when a simplification is kept)."""
     harness = latest_harness(rows)
     points = [(i, r) for i, r in enumerate(rows) if r.get("harness") == harness and row_bpb(r) is not None
               and r.get("status") != "invalid"]
@@ -1058,9 +1174,8 @@ def draw_progress(rows):
         for i, r in kept:
             ax.annotate(r["description"][:28] or r["commit"], (i, row_bpb(r)), fontsize=6, rotation=20,
                         xytext=(3, 3), textcoords="offset points")
-    best_pool = kept or points
-    ax.step([i for i, _ in best_pool] + [len(rows) - 1], list(np.minimum.accumulate([row_bpb(r) for _, r in best_pool]))
-            + [min(row_bpb(r) for _, r in best_pool)], where="post", color="C2", lw=1, label="running best")
+    best = [np.nan if b is None else b for b in best_over_time([r for _, r in points])]
+    ax.step(xs + [len(rows) - 1], best + best[-1:], where="post", color="C2", lw=1, label="current best (last kept)")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("run (order archived)")
     ax.set_ylabel("val_bpb")
@@ -1068,14 +1183,15 @@ def draw_progress(rows):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = PROGRESS_PNG.with_name(f".progress.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=PLOT_DPI)
+    tmp = PROGRESS_PNG.with_name(f".progress.png.{os.getpid()}.tmp")
+    fig.savefig(tmp, dpi=PLOT_DPI, format="png")
     plt.close(fig)
     os.replace(tmp, PROGRESS_PNG)
 
 
 def report(run, rows):
-    """analysis.md and the plots of one archived run; returns the analysis text."""
+    """analysis.md and the plots of one archived run; returns the analysis text. Callers hold the lock."""
+    remove_leftovers(run.dir)
     ctx = build_context(run, rows)
     if run.metrics is not None:  # a run without curves gets no plots of other runs' curves
         others = [("best", ctx.best)] + ([("previous", ctx.prev)] if ctx.prev is not ctx.best else [])
@@ -1091,25 +1207,23 @@ def report(run, rows):
 
 def cmd_archive():
     head = head_commit()
-    capture = capture_run(head)
+    if not Path("run_summary.json").exists() and not Path("run.log").exists():
+        die(f"nothing to archive in {Path.cwd()}: no run_summary.json and no run.log "
+            "(train.py writes the first, `uv run train.py > run.log 2>&1` the second)")
     with archive_lock():
-        for leftover in ARCHIVE_DIR.glob(".tmp-*"):  # a killed invocation's half-built directory
-            shutil.rmtree(leftover)
+        remove_leftovers(ARCHIVE_DIR)
         rows = read_results()
+        capture = capture_run(head, rows)
         row = next((r for r in rows if r.get("run_key") == capture.key), None)
         if row is not None and (ARCHIVE_DIR / row["run_id"] / "analysis.md").exists():
             print(f"already archived as {row['run_id']}: {ARCHIVE_DIR / row['run_id'] / 'analysis.md'} (nothing added)")
             return 0
         if row is None:
-            run_id = new_run_id(capture.commit, rows)
-            harness_changed = check_harness(capture.summary, run_id) if capture.summary else None
-            status = ("crash" if capture.outcome != "ok" or capture.summary.get("val_bpb") is None
-                      else "invalid" if harness_changed else "pending")
-            row = make_row(capture, run_id, status, latest_harness(rows))
-            best = pick_best(rows, row["harness"])
-            store_run(capture, run_id, best["commit"] if best else None)
+            row = record_run(capture, rows)
             rows.append(row)
             write_results(rows)  # the record is safe from here on; analysis and plots follow
+            if capture.summary is not None:
+                pin_harness(capture.summary, row["run_id"])
         text = report(load_run(row), rows)
         draw_progress(rows)
     print(text.split("\n\n## ")[1])
@@ -1117,16 +1231,40 @@ def cmd_archive():
     return 0
 
 
+def record_run(capture, rows):
+    """The results.tsv row of a run not yet in it, storing its directory unless an earlier invocation,
+    killed before writing results.tsv (or whose row was torn), already did."""
+    run_id = stored_run_id(capture) or new_run_id(capture.commit, rows)
+    harness_changed = check_harness(capture.summary) if capture.summary else None
+    status = ("crash" if capture.outcome != "ok" or capture.summary.get("val_bpb") is None
+              else "invalid" if harness_changed else "pending")
+    row = make_row(capture, run_id, status, latest_harness(rows))
+    if not (ARCHIVE_DIR / run_id).exists():
+        best = pick_best(rows, row["harness"])
+        store_run(capture, run_id, best["commit"] if best else None)
+    return row
+
+
+def stored_run_id(capture):
+    """The id of a run directory <commit7>* that already holds this run, or None."""
+    for run_dir in sorted(ARCHIVE_DIR.glob(f"{capture.commit[:7]}*")):
+        record = read_json(run_dir / RECORD_JSON)[0] or {}
+        if record.get("run_key") == capture.key:
+            return run_dir.name
+    return None
+
+
 def cmd_list():
     rows = read_results()
     if not rows:
         print(f"no runs archived yet ({RESULTS_TSV} is missing or empty)")
         return 0
-    best_ids = {b["run_id"] for b in (pick_best(rows, h) for h in {r["harness"] for r in rows}) if b}
+    bests = [pick_best(rows, h) for h in {r.get("harness", "") for r in rows}]
     print(f"{'run':<12} {'val_bpb':>9} {'mem_gb':>6}  {'status':<8} {'outcome':<15} {'harness':<13} description")
-    for r in rows:
-        mark = "*" if r["run_id"] in best_ids else " "
-        print(f"{r.get('run_id', ''):<11}{mark} {r.get('val_bpb', ''):>9} {r.get('memory_gb', ''):>6}  "
+    for r in rows:  # .get: a results.tsv of karpathy/autoresearch's five columns lists too
+        mark = "*" if any(r is b for b in bests) else " "
+        run_id = r.get("run_id") or r.get("commit", "")
+        print(f"{run_id:<11}{mark} {r.get('val_bpb', ''):>9} {r.get('memory_gb', ''):>6}  "
               f"{r.get('status', ''):<8} {r.get('outcome', ''):<15} {r.get('harness', ''):<13} {r.get('description', '')}")
     return 0
 
@@ -1148,8 +1286,10 @@ def cmd_best():
     if best is None:
         print("no best run yet: no valid run under the latest harness")
         return 0
-    print(f"{best['run_id']}\tcommit {best['commit']}\tval_bpb {best['val_bpb']}\tstatus {best['status']}\t"
-          f"{best['description']}\t{ARCHIVE_DIR / best['run_id'] / 'analysis.md'}")
+    run_id = best.get("run_id") or best["commit"]
+    rule = "most recently kept" if best["status"] == "keep" else "lowest val_bpb of the pending runs (none kept yet)"
+    print(f"{run_id}\tcommit {best['commit']}\tval_bpb {best['val_bpb']}\tstatus {best['status']}\t"
+          f"{best.get('description', '')}\t{ARCHIVE_DIR / run_id / 'analysis.md'}\t{rule}")
     return 0
 
 
@@ -1167,7 +1307,7 @@ def cmd_compare(id_a, id_b):
     if a.summary and b.summary:
         lines += config_diff(a.summary.get("config") or {}, b.summary.get("config") or {})
     if a.metrics is not None and b.metrics is not None:
-        lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row)["pooled_std"], "B", "A")
+        lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row)["band"], "B", "A")
     out = ARCHIVE_DIR / f"compare_{a.id}_{b.id}"
     out.mkdir(exist_ok=True)
     files = draw_overlays(out, [(f"A {a.id}", a.metrics), (f"B {b.id}", b.metrics)])
@@ -1178,17 +1318,32 @@ def cmd_compare(id_a, id_b):
 
 def cmd_status(run_id, status):
     with archive_lock():
+        remove_leftovers(ARCHIVE_DIR)
         rows = read_results()
         row = find_row(rows, run_id)
-        if status == "keep" and (row["status"] in ("crash", "invalid") or row_bpb(row) is None):
+        if row["status"] == "invalid":  # one step through `discard` would otherwise let it be kept
+            die(f"run {row['run_id']} is `invalid`: its prepare.py/analyze.py differ from the sha256 pinned in "
+                f"{HARNESS_PIN}, so its status cannot change")
+        if status == "keep" and (row["status"] == "crash" or row_bpb(row) is None):
             die(f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept")
         was_kept, row["status"] = row["status"] == "keep", status
         write_results(rows)
+        set_headline_status(row)
         if status == "keep" or was_kept:
             write_current_best(pick_best(rows, row["harness"]))
         draw_progress(rows)
     print(f"{row['run_id']}: {status}")
     return 0
+
+
+def set_headline_status(row):
+    """Rewrite the status in the run's analysis.md headline; the Agent notes below it are the agent's."""
+    path = ARCHIVE_DIR / row["run_id"] / "analysis.md"
+    if not path.exists():
+        return
+    head, sep, notes = path.read_text().partition("\n## Agent notes")
+    head = re.sub(r"^(- val_bpb \*\*[^*]*\*\*, status )`\w+`", rf"\g<1>`{row['status']}`", head, count=1, flags=re.M)
+    write_atomic(path, head + sep + notes)
 
 
 def write_current_best(best):

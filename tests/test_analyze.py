@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -210,6 +211,50 @@ def test_stale_summary_is_recorded_as_a_crash_of_the_commit_actually_run(repo):
     text = analysis(row["run_id"])
     assert "earlier run" in text and "ModuleNotFoundError" in section(text, "Crash")
     assert len(results()) == 2 and results()[0]["run_id"] == old_head[:7]
+    kept = ARCHIVE / row["run_id"] / "stale_run_summary.json"
+    assert json.loads(kept.read_text())["git"]["commit"] == old_head, "the stale summary was dropped"
+    assert "kept as stale_run_summary.json" in section(text, "Headline")
+
+
+def test_finished_run_archived_after_the_next_commit_is_ok_under_its_own_commit(repo):
+    best, base = archive_run(val_bpb=1.0)
+    run_analyze("status", best["run_id"], "keep")
+    ran = commit("deeper", "DEPTH = 9\nMATRIX_LR = 0.04\n")
+    write_run(val_bpb=0.99, age_s=-5)
+    head = commit("deeper still", "DEPTH = 10\nMATRIX_LR = 0.04\n")  # committed before analyze.py ran
+    assert run_analyze() == 0
+    row = results()[-1]
+    assert (row["commit"], row["status"], row["outcome"], row["val_bpb"], row["description"]) == \
+        (ran[:7], "pending", "ok", "0.990000", "deeper"), row
+    assert (ARCHIVE / row["run_id"] / "metrics.jsonl").exists()
+    patch = (ARCHIVE / row["run_id"] / "diff.patch").read_text()
+    assert "+DEPTH = 9" in patch and "DEPTH = 10" not in patch, patch
+    assert f"HEAD has moved to {head[:7]}" in section(analysis(row["run_id"]), "Headline")
+
+
+def test_archiving_again_after_the_next_commit_adds_nothing(repo, capsys):
+    archive_run()
+    commit("next idea", "DEPTH = 9\n")
+    capsys.readouterr()
+    assert run_analyze() == 0
+    assert "already archived" in capsys.readouterr().out
+    later = time.time() + 600  # run.log touched, not rewritten: its contents are what was archived
+    os.utime("run.log", (later, later))
+    assert run_analyze() == 0
+    assert "already archived" in capsys.readouterr().out
+    assert len(results()) == 1
+
+
+def test_archived_summary_with_a_rewritten_run_log_is_stale_even_within_the_time_slack(repo):
+    first, _ = archive_run()
+    mtime = Path("run.log").stat().st_mtime
+    head = commit("typo", "DEPTH = 8\nimport nonexistent_module\n")
+    Path("run.log").write_text("Traceback (most recent call last):\nModuleNotFoundError: nonexistent_module\n")
+    os.utime("run.log", (mtime + 1, mtime + 1))  # a fast crash: no time lag to go by
+    assert run_analyze() == 0
+    row = results()[-1]
+    assert (row["commit"], row["status"], row["outcome"]) == (head[:7], "crash", "stale_summary"), row
+    assert f"archived as {first['run_id']}, whose run.log differs" in section(analysis(row["run_id"]), "Headline")
 
 
 def test_summary_older_than_run_log_is_stale_even_for_the_same_commit(repo):
@@ -228,9 +273,13 @@ def test_changed_prepare_py_makes_the_run_invalid_and_it_can_never_be_kept(repo)
     row, _ = archive_run(val_bpb=0.5, prepare_sha="c" * 64, age_s=-5)
     assert row["status"] == "invalid"
     assert "prepare.py" in section(analysis(row["run_id"]), "Headline")
-    with pytest.raises(SystemExit, match="cannot be kept"):
-        run_analyze("status", row["run_id"], "keep")
+    for status in ("discard", "keep", "crash"):  # discard-then-keep used to launder it into the best
+        with pytest.raises(SystemExit, match="is `invalid`: its prepare.py/analyze.py differ") as err:
+            run_analyze("status", row["run_id"], status)
+        assert "\n" not in str(err.value)
+    assert results()[1]["status"] == "invalid"
     assert analyze.pick_best(results(), row["harness"])["run_id"] == first["run_id"]
+    assert row["run_id"] not in [r["run_id"] for r in analyze.comparable(results(), row["harness"])]
 
 
 def test_runs_under_another_harness_are_not_compared(repo):
@@ -261,6 +310,44 @@ def test_status_keep_creates_insights_md_and_discarding_the_best_updates_it(repo
     assert head[:7] in section((ARCHIVE / "insights.md").read_text(), "Current Best")
     run_analyze("status", row["run_id"], "discard")
     assert "no run kept" in section((ARCHIVE / "insights.md").read_text(), "Current Best")
+
+
+def test_best_is_the_most_recently_kept_run_even_when_its_val_bpb_is_higher(repo, capsys):
+    base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
+    head = commit("remove value embeddings", "DEPTH = 8\n")  # a simplification, inside the noise
+    simple, _ = archive_run(val_bpb=1.002, age_s=-5)
+    run_analyze("status", simple["run_id"], "keep")
+    capsys.readouterr()
+    run_analyze("best")
+    assert capsys.readouterr().out.startswith(f"{simple['run_id']}\tcommit {head[:7]}\t")
+    run_analyze("list")
+    marked = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line[11:12] == "*"]
+    assert marked == [simple["run_id"]], marked
+    assert head[:7] in section((ARCHIVE / "insights.md").read_text(), "Current Best")
+    commit("next idea", "DEPTH = 9\n")
+    row, _ = archive_run(val_bpb=1.001, age_s=-10)
+    assert f"vs best ({simple['run_id']}, 1.002000)" in section(analysis(row["run_id"]), "Headline")
+
+
+def test_best_over_time_follows_the_last_kept_run_and_may_step_up():
+    rows = [{"status": s, "val_bpb": v} for s, v in
+            (("pending", "1.01"), ("pending", "1.00"), ("keep", "1.00"), ("discard", "0.99"), ("keep", "1.002"))]
+    assert analyze.best_over_time(rows) == [1.01, 1.00, 1.00, 1.00, 1.002]
+    assert analyze.pick_best([{**r, "harness": ""} for r in rows], "")["val_bpb"] == "1.002"
+
+
+def test_status_rewrites_the_headline_of_analysis_md_but_not_the_agent_notes(repo, capsys):
+    row, _ = archive_run()
+    path = ARCHIVE / row["run_id"] / "analysis.md"
+    path.write_text(path.read_text() + "\n- status `pending` was my first guess\n")
+    run_analyze("status", row["run_id"], "keep")
+    text = path.read_text()
+    assert "status `keep`" in section(text, "Headline"), section(text, "Headline")
+    assert section(text, "Agent notes").endswith("- status `pending` was my first guess\n")
+    capsys.readouterr()
+    run_analyze("show", row["run_id"])
+    assert "status `keep`" in capsys.readouterr().out
 
 
 def test_concurrent_invocations_for_one_run_archive_it_once(repo):
@@ -328,6 +415,88 @@ def test_failure_while_analysing_keeps_the_record_and_a_rerun_completes_the_anal
     monkeypatch.setattr(analyze, "draw_overlays", lambda *args: [])
     assert run_analyze() == 0
     assert len(results()) == 1 and (ARCHIVE / results()[0]["run_id"] / "analysis.md").exists()
+
+
+def test_run_stored_but_not_logged_is_adopted_not_archived_twice(repo, monkeypatch):
+    head = write_run()
+
+    def killed(rows):  # the process died between renaming the run directory and writing results.tsv
+        raise OSError("killed")
+    monkeypatch.setattr(analyze, "write_results", killed)
+    with pytest.raises(OSError):
+        run_analyze()
+    assert (ARCHIVE / head[:7]).is_dir()
+    monkeypatch.undo()
+    monkeypatch.chdir(repo)
+    assert run_analyze() == 0
+    assert [r["run_id"] for r in results()] == [head[:7]]
+    assert sorted(p.name for p in ARCHIVE.iterdir() if p.is_dir()) == [head[:7]]
+
+
+def test_torn_row_is_reported_set_aside_and_its_run_adopted_again(repo, capsys):
+    first, _ = archive_run(val_bpb=1.0)
+    commit("deeper", "DEPTH = 9\n")
+    second, _ = archive_run(val_bpb=0.99, age_s=-5)
+    lines = (ARCHIVE / "results.tsv").read_text().splitlines()
+    torn = "\t".join(lines[2].split("\t")[:3])
+    (ARCHIVE / "results.tsv").write_text("\n".join([*lines[:2], torn]) + "\n")
+    capsys.readouterr()
+    assert run_analyze("list") == 0
+    out, err = capsys.readouterr()
+    assert "results.tsv line 3 is torn (3 fields)" in err and first["run_id"] in out, (out, err)
+    assert run_analyze() == 0  # the run files of the torn row's run are still in the working directory
+    assert [r["run_id"] for r in results()] == [first["run_id"], second["run_id"]]
+    assert all(len(r) == len(analyze.COLUMNS) for r in results()), "a row was padded with blanks"
+    assert (ARCHIVE / "results.tsv.torn").read_text() == torn + "\n"
+    assert not (ARCHIVE / f"{second['run_id']}-2").exists()
+
+
+def test_karpathy_five_column_results_tsv_lists_and_names_the_last_kept_best(repo, capsys):
+    ARCHIVE.mkdir()
+    (ARCHIVE / "results.tsv").write_text("commit\tval_bpb\tmemory_gb\tstatus\tdescription\n"
+                                         "a1b2c3d\t0.997900\t44.0\tkeep\tbaseline\n"
+                                         "b2c3d4e\t0.993200\t44.2\tkeep\tincrease LR to 0.04\n"
+                                         "c3d4e5f\t1.005000\t44.0\tdiscard\tswitch to GeLU\n")
+    assert run_analyze("list") == 0
+    out = capsys.readouterr().out
+    assert "increase LR to 0.04" in out and "switch to GeLU" in out, out
+    assert [line.split()[0] for line in out.splitlines() if line[11:12] == "*"] == ["b2c3d4e"], out
+    assert run_analyze("best") == 0
+    assert capsys.readouterr().out.startswith("b2c3d4e\tcommit b2c3d4e\t")
+
+
+def test_non_utf8_results_tsv_is_one_clear_line(repo):
+    ARCHIVE.mkdir()
+    (ARCHIVE / "results.tsv").write_bytes(b"commit\tval_bpb\nab\xe9cdef\t1.0\n")
+    with pytest.raises(SystemExit, match="results.tsv is not UTF-8 text") as err:
+        run_analyze("list")
+    assert "\n" not in str(err.value)
+
+
+def test_temporary_files_of_killed_invocations_are_cleaned_up(repo):
+    row, _ = archive_run()
+    leftovers = [ARCHIVE / ".results.tsv.999.tmp", ARCHIVE / ".progress.999.png", ARCHIVE / ".progress.png.999.tmp",
+                 ARCHIVE / ".insights.md.999.tmp", ARCHIVE / row["run_id"] / ".analysis.md.999.tmp"]
+    for path in leftovers:
+        path.write_text("half")
+    (ARCHIVE / ".tmp-abc1234").mkdir()
+    run_analyze("status", row["run_id"], "keep")
+    (ARCHIVE / row["run_id"] / "analysis.md").unlink()
+    run_analyze("show", row["run_id"])  # rebuilds the analysis, in the run's directory
+    left = [p.name for p in ARCHIVE.rglob(".*") if p.name != ".lock"]
+    assert not left, f"left behind: {left}"
+
+
+def test_show_and_status_never_pin_the_harness(repo):
+    row, _ = archive_run()
+    (ARCHIVE / "harness.json").unlink()
+    (ARCHIVE / row["run_id"] / "analysis.md").unlink()
+    run_analyze("show", row["run_id"])
+    run_analyze("status", row["run_id"], "discard")
+    assert not (ARCHIVE / "harness.json").exists(), "rebuilding an analysis pinned the harness"
+    commit("next idea", "DEPTH = 9\n")
+    nxt, _ = archive_run(age_s=-5)
+    assert json.loads((ARCHIVE / "harness.json").read_text())["pinned_by"] == nxt["run_id"]
 
 
 # ---------------------------------------------------------------------------
@@ -420,6 +589,34 @@ def test_gain_inside_the_noise_band_is_called_noise_and_a_large_gain_is_not(repo
     assert "an improvement beyond the noise band" in section(analysis(big["run_id"]), "Headline")
 
 
+def test_noise_band_is_two_sqrt_two_sigma_of_a_difference_and_names_its_degrees_of_freedom(repo):
+    base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
+    for i, bpb in enumerate((1.006, 0.997)):
+        archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
+    std = np.std([1.000, 1.006, 0.997], ddof=1)
+    band = 2 * np.sqrt(2) * std  # 0.012961; 2 sigma alone would be 0.009165
+    commit("small tweak", "DEPTH = 8\nMATRIX_LR = 0.041\n")
+    row, _ = archive_run(val_bpb=0.989, age_s=-20)
+    text = analysis(row["run_id"])
+    assert f"within the noise band (+-{band:.6f} from 3 runs, 2 degrees of freedom)" in section(text, "Headline"), \
+        section(text, "Headline")
+    assert f"+-{band:.6f}" in section(text, "Noise") and "2 degrees of freedom" in section(text, "Noise")
+
+
+def test_trajectory_names_the_lr_annealing_and_says_stopped_for_an_unfinished_run(repo):
+    def still(p):
+        return 3.0 + 3.0 * np.exp(-5.0 * p) - 0.4 * p
+    row, _ = archive_run(loss=still)
+    trajectory = section(analysis(row["run_id"]), "Trajectory")
+    assert "still improving when time ran out" in trajectory, trajectory
+    # write_run's LR multiplier is min(1, 2 (1 - p)): 0.2 at progress 0.9, 0 at the end
+    assert "LR multiplier over that window: 0.200 -> 0.000; part of the fall is this annealing" in trajectory
+    row, _ = archive_run(loss=still, status="timeout", age_s=-5)
+    trajectory = section(analysis(row["run_id"]), "Trajectory")
+    assert "still improving when it stopped" in trajectory and "time ran out" not in trajectory, trajectory
+
+
 def test_stalls_and_nan_losses_are_reported_but_the_compile_step_is_no_stall(repo):
     write_run()
     rows = [json.loads(line) for line in Path("metrics.jsonl").read_text().splitlines()]
@@ -439,6 +636,15 @@ def test_a_layer_with_outsized_gradient_norm_stands_out(repo):
     layers = section(analysis(row["run_id"]), "Per-layer health")
     grad = next(line for line in layers.splitlines() if line.startswith("- grad_norm"))
     assert "2.attn.c_q" in grad and "10.0x" in grad and "mlp" not in grad, grad
+
+
+def test_layer_heatmap_is_skipped_quietly_when_layers_were_logged_at_one_progress_point(tmp_path):
+    rows = [{"step": i, "train/progress": i / 2, "train/loss": 3.0} for i in range(3)]
+    rows[0].update({f"layer/{b}.attn.c_q/grad_norm": 0.5 for b in range(4)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert analyze.draw_layer_heatmap(tmp_path, analyze.Metrics(rows)) == []
+    assert not list(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------------------
