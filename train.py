@@ -725,11 +725,12 @@ def train_loop(run, t):
     run.timing("startup_s", time.time() - t_process_start)
     while True:
         progress = min(total_training_time / TIME_BUDGET, 1.0)
-        row = {}
         if val_at and progress >= val_at[0]:
-            row["val/bpb"], dt_eval = validate(t, VAL_TOKENS)
+            val_bpb_slice, dt_eval = validate(t, VAL_TOKENS)
             eval_time += dt_eval
             val_at = [p for p in val_at if p > progress]
+            # its own row, at the progress where it was measured (the step's row comes after the step)
+            run.log(step, **{"elapsed_s": total_training_time, "train/progress": progress, "val/bpb": val_bpb_slice})
 
         # the previous step ended in a sync (its loss reached the host), so t0 needs none
         t0 = time.time()
@@ -750,7 +751,7 @@ def train_loop(run, t):
         run.log(step, **{"elapsed_s": total_training_time, "train/loss": train_loss_f,
                          "train/loss_smooth": debiased_smooth_loss, **schedule,
                          "train/progress": min(total_training_time / TIME_BUDGET, 1.0), "perf/step_time_ms": dt * 1000,
-                         "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **row, **layer_metrics})
+                         "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **layer_metrics})
         run.check_divergence(step, train_loss_f)
         remaining = max(0, TIME_BUDGET - total_training_time)
         mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
