@@ -56,15 +56,22 @@ SMOOTH_BETA = 0.9          # EMA of train/loss (as train.py's train/loss_smooth)
 GRID_POINTS = 200          # common training-progress grid on which two runs are compared
 DEPARTURE_SIGMAS = 3.0     # smoothed losses "differ" beyond this many sigmas of their combined noise
 DEPARTURE_HOLD = 5         # ... for this many consecutive grid points (one blip is not a departure)
+VAL_DEPARTURE_HOLD = 2     # in-training val/bpb (~10 points a run) differs for this many consecutive points
 VAL_BPB_TOLERANCE = 0.005  # in-training val/bpb threshold while the noise band is still unknown
+GAP_GROWS = 1.25           # |gap at the end| / |gap at the departure| above this: the gap grows
+GAP_CLOSES = 0.8           # ... below this: it closes; in between: steady
 NOISE_SIGMAS = 2.0         # noise band = +-2 std of the difference of two runs (sqrt(2) x one run's std)
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
+TREND_MIN_STEPS = 20       # fewer training steps than this in the last tenth: too noisy to call a trend
 SPIKE_WINDOW = 50          # trailing steps that a loss value is compared against
 SPIKE_Z = 6.0              # robust z-score above which a loss value is a spike
 STALL_FACTOR = 3.0         # a step slower than this many times the median step is a stall
 LAYER_OUTLIER_RATIO = 3.0  # a layer whose stat is this many times above/below its peers' median stands out
 PLOT_DPI = 80              # with PLOT_POINTS, keeps each PNG well under 200 KB
 PLOT_POINTS = 500          # longer curves are drawn as bin medians (stalls and spikes are in the text)
+DIFF_HUNKS = 6             # What changed: at most this many hunks of diff.patch ...
+DIFF_HUNK_LINES = 4        # ... with at most this many changed lines each, cut at DIFF_LINE_CHARS
+DIFF_LINE_CHARS = 100
 
 
 def die(message):
@@ -310,6 +317,7 @@ class Metrics:
         if "train/progress" in self.columns:
             idx, prog = self.columns["train/progress"]
             self.progress = np.interp(self.step, self.step[idx], prog)  # rows without it: by step
+            self.progress[idx] = prog  # a val row shares its step with the next training row, not its progress
         else:
             self.progress = self.step / max(self.step.max(), 1.0)
 
@@ -347,6 +355,25 @@ class Metrics:
         if len(resid) < 5:
             return None
         return float(1.4826 * np.median(np.abs(resid - np.median(resid))))
+
+    @cached_property
+    def training_progress(self):
+        """Progress of the training rows (those holding train/loss) that count against the budget: the
+        warm-up (compile) steps before the clock starts all sit at progress 0."""
+        p = self.series("train/loss")[0] if "train/loss" in self.columns else self.progress
+        return p[p > 0]
+
+    @property
+    def start(self):
+        """First positive training progress; before it, runs can only be aligned by step."""
+        p = self.training_progress
+        return float(p.min()) if len(p) else 0.0
+
+    @property
+    def progress_per_step(self):
+        """Typical progress one training step adds (its time over the budget), or None."""
+        p = self.training_progress
+        return float(np.median(np.diff(p))) if len(p) >= 2 else None
 
     def layer_keys(self):
         """{stat: {name: key}} for keys layer/<name>/<stat>."""
@@ -560,6 +587,20 @@ def train_py_diff(capture, best_commit):
     return patch if patch is not None else f"# git diff against {best_commit[:7]} failed: that commit is gone\n"
 
 
+def uncommitted_train_py(summary):
+    """(sha256 of train.py as run, sha256 of its commit's train.py) when they differ, else None. Such a
+    run measured code that no commit holds; None too when either is unknown (e.g. the commit is gone)."""
+    git_info = (summary or {}).get("git") or {}
+    ran, commit = git_info.get("train_py_sha256"), git_info.get("commit")
+    if not ran or not commit:
+        return None
+    out = subprocess.run(["git", "show", f"{commit}:train.py"], capture_output=True)  # bytes, as hashed
+    if out.returncode != 0:
+        return None
+    committed = hashlib.sha256(out.stdout).hexdigest()
+    return None if committed == ran else (ran, committed)
+
+
 # ---------------------------------------------------------------------------
 # An archived run, loaded for analysis
 
@@ -601,6 +642,7 @@ class Context:
     diff: str
     noise: dict
     harness_change: str | None  # which of prepare.py / analyze.py differ from the pinned sha256
+    uncommitted: tuple | None   # (sha256 as run, sha256 at the commit) of a train.py run with uncommitted changes
 
 
 def noise_band(history, run_row):
@@ -613,8 +655,8 @@ def noise_band(history, run_row):
     repeated = [np.array([row_bpb(r) for r in g]) for g in groups.values() if len(g) >= 2]
     dof = sum(len(g) - 1 for g in repeated)
     pooled = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in repeated) / dof)) if dof else None
-    return {"own": own, "pooled_std": pooled, "groups": len(repeated), "runs": sum(len(g) for g in repeated),
-            "dof": dof, "band": difference_band(pooled)}
+    return {"own": own, "by_sha": groups, "pooled_std": pooled, "groups": len(repeated),
+            "runs": sum(len(g) for g in repeated), "dof": dof, "band": difference_band(pooled)}
 
 
 def difference_band(std):
@@ -630,7 +672,8 @@ def build_context(run, rows):
     prev = best if prev_row is best_row else (load_run(prev_row) if prev_row else None)
     diff = (run.dir / "diff.patch").read_text() if (run.dir / "diff.patch").exists() else ""
     changed = check_harness(run.summary) if run.summary else None
-    return Context(run, best, prev, history, diff, noise_band(history, run.row), changed)
+    return Context(run, best, prev, history, diff, noise_band(history, run.row), changed,
+                   uncommitted_train_py(run.summary))
 
 
 # ---------------------------------------------------------------------------
@@ -640,37 +683,41 @@ def fmt(x, spec=".4f"):
     return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
 
 
-def departure(a, b, threshold):
-    """Align curve a=(progress, values) and b on a common progress grid. Returns the grid, the gap a-b
-    and the first index from which |gap| exceeds threshold for DEPARTURE_HOLD points (None: never)."""
+def departure(a, b, points, threshold, hold):
+    """Gap a-b at progress `points` (both curves interpolated) and the first index from which |gap|
+    exceeds `threshold` (one per point) at `hold` consecutive points (None: never)."""
     (pa, va), (pb, vb) = a, b
-    lo, hi = max(pa.min(), pb.min()), min(pa.max(), pb.max())
-    if hi <= lo:
-        return None
-    grid = np.linspace(lo, hi, GRID_POINTS)
-    gap = np.interp(grid, pa, va) - np.interp(grid, pb, vb)
+    gap = np.interp(points, pa, va) - np.interp(points, pb, vb)
     over = np.abs(gap) > threshold
-    start = next((i for i in range(len(grid)) if over[i:i + DEPARTURE_HOLD].all()), None)  # at the end: all left
-    return grid, gap, start
+    start = next((i for i in range(len(points) - hold + 1) if over[i:i + hold].all()), None)
+    return gap, start
 
 
-def describe_departure(name, a, b, threshold, this, other):
-    result = departure(a, b, threshold)
-    if result is None:
-        return f"- {name}: no overlap in training progress to compare"
-    grid, gap, start = result
+def misalignment(curve, points, per_step):
+    """The gap that a shift of one training step alone makes: |slope of the curve| x progress per step.
+    Where the curve is steep (early training) two repeats of one train.py differ by this much."""
+    p, v = curve
+    return np.abs(np.interp(points + per_step / 2, p, v) - np.interp(points - per_step / 2, p, v))
+
+
+def gap_trend(first, last):
+    """How the gap went from the departure to the end of the comparison."""
+    if np.sign(first) != np.sign(last):
+        return "reverses (the sign flips after the departure)"
+    ratio = abs(last) / abs(first)
+    return "grows" if ratio > GAP_GROWS else "closes" if ratio < GAP_CLOSES else "steady"
+
+
+def describe_departure(name, points, gap, start, base, slack, this, other):
+    """One line: where a's curve leaves b's by more than base + slack (slack: the misalignment allowance)."""
+    allowance = f"{base:.4f}, plus up to {np.max(slack):.4f} where the curve is steep, for one step of misalignment"
     if start is None:
-        return (f"- {name}: within {threshold:.4f} of {other} over the whole run "
-                f"(progress {grid[0]:.2f}-{grid[-1]:.2f}); final gap {gap[-1]:+.4f}")
-    end_lead = f"{this} is {'ahead' if gap[-1] < 0 else 'behind'} by {abs(gap[-1]):.4f} at progress {grid[-1]:.2f}"
-    tail = np.abs(gap[start:])
-    third = max(len(tail) // 3, 1)
-    change = tail[-1] - tail[-third]
-    trend = "growing" if change > threshold else "closing" if change < -threshold else "steady"
-    crossed = " (the sign flips after the departure)" if np.sign(gap[-1]) != np.sign(gap[start]) else ""
-    return (f"- {name}: departs from {other} at progress {grid[start]:.2f} (gap {gap[start]:+.4f}, "
-            f"threshold {threshold:.4f}); {end_lead}; gap {trend} over the last third "
-            f"({tail[-third]:.4f} -> {tail[-1]:.4f}){crossed}")
+        return (f"- {name}: within the threshold of {other} at all {len(points)} points of progress "
+                f"{points[0]:.2f}-{points[-1]:.2f} (threshold {allowance}); final gap {gap[-1]:+.4f}")
+    return (f"- {name}: departs from {other} at progress {points[start]:.2f} (gap {gap[start]:+.4f}, threshold "
+            f"{base:.4f} + {slack[start]:.4f} for one step of misalignment); the gap goes {gap[start]:+.4f} -> "
+            f"{gap[-1]:+.4f} from there to progress {points[-1]:.2f}, the last common point: "
+            f"{gap_trend(gap[start], gap[-1])}; {this} is {'ahead' if gap[-1] < 0 else 'behind'} at the end")
 
 
 def loss_spikes(step, progress, loss):
@@ -700,16 +747,19 @@ def loss_spikes(step, progress, loss):
 
 
 def last_tenth_trend(metrics):
-    """Fitted change of train/loss over the last tenth of progress, as a fraction of the final loss."""
+    """Fitted change of train/loss over the last tenth of progress, as a fraction of the final loss.
+    {"steps": n} alone when the tenth holds under TREND_MIN_STEPS steps: a line through a few noisy
+    losses says nothing (7 steps read as "rising" while the smoothed loss was at its minimum)."""
     p, _, loss = metrics.series("train/loss") if "train/loss" in metrics.columns else metrics.smooth_loss
     keep = (p >= p.max() - 0.1) & np.isfinite(loss)
-    if keep.sum() < 3:
-        return None
+    steps = int(keep.sum())
+    if steps < TREND_MIN_STEPS:
+        return {"steps": steps}
     slope = np.polyfit(p[keep], loss[keep], 1)[0]
     change = slope * 0.1
-    final = float(np.median(loss[keep][-max(keep.sum() // 10, 1):]))
-    return {"slope": float(slope), "change": float(change), "fraction": float(change / final) if final else 0.0,
-            "window": (float(p.max() - 0.1), float(p.max()))}
+    final = float(np.median(loss[keep][-max(steps // 10, 1):]))
+    return {"steps": steps, "slope": float(slope), "change": float(change),
+            "fraction": float(change / final) if final else 0.0, "window": (float(p.max() - 0.1), float(p.max()))}
 
 
 # ---------------------------------------------------------------------------
@@ -731,6 +781,11 @@ def section_headline(ctx):
             lines.append(f"- vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
                          f"({'better' if delta < 0 else 'worse' if delta > 0 else 'equal'})")
     lines.append(f"- verdict: {verdict(ctx)}")
+    lines += mean_verdict(ctx)
+    if ctx.uncommitted:
+        ran, committed = ctx.uncommitted
+        lines.append(f"- [uncommitted changes]: train.py as run (sha256 {ran[:8]}) is not commit {run.row['commit']}'s "
+                     f"(sha256 {committed[:8]}); no commit holds the code measured, and `status keep` refuses this run")
     if ctx.harness_change:
         lines.append(f"- harness changed since it was pinned: {ctx.harness_change}. The run is `invalid` "
                      "(or a crash) and is never the best")
@@ -754,6 +809,31 @@ def verdict(ctx):
         return f"{delta:+.6f} against the best lies within the noise band ({basis})"
     return (f"{delta:+.6f} against the best is {'an improvement' if delta < 0 else 'a regression'} "
             f"beyond the noise band ({basis})")
+
+
+def mean_verdict(ctx):
+    """Mean val_bpb of this train.py's runs against the mean of the best's, once either is repeated:
+    the difference of an N-run and an M-run mean has std pooled_std x sqrt(1/N + 1/M)."""
+    run, best, noise = ctx.run, ctx.best, ctx.noise
+    if run.bpb is None or best is None or run.row["status"] == "invalid":
+        return []
+    own, ref = noise["own"], noise["by_sha"].get(best.row.get("train_py_sha"), [])
+    if not own or not ref or max(len(own), len(ref)) < 2:
+        return []
+    mean, ref_mean = np.mean([row_bpb(r) for r in own]), np.mean([row_bpb(r) for r in ref])
+    head = f"- mean val_bpb of this train.py's {len(own)} run(s): {mean:.6f}"
+    if own is ref:
+        return [head + " (the best's train.py is the same)"]
+    delta, pooled = mean - ref_mean, noise["pooled_std"]
+    line = f"{head}; of the best's train.py's {len(ref)} run(s): {ref_mean:.6f}; difference {delta:+.6f}"
+    if pooled is None:
+        return [line + "; the noise band for a difference of means is unknown"]
+    band = NOISE_SIGMAS * pooled * np.sqrt(1 / len(own) + 1 / len(ref))
+    basis = f"+-{band:.6f} = {NOISE_SIGMAS:g} x pooled std {pooled:.6f} x sqrt(1/{len(own)} + 1/{len(ref)})"
+    if abs(delta) <= band:
+        return [f"{line}: within the band for a difference of means ({basis})"]
+    return [f"{line}: {'an improvement' if delta < 0 else 'a regression'} beyond the band for a difference "
+            f"of means ({basis})"]
 
 
 def section_crash(ctx):
@@ -796,18 +876,46 @@ def config_diff(old, new):
     return ["- config: identical"] if not body else ["- config:"] + body
 
 
-def diff_summary(patch, max_lines=15):
+def diff_summary(patch):
+    """Counts, then the changed lines of the first hunks (a hunk header's own text is whatever line
+    precedes the hunk, e.g. WINDOW_PATTERN for a MATRIX_LR change, so it is not shown)."""
     if not patch.strip():
         return ["- diff.patch: train.py is identical to the best commit's"]
-    body = [line for line in patch.splitlines() if line[:1] in "+-" and not line.startswith(("+++", "---"))]
-    added, removed = sum(line[0] == "+" for line in body), sum(line[0] == "-" for line in body)
-    contexts = list(dict.fromkeys(line.split("@@")[-1].strip() for line in patch.splitlines()
-                                  if line.startswith("@@") and line.split("@@")[-1].strip()))
-    lines = [f"- diff.patch: +{added} -{removed} lines in train.py"
-             + (f"; hunks in: {', '.join(f'`{c[:60]}`' for c in contexts[:6])}" if contexts else "")]
-    shown = [line for line in body if line[1:].strip()][:max_lines]
-    lines += ["```diff", *[line[:120] for line in shown], "```"] if shown else []
-    return lines
+    hunks = diff_hunks(patch)
+    changed = [line for _, body in hunks for line in body]
+    added, removed = sum(line[0] == "+" for line in changed), sum(line[0] == "-" for line in changed)
+    lines = [f"- diff.patch: +{added} -{removed} lines in train.py, {len(hunks)} hunk(s)"
+             + (f"; the first {DIFF_HUNKS} shown" if len(hunks) > DIFF_HUNKS else "")]
+    shown = []
+    for first_line, body in hunks[:DIFF_HUNKS]:
+        body = [line for line in body if line[1:].strip()]
+        preview = hunk_preview(body)
+        shown.append(f"@@ line {first_line} @@")
+        shown += [line if len(line) <= DIFF_LINE_CHARS else line[:DIFF_LINE_CHARS - 3] + "..." for line in preview]
+        if len(body) > len(preview):
+            shown.append(f"  ({len(body) - len(preview)} more changed lines)")
+    return lines + ["```diff", *shown, "```"]
+
+
+def hunk_preview(body, budget=DIFF_HUNK_LINES):
+    """The first removed and the first added lines of a hunk, half the budget each when both sides
+    are long: a rewritten block lists all its removals before its additions."""
+    removed, added = [line for line in body if line[0] == "-"], [line for line in body if line[0] == "+"]
+    n_removed = min(len(removed), max(budget // 2, budget - len(added)))
+    return removed[:n_removed] + added[:budget - n_removed]
+
+
+def diff_hunks(patch):
+    """[(first line in the new train.py, [changed lines])] for each hunk of a one-file unified diff; its
+    ---/+++ header lines come before the first hunk."""
+    hunks = []
+    for line in patch.splitlines():
+        if line.startswith("@@"):
+            match = re.match(r"@@ -\d+(?:,\d+)? \+(\d+)", line)
+            hunks.append((int(match.group(1)) if match else 0, []))
+        elif hunks and line[:1] in "+-":
+            hunks[-1][1].append(line)
+    return hunks
 
 
 def section_trajectory(ctx):
@@ -825,12 +933,15 @@ def section_trajectory(ctx):
              f"(step {int(step[last])}, progress {p[last]:.2f}), minimum {smooth[i_min]:.4f} "
              f"(step {int(step[i_min])}, progress {p[i_min]:.2f})"]
     trend = last_tenth_trend(m)
-    if trend:
+    if "slope" not in trend:
+        lines.append(f"- last tenth of training: {trend['steps']} steps, too few to call a trend "
+                     f"(a fit needs {TREND_MIN_STEPS})")
+    else:
         falling = trend["fraction"] < -PLATEAU_DROP
         stop = "when time ran out" if ctx.run.row.get("outcome") == "ok" else "when it stopped"
         state = (f"still improving {stop}" if falling else
                  "rising at the end" if trend["fraction"] > PLATEAU_DROP else "plateaued")
-        lines.append(f"- last tenth of training: fitted change {trend['change']:+.4f} "
+        lines.append(f"- last tenth of training: fitted change {trend['change']:+.4f} over {trend['steps']} steps "
                      f"({100 * trend['fraction']:+.2f}% of the loss; slope {trend['slope']:+.3f} per unit progress): "
                      f"{state}")
         lines += warmdown_note(m, trend["window"], falling)
@@ -861,23 +972,53 @@ def section_departure(ctx):
 
 
 def compare_curves(a, b, val_band, this, other):
-    """Loss and in-training val/bpb of a against b, on training progress."""
+    """Loss and in-training val/bpb of a against b, on training progress from the later of the two
+    runs' first counted step. Each point's threshold is the noise plus the gap that one step of
+    misalignment makes there (the larger of the two runs' progress per step)."""
+    lo = max(a.start, b.start)
+    per_step = max(a.progress_per_step or 0.0, b.progress_per_step or 0.0)
     lines = []
     if "train/loss_smooth" in a and "train/loss_smooth" in b:
-        noise = [n for n in (a.loss_noise, b.loss_noise) if n is not None]
-        ema_factor = np.sqrt((1 - SMOOTH_BETA) / (1 + SMOOTH_BETA))  # an EMA shrinks white noise by this
-        sigma = float(np.sqrt(np.mean(np.square(noise)) * 2)) * ema_factor if noise else 0.0
-        threshold = max(DEPARTURE_SIGMAS * sigma, 1e-4)
-        pa, _, va = a.smooth_loss
-        pb, _, vb = b.smooth_loss
-        lines.append(describe_departure("train loss (smoothed)", (pa, va), (pb, vb), threshold, this, other))
+        ca, cb = finite(a.smooth_loss), finite(b.smooth_loss)
+        hi = min(ca[0].max(initial=0.0), cb[0].max(initial=0.0))
+        if hi > lo:
+            points = np.linspace(lo, hi, GRID_POINTS)
+            lines.append(compare_line("train loss (smoothed)", ca, cb, points, loss_threshold(a, b), per_step,
+                                      DEPARTURE_HOLD, this, other))
+        else:
+            lines.append("- train loss (smoothed): no overlap in training progress to compare")
     if "val/bpb" in a.columns and "val/bpb" in b.columns:
-        pa, _, va = a.series("val/bpb")
-        pb, _, vb = b.series("val/bpb")
-        threshold = val_band or VAL_BPB_TOLERANCE
-        lines.append(describe_departure("in-training val/bpb", (pa, va), (pb, vb), threshold, this, other)
-                     + ("" if val_band else f" (threshold {VAL_BPB_TOLERANCE} while the noise band is unknown)"))
+        ca, cb = finite(a.series("val/bpb")), finite(b.series("val/bpb"))
+        hi = min(ca[0].max(initial=0.0), cb[0].max(initial=0.0))
+        points = ca[0][(ca[0] >= lo) & (ca[0] <= hi)]  # this run's own val points, not interpolated ones
+        if len(points) >= VAL_DEPARTURE_HOLD:
+            lines.append(compare_line("in-training val/bpb", ca, cb, points, val_band or VAL_BPB_TOLERANCE, per_step,
+                                      VAL_DEPARTURE_HOLD, this, other)
+                         + ("" if val_band else f" (base threshold {VAL_BPB_TOLERANCE} while the noise band is unknown)"))
+        else:
+            lines.append(f"- in-training val/bpb: {len(points)} val point(s) after the warm-up in common: too few to compare")
     return lines or ["- no curves in common"]
+
+
+def finite(series):
+    """(progress, values) of a Metrics series without its NaN/inf values."""
+    p, _, v = series
+    ok = np.isfinite(v)
+    return p[ok], v[ok]
+
+
+def loss_threshold(a, b):
+    """DEPARTURE_SIGMAS x the noise of the difference of two smoothed losses."""
+    noise = [n for n in (a.loss_noise, b.loss_noise) if n is not None]
+    ema_factor = np.sqrt((1 - SMOOTH_BETA) / (1 + SMOOTH_BETA))  # an EMA shrinks white noise by this
+    sigma = float(np.sqrt(np.mean(np.square(noise)) * 2)) * ema_factor if noise else 0.0
+    return max(DEPARTURE_SIGMAS * sigma, 1e-4)
+
+
+def compare_line(name, ca, cb, points, base, per_step, hold, this, other):
+    slack = misalignment(cb, points, per_step)
+    gap, start = departure(ca, cb, points, base + slack, hold)
+    return describe_departure(name, points, gap, start, base, slack, this, other)
 
 
 def section_stability(ctx):
@@ -1326,6 +1467,8 @@ def cmd_status(run_id, status):
                 f"{HARNESS_PIN}, so its status cannot change")
         if status == "keep" and (row["status"] == "crash" or row_bpb(row) is None):
             die(f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept")
+        if status == "keep":
+            refuse_uncommitted(row)
         was_kept, row["status"] = row["status"] == "keep", status
         write_results(rows)
         set_headline_status(row)
@@ -1334,6 +1477,16 @@ def cmd_status(run_id, status):
         draw_progress(rows)
     print(f"{row['run_id']}: {status}")
     return 0
+
+
+def refuse_uncommitted(row):
+    """keep advances the branch to the run's commit: it must hold the train.py that was measured."""
+    summary = read_json(ARCHIVE_DIR / row["run_id"] / "run_summary.json")[0]
+    mismatch = uncommitted_train_py(summary)
+    if mismatch:
+        die(f"run {row['run_id']} ran train.py with uncommitted changes (sha256 {mismatch[0][:8]}; commit "
+            f"{row['commit']} holds {mismatch[1][:8]}), so keeping it would make the best a commit whose train.py "
+            "was never measured; commit the change and rerun, or mark the run discard")
 
 
 def set_headline_status(row):

@@ -60,26 +60,27 @@ def falling(p):
 
 
 def write_run(val_bpb=1.0, status="ok", loss=falling, noise=0.01, seed=0, spike=None, layer_scale=None,
-              prepare_sha=PREPARE_SHA, harness=GPU_HARNESS, config=None, summary=True, log=None, age_s=0.0):
+              prepare_sha=PREPARE_SHA, harness=GPU_HARNESS, config=None, summary=True, log=None, age_s=0.0,
+              steps=STEPS):
     """Write the three run files for the checked-out train.py. spike=(step, size) adds a loss spike;
     layer_scale={name: factor} scales one layer's grad_norm; age_s backdates the whole run."""
     rng = np.random.default_rng(seed)
     head = sh("git", "rev-parse", "HEAD")
     now = time.time() - age_s
     start = now - 330.0
-    p = np.linspace(0.0, 1.0, STEPS)
-    losses = loss(p) + noise * rng.standard_normal(STEPS)
+    p = np.linspace(0.0, 1.0, steps)
+    losses = loss(p) + noise * rng.standard_normal(steps)
     if spike:
         losses[spike[0]] += spike[1]
     rows, ema = [], 0.0
-    for i in range(STEPS):
+    for i in range(steps):
         ema = 0.9 * ema + 0.1 * losses[i]
         row = {"step": i, "time": start + 10 + 300 * p[i], "elapsed_s": 300 * p[i], "train/loss": losses[i],
                "train/loss_smooth": ema / (1 - 0.9 ** (i + 1)), "train/progress": p[i],
                "train/lr_multiplier": min(1.0, 2 * (1 - p[i])), "train/muon_momentum": 0.95,
                "train/weight_decay": 0.2 * (1 - p[i]), "perf/step_time_ms": 750.0 + rng.normal(0, 5),
                "perf/tokens_per_sec": 700000.0, "perf/mfu_percent": 40.0}
-        if i % (STEPS // 10) == 0 or i == STEPS - 1:
+        if i % (steps // 10) == 0 or i == steps - 1:
             row["val/bpb"] = float(loss(p[i:i + 1])[0]) / 3.0
         if i % 25 == 0:
             for block in range(4):
@@ -95,7 +96,7 @@ def write_run(val_bpb=1.0, status="ok", loss=falling, noise=0.01, seed=0, spike=
         Path("run_summary.json").write_text(json.dumps({
             "status": status, "val_bpb": val_bpb if status == "ok" else None, "training_seconds": 300.0,
             "total_seconds": 330.0, "peak_vram_mb": 46080.0, "mfu_percent": 40.0, "total_tokens_M": 210.0,
-            "num_steps": STEPS, "num_params_M": 50.3, "depth": 8,
+            "num_steps": steps, "num_params_M": 50.3, "depth": 8,
             "config": config or {"DEPTH": 8, "MATRIX_LR": 0.04},
             "harness": harness,
             "git": {"commit": head, "dirty": False, "train_py_sha256": train_sha,
@@ -280,6 +281,18 @@ def test_changed_prepare_py_makes_the_run_invalid_and_it_can_never_be_kept(repo)
     assert results()[1]["status"] == "invalid"
     assert analyze.pick_best(results(), row["harness"])["run_id"] == first["run_id"]
     assert row["run_id"] not in [r["run_id"] for r in analyze.comparable(results(), row["harness"])]
+
+
+def test_run_of_uncommitted_train_py_is_flagged_and_cannot_be_kept(repo):
+    Path("train.py").write_text("DEPTH = 8\nMATRIX_LR = 0.08\n")  # edited, never committed
+    row, head = archive_run()
+    headline = section(analysis(row["run_id"]), "Headline")
+    assert "[uncommitted changes]: train.py as run" in headline and f"not commit {head[:7]}'s" in headline, headline
+    with pytest.raises(SystemExit, match=f"run {row['run_id']} ran train.py with uncommitted changes") as err:
+        run_analyze("status", row["run_id"], "keep")
+    assert "\n" not in str(err.value) and "commit the change and rerun" in str(err.value)
+    assert results()[0]["status"] == "pending"
+    assert run_analyze("status", row["run_id"], "discard") == 0
 
 
 def test_runs_under_another_harness_are_not_compared(repo):
@@ -554,7 +567,7 @@ def test_departure_from_the_best_is_found_at_the_known_progress_fraction(repo):
     loss_line = next(line for line in section(text, "Where it departs").splitlines() if "train loss" in line)
     found = float(re.search(r"departs from the best at progress ([\d.]+)", loss_line).group(1))
     assert 0.38 <= found <= 0.47, f"departure at {found}, planted at 0.40: {loss_line}"
-    assert "this run is behind" in loss_line and "growing" in loss_line, loss_line
+    assert "this run is behind" in loss_line and ": grows;" in loss_line, loss_line
     assert "MATRIX_LR: 0.04 -> 0.08" in section(text, "What changed")
 
 
@@ -565,11 +578,105 @@ def test_identical_curves_do_not_depart(repo):
     assert "within" in departs and "departs from the best at" not in departs, departs
 
 
+def cpu_rows(steps, val, loss=None, warmup=11, val_rows=True):
+    """metrics.jsonl rows as the cpu profile writes them: `warmup` compile steps at progress 0, then
+    `steps` counted steps. val/bpb is measured before the first step at or past each tenth of progress,
+    in its own row at that progress (val_rows) or, as older runs logged it, in that step's training row."""
+    loss = loss or val
+    rows, before, val_at = [], 0.0, [k / 10 for k in range(10)]
+    for step in range(warmup + steps):
+        after = max(0.0, (step - warmup + 1) / steps)
+        row = {"step": step, "train/progress": after, "train/loss": float(loss(after)),
+               "train/loss_smooth": float(loss(after)), "perf/step_time_ms": 300.0}
+        if val_at and before >= val_at[0]:
+            val_at = [x for x in val_at if x > before]
+            if val_rows:
+                rows.append({"step": step, "train/progress": before, "val/bpb": float(val(before))})
+            else:
+                row["val/bpb"] = float(val(before))
+        rows.append(row)
+        before = after
+    rows.append({"step": warmup + steps, "train/progress": 1.0, "val/bpb": float(val(1.0))})
+    return rows
+
+
+def curve_lines(rows_a, rows_b, val_band=None):
+    """{'train loss (smoothed)': line, 'in-training val/bpb': line} of run a against run b."""
+    lines = analyze.compare_curves(analyze.Metrics(rows_a), analyze.Metrics(rows_b), val_band, "this run", "the best")
+    return {line[2:].split(":")[0]: line for line in lines}
+
+
+def steep(p):
+    """A cpu-profile val curve: most of its fall in the first tenth of training."""
+    return 2.2 + 1.5 * np.exp(-15.0 * np.asarray(p))
+
+
+@pytest.mark.parametrize("val_rows", [True, False], ids=["val-in-own-row", "val-in-training-row"])
+def test_repeats_whose_steps_fall_at_other_progress_do_not_depart_on_a_steep_val_curve(val_rows):
+    # one train.py, two machines' speeds: 73 and 64 counted steps, so the val points sit up to a step apart
+    line = curve_lines(cpu_rows(73, steep, val_rows=val_rows), cpu_rows(64, steep, val_rows=val_rows))["in-training val/bpb"]
+    assert "within the threshold of the best" in line, line
+    assert "for one step of misalignment" in line, line
+
+
+def test_val_departure_holds_for_two_val_points_and_a_single_blip_is_none():
+    def blip(at):
+        return lambda p: steep(p) + 0.05 * np.isin(np.round(np.asarray(p), 3), at)
+    best = cpu_rows(64, steep)
+    one = cpu_rows(64, blip([0.5]))
+    line = curve_lines(one, best, val_band=0.01)["in-training val/bpb"]
+    assert "within the threshold" in line, f"one val point off the curve read as a departure: {line}"
+    two = cpu_rows(64, blip([0.5, 0.609]))
+    points = [r["train/progress"] for r in two if "val/bpb" in r]
+    assert {0.5, 0.609} <= {round(x, 3) for x in points}, points
+    line = curve_lines(two, best, val_band=0.01)["in-training val/bpb"]
+    assert "departs from the best at progress 0.50 (gap +0.0500" in line, line
+
+
+def test_loss_alignment_starts_after_the_warm_up_steps_at_progress_zero():
+    def flat(p):
+        return 3.0 + 0.0 * np.asarray(p)
+    a, b = cpu_rows(40, flat, warmup=11), cpu_rows(40, flat, warmup=3)
+    for rows, warm_loss in ((a, 6.0), (b, 4.0)):  # compile steps: their own losses, all at progress 0
+        for r in rows:
+            if "train/loss" in r and r["train/progress"] == 0:
+                r["train/loss"] = r["train/loss_smooth"] = warm_loss
+    line = curve_lines(a, b)["train loss (smoothed)"]
+    assert "within the threshold of the best at all 200 points of progress 0.03-1.00" in line, line
+
+
+def test_gap_trend_compares_the_gap_at_the_departure_with_the_gap_at_the_end():
+    def base(p):
+        return 3.0 + 0.0 * np.asarray(p)
+
+    def rises_then_holds(p):  # the gap grows from progress 0.5 to 0.8, then holds at 0.3
+        return base(p) + 0.3 * np.clip((np.asarray(p) - 0.5) / 0.3, 0.0, 1.0)
+
+    def rises_then_closes(p):  # up to 0.3 at progress 0.7, back to 0.1 at the end
+        q = np.asarray(p)
+        return base(p) + np.where(q < 0.7, 1.5 * np.clip(q - 0.5, 0.0, None), 0.3 - (q - 0.7) * 2 / 3)
+    best = cpu_rows(400, base, warmup=0)
+    line = curve_lines(cpu_rows(400, rises_then_holds, warmup=0), best)["train loss (smoothed)"]
+    match = re.search(r"the gap goes ([+-][\d.]+) -> ([+-][\d.]+) from there to progress 1.00, the last common "
+                      r"point: (\w+)", line)
+    assert match, line
+    assert float(match.group(1)) < 0.02 and abs(float(match.group(2)) - 0.3) < 1e-3 and match.group(3) == "grows", line
+    line = curve_lines(cpu_rows(400, rises_then_closes, warmup=0), best)["train loss (smoothed)"]
+    assert ": grows;" in line, line  # departs at ~0.5 with a tiny gap, ends at 0.1
+    late = cpu_rows(400, rises_then_closes, warmup=0)
+    for r in late:  # the same gap, seen from where it is already large
+        if "train/loss" in r and r["train/progress"] < 0.7:
+            r["train/loss"] = r["train/loss_smooth"] = 3.0
+    line = curve_lines(late, best)["train loss (smoothed)"]
+    assert "departs from the best at progress 0.70" in line and ": closes;" in line, line
+
+
 def test_still_falling_loss_and_plateaued_loss_are_told_apart(repo):
     def still(p):
         return 3.0 + 3.0 * np.exp(-5.0 * p) - 0.4 * p
     row, _ = archive_run(loss=still)
-    assert "still improving" in section(analysis(row["run_id"]), "Trajectory")
+    trajectory = section(analysis(row["run_id"]), "Trajectory")
+    assert "over 40 steps" in trajectory and "still improving" in trajectory, trajectory
     row, _ = archive_run(loss=lambda p: 3.0 + 5.0 * np.exp(-30.0 * p), age_s=-5)
     assert "plateaued" in section(analysis(row["run_id"]), "Trajectory")
 
@@ -602,6 +709,33 @@ def test_noise_band_is_two_sqrt_two_sigma_of_a_difference_and_names_its_degrees_
     assert f"within the noise band (+-{band:.6f} from 3 runs, 2 degrees of freedom)" in section(text, "Headline"), \
         section(text, "Headline")
     assert f"+-{band:.6f}" in section(text, "Noise") and "2 degrees of freedom" in section(text, "Noise")
+
+
+def test_last_tenth_with_few_steps_calls_no_trend(repo):
+    # 70 noisy steps: a line through the last 7 raw losses would read as rising or falling at random
+    row, _ = archive_run(steps=70, noise=0.05, seed=3)
+    trajectory = section(analysis(row["run_id"]), "Trajectory")
+    assert "last tenth of training: 7 steps, too few to call a trend (a fit needs 20)" in trajectory, trajectory
+    assert not re.search(r"rising|plateaued|still improving|LR multiplier", trajectory), trajectory
+
+
+def test_repeated_code_gets_a_mean_against_the_best_codes_mean_with_its_own_band(repo):
+    base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
+    for i, bpb in enumerate((1.006, 0.997)):
+        archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
+    commit("small tweak", "DEPTH = 8\nMATRIX_LR = 0.041\n")
+    first, _ = archive_run(val_bpb=0.990, age_s=-20)
+    assert "of the best's train.py's 3 run(s): 1.001000" in section(analysis(first["run_id"]), "Headline")
+    row, _ = archive_run(val_bpb=0.992, age_s=-25)
+    old, new = np.array([1.000, 1.006, 0.997]), np.array([0.990, 0.992])
+    pooled = np.sqrt((((old - old.mean()) ** 2).sum() + ((new - new.mean()) ** 2).sum()) / 3)
+    band = 2 * pooled * np.sqrt(1 / 2 + 1 / 3)
+    headline = section(analysis(row["run_id"]), "Headline")
+    assert "-0.008000 against the best lies within the noise band" in headline, headline  # one run: noise
+    assert (f"mean val_bpb of this train.py's 2 run(s): 0.991000; of the best's train.py's 3 run(s): 1.001000; "
+            f"difference -0.010000: an improvement beyond the band for a difference of means (+-{band:.6f}") in headline, \
+        headline
 
 
 def test_trajectory_names_the_lr_annealing_and_says_stopped_for_an_unfinished_run(repo):
@@ -649,6 +783,21 @@ def test_layer_heatmap_is_skipped_quietly_when_layers_were_logged_at_one_progres
 
 # ---------------------------------------------------------------------------
 # Subcommands and cost
+
+def test_what_changed_shows_the_changed_lines_not_the_hunk_header_context(repo):
+    def train_py(lr, shift):
+        return ('WINDOW_PATTERN = "SSSL"\n' + "".join(f"# note {i}\n" for i in range(8)) + f"MATRIX_LR = {lr}\n"
+                + "".join(f"X{i} = {i + shift}\n" for i in range(10)))
+    commit("long train.py", train_py(0.04, 0))
+    best, _ = archive_run()
+    run_analyze("status", best["run_id"], "keep")
+    commit("higher lr", train_py(0.08, 1))
+    row, _ = archive_run(age_s=-5)
+    changes = section(analysis(row["run_id"]), "What changed")
+    assert "WINDOW_PATTERN" not in changes, f"git's hunk-header context shown as the change:\n{changes}"
+    assert "+11 -11 lines in train.py, 1 hunk(s)" in changes and "@@ line 7 @@" in changes, changes
+    assert "-MATRIX_LR = 0.04" in changes and "+MATRIX_LR = 0.08" in changes and "(18 more changed lines)" in changes
+
 
 def test_compare_prints_the_difference_and_writes_an_overlay(repo, capsys):
     a, _ = archive_run(val_bpb=1.0)
