@@ -679,8 +679,8 @@ def build_context(run, rows):
 # ---------------------------------------------------------------------------
 # Curve analysis (pure functions of arrays)
 
-def fmt(x, spec=".4f"):
-    return "n/a" if x is None or not np.isfinite(x) else format(x, spec)
+def fmt(x, spec=".4f", unit=""):
+    return "n/a" if x is None or not np.isfinite(x) else format(x, spec) + unit
 
 
 def departure(a, b, points, threshold, hold):
@@ -772,7 +772,7 @@ def section_headline(ctx):
              f"- commit {run.row['commit']}: {run.row['description'] or '(no subject)'}; harness "
              f"{run.row['harness'] or 'unknown'}; {run.row.get('num_steps') or 'n/a'} steps, "
              f"{fmt(s.get('training_seconds'), '.1f')} s training, peak VRAM "
-             f"{'n/a' if s.get('peak_vram_mb') is None else format(s['peak_vram_mb'] / 1024, '.1f')} GB"]
+             f"{fmt(None if s.get('peak_vram_mb') is None else s['peak_vram_mb'] / 1024, '.1f', ' GiB')}"]
     for label, other in (("best", ctx.best), ("previous", ctx.prev)):
         if other is None:
             lines.append(f"- vs {label}: no earlier comparable run")
@@ -1048,8 +1048,8 @@ def section_throughput(ctx):
     stats = throughput_stats(m) if m is not None else {}
     if stats:
         lines.append(f"- step time median {stats['step_ms']:.1f} ms (p90 {stats['p90_ms']:.1f}); tokens/s median "
-                     f"{fmt(stats['tokens_per_sec'], ',.0f')}; MFU median {fmt(stats['mfu'], '.2f')}% "
-                     f"(summary {fmt(s.get('mfu_percent'), '.2f')}%)")
+                     f"{fmt(stats['tokens_per_sec'], ',.0f')}; MFU median {fmt(stats['mfu'], '.2f', '%')} "
+                     f"(summary {fmt(s.get('mfu_percent'), '.2f', '%')})")
         stalls = stats["stalls"]
         lines.append(f"- stalls (step > {STALL_FACTOR:g}x median): " + ("none" if not stalls else
                      f"{len(stalls)}: " + ", ".join(f"step {st} ({ms:.0f} ms)" for st, ms in stalls[:8])))
