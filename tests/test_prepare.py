@@ -518,6 +518,29 @@ def test_the_download_deadline_is_about_a_minute():
 # Profiles and harness constants
 # ---------------------------------------------------------------------------
 
+def test_gpu_profile_prepares_end_to_end_from_a_local_mirror(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests"))
+    import local_mirror  # the mirror a GPU box without internet uses
+    names = local_mirror.build_shards(tmp_path / "mirror", train_shards=2)
+    server = local_mirror.make_server(tmp_path / "mirror")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        env = {"AUTORESEARCH_PROFILE": "gpu", "AUTORESEARCH_CACHE": str(tmp_path / "cache"),
+               "AUTORESEARCH_DATA_URL": url}
+        out = run_python("import prepare; prepare.main(['--num-shards', '2'])", env=env, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert out.returncode == 0, f"prepare.py (gpu profile, local mirror) failed:\n{out.stdout}\n{out.stderr}"
+    data = tmp_path / "cache" / "data"
+    assert sorted(p.name for p in data.glob("shard_*.parquet")) == sorted(names)
+    for name in names:
+        assert (data / name).read_bytes() == (tmp_path / "mirror" / name).read_bytes(), f"{name} differs"
+    tok = prepare.Tokenizer.from_directory(tmp_path / "cache" / "tokenizer")
+    assert tok.get_vocab_size() == prepare.PROFILES["gpu"]["VOCAB_SIZE"] == 8192
+
+
 def test_profiles_use_separate_caches_and_record_overrides(tmp_path):
     code = """
         import json, prepare
