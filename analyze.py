@@ -10,9 +10,10 @@ Usage:
     uv run analyze.py best                       # the current best run: the one most recently kept
     uv run analyze.py status ID keep|discard|crash
 
-It reads run_summary.json, metrics.jsonl and run.log in the working directory (written by train.py),
-git, and its own archive under .auto-log-research/: results.tsv plus the few run directories it
-compares (this run, the best, the previous one). Nothing else, so its cost does not grow with history.
+It reads run_summary.json and metrics.jsonl (written by train.py) and run.log (the shell's redirect)
+in the working directory, git, and its own archive under .auto-log-research/: results.tsv, harness.json,
+the few run directories it compares (this run, the best, the previous one; the record.json of this
+commit's earlier runs), and insights.md on `status`. Nothing else, so its cost does not grow with history.
 """
 import argparse
 import fcntl

@@ -5,7 +5,8 @@ exactly as from the real mirror.
 
 The text is the standard library's prose (the cpu profile's source). Throughput, MFU and VRAM do not
 depend on the text; val_bpb does, so a val_bpb from these shards is never comparable with one from
-climbmix (and AUTORESEARCH_DATA_URL is recorded in every run's harness, so analyze.py keeps them apart).
+climbmix. The tokenizer trained on them differs too, and every run's harness records the tokenizer's
+hash, so analyze.py keeps such runs apart from the rest.
 
 Usage:
     uv run tests/local_mirror.py --dir /tmp/mirror --port 8765 &       # build the shards once, serve until killed

@@ -438,3 +438,29 @@ def test_the_check_catches_a_command_no_rule_allows(settings):
     assert cmds == ["rm -rf .auto-log-research", "uv run train.py > run.log 2>&1"], cmds
     assert decide(settings, "Bash", "rm -rf .auto-log-research") != "allow"
     assert forbidden_items(doc) == (["uv add"], [])
+
+
+def write_metrics(path, offset):
+    """A run's metrics.jsonl as train.py writes it: warm-up steps at progress 0, step rows, val rows of their own."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for step in range(120):
+        progress = max(0.0, (step - 10) / 109)
+        if step % 12 == 0:
+            rows.append({"step": step, "train/progress": progress, "val/bpb": 2.0 - progress + offset})
+        rows.append({"step": step, "train/progress": progress, "train/loss": 4 - progress + offset,
+                     "train/loss_smooth": 4 - progress + offset * progress})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_program_md_python_examples_run_on_archived_metrics(program, tmp_path, monkeypatch, capsys):
+    archive = tmp_path / ".auto-log-research"
+    for run_id, offset in (("a1b2c3d", 0.0), ("a1b2c3d-2", 0.001), ("e4f5a6b", -0.2)):
+        write_metrics(archive / run_id / "metrics.jsonl", offset)
+    blocks = re.findall(r"```python\n(.*?)```", program, re.S)
+    assert len(blocks) >= 3, "program.md lost its worked Python examples"
+    monkeypatch.chdir(tmp_path)
+    exec(compile("\n".join(blocks), "program.md", "exec"), {})
+    out = capsys.readouterr().out
+    assert "120 training steps; last step 119" in out, out
+    assert "diverges at progress" in out and "new run ahead" in out, out
