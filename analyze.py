@@ -46,7 +46,6 @@ RECORD_JSON = "record.json"                     # per run: how it was identified
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",  # karpathy/autoresearch's five
            "run_id", "outcome", "harness", "train_py_sha", "num_steps", "mfu_percent",
            "training_seconds", "started_at", "run_key")
-STATUSES = ("pending", "keep", "discard", "crash", "invalid")
 HARNESS_FILES = ("prepare.py", "analyze.py")
 
 # ---------------------------------------------------------------------------
@@ -191,8 +190,9 @@ def tsv_field(value):
 
 
 def row_bpb(row):
-    """val_bpb of a row as a float, or None for a crash (karpathy writes 0.000000 there)."""
-    if row.get("status") == "crash":
+    """val_bpb of a row as a float, or None for a run that did not finish (karpathy writes 0.000000
+    there), whatever status it was given since."""
+    if row.get("status") == "crash" or row.get("outcome", "ok") not in ("ok", ""):
         return None
     try:
         value = float(row.get("val_bpb", ""))
@@ -247,7 +247,7 @@ def remove_leftovers(directory):
     for path in Path(directory).glob(".*"):
         if path.is_dir() and path.name.startswith(".tmp-"):
             shutil.rmtree(path)
-        elif path.is_file() and (path.name.endswith(".tmp") or path.name.startswith(".progress.")):
+        elif path.is_file() and (path.name.endswith(".tmp") or path.name.startswith(".progress.")):  # older names too
             path.unlink()
 
 
@@ -555,8 +555,9 @@ def make_row(capture, run_id, status, default_harness):
     }
 
 
-def store_run(capture, run_id, best_commit):
-    """Copy the run's files into its directory (built aside, then renamed into place)."""
+def store_run(capture, run_id, best):
+    """Copy the run's files into its directory (built aside, then renamed into place). record.json names
+    the best that diff.patch is against, so a rebuilt analysis.md compares with the same run."""
     final, tmp = ARCHIVE_DIR / run_id, ARCHIVE_DIR / f".tmp-{run_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -570,9 +571,10 @@ def store_run(capture, run_id, best_commit):
         shutil.copyfile("metrics.jsonl", tmp / "metrics.jsonl")
     if Path("run.log").exists():
         shutil.copyfile("run.log", tmp / "run.log")
-    (tmp / "diff.patch").write_text(train_py_diff(capture, best_commit))
+    (tmp / "diff.patch").write_text(train_py_diff(capture, best["commit"] if best else None))
     (tmp / RECORD_JSON).write_text(json.dumps({"run_key": capture.key, "commit": capture.commit,
-                                               "outcome": capture.outcome, "notes": capture.notes}, indent=2) + "\n")
+                                               "outcome": capture.outcome, "notes": capture.notes,
+                                               "best": best["run_id"] if best else None}, indent=2) + "\n")
     os.rename(tmp, final)
 
 
@@ -612,6 +614,7 @@ class Run:
     summary: dict | None
     metrics: Metrics | None
     notes: list
+    best_id: str | None = None  # the best when it was archived, from record.json
 
     @property
     def dir(self):
@@ -630,7 +633,7 @@ def load_run(row):
     record = read_json(run_dir / RECORD_JSON)[0] or {}
     metrics, metric_notes = (read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists()
                              else (None, []))
-    return Run(row["run_id"], row, summary, metrics, record.get("notes", []) + metric_notes)
+    return Run(row["run_id"], row, summary, metrics, record.get("notes", []) + metric_notes, record.get("best"))
 
 
 @dataclass
@@ -660,15 +663,20 @@ def noise_band(history, run_row):
             "runs": sum(len(g) for g in repeated), "dof": dof, "band": difference_band(pooled)}
 
 
-def difference_band(std):
-    """One run against one other: their difference has std sqrt(2) x one run's."""
-    return None if std is None else NOISE_SIGMAS * np.sqrt(2.0) * std
+def difference_band(std, n=1, m=1):
+    """Band for the difference of a mean of n runs and a mean of m runs: its std is
+    std x sqrt(1/n + 1/m), so one run against one other gets sqrt(2) x one run's std."""
+    return None if std is None else NOISE_SIGMAS * std * np.sqrt(1 / n + 1 / m)
 
 
 def build_context(run, rows):
-    """Measured against what came before it, so a rebuilt analysis.md reads as the original did."""
+    """Measured against what came before it, and against the best its diff.patch was written against
+    (decisions taken since may have changed which run is best), so a rebuilt analysis.md reads as the
+    original did."""
     history = rows[:rows.index(run.row) + 1]
-    best_row, prev_row = pick_best(history[:-1], run.row["harness"]), pick_previous(history[:-1], run.row["harness"])
+    recorded = next((r for r in history[:-1] if run.best_id and r.get("run_id") == run.best_id), None)
+    best_row = recorded or pick_best(history[:-1], run.row["harness"])
+    prev_row = pick_previous(history[:-1], run.row["harness"])
     best = load_run(best_row) if best_row else None
     prev = best if prev_row is best_row else (load_run(prev_row) if prev_row else None)
     diff = (run.dir / "diff.patch").read_text() if (run.dir / "diff.patch").exists() else ""
@@ -829,7 +837,7 @@ def mean_verdict(ctx):
     line = f"{head}; of the best's train.py's {len(ref)} run(s): {ref_mean:.6f}; difference {delta:+.6f}"
     if pooled is None:
         return [line + "; the noise band for a difference of means is unknown"]
-    band = NOISE_SIGMAS * pooled * np.sqrt(1 / len(own) + 1 / len(ref))
+    band = difference_band(pooled, len(own), len(ref))
     basis = f"+-{band:.6f} = {NOISE_SIGMAS:g} x pooled std {pooled:.6f} x sqrt(1/{len(own)} + 1/{len(ref)})"
     if abs(delta) <= band:
         return [f"{line}: within the band for a difference of means ({basis})"]
@@ -914,7 +922,7 @@ def diff_hunks(patch):
         if line.startswith("@@"):
             match = re.match(r"@@ -\d+(?:,\d+)? \+(\d+)", line)
             hunks.append((int(match.group(1)) if match else 0, []))
-        elif hunks and line[:1] in "+-":
+        elif hunks and line.startswith(("+", "-")):
             hunks[-1][1].append(line)
     return hunks
 
@@ -1382,8 +1390,7 @@ def record_run(capture, rows):
               else "invalid" if harness_changed else "pending")
     row = make_row(capture, run_id, status, latest_harness(rows))
     if not (ARCHIVE_DIR / run_id).exists():
-        best = pick_best(rows, row["harness"])
-        store_run(capture, run_id, best["commit"] if best else None)
+        store_run(capture, run_id, pick_best(rows, row["harness"]))
     return row
 
 
@@ -1466,15 +1473,17 @@ def cmd_status(run_id, status):
         if row["status"] == "invalid":  # one step through `discard` would otherwise let it be kept
             die(f"run {row['run_id']} is `invalid`: its prepare.py/analyze.py differ from the sha256 pinned in "
                 f"{HARNESS_PIN}, so its status cannot change")
-        if status == "keep" and (row["status"] == "crash" or row_bpb(row) is None):
+        if status == "keep" and row_bpb(row) is None:
             die(f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept")
         if status == "keep":
             refuse_uncommitted(row)
-        was_kept, row["status"] = row["status"] == "keep", status
+        best_before = pick_best(rows, row["harness"])
+        row["status"] = status
         write_results(rows)
         set_headline_status(row)
-        if status == "keep" or was_kept:
-            write_current_best(pick_best(rows, row["harness"]))
+        best = pick_best(rows, row["harness"])
+        if best is not best_before or status == "keep":
+            write_current_best(best)
         draw_progress(rows)
     print(f"{row['run_id']}: {status}")
     return 0

@@ -185,6 +185,14 @@ def test_crash_with_summary_is_a_crash_row_with_its_error(repo):
     assert "RuntimeError: boom" in section(analysis(row["run_id"]), "Crash")
 
 
+def test_a_crash_can_never_be_kept_not_even_through_discard(repo):
+    row, _ = archive_run(status="crash")
+    run_analyze("status", row["run_id"], "discard")
+    with pytest.raises(SystemExit, match="cannot be kept"):
+        run_analyze("status", row["run_id"], "keep")
+    assert analyze.pick_best(results(), results()[-1]["harness"]) is None, "a crash (val_bpb 0.000000) became the best"
+
+
 def test_crash_without_summary_is_recorded_for_head_with_the_traceback_from_run_log(repo):
     archive_run()
     head = commit("use a broken attention", "DEPTH = 8\ndef f(:\n")
@@ -341,6 +349,26 @@ def test_best_is_the_most_recently_kept_run_even_when_its_val_bpb_is_higher(repo
     commit("next idea", "DEPTH = 9\n")
     row, _ = archive_run(val_bpb=1.001, age_s=-10)
     assert f"vs best ({simple['run_id']}, 1.002000)" in section(analysis(row["run_id"]), "Headline")
+
+
+def test_discarding_the_lowest_pending_run_before_any_keep_updates_insights(repo):
+    low, _ = archive_run(val_bpb=1.000)
+    commit("second", "DEPTH = 9\n")
+    high, _ = archive_run(val_bpb=1.010, age_s=-5)
+    run_analyze("status", high["run_id"], "discard")
+    run_analyze("status", low["run_id"], "discard")  # no pending run is left: no best
+    assert "no run kept" in section((ARCHIVE / "insights.md").read_text(), "Current Best")
+
+
+def test_a_rebuilt_analysis_compares_with_the_best_its_diff_was_written_against(repo):
+    base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
+    commit("idea", "DEPTH = 9\n")
+    row, _ = archive_run(val_bpb=1.010, age_s=-5)
+    run_analyze("status", base["run_id"], "discard")  # a later decision changes which run is best
+    (ARCHIVE / row["run_id"] / "analysis.md").unlink()
+    run_analyze("show", row["run_id"])
+    assert f"## What changed (against best {base['run_id']})" in analysis(row["run_id"])
 
 
 def test_best_over_time_follows_the_last_kept_run_and_may_step_up():
@@ -797,6 +825,11 @@ def test_what_changed_shows_the_changed_lines_not_the_hunk_header_context(repo):
     assert "WINDOW_PATTERN" not in changes, f"git's hunk-header context shown as the change:\n{changes}"
     assert "+11 -11 lines in train.py, 1 hunk(s)" in changes and "@@ line 7 @@" in changes, changes
     assert "-MATRIX_LR = 0.04" in changes and "+MATRIX_LR = 0.08" in changes and "(18 more changed lines)" in changes
+
+
+def test_diff_hunks_keep_only_changed_lines_even_around_a_blank_context_line():
+    patch = "--- a/train.py\n+++ b/train.py\n@@ -1,4 +1,4 @@\n x\n\n-a = 1\n+a = 2\n"
+    assert analyze.diff_hunks(patch) == [(1, ["-a = 1", "+a = 2"])]
 
 
 def test_compare_prints_the_difference_and_writes_an_overlay(repo, capsys):
