@@ -66,7 +66,10 @@ TREND_MIN_STEPS = 20       # fewer training steps than this in the last tenth: t
 SPIKE_WINDOW = 50          # trailing steps that a loss value is compared against
 SPIKE_Z = 6.0              # robust z-score above which a loss value is a spike
 STALL_FACTOR = 3.0         # a step slower than this many times the median step is a stall
-LAYER_OUTLIER_RATIO = 3.0  # a layer whose stat is this many times above/below its peers' median stands out
+STEPS_OUTLIER = 0.05       # a repeat whose num_steps is off its group's median by more than 5% is an outlier on steps
+LAYER_BEST_RATIO = 2.0     # a layer whose stat is this many times above/below the best's same layer is listed
+LAYER_OUTLIER_RATIO = 3.0  # without a best: a layer this many times above/below its peers' median stands out
+LAYER_SHOWN = 5            # at most this many layers listed per stat, the most extreme first
 PLOT_DPI = 80              # with PLOT_POINTS, keeps each PNG well under 200 KB
 PLOT_POINTS = 500          # longer curves are drawn as bin medians (stalls and spikes are in the text)
 DIFF_HUNKS = 6             # What changed: at most this many hunks of diff.patch ...
@@ -656,11 +659,39 @@ def noise_band(history, run_row):
         if r.get("train_py_sha"):
             groups.setdefault(r["train_py_sha"], []).append(r)
     own = groups.get(run_row.get("train_py_sha"), [])
-    repeated = [np.array([row_bpb(r) for r in g]) for g in groups.values() if len(g) >= 2]
-    dof = sum(len(g) - 1 for g in repeated)
-    pooled = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in repeated) / dof)) if dof else None
-    return {"own": own, "by_sha": groups, "pooled_std": pooled, "groups": len(repeated),
-            "runs": sum(len(g) for g in repeated), "dof": dof, "band": difference_band(pooled)}
+    repeated = {sha: g for sha, g in groups.items() if len(g) >= 2}
+    pooled, runs, dof = pooled_std(repeated.values())
+    outliers = {}  # run_id -> its group's median num_steps
+    for g in repeated.values():
+        outliers.update(step_outliers(g))
+    return {"own": own, "by_sha": groups, "repeated": repeated, "pooled_std": pooled, "groups": len(repeated),
+            "runs": runs, "dof": dof, "band": difference_band(pooled), "outliers": outliers}
+
+
+def pooled_std(groups):
+    """(pooled std of val_bpb, runs, degrees of freedom) over the groups of two or more runs."""
+    groups = [np.array([row_bpb(r) for r in g]) for g in groups if len(g) >= 2]
+    dof = sum(len(g) - 1 for g in groups)
+    std = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in groups) / dof)) if dof else None
+    return std, sum(len(g) for g in groups), dof
+
+
+def row_steps(row):
+    try:
+        return float(row.get("num_steps", ""))
+    except ValueError:
+        return None
+
+
+def step_outliers(group):
+    """{run_id: the group's median num_steps} for the repeats off it by more than STEPS_OUTLIER: one
+    train.py trained for fewer (a stall, a busy machine) or more steps, and its val_bpb moves with them."""
+    steps = {r["run_id"]: row_steps(r) for r in group}
+    known = [n for n in steps.values() if n is not None]
+    if len(known) < 2:
+        return {}
+    median = float(np.median(known))
+    return {run_id: median for run_id, n in steps.items() if n is not None and abs(n - median) > STEPS_OUTLIER * median}
 
 
 def difference_band(std, n=1, m=1):
@@ -720,13 +751,15 @@ def gap_trend(first, last):
 def describe_departure(name, points, gap, start, base, slack, this, other):
     """One line: where a's curve leaves b's by more than base + slack (slack: the misalignment allowance)."""
     allowance = f"{base:.4f}, plus up to {np.max(slack):.4f} where the curve is steep, for one step of misalignment"
+    peak = int(np.argmax(np.abs(gap)))  # a gap that rises and falls again: the ends alone hide its size
+    largest = f"largest |gap| {gap[peak]:+.4f} at progress {points[peak]:.2f}"
     if start is None:
         return (f"- {name}: within the threshold of {other} at all {len(points)} points of progress "
-                f"{points[0]:.2f}-{points[-1]:.2f} (threshold {allowance}); final gap {gap[-1]:+.4f}")
+                f"{points[0]:.2f}-{points[-1]:.2f} (threshold {allowance}); final gap {gap[-1]:+.4f}; {largest}")
     return (f"- {name}: departs from {other} at progress {points[start]:.2f} (gap {gap[start]:+.4f}, threshold "
             f"{base:.4f} + {slack[start]:.4f} for one step of misalignment); the gap goes {gap[start]:+.4f} -> "
             f"{gap[-1]:+.4f} from there to progress {points[-1]:.2f}, the last common point: "
-            f"{gap_trend(gap[start], gap[-1])}; {this} is {'ahead' if gap[-1] < 0 else 'behind'} at the end")
+            f"{gap_trend(gap[start], gap[-1])}; {largest}; {this} is {'ahead' if gap[-1] < 0 else 'behind'} at the end")
 
 
 def loss_spikes(step, progress, loss):
@@ -789,7 +822,7 @@ def section_headline(ctx):
             delta = run.bpb - other.bpb
             lines.append(f"- vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
                          f"({'better' if delta < 0 else 'worse' if delta > 0 else 'equal'})")
-    lines.append(f"- verdict: {verdict(ctx)}")
+    lines.append(f"- verdict, this run alone: {verdict(ctx)}")
     lines += mean_verdict(ctx)
     if ctx.uncommitted:
         ran, committed = ctx.uncommitted
@@ -814,6 +847,8 @@ def verdict(ctx):
     if band is None:
         return f"{delta:+.6f} against the best; the noise band is unknown, so its significance is unknown"
     basis = f"+-{band:.6f} from {ctx.noise['runs']} runs, {ctx.noise['dof']} degrees of freedom"
+    if ctx.noise["outliers"]:
+        basis += f"; {len(ctx.noise['outliers'])} of them outliers on steps, see Noise"
     if abs(delta) <= band:
         return f"{delta:+.6f} against the best lies within the noise band ({basis})"
     return (f"{delta:+.6f} against the best is {'an improvement' if delta < 0 else 'a regression'} "
@@ -830,11 +865,12 @@ def mean_verdict(ctx):
     if not own or not ref or max(len(own), len(ref)) < 2:
         return []
     mean, ref_mean = np.mean([row_bpb(r) for r in own]), np.mean([row_bpb(r) for r in ref])
-    head = f"- mean val_bpb of this train.py's {len(own)} run(s): {mean:.6f}"
     if own is ref:
-        return [head + " (the best's train.py is the same)"]
+        return [f"- mean val_bpb of this train.py's {len(own)} run(s): {mean:.6f} (the best's train.py is the same)"]
     delta, pooled = mean - ref_mean, noise["pooled_std"]
-    line = f"{head}; of the best's train.py's {len(ref)} run(s): {ref_mean:.6f}; difference {delta:+.6f}"
+    line = (f"- verdict, means of repeated runs ({len(own)} vs {len(ref)}): mean val_bpb of this train.py's "
+            f"{len(own)} run(s) {mean:.6f}, of the best's train.py's {len(ref)} run(s) {ref_mean:.6f}; "
+            f"difference {delta:+.6f}")
     if pooled is None:
         return [line + "; the noise band for a difference of means is unknown"]
     band = difference_band(pooled, len(own), len(ref))
@@ -885,15 +921,15 @@ def config_diff(old, new):
     return ["- config: identical"] if not body else ["- config:"] + body
 
 
-def diff_summary(patch):
+def diff_summary(patch, label="diff.patch", same="train.py is identical to the best commit's"):
     """Counts, then the changed lines of the first hunks (a hunk header's own text is whatever line
     precedes the hunk, e.g. WINDOW_PATTERN for a MATRIX_LR change, so it is not shown)."""
     if not patch.strip():
-        return ["- diff.patch: train.py is identical to the best commit's"]
+        return [f"- {label}: {same}"]
     hunks = diff_hunks(patch)
     changed = [line for _, body in hunks for line in body]
     added, removed = sum(line[0] == "+" for line in changed), sum(line[0] == "-" for line in changed)
-    lines = [f"- diff.patch: +{added} -{removed} lines in train.py, {len(hunks)} hunk(s)"
+    lines = [f"- {label}: +{added} -{removed} lines in train.py, {len(hunks)} hunk(s)"
              + (f"; the first {DIFF_HUNKS} shown" if len(hunks) > DIFF_HUNKS else "")]
     shown = []
     for first_line, body in hunks[:DIFF_HUNKS]:
@@ -1006,7 +1042,19 @@ def compare_curves(a, b, val_band, this, other):
                          + ("" if val_band else f" (base threshold {VAL_BPB_TOLERANCE} while the noise band is unknown)"))
         else:
             lines.append(f"- in-training val/bpb: {len(points)} val point(s) after the warm-up in common: too few to compare")
-    return lines or ["- no curves in common"]
+    return (lines or ["- no curves in common"]) + stall_note([(this, a), (other, b)])
+
+
+def stall_note(runs):
+    """Stalls of either run by progress: a stall spends budget without training, so the stalled run's
+    curve lags on the progress axis from there, and the gap's shape may come from it."""
+    found = []
+    for label, m in runs:
+        slow = stalls(m)
+        if slow:
+            found.append(f"{label}: {len(slow)} at progress {slow[0][1]:.2f}-{slow[-1][1]:.2f} "
+                         f"({sum(ms for _, _, ms in slow) / 1000:.1f} s in them)")
+    return [f"- stalls (counted step > {STALL_FACTOR:g}x median): {'; '.join(found)}"] if found else []
 
 
 def finite(series):
@@ -1052,85 +1100,142 @@ def section_stability(ctx):
 
 
 def section_throughput(ctx):
-    run, m, s = ctx.run, ctx.run.metrics, ctx.run.summary or {}
+    m, s = ctx.run.metrics, ctx.run.summary or {}
     lines = ["## Throughput"]
     stats = throughput_stats(m) if m is not None else {}
     if stats:
-        lines.append(f"- step time median {stats['step_ms']:.1f} ms (p90 {stats['p90_ms']:.1f}); tokens/s median "
-                     f"{fmt(stats['tokens_per_sec'], ',.0f')}; MFU median {fmt(stats['mfu'], '.2f', '%')} "
-                     f"(summary {fmt(s.get('mfu_percent'), '.2f', '%')})")
-        stalls = stats["stalls"]
-        lines.append(f"- stalls (step > {STALL_FACTOR:g}x median): " + ("none" if not stalls else
-                     f"{len(stalls)}: " + ", ".join(f"step {st} ({ms:.0f} ms)" for st, ms in stalls[:8])))
+        lines.append(f"- counted steps (progress > 0): step time median {stats['step_ms']:.1f} ms (p90 "
+                     f"{stats['p90_ms']:.1f}); tokens/s median {fmt(stats['tokens_per_sec'], ',.0f')}; MFU median "
+                     f"{fmt(stats['mfu'], '.2f', '%')} (summary {fmt(s.get('mfu_percent'), '.2f', '%')})")
+        slow = stats["stalls"]
+        lines.append(f"- stalls (counted step > {STALL_FACTOR:g}x median): " + ("none" if not slow else
+                     f"{len(slow)}: " + ", ".join(f"step {st} ({ms:.0f} ms)" for st, _, ms in slow[:8])))
     timings = {k: v for k, v in (s.get("timings") or {}).items() if k not in ("started_at", "finished_at")}
     spent = [f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, (int, float))]
     spent += [f"{k} {s[k]:.1f} s" for k in ("training_seconds", "total_seconds") if s.get(k) is not None]
     lines.append("- time: " + (", ".join(spent) if spent else "no timings in the summary"))
     if ctx.best is not None and ctx.best.metrics is not None and stats:
-        ref = throughput_stats(ctx.best.metrics)
-        if ref:
-            lines.append(f"- vs best ({ctx.best.id}): step time {stats['step_ms']:.1f} vs {ref['step_ms']:.1f} ms "
-                         f"({100 * (stats['step_ms'] / ref['step_ms'] - 1):+.1f}%); steps "
-                         f"{(run.summary or {}).get('num_steps', 'n/a')} vs {(ctx.best.summary or {}).get('num_steps', 'n/a')}")
+        lines += throughput_vs_best(ctx, stats, throughput_stats(ctx.best.metrics))
     return "\n".join(lines)
 
 
+def throughput_vs_best(ctx, stats, ref):
+    """Step time and tokens/s against the best: a halved batch halves the step time while tokens/s falls."""
+    if not ref:
+        return []
+    steps = (ctx.run.summary or {}).get("num_steps", "n/a"), (ctx.best.summary or {}).get("num_steps", "n/a")
+    line = (f"- vs best ({ctx.best.id}): step time {stats['step_ms']:.1f} vs {ref['step_ms']:.1f} ms "
+            f"({100 * (stats['step_ms'] / ref['step_ms'] - 1):+.1f}%)")
+    tok, ref_tok = stats["tokens_per_sec"], ref["tokens_per_sec"]
+    if tok is not None and ref_tok:
+        line += f"; tokens/s {tok:,.0f} vs {ref_tok:,.0f} ({100 * (tok / ref_tok - 1):+.1f}%)"
+    return [line + f"; steps {steps[0]} vs {steps[1]}"]
+
+
+def counted(m, key):
+    """(progress, step, values) of `key` over the counted training steps, finite values only. The
+    warm-up/compile steps sit at progress 0, outside the budget (the summary's warmup_s)."""
+    p, step, v = m.series(key)
+    ok = (p > 0) & np.isfinite(v)
+    return p[ok], step[ok], v[ok]
+
+
+def stalls(m):
+    """[(step, progress, ms)] of the counted steps slower than STALL_FACTOR x their median."""
+    p, step, ms = counted(m, "perf/step_time_ms")
+    if not len(ms):
+        return []
+    slow = np.flatnonzero(ms > STALL_FACTOR * np.median(ms))
+    return [(int(step[i]), float(p[i]), float(ms[i])) for i in slow]
+
+
 def throughput_stats(m):
-    if "perf/step_time_ms" not in m.columns:
+    """Medians over the counted training steps: step time, tokens/s, MFU; and the stalls among them."""
+    ms = counted(m, "perf/step_time_ms")[2]
+    if not len(ms):
         return {}
-    p, step, ms = m.series("perf/step_time_ms")
-    ok = np.isfinite(ms)
-    if not ok.any():
-        return {}
-    median = float(np.median(ms[ok]))
 
     def median_of(key):
-        values = m.series(key)[2]
-        return float(np.nanmedian(values)) if len(values) and np.isfinite(values).any() else None
+        values = counted(m, key)[2]
+        return float(np.median(values)) if len(values) else None
 
-    # warm-up/compile steps come before the clock starts (progress 0): slow by design, not stalls
-    slow = np.flatnonzero(ok & (p > 0) & (ms > STALL_FACTOR * median))
-    return {"step_ms": median, "p90_ms": float(np.percentile(ms[ok], 90)),
+    return {"step_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
             "tokens_per_sec": median_of("perf/tokens_per_sec"), "mfu": median_of("perf/mfu_percent"),
-            "stalls": [(int(step[i]), float(ms[i])) for i in slow]}
+            "stalls": stalls(m)}
 
 
 def section_layers(ctx):
+    """Each layer against the best's same layer when the best logged layers: layers differ by design
+    (value-embedding blocks carry ~6x the gradient norm), so only a change from the best is news.
+    Without a best, each layer against the same module in the other blocks."""
     m = ctx.run.metrics
     stats = m.layer_keys() if m is not None else {}
     if not stats:
         return "## Per-layer health\n- no layer/ keys in metrics.jsonl"
-    lines = [f"## Per-layer health (median over the second half of training; a layer stands out at "
-             f"{LAYER_OUTLIER_RATIO:g}x above or below the median of the same module in other blocks)"]
+    best = ctx.best.metrics if ctx.best is not None else None
+    ref = best.layer_keys() if best is not None else {}
+    if ref:
+        lines = [f"## Per-layer health (median over the second half of training, this run / best {ctx.best.id}'s "
+                 f"same layer; listed beyond {LAYER_BEST_RATIO:g}x or below {1 / LAYER_BEST_RATIO:g}x, "
+                 f"at most {LAYER_SHOWN} per stat, the largest first)"]
+    else:
+        lines = [f"## Per-layer health (median over the second half of training; a layer stands out at "
+                 f"{LAYER_OUTLIER_RATIO:g}x above or below the median of the same module in other blocks; "
+                 f"at most {LAYER_SHOWN} per stat, the largest first)"]
     for stat, names in sorted(stats.items()):
-        values = {}
-        for name, key in names.items():
-            p, _, v = m.series(key)
-            v = v[p >= 0.5 * p.max()] if len(p) else v
-            values[name] = float(np.median(v)) if len(v) and np.isfinite(v).all() else float("nan")
-        outliers = layer_outliers(values)
-        lines.append(f"- {stat} ({len(values)} layers): " + ("nothing stands out" if not outliers else "; ".join(outliers)))
+        values = layer_medians(m, names)
+        if ref:
+            found = layers_vs_best(values, layer_medians(best, ref.get(stat, {})))
+            missing = len(set(values) - set(ref.get(stat, {})))
+            head = f"- {stat} ({len(values)} layers" + (f", {missing} not in the best" if missing else "") + "): "
+            empty = f"none beyond {LAYER_BEST_RATIO:g}x or below {1 / LAYER_BEST_RATIO:g}x of the best"
+        else:
+            found, head, empty = layer_outliers(values), f"- {stat} ({len(values)} layers): ", "nothing stands out"
+        more = f"; {len(found) - LAYER_SHOWN} more" if len(found) > LAYER_SHOWN else ""
+        lines.append(head + ("; ".join(found[:LAYER_SHOWN]) + more if found else empty))
     return "\n".join(lines)
+
+
+def layer_medians(m, names):
+    """{name: median over the second half of training}, NaN when a value there is NaN/inf."""
+    values = {}
+    for name, key in names.items():
+        p, _, v = m.series(key)
+        v = v[p >= 0.5 * p.max()] if len(p) else v
+        values[name] = float(np.median(v)) if len(v) and np.isfinite(v).all() else float("nan")
+    return values
+
+
+def layers_vs_best(values, ref):
+    """NaN/inf layers, then the layers whose ratio to the best's same layer is beyond LAYER_BEST_RATIO,
+    the largest first."""
+    out = [f"{name} is NaN/inf" for name, v in values.items() if not np.isfinite(v)]
+    ratios = {name: v / ref[name] for name, v in values.items()
+              if np.isfinite(v) and v > 0 and np.isfinite(ref.get(name, np.nan)) and ref[name] > 0}
+    far = [n for n, r in ratios.items() if r > LAYER_BEST_RATIO or r < 1 / LAYER_BEST_RATIO]
+    far.sort(key=lambda n: -abs(np.log(ratios[n])))
+    return out + [f"{n} at {ratios[n]:.2f}x ({values[n]:.3g} vs {ref[n]:.3g})" for n in far]
 
 
 def layer_outliers(values):
     """Compare each layer with the same module in the other blocks: '3.attn.c_q' is grouped with
-    'attn.c_q' of every block, a bare block index with the other blocks."""
+    'attn.c_q' of every other block, a bare block index with the other blocks. The largest first."""
     groups = {}
     for name, value in values.items():
         head, _, rest = name.partition(".")
         groups.setdefault(rest if head.isdigit() else name, []).append((name, value))
-    out = []
+    out, found = [], []
     for members in groups.values():
         out += [f"{name} is NaN/inf" for name, v in members if not np.isfinite(v)]
         finite = [(name, v) for name, v in members if np.isfinite(v) and v > 0]
         if len(finite) < 3:
             continue
-        median = float(np.median([v for _, v in finite]))
         for name, v in finite:
+            median = float(np.median([w for other, w in finite if other != name]))
             if v > LAYER_OUTLIER_RATIO * median or v < median / LAYER_OUTLIER_RATIO:
-                out.append(f"{name} {v:.3g} ({v / median:.1f}x the median {median:.3g})")
-    return out
+                found.append((abs(np.log(v / median)),
+                              f"{name} {v:.3g} ({v / median:.1f}x the median {median:.3g} of the other blocks)"))
+    return out + [text for _, text in sorted(found, key=lambda f: -f[0])]
 
 
 def section_noise(ctx):
@@ -1149,8 +1254,44 @@ def section_noise(ctx):
     else:
         lines.append(f"- noise band: +-{noise['band']:.6f} ({NOISE_SIGMAS:g} x sqrt(2) x pooled std "
                      f"{noise['pooled_std']:.6f}: one run against one best run; estimated from {noise['runs']} runs "
-                     f"of {noise['groups']} repeated train.py version(s), {noise['dof']} degrees of freedom)")
+                     f"of {noise['groups']} repeated train.py version(s), {noise['dof']} degrees of freedom):")
+        lines += noise_runs(ctx)
+        lines += band_without_outliers(noise)
     return "\n".join(lines)
+
+
+def noise_runs(ctx):
+    """The runs the band is estimated from, per train.py. Stalls are counted only for the runs this
+    analysis loads anyway (this run, the best, the previous one): reading every repeat would make the
+    cost grow with history."""
+    loaded = {r.id: r.metrics for r in (ctx.run, ctx.best, ctx.prev) if r is not None and r.metrics is not None}
+    outliers = ctx.noise["outliers"]
+    lines = []
+    for sha, group in ctx.noise["repeated"].items():
+        runs = []
+        for r in group:
+            steps = row_steps(r)
+            text = f"{r['run_id']} {row_bpb(r):.6f}, {fmt(steps, '.0f')} steps"
+            if r["run_id"] in outliers:
+                text += f" (outlier on steps: {steps:.0f} steps vs the group's median {outliers[r['run_id']]:g})"
+            if r["run_id"] in loaded:
+                slow = stalls(loaded[r["run_id"]])
+                text += f", {len(slow)} stall(s) ({sum(ms for _, _, ms in slow) / 1000:.1f} s)" if slow else ", no stalls"
+            runs.append(text)
+        lines.append(f"  - train.py {sha[:8]}: " + "; ".join(runs))
+    return lines
+
+
+def band_without_outliers(noise):
+    """The same estimate without the outliers on steps, beside the band rather than in its place."""
+    if not noise["outliers"]:
+        return []
+    clean = [[r for r in g if r["run_id"] not in noise["outliers"]] for g in noise["repeated"].values()]
+    std, runs, dof = pooled_std(clean)
+    head = f"- without the {len(noise['outliers'])} outlier(s) on steps: "
+    if std is None:
+        return [head + "no train.py version keeps two runs, so no band"]
+    return [head + f"+-{difference_band(std):.6f} (pooled std {std:.6f}, {runs} runs, {dof} degrees of freedom)"]
 
 
 def section_lineage(ctx, max_rows=25):
@@ -1161,12 +1302,19 @@ def section_lineage(ctx, max_rows=25):
     prev = None
     rows = []
     for r in kept:
-        change = "" if prev is None else f"{row_bpb(r) - prev:+.6f}"
+        change = "" if prev is None else "rerun" if same_code(r, prev) else f"{row_bpb(r) - row_bpb(prev):+.6f}"
         rows.append(f"| {r['run_id']} | {r['commit']} | {row_bpb(r):.6f} | {change} | {r['description'][:70]} |")
-        prev = row_bpb(r)
+        prev = r
     if len(rows) > max_rows:
         lines.append(f"| ... | {len(rows) - max_rows} earlier kept runs | | | |")
     return "\n".join(lines + rows[-max_rows:])
+
+
+def same_code(a, b):
+    """Two rows ran the same train.py: the same sha256 where both recorded one, else the same commit."""
+    if a.get("train_py_sha") and b.get("train_py_sha"):
+        return a["train_py_sha"] == b["train_py_sha"]
+    return a["commit"] == b["commit"]
 
 
 def section_files(ctx):
@@ -1455,6 +1603,7 @@ def cmd_compare(id_a, id_b):
         lines.append("- different harness settings: their numbers are not comparable")
     if a.summary and b.summary:
         lines += config_diff(a.summary.get("config") or {}, b.summary.get("config") or {})
+    lines += code_diff(a, b)
     if a.metrics is not None and b.metrics is not None:
         lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row)["band"], "B", "A")
     out = ARCHIVE_DIR / f"compare_{a.id}_{b.id}"
@@ -1463,6 +1612,19 @@ def cmd_compare(id_a, id_b):
     lines.append(f"- plots: {', '.join(str(out / f) for f in files) or 'none (no metrics)'}")
     print("\n".join(lines))
     return 0
+
+
+def code_diff(a, b):
+    """train.py from A's commit to B's: a code change that is no config constant (a removed softcap)
+    shows only here. A run of uncommitted changes measured code that neither commit holds."""
+    ca, cb = a.row["commit"], b.row["commit"]
+    patch = git("diff", "--no-color", ca, cb, "--", "train.py")
+    if patch is None:
+        return [f"- code: `git diff {ca} {cb}` failed: a commit is gone"]
+    lines = diff_summary(patch, f"code (git diff {ca} {cb} -- train.py)", "train.py is identical in both commits")
+    lines += [f"- {tag} ran train.py with uncommitted changes: the code it measured is not its commit's"
+              for tag, r in (("A", a), ("B", b)) if uncommitted_train_py(r.summary)]
+    return lines
 
 
 def cmd_status(run_id, status):

@@ -12,6 +12,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -699,6 +700,26 @@ def test_gap_trend_compares_the_gap_at_the_departure_with_the_gap_at_the_end():
     assert "departs from the best at progress 0.70" in line and ": closes;" in line, line
 
 
+def test_gap_names_its_largest_value_and_the_other_runs_stalls():
+    def base(p):
+        return 3.0 + 0.0 * np.asarray(p)
+
+    def bump(p):  # a gap of 0.3 at progress 0.6 that closes again by the end
+        return base(p) + 0.3 * np.exp(-(((np.asarray(p) - 0.6) / 0.08) ** 2))
+    best = cpu_rows(400, base, warmup=3)
+    for r in best:
+        if "perf/step_time_ms" in r and r["train/progress"] == 0:
+            r["perf/step_time_ms"] = 20000.0  # compilation: not counted, so no stall
+        elif "perf/step_time_ms" in r and r["train/progress"] in (0.5, 0.55):
+            r["perf/step_time_ms"] = 3000.0
+    lines = analyze.compare_curves(analyze.Metrics(cpu_rows(400, bump, warmup=3)), analyze.Metrics(best), None,
+                                   "this run", "the best")
+    loss = next(line for line in lines if line.startswith("- train loss"))
+    match = re.search(r"largest \|gap\| ([+-][\d.]+) at progress ([\d.]+)", loss)
+    assert match and abs(float(match.group(1)) - 0.3) < 2e-3 and match.group(2) == "0.60", loss
+    assert "- stalls (counted step > 3x median): the best: 2 at progress 0.50-0.55 (6.0 s in them)" in lines, lines
+
+
 def test_still_falling_loss_and_plateaued_loss_are_told_apart(repo):
     def still(p):
         return 3.0 + 3.0 * np.exp(-5.0 * p) - 0.4 * p
@@ -739,6 +760,27 @@ def test_noise_band_is_two_sqrt_two_sigma_of_a_difference_and_names_its_degrees_
     assert f"+-{band:.6f}" in section(text, "Noise") and "2 degrees of freedom" in section(text, "Noise")
 
 
+def test_noise_section_lists_its_runs_and_marks_a_repeat_with_far_fewer_steps(repo):
+    base, _ = archive_run(val_bpb=1.000)
+    second, _ = archive_run(val_bpb=1.002, age_s=-5)
+    write_run(val_bpb=1.030, steps=300, age_s=-10)  # a repeat that stalled: fewer steps, a worse val_bpb
+    rows = [json.loads(line) for line in Path("metrics.jsonl").read_text().splitlines()]
+    rows[150]["perf/step_time_ms"] = 10000.0
+    Path("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run_analyze() == 0
+    row = results()[-1]
+    text = analysis(row["run_id"])
+    noise = section(text, "Noise")
+    assert (f"{row['run_id']} 1.030000, 300 steps (outlier on steps: 300 steps vs the group's median 400), "
+            f"1 stall(s) (10.0 s)") in noise, noise
+    assert f"{base['run_id']} 1.000000, 400 steps, no stalls;" in noise, noise
+    clean = 2 * np.sqrt(2) * np.std([1.000, 1.002], ddof=1)
+    assert f"- without the 1 outlier(s) on steps: +-{clean:.6f}" in noise, noise
+    everyone = 2 * np.sqrt(2) * np.std([1.000, 1.002, 1.030], ddof=1)  # the band keeps the outlier
+    assert f"noise band: +-{everyone:.6f}" in noise, noise
+    assert "3 runs, 2 degrees of freedom; 1 of them outliers on steps, see Noise" in section(text, "Headline")
+
+
 def test_last_tenth_with_few_steps_calls_no_trend(repo):
     # 70 noisy steps: a line through the last 7 raw losses would read as rising or falling at random
     row, _ = archive_run(steps=70, noise=0.05, seed=3)
@@ -754,16 +796,18 @@ def test_repeated_code_gets_a_mean_against_the_best_codes_mean_with_its_own_band
         archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
     commit("small tweak", "DEPTH = 8\nMATRIX_LR = 0.041\n")
     first, _ = archive_run(val_bpb=0.990, age_s=-20)
-    assert "of the best's train.py's 3 run(s): 1.001000" in section(analysis(first["run_id"]), "Headline")
+    assert "verdict, means of repeated runs (1 vs 3): mean val_bpb of this train.py's 1 run(s) 0.990000, of the best's " \
+        "train.py's 3 run(s) 1.001000" in section(analysis(first["run_id"]), "Headline")
     row, _ = archive_run(val_bpb=0.992, age_s=-25)
     old, new = np.array([1.000, 1.006, 0.997]), np.array([0.990, 0.992])
     pooled = np.sqrt((((old - old.mean()) ** 2).sum() + ((new - new.mean()) ** 2).sum()) / 3)
     band = 2 * pooled * np.sqrt(1 / 2 + 1 / 3)
     headline = section(analysis(row["run_id"]), "Headline")
-    assert "-0.008000 against the best lies within the noise band" in headline, headline  # one run: noise
-    assert (f"mean val_bpb of this train.py's 2 run(s): 0.991000; of the best's train.py's 3 run(s): 1.001000; "
-            f"difference -0.010000: an improvement beyond the band for a difference of means (+-{band:.6f}") in headline, \
-        headline
+    # the two verdicts disagree here, so each line says which comparison it is
+    assert "- verdict, this run alone: -0.008000 against the best lies within the noise band" in headline, headline
+    assert (f"- verdict, means of repeated runs (2 vs 3): mean val_bpb of this train.py's 2 run(s) 0.991000, of the "
+            f"best's train.py's 3 run(s) 1.001000; difference -0.010000: an improvement beyond the band for a "
+            f"difference of means (+-{band:.6f}") in headline, headline
 
 
 def test_trajectory_names_the_lr_annealing_and_says_stopped_for_an_unfinished_run(repo):
@@ -789,7 +833,8 @@ def test_stalls_and_nan_losses_are_reported_but_the_compile_step_is_no_stall(rep
     Path("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert run_analyze() == 0
     text = analysis(results()[0]["run_id"])
-    assert "stalls (step > 3x median): 1: step 200 (5000 ms)" in section(text, "Throughput"), section(text, "Throughput")
+    assert "stalls (counted step > 3x median): 1: step 200 (5000 ms)" in section(text, "Throughput"), \
+        section(text, "Throughput")
     assert "train/loss from step 390 (10 rows)" in section(text, "Stability"), section(text, "Stability")
 
 
@@ -798,6 +843,38 @@ def test_a_layer_with_outsized_gradient_norm_stands_out(repo):
     layers = section(analysis(row["run_id"]), "Per-layer health")
     grad = next(line for line in layers.splitlines() if line.startswith("- grad_norm"))
     assert "2.attn.c_q" in grad and "10.0x" in grad and "mlp" not in grad, grad
+
+
+def test_layers_are_compared_with_the_best_so_a_stable_pattern_is_not_listed(repo):
+    pattern = {"0.attn.c_q": 0.1, "2.attn.c_q": 0.1}  # as blocks without value embeddings: ~0.2x every run
+    best, _ = archive_run(layer_scale=pattern)
+    run_analyze("status", best["run_id"], "keep")
+    commit("wider mlp", "DEPTH = 8\nMATRIX_LR = 0.04\nMLP_RATIO = 5\n")
+    row, _ = archive_run(layer_scale={**pattern, "1.mlp.c_fc": 3.0}, age_s=-5)
+    layers = section(analysis(row["run_id"]), "Per-layer health")
+    assert f"this run / best {best['run_id']}'s same layer" in layers, layers
+    grad = next(line for line in layers.splitlines() if line.startswith("- grad_norm"))
+    assert "1.mlp.c_fc at 3.00x (1.5 vs 0.5)" in grad and "attn.c_q" not in grad, grad
+
+
+def test_without_a_best_a_layer_is_compared_with_the_other_blocks_only():
+    out = analyze.layer_outliers({"0.mlp.c_fc": 1.0, "1.mlp.c_fc": 1.0, "2.mlp.c_fc": 4.0, "3.mlp.c_fc": 4.0})
+    assert "2.mlp.c_fc 4 (4.0x the median 1 of the other blocks)" in out, out  # with itself the median is 2.5
+
+
+def test_throughput_counts_only_counted_steps_and_compares_tokens_per_sec():
+    def run(name, ms, tokens):
+        rows = cpu_rows(40, steep, warmup=11)
+        for r in rows:
+            if "perf/step_time_ms" in r:
+                warm = r["train/progress"] == 0  # compile steps, outside the budget
+                r["perf/step_time_ms"], r["perf/tokens_per_sec"] = (5000.0, 100.0) if warm else (ms, tokens)
+        return analyze.Run(name, {}, {"num_steps": 51}, analyze.Metrics(rows), [])
+    best, this = run("best", 300.0, 10000.0), run("this", 150.0, 6000.0)  # half the batch: fewer tokens/s
+    stats = analyze.throughput_stats(this.metrics)
+    assert (stats["step_ms"], stats["p90_ms"], stats["tokens_per_sec"]) == (150.0, 150.0, 6000.0), stats
+    text = analyze.section_throughput(SimpleNamespace(run=this, best=best))
+    assert "vs best (best): step time 150.0 vs 300.0 ms (-50.0%); tokens/s 6,000 vs 10,000 (-40.0%)" in text, text
 
 
 def test_layer_heatmap_is_skipped_quietly_when_layers_were_logged_at_one_progress_point(tmp_path):
@@ -841,6 +918,34 @@ def test_compare_prints_the_difference_and_writes_an_overlay(repo, capsys):
     out = capsys.readouterr().out
     assert "val_bpb B - A: -0.010000" in out and "DEPTH: 8 -> 12" in out, out
     assert (ARCHIVE / f"compare_{a['run_id']}_{b['run_id']}" / "loss.png").exists()
+
+
+def test_compare_shows_a_code_change_that_is_no_config_constant(repo, capsys):
+    commit("softcap", "DEPTH = 8\nMATRIX_LR = 0.04\nlogits = 15 * torch.tanh(logits / 15)\n")
+    a, _ = archive_run(val_bpb=1.0)
+    commit("remove logit softcap", "DEPTH = 8\nMATRIX_LR = 0.04\n")
+    b, _ = archive_run(val_bpb=0.99, age_s=-5)
+    capsys.readouterr()
+    assert run_analyze("compare", a["run_id"], b["run_id"]) == 0
+    out = capsys.readouterr().out
+    assert "- config: identical" in out, out
+    assert f"- code (git diff {a['commit']} {b['commit']} -- train.py): +0 -1 lines in train.py, 1 hunk(s)" in out, out
+    assert "-logits = 15 * torch.tanh(logits / 15)" in out, out
+
+
+def test_lineage_marks_a_kept_rerun_of_the_same_code_as_a_rerun(repo):
+    first, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", first["run_id"], "keep")
+    again, _ = archive_run(val_bpb=0.996, age_s=-5)
+    run_analyze("status", again["run_id"], "keep")
+    commit("idea", "DEPTH = 9\n")
+    row, _ = archive_run(val_bpb=0.990, age_s=-10)
+    run_analyze("status", row["run_id"], "keep")
+    (ARCHIVE / row["run_id"] / "analysis.md").unlink()
+    run_analyze("show", row["run_id"])  # rebuilt: all three are kept by now
+    lineage = section(analysis(row["run_id"]), "Lineage")
+    assert f"| {again['run_id']} | {again['commit']} | 0.996000 | rerun |" in lineage, lineage
+    assert f"| {row['run_id']} | {row['commit']} | 0.990000 | -0.006000 |" in lineage, lineage
 
 
 def test_list_and_show(repo, capsys):
