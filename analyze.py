@@ -212,26 +212,24 @@ def comparable(rows, harness):
 
 
 def pick_best(rows, harness):
-    """The run the branch stands on: the most recently kept one (in results.tsv order), as keep advances
-    the branch in karpathy/autoresearch. It need not have the lowest val_bpb: a simplification kept inside
-    the noise band is the new base. Before anything is kept, the lowest not-yet-judged run."""
-    pool = comparable(rows, harness)
-    kept = [r for r in pool if r["status"] == "keep"]
-    if kept:
-        return kept[-1]
-    return min((r for r in pool if r["status"] == "pending"), key=row_bpb, default=None)
+    """The best among the runs comparable under `harness` (see best_after_each), or None."""
+    bests = best_after_each(comparable(rows, harness))
+    return bests[-1] if bests else None
 
 
-def best_over_time(rows):
-    """val_bpb of the best after each row (None before there is one), by pick_best's rule, in one pass."""
+def best_after_each(pool):
+    """The best after each row of `pool` (comparable rows, in order), None before there is one. The best
+    is the run the branch stands on: the most recently kept one, as keep advances the branch in
+    karpathy/autoresearch. It need not have the lowest val_bpb: a simplification kept inside the noise
+    band is the new base. Before anything is kept, the lowest not-yet-judged run."""
     kept = lowest = None
     out = []
-    for r in rows:
-        if r.get("status") == "keep":
-            kept = row_bpb(r)
-        elif r.get("status") == "pending":
-            lowest = row_bpb(r) if lowest is None else min(lowest, row_bpb(r))
-        out.append(kept if kept is not None else lowest)
+    for r in pool:
+        if r["status"] == "keep":
+            kept = r
+        elif r["status"] == "pending" and (lowest is None or row_bpb(r) < row_bpb(lowest)):
+            lowest = r
+        out.append(kept or lowest)
     return out
 
 
@@ -379,6 +377,15 @@ class Metrics:
         p = self.training_progress
         return float(np.median(np.diff(p))) if len(p) >= 2 else None
 
+    @cached_property
+    def stalls(self):
+        """[(step, progress, ms)] of the counted steps slower than STALL_FACTOR x their median."""
+        p, step, ms = counted(self, "perf/step_time_ms")
+        if not len(ms):
+            return []
+        slow = np.flatnonzero(ms > STALL_FACTOR * np.median(ms))
+        return [(int(step[i]), float(p[i]), float(ms[i])) for i in slow]
+
     def layer_keys(self):
         """{stat: {name: key}} for keys layer/<name>/<stat>."""
         out = {}
@@ -443,12 +450,17 @@ def read_summary(summary_path):
     return summary, summary.get("status") or "crash", []
 
 
+def run_key(basis):
+    """Identity of a run in results.tsv: the same run always gets the same key."""
+    return hashlib.sha256(basis.encode()).hexdigest()[:16]
+
+
 def summary_identity(summary, head):
-    """(commit, run key) of a summary: the same run always gets the same key."""
+    """(commit, run key) of a summary."""
     git_info = summary.get("git") or {}
     commit = git_info.get("commit") or head
-    basis = f"summary|{commit}|{(summary.get('timings') or {}).get('started_at')}|{git_info.get('train_py_sha256')}"
-    return commit, hashlib.sha256(basis.encode()).hexdigest()[:16]
+    return commit, run_key(f"summary|{commit}|{(summary.get('timings') or {}).get('started_at')}|"
+                           f"{git_info.get('train_py_sha256')}")
 
 
 def capture_run(head, rows):
@@ -470,8 +482,7 @@ def capture_run(head, rows):
             die("run_summary.json is unusable and there is no run.log to recover the run from; "
                 "rerun with `uv run train.py > run.log 2>&1`")
         commit = head
-        basis = f"crash|{head}|{sha256_file(log_path)}|{log_path.stat().st_mtime_ns}"
-        key = hashlib.sha256(basis.encode()).hexdigest()[:16]
+        key = run_key(f"crash|{head}|{sha256_file(log_path)}|{log_path.stat().st_mtime_ns}")
     # RunRecorder deletes metrics.jsonl together with the old summary: a stale summary means stale curves too
     use_metrics = Path("metrics.jsonl").exists() and outcome != "stale_summary"
     return Capture(commit, summary, outcome, key, use_metrics, notes + input_notes(outcome, log_path))
@@ -664,7 +675,7 @@ def noise_band(history, run_row):
     outliers = {}  # run_id -> its group's median num_steps
     for g in repeated.values():
         outliers.update(step_outliers(g))
-    return {"own": own, "by_sha": groups, "repeated": repeated, "pooled_std": pooled, "groups": len(repeated),
+    return {"own": own, "by_sha": groups, "repeated": repeated, "pooled_std": pooled,
             "runs": runs, "dof": dof, "band": difference_band(pooled), "outliers": outliers}
 
 
@@ -1050,7 +1061,7 @@ def stall_note(runs):
     curve lags on the progress axis from there, and the gap's shape may come from it."""
     found = []
     for label, m in runs:
-        slow = stalls(m)
+        slow = m.stalls
         if slow:
             found.append(f"{label}: {len(slow)} at progress {slow[0][1]:.2f}-{slow[-1][1]:.2f} "
                          f"({sum(ms for _, _, ms in slow) / 1000:.1f} s in them)")
@@ -1140,15 +1151,6 @@ def counted(m, key):
     return p[ok], step[ok], v[ok]
 
 
-def stalls(m):
-    """[(step, progress, ms)] of the counted steps slower than STALL_FACTOR x their median."""
-    p, step, ms = counted(m, "perf/step_time_ms")
-    if not len(ms):
-        return []
-    slow = np.flatnonzero(ms > STALL_FACTOR * np.median(ms))
-    return [(int(step[i]), float(p[i]), float(ms[i])) for i in slow]
-
-
 def throughput_stats(m):
     """Medians over the counted training steps: step time, tokens/s, MFU; and the stalls among them."""
     ms = counted(m, "perf/step_time_ms")[2]
@@ -1161,7 +1163,7 @@ def throughput_stats(m):
 
     return {"step_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
             "tokens_per_sec": median_of("perf/tokens_per_sec"), "mfu": median_of("perf/mfu_percent"),
-            "stalls": stalls(m)}
+            "stalls": m.stalls}
 
 
 def section_layers(ctx):
@@ -1254,7 +1256,7 @@ def section_noise(ctx):
     else:
         lines.append(f"- noise band: +-{noise['band']:.6f} ({NOISE_SIGMAS:g} x sqrt(2) x pooled std "
                      f"{noise['pooled_std']:.6f}: one run against one best run; estimated from {noise['runs']} runs "
-                     f"of {noise['groups']} repeated train.py version(s), {noise['dof']} degrees of freedom):")
+                     f"of {len(noise['repeated'])} repeated train.py version(s), {noise['dof']} degrees of freedom):")
         lines += noise_runs(ctx)
         lines += band_without_outliers(noise)
     return "\n".join(lines)
@@ -1275,7 +1277,7 @@ def noise_runs(ctx):
             if r["run_id"] in outliers:
                 text += f" (outlier on steps: {steps:.0f} steps vs the group's median {outliers[r['run_id']]:g})"
             if r["run_id"] in loaded:
-                slow = stalls(loaded[r["run_id"]])
+                slow = loaded[r["run_id"]].stalls
                 text += f", {len(slow)} stall(s) ({sum(ms for _, _, ms in slow) / 1000:.1f} s)" if slow else ", no stalls"
             runs.append(text)
         lines.append(f"  - train.py {sha[:8]}: " + "; ".join(runs))
@@ -1458,8 +1460,8 @@ def draw_progress(rows):
     """val_bpb of every run of the latest harness, in order; kept runs labelled; the current best's val_bpb
     as steps (it may step up when a simplification is kept)."""
     harness = latest_harness(rows)
-    points = [(i, r) for i, r in enumerate(rows) if r.get("harness") == harness and row_bpb(r) is not None
-              and r.get("status") != "invalid"]
+    pool = {id(r) for r in comparable(rows, harness)}
+    points = [(i, r) for i, r in enumerate(rows) if id(r) in pool]
     if not points:
         return
     plt = pyplot()
@@ -1472,7 +1474,7 @@ def draw_progress(rows):
         for i, r in kept:
             ax.annotate(r["description"][:28] or r["commit"], (i, row_bpb(r)), fontsize=6, rotation=20,
                         xytext=(3, 3), textcoords="offset points")
-    best = [np.nan if b is None else b for b in best_over_time([r for _, r in points])]
+    best = [np.nan if b is None else row_bpb(b) for b in best_after_each([r for _, r in points])]
     ax.step(xs + [len(rows) - 1], best + best[-1:], where="post", color="C2", lw=1, label="current best (last kept)")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("run (order archived)")

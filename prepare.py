@@ -697,6 +697,9 @@ def _model_device(model):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_METRIC_RESULTS = []  # every value evaluate_bpb has returned in this process: RunRecorder.finish checks against it
+
+
 def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte on the pinned validation shard: THE number every experiment is judged by.
@@ -724,9 +727,6 @@ def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
     training, where the full set would cost too much. Not the metric: a final val_bpb must come from
     evaluate_bpb."""
     return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)
-
-
-_METRIC_RESULTS = []  # every value evaluate_bpb has returned in this process
 
 
 @torch.no_grad()

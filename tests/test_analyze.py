@@ -375,7 +375,7 @@ def test_a_rebuilt_analysis_compares_with_the_best_its_diff_was_written_against(
 def test_best_over_time_follows_the_last_kept_run_and_may_step_up():
     rows = [{"status": s, "val_bpb": v} for s, v in
             (("pending", "1.01"), ("pending", "1.00"), ("keep", "1.00"), ("discard", "0.99"), ("keep", "1.002"))]
-    assert analyze.best_over_time(rows) == [1.01, 1.00, 1.00, 1.00, 1.002]
+    assert [analyze.row_bpb(b) for b in analyze.best_after_each(rows)] == [1.01, 1.00, 1.00, 1.00, 1.002]
     assert analyze.pick_best([{**r, "harness": ""} for r in rows], "")["val_bpb"] == "1.002"
 
 
