@@ -381,7 +381,7 @@ def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps
     bias2 = 1 - beta2_t ** step_t
     denom = (exp_avg_sq / bias2).sqrt() + eps_t
     step_size = lr_t / bias1
-    p.add_(exp_avg / denom * -step_size)
+    p.add_(exp_avg / denom, alpha=-step_size)
 
 
 def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_buffer,
@@ -612,15 +612,19 @@ class Trainer:
             torch.cuda.synchronize()
 
 
-def build_model(vocab_size, device):
-    base_dim = DEPTH * ASPECT_RATIO
+def build_model_config(depth):
+    base_dim = depth * ASPECT_RATIO
     model_dim = ((base_dim + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     num_heads = model_dim // HEAD_DIM
-    config = GPTConfig(
+    return GPTConfig(
         sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size,
-        n_layer=DEPTH, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim,
+        n_layer=depth, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim,
         window_pattern=WINDOW_PATTERN,
     )
+
+
+def build_model(device):
+    config = build_model_config(DEPTH)
     print(f"Model config: {asdict(config)}")
     with torch.device("meta"):
         model = GPT(config)
@@ -639,10 +643,11 @@ def setup(run):
     torch.set_float32_matmul_precision("high")
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
 
+    global vocab_size  # read by build_model_config, as in karpathy's flat set-up
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
     print(f"Vocab size: {vocab_size:,}")
-    model = build_model(vocab_size, device)
+    model = build_model(device)
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
     for key, value in param_counts.items():
