@@ -33,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.dont_write_bytecode = True  # importing prepare/train from ROOT must not leave __pycache__ there
 SCRIPTS = ("prepare.py", "train.py", "analyze.py")
+PACKAGE = "harness"  # the modules analyze.py runs on
 
 # ---------------------------------------------------------------------------
 # Benchmark settings
@@ -69,13 +70,14 @@ def run(cmd, cwd, env, log=None):
 
 
 def make_repo(dest):
-    """A throwaway git checkout of the three scripts, the way the agent's branch looks."""
+    """A throwaway git checkout of the three scripts and the harness package, the way the agent's branch looks."""
     dest.mkdir(parents=True, exist_ok=True)
     for name in SCRIPTS:
         shutil.copy(ROOT / name, dest / name)
+    shutil.copytree(ROOT / PACKAGE, dest / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
     git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
     subprocess.run(["git", "init", "-q", "-b", "main"], cwd=dest, check=True)
-    subprocess.run([*git, "add", *SCRIPTS], cwd=dest, check=True)
+    subprocess.run([*git, "add", *SCRIPTS, PACKAGE], cwd=dest, check=True)
     subprocess.run([*git, "commit", "-qm", "baseline"], cwd=dest, check=True)
     return dest
 

@@ -2,7 +2,6 @@
 the features planted in synthetic training curves. Each test builds runs in its own temporary git
 repository: run_summary.json, metrics.jsonl and run.log written as train.py would write them."""
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -17,10 +16,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-ANALYZE_PY = Path(__file__).resolve().parent.parent / "analyze.py"
-_spec = importlib.util.spec_from_file_location("analyze", ANALYZE_PY)
-analyze = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(analyze)
+ROOT = Path(__file__).resolve().parent.parent
+ANALYZE_PY = ROOT / "analyze.py"
+sys.path.insert(0, str(ROOT))
+import analyze  # noqa: E402
+from harness import capture, commands, report  # noqa: E402  (the modules whose functions tests replace)
+from harness.archive import COLUMNS, Run, best_after_each, comparable, pick_best, row_bpb  # noqa: E402
+from harness.changes import diff_hunks  # noqa: E402
+from harness.metrics import Metrics, throughput_stats  # noqa: E402
+from harness.noise import compare_curves  # noqa: E402
+from harness.plots import draw_layer_heatmap  # noqa: E402
+from harness.report import layer_outliers, section_throughput  # noqa: E402
 
 ARCHIVE = Path(".auto-log-research")
 STEPS = 400                  # training steps of a synthetic run
@@ -191,7 +197,7 @@ def test_a_crash_can_never_be_kept_not_even_through_discard(repo):
     run_analyze("status", row["run_id"], "discard")
     with pytest.raises(SystemExit, match="cannot be kept"):
         run_analyze("status", row["run_id"], "keep")
-    assert analyze.pick_best(results(), results()[-1]["harness"]) is None, "a crash (val_bpb 0.000000) became the best"
+    assert pick_best(results(), results()[-1]["harness"]) is None, "a crash (val_bpb 0.000000) became the best"
 
 
 def test_crash_without_summary_is_recorded_for_head_with_the_traceback_from_run_log(repo):
@@ -288,8 +294,8 @@ def test_changed_prepare_py_makes_the_run_invalid_and_it_can_never_be_kept(repo)
             run_analyze("status", row["run_id"], status)
         assert "\n" not in str(err.value)
     assert results()[1]["status"] == "invalid"
-    assert analyze.pick_best(results(), row["harness"])["run_id"] == first["run_id"]
-    assert row["run_id"] not in [r["run_id"] for r in analyze.comparable(results(), row["harness"])]
+    assert pick_best(results(), row["harness"])["run_id"] == first["run_id"]
+    assert row["run_id"] not in [r["run_id"] for r in comparable(results(), row["harness"])]
 
 
 def test_run_of_uncommitted_train_py_is_flagged_and_cannot_be_kept(repo):
@@ -375,8 +381,8 @@ def test_a_rebuilt_analysis_compares_with_the_best_its_diff_was_written_against(
 def test_best_over_time_follows_the_last_kept_run_and_may_step_up():
     rows = [{"status": s, "val_bpb": v} for s, v in
             (("pending", "1.01"), ("pending", "1.00"), ("keep", "1.00"), ("discard", "0.99"), ("keep", "1.002"))]
-    assert [analyze.row_bpb(b) for b in analyze.best_after_each(rows)] == [1.01, 1.00, 1.00, 1.00, 1.002]
-    assert analyze.pick_best([{**r, "harness": ""} for r in rows], "")["val_bpb"] == "1.002"
+    assert [row_bpb(b) for b in best_after_each(rows)] == [1.01, 1.00, 1.00, 1.00, 1.002]
+    assert pick_best([{**r, "harness": ""} for r in rows], "")["val_bpb"] == "1.002"
 
 
 def test_status_rewrites_the_headline_of_analysis_md_but_not_the_agent_notes(repo, capsys):
@@ -424,7 +430,7 @@ def test_killed_invocation_never_leaves_a_torn_log(repo):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         if (ARCHIVE / "results.tsv").exists():
-            assert all(len(r) == len(analyze.COLUMNS) for r in results()), "torn results.tsv"
+            assert all(len(r) == len(COLUMNS) for r in results()), "torn results.tsv"
     assert run_analyze() == 0
     assert len(results()) == 1 and (ARCHIVE / results()[0]["run_id"] / "analysis.md").exists()
 
@@ -434,7 +440,7 @@ def test_failure_while_storing_leaves_no_row_and_the_next_invocation_archives_cl
 
     def broken_diff(*args):
         raise OSError("disk full")
-    monkeypatch.setattr(analyze, "train_py_diff", broken_diff)
+    monkeypatch.setattr(capture, "train_py_diff", broken_diff)
     with pytest.raises(OSError):
         run_analyze()
     assert not (ARCHIVE / "results.tsv").exists()
@@ -450,11 +456,11 @@ def test_failure_while_analysing_keeps_the_record_and_a_rerun_completes_the_anal
 
     def broken_plot(*args):
         raise RuntimeError("no display")
-    monkeypatch.setattr(analyze, "draw_overlays", broken_plot)
+    monkeypatch.setattr(report, "draw_overlays", broken_plot)
     with pytest.raises(RuntimeError):
         run_analyze()
     assert len(results()) == 1
-    monkeypatch.setattr(analyze, "draw_overlays", lambda *args: [])
+    monkeypatch.setattr(report, "draw_overlays", lambda *args: [])
     assert run_analyze() == 0
     assert len(results()) == 1 and (ARCHIVE / results()[0]["run_id"] / "analysis.md").exists()
 
@@ -464,7 +470,7 @@ def test_run_stored_but_not_logged_is_adopted_not_archived_twice(repo, monkeypat
 
     def killed(rows):  # the process died between renaming the run directory and writing results.tsv
         raise OSError("killed")
-    monkeypatch.setattr(analyze, "write_results", killed)
+    monkeypatch.setattr(commands, "write_results", killed)
     with pytest.raises(OSError):
         run_analyze()
     assert (ARCHIVE / head[:7]).is_dir()
@@ -488,7 +494,7 @@ def test_torn_row_is_reported_set_aside_and_its_run_adopted_again(repo, capsys):
     assert "results.tsv line 3 is torn (3 fields)" in err and first["run_id"] in out, (out, err)
     assert run_analyze() == 0  # the run files of the torn row's run are still in the working directory
     assert [r["run_id"] for r in results()] == [first["run_id"], second["run_id"]]
-    assert all(len(r) == len(analyze.COLUMNS) for r in results()), "a row was padded with blanks"
+    assert all(len(r) == len(COLUMNS) for r in results()), "a row was padded with blanks"
     assert (ARCHIVE / "results.tsv.torn").read_text() == torn + "\n"
     assert not (ARCHIVE / f"{second['run_id']}-2").exists()
 
@@ -631,7 +637,7 @@ def cpu_rows(steps, val, loss=None, warmup=11, val_rows=True):
 
 def curve_lines(rows_a, rows_b, val_band=None):
     """{'train loss (smoothed)': line, 'in-training val/bpb': line} of run a against run b."""
-    lines = analyze.compare_curves(analyze.Metrics(rows_a), analyze.Metrics(rows_b), val_band, "this run", "the best")
+    lines = compare_curves(Metrics(rows_a), Metrics(rows_b), val_band, "this run", "the best")
     return {line[2:].split(":")[0]: line for line in lines}
 
 
@@ -712,7 +718,7 @@ def test_gap_names_its_largest_value_and_the_other_runs_stalls():
             r["perf/step_time_ms"] = 20000.0  # compilation: not counted, so no stall
         elif "perf/step_time_ms" in r and r["train/progress"] in (0.5, 0.55):
             r["perf/step_time_ms"] = 3000.0
-    lines = analyze.compare_curves(analyze.Metrics(cpu_rows(400, bump, warmup=3)), analyze.Metrics(best), None,
+    lines = compare_curves(Metrics(cpu_rows(400, bump, warmup=3)), Metrics(best), None,
                                    "this run", "the best")
     loss = next(line for line in lines if line.startswith("- train loss"))
     match = re.search(r"largest \|gap\| ([+-][\d.]+) at progress ([\d.]+)", loss)
@@ -858,7 +864,7 @@ def test_layers_are_compared_with_the_best_so_a_stable_pattern_is_not_listed(rep
 
 
 def test_without_a_best_a_layer_is_compared_with_the_other_blocks_only():
-    out = analyze.layer_outliers({"0.mlp.c_fc": 1.0, "1.mlp.c_fc": 1.0, "2.mlp.c_fc": 4.0, "3.mlp.c_fc": 4.0})
+    out = layer_outliers({"0.mlp.c_fc": 1.0, "1.mlp.c_fc": 1.0, "2.mlp.c_fc": 4.0, "3.mlp.c_fc": 4.0})
     assert "2.mlp.c_fc 4 (4.0x the median 1 of the other blocks)" in out, out  # with itself the median is 2.5
 
 
@@ -869,11 +875,11 @@ def test_throughput_counts_only_counted_steps_and_compares_tokens_per_sec():
             if "perf/step_time_ms" in r:
                 warm = r["train/progress"] == 0  # compile steps, outside the budget
                 r["perf/step_time_ms"], r["perf/tokens_per_sec"] = (5000.0, 100.0) if warm else (ms, tokens)
-        return analyze.Run(name, {}, {"num_steps": 51}, analyze.Metrics(rows), [])
+        return Run(name, {}, {"num_steps": 51}, Metrics(rows), [])
     best, this = run("best", 300.0, 10000.0), run("this", 150.0, 6000.0)  # half the batch: fewer tokens/s
-    stats = analyze.throughput_stats(this.metrics)
+    stats = throughput_stats(this.metrics)
     assert (stats["step_ms"], stats["p90_ms"], stats["tokens_per_sec"]) == (150.0, 150.0, 6000.0), stats
-    text = analyze.section_throughput(SimpleNamespace(run=this, best=best))
+    text = section_throughput(SimpleNamespace(run=this, best=best))
     assert "vs best (best): step time 150.0 vs 300.0 ms (-50.0%); tokens/s 6,000 vs 10,000 (-40.0%)" in text, text
 
 
@@ -882,7 +888,7 @@ def test_layer_heatmap_is_skipped_quietly_when_layers_were_logged_at_one_progres
     rows[0].update({f"layer/{b}.attn.c_q/grad_norm": 0.5 for b in range(4)})
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert analyze.draw_layer_heatmap(tmp_path, analyze.Metrics(rows)) == []
+        assert draw_layer_heatmap(tmp_path, Metrics(rows)) == []
     assert not list(tmp_path.iterdir())
 
 
@@ -906,7 +912,7 @@ def test_what_changed_shows_the_changed_lines_not_the_hunk_header_context(repo):
 
 def test_diff_hunks_keep_only_changed_lines_even_around_a_blank_context_line():
     patch = "--- a/train.py\n+++ b/train.py\n@@ -1,4 +1,4 @@\n x\n\n-a = 1\n+a = 2\n"
-    assert analyze.diff_hunks(patch) == [(1, ["-a = 1", "+a = 2"])]
+    assert diff_hunks(patch) == [(1, ["-a = 1", "+a = 2"])]
 
 
 def test_compare_prints_the_difference_and_writes_an_overlay(repo, capsys):

@@ -1,0 +1,285 @@
+"""
+The run in the working directory, captured and recorded: which commit ran, whether run_summary.json,
+metrics.jsonl and run.log are this run's, its results.tsv row and its run directory; and the harness
+pin, which marks a run made with a changed prepare.py or analyze.py invalid.
+"""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness.archive import (ARCHIVE_DIR, RECORD_JSON, die, git, latest_harness, pick_best, read_json,
+                             sha256_file, write_atomic)
+
+STALE_SLACK_S = 30.0       # run.log written this long after the summary finished -> the summary is older
+HARNESS_PIN = ARCHIVE_DIR / "harness.json"      # sha256 of prepare.py and analyze.py, pinned by the first run
+HARNESS_FILES = ("prepare.py", "analyze.py")
+
+# ---------------------------------------------------------------------------
+# git: the commit that ran
+
+def head_commit():
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    if out.returncode != 0:
+        reason = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        die(f"{Path.cwd()} is not a git repository with a commit ({reason}); "
+            "run analyze.py from the repository that holds train.py")
+    return out.stdout.strip()
+
+
+def commit_subject(commit):
+    return (git("log", "-1", "--format=%s", commit) or "").strip()
+
+
+# ---------------------------------------------------------------------------
+# Reading the run in the working directory and deciding what it is
+
+@dataclass
+class Capture:
+    """What the working directory says about the latest run, before anything is archived."""
+    commit: str                 # full sha of the commit that was run
+    summary: dict | None        # None: no summary, a corrupt one, or one left by an earlier run
+    outcome: str                # ok | crash | diverged | timeout | no_summary | stale_summary | corrupt_summary
+    key: str                    # identity of the run: the same run always gets the same key
+    use_metrics: bool           # metrics.jsonl belongs to this run
+    notes: list = field(default_factory=list)
+
+
+def stale_reasons(summary, summary_path, log_path, archived):
+    """Why run_summary.json cannot be the latest run's; empty when it is. RunRecorder deletes the old
+    summary at start-up, so a summary survives a run only when train.py died before reaching it; then
+    run.log, rewritten by the shell redirect, differs from the log archived with the summary's run
+    (`archived`: its results.tsv row) or, when that run is not archived, is newer than the summary.
+    A train.py or HEAD that moved on since is no reason: the summary names its own commit."""
+    if archived is not None and not log_rewritten(archived, log_path):
+        return []  # the run on record, run.log the same in content (perhaps touched)
+    reasons = [] if archived is None else [f"it is archived as {archived['run_id']}, whose run.log differs"]
+    if log_path.exists():
+        finished = (summary.get("timings") or {}).get("finished_at")
+        if not isinstance(finished, (int, float)):
+            finished = summary_path.stat().st_mtime
+        lag = log_path.stat().st_mtime - finished
+        if lag > STALE_SLACK_S:
+            reasons.append(f"run.log was written {lag:.0f} s after it finished")
+    return reasons
+
+
+def log_rewritten(row, log_path):
+    """run.log differs from the one archived with `row`. No run.log here means nothing new ran."""
+    run_dir = ARCHIVE_DIR / row["run_id"]
+    if not log_path.exists() or not run_dir.is_dir():
+        return False
+    archived = run_dir / "run.log"
+    return not archived.exists() or sha256_file(archived) != sha256_file(log_path)
+
+
+def read_summary(summary_path):
+    """(summary or None, outcome, notes) for a missing, corrupt or readable run_summary.json."""
+    if not summary_path.exists():
+        return None, "no_summary", ["no run_summary.json: the process ended before writing it (killed, e.g. out "
+                                    "of memory, or train.py failed before RunRecorder started)"]
+    summary, problem = read_json(summary_path)
+    if problem:
+        return None, "corrupt_summary", [f"{problem}: the run is recorded as a crash of HEAD from run.log; "
+                                         "the unreadable file is kept as run_summary.json.corrupt"]
+    return summary, summary.get("status") or "crash", []
+
+
+def run_key(basis):
+    """Identity of a run in results.tsv: the same run always gets the same key."""
+    return hashlib.sha256(basis.encode()).hexdigest()[:16]
+
+
+def summary_identity(summary, head):
+    """(commit, run key) of a summary."""
+    git_info = summary.get("git") or {}
+    commit = git_info.get("commit") or head
+    return commit, run_key(f"summary|{commit}|{(summary.get('timings') or {}).get('started_at')}|"
+                           f"{git_info.get('train_py_sha256')}")
+
+
+def capture_run(head, rows):
+    """Read the run files in the working directory (cmd_archive checked that there are some)."""
+    summary_path, log_path = Path("run_summary.json"), Path("run.log")
+    summary, outcome, notes = read_summary(summary_path)
+    if summary is not None:
+        commit, key = summary_identity(summary, head)
+        archived = next((r for r in rows if r.get("run_key") == key), None)
+        reasons = stale_reasons(summary, summary_path, log_path, archived)
+        if reasons:
+            summary, outcome = None, "stale_summary"
+            notes.append(f"run_summary.json was left by an earlier run ({'; '.join(reasons)}): this run is "
+                         "recorded as a crash of HEAD from run.log; that summary is kept as stale_run_summary.json")
+        elif commit != head:
+            notes.append(f"HEAD has moved to {head[:7]} since this run; it is archived under the commit it ran")
+    if summary is None:  # the same crash log rewritten by a rerun is a new run: its mtime tells them apart
+        if not log_path.exists():
+            die("run_summary.json is unusable and there is no run.log to recover the run from; "
+                "rerun with `uv run train.py > run.log 2>&1`")
+        commit = head
+        key = run_key(f"crash|{head}|{sha256_file(log_path)}|{log_path.stat().st_mtime_ns}")
+    # RunRecorder deletes metrics.jsonl together with the old summary: a stale summary means stale curves too
+    use_metrics = Path("metrics.jsonl").exists() and outcome != "stale_summary"
+    return Capture(commit, summary, outcome, key, use_metrics, notes + input_notes(outcome, log_path))
+
+
+def input_notes(outcome, log_path):
+    """Run files that are missing, or not this run's."""
+    notes = []
+    if not Path("metrics.jsonl").exists():
+        notes.append("metrics.jsonl is missing: no training curves for this run")
+    elif outcome == "stale_summary":
+        notes.append("metrics.jsonl is the earlier run's too; not archived")
+    if not log_path.exists():
+        notes.append("run.log is missing: train.py's output was not redirected to it")
+    return notes
+
+
+# ---------------------------------------------------------------------------
+# The harness pin
+
+def harness_key(summary):
+    """profile:hash of the harness dict; runs compare only within one key."""
+    harness = (summary or {}).get("harness")
+    if not isinstance(harness, dict):
+        return ""
+    digest = hashlib.sha256(json.dumps(harness, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{harness.get('profile', '?')}:{digest}"
+
+
+def harness_shas(summary):
+    git_info = (summary or {}).get("git") or {}
+    return {name: git_info.get(f"{Path(name).stem}_py_sha256") for name in HARNESS_FILES}
+
+
+def pin_harness(summary, run_id):
+    """The first stored run whose summary records both hashes pins them (only cmd_archive calls this)."""
+    shas = harness_shas(summary)
+    if not HARNESS_PIN.exists() and all(shas.values()):
+        write_atomic(HARNESS_PIN, json.dumps({**shas, "pinned_by": run_id}, indent=2) + "\n")
+
+
+def check_harness(summary):
+    """None when prepare.py and analyze.py match the pinned sha256 (or nothing is pinned yet), else
+    which file changed. Only reads: rebuilding an analysis for show must not pin anything."""
+    if not HARNESS_PIN.exists():
+        return None
+    shas = harness_shas(summary)
+    pin, problem = read_json(HARNESS_PIN)
+    if problem:
+        die(f"{problem}; restore it, or delete it to pin the harness of the next run")
+    changed = [f"{name} (sha256 {str(shas[name])[:8]} vs pinned {pin[name][:8]} from run {pin.get('pinned_by')})"
+               if shas[name] else f"{name} (sha256 not recorded)" for name in HARNESS_FILES
+               if pin.get(name) and shas[name] != pin[name]]
+    return "; ".join(changed) or None
+
+
+# ---------------------------------------------------------------------------
+# Recording the run: its results.tsv row and its directory
+
+def record_run(capture, rows):
+    """The results.tsv row of a run not yet in it, storing its directory unless an earlier invocation,
+    killed before writing results.tsv (or whose row was torn), already did."""
+    run_id = stored_run_id(capture) or new_run_id(capture.commit, rows)
+    harness_changed = check_harness(capture.summary) if capture.summary else None
+    status = ("crash" if capture.outcome != "ok" or capture.summary.get("val_bpb") is None
+              else "invalid" if harness_changed else "pending")
+    row = make_row(capture, run_id, status, latest_harness(rows))
+    if not (ARCHIVE_DIR / run_id).exists():
+        store_run(capture, run_id, pick_best(rows, row["harness"]))
+    return row
+
+
+def stored_run_id(capture):
+    """The id of a run directory <commit7>* that already holds this run, or None."""
+    for run_dir in sorted(ARCHIVE_DIR.glob(f"{capture.commit[:7]}*")):
+        record = read_json(run_dir / RECORD_JSON)[0] or {}
+        if record.get("run_key") == capture.key:
+            return run_dir.name
+    return None
+
+
+def new_run_id(commit, rows):
+    taken = {r.get("run_id") for r in rows}
+    base, n = commit[:7], 1
+    while (run_id := base if n == 1 else f"{base}-{n}") in taken or (ARCHIVE_DIR / run_id).exists():
+        n += 1
+    return run_id
+
+
+def make_row(capture, run_id, status, default_harness):
+    """The results.tsv row. A run without a summary is assumed to share the latest run's harness."""
+    s = capture.summary or {}
+
+    def num(key, spec):
+        return "" if s.get(key) is None else format(float(s[key]), spec)
+
+    started = (s.get("timings") or {}).get("started_at")
+    crashed = status == "crash"
+    description = commit_subject(capture.commit)
+    if (s.get("git") or {}).get("dirty"):
+        description += " [uncommitted changes]"
+    return {
+        "commit": capture.commit[:7],
+        "val_bpb": "0.000000" if crashed or s.get("val_bpb") is None else f"{s['val_bpb']:.6f}",
+        "memory_gb": "0.0" if crashed or s.get("peak_vram_mb") is None else f"{s['peak_vram_mb'] / 1024:.1f}",
+        "status": status, "description": description, "run_id": run_id, "outcome": capture.outcome,
+        "harness": harness_key(s) or default_harness, "train_py_sha": ((s.get("git") or {}).get("train_py_sha256") or "")[:12],
+        "num_steps": num("num_steps", ".0f"), "mfu_percent": num("mfu_percent", ".2f"),
+        "training_seconds": num("training_seconds", ".1f"),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)) if started else "",
+        "run_key": capture.key,
+    }
+
+
+def store_run(capture, run_id, best):
+    """Copy the run's files into its directory (built aside, then renamed into place). record.json names
+    the best that diff.patch is against, so a rebuilt analysis.md compares with the same run."""
+    final, tmp = ARCHIVE_DIR / run_id, ARCHIVE_DIR / f".tmp-{run_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    if capture.summary is not None:
+        shutil.copyfile("run_summary.json", tmp / "run_summary.json")
+    elif capture.outcome == "corrupt_summary":
+        shutil.copyfile("run_summary.json", tmp / "run_summary.json.corrupt")
+    elif capture.outcome == "stale_summary":  # an earlier run's, perhaps never archived: keep it
+        shutil.copyfile("run_summary.json", tmp / "stale_run_summary.json")
+    if capture.use_metrics:
+        shutil.copyfile("metrics.jsonl", tmp / "metrics.jsonl")
+    if Path("run.log").exists():
+        shutil.copyfile("run.log", tmp / "run.log")
+    (tmp / "diff.patch").write_text(train_py_diff(capture, best["commit"] if best else None))
+    (tmp / RECORD_JSON).write_text(json.dumps({"run_key": capture.key, "commit": capture.commit,
+                                               "outcome": capture.outcome, "notes": capture.notes,
+                                               "best": best["run_id"] if best else None}, indent=2) + "\n")
+    os.rename(tmp, final)
+
+
+def train_py_diff(capture, best_commit):
+    """train.py as run, against the best commit. The working tree is what ran when the summary's
+    sha256 matches it (or there is no summary: a crash of the checkout)."""
+    if best_commit is None:
+        return ""
+    ran_sha = ((capture.summary or {}).get("git") or {}).get("train_py_sha256")
+    tree_ran = Path("train.py").exists() and (ran_sha is None or ran_sha == sha256_file("train.py"))
+    args = [best_commit] if tree_ran else [best_commit, capture.commit]
+    patch = git("diff", "--no-color", *args, "--", "train.py")
+    return patch if patch is not None else f"# git diff against {best_commit[:7]} failed: that commit is gone\n"
+
+
+def uncommitted_train_py(summary):
+    """(sha256 of train.py as run, sha256 of its commit's train.py) when they differ, else None. Such a
+    run measured code that no commit holds; None too when either is unknown (e.g. the commit is gone)."""
+    git_info = (summary or {}).get("git") or {}
+    ran, commit = git_info.get("train_py_sha256"), git_info.get("commit")
+    if not ran or not commit:
+        return None
+    out = subprocess.run(["git", "show", f"{commit}:train.py"], capture_output=True)  # bytes, as hashed
+    if out.returncode != 0:
+        return None
+    committed = hashlib.sha256(out.stdout).hexdigest()
+    return None if committed == ran else (ran, committed)
