@@ -100,7 +100,8 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # reserved ids at the 
 BOS_TOKEN = SPECIAL_TOKENS[0]                    # starts every document and every packed row
 TOKENIZER_MAX_CHARS = 1_000_000_000              # training text for the BPE merges
 TOKENIZER_DOC_CAP = 10_000                       # characters kept per document for BPE training
-LOADER_BUFFER_DOCS = 1000                        # documents the best-fit packer chooses from (shapes val rows)
+LOADER_BUFFER_DOCS = 1000                        # the packer refills its buffer whenever it holds fewer
+LOADER_BATCH_DOCS = 128                          # ...by this many documents of one row group at a time
 
 # cpu profile data: built from the standard library's docstrings, comments and pydoc topics
 CPU_TRAIN_SHARDS = 4        # training shards (shard_00000..), plus the validation shard
@@ -431,9 +432,13 @@ def read_texts(path):
         for rg in range(pf.num_row_groups):
             yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
     except (pa.ArrowException, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
-                           f"delete it and re-run `uv run prepare.py`") from e
+        raise _corrupt_shard(path, e) from e
+
+
+def _corrupt_shard(path, error):
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
+                        f"delete it and re-run `uv run prepare.py`")
 
 
 def _training_text(paths, max_chars, doc_cap):
@@ -581,37 +586,62 @@ def load_tokens(tokenizer, shard):
     return np.load(tok_path, mmap_mode="r"), np.load(off_path)
 
 
-def _documents(tokenizer, paths):
-    """Infinite stream of (tokens, start, end, epoch): every document of every shard, in order, epoch after epoch."""
+def _row_group_sizes(path):
+    try:
+        metadata = pq.ParquetFile(path).metadata
+        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    except (pa.ArrowException, OSError) as e:
+        raise _corrupt_shard(path, e) from e
+
+
+def _document_batches(tokenizer, paths, batch_docs=LOADER_BATCH_DOCS):
+    """Infinite stream of (tokens, offsets, epoch): runs of up to batch_docs consecutive documents of one
+    parquet row group, shard after shard, epoch after epoch. These are the batches karpathy/autoresearch's
+    loader tokenizes and adds to its buffer at once, so the buffer holds what his holds, document for
+    document; here they are slices of the token cache."""
     for epoch in itertools.count(1):
+        ndocs = 0
         for path in paths:
             tokens, offsets = load_tokens(tokenizer, path)
-            bounds = offsets.tolist()
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                yield tokens, start, end, epoch
+            sizes = _row_group_sizes(path)
+            if sum(sizes) != len(offsets) - 1:
+                raise PrepareError(f"the token cache of {path} holds {len(offsets) - 1} documents, the shard "
+                                   f"{sum(sizes)}: delete {_token_cache_paths(tokenizer, path)[0].parent} "
+                                   "and re-run `uv run prepare.py`")
+            first = 0  # the row group's first document
+            for size in sizes:
+                for a in range(first, first + size, batch_docs):
+                    yield tokens, offsets[a:min(a + batch_docs, first + size) + 1], epoch
+                first += size
+            ndocs += first
+        if ndocs == 0:
+            raise PrepareError(f"no documents in {', '.join(map(str, paths))}: re-run `uv run prepare.py`")
 
 
 class _BestFitPacker:
     """BOS-aligned best-fit packing: each row is filled with the largest buffered document that fits;
-    when none fits, the shortest is cropped to fill the row exactly. No padding. The buffer is kept
-    sorted by length, so a placement is a bisect instead of a scan."""
+    when none fits, the shortest is cropped to fill the row exactly. No padding. Ties go to the document
+    that entered the buffer first. The buffer is kept sorted by length, so a placement is a bisect
+    instead of a scan; the choices are karpathy/autoresearch's, row for row."""
 
-    def __init__(self, docs, bos, buffer_size):
-        self.docs, self.bos, self.buffer_size = docs, bos, buffer_size
+    def __init__(self, batches, bos, buffer_size):
+        self.batches, self.bos, self.buffer_size = batches, bos, buffer_size
         self.lens, self.refs = [], []  # parallel lists sorted by length (BOS included); ties oldest first
-        self.epoch = 1
+        self.epoch = 1                 # epoch of the last batch of documents read
         self.taken_tokens = 0          # tokens drawn from documents, BOS included
         self.cropped_tokens = 0        # of those, dropped from the tail of cropped documents
 
     def _refill(self):
         while len(self.lens) < self.buffer_size:
-            tokens, start, end, self.epoch = next(self.docs)
-            i = bisect.bisect_right(self.lens, end - start + 1)
-            self.lens.insert(i, end - start + 1)
-            self.refs.insert(i, (tokens, start))
+            tokens, offsets, self.epoch = next(self.batches)
+            bounds = offsets.tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                i = bisect.bisect_right(self.lens, end - start + 1)
+                self.lens.insert(i, end - start + 1)
+                self.refs.insert(i, (tokens, start))
 
     def fill(self, rows):
-        """Fill rows (B, T+1) in place; return the epoch of the last document read."""
+        """Fill rows (B, T+1) in place; return the epoch of the last batch of documents read."""
         capacity = rows.shape[1]
         for row in rows:
             pos = 0
@@ -683,7 +713,7 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFF
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     paths = shard_paths(split, data_dir)
-    packer = _BestFitPacker(_documents(tokenizer, paths), tokenizer.get_bos_token_id(), buffer_size)
+    packer = _BestFitPacker(_document_batches(tokenizer, paths), tokenizer.get_bos_token_id(), buffer_size)
     return _DataLoader(packer, B, T, torch.device(device))
 
 # ---------------------------------------------------------------------------

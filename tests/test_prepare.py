@@ -208,15 +208,16 @@ def test_loader_is_deterministic_and_independent_of_batch_size(cpu_cache, tokeni
     assert torch.equal(a, halves), "the packed rows depend on the batch size"
 
 
-def reference_best_fit(lengths, capacity, buffer_size, n_rows):
-    """karpathy/autoresearch's packer: linear scan of a list, largest fit else crop the shortest.
-    Returns each row as [(document index, tokens placed)]."""
-    stream, buf, out = iter(enumerate(lengths)), [], []
+def linear_scan_best_fit(batches, capacity, buffer_size, n_rows):
+    """karpathy/autoresearch's packing, as a plain linear scan over a list: whenever the buffer holds fewer
+    than buffer_size documents it takes in a whole batch; largest fit first (earliest on ties), else the
+    shortest (earliest) is cropped. Returns each row as [(document index, tokens placed)]."""
+    stream, buf, out = iter(batches), [], []
     for _ in range(n_rows):
         row, pos = [], 0
         while pos < capacity:
             while len(buf) < buffer_size:
-                buf.append(next(stream))
+                buf.extend(next(stream))
             fits = [k for k, (_, n) in enumerate(buf) if n <= capacity - pos]
             k = (max(fits, key=lambda k: (buf[k][1], -k)) if fits
                  else min(range(len(buf)), key=lambda k: (buf[k][1], k)))
@@ -227,18 +228,21 @@ def reference_best_fit(lengths, capacity, buffer_size, n_rows):
     return out
 
 
-def test_best_fit_packer_matches_a_linear_scan_reference():
+def test_best_fit_packer_matches_a_linear_scan_that_refills_a_batch_at_a_time():
     rng = random.Random(0)
-    lengths = [rng.randint(2, 90) for _ in range(5000)]  # BOS included
+    lengths = [rng.randint(2, 90) for _ in range(5000)]  # BOS included; many ties
+    sizes = [rng.randint(1, 12) for _ in range(5000)]    # documents per batch, as row groups cut them
     capacity, buffer_size, n_rows = 65, 50, 300
     # document i holds the ids 1000*i+1, 1000*i+2, ...: every placed token names its document and position
     tokens = np.concatenate([np.arange(1000 * i + 1, 1000 * i + n, dtype=np.int64) for i, n in enumerate(lengths)])
     offsets = np.concatenate([[0], np.cumsum([n - 1 for n in lengths])])
-    docs = ((tokens, int(offsets[i]), int(offsets[i + 1]), 1) for i in range(len(lengths)))
-    packer = prepare._BestFitPacker(docs, bos=0, buffer_size=buffer_size)
+    starts = np.cumsum([0] + sizes)
+    batches = [range(a, min(b, len(lengths))) for a, b in zip(starts[:-1], starts[1:]) if a < len(lengths)]
+    packer = prepare._BestFitPacker(((tokens, offsets[b.start:b.stop + 1], 1) for b in batches), bos=0,
+                                    buffer_size=buffer_size)
     rows = np.empty((n_rows, capacity), dtype=np.int64)
     packer.fill(rows)
-    expected = reference_best_fit(lengths, capacity, buffer_size, n_rows)
+    expected = linear_scan_best_fit(([(i, lengths[i]) for i in b] for b in batches), capacity, buffer_size, n_rows)
     for r, (row, want) in enumerate(zip(rows, expected)):
         got = []
         for seg in np.split(row, np.flatnonzero(row == 0))[1:]:  # each segment starts with its BOS
@@ -248,6 +252,23 @@ def test_best_fit_packer_matches_a_linear_scan_reference():
         assert got == want, f"row {r}: placed {got}, the linear-scan reference placed {want}"
     crop = packer.cropped_tokens / packer.taken_tokens
     assert 0 < crop < 0.5, f"crop fraction {crop:.3f}"
+
+
+def test_loader_reads_batches_of_at_most_128_documents_within_a_row_group(tmp_path, tokenizer):
+    texts = [f"document {i}" for i in range(700)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "shard_00000.parquet", row_group_size=300)
+    pq.write_table(pa.table({"text": texts[:5]}), tmp_path / prepare.VAL_FILENAME)
+    batches = prepare._document_batches(tokenizer, prepare.shard_paths("train", tmp_path))
+    sizes = [(len(next(batches)[1]) - 1) for _ in range(8)]
+    assert sizes == [128, 128, 44, 128, 128, 44, 100, 128], sizes  # row groups of 300, 300, 100; then epoch 2
+    assert next(batches)[2] == 2
+
+
+def test_a_split_without_documents_is_a_clear_error(tmp_path, tokenizer):
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), tmp_path / "shard_00000.parquet")
+    (tmp_path / prepare.VAL_FILENAME).write_bytes(shard_bytes(["validation text"]))
+    with pytest.raises(prepare.PrepareError, match="no documents"):
+        next(prepare.make_dataloader(tokenizer, B, T, "train", device="cpu", data_dir=tmp_path))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
