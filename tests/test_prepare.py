@@ -1,6 +1,7 @@
 """prepare.py is the fixed harness: shards arrive whole or not at all, the tokenizer round-trips and counts
-bytes exactly, the packer never pads or invents tokens, the metric matches a hand computation, and the
-run recorder writes its outputs on every exit path. Hermetic: loopback servers only, no network."""
+bytes as karpathy/autoresearch does, the packer never pads or invents tokens, the metric matches a hand
+computation, and the run recorder writes its outputs on every exit path. Hermetic: loopback servers only,
+no network. (tests/test_reference_data.py compares the same parts with figures from his own code.)"""
 import contextlib
 import hashlib
 import http.server
@@ -117,11 +118,46 @@ UNICODE_TEXTS = ["Hello world! Numbers: 1234567.", "naïve café, Straße, 你�
 
 
 @pytest.mark.parametrize("text", UNICODE_TEXTS)
-def test_tokenizer_round_trips_and_token_bytes_sum_to_utf8_length(tokenizer, text):
+def test_tokenizer_round_trips_and_token_bytes_count_as_the_reference_does(tokenizer, text):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
-    nbytes = int(tokenizer.token_bytes()[ids].sum()) if ids else 0
-    assert nbytes == len(text.encode("utf-8")), f"token bytes {nbytes} != utf-8 bytes {len(text.encode())}"
+    utf8 = len(text.encode("utf-8"))
+    exact = int(tokenizer.exact_token_bytes()[ids].sum()) if ids else 0
+    assert exact == utf8, f"exact token bytes {exact} != utf-8 bytes {utf8}"
+    # the metric's rule: each token decoded alone, so part of a character counts as U+FFFD (3 bytes)
+    counted = int(tokenizer.token_bytes()[ids].sum()) if ids else 0
+    assert counted == sum(len(tokenizer.decode([i]).encode("utf-8")) for i in ids)
+    assert counted == utf8 if text.isascii() else counted >= utf8, f"metric bytes {counted}, utf-8 bytes {utf8}"
+
+
+def test_a_token_holding_part_of_a_character_counts_three_bytes(tokenizer):
+    # a lone byte of a multi-byte character decodes to U+FFFD: 3 bytes in the metric, 1 raw byte
+    for b in (0x80, 0xE4, 0xF0):
+        i = tokenizer.enc.encode_single_token(bytes([b]))
+        assert (int(tokenizer.token_bytes()[i]), int(tokenizer.exact_token_bytes()[i])) == (3, 1), f"byte {b:#x}"
+
+
+def test_a_stale_token_bytes_file_is_rewritten_on_load(cpu_cache, tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.pkl").write_bytes((cpu_cache[2] / "tokenizer.pkl").read_bytes())
+    tokenizer = prepare.Tokenizer.from_directory(tok_dir)
+    want = tokenizer.token_bytes()
+    assert torch.equal(torch.load(tok_dir / "token_bytes.pt"), want), "a missing table was not written"
+    # an earlier version's raw-byte counts, another dtype, another size, a damaged file
+    for stale in (tokenizer.exact_token_bytes(), want.long(), want[:-1], None):
+        if stale is None:
+            (tok_dir / "token_bytes.pt").write_bytes(b"not a tensor")
+        else:
+            torch.save(stale, tok_dir / "token_bytes.pt")
+        capsys.readouterr()
+        prepare.Tokenizer.from_directory(tok_dir)
+        on_disk = torch.load(tok_dir / "token_bytes.pt")
+        assert on_disk.dtype == torch.int32 and torch.equal(on_disk, want), "a stale token_bytes.pt survived a load"
+        assert "rewrote" in capsys.readouterr().out
+    before = (tok_dir / "token_bytes.pt").stat().st_mtime_ns
+    prepare.Tokenizer.from_directory(tok_dir)
+    assert (tok_dir / "token_bytes.pt").stat().st_mtime_ns == before, "an up-to-date table was rewritten"
 
 
 def test_token_bytes_are_zero_exactly_for_special_tokens(tokenizer):
@@ -317,7 +353,7 @@ def small_eval(monkeypatch, cpu_cache):
     monkeypatch.setattr(prepare, "DATA_DIR", cpu_cache[1])
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", EVAL_T)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", EVAL_ROWS * EVAL_T)
-    monkeypatch.setattr(prepare, "_METRIC_RESULTS", [])
+    monkeypatch.setattr(prepare, "_METRIC_RESULTS", {})
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -328,18 +364,20 @@ def test_evaluate_bpb_of_uniform_logits_is_log2_vocab_times_tokens_over_bytes(sm
     # by hand: the same val rows, bytes from each token's own byte string, special tokens skipped
     loader = prepare.make_dataloader(tokenizer, batch_size, EVAL_T, "val", device="cpu")
     specials = {tokenizer.enc.encode_single_token(s) for s in prepare.SPECIAL_TOKENS}
-    ntokens = nbytes = nspecial = 0
+    ntokens = nbytes = exact_bytes = nspecial = 0
     for _ in range(steps):
         for t in next(loader)[1].reshape(-1).tolist():
             if t in specials:
                 nspecial += 1
                 continue
             ntokens += 1
-            nbytes += len(tokenizer.enc.decode_single_token_bytes(t))
+            nbytes += len(tokenizer.decode([t]).encode("utf-8"))  # karpathy/autoresearch's rule
+            exact_bytes += len(tokenizer.enc.decode_single_token_bytes(t))
     expected = math.log2(V) * ntokens / nbytes
     assert nspecial > 0, "no BOS among the targets: the exclusion of special tokens went untested"
     assert bpb == pytest.approx(expected, rel=1e-6), \
         f"bpb {bpb:.6f} != log2({V}) x {ntokens} / {nbytes} = {expected:.6f}"
+    assert prepare.exact_bytes_bpb(bpb) == pytest.approx(math.log2(V) * ntokens / exact_bytes, rel=1e-6)
 
 
 def test_evaluate_bpb_uses_the_same_val_rows_every_time_for_any_batch_size(small_eval, tokenizer):
@@ -598,7 +636,7 @@ def metrics(out_dir):
 
 
 def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(prepare, "_METRIC_RESULTS", [1.2345678])  # as if evaluate_bpb had returned it
+    monkeypatch.setattr(prepare, "_METRIC_RESULTS", {1.2345678: 1.2})  # as if evaluate_bpb had returned it
     with prepare.RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
         run.set(num_params_M=1.234, depth=4)
         for step in range(3):
