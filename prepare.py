@@ -100,7 +100,8 @@ SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # reserved ids at the 
 BOS_TOKEN = SPECIAL_TOKENS[0]                    # starts every document and every packed row
 TOKENIZER_MAX_CHARS = 1_000_000_000              # training text for the BPE merges
 TOKENIZER_DOC_CAP = 10_000                       # characters kept per document for BPE training
-LOADER_BUFFER_DOCS = 1000                        # documents the best-fit packer chooses from (shapes val rows)
+LOADER_BUFFER_DOCS = 1000                        # the packer refills its buffer whenever it holds fewer
+LOADER_BATCH_DOCS = 128                          # ...by this many documents of one row group at a time
 
 # cpu profile data: built from the standard library's docstrings, comments and pydoc topics
 CPU_TRAIN_SHARDS = 4        # training shards (shard_00000..), plus the validation shard
@@ -431,9 +432,13 @@ def read_texts(path):
         for rg in range(pf.num_row_groups):
             yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
     except (pa.ArrowException, OSError, ValueError) as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
-                           f"delete it and re-run `uv run prepare.py`") from e
+        raise _corrupt_shard(path, e) from e
+
+
+def _corrupt_shard(path, error):
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
+                        f"delete it and re-run `uv run prepare.py`")
 
 
 def _training_text(paths, max_chars, doc_cap):
@@ -464,55 +469,85 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
                             special_tokens=specials)
-    # exact byte length of every token (decode_single_token_bytes, so a token holding part of a
-    # multi-byte character counts its real bytes); special tokens count 0 and so drop out of the metric
-    token_bytes = torch.tensor([0 if i in specials.values() else len(enc.decode_single_token_bytes(i))
-                                for i in range(enc.n_vocab)], dtype=torch.int32)
+    token_bytes = metric_token_bytes(enc)
     _sanity_check(enc, token_bytes)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    for name, save in (("token_bytes.pt", lambda f: torch.save(token_bytes, f)),
-                       ("tokenizer.pkl", lambda f: pickle.dump(enc, f))):  # tokenizer.pkl last: it means "trained"
-        tmp = tokenizer_dir / f".{name}.part"
-        with open(tmp, "wb") as f:
-            save(f)
-        os.replace(tmp, tokenizer_dir / name)
+    _save(tokenizer_dir / "token_bytes.pt", lambda f: torch.save(token_bytes, f))
+    _save(tokenizer_dir / "tokenizer.pkl", lambda f: pickle.dump(enc, f))  # last: it means "trained"
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s (vocab_size={enc.n_vocab}), saved to {tokenizer_dir}")
 
 
+def _save(path, write):
+    """Write a file whole or not at all."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def metric_token_bytes(enc):
+    """int32 (vocab_size,): the bytes each token counts for in bits per byte, by karpathy/autoresearch's
+    rule: the UTF-8 length of the token decoded alone. A token holding part of a multi-byte character
+    decodes to U+FFFD and counts 3; special tokens count 0 and so drop out of the metric."""
+    texts = (enc.decode([i]) for i in range(enc.n_vocab))
+    specials = enc.special_tokens_set
+    return torch.tensor([0 if t in specials else len(t.encode("utf-8")) for t in texts], dtype=torch.int32)
+
+
+def exact_token_bytes(enc):
+    """int32 (vocab_size,): each token's raw byte length, special tokens 0, so the counts of any text add up
+    to its UTF-8 length. Only for the exact-bytes figure reported beside the metric."""
+    specials = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    return torch.tensor([0 if i in specials else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
+                        dtype=torch.int32)
+
+
 def _sanity_check(enc, token_bytes):
+    """Round-trips text in several scripts; where every token is whole characters (ASCII) the counts
+    must add up to the UTF-8 length, and special tokens must count 0."""
     for text in ["Hello world! Numbers: 123456. Unicode: 你好 naïve café 🦀", "\n\t  tabs and\r\nnewlines"]:
         ids = enc.encode_ordinary(text)
         if enc.decode(ids) != text:
             raise PrepareError(f"tokenizer round-trip failed: {text!r} -> {enc.decode(ids)!r}; "
                                "this is a bug in tokenizer training, please report it")
-        nbytes = int(token_bytes[ids].sum())
-        if nbytes != len(text.encode("utf-8")):
-            raise PrepareError(f"token bytes {nbytes} != {len(text.encode())} UTF-8 bytes for {text!r}; "
+    for text in ["Hello world! Numbers: 123456.", "\n\t  tabs and\r\nnewlines"]:
+        nbytes = int(token_bytes[enc.encode_ordinary(text)].sum())
+        if nbytes != len(text):
+            raise PrepareError(f"token bytes {nbytes} != {len(text)} bytes for {text!r}; "
                                "this is a bug in tokenizer training, please report it")
+    specials = [enc.encode_single_token(name) for name in SPECIAL_TOKENS]
+    if token_bytes[specials].any():
+        raise PrepareError(f"special tokens count {token_bytes[specials].tolist()} bytes, not 0; "
+                           "this is a bug in tokenizer training, please report it")
 
 # ---------------------------------------------------------------------------
 # Runtime utilities (imported by train.py)
 # ---------------------------------------------------------------------------
 
 class Tokenizer:
-    """A tiktoken encoding trained above, plus the byte table the metric needs."""
+    """A tiktoken encoding trained above, plus the byte tables the metric needs."""
 
     def __init__(self, enc, directory=None, fingerprint=""):
         self.enc = enc
         self.directory = directory
         self.fingerprint = fingerprint  # names this tokenizer's token cache
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
-        self._token_bytes = {}
+        self._tables = {}               # (rule, device) -> byte table
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
         tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
         pkl = tokenizer_dir / "tokenizer.pkl"
-        if not (pkl.exists() and (tokenizer_dir / "token_bytes.pt").exists()):
+        if not pkl.exists():
             raise PrepareError(f"no tokenizer at {tokenizer_dir}: run `uv run prepare.py` first "
                                f"(profile {PROFILE})")
         blob = pkl.read_bytes()
-        return cls(pickle.loads(blob), tokenizer_dir, hashlib.sha256(blob).hexdigest()[:16])
+        tokenizer = cls(pickle.loads(blob), tokenizer_dir, hashlib.sha256(blob).hexdigest()[:16])
+        _refresh_token_bytes(tokenizer_dir / "token_bytes.pt", tokenizer.token_bytes())
+        return tokenizer
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -537,11 +572,35 @@ class Tokenizer:
         return self.enc.decode(ids)
 
     def token_bytes(self, device="cpu"):
-        """int32 (vocab_size,): UTF-8 bytes of each token, 0 for special tokens."""
-        key = str(device)
-        if key not in self._token_bytes:
-            self._token_bytes[key] = torch.load(Path(self.directory) / "token_bytes.pt", map_location=device)
-        return self._token_bytes[key]
+        """int32 (vocab_size,): the bytes each token counts for in the metric (see metric_token_bytes)."""
+        return self._table(metric_token_bytes, device)
+
+    def exact_token_bytes(self, device="cpu"):
+        """int32 (vocab_size,): each token's raw byte length (see exact_token_bytes)."""
+        return self._table(exact_token_bytes, device)
+
+    def _table(self, rule, device):
+        key = (rule.__name__, str(device))
+        if key not in self._tables:
+            self._tables[key] = rule(self.enc).to(device)  # from the encoding itself: never a stale file
+        return self._tables[key]
+
+
+def _refresh_token_bytes(path, table):
+    """token_bytes.pt is kept for readers of the tokenizer directory; one written by an earlier version of
+    this file (which counted raw bytes) or damaged is rewritten, so a stale table never lingers there."""
+    try:
+        old = torch.load(path)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        old = None  # missing or unreadable
+    if isinstance(old, torch.Tensor) and old.dtype == table.dtype and torch.equal(old, table):
+        return
+    try:
+        _save(path, lambda f: torch.save(table, f))
+        print(f"Tokenizer: rewrote {path} with the metric's byte counts")
+    except OSError as e:
+        print(f"Tokenizer: {path} is stale and could not be rewritten ({e.strerror or e}); the metric uses "
+              "byte counts computed from tokenizer.pkl", file=sys.stderr)
 
 # ---------------------------------------------------------------------------
 # Token cache: every shard is tokenized once, then the loader only slices arrays
@@ -581,37 +640,62 @@ def load_tokens(tokenizer, shard):
     return np.load(tok_path, mmap_mode="r"), np.load(off_path)
 
 
-def _documents(tokenizer, paths):
-    """Infinite stream of (tokens, start, end, epoch): every document of every shard, in order, epoch after epoch."""
+def _row_group_sizes(path):
+    try:
+        metadata = pq.ParquetFile(path).metadata
+        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
+    except (pa.ArrowException, OSError) as e:
+        raise _corrupt_shard(path, e) from e
+
+
+def _document_batches(tokenizer, paths, batch_docs=LOADER_BATCH_DOCS):
+    """Infinite stream of (tokens, offsets, epoch): runs of up to batch_docs consecutive documents of one
+    parquet row group, shard after shard, epoch after epoch. These are the batches karpathy/autoresearch's
+    loader tokenizes and adds to its buffer at once, so the buffer holds what his holds, document for
+    document; here they are slices of the token cache."""
     for epoch in itertools.count(1):
+        ndocs = 0
         for path in paths:
             tokens, offsets = load_tokens(tokenizer, path)
-            bounds = offsets.tolist()
-            for start, end in zip(bounds[:-1], bounds[1:]):
-                yield tokens, start, end, epoch
+            sizes = _row_group_sizes(path)
+            if sum(sizes) != len(offsets) - 1:
+                raise PrepareError(f"the token cache of {path} holds {len(offsets) - 1} documents, the shard "
+                                   f"{sum(sizes)}: delete {_token_cache_paths(tokenizer, path)[0].parent} "
+                                   "and re-run `uv run prepare.py`")
+            first = 0  # the row group's first document
+            for size in sizes:
+                for a in range(first, first + size, batch_docs):
+                    yield tokens, offsets[a:min(a + batch_docs, first + size) + 1], epoch
+                first += size
+            ndocs += first
+        if ndocs == 0:
+            raise PrepareError(f"no documents in {', '.join(map(str, paths))}: re-run `uv run prepare.py`")
 
 
 class _BestFitPacker:
     """BOS-aligned best-fit packing: each row is filled with the largest buffered document that fits;
-    when none fits, the shortest is cropped to fill the row exactly. No padding. The buffer is kept
-    sorted by length, so a placement is a bisect instead of a scan."""
+    when none fits, the shortest is cropped to fill the row exactly. No padding. Ties go to the document
+    that entered the buffer first. The buffer is kept sorted by length, so a placement is a bisect
+    instead of a scan; the choices are karpathy/autoresearch's, row for row."""
 
-    def __init__(self, docs, bos, buffer_size):
-        self.docs, self.bos, self.buffer_size = docs, bos, buffer_size
+    def __init__(self, batches, bos, buffer_size):
+        self.batches, self.bos, self.buffer_size = batches, bos, buffer_size
         self.lens, self.refs = [], []  # parallel lists sorted by length (BOS included); ties oldest first
-        self.epoch = 1
+        self.epoch = 1                 # epoch of the last batch of documents read
         self.taken_tokens = 0          # tokens drawn from documents, BOS included
         self.cropped_tokens = 0        # of those, dropped from the tail of cropped documents
 
     def _refill(self):
         while len(self.lens) < self.buffer_size:
-            tokens, start, end, self.epoch = next(self.docs)
-            i = bisect.bisect_right(self.lens, end - start + 1)
-            self.lens.insert(i, end - start + 1)
-            self.refs.insert(i, (tokens, start))
+            tokens, offsets, self.epoch = next(self.batches)
+            bounds = offsets.tolist()
+            for start, end in zip(bounds[:-1], bounds[1:]):
+                i = bisect.bisect_right(self.lens, end - start + 1)
+                self.lens.insert(i, end - start + 1)
+                self.refs.insert(i, (tokens, start))
 
     def fill(self, rows):
-        """Fill rows (B, T+1) in place; return the epoch of the last document read."""
+        """Fill rows (B, T+1) in place; return the epoch of the last batch of documents read."""
         capacity = rows.shape[1]
         for row in rows:
             pos = 0
@@ -683,7 +767,7 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFF
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     paths = shard_paths(split, data_dir)
-    packer = _BestFitPacker(_documents(tokenizer, paths), tokenizer.get_bos_token_id(), buffer_size)
+    packer = _BestFitPacker(_document_batches(tokenizer, paths), tokenizer.get_bos_token_id(), buffer_size)
     return _DataLoader(packer, B, T, torch.device(device))
 
 # ---------------------------------------------------------------------------
@@ -697,7 +781,7 @@ def _model_device(model):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_METRIC_RESULTS = []  # every value evaluate_bpb has returned in this process: RunRecorder.finish checks against it
+_METRIC_RESULTS = {}  # every value evaluate_bpb returned in this process -> its exact-bytes figure; finish() checks
 
 
 def evaluate_bpb(model, tokenizer, batch_size):
@@ -706,46 +790,58 @@ def evaluate_bpb(model, tokenizer, batch_size):
 
     Loss per token depends on the vocabulary: a bigger vocabulary packs more text into each token, so
     its per-token loss is higher for the same model quality. Bytes of text do not depend on the
-    tokenizer, so we sum the cross-entropy (nats) over all target tokens, divide by the number of UTF-8
-    bytes those tokens spell, and convert nats to bits (/ ln 2). The result is the cost of encoding the
-    validation text, per byte, and stays comparable when the vocabulary or tokenizer changes.
+    tokenizer, so we sum the cross-entropy (nats) over all target tokens, divide by the number of bytes
+    those tokens spell, and convert nats to bits (/ ln 2). The result is the cost of encoding the
+    validation text, per byte, and stays comparable when the vocabulary or tokenizer changes. Bytes are
+    counted as karpathy/autoresearch counts them (metric_token_bytes), so the numbers compare with his.
     Special tokens (0 bytes, e.g. BOS) are excluded from both sums.
 
     Fixed MAX_SEQ_LEN and EVAL_TOKENS: the first EVAL_TOKENS // MAX_SEQ_LEN packed val rows, the same
     rows every time and for every batch_size (when batch_size does not divide them, the rows past the
-    end of the last batch are computed but not counted, so every batch has one shape).
+    end of the last batch are computed but not counted, so every batch has one shape). These are his
+    rows whenever batch_size * MAX_SEQ_LEN divides EVAL_TOKENS; otherwise he scores fewer, the
+    EVAL_TOKENS // (batch_size * MAX_SEQ_LEN) whole batches, and his number depends on batch_size.
     `model(x, y, reduction='none')` must return per-token nats shaped like y (or flat). RunRecorder
     accepts a final val_bpb only if this function returned it.
     """
-    bpb = _bits_per_byte(model, tokenizer, batch_size, EVAL_TOKENS // MAX_SEQ_LEN)
-    _METRIC_RESULTS.append(bpb)
+    bpb, exact = _bits_per_byte(model, tokenizer, batch_size, EVAL_TOKENS // MAX_SEQ_LEN)
+    _METRIC_RESULTS[bpb] = exact
     return bpb
+
+
+def exact_bytes_bpb(val_bpb):
+    """The same evaluation as a val_bpb that evaluate_bpb returned, with each token counting its raw
+    bytes (exact_token_bytes) instead of the metric's rule: a figure beside the metric, never the
+    metric. None for a number evaluate_bpb did not return."""
+    return _METRIC_RESULTS.get(val_bpb)
 
 
 def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
     """The same computation on the first eval_tokens of the same rows: for validation curves during
     training, where the full set would cost too much. Not the metric: a final val_bpb must come from
     evaluate_bpb."""
-    return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)
+    return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)[0]
 
 
 @torch.no_grad()
 def _bits_per_byte(model, tokenizer, batch_size, n_rows):
+    """(bits per byte, the same with exact bytes) over the first n_rows packed val rows."""
     if n_rows < 1:
         raise ValueError(f"an eval set of less than one row of {MAX_SEQ_LEN} tokens")
     device = _model_device(model)
-    token_bytes = tokenizer.token_bytes(device)
+    byte_tables = torch.stack([tokenizer.token_bytes(device), tokenizer.exact_token_bytes(device)])  # (2, V)
     val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
+    total_bytes = torch.zeros(2, dtype=torch.int64, device=device)
     for first in range(0, n_rows, batch_size):
         x, y, _ = next(val_loader)
         nats = model(x, y, reduction="none").reshape(y.shape).double()
-        nbytes = token_bytes[y]
-        nbytes[n_rows - first:] = 0  # rows past the eval set count in neither sum
-        total_nats += torch.where(nbytes > 0, nats, 0.0).sum()
-        total_bytes += nbytes.sum()
-    return (total_nats / (math.log(2) * total_bytes)).item()
+        nbytes = byte_tables[:, y]  # (2, B, T)
+        nbytes[:, n_rows - first:] = 0  # rows past the eval set count in neither sum
+        total_nats += torch.where(nbytes[0] > 0, nats, 0.0).sum()  # special tokens (0 bytes) count no loss
+        total_bytes += nbytes.sum(dim=(1, 2))
+    bpb, exact = (total_nats / (math.log(2) * total_bytes.double())).tolist()  # float64 throughout
+    return bpb, exact
 
 # ---------------------------------------------------------------------------
 # Run recording (imported by train.py; outputs survive any failure of train.py)

@@ -1,6 +1,7 @@
 """prepare.py is the fixed harness: shards arrive whole or not at all, the tokenizer round-trips and counts
-bytes exactly, the packer never pads or invents tokens, the metric matches a hand computation, and the
-run recorder writes its outputs on every exit path. Hermetic: loopback servers only, no network."""
+bytes as karpathy/autoresearch does, the packer never pads or invents tokens, the metric matches a hand
+computation, and the run recorder writes its outputs on every exit path. Hermetic: loopback servers only,
+no network. (tests/test_reference_data.py compares the same parts with figures from his own code.)"""
 import contextlib
 import hashlib
 import http.server
@@ -117,11 +118,46 @@ UNICODE_TEXTS = ["Hello world! Numbers: 1234567.", "naïve café, Straße, 你�
 
 
 @pytest.mark.parametrize("text", UNICODE_TEXTS)
-def test_tokenizer_round_trips_and_token_bytes_sum_to_utf8_length(tokenizer, text):
+def test_tokenizer_round_trips_and_token_bytes_count_as_the_reference_does(tokenizer, text):
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
-    nbytes = int(tokenizer.token_bytes()[ids].sum()) if ids else 0
-    assert nbytes == len(text.encode("utf-8")), f"token bytes {nbytes} != utf-8 bytes {len(text.encode())}"
+    utf8 = len(text.encode("utf-8"))
+    exact = int(tokenizer.exact_token_bytes()[ids].sum()) if ids else 0
+    assert exact == utf8, f"exact token bytes {exact} != utf-8 bytes {utf8}"
+    # the metric's rule: each token decoded alone, so part of a character counts as U+FFFD (3 bytes)
+    counted = int(tokenizer.token_bytes()[ids].sum()) if ids else 0
+    assert counted == sum(len(tokenizer.decode([i]).encode("utf-8")) for i in ids)
+    assert counted == utf8 if text.isascii() else counted >= utf8, f"metric bytes {counted}, utf-8 bytes {utf8}"
+
+
+def test_a_token_holding_part_of_a_character_counts_three_bytes(tokenizer):
+    # a lone byte of a multi-byte character decodes to U+FFFD: 3 bytes in the metric, 1 raw byte
+    for b in (0x80, 0xE4, 0xF0):
+        i = tokenizer.enc.encode_single_token(bytes([b]))
+        assert (int(tokenizer.token_bytes()[i]), int(tokenizer.exact_token_bytes()[i])) == (3, 1), f"byte {b:#x}"
+
+
+def test_a_stale_token_bytes_file_is_rewritten_on_load(cpu_cache, tmp_path, capsys):
+    tok_dir = tmp_path / "tok"
+    tok_dir.mkdir()
+    (tok_dir / "tokenizer.pkl").write_bytes((cpu_cache[2] / "tokenizer.pkl").read_bytes())
+    tokenizer = prepare.Tokenizer.from_directory(tok_dir)
+    want = tokenizer.token_bytes()
+    assert torch.equal(torch.load(tok_dir / "token_bytes.pt"), want), "a missing table was not written"
+    # an earlier version's raw-byte counts, another dtype, another size, a damaged file
+    for stale in (tokenizer.exact_token_bytes(), want.long(), want[:-1], None):
+        if stale is None:
+            (tok_dir / "token_bytes.pt").write_bytes(b"not a tensor")
+        else:
+            torch.save(stale, tok_dir / "token_bytes.pt")
+        capsys.readouterr()
+        prepare.Tokenizer.from_directory(tok_dir)
+        on_disk = torch.load(tok_dir / "token_bytes.pt")
+        assert on_disk.dtype == torch.int32 and torch.equal(on_disk, want), "a stale token_bytes.pt survived a load"
+        assert "rewrote" in capsys.readouterr().out
+    before = (tok_dir / "token_bytes.pt").stat().st_mtime_ns
+    prepare.Tokenizer.from_directory(tok_dir)
+    assert (tok_dir / "token_bytes.pt").stat().st_mtime_ns == before, "an up-to-date table was rewritten"
 
 
 def test_token_bytes_are_zero_exactly_for_special_tokens(tokenizer):
@@ -208,15 +244,16 @@ def test_loader_is_deterministic_and_independent_of_batch_size(cpu_cache, tokeni
     assert torch.equal(a, halves), "the packed rows depend on the batch size"
 
 
-def reference_best_fit(lengths, capacity, buffer_size, n_rows):
-    """karpathy/autoresearch's packer: linear scan of a list, largest fit else crop the shortest.
-    Returns each row as [(document index, tokens placed)]."""
-    stream, buf, out = iter(enumerate(lengths)), [], []
+def linear_scan_best_fit(batches, capacity, buffer_size, n_rows):
+    """karpathy/autoresearch's packing, as a plain linear scan over a list: whenever the buffer holds fewer
+    than buffer_size documents it takes in a whole batch; largest fit first (earliest on ties), else the
+    shortest (earliest) is cropped. Returns each row as [(document index, tokens placed)]."""
+    stream, buf, out = iter(batches), [], []
     for _ in range(n_rows):
         row, pos = [], 0
         while pos < capacity:
             while len(buf) < buffer_size:
-                buf.append(next(stream))
+                buf.extend(next(stream))
             fits = [k for k, (_, n) in enumerate(buf) if n <= capacity - pos]
             k = (max(fits, key=lambda k: (buf[k][1], -k)) if fits
                  else min(range(len(buf)), key=lambda k: (buf[k][1], k)))
@@ -227,18 +264,21 @@ def reference_best_fit(lengths, capacity, buffer_size, n_rows):
     return out
 
 
-def test_best_fit_packer_matches_a_linear_scan_reference():
+def test_best_fit_packer_matches_a_linear_scan_that_refills_a_batch_at_a_time():
     rng = random.Random(0)
-    lengths = [rng.randint(2, 90) for _ in range(5000)]  # BOS included
+    lengths = [rng.randint(2, 90) for _ in range(5000)]  # BOS included; many ties
+    sizes = [rng.randint(1, 12) for _ in range(5000)]    # documents per batch, as row groups cut them
     capacity, buffer_size, n_rows = 65, 50, 300
     # document i holds the ids 1000*i+1, 1000*i+2, ...: every placed token names its document and position
     tokens = np.concatenate([np.arange(1000 * i + 1, 1000 * i + n, dtype=np.int64) for i, n in enumerate(lengths)])
     offsets = np.concatenate([[0], np.cumsum([n - 1 for n in lengths])])
-    docs = ((tokens, int(offsets[i]), int(offsets[i + 1]), 1) for i in range(len(lengths)))
-    packer = prepare._BestFitPacker(docs, bos=0, buffer_size=buffer_size)
+    starts = np.cumsum([0] + sizes)
+    batches = [range(a, min(b, len(lengths))) for a, b in zip(starts[:-1], starts[1:]) if a < len(lengths)]
+    packer = prepare._BestFitPacker(((tokens, offsets[b.start:b.stop + 1], 1) for b in batches), bos=0,
+                                    buffer_size=buffer_size)
     rows = np.empty((n_rows, capacity), dtype=np.int64)
     packer.fill(rows)
-    expected = reference_best_fit(lengths, capacity, buffer_size, n_rows)
+    expected = linear_scan_best_fit(([(i, lengths[i]) for i in b] for b in batches), capacity, buffer_size, n_rows)
     for r, (row, want) in enumerate(zip(rows, expected)):
         got = []
         for seg in np.split(row, np.flatnonzero(row == 0))[1:]:  # each segment starts with its BOS
@@ -248,6 +288,23 @@ def test_best_fit_packer_matches_a_linear_scan_reference():
         assert got == want, f"row {r}: placed {got}, the linear-scan reference placed {want}"
     crop = packer.cropped_tokens / packer.taken_tokens
     assert 0 < crop < 0.5, f"crop fraction {crop:.3f}"
+
+
+def test_loader_reads_batches_of_at_most_128_documents_within_a_row_group(tmp_path, tokenizer):
+    texts = [f"document {i}" for i in range(700)]
+    pq.write_table(pa.table({"text": texts}), tmp_path / "shard_00000.parquet", row_group_size=300)
+    pq.write_table(pa.table({"text": texts[:5]}), tmp_path / prepare.VAL_FILENAME)
+    batches = prepare._document_batches(tokenizer, prepare.shard_paths("train", tmp_path))
+    sizes = [(len(next(batches)[1]) - 1) for _ in range(8)]
+    assert sizes == [128, 128, 44, 128, 128, 44, 100, 128], sizes  # row groups of 300, 300, 100; then epoch 2
+    assert next(batches)[2] == 2
+
+
+def test_a_split_without_documents_is_a_clear_error(tmp_path, tokenizer):
+    pq.write_table(pa.table({"text": pa.array([], type=pa.string())}), tmp_path / "shard_00000.parquet")
+    (tmp_path / prepare.VAL_FILENAME).write_bytes(shard_bytes(["validation text"]))
+    with pytest.raises(prepare.PrepareError, match="no documents"):
+        next(prepare.make_dataloader(tokenizer, B, T, "train", device="cpu", data_dir=tmp_path))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -296,7 +353,7 @@ def small_eval(monkeypatch, cpu_cache):
     monkeypatch.setattr(prepare, "DATA_DIR", cpu_cache[1])
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", EVAL_T)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", EVAL_ROWS * EVAL_T)
-    monkeypatch.setattr(prepare, "_METRIC_RESULTS", [])
+    monkeypatch.setattr(prepare, "_METRIC_RESULTS", {})
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -307,18 +364,20 @@ def test_evaluate_bpb_of_uniform_logits_is_log2_vocab_times_tokens_over_bytes(sm
     # by hand: the same val rows, bytes from each token's own byte string, special tokens skipped
     loader = prepare.make_dataloader(tokenizer, batch_size, EVAL_T, "val", device="cpu")
     specials = {tokenizer.enc.encode_single_token(s) for s in prepare.SPECIAL_TOKENS}
-    ntokens = nbytes = nspecial = 0
+    ntokens = nbytes = exact_bytes = nspecial = 0
     for _ in range(steps):
         for t in next(loader)[1].reshape(-1).tolist():
             if t in specials:
                 nspecial += 1
                 continue
             ntokens += 1
-            nbytes += len(tokenizer.enc.decode_single_token_bytes(t))
+            nbytes += len(tokenizer.decode([t]).encode("utf-8"))  # karpathy/autoresearch's rule
+            exact_bytes += len(tokenizer.enc.decode_single_token_bytes(t))
     expected = math.log2(V) * ntokens / nbytes
     assert nspecial > 0, "no BOS among the targets: the exclusion of special tokens went untested"
     assert bpb == pytest.approx(expected, rel=1e-6), \
         f"bpb {bpb:.6f} != log2({V}) x {ntokens} / {nbytes} = {expected:.6f}"
+    assert prepare.exact_bytes_bpb(bpb) == pytest.approx(math.log2(V) * ntokens / exact_bytes, rel=1e-6)
 
 
 def test_evaluate_bpb_uses_the_same_val_rows_every_time_for_any_batch_size(small_eval, tokenizer):
@@ -577,7 +636,7 @@ def metrics(out_dir):
 
 
 def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(prepare, "_METRIC_RESULTS", [1.2345678])  # as if evaluate_bpb had returned it
+    monkeypatch.setattr(prepare, "_METRIC_RESULTS", {1.2345678: 1.2})  # as if evaluate_bpb had returned it
     with prepare.RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
         run.set(num_params_M=1.234, depth=4)
         for step in range(3):

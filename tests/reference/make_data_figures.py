@@ -1,0 +1,289 @@
+"""
+Reference figures for the data path and the metric, produced by karpathy/autoresearch's own prepare.py.
+
+Usage:
+    uv run tests/reference/make_data_figures.py /path/to/autoresearch   # rewrites tests/reference/data_figures.json
+
+It builds a small deterministic corpus (below), then runs *his* prepare.py on it: tokenizer training,
+the token-bytes table, the packed loader and evaluate_bpb, and stores what came out in
+data_figures.json. tests/test_reference_data.py rebuilds the same corpus, runs ours, and compares.
+His code is loaded from the checkout given on the command line and is never copied here.
+
+What is changed in his module, in memory, at run time (nothing else):
+  - DATA_DIR and TOKENIZER_DIR point into a scratch directory (his functions read them at call time);
+  - VOCAB_SIZE = 1024, so tokenizer training takes a second;
+  - MAX_SEQ_LEN and EVAL_TOKENS are the small eval settings below;
+  - three source lines are substituted before the module is executed (SUBSTITUTIONS), each asserted to
+    occur exactly once: his loader's pinned host buffer becomes an ordinary one, its "device" buffer and
+    evaluate_bpb's byte table live on the CPU. Pinned memory and "cuda" need a GPU; the values are the same;
+  - one figure retrains the tokenizer with text_iterator's max_chars default lowered to SMALL_MAX_CHARS,
+    so that the character cap, at 1e9 never reached here, is exercised too: where it stops depends on
+    the order of the shards and on counting only the characters the document cap keeps.
+
+The corpus is text nobody here wrote, taken from parts of the standard library that do not change
+between Python releases (the test checks the sha256 of each rebuilt shard against the figures'): the
+character names of the Unicode 3.2 database (unicodedata.ucd_3_2_0, which every Python ships unchanged
+for IDNA), each next to its character (1 to 4 bytes of UTF-8), the HTML5 entity table
+(html.entities.html5) as one document of 25,000 characters, over the tokenizer's 10,000-character
+document cap, and the Zen of Python, one document per line.
+Documents hold 0 to 25 character lines; shards are written with row groups of 333, 128, 1000 and 200
+documents, so the loader's 128-document batches end early at row-group ends and inside shards.
+"""
+
+import argparse
+import codecs
+import contextlib
+import hashlib
+import html.entities
+import importlib.metadata
+import importlib.util
+import inspect
+import io
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+FIGURES = Path(__file__).resolve().parent / "data_figures.json"
+
+VOCAB_SIZE = 1024               # tokenizer size for the figures: trains in about a second
+SMALL_MAX_CHARS = 170_000       # text_iterator's character cap for the second tokenizer figure: it falls
+                                # in the second shard, past the document the 10,000-character cap cuts
+LINES_PER_DOC = (1, 3, 0, 2, 1, 5, 1, 2, 9, 1, 2, 1, 25, 3, 1, 2)  # character lines per document, cycled
+VAL_SHARD_NAME = "shard_06542.parquet"
+ROW_GROUPS = {"shard_00000.parquet": 333, "shard_00001.parquet": 128, "shard_00002.parquet": 1000,
+              VAL_SHARD_NAME: 200}  # documents per parquet row group, by shard
+TRAIN_SHARDS = [name for name in ROW_GROUPS if name != VAL_SHARD_NAME]
+
+LOADER_SETTINGS = [("train", 8, 64, 150), ("train", 3, 250, 100), ("val", 4, 128, 70)]  # (split, B, T, batches)
+EVAL_T, EVAL_ROWS = 128, 240    # evaluate_bpb: MAX_SEQ_LEN and EVAL_TOKENS // MAX_SEQ_LEN
+EVAL_BATCH_SIZES = (4, 8)       # both divide EVAL_ROWS, so his evaluate_bpb scores exactly EVAL_ROWS rows
+ENCODE_TEXTS = ["Hello world! Numbers: 1234567.", "naïve café, Straße, 你好世界, 🦀 ∑ x²",
+                "U+0416 Ж CYRILLIC CAPITAL LETTER ZHE", "&rarr; →\n&Aacute; Á", "  tabs\tand\r\nnewlines\n\n"]
+RAW_ROWS = 2                    # rows of the first batch of each loader setting stored as token ids
+
+# his loader and metric put buffers on the GPU; here they go to the CPU (the values do not change)
+SUBSTITUTIONS = [
+    ("cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=True)",
+     "cpu_buffer = torch.empty(2 * B * T, dtype=torch.long)"),
+    ('gpu_buffer = torch.empty(2 * B * T, dtype=torch.long, device="cuda")',
+     'gpu_buffer = torch.empty(2 * B * T, dtype=torch.long, device="cpu")'),
+    ('token_bytes = get_token_bytes(device="cuda")', 'token_bytes = get_token_bytes(device="cpu")'),
+]
+
+# ---------------------------------------------------------------------------
+# The corpus (also imported by the tests)
+# ---------------------------------------------------------------------------
+
+def unicode_lines():
+    """'U+0416 Ж CYRILLIC CAPITAL LETTER ZHE' for every named character of Unicode 3.2 but the ideographs
+    and Hangul syllables, of which every 97th code point (their names are numbers)."""
+    ucd = unicodedata.ucd_3_2_0
+    for cp in range(0x110000):
+        name = ucd.name(chr(cp), "")
+        numbered = name.startswith(("CJK UNIFIED IDEOGRAPH", "HANGUL SYLLABLE"))
+        if name and not (numbered and cp % 97):
+            yield f"U+{cp:04X} {chr(cp)} {name}"
+
+
+def documents():
+    """The corpus's documents, in order: the character lines grouped by LINES_PER_DOC."""
+    lines, docs, k = list(unicode_lines()), [], 0
+    while lines:
+        n = LINES_PER_DOC[k % len(LINES_PER_DOC)]
+        docs.append("\n".join(lines[:n]))
+        lines, k = lines[n:], k + 1
+    return docs
+
+
+def corpus():
+    """{shard name: documents}. Two documents in five, and the last tenth (the rarest scripts), go to
+    validation; the rest is cut into three training shards, with the Zen of Python opening the third and
+    the HTML5 entity table in the middle of the second."""
+    docs = documents()
+    tail = len(docs) * 9 // 10
+    val = [d for i, d in enumerate(docs[:tail]) if i % 5 in (1, 3)] + docs[tail:]
+    train = [d for i, d in enumerate(docs[:tail]) if i % 5 not in (1, 3)]
+    a, b = len(train) // 3, 2 * len(train) // 3
+    with contextlib.redirect_stdout(io.StringIO()):
+        import this  # prints the Zen on import
+    zen = [line for line in codecs.decode(this.s, "rot13").splitlines() if line]
+    entities = "\n".join(f"&{name} {char}" for name, char in html.entities.html5.items())
+    second = train[a:b]
+    shards = [train[:a], second[:len(second) // 2] + [entities] + second[len(second) // 2:], zen + train[b:]]
+    return {**dict(zip(TRAIN_SHARDS, shards)), VAL_SHARD_NAME: val}
+
+
+def texts_digest(texts):
+    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def build_shards(data_dir):
+    """Write the corpus as parquet shards into data_dir; return {name: (documents, sha256, row groups)}."""
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    for name, texts in corpus().items():
+        pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), data_dir / name,
+                       row_group_size=ROW_GROUPS[name])
+        meta = pq.ParquetFile(data_dir / name).metadata
+        summary[name] = {"documents": len(texts), "sha256": texts_digest(texts),
+                         "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]}
+    return summary
+
+# ---------------------------------------------------------------------------
+# Digests and the stand-in model (also imported by the tests)
+# ---------------------------------------------------------------------------
+
+class StandInModel(torch.nn.Module):
+    """No weights: each token's loss in nats is a fixed function of its input and target ids, so two
+    metrics given the same rows see the same numbers; only rows, masks, byte counts and sums can differ."""
+
+    def forward(self, x, y, reduction="none"):
+        return ((7 * x + 13 * y) % 101).double() / 25 + 0.5
+
+
+def ranks_digest(mergeable_ranks):
+    """sha256 of the merges: one 'rank hex-bytes' line per token, in rank order."""
+    lines = "".join(f"{rank} {token.hex()}\n" for token, rank in sorted(mergeable_ranks.items(), key=lambda kv: kv[1]))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def table_digest(table):
+    return hashlib.sha256(np.asarray(table, dtype="<i4").tobytes()).hexdigest()
+
+
+def batch_digest(inputs, targets):
+    """First 16 hex digits of the sha256 of a batch's inputs then targets, as little-endian int64."""
+    data = np.asarray(inputs, dtype="<i8").tobytes() + np.asarray(targets, dtype="<i8").tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def loader_figures(make_loader, split, B, T, n_batches):
+    """Digest and epoch of each batch, and the first RAW_ROWS rows (T+1 tokens) of the first batch."""
+    loader = make_loader(split, B, T)
+    digests, epochs, raw = [], [], None
+    for _ in range(n_batches):
+        x, y, epoch = next(loader)
+        x, y = x.cpu().numpy().copy(), y.cpu().numpy().copy()  # his loader reuses its buffers
+        digests.append(batch_digest(x, y))
+        epochs.append(int(epoch))
+        if raw is None:
+            raw = np.concatenate([x[:RAW_ROWS, :1], y[:RAW_ROWS]], axis=1).tolist()
+    return {"split": split, "B": B, "T": T, "batch_sha256_16": digests, "epochs": epochs, "first_rows": raw}
+
+# ---------------------------------------------------------------------------
+# His prepare.py, run here
+# ---------------------------------------------------------------------------
+
+def load_ar_prepare(ar_dir, scratch):
+    """His prepare.py as a module, with the substitutions and settings listed in this file's docstring."""
+    path = Path(ar_dir) / "prepare.py"
+    source = path.read_text()
+    for old, new in SUBSTITUTIONS:
+        assert source.count(old) == 1, f"{path}: expected exactly one {old!r}; the substitutions need updating"
+        source = source.replace(old, new)
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("ar_prepare", loader=None))
+    module.__file__ = str(path)
+    exec(compile(source, str(path), "exec"), module.__dict__)
+    module.DATA_DIR, module.TOKENIZER_DIR = str(scratch / "data"), str(scratch / "tokenizer")
+    module.VOCAB_SIZE, module.MAX_SEQ_LEN, module.EVAL_TOKENS = VOCAB_SIZE, EVAL_T, EVAL_ROWS * EVAL_T
+    return module
+
+
+def his_constants(ar):
+    """The data-path constants his code holds, read from his signatures and globals."""
+    defaults = lambda fn: {k: p.default for k, p in inspect.signature(fn).parameters.items()
+                           if p.default is not inspect.Parameter.empty}
+    return {"text_iterator": defaults(ar.text_iterator),
+            "tokenizer_batch_size": defaults(ar._document_batches)["tokenizer_batch_size"],
+            "buffer_size": defaults(ar.make_dataloader)["buffer_size"],
+            "SPLIT_PATTERN": ar.SPLIT_PATTERN, "SPECIAL_TOKENS": ar.SPECIAL_TOKENS, "BOS_TOKEN": ar.BOS_TOKEN,
+            "VAL_FILENAME": ar.VAL_FILENAME}
+
+
+def tokenizer_figures(ar, tokenizer):
+    enc = tokenizer.enc
+    return {"vocab_size": enc.n_vocab, "pattern": enc._pat_str, "bos_token_id": tokenizer.get_bos_token_id(),
+            "special_token_ids": {name: enc.encode_single_token(name) for name in ar.SPECIAL_TOKENS},
+            "mergeable_ranks_sha256": ranks_digest(enc._mergeable_ranks),
+            "encodings": {text: tokenizer.encode(text) for text in ENCODE_TEXTS}}
+
+
+def token_bytes_figures(ar, tokenizer):
+    table = ar.get_token_bytes("cpu").tolist()
+    enc = tokenizer.enc
+    partial = [i for i in range(len(table)) if "\ufffd" in enc.decode([i])]
+    return {"sha256": table_digest(table), "table": table,
+            "partial_utf8_tokens": len(partial),
+            "partial_utf8_raw_bytes": sum(len(enc.decode_single_token_bytes(i)) for i in partial),
+            "partial_utf8_counted_bytes": sum(table[i] for i in partial)}
+
+
+def small_cap_tokenizer(ar, scratch):
+    """His tokenizer retrained with text_iterator's max_chars lowered to SMALL_MAX_CHARS."""
+    ar.TOKENIZER_DIR = str(scratch / "tokenizer_small_cap")
+    max_chars, doc_cap = ar.text_iterator.__defaults__
+    ar.text_iterator.__defaults__ = (SMALL_MAX_CHARS, doc_cap)
+    try:
+        ar.train_tokenizer()
+    finally:
+        ar.text_iterator.__defaults__ = (max_chars, doc_cap)
+    return {"max_chars": SMALL_MAX_CHARS,
+            "mergeable_ranks_sha256": ranks_digest(ar.Tokenizer.from_directory(ar.TOKENIZER_DIR).enc._mergeable_ranks)}
+
+
+def provenance(ar_dir):
+    commit = subprocess.run(["git", "-C", str(ar_dir), "rev-parse", "HEAD"], capture_output=True, text=True)
+    versions = {name: importlib.metadata.version(name) for name in ("torch", "rustbpe", "tiktoken", "pyarrow", "numpy")}
+    return {"ar_commit": commit.stdout.strip() or None, "command": "uv run " + shlex.join(sys.argv),
+            "python": platform.python_version(), **versions}
+
+
+def to_json(value, indent=0):
+    """JSON with one key per line and every list on one line: small, and readable in a diff."""
+    if not (isinstance(value, dict) and value):
+        return json.dumps(value, ensure_ascii=False)
+    pad = " " * (indent + 1)
+    items = ",\n".join(f"{pad}{json.dumps(k, ensure_ascii=False)}: {to_json(v, indent + 1)}" for k, v in value.items())
+    return "{\n" + items + "\n" + " " * indent + "}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("ar_dir", help="a checkout of karpathy/autoresearch")
+    parser.add_argument("--out", default=str(FIGURES), help="where to write the figures")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp)
+        shards = build_shards(scratch / "data")
+        ar = load_ar_prepare(args.ar_dir, scratch)
+        ar.train_tokenizer()
+        tokenizer = ar.Tokenizer.from_directory(ar.TOKENIZER_DIR)
+        make_loader = lambda split, B, T: ar.make_dataloader(tokenizer, B, T, split)
+        figures = {
+            **provenance(args.ar_dir),
+            "settings": {"VOCAB_SIZE": VOCAB_SIZE, "EVAL_T": EVAL_T, "EVAL_ROWS": EVAL_ROWS},
+            "constants": his_constants(ar),
+            "corpus": shards,
+            "tokenizer": tokenizer_figures(ar, tokenizer),
+            "token_bytes": token_bytes_figures(ar, tokenizer),
+            "loader": [loader_figures(make_loader, *setting) for setting in LOADER_SETTINGS],
+            "evaluate_bpb": {str(B): ar.evaluate_bpb(StandInModel(), tokenizer, B) for B in EVAL_BATCH_SIZES},
+            "small_cap_tokenizer": small_cap_tokenizer(ar, scratch),
+        }
+    Path(args.out).write_text(to_json(figures) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,124 @@
+"""The data path and the metric against karpathy/autoresearch's own code: his prepare.py, run by
+tests/reference/make_data_figures.py on a small corpus, left its tokenizer, byte table, packed rows and
+bits per byte in tests/reference/data_figures.json; here ours runs on the same corpus and must give the
+same figures (bit for bit, bpb to 1e-12)."""
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import prepare  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("make_data_figures", ROOT / "tests" / "reference" / "make_data_figures.py")
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
+HIS = json.loads(ref.FIGURES.read_text())
+
+pytestmark = pytest.mark.reference
+
+
+@pytest.fixture(scope="module")
+def ours(tmp_path_factory):
+    """Our prepare.py on the figures' corpus: the shards, and the tokenizer trained on them."""
+    root = tmp_path_factory.mktemp("reference_data")
+    corpus = ref.build_shards(root / "data")
+    assert corpus == HIS["corpus"], \
+        "the rebuilt corpus differs from the one the figures were made from: " + \
+        ", ".join(f"{name} ({corpus[name]['documents']} documents, {HIS['corpus'][name]['documents']} in the figures)"
+                  for name in corpus if corpus[name] != HIS["corpus"].get(name))
+    prepare.train_tokenizer(root / "data", root / "tokenizer", vocab_size=HIS["settings"]["VOCAB_SIZE"])
+    return SimpleNamespace(root=root, data=root / "data", tokenizer=prepare.Tokenizer.from_directory(root / "tokenizer"))
+
+
+def first_difference(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+# ---------------------------------------------------------------------------
+# Tokenizer and byte table
+# ---------------------------------------------------------------------------
+
+def test_data_path_constants_are_his():
+    his = HIS["constants"]
+    ours = {"text_iterator": {"max_chars": prepare.TOKENIZER_MAX_CHARS, "doc_cap": prepare.TOKENIZER_DOC_CAP},
+            "tokenizer_batch_size": prepare.LOADER_BATCH_DOCS, "buffer_size": prepare.LOADER_BUFFER_DOCS,
+            "SPLIT_PATTERN": prepare.SPLIT_PATTERN, "SPECIAL_TOKENS": prepare.SPECIAL_TOKENS,
+            "BOS_TOKEN": prepare.BOS_TOKEN, "VAL_FILENAME": prepare.VAL_FILENAME}
+    differ = {k: (ours[k], his[k]) for k in his if ours[k] != his[k]}
+    assert not differ, f"constants that differ from karpathy/autoresearch's (ours, his): {differ}"
+
+
+def test_tokenizer_has_his_merges_and_encodings(ours):
+    his, enc = HIS["tokenizer"], ours.tokenizer.enc
+    assert (enc.n_vocab, enc._pat_str, ours.tokenizer.get_bos_token_id()) == \
+        (his["vocab_size"], his["pattern"], his["bos_token_id"])
+    assert {name: enc.encode_single_token(name) for name in his["special_token_ids"]} == his["special_token_ids"]
+    for text, ids in his["encodings"].items():
+        got = ours.tokenizer.encode(text)
+        assert got == ids, f"{text!r}: token {first_difference(got, ids)} differs: ours {got}, his {ids}"
+    assert ref.ranks_digest(enc._mergeable_ranks) == his["mergeable_ranks_sha256"], "the merges differ from his"
+
+
+def test_tokenizer_stops_at_his_character_cap(ours, monkeypatch):
+    his = HIS["small_cap_tokenizer"]
+    monkeypatch.setattr(prepare, "TOKENIZER_MAX_CHARS", his["max_chars"])
+    prepare.train_tokenizer(ours.data, ours.root / "tokenizer_small_cap", vocab_size=HIS["settings"]["VOCAB_SIZE"])
+    enc = prepare.Tokenizer.from_directory(ours.root / "tokenizer_small_cap").enc
+    assert ref.ranks_digest(enc._mergeable_ranks) == his["mergeable_ranks_sha256"], \
+        f"trained on the first {his['max_chars']:,} characters, the merges differ from his"
+
+
+def test_token_bytes_are_his_partial_characters_included(ours):
+    his = HIS["token_bytes"]
+    saved = torch.load(ours.root / "tokenizer" / "token_bytes.pt")
+    for name, table in (("Tokenizer.token_bytes()", ours.tokenizer.token_bytes().tolist()),
+                        ("token_bytes.pt", saved.tolist())):
+        i = first_difference(table, his["table"])
+        assert i is None, (f"{name}: token {i} ({ours.tokenizer.enc.decode_single_token_bytes(i)!r}) counts "
+                           f"{table[i]} bytes, his {his['table'][i]}; "
+                           f"{sum(a != b for a, b in zip(table, his['table']))} tokens differ")
+        assert ref.table_digest(table) == his["sha256"]
+    assert saved.dtype == torch.int32
+
+# ---------------------------------------------------------------------------
+# Packed rows
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("his", HIS["loader"], ids=lambda s: f"{s['split']}-B{s['B']}-T{s['T']}")
+def test_loader_rows_and_epochs_are_his(ours, his):
+    split, B, T = his["split"], his["B"], his["T"]
+    make_loader = lambda split, B, T: prepare.make_dataloader(ours.tokenizer, B, T, split, device="cpu",
+                                                              data_dir=ours.data)
+    got = ref.loader_figures(make_loader, split, B, T, len(his["batch_sha256_16"]))
+    for r, (row, want) in enumerate(zip(got["first_rows"], his["first_rows"])):
+        t = first_difference(row, want)
+        assert t is None, f"{split} B={B} T={T}: row {r} differs first at token {t}: ours {row[t:t + 8]}, his {want[t:t + 8]}"
+    ours_d, his_d = got["batch_sha256_16"], his["batch_sha256_16"]
+    k = first_difference(ours_d, his_d)
+    assert k is None, (f"{split} B={B} T={T}: batch {k} (rows {k * B}..{k * B + B - 1}) is the first that differs "
+                       f"from his; {sum(a != b for a, b in zip(ours_d, his_d))} of {len(his_d)} batches differ")
+    k = first_difference(got["epochs"], his["epochs"])
+    assert k is None, f"{split} B={B} T={T}: batch {k} has epoch {got['epochs'][k]}, his {his['epochs'][k]}"
+
+# ---------------------------------------------------------------------------
+# The metric
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("batch_size", [4, 8, 7])
+def test_evaluate_bpb_is_his(ours, monkeypatch, batch_size):
+    # 7 does not divide the eval rows: ours still scores the same rows, so it must give his number for 4
+    settings, his = HIS["settings"], HIS["evaluate_bpb"]
+    want = his.get(str(batch_size), his["4"])
+    for name, value in {"DATA_DIR": ours.data, "MAX_SEQ_LEN": settings["EVAL_T"],
+                        "EVAL_TOKENS": settings["EVAL_ROWS"] * settings["EVAL_T"], "_METRIC_RESULTS": {}}.items():
+        monkeypatch.setattr(prepare, name, value)
+    bpb = prepare.evaluate_bpb(ref.StandInModel(), ours.tokenizer, batch_size)
+    assert bpb == pytest.approx(want, rel=1e-12, abs=0), f"batch size {batch_size}: bpb {bpb!r}, his {want!r}"
+    exact = prepare.exact_bytes_bpb(bpb)
+    assert bpb < exact < bpb * 1.5, f"exact-bytes bpb {exact!r} next to the metric's {bpb!r}"
