@@ -74,6 +74,10 @@ def test_optimizer_constants_are_ars(ours):
     assert_close(recipe.constant_figures(ours), FIGURES["constants"], "constants", 0)
 
 
+def test_optimizer_kernels_are_ars_in_settings_training_never_reaches(ours):
+    assert_close(recipe.kernel_figures(ours), FIGURES["kernels"], "kernels", 1e-9)
+
+
 def test_model_shape_from_depth_is_ars(ours):
     assert_close(as_json(recipe.model_config_figures(ours)), FIGURES["model_configs"], "model_configs", 0)
 

@@ -161,10 +161,32 @@ def step_figures(g, name):
     return {"param_groups": groups, "steps": steps, "optimizer_state": state}
 
 
+def kernel_figures(g):
+    """The two optimizer kernels called directly, in settings the training groups never reach:
+    AdamW with weight decay, Muon on tall, wide and square stacks with a changing momentum."""
+    gen = torch.Generator().manual_seed(7)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)
+    t = lambda value: torch.tensor(float(value))
+    p, exp_avg, exp_avg_sq = rand(8, 6), torch.zeros(8, 6), torch.zeros(8, 6)
+    for step in range(1, 4):
+        g["adamw_step_fused"](p, rand(8, 6), exp_avg, exp_avg_sq, t(step), t(0.01), t(0.8), t(0.95), t(1e-10), t(0.1))
+    out = {"adamw": [fingerprint(p), fingerprint(exp_avg), fingerprint(exp_avg_sq)]}
+    for shape in [(3, 48, 16), (2, 16, 48), (2, 32, 32)]:
+        red_dim = -1 if shape[-2] >= shape[-1] else -2
+        params, momentum_buffer = rand(*shape), torch.zeros(shape)
+        second = torch.zeros(shape[0], shape[1], 1) if red_dim == -1 else torch.zeros(shape[0], 1, shape[2])
+        for step in range(3):
+            g["muon_step_fused"](rand(*shape), params, momentum_buffer, second, t(0.85 + 0.03 * step), t(0.02),
+                                 t(0.2), t(0.95), 5, red_dim)
+        out["muon_" + "x".join(map(str, shape))] = [fingerprint(params), fingerprint(momentum_buffer), fingerprint(second)]
+    return out
+
+
 def all_figures(g):
     return {
         "hyperparameters": hyperparameter_figures(g),
         "constants": constant_figures(g),
+        "kernels": kernel_figures(g),
         "model_configs": model_config_figures(g),
         "schedules": schedule_figures(g),
         "models": {name: {"init": init_figures(g, name), "forward": forward_figures(g, name),

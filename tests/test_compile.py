@@ -1,0 +1,155 @@
+"""The compiled GPU path, exercised on the CPU as far as torch 2.9 allows. On CUDA train.py compiles the
+model (around FlexAttention and its cached block masks) and the two optimizer kernels. The CPU compiler
+cannot compile FlexAttention with gradients, but dynamo can trace it: so the training graph is traced
+with fullgraph and run through AOT autograd, the evaluation graph and the kernels through inductor.
+A change that adds a graph break, or makes the model or a kernel recompile as the schedules move step
+to step, fails here."""
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.testing import CompileCounterWithBackend
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402
+
+B, T, VOCAB = 2, 256, 64  # two of flex's 128-token blocks: full, partial and skipped blocks all occur
+CALL_KINDS = 3            # what the loop compiles: a train step, a train step with layer stats, no-grad eval
+
+
+@pytest.fixture(autouse=True)
+def flex_masks(monkeypatch):
+    """CUDA's attention on the CPU: block masks and flex_attention, a fresh dynamo state per test."""
+    monkeypatch.setattr(train, "sliding_window_mask", train.sliding_window_block_mask)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
+        yield
+    torch._dynamo.reset()
+
+
+def small_model(n_layer=2, pattern="SL"):
+    torch.manual_seed(0)
+    config = train.GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_kv_head=2,
+                             n_embd=64, window_pattern=pattern)
+    model = train.GPT(config)
+    model.init_weights()
+    model.attention_masks(T, torch.device("cpu"))  # as build_model does, before compiling
+    return model
+
+
+def batch(seed):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, VOCAB, (B, T + 1), generator=gen)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
+def max_error(a, b):
+    return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+@pytest.mark.parametrize("kind", ["train", "train_with_stats", "eval"])
+def test_each_call_of_the_loop_is_one_graph_without_breaks(kind):
+    model = small_model(n_layer=4, pattern="SSSL")
+    x, y = batch(0)
+    call = {"train": lambda: model(x, y), "train_with_stats": lambda: model(x, y, return_act_rms=True),
+            "eval": lambda: model(x, y, reduction="none")}[kind]
+    with torch.set_grad_enabled(kind != "eval"):
+        explained = torch._dynamo.explain(lambda: call())()
+    assert explained.graph_break_count == 0, f"graph breaks: {[r.reason for r in explained.break_reasons]}"
+    assert explained.graph_count == 1, f"{explained.graph_count} graphs for one {kind} call"
+
+
+def test_training_loop_compiles_three_graphs_and_never_recompiles(monkeypatch):
+    """Several steps of the loop on the compiled model, with the optimizer's kernels compiled and the
+    schedules changing every step: the model keeps its three graphs, the kernels one per shape group."""
+    model = small_model()
+    model_counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, dynamic=False, backend=model_counter)
+    kernel_counter = CompileCounterWithBackend("eager")
+    for name in ("adamw_step", "muon_step"):
+        monkeypatch.setattr(train, name, torch.compile(getattr(train, name), dynamic=False, fullgraph=True,
+                                                       backend=kernel_counter))
+    optimizer = model.setup_optimizer(matrix_lr=0.04, embedding_lr=0.6, weight_decay=0.2)
+    kernel_compiles = []
+    for step in range(4):
+        x, y = batch(step)
+        loss, _ = compiled(x, y, return_act_rms=True) if step % 2 else (compiled(x, y), None)
+        loss.backward()
+        for group in optimizer.param_groups:  # what the loop's schedules do
+            group["lr"] = group["initial_lr"] * (1 - step / 4)
+            if group["kind"] == "muon":
+                group["momentum"] = train.get_muon_momentum(step)
+                group["weight_decay"] = train.get_weight_decay(step / 4)
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            compiled(x, y, reduction="none")
+        kernel_compiles.append(kernel_counter.frame_count)
+    assert model_counter.frame_count == CALL_KINDS, f"{model_counter.frame_count} model graphs for {CALL_KINDS} kinds of call"
+    assert kernel_compiles[1:] == kernel_compiles[:1] * 3, f"kernel compilations after each step: {kernel_compiles}"
+
+
+def test_compiled_training_graph_equals_eager():
+    model = small_model(n_layer=4, pattern="SSSL")
+    x, y = batch(1)
+    eager_loss, eager_rms = model(x, y, return_act_rms=True)
+    eager_loss.backward()
+    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager_decomp_partition")
+    loss, act_rms = compiled(x, y, return_act_rms=True)
+    loss.backward()
+    assert max_error(loss, eager_loss) < 1e-5, f"loss: compiled {loss.item():.6f} vs eager {eager_loss.item():.6f}"
+    assert max_error(act_rms, eager_rms) < 1e-5, f"act_rms: {act_rms.tolist()} vs {eager_rms.tolist()}"
+    for name, p in model.named_parameters():
+        err = max_error(p.grad, eager_grads[name])
+        assert err < 1e-5, f"grad of {name}: compiled vs eager differ by {err:.2e}"
+
+
+def test_inductor_evaluation_graph_equals_eager():
+    model = small_model()
+    x, y = batch(2)
+    compiled = torch.compile(model, dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        eager, nats = model(x, y, reduction="none"), compiled(x, y, reduction="none")
+    err = max_error(nats, eager)
+    assert nats.shape == (B * T,) and err < 1e-5, f"per-token nats: compiled vs eager differ by {err:.2e}"
+
+
+def test_inductor_optimizer_kernels_equal_eager_and_compile_once():
+    """Both kernels compiled by inductor update their arguments in place as eager does, and compile
+    once while every hyperparameter moves. AdamW is fp32 throughout and agrees to rounding. Muon's
+    polar express runs in bf16 with coefficients up to 22, whose cancellations magnify rounding:
+    inductor keeps fused intermediates in fp32 where eager rounds every op, and the two
+    orthogonalizations differ by ~7% of their norm (AR's compiled kernel against eager alike), so
+    only a gross departure (no update, a wrong branch, a lost in-place write) fails there."""
+    counter = CompileCounterWithBackend("inductor")
+    adamw = torch.compile(train.adamw_step, dynamic=False, fullgraph=True, backend=counter)
+    muon = torch.compile(train.muon_step, dynamic=False, fullgraph=True, backend=counter)
+    gen = torch.Generator().manual_seed(3)
+    rand = lambda *shape: torch.randn(*shape, generator=gen)
+    t = lambda value: torch.tensor(float(value))
+    adamw_start, muon_start = rand(16, 8), rand(2, 32, 16)
+    eager = {"adamw": [adamw_start.clone(), torch.zeros(16, 8), torch.zeros(16, 8)],
+             "muon": [muon_start.clone(), torch.zeros(2, 32, 16), torch.zeros(2, 32, 1)]}
+    compiled = {k: [s.clone() for s in v] for k, v in eager.items()}
+    for step in range(1, 4):  # every hyperparameter moves every step, as the schedules do
+        grad, grads = rand(16, 8), rand(2, 32, 16)
+        hyper = (t(step), t(0.01 / step), t(0.8), t(0.95), t(1e-10), t(0.1 * step))
+        muon_hyper = (t(0.85 + 0.03 * step), t(0.04 / step), t(0.2 / step), t(0.95), 5, -1)
+        for kernels, state in (((train.adamw_step, train.muon_step), eager), ((adamw, muon), compiled)):
+            kernels[0](state["adamw"][0], grad, *state["adamw"][1:], *hyper)
+            kernels[1](grads.clone(), state["muon"][0], *state["muon"][1:], *muon_hyper)
+    assert counter.frame_count == 2, f"{counter.frame_count} compilations for 2 kernels: a schedule recompiled"
+    checks = [("adamw update", eager["adamw"][0] - adamw_start, compiled["adamw"][0] - adamw_start, 1e-5),
+              ("adamw second moment", eager["adamw"][2], compiled["adamw"][2], 1e-5),
+              ("muon momentum", eager["muon"][1], compiled["muon"][1], 1e-5),
+              ("muon update", eager["muon"][0] - muon_start, compiled["muon"][0] - muon_start, 0.25),
+              ("muon second moment", eager["muon"][2], compiled["muon"][2], 0.25)]
+    for name, a, b, rel in checks:
+        err = ((a - b).norm() / a.norm()).item()
+        assert err <= rel, f"{name}: inductor vs eager differ by {err:.2e} of its norm (allowed {rel})"
