@@ -1,8 +1,8 @@
 """
-One-time data preparation, and the fixed runtime harness that every experiment's number comes out of.
+One-time data preparation, and the fixed data runtime that every experiment's number comes out of.
 Downloads the data shards (or, in the cpu profile, builds them from the standard library's own text),
 trains the BPE tokenizer and tokenizes every shard once into a token cache. train.py imports the
-runtime half: the tokenizer, the packed dataloader, the fixed bits-per-byte metric and the run recorder.
+runtime half: the tokenizer, the packed dataloader and the fixed bits-per-byte metric.
 
 Usage:
     uv run prepare.py                              # 10 training shards + the validation shard, tokenizer
@@ -20,20 +20,16 @@ import bisect
 import concurrent.futures
 import hashlib
 import itertools
-import json
 import math
 import os
 import pickle
 import platform
 import random
-import signal
-import subprocess
 import sys
 import sysconfig
 import tempfile
 import threading
 import time
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +39,8 @@ import requests
 import rustbpe
 import tiktoken
 import torch
+
+from harness.progress import ProgressLine
 
 # ---------------------------------------------------------------------------
 # Profiles and paths (fixed, do not modify)
@@ -127,40 +125,6 @@ class PrepareError(RuntimeError):
 
 def shard_name(index):
     return f"shard_{index:05d}.parquet"
-
-# ---------------------------------------------------------------------------
-# Progress
-# ---------------------------------------------------------------------------
-
-class ProgressLine:
-    """One live line on a terminal (rewritten with \\r); whole lines at most every `every_s` otherwise,
-    so a log file never holds a megabyte-long line of carriage returns."""
-
-    def __init__(self, every_s=5.0, stream=None):
-        self.every_s = every_s
-        self.stream = stream if stream is not None else sys.stdout
-        isatty = getattr(self.stream, "isatty", None)
-        self.live = bool(isatty and isatty())
-        self._last = -math.inf
-        self._width = 0
-
-    def _rewrite(self, text):
-        self.stream.write("\r" + text + " " * max(0, self._width - len(text)))
-        self._width = len(text)
-
-    def update(self, text):
-        if self.live:
-            self._rewrite(text)
-        elif time.monotonic() - self._last >= self.every_s:
-            self.stream.write(text + "\n")
-            self._last = time.monotonic()
-        self.stream.flush()
-
-    def done(self, text):
-        if self.live:
-            self._rewrite(text)
-        self.stream.write(("\n" if self.live else text + "\n"))
-        self.stream.flush()
 
 # ---------------------------------------------------------------------------
 # Data download (gpu profile)
@@ -842,281 +806,6 @@ def _bits_per_byte(model, tokenizer, batch_size, n_rows):
         total_bytes += nbytes.sum(dim=(1, 2))
     bpb, exact = (total_nats / (math.log(2) * total_bytes.double())).tolist()  # float64 throughout
     return bpb, exact
-
-# ---------------------------------------------------------------------------
-# Run recording (imported by train.py; outputs survive any failure of train.py)
-# ---------------------------------------------------------------------------
-
-FINAL_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-              "total_tokens_M", "num_steps", "num_params_M", "depth")
-_FINAL_FORMATS = {"val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
-                  "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
-                  "num_steps": "{:d}", "num_params_M": "{:.1f}", "depth": "{:d}"}
-EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3}  # run.exit_code by status
-DIVERGED_LOSS = 100.0                                            # a training loss above this has diverged
-
-# dense bf16 tensor-core peak by GPU name; checked in order, so specific names come first.
-# H100 SXM at karpathy/autoresearch's 989.5e12, so MFU figures compare with his directly
-_PEAK_BF16_FLOPS = (
-    ("GH200", 989.5e12), ("H200 NVL", 835e12), ("H200", 989.5e12), ("H100 NVL", 835e12), ("H100 PCIE", 756e12),
-    ("H100", 989.5e12), ("H800 PCIE", 756e12), ("H800", 989.5e12), ("B200", 2250e12), ("B100", 1750e12),
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-)
-
-
-class Diverged(Exception):
-    """Training loss became NaN/inf or exploded; the run ends with status 'diverged'."""
-
-
-def peak_bf16_flops(device_name):
-    """Dense bf16 peak FLOP/s of a GPU by name, or None when unknown (MFU is then null, never wrong)."""
-    name = (device_name or "").upper()
-    return next((flops for key, flops in _PEAK_BF16_FLOPS if key in name), None)
-
-
-def _jsonable(value):
-    if isinstance(value, tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def collect_config(namespace):
-    """Every UPPER_CASE global of train.py whose value is JSON-serialisable (tuples become lists),
-    except the harness constants train.py imported from here."""
-    config = {}
-    for name, value in namespace.items():
-        if not name.isupper() or name.startswith("_") or globals().get(name, object()) is value:
-            continue
-        try:
-            json.dumps(_jsonable(value))
-        except (TypeError, ValueError):
-            continue
-        config[name] = _jsonable(value)
-    return config
-
-
-def _json_default(value):
-    """Tensors and numpy scalars become Python numbers; anything else its repr, so a row is never lost."""
-    if hasattr(value, "item"):
-        try:
-            return value.item()
-        except (ValueError, RuntimeError):
-            pass
-    return repr(value)
-
-
-def _sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
-def _git(*args):
-    try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def _provenance():
-    root = Path(__file__).resolve().parent
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    git = {"commit": commit, "dirty": None if status is None else bool(status)}
-    git.update({f"{n}_py_sha256": _sha256(root / f"{n}.py") for n in ("train", "prepare", "analyze")})
-    cuda = torch.cuda.is_available()
-    driver = None
-    if cuda:
-        try:
-            smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
-            driver = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
-        except (OSError, subprocess.TimeoutExpired):
-            driver = None
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda if cuda else None,
-           "gpu_name": torch.cuda.get_device_name() if cuda else None, "driver": driver}
-    return git, env
-
-
-class RunRecorder:
-    """Owns a run's outputs (metrics.jsonl, run_summary.json) so that a broken train.py can never lose them.
-
-        with RunRecorder(collect_config(globals())) as run:
-            train(run)
-        sys.exit(run.exit_code)
-
-    The summary is written on every exit path: ok, crash (any exception, or finish() never called),
-    diverged, and timeout (hard wall-clock cap or SIGTERM, which also end the process with code 3).
-    """
-
-    def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
-        self.config = config
-        self.out_dir = Path(out_dir)
-        self.hard_cap_s = hard_cap_s if hard_cap_s is not None else max(2 * TIME_BUDGET, TIME_BUDGET + 300)
-        self.flush_every_s = flush_every_s
-        self.final = dict.fromkeys(FINAL_KEYS)
-        self.timings = {}
-        self.exit_code = None
-        self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
-        self._finished, self._closed = False, False
-        self._metrics_lock, self._close_lock = threading.RLock(), threading.RLock()
-        self._stop = threading.Event()
-        self.started_at = self._last_flush = time.time()
-
-    # -- lifecycle --
-
-    def __enter__(self):
-        for name in ("metrics.jsonl", "run_summary.json"):  # never let a previous run's outputs pass as ours
-            (self.out_dir / name).unlink(missing_ok=True)
-        self.started_at = self._last_flush = time.time()
-        self.git, self.env = _provenance()
-        # the tokenizer stands for the data it was trained on (the cpu profile's text is this Python's
-        # standard library): runs on another tokenizer are another harness
-        tokenizer_sha = _sha256(TOKENIZER_DIR / "tokenizer.pkl")
-        self.harness = {**HARNESS, "tokenizer": tokenizer_sha[:16] if tokenizer_sha else None}
-        try:
-            self._file = open(self.out_dir / "metrics.jsonl", "w")
-        except OSError as e:
-            self._warn_once("io", f"metrics.jsonl: {e}")
-        threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
-        self._old_sigterm = None
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._stop.set()
-        if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-        if exc_type is None:
-            status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
-        else:
-            traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
-            status = "diverged" if issubclass(exc_type, Diverged) else "crash"
-            error = _tail("".join(traceback.format_exception(exc_type, exc, tb)))
-        self._close(status, error)
-        return True
-
-    def _watchdog(self):
-        if not self._stop.wait(self.hard_cap_s):
-            self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
-
-    def _on_sigterm(self, signum, frame):
-        self._timeout("SIGTERM received")
-
-    def _timeout(self, reason):
-        frame = sys._current_frames().get(threading.main_thread().ident)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
-        if self._close("timeout", _tail(f"{reason}; main thread was at:\n{stack}")):
-            print(f"\nRunRecorder: {reason}, wrote run_summary.json (status timeout)", file=sys.stderr)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(EXIT_CODES["timeout"])
-
-    def _close(self, status, error):
-        """Flush metrics and write the summary, once; False if another path already did."""
-        with self._close_lock:
-            if self._closed:
-                return False
-            self._closed = True
-            self.exit_code = EXIT_CODES[status]
-            if not self._finished and self._last_step is not None:
-                # how far a run got before it died: the last logged step, unless train.py said more
-                self.final["num_steps"] = self.final["num_steps"] or self._last_step + 1
-                self.final["training_seconds"] = self.final["training_seconds"] or self._last_elapsed
-            self.flush()
-            with self._metrics_lock:
-                if self._file is not None:
-                    self._file.close()
-            self._write_summary(status, error)
-            return True
-
-    # -- during the run --
-
-    def log(self, step, **metrics):
-        """Buffer one metrics row; written at most every flush_every_s and at exit. Never raises on I/O."""
-        with self._metrics_lock:
-            if self._last_step is not None and step < self._last_step:
-                self._warn_once("order", f"log(step={step}) after step {self._last_step}: row dropped")
-                return
-            self._last_step = step
-            if "elapsed_s" in metrics:
-                self._last_elapsed = metrics["elapsed_s"]
-            self._rows.append({"step": step, "time": time.time(), **metrics})
-            if time.time() - self._last_flush >= self.flush_every_s:
-                self.flush()
-
-    def flush(self):
-        with self._metrics_lock:
-            rows, self._rows = self._rows, []
-            self._last_flush = time.time()
-            if self._file is None or self._file.closed or not rows:
-                return
-            try:
-                self._file.write("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-                self._file.flush()
-            except OSError as e:
-                self._warn_once("io", f"metrics.jsonl: {e}")
-
-    def _warn_once(self, kind, message):
-        if kind not in self._warned:
-            self._warned.add(kind)
-            print(f"RunRecorder: warning: {message} (further warnings of this kind suppressed)", file=sys.stderr)
-
-    def set(self, **values):
-        """Record final-block values known so far; they reach the summary whatever the exit path."""
-        unknown = set(values) - set(FINAL_KEYS)
-        if unknown:
-            raise KeyError(f"not final-block keys: {sorted(unknown)}; known: {FINAL_KEYS}")
-        self.final.update(values)
-
-    def timing(self, name, seconds):
-        self.timings[name] = float(seconds)
-
-    def check_divergence(self, step, loss):
-        if not math.isfinite(loss) or loss > DIVERGED_LOSS:
-            raise Diverged(f"training loss {loss} at step {step}")
-
-    def finish(self, **final):
-        """Set the final-block values and print karpathy/autoresearch's greppable block to stdout."""
-        if final.get("val_bpb") is not None and final["val_bpb"] not in _METRIC_RESULTS:
-            raise ValueError(f"val_bpb={final['val_bpb']!r} did not come from prepare.evaluate_bpb: the final "
-                             "number must be the fixed metric, passed on as it returned it")
-        self.set(**final)
-        self._finished = True
-        lines = ["---"]
-        for key in FINAL_KEYS:
-            value = self.final[key]
-            if value is None:
-                text = "n/a"
-            else:
-                text = _FINAL_FORMATS[key].format(int(value) if _FINAL_FORMATS[key] == "{:d}" else float(value))
-            lines.append(f"{key + ':':<18}{text}")
-        print("\n".join(lines), flush=True)
-
-    # -- the summary --
-
-    def _write_summary(self, status, error):
-        summary = {"status": status, **self.final, "config": self.config, "harness": self.harness,
-                   "git": self.git, "env": self.env,
-                   "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
-                   "error": error}
-        path = self.out_dir / "run_summary.json"
-        tmp = path.with_name(f".run_summary.json.{os.getpid()}.part")
-        try:
-            tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-            os.replace(tmp, path)
-        except OSError as e:
-            print(f"RunRecorder: could not write {path}: {e}", file=sys.stderr)
-
-
-def _tail(text, max_lines=40, max_chars=4000):
-    return "\n".join(text.rstrip().splitlines()[-max_lines:])[-max_chars:]
 
 # ---------------------------------------------------------------------------
 # Main

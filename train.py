@@ -1,7 +1,8 @@
 """
 Autoresearch pretraining script. Single-GPU, single-file: the one file the agent edits.
-karpathy/autoresearch's GPT and MuonAdamW on PyTorch-native attention, trained for a fixed
-wall-clock budget, recording what happened (metrics.jsonl, run_summary.json) for analyze.py.
+karpathy/autoresearch's GPT and MuonAdamW on PyTorch-native attention, trained for a fixed wall-clock
+budget. What a run records about itself (metrics.jsonl, run_summary.json, the final block) is written by
+the pinned harness (harness/record.py), called here in a handful of lines.
 
 Usage:
     uv run train.py                                 # the H100 harness (gpu profile)
@@ -23,7 +24,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, evaluate_bpb_sample, RunRecorder, collect_config, peak_bf16_flops, ProgressLine
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, evaluate_bpb_sample
+from harness.record import RunRecorder, LayerHealth, ValCurve, ProgressLine, collect_config, peak_bf16_flops
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -482,14 +484,16 @@ class MuonAdamW(torch.optim.Optimizer):
 # ---------------------------------------------------------------------------
 # Hyperparameters (edit these directly, no CLI flags needed)
 # ---------------------------------------------------------------------------
+# `A if gpu_profile else B`: B is the cpu profile's laptop-sized value (AUTORESEARCH_PROFILE=cpu)
+gpu_profile = PROFILE == "gpu"
 
 # Model architecture
-ASPECT_RATIO = 64       # model_dim = depth * ASPECT_RATIO
-HEAD_DIM = 128          # target head dimension for attention
+ASPECT_RATIO = 64 if gpu_profile else 32  # model_dim = depth * ASPECT_RATIO
+HEAD_DIM = 128 if gpu_profile else 32     # target head dimension for attention
 WINDOW_PATTERN = "SSSL" # sliding window pattern: L=full, S=half context
 
 # Optimization
-TOTAL_BATCH_SIZE = 2**19 # ~524K tokens per optimizer step
+TOTAL_BATCH_SIZE = 2**19 if gpu_profile else 2**12  # ~524K tokens per optimizer step
 EMBEDDING_LR = 0.6      # learning rate for token embeddings (Adam)
 UNEMBEDDING_LR = 0.004  # learning rate for lm_head (Adam)
 MATRIX_LR = 0.04        # learning rate for matrix parameters (Muon)
@@ -501,115 +505,14 @@ WARMDOWN_RATIO = 0.5    # fraction of time budget for LR warmdown
 FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Model size
-DEPTH = 8               # number of transformer layers
-DEVICE_BATCH_SIZE = 128 # per-device batch size (reduce if OOM)
+DEPTH = 8 if gpu_profile else 4                # number of transformer layers
+DEVICE_BATCH_SIZE = 128 if gpu_profile else 8  # per-device batch size (reduce if OOM)
 
-# ---------------------------------------------------------------------------
-# Run logging (what a run records about itself; does not change the training)
-# ---------------------------------------------------------------------------
-
-LAYER_STATS_EVERY = 25  # steps between per-layer health rows (grad norm, update ratio, activation RMS)
-VAL_POINTS = 10         # in-training val/bpb points, evenly spaced in progress, plus one at the end
-VAL_TOKENS = 2**20      # tokens per in-training val/bpb: a fixed slice, the val shard's first batches
-TIMING_SKIP_STEPS = 10  # the first steps (compilation, warm-up) are not counted in the time budget
-
-# ---------------------------------------------------------------------------
-# CPU profile: a tiny model so the whole loop runs on a laptop CPU in seconds.
-# Only AUTORESEARCH_PROFILE=cpu reads this block; the gpu profile uses the values above.
-# ---------------------------------------------------------------------------
-
-if PROFILE == "cpu":
-    DEPTH = 4
-    ASPECT_RATIO = 32
-    HEAD_DIM = 32
-    TOTAL_BATCH_SIZE = 2**12
-    DEVICE_BATCH_SIZE = 8
-    VAL_TOKENS = 2**13
-    LAYER_STATS_EVERY = 10
-
-# ---------------------------------------------------------------------------
-# Schedules (all based on progress = training_time / TIME_BUDGET)
-# ---------------------------------------------------------------------------
-
-def get_lr_multiplier(progress):
-    if progress < WARMUP_RATIO:
-        return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0
-    elif progress < 1.0 - WARMDOWN_RATIO:
-        return 1.0
-    else:
-        cooldown = (1.0 - progress) / WARMDOWN_RATIO
-        return cooldown * 1.0 + (1 - cooldown) * FINAL_LR_FRAC
-
-
-def get_muon_momentum(step):
-    frac = min(step / 300, 1)
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def get_weight_decay(progress):
-    return WEIGHT_DECAY * (1 - progress)
-
-# ---------------------------------------------------------------------------
-# Per-layer health: computed on the device, fetched with the step's loss in one transfer
-# ---------------------------------------------------------------------------
-
-class LayerHealth:
-    """Gradient norm and update-to-weight ratio of every block matrix, RMS of every block's output."""
-
-    def __init__(self, model):
-        named = list(model.transformer.h.named_parameters())
-        self.names = [name.removesuffix(".weight") for name, _ in named]  # e.g. "0.attn.c_q"
-        self.params = [p for _, p in named]
-        self.before = None
-
-    @torch.no_grad()
-    def before_step(self):
-        """Call after backward, before optimizer.step()."""
-        self.grad_norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))
-        self.before = [p.detach().clone() for p in self.params]
-
-    @torch.no_grad()
-    def after_step(self, act_rms):
-        """All statistics as one flat device tensor (nothing is transferred here)."""
-        weight_norms = torch.stack(torch._foreach_norm(self.before))
-        update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self.params, self.before)))
-        self.before = None
-        return torch.cat([self.grad_norms.float(), update_norms.float(), weight_norms.float(), act_rms.float()])
-
-    def unpack(self, values):
-        """The flat list from after_step(), fetched to the host, as metrics.jsonl keys."""
-        n = len(self.names)
-        grad_norms, update_norms, weight_norms, act_rms = values[:n], values[n:2*n], values[2*n:3*n], values[3*n:]
-        metrics = {}
-        for name, g, u, w in zip(self.names, grad_norms, update_norms, weight_norms):
-            metrics[f"layer/{name}/grad_norm"] = g
-            metrics[f"layer/{name}/update_ratio"] = u / w if w > 0 else None  # zero-init weights have no ratio yet
-        for i, rms in enumerate(act_rms):
-            metrics[f"layer/{i}/act_rms"] = rms
-        return metrics
-
-# ---------------------------------------------------------------------------
-# Training
-# ---------------------------------------------------------------------------
-
-@dataclass
-class Trainer:
-    """Everything the loop needs, built once by setup()."""
-    device: torch.device
-    autocast_ctx: object
-    tokenizer: Tokenizer
-    model: nn.Module          # compiled on CUDA
-    optimizer: MuonAdamW
-    health: LayerHealth
-    train_loader: object
-    grad_accum_steps: int
-    num_params: int
-    num_flops_per_token: int
-    peak_flops: float | None  # dense bf16 FLOP/s of this GPU; None: MFU unknown
-
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+# Run logging (what a run records about itself; changes no number of the training)
+LAYER_STATS_EVERY = 25 if gpu_profile else 10  # steps between per-layer health rows
+VAL_POINTS = 10                                # in-training val/bpb points, evenly spaced in progress
+VAL_TOKENS = 2**20 if gpu_profile else 2**13   # tokens per in-training val/bpb: the val rows' first ones
+TIMING_SKIP_STEPS = 10                         # the first steps (compilation, warm-up) are not timed
 
 
 def build_model_config(depth):
@@ -622,126 +525,145 @@ def build_model_config(depth):
         window_pattern=WINDOW_PATTERN,
     )
 
+# Schedules (all based on progress = training_time / TIME_BUDGET)
 
-def build_model(device):
+def get_lr_multiplier(progress):
+    if progress < WARMUP_RATIO:
+        return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0
+    elif progress < 1.0 - WARMDOWN_RATIO:
+        return 1.0
+    else:
+        cooldown = (1.0 - progress) / WARMDOWN_RATIO
+        return cooldown * 1.0 + (1 - cooldown) * FINAL_LR_FRAC
+
+def get_muon_momentum(step):
+    frac = min(step / 300, 1)
+    return (1 - frac) * 0.85 + frac * 0.95
+
+def get_weight_decay(progress):
+    return WEIGHT_DECAY * (1 - progress)
+
+
+if __name__ == "__main__":
+    if gpu_profile and not torch.cuda.is_available():
+        sys.exit("train.py: the gpu profile needs a CUDA GPU and none is usable here; "
+                 "for a small CPU run use AUTORESEARCH_PROFILE=cpu (after `AUTORESEARCH_PROFILE=cpu uv run prepare.py`)")
+    run = RunRecorder(collect_config(globals())).start()  # run_summary.json is written however the run ends
+
+    # -----------------------------------------------------------------------
+    # Setup: tokenizer, model, optimizer, dataloader
+    # -----------------------------------------------------------------------
+
+    t_start = time.time()
+    torch.manual_seed(42)
+    torch.cuda.manual_seed(42)
+    torch.set_float32_matmul_precision("high")
+    device = torch.device("cuda" if gpu_profile else "cpu")
+    autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if gpu_profile else nullcontext()
+    synchronize = torch.cuda.synchronize if gpu_profile else lambda: None
+    peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if gpu_profile else None  # None: MFU unknown
+
+    tokenizer = Tokenizer.from_directory()
+    vocab_size = tokenizer.get_vocab_size()
+    print(f"Vocab size: {vocab_size:,}")
+
     config = build_model_config(DEPTH)
     print(f"Model config: {asdict(config)}")
+
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
-    # built eagerly, before torch.compile sees the model; keyed by a tensor's device ("cuda:0", as in forward)
-    model.attention_masks(MAX_SEQ_LEN, model.cos.device)
-    return model
+    model.attention_masks(MAX_SEQ_LEN, model.cos.device)  # before torch.compile, keyed as forward asks ("cuda:0")
 
-
-def setup(run):
-    device = torch.device("cuda" if PROFILE == "gpu" else "cpu")
-    on_cuda = device.type == "cuda"
-    torch.manual_seed(42)
-    torch.cuda.manual_seed(42)
-    torch.set_float32_matmul_precision("high")
-    autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
-
-    global vocab_size  # read by build_model_config, as in karpathy's flat set-up
-    tokenizer = Tokenizer.from_directory()
-    vocab_size = tokenizer.get_vocab_size()
-    print(f"Vocab size: {vocab_size:,}")
-    model = build_model(device)
     param_counts = model.num_scaling_params()
     print("Parameter counts:")
     for key, value in param_counts.items():
         print(f"  {key:24s}: {value:,}")
+    num_params = param_counts["total"]
     num_flops_per_token = model.estimate_flops()
     print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
-    run.set(num_params_M=param_counts["total"] / 1e6, depth=DEPTH)
+    run.set(num_params_M=num_params / 1e6, depth=DEPTH)
 
     tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
+
     optimizer = model.setup_optimizer(
-        unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
-        adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY,
+        unembedding_lr=UNEMBEDDING_LR,
+        embedding_lr=EMBEDDING_LR,
+        scalar_lr=SCALAR_LR,
+        adam_betas=ADAM_BETAS,
+        matrix_lr=MATRIX_LR,
+        weight_decay=WEIGHT_DECAY,
     )
-    health = LayerHealth(model)
-    if on_cuda:
+    health = LayerHealth(model.transformer.h.named_parameters())
+
+    if gpu_profile:
         model = torch.compile(model, dynamic=False)
+
     train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device.type)
+    x, y, epoch = next(train_loader)  # prefetch first batch
+
     print(f"Time budget: {TIME_BUDGET}s")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
-    return Trainer(device, autocast_ctx, tokenizer, model, optimizer, health, train_loader, grad_accum_steps,
-                   param_counts["total"], num_flops_per_token,
-                   peak_bf16_flops(torch.cuda.get_device_name()) if on_cuda else None)
 
+    def val_bpb_slice():
+        # no model.eval(): there is no dropout, and flipping the mode would recompile the model
+        with autocast_ctx:
+            return evaluate_bpb_sample(model, tokenizer, DEVICE_BATCH_SIZE, VAL_TOKENS)
 
-def validate(t, eval_tokens):
-    """val/bpb on the first eval_tokens of the validation rows, and the seconds it took."""
-    t0 = time.time()
-    # no model.eval(): there is no dropout, and flipping the mode would recompile the model
-    with t.autocast_ctx:
-        val_bpb = evaluate_bpb_sample(t.model, t.tokenizer, DEVICE_BATCH_SIZE, eval_tokens)
-    return val_bpb, time.time() - t0
-
-
-def train_step(t, batch, step, progress, want_stats):
-    """One optimizer step. Returns the loss, the schedule values used, the layer metrics
-    (when want_stats) and the next batch; the loss and the statistics reach the host in one transfer."""
-    x, y, epoch = batch
-    for micro_step in range(t.grad_accum_steps):
-        with t.autocast_ctx:
-            if want_stats and micro_step == t.grad_accum_steps - 1:
-                loss, act_rms = t.model(x, y, return_act_rms=True)
-            else:
-                loss = t.model(x, y)
-        train_loss = loss.detach()
-        loss = loss / t.grad_accum_steps
-        loss.backward()
-        x, y, epoch = next(t.train_loader)
-
-    # Progress and schedules
-    schedule = {"train/lr_multiplier": get_lr_multiplier(progress), "train/muon_momentum": get_muon_momentum(step),
-                "train/weight_decay": get_weight_decay(progress)}
-    for group in t.optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * schedule["train/lr_multiplier"]
-        if group["kind"] == "muon":
-            group["momentum"] = schedule["train/muon_momentum"]
-            group["weight_decay"] = schedule["train/weight_decay"]
-    if want_stats:
-        t.health.before_step()
-    t.optimizer.step()
-    layer_metrics = {}
-    if want_stats:
-        fetched = torch.cat([train_loss.float().view(1), t.health.after_step(act_rms)]).tolist()
-        train_loss_f = fetched[0]
-        layer_metrics = t.health.unpack(fetched[1:])
-    else:
-        train_loss_f = train_loss.item()
-    t.model.zero_grad(set_to_none=True)
-    return train_loss_f, schedule, layer_metrics, (x, y, epoch)
-
-
-def train_loop(run, t):
-    """Train until the budget is spent. Returns (num_steps, training_seconds)."""
-    batch = next(t.train_loader)  # prefetch first batch
+    val_curve = ValCurve(run, val_bpb_slice, VAL_POINTS)  # in-training val/bpb, each in its own row
     progress_line = ProgressLine(every_s=10)
-    val_at = [i / VAL_POINTS for i in range(VAL_POINTS)]  # progress points still to validate at
-    smooth_train_loss, total_training_time, warmup_time, eval_time = 0.0, 0.0, 0.0, 0.0
-    step = 0
+
+    # -----------------------------------------------------------------------
+    # Training loop
+    # -----------------------------------------------------------------------
+
     run.timing("startup_s", time.time() - t_process_start)
+    smooth_train_loss = 0
+    total_training_time = 0
+    warmup_time = 0
+    step = 0
+
     while True:
         progress = min(total_training_time / TIME_BUDGET, 1.0)
-        if val_at and progress >= val_at[0]:
-            val_bpb_slice, dt_eval = validate(t, VAL_TOKENS)
-            eval_time += dt_eval
-            val_at = [p for p in val_at if p > progress]
-            # its own row, at the progress where it was measured (the step's row comes after the step)
-            run.log(step, **{"elapsed_s": total_training_time, "train/progress": progress, "val/bpb": val_bpb_slice})
-
-        # the previous step ended in a sync (its loss reached the host), so t0 needs none
+        val_curve.update(step, progress, total_training_time)
+        synchronize()
         t0 = time.time()
-        train_loss_f, schedule, layer_metrics, batch = train_step(t, batch, step, progress, step % LAYER_STATS_EVERY == 0)
-        t.sync()
-        dt = time.time() - t0
+        want_stats = step % LAYER_STATS_EVERY == 0  # per-layer health on this step
+        for micro_step in range(grad_accum_steps):
+            with autocast_ctx:
+                if want_stats and micro_step == grad_accum_steps - 1:
+                    loss, act_rms = model(x, y, return_act_rms=True)
+                else:
+                    loss = model(x, y)
+            train_loss = loss.detach()
+            loss = loss / grad_accum_steps
+            loss.backward()
+            x, y, epoch = next(train_loader)
+
+        # Progress and schedules
+        lrm = get_lr_multiplier(progress)
+        muon_momentum = get_muon_momentum(step)
+        muon_weight_decay = get_weight_decay(progress)
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * lrm
+            if group["kind"] == "muon":
+                group["momentum"] = muon_momentum
+                group["weight_decay"] = muon_weight_decay
+        if want_stats:
+            health.before_step()
+        optimizer.step()
+        layer_stats = health.after_step(act_rms) if want_stats else None
+        model.zero_grad(set_to_none=True)
+
+        train_loss_f, layer_metrics = health.fetch(train_loss, layer_stats)  # one device-to-host transfer
+
+        synchronize()
+        t1 = time.time()
+        dt = t1 - t0
+
         if step > TIMING_SKIP_STEPS:
             total_training_time += dt
         else:
@@ -751,18 +673,21 @@ def train_loop(run, t):
         ema_beta = 0.9
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
+        pct_done = 100 * progress
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
-        mfu = 100 * t.num_flops_per_token * TOTAL_BATCH_SIZE / dt / t.peak_flops if t.peak_flops else None
-        run.log(step, **{"elapsed_s": total_training_time, "train/loss": train_loss_f,
-                         "train/loss_smooth": debiased_smooth_loss, **schedule,
-                         "train/progress": min(total_training_time / TIME_BUDGET, 1.0), "perf/step_time_ms": dt * 1000,
-                         "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **layer_metrics})
-        run.check_divergence(step, train_loss_f)
+        mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops if peak_flops else None
         remaining = max(0, TIME_BUDGET - total_training_time)
+
+        run.log(step, elapsed_s=total_training_time, **{
+            "train/loss": train_loss_f, "train/loss_smooth": debiased_smooth_loss, "train/lr_multiplier": lrm,
+            "train/muon_momentum": muon_momentum, "train/weight_decay": muon_weight_decay,
+            "train/progress": min(total_training_time / TIME_BUDGET, 1.0), "perf/step_time_ms": dt * 1000,
+            "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **layer_metrics})
+        run.check_divergence(step, train_loss_f)  # fast fail, once the step is on record: NaN or > 100 is 'diverged'
         mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
-        progress_line.update(f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_smooth_loss:.6f} | "
-                             f"lrm: {schedule['train/lr_multiplier']:.2f} | dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | "
-                             f"mfu: {mfu_text} | epoch: {batch[2]} | remaining: {remaining:.0f}s")
+        progress_line.update(f"step {step:05d} ({pct_done:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
+                             f"dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | epoch: {epoch} | "
+                             f"remaining: {remaining:.0f}s")
 
         # GC management (Python's GC causes ~500ms stalls)
         if step == 0:
@@ -778,49 +703,33 @@ def train_loop(run, t):
         if step > TIMING_SKIP_STEPS and total_training_time >= TIME_BUDGET:
             break
 
-    progress_line.done(f"step {step:05d} (100.0%) | loss: {debiased_smooth_loss:.6f} | training done in {total_training_time:.1f}s")
-    # The in-training slice once more, so the val/bpb curve has its end point
-    val_bpb_slice, dt_eval = validate(t, VAL_TOKENS)
-    run.log(step, **{"elapsed_s": total_training_time, "train/progress": 1.0,
-                     "val/bpb": val_bpb_slice})
+    progress_line.done(f"step {step:05d} (100.0%) | loss: {debiased_smooth_loss:.6f} | "
+                       f"training done in {total_training_time:.1f}s")
+    val_curve.finish(step, total_training_time)  # the curve's end point
     run.timing("warmup_s", warmup_time)
-    run.timing("eval_s", eval_time + dt_eval)
-    return step, total_training_time
-
-
-def train(run):
-    t_start = time.time()
-    t = setup(run)
-    step, total_training_time = train_loop(run, t)
 
     # Final eval: the fixed metric
     t0 = time.time()
-    with t.autocast_ctx:
-        val_bpb = evaluate_bpb(t.model, t.tokenizer, DEVICE_BATCH_SIZE)
+    with autocast_ctx:
+        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
     run.timing("final_eval_s", time.time() - t0)
 
     # Final summary
-    timed_steps = step - TIMING_SKIP_STEPS - 1  # the steps in total_training_time (karpathy's step - 10 counts one more)
+    t_end = time.time()
+    timed_steps = step - TIMING_SKIP_STEPS - 1  # the steps in total_training_time (AR's step - 10 counts one more)
     steady_state_mfu = None
-    if t.peak_flops and total_training_time > 0:
-        steady_state_mfu = 100 * t.num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / t.peak_flops
+    if peak_flops and total_training_time > 0:
+        steady_state_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / peak_flops
+    peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if gpu_profile else None
+
     run.finish(
         val_bpb=val_bpb,
         training_seconds=total_training_time,
-        total_seconds=time.time() - t_start,
-        peak_vram_mb=torch.cuda.max_memory_allocated() / 1024 / 1024 if t.device.type == "cuda" else None,
+        total_seconds=t_end - t_start,
+        peak_vram_mb=peak_vram_mb,
         mfu_percent=steady_state_mfu,
         total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6,
         num_steps=step,
-        num_params_M=t.num_params / 1e6,
+        num_params_M=num_params / 1e6,
         depth=DEPTH,
     )
-
-
-if __name__ == "__main__":
-    if PROFILE == "gpu" and not torch.cuda.is_available():
-        sys.exit("train.py: the gpu profile needs a CUDA GPU and none is usable here; "
-                 "for a small CPU run use AUTORESEARCH_PROFILE=cpu (after `AUTORESEARCH_PROFILE=cpu uv run prepare.py`)")
-    with RunRecorder(collect_config(globals())) as run:
-        train(run)
-    sys.exit(run.exit_code)

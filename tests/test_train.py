@@ -4,6 +4,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (imports prepare; trains nothing)
-from prepare import FINAL_KEYS  # noqa: E402
+from harness.record import FINAL_KEYS, LayerHealth  # noqa: E402
 
 # small shapes: three of flex's 128-token blocks (so full, partial and skipped blocks all occur),
 # small enough for 2 CPU cores
@@ -400,7 +401,7 @@ def test_schedules(monkeypatch):
 def test_layer_health_reports_grad_norm_update_ratio_and_act_rms():
     model = tiny_model()
     opt = model.setup_optimizer()
-    health = train.LayerHealth(model)
+    health = LayerHealth(model.transformer.h.named_parameters())
     x, y = tiny_batch()
     loss, act_rms = model(x, y, return_act_rms=True)
     loss.backward()
@@ -441,6 +442,7 @@ def planted_copy(tmp_path, anchor, replacement):
     assert source.count(anchor) == 1, f"anchor not found once in train.py: {anchor!r}"
     (tmp_path / "train.py").write_text(source.replace(anchor, replacement))
     (tmp_path / "prepare.py").write_text((ROOT / "prepare.py").read_text())
+    shutil.copytree(ROOT / "harness", tmp_path / "harness")
     return tmp_path / "train.py"
 
 
@@ -515,8 +517,8 @@ def test_cpu_run_progress_is_whole_lines_in_a_log(ok_run):
 
 
 def test_planted_exception_is_a_crash_with_its_traceback(cpu_env, tmp_path):
-    script = planted_copy(tmp_path, "    t.optimizer.step()\n",
-                          "    t.optimizer.step()\n    if step == 2:\n        raise RuntimeError('planted failure')\n")
+    script = planted_copy(tmp_path, "        optimizer.step()\n",
+                          "        optimizer.step()\n        if step == 2:\n            raise RuntimeError('planted failure')\n")
     out = run_train(cpu_env, tmp_path, script)
     assert out.returncode == 1, f"exit {out.returncode}\n{out.stderr[-2000:]}"
     summary = json.loads((tmp_path / "run_summary.json").read_text())
@@ -528,8 +530,8 @@ def test_planted_exception_is_a_crash_with_its_traceback(cpu_env, tmp_path):
 
 @pytest.mark.parametrize("factor", ["float('nan')", "1e3"], ids=["nan", "loss_over_100"])
 def test_planted_blow_up_is_diverged(cpu_env, tmp_path, factor):
-    script = planted_copy(tmp_path, "        train_loss = loss.detach()\n",
-                          f"        train_loss = loss.detach() * ({factor} if step == 3 else 1.0)\n")
+    script = planted_copy(tmp_path, "            train_loss = loss.detach()\n",
+                          f"            train_loss = loss.detach() * ({factor} if step == 3 else 1.0)\n")
     out = run_train(cpu_env, tmp_path, script)
     assert out.returncode == 2, f"exit {out.returncode}\n{out.stderr[-2000:]}"
     summary = json.loads((tmp_path / "run_summary.json").read_text())
