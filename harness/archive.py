@@ -25,10 +25,10 @@ RESULTS_TSV = ARCHIVE_DIR / "results.tsv"
 TORN_TSV = ARCHIVE_DIR / "results.tsv.torn"     # rows of results.tsv with missing fields, set aside verbatim
 INSIGHTS_MD = ARCHIVE_DIR / "insights.md"       # the agent's notes; only "## Current Best" is rewritten here
 LOCK_FILE = ARCHIVE_DIR / ".lock"               # every write to the archive happens under this flock
-RECORD_JSON = "record.json"                     # per run: how it was identified, and input problems seen
+RECORD_JSON = "record.json"                     # per run: its identity, input problems, pin, and file digests
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",  # karpathy/autoresearch's five
            "run_id", "outcome", "harness", "train_py_sha", "num_steps", "mfu_percent",
-           "training_seconds", "started_at", "run_key")
+           "training_seconds", "started_at", "run_key", "branch")
 
 
 def die(message):
