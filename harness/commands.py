@@ -6,14 +6,15 @@ import getpass
 import sys
 from pathlib import Path
 
-from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, archive_lock, die, find_row, latest_harness, load_run,
-                             pick_best, read_json, read_results, remove_leftovers, row_bpb, write_current_best,
-                             write_results)
+from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, append_decision, archive_lock, comparable, die, find_row,
+                             latest_harness, load_run, pick_best, read_json, read_results, remove_leftovers, row_bpb,
+                             vetted_best, write_current_best, write_results)
+from harness.audit import cmd_audit, run_problems  # noqa: F401  (cmd_audit is a subcommand)
 from harness.capture import capture_run, head_commit, record_run, uncommitted_train_py
+from harness.pin import blob_changes, current_branch, ensure_pin, move_pin, pinned_blobs, read_pin, resolve_commit
 from harness.changes import code_diff, config_diff
 from harness.noise import compare_curves, noise_band
 from harness.plots import draw_overlays, draw_progress
-from harness.pin import blob_changes, current_branch, ensure_pin, move_pin, pinned_blobs, read_pin, resolve_commit
 from harness.report import fmt, report_run, set_headline_status
 
 
@@ -69,9 +70,13 @@ def cmd_show(run_id):
 
 def cmd_best():
     rows = read_results()
-    best = pick_best(rows, latest_harness(rows))
+    best, passed = vetted_best(comparable(rows, latest_harness(rows)))
+    for row, problems in passed:  # stderr: the first line of stdout stays the best's id
+        print(f"analyze.py: {row['run_id']} is passed over as best, its evidence is inconsistent: "
+              f"{problems[0]} (`uv run analyze.py audit` lists all)", file=sys.stderr)
     if best is None:
-        print("no best run yet: no valid run under the latest harness")
+        print("no best run yet: no valid run under the latest harness"
+              + (" whose evidence is consistent" if passed else ""))
         return 0
     run_id = best.get("run_id") or best["commit"]
     rule = "most recently kept" if best["status"] == "keep" else "lowest val_bpb of the pending runs (none kept yet)"
@@ -116,7 +121,9 @@ def cmd_status(run_id, status):
             die(f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept")
         if status == "keep":
             refuse_uncommitted(row)
+            refuse_inconsistent(row)
         best_before = pick_best(rows, row["harness"])
+        append_decision(row["run_id"], status, row["status"])  # first: a killed `status` is completed by a rerun
         row["status"] = status
         write_results(rows)
         set_headline_status(row)
@@ -126,6 +133,14 @@ def cmd_status(run_id, status):
         draw_progress(rows)
     print(f"{row['run_id']}: {status}")
     return 0
+
+
+def refuse_inconsistent(row):
+    """keep makes a run the best, which a run whose evidence disagrees with results.tsv must never be."""
+    problems = run_problems(row)
+    if problems:
+        die(f"run {row['run_id']} cannot be kept: {problems[0]}"
+            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; `uv run analyze.py audit` lists them")
 
 
 def refuse_uncommitted(row):
