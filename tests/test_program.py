@@ -139,7 +139,7 @@ def test_program_md_gives_the_loop_commands(program):
 
 def test_program_md_uses_every_analyze_subcommand(program):
     cmds = agent_commands(program)
-    for sub in ["list", "best", f"show {PLACEHOLDER}", f"compare {PLACEHOLDER} {PLACEHOLDER}",
+    for sub in ["list", "best", "audit", "pin", f"show {PLACEHOLDER}", f"compare {PLACEHOLDER} {PLACEHOLDER}",
                 f"status {PLACEHOLDER} keep", f"status {PLACEHOLDER} discard", f"status {PLACEHOLDER} crash"]:
         assert f"uv run analyze.py {sub}" in cmds, f"program.md never runs `uv run analyze.py {sub}`"
 
