@@ -26,6 +26,7 @@ LOG_TAIL_BYTES = 8192      # the final block of run.log is in its last few lines
 
 @dataclass
 class Evidence:
+    """The decisions log, and per branch and pin what git says, for checking many runs at once."""
     decisions: dict                                     # run_id -> the last status decided
     _pins: dict = field(default_factory=dict)           # branch -> every commit it has been pinned to
     _commits: dict = field(default_factory=dict)        # branch -> its commits, or None when it is gone
@@ -79,8 +80,8 @@ def run_problems(row, evidence=None):
     if problem:
         return [problem]
     if not isinstance(record.get("files"), dict):
-        return [f"{run_dir / RECORD_JSON} keeps no file digests (archived before audits existed, or edited), "
-                "so nothing about this run can be checked"]
+        return [f"its {RECORD_JSON} keeps no file digests (archived before audits existed, or edited), so nothing "
+                "about it can be checked"]
     evidence = evidence or load_evidence()
     summary = read_json(run_dir / "run_summary.json")[0] if "run_summary.json" in record["files"] else None
     return (file_problems(run_dir, record) + number_problems(row, record, summary, run_dir)
@@ -103,7 +104,7 @@ def number_problems(row, record, summary, run_dir):
     """val_bpb and outcome of the row, against record.json, the summary and run.log's final block."""
     val, outcome = record.get("val_bpb"), record.get("outcome")
     problems = [f"results.tsv says {key} {row.get(key)}, but it was archived with {key} {want}"
-                for key, want in (("val_bpb", val), ("outcome", outcome), ("commit", record["commit"][:7]))
+                for key, want in (("val_bpb", val), ("outcome", outcome), ("commit", str(record.get("commit"))[:7]))
                 if row.get(key) != want]
     if summary is not None:
         if (summary.get("status") or "crash") != outcome:
@@ -137,7 +138,7 @@ def status_problems(row, record, evidence):
 def harness_problems(record, summary, evidence):
     """The run's harness against its branch's pin, as recorded when it was archived and re-derived now."""
     if record.get("harness_changed"):
-        return [f"harness differs from its branch's pin: {'; '.join(record['harness_changed'])}"]
+        return [f"its harness was not its branch's pin when archived: {'; '.join(record['harness_changed'])}"]
     branch, pin = record.get("branch"), record.get("pin")
     if not branch or not pin:
         return ["record.json names no branch pin"]
@@ -159,8 +160,8 @@ def lineage_problems(row, record, evidence):
     commits = evidence.commits(branch) if branch else None
     if commits is None:
         return [f"kept, but its branch {branch} no longer exists"]
-    if record["commit"] not in commits:
-        return [f"kept, but its commit {record['commit'][:7]} is not an ancestor of branch {branch}"]
+    if record.get("commit") not in commits:
+        return [f"kept, but its commit {str(record.get('commit'))[:7]} is not an ancestor of branch {branch}"]
     return []
 
 

@@ -172,7 +172,8 @@ def test_a_removed_pin_is_not_remade_and_a_human_restores_it_at_a_terminal(harne
     assert run_analyze("repin", pin) == 0
     code, problems, lines = audit(capsys)
     assert not named(problems, base["run_id"], ""), lines
-    assert named(problems, row["run_id"], "harness differs from its branch's pin"), "an invalid run stays named"
+    assert named(problems, row["run_id"], "harness was not its branch's pin when archived"), \
+        "an invalid run stays named"
 
 
 def test_repin_needs_the_branch_name_typed_at_the_terminal(harness_repo, capsys, monkeypatch):
