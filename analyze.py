@@ -23,12 +23,12 @@ This file is the command line; the work is done by the harness package beside it
 (the archive, results.tsv, the best), capture.py (the run in the working directory), pin.py (the
 harness pin, in git), audit.py (the archive against its evidence), metrics.py (one run's curves),
 noise.py (differences beyond noise), changes.py (code diffs), report.py (analysis.md), plots.py (the
-PNGs) and commands.py (one function per subcommand).
+PNGs) and commands.py (one function per subcommand; `audit` is audit.py's).
 """
 import argparse
 import sys
 
-from harness import commands
+from harness import audit, commands
 
 
 def main(argv=None):
@@ -60,7 +60,7 @@ def main(argv=None):
     if args.command == "best":
         return commands.cmd_best()
     if args.command == "audit":
-        return commands.cmd_audit()
+        return audit.cmd_audit()
     if args.command == "pin":
         return commands.cmd_pin()
     if args.command == "repin":

@@ -2,18 +2,18 @@
 The subcommands of analyze.py: each prints its answer and returns the exit status. Every one that
 writes to the archive holds its lock.
 """
-import getpass
 import sys
 from pathlib import Path
 
 from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, append_decision, archive_lock, comparable, die, find_row,
                              latest_harness, load_run, pick_best, read_json, read_results, remove_leftovers, row_bpb,
                              vetted_best, write_current_best, write_results)
-from harness.audit import cmd_audit, run_problems  # noqa: F401  (cmd_audit is a subcommand)
+from harness.audit import run_problems
 from harness.capture import capture_run, head_commit, record_run, uncommitted_train_py
-from harness.pin import blob_changes, current_branch, ensure_pin, move_pin, pinned_blobs, read_pin, resolve_commit
 from harness.changes import code_diff, config_diff
 from harness.noise import compare_curves, noise_band
+from harness.pin import (blob_changes, current_branch, ensure_pin, move_pin, pin_ref, pinned_blobs, read_pin,
+                         resolve_commit)
 from harness.plots import draw_overlays, draw_progress
 from harness.report import fmt, report_run, set_headline_status
 
@@ -179,6 +179,7 @@ def cmd_repin(commit):
           f"{', '.join(changes) or 'none'}")
     if input(f"type the branch name ({branch}) to re-pin it: ").strip() != branch:
         die("not re-pinned")
-    move_pin(branch, target, f"repin: {getpass.getuser()} moved the pin from {old[:7] if old else 'none'} to {target[:7]}")
+    if not move_pin(branch, target, f"repin: from {old[:7] if old else 'none'} to {target[:7]}"):  # the reflog says who
+        die(f"git update-ref could not move {pin_ref(branch)}; it changed while you answered, so look again")
     print(f"{branch} is pinned at {target[:7]}")
     return 0
