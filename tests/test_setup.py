@@ -68,6 +68,7 @@ def test_the_evidence_and_the_harness_are_denied_to_every_tool_that_writes(setti
     verdicts = {tool: decide(settings, tool, path) for tool in ("Edit", "Write", "NotebookEdit")}
     verdicts["cat redirect"] = decide(settings, "Bash", f"cat .auto-log-research/scratch/x.txt > {path}")
     verdicts["tail append"] = decide(settings, "Bash", f"tail -n 1 run.log >> {path}")
+    verdicts["git diff --output"] = decide(settings, "Bash", f"git diff --output={path}")
     assert set(verdicts.values()) == {"deny"}, f"{path}: {verdicts}"
 
 
