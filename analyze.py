@@ -9,21 +9,26 @@ Usage:
     uv run analyze.py compare A B                # two runs side by side, plus an overlay plot
     uv run analyze.py best                       # the current best run: the one most recently kept
     uv run analyze.py status ID keep|discard|crash
+    uv run analyze.py audit                      # check the archive against its evidence; names every inconsistency
+    uv run analyze.py pin                        # set-up: pin the branch's harness at HEAD (once; never moves it)
+    uv run analyze.py repin [COMMIT]             # humans only, at a terminal: move the branch's pin
 
 It reads run_summary.json and metrics.jsonl (written by train.py) and run.log (the shell's redirect)
-in the working directory, git, and its own archive under .auto-log-research/: results.tsv, harness.json,
-the few run directories it compares (this run, the best, the previous one; the record.json of this
-commit's earlier runs), and insights.md on `status`. Nothing else, so its cost does not grow with history.
+in the working directory, git (the commit, and the branch's harness pin), and its own archive under
+.auto-log-research/: results.tsv, decisions.jsonl, the few run directories it compares (this run, the
+best, the previous one; the record.json of this commit's earlier runs), and insights.md on `status`.
+Nothing else, so its cost does not grow with history; only `audit` reads every run.
 
 This file is the command line; the work is done by the harness package beside it: harness/archive.py
-(the archive, results.tsv, the best), capture.py (the run in the working directory), metrics.py (one
-run's curves), noise.py (differences beyond noise), changes.py (code diffs), report.py (analysis.md),
-plots.py (the PNGs) and commands.py (one function per subcommand).
+(the archive, results.tsv, the best), capture.py (the run in the working directory), pin.py (the
+harness pin, in git), audit.py (the archive against its evidence), metrics.py (one run's curves),
+noise.py (differences beyond noise), changes.py (code diffs), report.py (analysis.md), plots.py (the
+PNGs) and commands.py (one function per subcommand; `audit` is audit.py's).
 """
 import argparse
 import sys
 
-from harness import commands
+from harness import audit, commands
 
 
 def main(argv=None):
@@ -39,6 +44,10 @@ def main(argv=None):
     status = sub.add_parser("status", help="mark a run keep, discard or crash")
     status.add_argument("id")
     status.add_argument("status", choices=("keep", "discard", "crash"))
+    sub.add_parser("audit", help="check the archive against its evidence; exit 1 on any inconsistency")
+    sub.add_parser("pin", help="set-up: pin the current branch's harness at HEAD unless it has a pin")
+    sub.add_parser("repin", help="humans only: move the current branch's pin (asks at a terminal)").add_argument(
+        "commit", nargs="?", default="HEAD")
     args = parser.parse_args(argv)
     if args.command is None:
         return commands.cmd_archive()
@@ -50,6 +59,12 @@ def main(argv=None):
         return commands.cmd_compare(args.a, args.b)
     if args.command == "best":
         return commands.cmd_best()
+    if args.command == "audit":
+        return audit.cmd_audit()
+    if args.command == "pin":
+        return commands.cmd_pin()
+    if args.command == "repin":
+        return commands.cmd_repin(args.commit)
     return commands.cmd_status(args.id, args.status)
 
 

@@ -1,6 +1,7 @@
 """
 The archive on disk: its layout, the lock every writer holds, results.tsv (the experiment log, one
-row per archived run, and the rule for the best among its rows) and the run directories under it.
+row per archived run, and the rule for the best among its rows), decisions.jsonl (every status
+decision, appended) and the run directories under it.
 """
 import fcntl
 import hashlib
@@ -9,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +27,11 @@ RESULTS_TSV = ARCHIVE_DIR / "results.tsv"
 TORN_TSV = ARCHIVE_DIR / "results.tsv.torn"     # rows of results.tsv with missing fields, set aside verbatim
 INSIGHTS_MD = ARCHIVE_DIR / "insights.md"       # the agent's notes; only "## Current Best" is rewritten here
 LOCK_FILE = ARCHIVE_DIR / ".lock"               # every write to the archive happens under this flock
-RECORD_JSON = "record.json"                     # per run: how it was identified, and input problems seen
+DECISIONS = ARCHIVE_DIR / "decisions.jsonl"     # append-only: every decision made through `analyze.py status`
+RECORD_JSON = "record.json"                     # per run: its identity, input problems, pin, and file digests
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",  # karpathy/autoresearch's five
            "run_id", "outcome", "harness", "train_py_sha", "num_steps", "mfu_percent",
-           "training_seconds", "started_at", "run_key")
+           "training_seconds", "started_at", "run_key", "branch")
 
 
 def die(message):
@@ -154,8 +157,25 @@ def comparable(rows, harness):
 
 def pick_best(rows, harness):
     """The best among the runs comparable under `harness` (see best_after_each), or None."""
-    bests = best_after_each(comparable(rows, harness))
-    return bests[-1] if bests else None
+    return vetted_best(comparable(rows, harness))[0]
+
+
+def vetted_best(pool):
+    """(best, passed over): the rule of best_after_each, passing over every run whose evidence audit
+    finds inconsistent (a status or val_bpb edited by hand, an archived file changed, ...), so such a
+    run is never the best. `passed over` is [(row, problems)]. Only the candidates are checked, so the
+    cost does not grow with history. Rows without a run_id (karpathy/autoresearch's own five-column
+    results.tsv) have no evidence to check and are taken as they are."""
+    from harness.audit import run_problems  # audit reads the archive through this module
+    passed = []
+    while pool:
+        best = best_after_each(pool)[-1]
+        problems = run_problems(best) if best is not None and "run_id" in best else []
+        if not problems:
+            return best, passed
+        passed.append((best, problems))
+        pool = [r for r in pool if r is not best]
+    return None, passed
 
 
 def best_after_each(pool):
@@ -191,6 +211,31 @@ def remove_leftovers(directory):
             shutil.rmtree(path)
         elif path.is_file() and (path.name.endswith(".tmp") or path.name.startswith(".progress.")):  # older names too
             path.unlink()
+
+
+def append_decision(run_id, status, previous):
+    """One line per `analyze.py status`, appended and flushed before results.tsv is rewritten, so the
+    decisions can be replayed against results.tsv (a killed `status` leaves a decision that a rerun of
+    the same command completes)."""
+    line = json.dumps({"run_id": run_id, "status": status, "was": previous,
+                       "at": time.strftime("%Y-%m-%dT%H:%M:%S")}) + "\n"
+    with open(DECISIONS, "a") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_decisions():
+    """({run_id: the last status decided}, [(line number, problem)])."""
+    decided, problems = {}, []
+    lines = DECISIONS.read_text(errors="replace").splitlines() if DECISIONS.exists() else []
+    for number, line in enumerate(lines, 1):
+        try:
+            entry = json.loads(line)
+            decided[entry["run_id"]] = entry["status"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            problems.append((number, f"{DECISIONS} line {number} is not a decision: {line[:60]!r}"))
+    return decided, problems
 
 
 def find_row(rows, run_id):

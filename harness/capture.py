@@ -1,7 +1,9 @@
 """
 The run in the working directory, captured and recorded: which commit ran, whether run_summary.json,
-metrics.jsonl and run.log are this run's, its results.tsv row and its run directory; and the harness
-pin, which marks a run made with a changed prepare.py or analyze.py invalid.
+metrics.jsonl and run.log are this run's, its results.tsv row and its run directory, whose record.json
+keeps what audit later checks (the sha256 of every file stored, the branch and its pin, the status and
+val_bpb it was archived with). A run whose harness differs from its branch's pin (harness/pin.py) is
+recorded invalid.
 """
 import hashlib
 import json
@@ -12,12 +14,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.archive import (ARCHIVE_DIR, RECORD_JSON, die, git, latest_harness, pick_best, read_json,
-                             sha256_file, write_atomic)
+from harness.archive import ARCHIVE_DIR, RECORD_JSON, die, git, latest_harness, pick_best, read_json, sha256_file
+from harness.pin import check_run
 
 STALE_SLACK_S = 30.0       # run.log written this long after the summary finished -> the summary is older
-HARNESS_PIN = ARCHIVE_DIR / "harness.json"      # sha256 of prepare.py and analyze.py, pinned by the first run
-HARNESS_FILES = ("prepare.py", "analyze.py")
+EVIDENCE = ("run_summary.json", "run_summary.json.corrupt", "stale_run_summary.json", "metrics.jsonl", "run.log",
+            "diff.patch")  # the stored files whose sha256 record.json keeps (analysis.md and plots are rebuilt)
 
 # ---------------------------------------------------------------------------
 # git: the commit that ran
@@ -140,7 +142,7 @@ def input_notes(outcome, log_path):
 
 
 # ---------------------------------------------------------------------------
-# The harness pin
+# The harness: its settings (which runs compare) and its code (against the pin)
 
 def harness_key(summary):
     """profile:hash of the harness dict; runs compare only within one key."""
@@ -151,31 +153,13 @@ def harness_key(summary):
     return f"{harness.get('profile', '?')}:{digest}"
 
 
-def harness_shas(summary):
-    git_info = (summary or {}).get("git") or {}
-    return {name: git_info.get(f"{Path(name).stem}_py_sha256") for name in HARNESS_FILES}
-
-
-def pin_harness(summary, run_id):
-    """The first stored run whose summary records both hashes pins them (only cmd_archive calls this)."""
-    shas = harness_shas(summary)
-    if not HARNESS_PIN.exists() and all(shas.values()):
-        write_atomic(HARNESS_PIN, json.dumps({**shas, "pinned_by": run_id}, indent=2) + "\n")
-
-
 def check_harness(summary):
-    """None when prepare.py and analyze.py match the pinned sha256 (or nothing is pinned yet), else
-    which file changed. Only reads: rebuilding an analysis for show must not pin anything."""
-    if not HARNESS_PIN.exists():
-        return None
-    shas = harness_shas(summary)
-    pin, problem = read_json(HARNESS_PIN)
-    if problem:
-        die(f"{problem}; restore it, or delete it to pin the harness of the next run")
-    changed = [f"{name} (sha256 {str(shas[name])[:8]} vs pinned {pin[name][:8]} from run {pin.get('pinned_by')})"
-               if shas[name] else f"{name} (sha256 not recorded)" for name in HARNESS_FILES
-               if pin.get(name) and shas[name] != pin[name]]
-    return "; ".join(changed) or None
+    """Which harness files differed from the pin when the run with this summary was archived, as its
+    record.json keeps it; None when none did (or the run is not archived)."""
+    commit, key = summary_identity(summary, "")
+    stored = stored_record(commit, key) if commit else None
+    changes = stored[1].get("harness_changed") if stored else None
+    return "; ".join(changes) if changes else None
 
 
 # ---------------------------------------------------------------------------
@@ -185,21 +169,28 @@ def record_run(capture, rows):
     """The results.tsv row of a run not yet in it, storing its directory unless an earlier invocation,
     killed before writing results.tsv (or whose row was torn), already did."""
     run_id = stored_run_id(capture) or new_run_id(capture.commit, rows)
-    harness_changed = check_harness(capture.summary) if capture.summary else None
+    harness = check_run(capture.summary, rows)
     status = ("crash" if capture.outcome != "ok" or capture.summary.get("val_bpb") is None
-              else "invalid" if harness_changed else "pending")
+              else "invalid" if harness.changes else "pending")
     row = make_row(capture, run_id, status, latest_harness(rows))
+    row["branch"] = harness.branch or ""
     if not (ARCHIVE_DIR / run_id).exists():
-        store_run(capture, run_id, pick_best(rows, row["harness"]))
+        store_run(capture, row, pick_best(rows, row["harness"]), harness)
     return row
 
 
 def stored_run_id(capture):
     """The id of a run directory <commit7>* that already holds this run, or None."""
-    for run_dir in sorted(ARCHIVE_DIR.glob(f"{capture.commit[:7]}*")):
+    stored = stored_record(capture.commit, capture.key)
+    return stored[0].name if stored else None
+
+
+def stored_record(commit, key):
+    """(run directory, record.json) of the run of `commit` with run key `key`, or None."""
+    for run_dir in sorted(ARCHIVE_DIR.glob(f"{commit[:7]}*")):
         record = read_json(run_dir / RECORD_JSON)[0] or {}
-        if record.get("run_key") == capture.key:
-            return run_dir.name
+        if record.get("run_key") == key:
+            return run_dir, record
     return None
 
 
@@ -236,9 +227,11 @@ def make_row(capture, run_id, status, default_harness):
     }
 
 
-def store_run(capture, run_id, best):
+def store_run(capture, row, best, harness):
     """Copy the run's files into its directory (built aside, then renamed into place). record.json names
-    the best that diff.patch is against, so a rebuilt analysis.md compares with the same run."""
+    the best that diff.patch is against, so a rebuilt analysis.md compares with the same run, and keeps
+    the evidence audit checks."""
+    run_id = row["run_id"]
     final, tmp = ARCHIVE_DIR / run_id, ARCHIVE_DIR / f".tmp-{run_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -253,9 +246,12 @@ def store_run(capture, run_id, best):
     if Path("run.log").exists():
         shutil.copyfile("run.log", tmp / "run.log")
     (tmp / "diff.patch").write_text(train_py_diff(capture, best["commit"] if best else None))
-    (tmp / RECORD_JSON).write_text(json.dumps({"run_key": capture.key, "commit": capture.commit,
-                                               "outcome": capture.outcome, "notes": capture.notes,
-                                               "best": best["run_id"] if best else None}, indent=2) + "\n")
+    record = {"run_key": capture.key, "commit": capture.commit, "outcome": capture.outcome, "notes": capture.notes,
+              "best": best["run_id"] if best else None, "status": row["status"], "val_bpb": row["val_bpb"],
+              "branch": harness.branch, "pin": harness.pin, "harness_digest": harness.digest,
+              "harness_changed": harness.changes,
+              "files": {name: sha256_file(tmp / name) for name in EVIDENCE if (tmp / name).exists()}}
+    (tmp / RECORD_JSON).write_text(json.dumps(record, indent=2) + "\n")
     os.rename(tmp, final)
 
 

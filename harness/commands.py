@@ -2,14 +2,18 @@
 The subcommands of analyze.py: each prints its answer and returns the exit status. Every one that
 writes to the archive holds its lock.
 """
+import sys
 from pathlib import Path
 
-from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, archive_lock, die, find_row, latest_harness, load_run,
-                             pick_best, read_json, read_results, remove_leftovers, row_bpb, write_current_best,
-                             write_results)
-from harness.capture import HARNESS_PIN, capture_run, head_commit, pin_harness, record_run, uncommitted_train_py
+from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, append_decision, archive_lock, comparable, die, find_row,
+                             latest_harness, load_run, pick_best, read_json, read_results, remove_leftovers, row_bpb,
+                             vetted_best, write_current_best, write_results)
+from harness.audit import run_problems
+from harness.capture import capture_run, head_commit, record_run, uncommitted_train_py
 from harness.changes import code_diff, config_diff
 from harness.noise import compare_curves, noise_band
+from harness.pin import (blob_changes, current_branch, ensure_pin, move_pin, pin_ref, pinned_blobs, read_pin,
+                         resolve_commit)
 from harness.plots import draw_overlays, draw_progress
 from harness.report import fmt, report_run, set_headline_status
 
@@ -31,8 +35,6 @@ def cmd_archive():
             row = record_run(capture, rows)
             rows.append(row)
             write_results(rows)  # the record is safe from here on; analysis and plots follow
-            if capture.summary is not None:
-                pin_harness(capture.summary, row["run_id"])
         text = report_run(load_run(row), rows)
         draw_progress(rows)
     print(text.split("\n\n## ")[1])
@@ -68,9 +70,13 @@ def cmd_show(run_id):
 
 def cmd_best():
     rows = read_results()
-    best = pick_best(rows, latest_harness(rows))
+    best, passed = vetted_best(comparable(rows, latest_harness(rows)))
+    for row, problems in passed:  # stderr: the first line of stdout stays the best's id
+        print(f"analyze.py: {row['run_id']} is passed over as best, its evidence is inconsistent: "
+              f"{problems[0]} (`uv run analyze.py audit` lists all)", file=sys.stderr)
     if best is None:
-        print("no best run yet: no valid run under the latest harness")
+        print("no best run yet: no valid run under the latest harness"
+              + (" whose evidence is consistent" if passed else ""))
         return 0
     run_id = best.get("run_id") or best["commit"]
     rule = "most recently kept" if best["status"] == "keep" else "lowest val_bpb of the pending runs (none kept yet)"
@@ -109,13 +115,15 @@ def cmd_status(run_id, status):
         rows = read_results()
         row = find_row(rows, run_id)
         if row["status"] == "invalid":  # one step through `discard` would otherwise let it be kept
-            die(f"run {row['run_id']} is `invalid`: its prepare.py/analyze.py differ from the sha256 pinned in "
-                f"{HARNESS_PIN}, so its status cannot change")
+            die(f"run {row['run_id']} is `invalid`: its harness differs from its branch's pin, so its status "
+                "cannot change")
         if status == "keep" and row_bpb(row) is None:
             die(f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept")
         if status == "keep":
             refuse_uncommitted(row)
+            refuse_inconsistent(row)
         best_before = pick_best(rows, row["harness"])
+        append_decision(row["run_id"], status, row["status"])  # first: a killed `status` is completed by a rerun
         row["status"] = status
         write_results(rows)
         set_headline_status(row)
@@ -127,6 +135,14 @@ def cmd_status(run_id, status):
     return 0
 
 
+def refuse_inconsistent(row):
+    """keep makes a run the best, which a run whose evidence disagrees with results.tsv must never be."""
+    problems = run_problems(row)
+    if problems:
+        die(f"run {row['run_id']} cannot be kept: {problems[0]}"
+            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; `uv run analyze.py audit` lists them")
+
+
 def refuse_uncommitted(row):
     """keep advances the branch to the run's commit: it must hold the train.py that was measured."""
     summary = read_json(ARCHIVE_DIR / row["run_id"] / "run_summary.json")[0]
@@ -135,3 +151,35 @@ def refuse_uncommitted(row):
         die(f"run {row['run_id']} ran train.py with uncommitted changes (sha256 {mismatch[0][:8]}; commit "
             f"{row['commit']} holds {mismatch[1][:8]}), so keeping it would make the best a commit whose train.py "
             "was never measured; commit the change and rerun, or mark the run discard")
+
+
+def cmd_pin():
+    """Set-up: pin the current branch's harness at HEAD unless it has a pin; print the pin either way."""
+    branch = current_branch() or die("HEAD is detached: check out the experiment's branch, then pin it")
+    with archive_lock():
+        earlier = [r["run_id"] for r in read_results() if r.get("branch") == branch]
+        pin, problem = ensure_pin(branch, earlier)
+    if problem:
+        die(problem)
+    files = pinned_blobs(pin)
+    print(f"{branch} is pinned at {pin[:7]}: {len(files)} harness files ({', '.join(sorted(files))})")
+    return 0
+
+
+def cmd_repin(commit):
+    """Move the current branch's pin to `commit` (HEAD by default). For humans: it asks at a terminal."""
+    branch = current_branch() or die("HEAD is detached: check out the branch whose pin you mean to move")
+    target = resolve_commit(commit) or die(f"{commit!r} is not a commit")
+    old = read_pin(branch)
+    if not sys.stdin.isatty():
+        die("repin moves the harness pin that every run is checked against, so a human confirms it at a "
+            "terminal; stdin is not one here")
+    changes = blob_changes(pinned_blobs(old), pinned_blobs(target)) if old else []
+    print(f"pin of {branch}: {old[:7] if old else 'none'} -> {target[:7]}; harness files that differ: "
+          f"{', '.join(changes) or 'none'}")
+    if input(f"type the branch name ({branch}) to re-pin it: ").strip() != branch:
+        die("not re-pinned")
+    if not move_pin(branch, target, f"repin: from {old[:7] if old else 'none'} to {target[:7]}"):  # the reflog says who
+        die(f"git update-ref could not move {pin_ref(branch)}; it changed while you answered, so look again")
+    print(f"{branch} is pinned at {target[:7]}")
+    return 0

@@ -30,8 +30,7 @@ from harness.report import layer_outliers, section_throughput  # noqa: E402
 
 ARCHIVE = Path(".auto-log-research")
 STEPS = 400                  # training steps of a synthetic run
-PREPARE_SHA = "a" * 64       # the harness hashes a run's summary records
-ANALYZE_SHA = "b" * 64
+ANALYZE_SHA = "b" * 64       # recorded by the summary, but no analyze.py is tracked in the test repository
 GPU_HARNESS = {"profile": "gpu", "MAX_SEQ_LEN": 2048, "TIME_BUDGET": 300, "EVAL_TOKENS": 20971520,
                "VOCAB_SIZE": 8192, "overrides": {}}
 
@@ -67,7 +66,7 @@ def falling(p):
 
 
 def write_run(val_bpb=1.0, status="ok", loss=falling, noise=0.01, seed=0, spike=None, layer_scale=None,
-              prepare_sha=PREPARE_SHA, harness=GPU_HARNESS, config=None, summary=True, log=None, age_s=0.0,
+              prepare_sha=None, harness=GPU_HARNESS, config=None, summary=True, log=None, age_s=0.0,
               steps=STEPS):
     """Write the three run files for the checked-out train.py. spike=(step, size) adds a loss spike;
     layer_scale={name: factor} scales one layer's grad_norm; age_s backdates the whole run."""
@@ -99,6 +98,7 @@ def write_run(val_bpb=1.0, status="ok", loss=falling, noise=0.01, seed=0, spike=
         rows.append(row)
     Path("metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     train_sha = hashlib.sha256(Path("train.py").read_bytes()).hexdigest()
+    prepare_sha = prepare_sha or hashlib.sha256(Path("prepare.py").read_bytes()).hexdigest()  # as it ran
     if summary:
         Path("run_summary.json").write_text(json.dumps({
             "status": status, "val_bpb": val_bpb if status == "ok" else None, "training_seconds": 300.0,
@@ -284,13 +284,14 @@ def test_summary_older_than_run_log_is_stale_even_for_the_same_commit(repo):
 
 def test_changed_prepare_py_makes_the_run_invalid_and_it_can_never_be_kept(repo):
     first, _ = archive_run(val_bpb=1.0)
-    assert json.loads((ARCHIVE / "harness.json").read_text())["prepare.py"] == PREPARE_SHA
+    pin = sh("git", "rev-parse", "refs/auto-log-research/pins/main")
+    assert pin == sh("git", "rev-parse", "HEAD"), "the first run pins the branch where it began"
     commit("edit the metric", "DEPTH = 8\nMATRIX_LR = 0.05\n")
-    row, _ = archive_run(val_bpb=0.5, prepare_sha="c" * 64, age_s=-5)
+    row, _ = archive_run(val_bpb=0.5, prepare_sha="c" * 64, age_s=-5)  # prepare.py was edited while it ran
     assert row["status"] == "invalid"
-    assert "prepare.py" in section(analysis(row["run_id"]), "Headline")
+    assert f"prepare.py (sha256 cccccccc when it ran vs pinned" in section(analysis(row["run_id"]), "Headline")
     for status in ("discard", "keep", "crash"):  # discard-then-keep used to launder it into the best
-        with pytest.raises(SystemExit, match="is `invalid`: its prepare.py/analyze.py differ") as err:
+        with pytest.raises(SystemExit, match="is `invalid`: its harness differs from its branch's pin") as err:
             run_analyze("status", row["run_id"], status)
         assert "\n" not in str(err.value)
     assert results()[1]["status"] == "invalid"
@@ -537,14 +538,15 @@ def test_temporary_files_of_killed_invocations_are_cleaned_up(repo):
 
 def test_show_and_status_never_pin_the_harness(repo):
     row, _ = archive_run()
-    (ARCHIVE / "harness.json").unlink()
+    sh("git", "update-ref", "-d", "refs/auto-log-research/pins/main")
     (ARCHIVE / row["run_id"] / "analysis.md").unlink()
     run_analyze("show", row["run_id"])
     run_analyze("status", row["run_id"], "discard")
-    assert not (ARCHIVE / "harness.json").exists(), "rebuilding an analysis pinned the harness"
+    assert not sh("git", "for-each-ref", "refs/auto-log-research/"), "rebuilding an analysis pinned the harness"
     commit("next idea", "DEPTH = 9\n")
-    nxt, _ = archive_run(age_s=-5)
-    assert json.loads((ARCHIVE / "harness.json").read_text())["pinned_by"] == nxt["run_id"]
+    nxt, _ = archive_run(age_s=-5)  # runs were archived on main: its lost pin is not silently re-made
+    assert nxt["status"] == "invalid" and not sh("git", "for-each-ref", "refs/auto-log-research/")
+    assert "branch main has no pin although 1 run(s)" in section(analysis(nxt["run_id"]), "Headline")
 
 
 # ---------------------------------------------------------------------------
@@ -971,7 +973,7 @@ def test_cost_does_not_grow_with_history_only_compared_runs_are_read(repo):
     # 300 earlier runs whose directories do not exist: reading any of them would fail loudly
     lines = (ARCHIVE / "results.tsv").read_text().splitlines()
     fake = [f"f{i:06x}\t1.1\t45.0\tdiscard\tidea {i}\tf{i:06x}\tok\t{best['harness']}\t{i:012x}\t400\t40.00\t300.0\t\tk{i}"
-            for i in range(300)]
+            f"\t{best['branch']}" for i in range(300)]
     (ARCHIVE / "results.tsv").write_text("\n".join([lines[0], *fake, *lines[1:]]) + "\n")
     commit("next idea", "DEPTH = 9\n")
     row, _ = archive_run(val_bpb=0.99, age_s=-5)

@@ -2,26 +2,15 @@
 told never to do is denied.
 
 `cat program.md | claude -p` runs unattended, so a command program.md asks for that no allow rule
-covers is refused with nobody there to approve it, and the loop stalls. The matcher below follows
-Claude Code's documented permission semantics (code.claude.com/docs/en/permissions):
-- rules are `Tool` or `Tool(specifier)`; deny is checked before allow, and a deny always wins;
-- Bash: `Bash(cmd)` matches exactly; `*` matches any characters, spaces included; a single
-  trailing ` *` also matches the bare command (`Bash(ls *)` matches `ls` and `ls -la`, not `lsof`);
-  the legacy `Bash(cmd:*)` means the same as `Bash(cmd *)`; compound commands (`&&`, `||`, `;`,
-  `|`, `&`) are split and every part must be allowed, while a deny on any part denies the whole;
-  output redirections are not part of the matched command;
-- Edit/Read: gitignore-style paths (`//abs`, `~/home`, `/from-project-root`, otherwise relative to the
-  working directory, where a pattern without a slash matches at any depth); Edit rules govern every
-  tool that writes files (Edit, Write, NotebookEdit).
-Where Claude Code's behaviour is not documented the matcher errs towards refusing: a redirection
-target must itself be writable, and command substitution or heredocs are never auto-allowed.
+covers is refused with nobody there to approve it, and the loop stalls. tests/permissions.py decides
+each command as Claude Code's rules would.
 """
 import json
-import os
 import re
 from pathlib import Path
 
 import pytest
+from permissions import bash_rule_matches, decide, parse_rule, path_rule_matches
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "program.md"
@@ -44,179 +33,6 @@ BARE_COMMANDS = {"curl", "wget", "ssh", "scp", "sftp", "rsync", "nc", "pip", "pi
 FILE_SPAN = re.compile(r"^[\w./-]+\.(py|toml|lock|json|md)$")
 FENCE = re.compile(r"^[ \t]*```([\w-]*)[^\n]*\n(.*?)^[ \t]*```[ \t]*$", re.M | re.S)
 INLINE = re.compile(r"(?<!`)`([^`\n]+)`(?!`)")
-REDIRECT = re.compile(r"^(\d*|&)(>>|>\||>|<)(.*)$")
-
-
-# -----------------------------------------------------------------------------
-# Claude Code's rule matching
-
-def parse_rule(rule):
-    m = re.fullmatch(r"(\w+)(?:\((.*)\))?", rule, re.S)
-    assert m, f"not a permission rule: {rule!r}"
-    return m.group(1), m.group(2)
-
-
-def bash_rule_matches(spec, command):
-    """Does one Bash rule specifier match one simple command (no operators, no redirections)?"""
-    if spec is None or spec == "*":
-        return True
-    if spec.endswith(":*"):  # legacy prefix syntax, same as a trailing " *"
-        spec = spec[:-2] + " *"
-    stars = [i for i, c in enumerate(spec) if c == "*" and (i == 0 or spec[i - 1] != "\\")]
-    if not stars:
-        return command == spec.replace("\\*", "*")
-    if len(stars) == 1 and spec.endswith(" *"):  # trailing " *" also matches the bare command
-        return re.fullmatch(re.escape(spec[:-2].replace("\\*", "*")) + r"(?: .*)?", command, re.S) is not None
-    parts = re.split(r"(?<!\\)\*", spec)
-    regex = ".*".join(re.escape(p.replace("\\*", "*")) for p in parts)
-    return re.fullmatch(regex, command, re.S) is not None
-
-
-def glob_to_regex(pattern):
-    out, i = [], 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out.append(".*")
-            i += 2
-        elif pattern[i] == "*":
-            out.append("[^/]*")
-            i += 1
-        elif pattern[i] == "?":
-            out.append("[^/]")
-            i += 1
-        else:
-            out.append(re.escape(pattern[i]))
-            i += 1
-    return "".join(out)
-
-
-def path_rule_matches(spec, path, cwd=ROOT):
-    """gitignore-style match of an Edit/Read specifier against a file path (absolute or cwd-relative)."""
-    if spec is None:
-        return True
-    target = Path(os.path.normpath(Path(cwd) / path))
-    if spec.startswith("//"):
-        pattern = spec[1:]
-    elif spec.startswith("~/"):
-        pattern = str(Path.home()) + spec[1:]
-    elif spec.startswith("/"):
-        pattern = str(ROOT) + spec
-    else:
-        rel = spec[2:] if spec.startswith("./") else spec
-        anywhere = "/" not in rel.rstrip("/")  # a pattern without a slash matches at any depth
-        pattern = str(cwd) + "/" + ("**/" if anywhere else "") + rel
-    regex = re.compile(glob_to_regex(pattern.rstrip("/")))
-    # as in gitignore, a pattern that matches a directory covers everything below it
-    return any(regex.fullmatch(str(p)) for p in [target, *target.parents])
-
-
-def lex(line):
-    """Words of each simple command in a shell line, quotes kept; None if a quote is left open."""
-    commands, words, word, quote, i = [], [], "", None, 0
-    while i < len(line):
-        c = line[i]
-        if quote:
-            word += c
-            if c == "\\" and quote == '"' and i + 1 < len(line):
-                word += line[i + 1]
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "'\"":
-            quote, word = c, word + c
-        elif c == "\\" and i + 1 < len(line):
-            word += line[i:i + 2]
-            i += 1
-        elif c == "#" and not word:
-            break  # a comment runs to the end of the line
-        elif c == "&" and (line[i + 1:i + 2] == ">" or word.endswith(">")):
-            word += c  # &> and >& are redirections, not the background operator
-        elif c.isspace() or c in ";|&":
-            words, word = words + [word] if word else words, ""
-            if c != " " and c != "\t":  # an operator (&&, ||, ;, |, &, newline) ends the command
-                commands, words = commands + [words] if words else commands, []
-                i += line.startswith(("&&", "||"), i)
-        else:
-            word += c
-        i += 1
-    if quote:
-        return None
-    words = words + [word] if word else words
-    return commands + [words] if words else commands
-
-
-def split_redirections(words):
-    """(words without redirections, [(operator, target file)]); fd duplications like 2>&1 dropped."""
-    kept, targets, j = [], [], 0
-    while j < len(words):
-        m = REDIRECT.match(words[j])
-        if not m:
-            kept.append(words[j])
-        else:
-            target = m.group(3)
-            if not target and j + 1 < len(words):
-                target, j = words[j + 1], j + 1
-            if not re.fullmatch(r"&\d+|&-", target or ""):
-                targets.append((m.group(2), target.strip("'\"")))
-        j += 1
-    return kept, targets
-
-
-def split_command(line):
-    """Split a shell line into simple commands: a list of (words, redirection targets).
-    Returns None for constructs Claude Code would not auto-allow (substitution, heredocs)."""
-    if "<<" in line or "$(" in line or "`" in line:
-        return None
-    commands = lex(line)
-    return None if commands is None else [split_redirections(words) for words in commands]
-
-
-def rules(settings, kind, tool):
-    return [spec for t, spec in map(parse_rule, settings["permissions"].get(kind, [])) if t == tool]
-
-
-def any_match(matcher, specs, value):
-    return any(matcher(spec, value) for spec in specs)
-
-
-def decide(settings, tool, arg):
-    """'deny', 'allow' or 'ask' for one tool call, as Claude Code's rules would decide it."""
-    def path_decision(rule_tool, path):
-        if any_match(path_rule_matches, rules(settings, "deny", rule_tool), path):
-            return "deny"
-        return "allow" if any_match(path_rule_matches, rules(settings, "allow", rule_tool), path) else "ask"
-
-    if tool in ("Edit", "Write", "NotebookEdit"):
-        return path_decision("Edit", arg)
-    if tool in ("Read", "Glob", "Grep"):
-        verdict = path_decision("Read", arg)
-        if verdict == "ask" and tool != "Read" and tool in settings["permissions"].get("allow", []):
-            verdict = "allow"
-        return verdict
-    assert tool == "Bash", tool
-    deny, allow = rules(settings, "deny", "Bash"), rules(settings, "allow", "Bash")
-    if any_match(bash_rule_matches, deny, arg.strip()):
-        return "deny"
-    parts = split_command(arg)
-    if parts is None:
-        return "ask"
-    verdicts = []
-    for words, targets in parts:
-        command = " ".join(words)
-        if any_match(bash_rule_matches, deny, command):
-            return "deny"
-        verdicts.append("allow" if any_match(bash_rule_matches, allow, command) else "ask")
-        for op, target in targets:
-            if op == "<" or target == "/dev/null":
-                continue
-            verdict = path_decision("Edit", target)
-            if verdict == "deny":
-                return "deny"
-            verdicts.append(verdict)
-    return "allow" if verdicts and all(v == "allow" for v in verdicts) else "ask"
 
 
 # -----------------------------------------------------------------------------
@@ -323,7 +139,7 @@ def test_program_md_gives_the_loop_commands(program):
 
 def test_program_md_uses_every_analyze_subcommand(program):
     cmds = agent_commands(program)
-    for sub in ["list", "best", f"show {PLACEHOLDER}", f"compare {PLACEHOLDER} {PLACEHOLDER}",
+    for sub in ["list", "best", "audit", "pin", f"show {PLACEHOLDER}", f"compare {PLACEHOLDER} {PLACEHOLDER}",
                 f"status {PLACEHOLDER} keep", f"status {PLACEHOLDER} discard", f"status {PLACEHOLDER} crash"]:
         assert f"uv run analyze.py {sub}" in cmds, f"program.md never runs `uv run analyze.py {sub}`"
 
@@ -410,7 +226,10 @@ def test_compound_commands_need_every_part_allowed():
     assert decide(s, "Bash", "safe-cmd | other-cmd") == "ask"
     assert decide(s, "Bash", "safe-cmd \"a && b\"") == "allow"  # operators inside quotes do not split
     assert decide(s, "Bash", "python script.py > out.txt 2>&1") == "allow"  # redirections are not matched
-    assert decide(s, "Bash", "python script.py > elsewhere.txt") == "ask"  # ...but the target must be writable
+    assert decide(s, "Bash", "python script.py > elsewhere.txt") == "allow"  # ...inside the project
+    assert decide(s, "Bash", "python script.py > ../elsewhere.txt") == "ask"  # outside it, the target must be writable
+    denied = {"permissions": {**s["permissions"], "deny": ["Edit(results.tsv)"]}}
+    assert decide(denied, "Bash", "python script.py > results.tsv") == "deny"  # a denied target denies the command
     assert decide(s, "Bash", "safe-cmd $(other-cmd)") == "ask"
 
 

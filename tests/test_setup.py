@@ -1,8 +1,11 @@
-"""The set-up files keep runs reproducible and keep run outputs out of the agent's commits."""
+"""The set-up files keep runs reproducible, keep run outputs out of the agent's commits, and let the
+agent write train.py and its notes and nothing else that the harness or the audit relies on."""
+import json
 import subprocess
 from pathlib import Path
 
 import pytest
+from permissions import decide
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; .python-version pins 3.11
 
@@ -25,3 +28,79 @@ def test_torch_is_pinned_exactly_and_there_is_no_build_system():
     torch_req = [d for d in project["project"]["dependencies"] if d.startswith("torch")]
     assert len(torch_req) == 1 and "==" in torch_req[0], f"torch must be pinned exactly: {torch_req}"
     assert any(d.startswith("pytest") for d in project["dependency-groups"]["dev"])
+
+
+# ---------------------------------------------------------------------------
+# .claude/settings.json: the agent writes train.py and its notes, and nothing that audit checks
+
+@pytest.fixture(scope="module")
+def settings():
+    return json.loads((ROOT / ".claude" / "settings.json").read_text())
+
+
+AGENT_WRITES = ["train.py", ".auto-log-research/insights.md", ".auto-log-research/ideas_queue.md",
+                ".auto-log-research/a1b2c3d/analysis.md", ".auto-log-research/a1b2c3d-2/analysis.md",
+                ".auto-log-research/scratch/gap.py", ".auto-log-research/scratch/plots/layers.py"]
+EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.torn",
+            ".auto-log-research/decisions.jsonl", ".auto-log-research/a1b2c3d/run_summary.json",
+            ".auto-log-research/a1b2c3d/stale_run_summary.json", ".auto-log-research/a1b2c3d/run_summary.json.corrupt",
+            ".auto-log-research/a1b2c3d/metrics.jsonl", ".auto-log-research/a1b2c3d/run.log",
+            ".auto-log-research/a1b2c3d/record.json", ".auto-log-research/a1b2c3d/diff.patch",
+            "run_summary.json", "metrics.jsonl",  # train.py's outputs before they are archived
+            "prepare.py", "analyze.py", "harness/archive.py", "harness/audit.py", "harness/pin.py",
+            ".git/refs/auto-log-research/pins/autoresearch/mar5", ".git/logs/refs/auto-log-research/pins/x",
+            ".git/packed-refs", "program.md", ".claude/settings.json"]
+# written by analyze.py but rebuilt from the evidence, so not denied outright: Claude Code only asks,
+# and `claude -p --permission-mode dontAsk` refuses whatever it would ask
+NOT_THE_AGENTS = ["run.log", ".auto-log-research/progress.png", ".auto-log-research/a1b2c3d/loss.png",
+                  ".auto-log-research/compare_a_b/loss.png", ".auto-log-research/harness.json",
+                  ".auto-log-research/.lock", ".auto-log-research/notes.txt", "README.md", "tests/test_setup.py"]
+
+
+@pytest.mark.parametrize("path", AGENT_WRITES)
+def test_the_agent_may_write_train_py_and_its_notes(settings, path):
+    for tool in ("Edit", "Write"):
+        assert decide(settings, tool, path) == "allow", f"{tool}({path}) is {decide(settings, tool, path)}"
+
+
+@pytest.mark.parametrize("path", EVIDENCE)
+def test_the_evidence_and_the_harness_are_denied_to_every_tool_that_writes(settings, path):
+    verdicts = {tool: decide(settings, tool, path) for tool in ("Edit", "Write", "NotebookEdit")}
+    verdicts["cat redirect"] = decide(settings, "Bash", f"cat .auto-log-research/scratch/x.txt > {path}")
+    verdicts["tail append"] = decide(settings, "Bash", f"tail -n 1 run.log >> {path}")
+    verdicts["git diff --output"] = decide(settings, "Bash", f"git diff --output={path}")
+    assert set(verdicts.values()) == {"deny"}, f"{path}: {verdicts}"
+
+
+@pytest.mark.parametrize("path", NOT_THE_AGENTS)
+def test_nothing_else_is_writable_by_the_agents_tools(settings, path):
+    assert decide(settings, "Edit", path) != "allow", f"Edit({path}) is allowed"
+    assert decide(settings, "Write", path) != "allow", f"Write({path}) is allowed"
+
+
+def test_run_log_is_written_only_by_the_shell_redirect_of_a_run(settings):
+    assert decide(settings, "Bash", "uv run train.py > run.log 2>&1") == "allow"
+    assert decide(settings, "Edit", "run.log") != "allow", "the Edit tool may rewrite run.log"
+
+
+@pytest.mark.parametrize("command", [
+    "git update-ref refs/auto-log-research/pins/autoresearch/mar5 HEAD",
+    "git update-ref -d refs/auto-log-research/pins/autoresearch/mar5",
+    "git tag alr-pin HEAD", "git tag -d alr-pin", "git replace 1a2b3c4 5d6e7f8",
+    "git reflog expire --expire=now --all", "git reflog delete refs/auto-log-research/pins/x@{0}",
+    "git gc --prune=now", "git prune", "git symbolic-ref HEAD refs/heads/other",
+    "git config core.logAllRefUpdates false", "git filter-branch --force HEAD",
+    "git branch -m autoresearch/mar5 autoresearch/mar6", "git branch -M autoresearch/mar6",
+    "git branch --move autoresearch/mar6", "git branch -c autoresearch/mar7", "git branch -f main HEAD",
+    "git branch -D autoresearch/mar5", "git reset --hard HEAD~1", "git rebase -i HEAD~3",
+    "git commit --amend -m x", "uv run analyze.py repin", "uv run analyze.py repin HEAD",
+    "uv run python analyze.py repin", "uv run analyze.py list && uv run analyze.py repin",
+])
+def test_the_agent_cannot_move_or_remove_the_pin(settings, command):
+    assert decide(settings, "Bash", command) == "deny", f"{command!r} is {decide(settings, 'Bash', command)}"
+
+
+def test_git_branch_is_allowed_only_for_listing(settings):
+    assert decide(settings, "Bash", 'git branch --list "autoresearch/*"') == "allow"
+    assert decide(settings, "Bash", "git branch --show-current") == "allow"
+    assert decide(settings, "Bash", "git branch autoresearch/other 1a2b3c4") != "allow"
