@@ -28,7 +28,7 @@ LOCK_FILE = ARCHIVE_DIR / ".lock"               # every write to the archive hap
 RECORD_JSON = "record.json"                     # per run: how it was identified, and input problems seen
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",  # karpathy/autoresearch's five
            "run_id", "outcome", "harness", "train_py_sha", "num_steps", "mfu_percent",
-           "training_seconds", "started_at", "run_key")
+           "training_seconds", "started_at", "run_key", "code_sha")
 
 
 def die(message):

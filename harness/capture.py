@@ -14,6 +14,7 @@ from pathlib import Path
 
 from harness.archive import (ARCHIVE_DIR, RECORD_JSON, die, git, latest_harness, pick_best, read_json,
                              sha256_file, write_atomic)
+from harness.identity import ran_code_sha
 
 STALE_SLACK_S = 30.0       # run.log written this long after the summary finished -> the summary is older
 HARNESS_PIN = ARCHIVE_DIR / "harness.json"      # sha256 of prepare.py and analyze.py, pinned by the first run
@@ -232,7 +233,7 @@ def make_row(capture, run_id, status, default_harness):
         "num_steps": num("num_steps", ".0f"), "mfu_percent": num("mfu_percent", ".2f"),
         "training_seconds": num("training_seconds", ".1f"),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)) if started else "",
-        "run_key": capture.key,
+        "run_key": capture.key, "code_sha": ran_code_sha(capture.summary, capture.commit),
     }
 
 
