@@ -94,7 +94,7 @@ def cmd_compare(id_a, id_b):
         lines += config_diff(a.summary.get("config") or {}, b.summary.get("config") or {})
     lines += code_diff(a, b)
     if a.metrics is not None and b.metrics is not None:
-        lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row)["band"], "B", "A")
+        lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row).band, "B", "A")
     out = ARCHIVE_DIR / f"compare_{a.id}_{b.id}"
     out.mkdir(exist_ok=True)
     files = draw_overlays(out, [(f"A {a.id}", a.metrics), (f"B {b.id}", b.metrics)])
