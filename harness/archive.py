@@ -213,7 +213,8 @@ def write_current_best(best):
     """Rewrite only the `## Current Best` section of insights.md; the rest is the agent's."""
     section = "## Current Best\n" + ("- no run kept\n" if best is None else
         f"- run {best['run_id']}, commit {best['commit']}, val_bpb {best['val_bpb']}, status {best['status']}, "
-        f"memory {best['memory_gb']} GB, harness {best['harness']}\n- {best['description']}\n"
+        f"memory {best['memory_gb']}{'' if best['memory_gb'] == 'n/a' else ' GB'}, harness {best['harness']}\n"
+        f"- {best['description']}\n"
         f"- analysis: {ARCHIVE_DIR / best['run_id'] / 'analysis.md'}\n")
     text = INSIGHTS_MD.read_text() if INSIGHTS_MD.exists() else "# Insights\n\n"
     lines = text.splitlines(keepends=True)

@@ -227,7 +227,7 @@ def make_row(capture, run_id, status, default_harness):
     return {
         "commit": capture.commit[:7],
         "val_bpb": "0.000000" if crashed or s.get("val_bpb") is None else f"{s['val_bpb']:.6f}",
-        "memory_gb": "0.0" if crashed or s.get("peak_vram_mb") is None else f"{s['peak_vram_mb'] / 1024:.1f}",
+        "memory_gb": "0.0" if crashed else "n/a" if s.get("peak_vram_mb") is None else f"{s['peak_vram_mb'] / 1024:.1f}",
         "status": status, "description": description, "run_id": run_id, "outcome": capture.outcome,
         "harness": harness_key(s) or default_harness, "train_py_sha": ((s.get("git") or {}).get("train_py_sha256") or "")[:12],
         "num_steps": num("num_steps", ".0f"), "mfu_percent": num("mfu_percent", ".2f"),

@@ -950,6 +950,26 @@ def test_compare_shows_a_code_change_that_is_no_config_constant(repo, capsys):
     assert "-logits = 15 * torch.tanh(logits / 15)" in out, out
 
 
+def test_a_run_without_vram_shows_memory_as_n_a_everywhere(repo, capsys):
+    head = write_run(val_bpb=1.0)
+    summary = json.loads(Path("run_summary.json").read_text())
+    summary["peak_vram_mb"] = None  # a CPU run
+    mtime = Path("run_summary.json").stat().st_mtime
+    Path("run_summary.json").write_text(json.dumps(summary))
+    os.utime("run_summary.json", (mtime, mtime))
+    assert run_analyze() == 0
+    row = results()[0]
+    assert row["memory_gb"] == "n/a", row
+    assert "peak VRAM n/a" in section(analysis(row["run_id"]), "Headline")
+    capsys.readouterr()
+    run_analyze("list")
+    listed = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(head[:7]))
+    assert "n/a" in listed and " 0.0 " not in listed, listed
+    run_analyze("status", row["run_id"], "keep")
+    best = section((ARCHIVE / "insights.md").read_text(), "Current Best")
+    assert "memory n/a," in best and "n/a GB" not in best, best
+
+
 def test_list_and_show(repo, capsys):
     row, _ = archive_run()
     capsys.readouterr()
