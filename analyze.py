@@ -21,6 +21,7 @@ run's curves), noise.py (differences beyond noise), changes.py (code diffs), rep
 plots.py (the PNGs) and commands.py (one function per subcommand).
 """
 import argparse
+import os
 import sys
 
 from harness import commands
@@ -40,6 +41,16 @@ def main(argv=None):
     status.add_argument("id")
     status.add_argument("status", choices=("keep", "discard", "crash"))
     args = parser.parse_args(argv)
+    try:
+        status = run_command(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `show ID | head` closed stdout: what it wanted was printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush has somewhere to go
+        return 0
+    return status
+
+
+def run_command(args):
     if args.command is None:
         return commands.cmd_archive()
     if args.command == "list":

@@ -950,6 +950,15 @@ def test_compare_shows_a_code_change_that_is_no_config_constant(repo, capsys):
     assert "-logits = 15 * torch.tanh(logits / 15)" in out, out
 
 
+def test_show_into_a_closed_pipe_ends_quietly(repo):
+    row, _ = archive_run()
+    proc = subprocess.Popen([sys.executable, str(ANALYZE_PY), "show", row["run_id"]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # as `show ID | head` does once it has its lines
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 0 and not err, f"exit {proc.returncode}: {err[-500:]}"
+
+
 def test_a_run_without_vram_shows_memory_as_n_a_everywhere(repo, capsys):
     head = write_run(val_bpb=1.0)
     summary = json.loads(Path("run_summary.json").read_text())
