@@ -894,6 +894,29 @@ def test_throughput_counts_only_counted_steps_and_compares_tokens_per_sec():
     assert "vs best (best): step time 150.0 vs 300.0 ms (-50.0%); tokens/s 6,000 vs 10,000 (-40.0%)" in text, text
 
 
+def test_progress_png_lists_kept_subjects_without_cutting_them_and_draws_the_band(repo, monkeypatch):
+    import matplotlib.figure
+    drawn, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep_figure(fig, *args, **kwargs):
+        drawn.append(" | ".join(t.get_text() for t in fig.findobj(matplotlib.text.Text)))
+        return savefig(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep_figure)
+    base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
+    archive_run(val_bpb=1.004, age_s=-5)
+    subject = "MATRIX_LR 0.04 -> 0.05 and EMBEDDING_LR 0.6 -> 0.8, warmdown 0.5"  # 63 characters
+    commit(subject, "DEPTH = 8\nMATRIX_LR = 0.05\n")
+    row, _ = archive_run(val_bpb=0.990, age_s=-10)
+    drawn.clear()
+    run_analyze("status", row["run_id"], "keep")
+    texts = drawn[-1]
+    band = 2 * np.sqrt(2) * np.std([1.000, 1.004], ddof=1)
+    assert f"noise band of the best (+-{band:.4f})" in texts, texts
+    assert f"{row['run_id']}  {subject[:60]}" in texts, f"kept subject cut short: {texts}"
+    assert "below the band yet discarded: within noise, or discarded by the agent" in texts, texts
+
+
 def test_layer_heatmap_is_skipped_quietly_when_layers_were_logged_at_one_progress_point(tmp_path):
     rows = [{"step": i, "train/progress": i / 2, "train/loss": 3.0} for i in range(3)]
     rows[0].update({f"layer/{b}.attn.c_q/grad_norm": 0.5 for b in range(4)})
