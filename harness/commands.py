@@ -9,7 +9,7 @@ from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, archive_lock, die, find_r
                              write_results)
 from harness.capture import HARNESS_PIN, capture_run, head_commit, pin_harness, record_run, uncommitted_train_py
 from harness.changes import code_diff, config_diff
-from harness.noise import compare_curves, noise_band
+from harness.noise import compare_curves, compare_steps, noise_band
 from harness.plots import draw_overlays, draw_progress
 from harness.report import fmt, report_run, set_headline_status
 
@@ -95,6 +95,7 @@ def cmd_compare(id_a, id_b):
     lines += code_diff(a, b)
     if a.metrics is not None and b.metrics is not None:
         lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row).band, "B", "A")
+        lines += compare_steps(b.metrics, a.metrics, "B", "A")
     out = ARCHIVE_DIR / f"compare_{a.id}_{b.id}"
     out.mkdir(exist_ok=True)
     files = draw_overlays(out, [(f"A {a.id}", a.metrics), (f"B {b.id}", b.metrics)])

@@ -957,6 +957,7 @@ def test_compare_prints_the_difference_and_writes_an_overlay(repo, capsys):
     assert run_analyze("compare", a["run_id"], b["run_id"]) == 0
     out = capsys.readouterr().out
     assert "val_bpb B - A: -0.010000" in out and "DEPTH: 8 -> 12" in out, out
+    assert "- train loss (smoothed) at equal steps, steps 0-399: within" in out, out
     assert (ARCHIVE / f"compare_{a['run_id']}_{b['run_id']}" / "loss.png").exists()
 
 
