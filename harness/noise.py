@@ -1,7 +1,7 @@
 """
-Whether two runs differ beyond noise: the val_bpb band measured from repeats of one code, with the
-repeats that a disturbed machine slowed down left out; whether a run's speed is its code's or its
-machine's; and where two training curves part, on training progress and at equal steps.
+Whether two runs differ beyond noise: the val_bpb band measured from repeats of one code, leaving out
+the repeats that a busier or quieter machine made run at another speed; whether a run's speed is its
+code's or its machine's; and where two training curves part, on training progress and at equal steps.
 """
 from dataclasses import dataclass
 
@@ -12,9 +12,9 @@ from harness.identity import row_code
 from harness.metrics import SMOOTH_BETA, STALL_FACTOR
 
 NOISE_SIGMAS = 2.0         # noise band = +-2 std of the difference of two runs (sqrt(2) x one run's std)
-SPEED_FLOOR = 0.05         # a repeat off its code's usual step count by more than 5% ran on a busier or quieter
-SPEED_SIGMAS = 3.0         # machine; or by more than 3 robust stds of the repeats' speed, when that is larger,
-SPEED_CLUSTER = 0.25       # up to 25%: step counts within 25% of each other may be one code's usual speed
+SPEED_FLOOR = 0.05         # a run off its code's usual step count by more than 5% ran on another machine load ...
+SPEED_SIGMAS = 3.0         # ... or by more than 3 robust stds of its repeats' step counts, when that is larger,
+SPEED_CLUSTER = 0.25       # ... up to 25%: step counts within 25% of each other may be one code's usual speed
 MIN_DOF = 2                # a band from fewer degrees of freedom is a rough one
 GRID_POINTS = 200          # common training-progress grid on which two runs are compared
 DEPARTURE_SIGMAS = 3.0     # smoothed losses "differ" beyond this many sigmas of their combined noise
