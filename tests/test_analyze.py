@@ -193,6 +193,7 @@ def test_crash_with_summary_is_a_crash_row_with_its_error(repo):
     row, head = archive_run(status="crash")
     assert (row["val_bpb"], row["memory_gb"], row["status"], row["outcome"]) == ("0.000000", "0.0", "crash", "crash")
     assert "RuntimeError: boom" in section(analysis(row["run_id"]), "Crash")
+    assert "## Per-layer health" not in analysis(row["run_id"]), "a crash's layers compared as if it had finished"
 
 
 def test_a_crash_can_never_be_kept_not_even_through_discard(repo):
