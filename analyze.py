@@ -26,6 +26,7 @@ noise.py (differences beyond noise), changes.py (code diffs), report.py (analysi
 PNGs) and commands.py (one function per subcommand; `audit` is audit.py's).
 """
 import argparse
+import os
 import sys
 
 from harness import audit, commands
@@ -49,6 +50,16 @@ def main(argv=None):
     sub.add_parser("repin", help="humans only: move the current branch's pin (asks at a terminal)").add_argument(
         "commit", nargs="?", default="HEAD")
     args = parser.parse_args(argv)
+    try:
+        status = run_command(args)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `show ID | head` closed stdout: what it wanted was printed
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush has somewhere to go
+        return 0
+    return status
+
+
+def run_command(args):
     if args.command is None:
         return commands.cmd_archive()
     if args.command == "list":

@@ -31,7 +31,7 @@ DECISIONS = ARCHIVE_DIR / "decisions.jsonl"     # append-only: every decision ma
 RECORD_JSON = "record.json"                     # per run: its identity, input problems, pin, and file digests
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",  # karpathy/autoresearch's five
            "run_id", "outcome", "harness", "train_py_sha", "num_steps", "mfu_percent",
-           "training_seconds", "started_at", "run_key", "branch")
+           "training_seconds", "started_at", "run_key", "branch", "code_sha")
 
 
 def die(message):
@@ -258,7 +258,8 @@ def write_current_best(best):
     """Rewrite only the `## Current Best` section of insights.md; the rest is the agent's."""
     section = "## Current Best\n" + ("- no run kept\n" if best is None else
         f"- run {best['run_id']}, commit {best['commit']}, val_bpb {best['val_bpb']}, status {best['status']}, "
-        f"memory {best['memory_gb']} GB, harness {best['harness']}\n- {best['description']}\n"
+        f"memory {best['memory_gb']}{'' if best['memory_gb'] == 'n/a' else ' GB'}, harness {best['harness']}\n"
+        f"- {best['description']}\n"
         f"- analysis: {ARCHIVE_DIR / best['run_id'] / 'analysis.md'}\n")
     text = INSIGHTS_MD.read_text() if INSIGHTS_MD.exists() else "# Insights\n\n"
     lines = text.splitlines(keepends=True)

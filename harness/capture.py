@@ -14,7 +14,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.archive import ARCHIVE_DIR, RECORD_JSON, die, git, latest_harness, pick_best, read_json, sha256_file
+from harness.archive import (ARCHIVE_DIR, RECORD_JSON, die, git, latest_harness, pick_best, read_json,
+                             sha256_file, write_atomic)
+from harness.identity import ran_code_sha
 from harness.pin import check_run
 
 STALE_SLACK_S = 30.0       # run.log written this long after the summary finished -> the summary is older
@@ -217,13 +219,13 @@ def make_row(capture, run_id, status, default_harness):
     return {
         "commit": capture.commit[:7],
         "val_bpb": "0.000000" if crashed or s.get("val_bpb") is None else f"{s['val_bpb']:.6f}",
-        "memory_gb": "0.0" if crashed or s.get("peak_vram_mb") is None else f"{s['peak_vram_mb'] / 1024:.1f}",
+        "memory_gb": "0.0" if crashed else "n/a" if s.get("peak_vram_mb") is None else f"{s['peak_vram_mb'] / 1024:.1f}",
         "status": status, "description": description, "run_id": run_id, "outcome": capture.outcome,
         "harness": harness_key(s) or default_harness, "train_py_sha": ((s.get("git") or {}).get("train_py_sha256") or "")[:12],
         "num_steps": num("num_steps", ".0f"), "mfu_percent": num("mfu_percent", ".2f"),
         "training_seconds": num("training_seconds", ".1f"),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)) if started else "",
-        "run_key": capture.key,
+        "run_key": capture.key, "code_sha": ran_code_sha(capture.summary, capture.commit),
     }
 
 

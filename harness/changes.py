@@ -20,6 +20,15 @@ def config_diff(old, new):
     return ["- config: identical"] if not body else ["- config:"] + body
 
 
+def config_only(patch, old, new):
+    """The changed lines of `patch` are all assignments of config constants whose values differ between
+    the two configs: the config lines already say everything the diff would."""
+    changed = {k for k in old.keys() | new.keys() if old.get(k, object()) != new.get(k, object())}
+    lines = [line[1:] for _, body in diff_hunks(patch) for line in body if line[1:].strip()]
+    names = [re.match(r"([A-Z][A-Z0-9_]*)\s*=", line) for line in lines]
+    return bool(lines) and all(m and m.group(1) in changed for m in names)
+
+
 def diff_summary(patch, label="diff.patch", same="train.py is identical to the best commit's"):
     """Counts, then the changed lines of the first hunks (a hunk header's own text is whatever line
     precedes the hunk, e.g. WINDOW_PATTERN for a MATRIX_LR change, so it is not shown)."""

@@ -11,7 +11,7 @@ from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, append_decision, archive_
 from harness.audit import run_problems
 from harness.capture import capture_run, head_commit, record_run, uncommitted_train_py
 from harness.changes import code_diff, config_diff
-from harness.noise import compare_curves, noise_band
+from harness.noise import compare_curves, compare_steps, noise_band
 from harness.pin import (blob_changes, current_branch, ensure_pin, move_pin, pin_ref, pinned_blobs, read_pin,
                          resolve_commit)
 from harness.plots import draw_overlays, draw_progress
@@ -100,7 +100,8 @@ def cmd_compare(id_a, id_b):
         lines += config_diff(a.summary.get("config") or {}, b.summary.get("config") or {})
     lines += code_diff(a, b)
     if a.metrics is not None and b.metrics is not None:
-        lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row)["band"], "B", "A")
+        lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row).band, "B", "A")
+        lines += compare_steps(b.metrics, a.metrics, "B", "A")
     out = ARCHIVE_DIR / f"compare_{a.id}_{b.id}"
     out.mkdir(exist_ok=True)
     files = draw_overlays(out, [(f"A {a.id}", a.metrics), (f"B {b.id}", b.metrics)])

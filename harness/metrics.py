@@ -127,10 +127,22 @@ class Metrics:
     @cached_property
     def stalls(self):
         """[(step, progress, ms)] of the counted steps slower than STALL_FACTOR x their median."""
+        return self.slow_steps(self.median_step_ms)
+
+    @cached_property
+    def median_step_ms(self):
+        """Median time of the counted steps, or None."""
+        ms = counted(self, "perf/step_time_ms")[2]
+        return float(np.median(ms)) if len(ms) else None
+
+    def slow_steps(self, reference_ms):
+        """[(step, progress, ms)] of the counted steps slower than STALL_FACTOR x reference_ms: the run's
+        own median, or the same code's median on an undisturbed run, against which a run slowed down
+        at every step shows every step."""
         p, step, ms = counted(self, "perf/step_time_ms")
-        if not len(ms):
+        if not len(ms) or not reference_ms:
             return []
-        slow = np.flatnonzero(ms > STALL_FACTOR * np.median(ms))
+        slow = np.flatnonzero(ms > STALL_FACTOR * reference_ms)
         return [(int(step[i]), float(p[i]), float(ms[i])) for i in slow]
 
     def layer_keys(self):

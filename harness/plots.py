@@ -8,11 +8,14 @@ from pathlib import Path
 import numpy as np
 
 from harness.archive import ARCHIVE_DIR, best_after_each, comparable, latest_harness, row_bpb
+from harness.noise import noise_band
 
 PROGRESS_PNG = ARCHIVE_DIR / "progress.png"     # val_bpb of every run, redrawn after each one
 PLOT_DPI = 80              # with PLOT_POINTS, keeps each PNG well under 200 KB
 PLOT_POINTS = 500          # longer curves are drawn as bin medians (stalls and spikes are in the text)
 HEATMAP_COLUMNS = 200      # at most this many progress columns in a per-layer heatmap
+PROGRESS_LABELS = 40       # progress.png lists at most the last 40 kept runs ...
+PROGRESS_LABEL_CHARS = 60  # ... with this much of each commit subject
 PLOTS = (  # (metric key, panel title, file): one figure per file, one panel per row
     ("train/loss_smooth", "training loss (smoothed)", "loss.png"),
     ("val/bpb", "validation bpb (in-training slice)", "val_bpb.png"),
@@ -114,25 +117,36 @@ def draw_layer_heatmap(out_dir, m, stat="grad_norm"):
 
 
 def draw_progress(rows):
-    """val_bpb of every run of the latest harness, in order; kept runs labelled; the current best's val_bpb
-    as steps (it may step up when a simplification is kept)."""
+    """val_bpb of every run of the latest harness, in order; the current best's val_bpb as steps (it may
+    step up when a simplification is kept) inside its noise band; kept runs numbered, their subjects
+    listed beside the plot, where no label can overlap another."""
     harness = latest_harness(rows)
     pool = {id(r) for r in comparable(rows, harness)}
     points = [(i, r) for i, r in enumerate(rows) if id(r) in pool]
     if not points:
         return
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, (ax, side) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": (2.2, 1)})
     xs, ys = [i for i, _ in points], [row_bpb(r) for _, r in points]
-    ax.scatter(xs, ys, s=12, color="0.6", label="pending / discarded")
-    kept = [(i, r) for i, r in points if r["status"] == "keep"]
+    ax.scatter(xs, ys, s=12, color="0.6", label="pending / discarded (below the band yet discarded: "
+                                                "within noise, or discarded by the agent)")
+    best = np.array([np.nan if b is None else row_bpb(b) for b in best_after_each([r for _, r in points])])
+    steps_x, steps_y = xs + [len(rows) - 1], np.append(best, best[-1:])
+    ax.step(steps_x, steps_y, where="post", color="C2", lw=1, label="current best (last kept)")
+    band = noise_band(rows, {"harness": harness}).band
+    if band is not None:
+        ax.fill_between(steps_x, steps_y - band, steps_y + band, step="post", color="C2", alpha=0.15, lw=0,
+                        label=f"noise band of the best (+-{band:.4f})")
+    kept = [(i, r) for i, r in points if r["status"] == "keep"][-PROGRESS_LABELS:]
     if kept:
         ax.scatter([i for i, _ in kept], [row_bpb(r) for _, r in kept], s=30, color="C2", zorder=3, label="kept")
-        for i, r in kept:
-            ax.annotate(r["description"][:28] or r["commit"], (i, row_bpb(r)), fontsize=6, rotation=20,
-                        xytext=(3, 3), textcoords="offset points")
-    best = [np.nan if b is None else row_bpb(b) for b in best_after_each([r for _, r in points])]
-    ax.step(xs + [len(rows) - 1], best + best[-1:], where="post", color="C2", lw=1, label="current best (last kept)")
+        for n, (i, r) in enumerate(kept, 1):
+            ax.annotate(str(n), (i, row_bpb(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    side.axis("off")
+    side.text(0, 1, "\n".join(f"{n:>2}  {r['run_id']}  {r['description'][:PROGRESS_LABEL_CHARS]}"
+                              for n, (_, r) in enumerate(kept, 1)) or "no run kept yet",
+              va="top", family="monospace", fontsize=6, transform=side.transAxes)
+    side.set_title("kept runs", fontsize=9, loc="left")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("run (order archived)")
     ax.set_ylabel("val_bpb")

@@ -7,19 +7,21 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, Run, comparable, load_run, pick_best, pick_previous,
-                             remove_leftovers, row_bpb, write_atomic)
+from harness.archive import ARCHIVE_DIR, Run, load_run, pick_best, pick_previous, remove_leftovers, row_bpb, write_atomic
 from harness.capture import check_harness, uncommitted_train_py
-from harness.changes import config_diff, diff_summary
-from harness.metrics import (SPIKE_WINDOW, SPIKE_Z, STALL_FACTOR, TREND_MIN_STEPS, last_tenth_trend,
+from harness.changes import config_diff, config_only, diff_summary
+from harness.identity import row_code, same_code
+from harness.metrics import (SPIKE_WINDOW, SPIKE_Z, STALL_FACTOR, last_tenth_trend,
                              layer_medians, loss_spikes, throughput_stats)
-from harness.noise import NOISE_SIGMAS, compare_curves, difference_band, noise_band, pooled_std, row_steps
+from harness.noise import (MIN_DOF, NOISE_SIGMAS, SPEED_FLOOR, Noise, compare_curves, compare_steps, difference_band,
+                           equal_steps, noise_band, row_steps)
 from harness.plots import draw_layer_heatmap, draw_overlays
 
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
 LAYER_BEST_RATIO = 2.0     # a layer whose stat is this many times above/below the best's same layer is listed
 LAYER_OUTLIER_RATIO = 3.0  # without a best: a layer this many times above/below its peers' median stands out
 LAYER_SHOWN = 5            # at most this many layers listed per stat, the most extreme first
+STALLS_SHOWN = 8           # at most this many stalls listed, the first ones; the count is of all
 
 # ---------------------------------------------------------------------------
 # What one analysis.md is written from
@@ -32,7 +34,7 @@ class Context:
     prev: Run | None
     history: list           # results.tsv rows up to and including this run
     diff: str
-    noise: dict
+    noise: Noise
     harness_change: str | None  # which of prepare.py / analyze.py differ from the pinned sha256
     uncommitted: tuple | None   # (sha256 as run, sha256 at the commit) of a train.py run with uncommitted changes
 
@@ -81,13 +83,17 @@ def section_headline(ctx):
              f"{run.row['harness'] or 'unknown'}; {run.row.get('num_steps') or 'n/a'} steps, "
              f"{fmt(s.get('training_seconds'), '.1f')} s training, peak VRAM "
              f"{fmt(None if s.get('peak_vram_mb') is None else s['peak_vram_mb'] / 1024, '.1f', ' GiB')}"]
-    for label, other in (("best", ctx.best), ("previous", ctx.prev)):
+    others = (("best", ctx.best),) + ((("previous", ctx.prev),) if ctx.prev is not ctx.best else ())
+    against = []
+    for label, other in others:
         if other is None:
-            lines.append(f"- vs {label}: no earlier comparable run")
+            against.append(f"vs {label}: no earlier comparable run")
         elif run.bpb is not None:
             delta = run.bpb - other.bpb
-            lines.append(f"- vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
-                         f"({'better' if delta < 0 else 'worse' if delta > 0 else 'equal'})")
+            against.append(f"vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
+                           f"({'better' if delta < 0 else 'worse' if delta > 0 else 'equal'})")
+    lines += ["- " + "; ".join(against)] if against else []
+    lines += learning_vs_speed(ctx) + machine_line(ctx)
     lines.append(f"- verdict, this run alone: {verdict(ctx)}")
     lines += mean_verdict(ctx)
     if ctx.uncommitted:
@@ -101,8 +107,63 @@ def section_headline(ctx):
     return "\n".join(lines)
 
 
+def learning_vs_speed(ctx):
+    """The smoothed train loss at equal steps beside equal progress, and the step counts: on a fixed
+    time budget a run that took more steps is ahead at every point of progress without learning more
+    per step, so the two comparisons together say which of the two made the val_bpb difference."""
+    run, best = ctx.run, ctx.best
+    if best is None or run.bpb is None or run.metrics is None or best.metrics is None:
+        return []
+    g = equal_steps(run.metrics, best.metrics)
+    steps, ref = row_steps(run.row), row_steps(best.row)
+    if g is None or not steps or not ref:
+        return []
+    lr = (f"; LR multiplier there {g.lr[0]:.2f} vs {g.lr[1]:.2f}" if g.lr and abs(g.lr[0] - g.lr[1]) > 0.05 else "")
+    tok = [throughput_stats(m).get("tokens_per_sec") for m in (run.metrics, best.metrics)]
+    line = (f"- learning vs speed: at equal steps {g.gap:+.4f} smoothed train loss against the best (step {g.step}, "
+            f"the last both reached{lr}); at equal progress {g.progress_gap:+.4f} (progress {g.progress:.2f}); "
+            f"steps {steps:.0f} vs {ref:.0f}, median tokens/s {fmt(tok[0], ',.0f')} vs {fmt(tok[1], ',.0f')}")
+    return [line, "- explained by: " + cause(g, steps / ref - 1, ctx.noise.speed_tol, same_code(run.row, best.row))]
+
+
+def cause(g, more, tol, same):
+    """Which of learning per step (the loss at equal steps) and speed (the step count) tells the two
+    runs apart; `more` is the relative step difference, `tol` the speed noise of repeats."""
+    per_step = "ahead" if g.judged_gap < -g.threshold else "behind" if g.judged_gap > g.threshold else None
+    faster = "more" if more > tol else "fewer" if more < -tol else None
+    at = f"{g.judged_gap:+.4f} at step {g.judged_step}" + (
+        ", the last where the LR schedules agree" if g.judged_step != g.step else "")
+    steps = f"{abs(more):.0%} {faster} steps" + (
+        " with the best's code, so from the machine" if same else
+        " (the code differs, so from the code or the machine: a rerun of this commit tells them apart)")
+    if per_step is None and faster is None:
+        return (f"neither: the loss at equal steps matches the best's ({at}, within {g.threshold:.4f}) and the step "
+                f"counts are within {tol:.0%}")
+    if per_step is None:
+        return f"speed: per step it learns as the best does ({at}, within {g.threshold:.4f}); it took {steps}"
+    if faster is None:
+        return (f"learning per step: {per_step} of the best at equal steps ({at}, beyond {g.threshold:.4f}) with as "
+                f"many steps (within {tol:.0%})")
+    both = "and" if (per_step == "ahead") == (faster == "more") else "but"
+    return f"both: {per_step} per step ({at}, beyond {g.threshold:.4f}) {both} {steps}"
+
+
+def machine_line(ctx):
+    """Same code at another speed than that code's other runs: the machine was slower or faster."""
+    moved = ctx.noise.disturbed.get(ctx.run.id) if ctx.run.bpb is not None else None
+    if not moved:
+        return []
+    steps, usual = moved
+    whose = ("the best's code" if ctx.best is not None and same_code(ctx.run.row, ctx.best.row)
+             else "the code of earlier runs")
+    return [f"- the machine, not the code: train.py is {whose} (comments and blank lines aside), and this run took "
+            f"{steps:.0f} steps where that code's other runs take {usual:.0f} ({steps / usual - 1:+.0%}, beyond the "
+            f"{ctx.noise.speed_tol:.0%} speed noise of repeats): the machine was {'slower' if steps < usual else 'faster'}. "
+            "The run is left out of the noise band"]
+
+
 def verdict(ctx):
-    run, band = ctx.run, ctx.noise["band"]
+    run, band = ctx.run, ctx.noise.band
     if run.bpb is None:
         return "no val_bpb (the run did not finish)"
     if run.row["status"] == "invalid":
@@ -110,11 +171,15 @@ def verdict(ctx):
     if ctx.best is None:
         return "first comparable run: nothing to beat yet"
     delta = run.bpb - ctx.best.bpb
+    if ctx.run.id in ctx.noise.disturbed and same_code(run.row, ctx.best.row):
+        return f"{delta:+.6f} against the best, with the best's code at another speed: a difference of machine, not of code"
     if band is None:
         return f"{delta:+.6f} against the best; the noise band is unknown, so its significance is unknown"
-    basis = f"+-{band:.6f} from {ctx.noise['runs']} runs, {ctx.noise['dof']} degrees of freedom"
-    if ctx.noise["outliers"]:
-        basis += f"; {len(ctx.noise['outliers'])} of them outliers on steps, see Noise"
+    basis = f"+-{band:.6f} from {ctx.noise.runs} runs, {ctx.noise.dof} degrees of freedom"
+    if ctx.noise.disturbed:
+        basis += f"; {len(ctx.noise.disturbed)} run(s) at another speed left out, see Noise"
+    if ctx.noise.dof < MIN_DOF:
+        basis += "; a rough band"
     if abs(delta) <= band:
         return f"{delta:+.6f} against the best lies within the noise band ({basis})"
     return (f"{delta:+.6f} against the best is {'an improvement' if delta < 0 else 'a regression'} "
@@ -122,25 +187,28 @@ def verdict(ctx):
 
 
 def mean_verdict(ctx):
-    """Mean val_bpb of this train.py's runs against the mean of the best's, once either is repeated:
-    the difference of an N-run and an M-run mean has std pooled_std x sqrt(1/N + 1/M)."""
+    """Mean val_bpb of this code's undisturbed runs against the mean of the best code's, once either is
+    repeated: the difference of an N-run and an M-run mean has std pooled_std x sqrt(1/N + 1/M)."""
     run, best, noise = ctx.run, ctx.best, ctx.noise
     if run.bpb is None or best is None or run.row["status"] == "invalid":
         return []
-    own, ref = noise["own"], noise["by_sha"].get(best.row.get("train_py_sha"), [])
+    own, ref = noise.clean(row_code(run.row)), noise.clean(row_code(best.row))
+    codes = {row_code(run.row), row_code(best.row)}
+    left = sum(r["run_id"] in noise.disturbed for code in codes for r in noise.groups.get(code, []))
     if not own or not ref or max(len(own), len(ref)) < 2:
         return []
     mean, ref_mean = np.mean([row_bpb(r) for r in own]), np.mean([row_bpb(r) for r in ref])
-    if own is ref:
-        return [f"- mean val_bpb of this train.py's {len(own)} run(s): {mean:.6f} (the best's train.py is the same)"]
-    delta, pooled = mean - ref_mean, noise["pooled_std"]
+    aside = f"; {left} run(s) at another speed left out" if left else ""
+    if same_code(run.row, best.row):
+        return [f"- mean val_bpb of this train.py's {len(own)} run(s): {mean:.6f} (the best's code is the same){aside}"]
+    delta, pooled = mean - ref_mean, noise.pooled_std
     line = (f"- verdict, means of repeated runs ({len(own)} vs {len(ref)}): mean val_bpb of this train.py's "
             f"{len(own)} run(s) {mean:.6f}, of the best's train.py's {len(ref)} run(s) {ref_mean:.6f}; "
             f"difference {delta:+.6f}")
     if pooled is None:
-        return [line + "; the noise band for a difference of means is unknown"]
+        return [line + f"; the noise band for a difference of means is unknown{aside}"]
     band = difference_band(pooled, len(own), len(ref))
-    basis = f"+-{band:.6f} = {NOISE_SIGMAS:g} x pooled std {pooled:.6f} x sqrt(1/{len(own)} + 1/{len(ref)})"
+    basis = f"+-{band:.6f} = {NOISE_SIGMAS:g} x pooled std {pooled:.6f} x sqrt(1/{len(own)} + 1/{len(ref)}){aside}"
     if abs(delta) <= band:
         return [f"{line}: within the band for a difference of means ({basis})"]
     return [f"{line}: {'an improvement' if delta < 0 else 'a regression'} beyond the band for a difference "
@@ -171,11 +239,19 @@ def section_changes(ctx):
     if best is None:
         return "## What changed\n- no earlier comparable run: diff.patch is empty"
     lines = [f"## What changed (against best {best.id})"]
+    old, new = ((r.summary or {}).get("config") or {} for r in (best, ctx.run))
     if ctx.run.summary and best.summary:
-        lines += config_diff((best.summary.get("config") or {}), (ctx.run.summary.get("config") or {}))
+        lines += config_diff(old, new)
     else:
         lines.append("- config: unknown (a run has no summary)")
-    lines += diff_summary(ctx.diff)
+    if ctx.diff.strip() and same_code(ctx.run.row, best.row):
+        changed = diff_summary(ctx.diff)[0].split(": ", 1)[1]
+        lines.append(f"- diff.patch: train.py differs from the best's only in comments and blank lines ({changed}): "
+                     "the same code, so this run is a repeat of the best's")
+    elif ctx.diff.strip() and config_only(ctx.diff, old, new):
+        lines.append(f"- diff.patch: {diff_summary(ctx.diff)[0].split(': ', 1)[1]}, only the config lines above")
+    else:
+        lines += diff_summary(ctx.diff)
     return "\n".join(lines)
 
 
@@ -194,18 +270,14 @@ def section_trajectory(ctx):
              f"(step {int(step[last])}, progress {p[last]:.2f}), minimum {smooth[i_min]:.4f} "
              f"(step {int(step[i_min])}, progress {p[i_min]:.2f})"]
     trend = last_tenth_trend(m)
-    if "slope" not in trend:
-        lines.append(f"- last tenth of training: {trend['steps']} steps, too few to call a trend "
-                     f"(a fit needs {TREND_MIN_STEPS})")
-    else:
+    if "slope" in trend:  # a run with fewer than TREND_MIN_STEPS steps in its last tenth has no trend to tell
         falling = trend["fraction"] < -PLATEAU_DROP
         stop = "when time ran out" if ctx.run.row.get("outcome") == "ok" else "when it stopped"
         state = (f"still improving {stop}" if falling else
                  "rising at the end" if trend["fraction"] > PLATEAU_DROP else "plateaued")
         lines.append(f"- last tenth of training: fitted change {trend['change']:+.4f} over {trend['steps']} steps "
                      f"({100 * trend['fraction']:+.2f}% of the loss; slope {trend['slope']:+.3f} per unit progress): "
-                     f"{state}")
-        lines += warmdown_note(m, trend["window"], falling)
+                     f"{state}" + warmdown_note(m, trend["window"], falling))
     return "\n".join(lines)
 
 
@@ -214,12 +286,12 @@ def warmdown_note(m, window, falling):
     p, _, lr = m.series("train/lr_multiplier")
     ok = np.isfinite(lr)
     if ok.sum() < 2:
-        return []
+        return ""
     start, end = np.interp(window, p[ok], lr[ok])
     if end >= start:
-        return []
-    return [f"- LR multiplier over that window: {start:.3f} -> {end:.3f}"
-            + ("; part of the fall is this annealing" if falling else "")]
+        return ""
+    return f"; LR multiplier over that window: {start:.3f} -> {end:.3f}" + (
+        "; part of the fall is this annealing" if falling else "")
 
 
 def section_departure(ctx):
@@ -227,8 +299,9 @@ def section_departure(ctx):
     if best is None or best.metrics is None or run.metrics is None:
         return "## Where it departs from the best\n- no comparison: " + (
             "no earlier comparable run" if best is None else "a run has no metrics")
-    lines = [f"## Where it departs from the best ({best.id}), aligned on training progress"]
-    lines += compare_curves(run.metrics, best.metrics, ctx.noise["band"], "this run", "the best")
+    lines = [f"## Where it departs from the best ({best.id}), on training progress and at equal steps"]
+    lines += compare_curves(run.metrics, best.metrics, ctx.noise.band, "this run", "the best")
+    lines += compare_steps(run.metrics, best.metrics, "this run", "the best")
     return "\n".join(lines)
 
 
@@ -236,20 +309,20 @@ def section_stability(ctx):
     m = ctx.run.metrics
     if m is None:
         return "## Stability\n- no metrics"
-    lines = ["## Stability"]
-    if "train/loss" in m.columns:
-        p, step, loss = m.series("train/loss")
-        spikes = loss_spikes(step, p, loss)
-        lines.append(f"- loss spikes (robust z > {SPIKE_Z:g} against the trailing {SPIKE_WINDOW} steps): "
-                     + ("none" if not spikes else f"{len(spikes)}"))
-        lines += [f"  - step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs {e['baseline']:.4f} "
-                  f"typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})" for e in spikes[:10]]
     bad = []
     for key, (idx, values) in m.columns.items():
         nonfinite = ~np.isfinite(values)
         if nonfinite.any():
             bad.append(f"{key} from step {int(m.step[idx[nonfinite][0]])} ({int(nonfinite.sum())} rows)")
-    lines.append("- NaN/inf: " + ("none" if not bad else "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else "")))
+    nans = "NaN/inf: " + ("none" if not bad else "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
+    if "train/loss" not in m.columns:
+        return f"## Stability\n- {nans}"
+    p, step, loss = m.series("train/loss")
+    spikes = loss_spikes(step, p, loss)
+    lines = ["## Stability", f"- loss spikes (robust z > {SPIKE_Z:g} against the trailing {SPIKE_WINDOW} steps): "
+             f"{len(spikes) or 'none'}; {nans}"]
+    lines += [f"  - step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs {e['baseline']:.4f} "
+              f"typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})" for e in spikes[:10]]
     return "\n".join(lines)
 
 
@@ -261,9 +334,7 @@ def section_throughput(ctx):
         lines.append(f"- counted steps (progress > 0): step time median {stats['step_ms']:.1f} ms (p90 "
                      f"{stats['p90_ms']:.1f}); tokens/s median {fmt(stats['tokens_per_sec'], ',.0f')}; MFU median "
                      f"{fmt(stats['mfu'], '.2f', '%')} (summary {fmt(s.get('mfu_percent'), '.2f', '%')})")
-        slow = stats["stalls"]
-        lines.append(f"- stalls (counted step > {STALL_FACTOR:g}x median): " + ("none" if not slow else
-                     f"{len(slow)}: " + ", ".join(f"step {st} ({ms:.0f} ms)" for st, _, ms in slow[:8])))
+        lines.append(stalls_line(ctx, m))
     timings = {k: v for k, v in (s.get("timings") or {}).items() if k not in ("started_at", "finished_at")}
     spent = [f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, (int, float))]
     spent += [f"{k} {s[k]:.1f} s" for k in ("training_seconds", "total_seconds") if s.get(k) is not None]
@@ -273,24 +344,51 @@ def section_throughput(ctx):
     return "\n".join(lines)
 
 
+def stalls_line(ctx, m):
+    """Stalls against the fastest median step of this code's loaded runs (this one, the best, the
+    previous one): a run slowed down at every step has no stall against its own median."""
+    ref, ref_id = m.median_step_ms, None
+    for other in (ctx.best, ctx.prev):
+        if other is not None and other.id != ctx.run.id and other.metrics is not None \
+                and same_code(other.row, ctx.run.row) and (other.metrics.median_step_ms or ref) < ref:
+            ref, ref_id = other.metrics.median_step_ms, other.id
+    if ref_id is None:
+        rule = f"counted step > {STALL_FACTOR:g}x median"
+    elif m.median_step_ms > STALL_FACTOR * ref:
+        return (f"- every step slow: median step time {m.median_step_ms:.0f} ms, {m.median_step_ms / ref:.1f}x the "
+                f"{ref:.0f} ms of the same code's run {ref_id}: the machine was slower throughout")
+    else:
+        rule = f"counted step > {STALL_FACTOR:g}x {ref:.0f} ms, the median step of the same code's run {ref_id}"
+    slow = m.slow_steps(ref)
+    shown = ", ".join(f"step {st} ({ms:.0f} ms)" for st, _, ms in slow[:STALLS_SHOWN])
+    more = f", and {len(slow) - STALLS_SHOWN} more" if len(slow) > STALLS_SHOWN else ""
+    return f"- stalls ({rule}): " + (f"{len(slow)}: {shown}{more}" if slow else "none")
+
+
 def throughput_vs_best(ctx, stats, ref):
     """Step time and tokens/s against the best: a halved batch halves the step time while tokens/s falls."""
     if not ref:
         return []
-    steps = (ctx.run.summary or {}).get("num_steps", "n/a"), (ctx.best.summary or {}).get("num_steps", "n/a")
     line = (f"- vs best ({ctx.best.id}): step time {stats['step_ms']:.1f} vs {ref['step_ms']:.1f} ms "
             f"({100 * (stats['step_ms'] / ref['step_ms'] - 1):+.1f}%)")
     tok, ref_tok = stats["tokens_per_sec"], ref["tokens_per_sec"]
     if tok is not None and ref_tok:
         line += f"; tokens/s {tok:,.0f} vs {ref_tok:,.0f} ({100 * (tok / ref_tok - 1):+.1f}%)"
-    return [line + f"; steps {steps[0]} vs {steps[1]}"]
+    if same_code(ctx.run.row, ctx.best.row):
+        line += "; the same code, so any difference is the machine's"
+    return [line]
 
 
 def section_layers(ctx):
     """Each layer against the best's same layer when the best logged layers: layers differ by design
     (value-embedding blocks carry ~6x the gradient norm), so only a change from the best is news.
-    Without a best, each layer against the same module in the other blocks."""
+    Without a best, each layer against the same module in the other blocks. Left out for a run that
+    did not finish (its second half of training is not the best's) and for a repeat of the best's code."""
     m = ctx.run.metrics
+    if ctx.run.row["status"] == "crash" or ctx.run.row.get("outcome", "ok") != "ok":
+        return ""
+    if ctx.best is not None and same_code(ctx.run.row, ctx.best.row):
+        return ""  # a repeat of the best's code: its layers can differ from the best's only by noise and speed
     stats = m.layer_keys() if m is not None else {}
     if not stats:
         return "## Per-layer health\n- no layer/ keys in metrics.jsonl"
@@ -300,21 +398,25 @@ def section_layers(ctx):
         lines = [f"## Per-layer health (median over the second half of training, this run / best {ctx.best.id}'s "
                  f"same layer; listed beyond {LAYER_BEST_RATIO:g}x or below {1 / LAYER_BEST_RATIO:g}x, "
                  f"at most {LAYER_SHOWN} per stat, the largest first)"]
+        empty = f"none beyond {LAYER_BEST_RATIO:g}x or below {1 / LAYER_BEST_RATIO:g}x of the best"
     else:
         lines = [f"## Per-layer health (median over the second half of training; a layer stands out at "
                  f"{LAYER_OUTLIER_RATIO:g}x above or below the median of the same module in other blocks; "
                  f"at most {LAYER_SHOWN} per stat, the largest first)"]
+        empty = "nothing stands out"
+    quiet = []
     for stat, names in sorted(stats.items()):
         values = layer_medians(m, names)
-        if ref:
-            found = layers_vs_best(values, layer_medians(best, ref.get(stat, {})))
-            missing = len(set(values) - set(ref.get(stat, {})))
-            head = f"- {stat} ({len(values)} layers" + (f", {missing} not in the best" if missing else "") + "): "
-            empty = f"none beyond {LAYER_BEST_RATIO:g}x or below {1 / LAYER_BEST_RATIO:g}x of the best"
-        else:
-            found, head, empty = layer_outliers(values), f"- {stat} ({len(values)} layers): ", "nothing stands out"
+        missing = len(set(values) - set(ref.get(stat, {}))) if ref else 0
+        head = f"{stat} ({len(values)} layers" + (f", {missing} not in the best" if missing else "") + ")"
+        found = layers_vs_best(values, layer_medians(best, ref.get(stat, {}))) if ref else layer_outliers(values)
+        if not found:
+            quiet.append(head)
+            continue
         more = f"; {len(found) - LAYER_SHOWN} more" if len(found) > LAYER_SHOWN else ""
-        lines.append(head + ("; ".join(found[:LAYER_SHOWN]) + more if found else empty))
+        lines.append(f"- {head}: " + "; ".join(found[:LAYER_SHOWN]) + more)
+    if quiet:  # the stats where nothing is listed share one line
+        lines.insert(1, f"- {', '.join(quiet)}: {empty}")
     return "\n".join(lines)
 
 
@@ -351,101 +453,56 @@ def layer_outliers(values):
 
 
 def section_noise(ctx):
-    noise, sha = ctx.noise, ctx.run.row.get("train_py_sha") or "unknown"
-    own = noise["own"]
+    """One line for this code's runs, one for the band, then the runs left out and what makes the band
+    rough, only when there are any."""
+    noise, code = ctx.noise, row_code(ctx.run.row) or "unknown"
+    own, clean = noise.own, noise.clean(code)
     lines = ["## Noise"]
-    if len(own) >= 2:
-        vals = np.array([row_bpb(r) for r in own])
-        lines.append(f"- this train.py (sha256 {sha[:8]}): {len(own)} runs ({', '.join(r['run_id'] for r in own)}); "
-                     f"val_bpb mean {vals.mean():.6f}, std {vals.std(ddof=1):.6f}, range {np.ptp(vals):.6f}")
+    if len(own) >= 2:  # a code run once has nothing to say here
+        line = f"- this code ({code[:8]}): {len(own)} runs ({', '.join(r['run_id'] for r in own)})"
+        if len(clean) >= 2:
+            vals = np.array([row_bpb(r) for r in clean])
+            line += (f"; val_bpb{'' if clean == own else f' of the {len(clean)} at its usual speed'}: mean "
+                     f"{vals.mean():.6f}, std {vals.std(ddof=1):.6f}, range {np.ptp(vals):.6f}")
+        lines.append(line)
+    if noise.band is None:
+        lines.append("- noise band: unknown: no code has two runs at its usual speed under this harness. Rerunning an "
+                     "unchanged commit measures it; each rerun is archived as <commit7>-2, -3, ...")
     else:
-        lines.append(f"- this train.py (sha256 {sha[:8]}): {len(own)} run(s) under this harness")
-    if noise["band"] is None:
-        lines.append("- noise band: unknown, fewer than two runs of an identical train.py under this harness. "
-                     "Rerunning an unchanged commit measures it; each rerun is archived as <commit7>-2, -3, ...")
-    else:
-        lines.append(f"- noise band: +-{noise['band']:.6f} ({NOISE_SIGMAS:g} x sqrt(2) x pooled std "
-                     f"{noise['pooled_std']:.6f}: one run against one best run; estimated from {noise['runs']} runs "
-                     f"of {len(noise['repeated'])} repeated train.py version(s), {noise['dof']} degrees of freedom):")
-        lines += noise_runs(ctx)
-        lines += band_without_outliers(noise)
-    return "\n".join(lines)
+        codes = sum(len(noise.clean(c)) >= 2 for c in noise.groups)
+        lines.append(f"- noise band: +-{noise.band:.6f} ({NOISE_SIGMAS:g} x sqrt(2) x pooled std {noise.pooled_std:.6f}: "
+                     f"one run against one best run; from {noise.runs} runs of {codes} repeated code(s) at their usual "
+                     f"speed, {noise.dof} degrees of freedom)")
+    return "\n".join(lines + left_out(noise) + band_trust(noise))
 
 
-def noise_runs(ctx):
-    """The runs the band is estimated from, per train.py. Stalls are counted only for the runs this
-    analysis loads anyway (this run, the best, the previous one): reading every repeat would make the
-    cost grow with history."""
-    loaded = {r.id: r.metrics for r in (ctx.run, ctx.best, ctx.prev) if r is not None and r.metrics is not None}
-    outliers = ctx.noise["outliers"]
-    lines = []
-    for sha, group in ctx.noise["repeated"].items():
-        runs = []
-        for r in group:
-            steps = row_steps(r)
-            text = f"{r['run_id']} {row_bpb(r):.6f}, {fmt(steps, '.0f')} steps"
-            if r["run_id"] in outliers:
-                text += f" (outlier on steps: {steps:.0f} steps vs the group's median {outliers[r['run_id']]:g})"
-            if r["run_id"] in loaded:
-                slow = loaded[r["run_id"]].stalls
-                text += f", {len(slow)} stall(s) ({sum(ms for _, _, ms in slow) / 1000:.1f} s)" if slow else ", no stalls"
-            runs.append(text)
-        lines.append(f"  - train.py {sha[:8]}: " + "; ".join(runs))
-    return lines
-
-
-def band_without_outliers(noise):
-    """The same estimate without the outliers on steps, beside the band rather than in its place."""
-    if not noise["outliers"]:
+def left_out(noise):
+    """The runs at another speed than their code's usual one, which the band leaves out."""
+    if not noise.disturbed:
         return []
-    clean = [[r for r in g if r["run_id"] not in noise["outliers"]] for g in noise["repeated"].values()]
-    std, runs, dof = pooled_std(clean)
-    head = f"- without the {len(noise['outliers'])} outlier(s) on steps: "
-    if std is None:
-        return [head + "no train.py version keeps two runs, so no band"]
-    return [head + f"+-{difference_band(std):.6f} (pooled std {std:.6f}, {runs} runs, {dof} degrees of freedom)"]
+    rows = {r["run_id"]: r for g in noise.groups.values() for r in g}
+    runs = [f"{run_id} {steps:.0f} steps vs {usual:.0f} ({steps / usual - 1:+.0%}"
+            + (f", val_bpb {row_bpb(rows[run_id]):.6f})" if run_id in rows else ")")
+            for run_id, (steps, usual) in noise.disturbed.items()]
+    return [f"- left out, at another speed than their code's usual one (beyond {noise.speed_tol:.0%}): " + "; ".join(runs)]
 
 
-def section_lineage(ctx, max_rows=25):
-    kept = [r for r in comparable(ctx.history, ctx.run.row["harness"]) if r["status"] == "keep"]
-    if not kept:
-        return "## Lineage of kept runs\n- nothing kept yet under this harness"
-    lines = ["## Lineage of kept runs", "| run | commit | val_bpb | change | description |", "|---|---|---|---|---|"]
-    prev = None
-    rows = []
-    for r in kept:
-        change = "" if prev is None else "rerun" if same_code(r, prev) else f"{row_bpb(r) - row_bpb(prev):+.6f}"
-        rows.append(f"| {r['run_id']} | {r['commit']} | {row_bpb(r):.6f} | {change} | {r['description'][:70]} |")
-        prev = r
-    if len(rows) > max_rows:
-        lines.append(f"| ... | {len(rows) - max_rows} earlier kept runs | | | |")
-    return "\n".join(lines + rows[-max_rows:])
-
-
-def same_code(a, b):
-    """Two rows ran the same train.py: the same sha256 where both recorded one, else the same commit."""
-    if a.get("train_py_sha") and b.get("train_py_sha"):
-        return a["train_py_sha"] == b["train_py_sha"]
-    return a["commit"] == b["commit"]
-
-
-def section_files(ctx):
-    run = ctx.run
-    files = sorted({p.name for p in run.dir.iterdir()} | {"analysis.md"})
-    lines = ["## Files", f"- this run: {run.dir}/ ({', '.join(files)})"]
-    lines += [f"- {label}: {other.dir}/" for label, other in (("best", ctx.best), ("previous", ctx.prev)) if other]
-    if run.metrics is not None:
-        plain = [k for k in run.metrics.keys if not k.startswith("layer/")]
-        lines.append(f"- metrics.jsonl keys: {', '.join(plain)}")
-        layers = run.metrics.layer_keys()
-        if layers:
-            names = {n for v in layers.values() for n in v}
-            example = next(iter(next(iter(layers.values())).values()))
-            lines.append(f"- per-layer keys: layer/<name>/<stat>, {len(names)} names x stats "
-                         f"{', '.join(sorted(layers))} (e.g. {example})")
-        lines.append(f"- load: `pandas.read_json('{run.dir / 'metrics.jsonl'}', lines=True)`; "
-                     f"the run list is {RESULTS_TSV} (tab-separated)")
-    return "\n".join(lines)
+def band_trust(noise):
+    """What makes the band rough, and what would firm it up; nothing when nothing does."""
+    found = []
+    if noise.band is not None and noise.dof < MIN_DOF:
+        found.append((f"{noise.dof} degree of freedom", "another repeat of the best's code"))
+    if noise.speed_spread and noise.speed_spread > SPEED_FLOOR:
+        found.append((f"the step counts of repeats at their usual speed spread {noise.speed_spread:.0%} (robust std), "
+                      "so speed differences of the machine are inside the band", "repeats on a quieter machine"))
+    repeats = sum(len(g) for g in noise.repeated.values())
+    if repeats and 2 * len(noise.disturbed) >= repeats:
+        found.append((f"{len(noise.disturbed)} of {repeats} repeats ran at another speed than their code's usual one",
+                      "repeats while nothing else runs on the machine"))
+    if not found:
+        return []
+    return [f"- the band is rough: {'; '.join(r for r, _ in found)}. What would firm it up: "
+            f"{'; '.join(dict.fromkeys(f for _, f in found))}"]
 
 
 def section_agent_notes(ctx):
@@ -456,8 +513,7 @@ def section_agent_notes(ctx):
 # Writing analysis.md, and rewriting its status line
 
 SECTIONS = (section_headline, section_crash, section_changes, section_trajectory, section_departure,
-            section_stability, section_throughput, section_layers, section_noise, section_lineage,
-            section_files, section_agent_notes)
+            section_stability, section_throughput, section_layers, section_noise, section_agent_notes)
 
 
 def write_analysis(ctx):
