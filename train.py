@@ -87,10 +87,8 @@ def sliding_window_bool_mask(T, window, device):
 
 
 def sliding_window_mask(T, window, device):
-    device = torch.device(device)
-    if device.type == "cuda":
-        return sliding_window_block_mask(T, window, device)
-    return sliding_window_bool_mask(T, window, device)
+    build = sliding_window_block_mask if torch.device(device).type == "cuda" else sliding_window_bool_mask
+    return build(T, window, device)
 
 
 def attention(q, k, v, mask):
@@ -589,14 +587,8 @@ if __name__ == "__main__":
     assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
-    optimizer = model.setup_optimizer(
-        unembedding_lr=UNEMBEDDING_LR,
-        embedding_lr=EMBEDDING_LR,
-        scalar_lr=SCALAR_LR,
-        adam_betas=ADAM_BETAS,
-        matrix_lr=MATRIX_LR,
-        weight_decay=WEIGHT_DECAY,
-    )
+    optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
+                                      adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     health = LayerHealth(model.transformer.h.named_parameters())
 
     if gpu_profile:
@@ -621,10 +613,7 @@ if __name__ == "__main__":
     # -----------------------------------------------------------------------
 
     run.timing("startup_s", time.time() - t_process_start)
-    smooth_train_loss = 0
-    total_training_time = 0
-    warmup_time = 0
-    step = 0
+    smooth_train_loss, total_training_time, warmup_time, step = 0, 0, 0, 0
 
     while True:
         progress = min(total_training_time / TIME_BUDGET, 1.0)
@@ -717,19 +706,10 @@ if __name__ == "__main__":
     # Final summary
     t_end = time.time()
     timed_steps = step - TIMING_SKIP_STEPS - 1  # the steps in total_training_time (AR's step - 10 counts one more)
-    steady_state_mfu = None
-    if peak_flops and total_training_time > 0:
-        steady_state_mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / peak_flops
+    steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / peak_flops
+                        if peak_flops and total_training_time > 0 else None)
     peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if gpu_profile else None
 
-    run.finish(
-        val_bpb=val_bpb,
-        training_seconds=total_training_time,
-        total_seconds=t_end - t_start,
-        peak_vram_mb=peak_vram_mb,
-        mfu_percent=steady_state_mfu,
-        total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6,
-        num_steps=step,
-        num_params_M=num_params / 1e6,
-        depth=DEPTH,
-    )
+    run.finish(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=t_end - t_start,
+               peak_vram_mb=peak_vram_mb, mfu_percent=steady_state_mfu, total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6,
+               num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH)

@@ -211,12 +211,12 @@ def layer_row(depth=8):
 
 def bench_logging(scratch, cpu_step_ms, layer_every=25):
     sys.path.insert(0, str(ROOT))
-    import prepare
+    from harness.record import RunRecorder
     out_dir = scratch / "logging"
     out_dir.mkdir(exist_ok=True)
     layers = layer_row()
     # flush_every_s=0 writes and flushes every row: the worst case of the recorder's buffering
-    with prepare.RunRecorder({}, out_dir=out_dir, hard_cap_s=3600, flush_every_s=0.0) as run:
+    with RunRecorder({}, out_dir=out_dir, hard_cap_s=3600, flush_every_s=0.0) as run:
         t0 = time.perf_counter()
         for step in range(LOGGING_ROWS):
             row = step_row(step)
