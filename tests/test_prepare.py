@@ -401,15 +401,17 @@ def test_evaluate_bpb_sample_is_the_metric_on_a_prefix_of_the_same_rows(small_ev
 
 
 def test_a_final_val_bpb_must_come_from_evaluate_bpb(small_eval, tokenizer, tmp_path):
+    from harness.record import RunRecorder
     bpb = prepare.evaluate_bpb(TokenCostModel(), tokenizer, 4)
     sample = prepare.evaluate_bpb_sample(TokenCostModel(), tokenizer, 4, 2 * EVAL_T)
     (tmp_path / "ok").mkdir(), (tmp_path / "sample").mkdir()
-    with prepare.RunRecorder({}, out_dir=tmp_path / "ok", hard_cap_s=60) as run:
+    with RunRecorder({}, out_dir=tmp_path / "ok", hard_cap_s=60) as run:
         run.finish(val_bpb=bpb)
-    assert run.exit_code == 0
-    with prepare.RunRecorder({}, out_dir=tmp_path / "sample", hard_cap_s=60) as run:
+    ok = json.loads((tmp_path / "ok" / "run_summary.json").read_text())
+    assert run.exit_code == 0 and ok["val_bpb_exact_bytes"] == prepare.exact_bytes_bpb(bpb) is not None, ok
+    with RunRecorder({}, out_dir=tmp_path / "sample", hard_cap_s=60) as run:
         run.finish(val_bpb=sample)
-    s = summary(tmp_path / "sample")
+    s = json.loads((tmp_path / "sample" / "run_summary.json").read_text())
     assert s["status"] == "crash" and s["val_bpb"] is None and "prepare.evaluate_bpb" in s["error"], s
 
 # ---------------------------------------------------------------------------
