@@ -49,16 +49,9 @@ def shard_bytes(texts):
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def cpu_cache(tmp_path_factory):
-    """`prepare.py` in the cpu profile, run for real into a temp cache, with a dead mirror URL so any
-    network access would fail. Returns (completed process, data_dir, tokenizer_dir)."""
-    cache = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
-           "AUTORESEARCH_DATA_URL": "http://127.0.0.1:9/nowhere"}
-    t0 = time.time()
-    out = subprocess.run([sys.executable, "prepare.py"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
-    out.elapsed = time.time() - t0
+def cpu_cache(cpu_prepared):
+    """The cpu profile prepared for real (conftest.py): (completed process, data_dir, tokenizer_dir)."""
+    out, cache = cpu_prepared
     return out, cache / "cpu" / "data", cache / "cpu" / "tokenizer"
 
 

@@ -423,13 +423,11 @@ def test_layer_health_reports_grad_norm_update_ratio_and_act_rms():
 # ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cpu_env(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
-           "AUTORESEARCH_TIME_BUDGET": "3", "PYTHONUNBUFFERED": "1"}
-    out = subprocess.run([sys.executable, str(ROOT / "prepare.py")], env=env, capture_output=True, text=True, timeout=300)
+def cpu_env(cpu_prepared):
+    out, cache = cpu_prepared  # conftest.py: prepare.py run once for the whole session
     assert out.returncode == 0, f"prepare.py failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
-    return env
+    return {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
+            "AUTORESEARCH_TIME_BUDGET": "3", "PYTHONUNBUFFERED": "1"}
 
 
 def run_train(env, cwd, script=ROOT / "train.py", timeout=240):

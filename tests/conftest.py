@@ -1,0 +1,24 @@
+"""Fixtures that more than one test module needs, built once per test session."""
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def cpu_prepared(tmp_path_factory):
+    """`prepare.py` in the cpu profile, run for real into a temp cache, with a dead mirror URL so any
+    network access would fail. Returns (the completed process, with .elapsed in seconds; the cache root)."""
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
+           "AUTORESEARCH_DATA_URL": "http://127.0.0.1:9/nowhere"}
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "prepare.py"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    out.elapsed = time.time() - t0
+    return out, cache
