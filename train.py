@@ -1,12 +1,10 @@
 """
 Autoresearch pretraining script. Single-GPU, single-file: the one file the agent edits.
-karpathy/autoresearch's GPT and MuonAdamW on PyTorch-native attention, trained for a fixed wall-clock
-budget. What a run records about itself (metrics.jsonl, run_summary.json, the final block) is written by
-the pinned harness (harness/record.py), called here in a handful of lines.
+karpathy/autoresearch's GPT and MuonAdamW; what a run records is harness/record.py's job.
 
 Usage:
-    uv run train.py                                 # the H100 harness (gpu profile)
-    AUTORESEARCH_PROFILE=cpu uv run train.py        # a tiny model that runs the whole loop on a CPU
+    uv run train.py                             # the H100 harness (gpu profile)
+    AUTORESEARCH_PROFILE=cpu uv run train.py    # a tiny model that runs the whole loop on a CPU
 """
 
 import os
@@ -59,13 +57,11 @@ def apply_rotary_emb(x, cos, sin):
     y2 = x1 * (-sin) + x2 * cos
     return torch.cat([y1, y2], 3)
 
-# Attention. A layer with window w lets query i see keys i-w..i (FlashAttention's
-# window_size=(w, 0)). Full-context layers go through SDPA's causal kernel; sliding-window
-# layers through flex_attention (compiled, on CUDA) or SDPA with a boolean mask (CPU).
+# Attention: a layer with window w lets query i see keys i-w..i (FA3's window_size=(w, 0)). Full-context
+# layers use SDPA's causal kernel, sliding-window ones flex_attention (CUDA) or SDPA with a bool mask (CPU).
 
 def cuda_compile(fn):
-    """fn under torch.compile where CUDA is present; elsewhere fn itself, so a CPU-only
-    machine never imports the compiler (seconds of startup) for code it will not run."""
+    """fn under torch.compile where CUDA is present; elsewhere fn itself (no compiler start-up on a CPU)."""
     return torch.compile(fn, dynamic=False, fullgraph=True) if torch.cuda.is_available() else fn
 
 
@@ -97,8 +93,7 @@ def attention(q, k, v, mask):
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
     if isinstance(mask, BlockMask):
-        flex = flex_attention_compiled if q.is_cuda else flex_attention
-        # flex_attention is not autocast-aware: give it one dtype
+        flex = flex_attention_compiled if q.is_cuda else flex_attention  # not autocast-aware: one dtype
         return flex(q.to(v.dtype), k.to(v.dtype), v, block_mask=mask, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
@@ -246,8 +241,7 @@ class GPT(nn.Module):
         return window_sizes
 
     def attention_masks(self, T, device):
-        """Per-layer masks for sequence length T, built once per (T, window) and cached.
-        Call it before torch.compile: the compiled forward only reads the cache."""
+        """Per-layer masks for length T, built once per (T, window): call before torch.compile, which only reads them."""
         key = (T, str(device))
         if key not in self._masks:
             assert not torch.compiler.is_compiling(), "build the masks before torch.compile: model.attention_masks(T, device)"
@@ -408,8 +402,7 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     stacked_params.sub_(lr * g + lr * wd * stacked_params * mask)
 
 
-# On CUDA the step kernels are compiled once: hyperparameters arrive as 0-D tensors, so a
-# schedule changing their values never recompiles (a Python float would be baked in)
+# compiled once on CUDA: hyperparameters come as 0-D tensors, so a schedule never recompiles them
 adamw_step_fused = cuda_compile(adamw_step)
 muon_step_fused = cuda_compile(muon_step)
 
@@ -420,11 +413,9 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
         # 0-D CPU tensors to avoid torch.compile recompilation when values change
-        scalar = lambda: torch.tensor(0.0, dtype=torch.float32, device="cpu")
-        self._adamw_step_t, self._adamw_lr_t, self._adamw_eps_t, self._adamw_wd_t = scalar(), scalar(), scalar(), scalar()
-        self._adamw_beta1_t, self._adamw_beta2_t = scalar(), scalar()
-        self._muon_momentum_t, self._muon_lr_t = scalar(), scalar()
-        self._muon_wd_t, self._muon_beta2_t = scalar(), scalar()
+        (self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t, self._adamw_beta2_t, self._adamw_eps_t,
+         self._adamw_wd_t, self._muon_momentum_t, self._muon_lr_t, self._muon_wd_t, self._muon_beta2_t) = (
+            torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in range(10))
 
     def _step_adamw(self, group):
         for p in group["params"]:
@@ -600,18 +591,14 @@ if __name__ == "__main__":
     print(f"Time budget: {TIME_BUDGET}s")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
 
-    def val_bpb_slice():
-        # no model.eval(): there is no dropout, and flipping the mode would recompile the model
-        with autocast_ctx:
-            return evaluate_bpb_sample(model, tokenizer, DEVICE_BATCH_SIZE, VAL_TOKENS)
-
-    val_curve = ValCurve(run, val_bpb_slice, VAL_POINTS)  # in-training val/bpb, each in its own row
+    # in-training val/bpb, each in its own row; no model.eval(): no dropout, and the mode flip would recompile
+    val_curve = ValCurve(run, lambda: evaluate_bpb_sample(model, tokenizer, DEVICE_BATCH_SIZE, VAL_TOKENS),
+                         VAL_POINTS, autocast_ctx)
     progress_line = ProgressLine(every_s=10)
 
     # -----------------------------------------------------------------------
     # Training loop
     # -----------------------------------------------------------------------
-
     run.timing("startup_s", time.time() - t_process_start)
     smooth_train_loss, total_training_time, warmup_time, step = 0, 0, 0, 0
 
@@ -662,7 +649,6 @@ if __name__ == "__main__":
         ema_beta = 0.9
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
-        pct_done = 100 * progress
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
         mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops if peak_flops else None
         remaining = max(0, TIME_BUDGET - total_training_time)
@@ -673,10 +659,9 @@ if __name__ == "__main__":
             "train/progress": min(total_training_time / TIME_BUDGET, 1.0), "perf/step_time_ms": dt * 1000,
             "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **layer_metrics})
         run.check_divergence(step, train_loss_f)  # fast fail, once the step is on record: NaN or > 100 is 'diverged'
-        mfu_text = f"{mfu:.1f}%" if mfu is not None else "n/a"
-        progress_line.update(f"step {step:05d} ({pct_done:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
-                             f"dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | epoch: {epoch} | "
-                             f"remaining: {remaining:.0f}s")
+        progress_line.update(f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
+                             f"dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {f'{mfu:.1f}%' if mfu else 'n/a'} | "
+                             f"epoch: {epoch} | remaining: {remaining:.0f}s")
 
         # GC management (Python's GC causes ~500ms stalls)
         if step == 0:

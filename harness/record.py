@@ -12,6 +12,7 @@ without finish()), diverged, and timeout (the hard wall-clock cap or SIGTERM, wh
 LayerHealth computes the per-layer statistics on the device, to be fetched with the step's loss.
 """
 import atexit
+import contextlib
 import hashlib
 import json
 import math
@@ -173,8 +174,8 @@ class ValCurve:
     value gets its own metrics row, at the progress where it was measured (the step's row comes after
     the step), and its seconds count as eval_s, outside the training time."""
 
-    def __init__(self, run, measure, points):
-        self.run, self.measure = run, measure
+    def __init__(self, run, measure, points, autocast_ctx=None):
+        self.run, self.measure, self.autocast_ctx = run, measure, autocast_ctx or contextlib.nullcontext()
         self.due = [i / points for i in range(points)]  # progress values still to measure at
 
     def update(self, step, progress, elapsed_s):
@@ -187,7 +188,8 @@ class ValCurve:
 
     def _measure(self, step, progress, elapsed_s):
         t0 = time.time()
-        val_bpb = self.measure()
+        with self.autocast_ctx:
+            val_bpb = self.measure()
         self.run.timing("eval_s", time.time() - t0)
         self.run.log(step, elapsed_s=elapsed_s, **{"train/progress": progress, "val/bpb": val_bpb})
 
