@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from harness.archive import (ARCHIVE_DIR, DECISIONS, RECORD_JSON, RESULTS_TSV, archive_lock, parse_results,
                              read_decisions, read_json, sha256_file)
 from harness.pin import (branch_commits, check_against, current_branch, git_text, pin_history, pinned_blobs, read_pin,
-                         scripts_sha256, summary_changes, tree_digest)
+                         pinned_files_sha256, summary_changes, tree_digest)
 
 LOG_TAIL_BYTES = 8192      # the final block of run.log is in its last few lines
 
@@ -45,7 +45,7 @@ class Evidence:
     def pinned(self, pin):
         if pin not in self._pinned:
             blobs = pinned_blobs(pin)
-            self._pinned[pin] = (tree_digest(blobs), scripts_sha256(pin, blobs))
+            self._pinned[pin] = (tree_digest(blobs), pinned_files_sha256(pin, blobs))
         return self._pinned[pin]
 
 

@@ -147,10 +147,11 @@ def pinned_sha256(commit, paths):
 
 
 def recorded_sha256(summary):
-    """{path: sha256} of the harness files a run summary records, as they were when train.py ran
-    (prepare.py writes `<stem>_py_sha256` for the top-level scripts)."""
+    """{path: sha256} of the harness files a run summary records, as they were when train.py ran:
+    `harness_sha256` holds every pinned file; `<stem>_py_sha256` the top-level scripts (older runs)."""
     git_info = (summary or {}).get("git") or {}
     recorded = {f"{k[:-len('_py_sha256')]}.py": v for k, v in git_info.items() if k.endswith("_py_sha256")}
+    recorded.update(git_info.get("harness_sha256") or {})
     return {p: v for p, v in recorded.items() if is_pinned(p)}
 
 
@@ -161,9 +162,9 @@ def summary_changes(summary, pinned):
             f"{p} (missing when it ran)" for p in sorted(recorded) if p in pinned and recorded[p] != pinned[p]]
 
 
-def scripts_sha256(commit, blobs):
-    """sha256 of the top-level scripts among `commit`'s harness files `blobs`: what summaries record."""
-    return pinned_sha256(commit, [p for p in blobs if "/" not in p])
+def pinned_files_sha256(commit, blobs):
+    """sha256 of each of `commit`'s harness files `blobs`: what summaries record."""
+    return pinned_sha256(commit, list(blobs))
 
 
 # ---------------------------------------------------------------------------
@@ -217,5 +218,5 @@ def check_against(branch, pin, summary):
     found = worktree_blobs(sorted(set(pinned) | set(tracked_harness_files())))
     changes = blob_changes(pinned, found)
     changed = {c.split()[0] for c in changes}
-    changes += [c for c in summary_changes(summary, scripts_sha256(pin, pinned)) if c.split()[0] not in changed]
+    changes += [c for c in summary_changes(summary, pinned_files_sha256(pin, pinned)) if c.split()[0] not in changed]
     return HarnessCheck(branch, pin, tree_digest(found), [f"{c} against the pin {pin[:7]} of {branch}" for c in changes])

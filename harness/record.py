@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import prepare
+from harness.pin import is_pinned
 from harness.gpu import peak_bf16_flops  # noqa: F401  (train.py's one import line)
 from harness.progress import ProgressLine  # noqa: F401
 
@@ -111,6 +112,9 @@ def provenance():
     status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
     git = {"commit": commit, "dirty": None if status is None else bool(status)}
     git.update({f"{n}_py_sha256": _sha256(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")})
+    # every pinned harness file as it was when the run started: an edit restored before archiving still shows
+    tracked = (_git("ls-files", "-z") or "").split("\0") if commit else []
+    git["harness_sha256"] = {p: _sha256(ROOT / p) for p in sorted(tracked) if p and is_pinned(p)}
     cuda = torch.cuda.is_available()
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda if cuda else None,

@@ -66,7 +66,7 @@ def falling(p):
 
 
 def write_run(val_bpb=1.0, status="ok", loss=falling, noise=0.01, seed=0, spike=None, layer_scale=None,
-              prepare_sha=None, harness=GPU_HARNESS, config=None, summary=True, log=None, age_s=0.0,
+              prepare_sha=None, harness_sha=None, harness=GPU_HARNESS, config=None, summary=True, log=None, age_s=0.0,
               steps=STEPS, step_ms=750.0):
     """Write the three run files for the checked-out train.py. spike=(step, size) adds a loss spike;
     layer_scale={name: factor} scales one layer's grad_norm; age_s backdates the whole run; step_ms is
@@ -108,7 +108,8 @@ def write_run(val_bpb=1.0, status="ok", loss=falling, noise=0.01, seed=0, spike=
             "config": config or {"DEPTH": 8, "MATRIX_LR": 0.04},
             "harness": harness,
             "git": {"commit": head, "dirty": False, "train_py_sha256": train_sha,
-                    "prepare_py_sha256": prepare_sha, "analyze_py_sha256": ANALYZE_SHA},
+                    "prepare_py_sha256": prepare_sha, "analyze_py_sha256": ANALYZE_SHA,
+                    **({"harness_sha256": harness_sha} if harness_sha else {})},
             "env": {"python": "3.11", "torch": "2.9.1", "cuda": None, "gpu_name": None, "driver": None},
             "timings": {"started_at": start, "finished_at": now, "startup_s": 8.0, "warmup_s": 12.0,
                         "eval_s": 4.0, "final_eval_s": 20.0},

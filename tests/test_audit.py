@@ -141,6 +141,17 @@ def test_prepare_py_edited_while_training_and_restored_before_archiving_is_caugh
     assert best(capsys)[0] == base["run_id"], "the lower val_bpb of a changed metric became the best"
 
 
+def test_a_harness_module_edited_while_training_and_restored_before_archiving_is_caught(harness_repo, capsys):
+    base, _ = archive_run(val_bpb=1.0)
+    commit("idea", "DEPTH = 9\n")
+    as_ran = {"harness/report.py": "e" * 64}  # what the summary recorded: not the pinned content
+    row, _ = archive_run(val_bpb=0.5, harness_sha=as_ran, age_s=-5)
+    assert row["status"] == "invalid", row
+    code, problems, lines = audit(capsys)
+    assert code != 0 and named(problems, row["run_id"], "harness/report.py (sha256 eeeeeeee when it ran"), lines
+    assert best(capsys)[0] == base["run_id"], "a run made with an edited analysis module became the best"
+
+
 def test_the_pinned_files_are_every_tracked_python_file_but_train_py_and_tests(harness_repo, capsys):
     assert run_analyze("pin") == 0
     assert "2 harness files (harness/report.py, prepare.py)" in capsys.readouterr().out

@@ -47,7 +47,11 @@ def test_ok_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys, 
     assert {k: s[k] for k in ("val_bpb", "num_steps", "depth", "peak_vram_mb")} == \
         {"val_bpb": 1.2345678, "num_steps": 3, "depth": 4, "peak_vram_mb": None}
     assert {k: v for k, v in s["harness"].items() if k != "tokenizer"} == prepare.HARNESS
-    assert set(s["git"]) == {"commit", "dirty", "train_py_sha256", "prepare_py_sha256", "analyze_py_sha256"}
+    assert set(s["git"]) == {"commit", "dirty", "train_py_sha256", "prepare_py_sha256", "analyze_py_sha256",
+                             "harness_sha256"}
+    pinned = s["git"]["harness_sha256"]  # every pinned file as it ran: the audit compares them with the pin
+    assert pinned["harness/record.py"] == hashlib.sha256((ROOT / "harness" / "record.py").read_bytes()).hexdigest()
+    assert "prepare.py" in pinned and "train.py" not in pinned and not [p for p in pinned if p.startswith("tests/")]
     assert set(s["env"]) == {"python", "torch", "cuda", "gpu_name", "driver"}
     assert s["timings"]["startup_s"] == 1.5 and s["timings"]["finished_at"] >= s["timings"]["started_at"]
     assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
