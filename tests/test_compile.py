@@ -93,6 +93,41 @@ def test_training_loop_compiles_three_graphs_and_never_recompiles(monkeypatch):
     assert kernel_compiles[1:] == kernel_compiles[:1] * 3, f"kernel compilations after each step: {kernel_compiles}"
 
 
+def test_the_cuda_dtype_flow_reaches_attention_in_one_dtype_and_keeps_three_graphs(monkeypatch):
+    """What CUDA runs, on the CPU: bf16 embeddings and bf16 autocast around the compiled model."""
+    dtypes = set()
+    attention = train.attention
+    monkeypatch.setattr(train, "attention", lambda q, k, v, mask: dtypes.add((q.dtype, k.dtype, v.dtype)) or attention(q, k, v, mask))
+    model = small_model()
+    model.transformer.wte.to(dtype=torch.bfloat16)
+    for ve in model.value_embeds.values():
+        ve.to(dtype=torch.bfloat16)
+    x, y = batch(4)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # stands in for CUDA's autocast
+    with autocast():
+        model(x, y)
+    assert dtypes == {(torch.bfloat16,) * 3}, f"q, k, v dtypes under autocast: {dtypes}"
+    monkeypatch.setattr(train, "attention", attention)  # the spy's set would be a guard of its own
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, dynamic=False, backend=counter)
+    for _ in range(2):
+        with autocast():
+            compiled(x, y).backward()
+            compiled(x, y, return_act_rms=True)[0].backward()
+        with torch.no_grad(), autocast():
+            compiled(x, y, reduction="none")
+    assert counter.frame_count == CALL_KINDS, f"{counter.frame_count} graphs for {CALL_KINDS} kinds of call under bf16"
+
+
+def test_a_model_compiled_before_its_masks_are_built_is_refused():
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
+                                      window_pattern="SL"))  # no attention_masks() before compiling
+    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
+    with pytest.raises(Exception, match="build the masks before torch.compile"):
+        compiled(*batch(5))  # a mask built inside the graph would be rebuilt every step
+
+
 def test_compiled_training_graph_equals_eager():
     model = small_model(n_layer=4, pattern="SSSL")
     x, y = batch(1)
