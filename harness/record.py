@@ -46,6 +46,11 @@ DIVERGED_LOSS = 100.0                                            # a training lo
 class Diverged(Exception):
     """Training loss became NaN/inf or exploded; the run ends with status 'diverged'."""
 
+
+class RunStopped(Exception):
+    """This machine cannot run train.py as it stands (no bf16, no compiler, no batch that fits): the run
+    ends as a crash whose error, and whose only output, is the message's one line saying what to do."""
+
 # ---------------------------------------------------------------------------
 # Config and provenance
 # ---------------------------------------------------------------------------
@@ -249,6 +254,9 @@ class RunRecorder:
             signal.signal(signal.SIGTERM, self._old_sigterm)
         if exc_type is None:
             status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
+        elif issubclass(exc_type, RunStopped):
+            print(f"train.py stopped: {exc}", file=sys.stderr)
+            status, error = "crash", str(exc)
         else:
             traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
             status = "diverged" if issubclass(exc_type, Diverged) else "crash"

@@ -93,6 +93,16 @@ def test_crash_keeps_the_traceback_and_known_values(tmp_path, capsys):
     assert metrics(tmp_path)[0]["train/loss"] == 9.0
 
 
+def test_a_stopped_run_is_a_crash_with_its_one_line_and_no_traceback(tmp_path, capsys):
+    with record.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        raise record.RunStopped("Tesla V100 has no bf16: use a newer GPU or AUTORESEARCH_PROFILE=cpu")
+    s = summary(tmp_path)
+    assert (run.exit_code, s["status"]) == (1, "crash")
+    assert s["error"] == "Tesla V100 has no bf16: use a newer GPU or AUTORESEARCH_PROFILE=cpu"
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip() == "train.py stopped: " + s["error"], err
+
+
 def test_diverged_loss_ends_the_run_with_status_diverged(tmp_path):
     with record.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
         run.check_divergence(1, 99.0)
