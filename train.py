@@ -24,6 +24,7 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, evaluate_bpb_sample
 from harness.record import RunRecorder, LayerHealth, ValCurve, ProgressLine, collect_config, peak_bf16_flops
+from harness.fit import fit_device_batch
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -495,7 +496,8 @@ FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Model size
 DEPTH = 8 if gpu_profile else 4                # number of transformer layers
-DEVICE_BATCH_SIZE = 128 if gpu_profile else 8  # per-device batch size (reduce if OOM)
+DEVICE_BATCH_SIZE = 128 if gpu_profile else 8  # per-device batch size
+FIT_DEVICE_BATCH = True                        # if DEVICE_BATCH_SIZE does not fit: the largest power-of-two fraction that does, same TOTAL_BATCH_SIZE
 
 # Run logging (what a run records about itself; changes no number of the training)
 LAYER_STATS_EVERY = 25 if gpu_profile else 10  # steps between per-layer health rows
@@ -574,10 +576,6 @@ if __name__ == "__main__":
     print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
     run.set(num_params_M=num_params / 1e6, depth=DEPTH)
 
-    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
-    assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0
-    grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
-
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
                                       adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     health = LayerHealth(model.transformer.h.named_parameters())
@@ -585,14 +583,29 @@ if __name__ == "__main__":
     if gpu_profile:
         model = torch.compile(model, dynamic=False)
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train", device=device.type)
+    def train_step_at(B):  # the loop's heaviest step (layer stats) at device batch B, for the fit to try
+        x = torch.zeros((B, MAX_SEQ_LEN), dtype=torch.long, device=device)
+        with autocast_ctx:
+            loss, act_rms = model(x, x, return_act_rms=True)
+        loss.backward()
+        health.before_step()
+        optimizer.step()
+        health.after_step(act_rms)
+
+    # before the budget; parameters and optimizer state are put back after every try
+    fit = fit_device_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN, train_step_at, model, optimizer,
+                           enabled=FIT_DEVICE_BATCH, config=asdict(config), source=__file__)
+    run.record_fit(fit)
+    device_batch_size, grad_accum_steps = fit.used, fit.grad_accum_steps
+
+    train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device.type)
     x, y, epoch = next(train_loader)  # prefetch first batch
 
     print(f"Time budget: {TIME_BUDGET}s")
     print(f"Gradient accumulation steps: {grad_accum_steps}")
 
     # in-training val/bpb, each in its own row; no model.eval(): no dropout, and the mode flip would recompile
-    val_curve = ValCurve(run, lambda: evaluate_bpb_sample(model, tokenizer, DEVICE_BATCH_SIZE, VAL_TOKENS),
+    val_curve = ValCurve(run, lambda: evaluate_bpb_sample(model, tokenizer, device_batch_size, VAL_TOKENS),
                          VAL_POINTS, autocast_ctx)
     progress_line = ProgressLine(every_s=10)
 
@@ -685,7 +698,7 @@ if __name__ == "__main__":
     # Final eval: the fixed metric
     t0 = time.time()
     with autocast_ctx:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
     run.timing("final_eval_s", time.time() - t0)
 
     # Final summary

@@ -13,6 +13,7 @@ LayerHealth computes the per-layer statistics on the device, to be fetched with 
 """
 import atexit
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -50,6 +51,17 @@ class Diverged(Exception):
 class RunStopped(Exception):
     """This machine cannot run train.py as it stands (no bf16, no compiler, no batch that fits): the run
     ends as a crash whose error, and whose only output, is the message's one line saying what to do."""
+
+
+def is_out_of_memory(exc):
+    """True if exc is torch's out-of-memory error or was raised from one (the compiler may wrap it)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, torch.OutOfMemoryError):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 # ---------------------------------------------------------------------------
 # Config and provenance
@@ -261,6 +273,9 @@ class RunRecorder:
             traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
             status = "diverged" if issubclass(exc_type, Diverged) else "crash"
             error = _tail("".join(traceback.format_exception(exc_type, exc, tb)))
+            if is_out_of_memory(exc):  # the line that says what to do first, the traceback's tail after it
+                print(f"train.py: {self._out_of_memory_line()}", file=sys.stderr)
+                error = f"{self._out_of_memory_line()}\n{_tail(error, max_lines=30)}"
         self._close(status, error)
         return True
 
@@ -361,6 +376,21 @@ class RunRecorder:
     def timing(self, name, seconds):
         """Add seconds to a named timing of run_summary.json's timings block."""
         self.timings[name] = self.timings.get(name, 0.0) + float(seconds)
+
+    def record_fit(self, fit):
+        """run_summary.json's device_batch block: the DeviceBatch harness.fit decided (requested, used, ...)."""
+        self.extra["device_batch"] = dataclasses.asdict(fit)
+
+    def _out_of_memory_line(self):
+        fit = self.extra.get("device_batch") or {}
+        requested = fit.get("requested", self.config.get("DEVICE_BATCH_SIZE"))
+        used = fit.get("used", requested)
+        at = (f"DEVICE_BATCH_SIZE {used} (fitted down from the requested {requested})" if used != requested
+              else f"DEVICE_BATCH_SIZE {used} (as requested)")
+        if used == 1:
+            return f"out of GPU memory at {at}: make the model smaller (DEPTH, ASPECT_RATIO)"
+        return (f"out of GPU memory at {at}: lower DEVICE_BATCH_SIZE in train.py, e.g. to {used // 2}; "
+                "TOTAL_BATCH_SIZE is kept by gradient accumulation")
 
     def check_divergence(self, step, loss):
         if not math.isfinite(loss) or loss > DIVERGED_LOSS:
