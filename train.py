@@ -535,6 +535,17 @@ def get_weight_decay(progress):
     return WEIGHT_DECAY * (1 - progress)
 
 
+def trial_step(B, model, optimizer, health, autocast_ctx):
+    """The loop's heaviest step (with layer stats) on B rows: fit_device_batch tries it, then undoes it."""
+    x = torch.zeros((B, MAX_SEQ_LEN), dtype=torch.long, device=health.params[0].device)
+    with autocast_ctx:
+        loss, act_rms = model(x, x, return_act_rms=True)
+    loss.backward()
+    health.before_step()
+    optimizer.step()
+    health.after_step(act_rms)
+
+
 if __name__ == "__main__":
     if gpu_profile and not torch.cuda.is_available():
         sys.exit("train.py: the gpu profile needs a CUDA GPU and none is usable here; "
@@ -583,17 +594,9 @@ if __name__ == "__main__":
     if gpu_profile:
         model = torch.compile(model, dynamic=False)
 
-    def train_step_at(B):  # the loop's heaviest step (layer stats) at device batch B, for the fit to try
-        x = torch.zeros((B, MAX_SEQ_LEN), dtype=torch.long, device=device)
-        with autocast_ctx:
-            loss, act_rms = model(x, x, return_act_rms=True)
-        loss.backward()
-        health.before_step()
-        optimizer.step()
-        health.after_step(act_rms)
-
     # before the budget; parameters and optimizer state are put back after every try
-    fit = fit_device_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN, train_step_at, model, optimizer,
+    fit = fit_device_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN,
+                           lambda B: trial_step(B, model, optimizer, health, autocast_ctx), model, optimizer,
                            enabled=FIT_DEVICE_BATCH, config=asdict(config), source=__file__)
     run.record_fit(fit)
     device_batch_size, grad_accum_steps = fit.used, fit.grad_accum_steps

@@ -5,16 +5,18 @@ of micro-steps per step changes, and so the step time.
 
 train.py calls it once, after building the model and optimizer and before the timed loop:
 
-    fit = fit_device_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN, train_step_at, model, optimizer,
+    fit = fit_device_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN,
+                           lambda B: trial_step(B, model, optimizer, health, autocast_ctx), model, optimizer,
                            enabled=FIT_DEVICE_BATCH, config=asdict(config), source=__file__)
     run.record_fit(fit)   # run_summary.json's device_batch block
+    device_batch_size, grad_accum_steps = fit.used, fit.grad_accum_steps
 
-How it decides. `train_step_at(B)` is one real training step at device batch B (forward, backward,
-optimizer step), written in train.py so that it stays the loop's own. Sizes are tried from the
-requested one down (halved while even, then 1); the first that runs without
-torch.cuda.OutOfMemoryError is used. A requested size that fits is therefore never changed. After
-every try, fitting or not, the parameters, gradients and optimizer state are put back as they were,
-so the run starts exactly as if no step had been taken. Each size tried compiles the model once more
+How it decides. `trial_step(B, ...)` is one real training step at device batch B (forward, backward,
+optimizer step: the loop's heaviest kind), written in train.py so that it stays the loop's own. Sizes
+are tried from the requested one down (halved while even, then 1); the first that runs without
+torch.cuda.OutOfMemoryError is used, so a requested size that fits is never changed. After every
+try, fitting or not, parameters, gradients and optimizer state are put back as they were: the run
+starts exactly as if no step had been taken. Each size tried compiles the model once more
 (dynamic=False), so torch._dynamo's recompile limit is raised by the sizes tried. Peak memory stats
 are reset afterwards, so peak_vram_mb is the training's, not a failed try's.
 
@@ -126,10 +128,10 @@ def fits(size, try_batch, restore):
         ran = False
     finally:
         restore()
-    # out here the failed step's frames (and the activations they hold) are gone; hand the memory back
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    if not ran:  # out here the failed step's frames (and the activations they held) are gone: hand the memory back
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return ran
 
 
@@ -167,7 +169,7 @@ def _sha(obj):
 def code_sha(source):
     """train.py's code without its top-level UPPER_CASE assignments: the model and loop, not the hyperparameters."""
     text = Path(source).read_text()
-    return _sha(re.sub(r"(?m)^[A-Z][A-Z0-9_]*\s*=.*$", "", text))
+    return _sha(re.sub(r"(?m)^[A-Z][A-Z0-9_]*\s*=.*\n?", "", text))
 
 
 def fit_key(requested, seq_len, model, config, source, max_rows):
@@ -239,7 +241,8 @@ def fit_device_batch(requested, total_batch_size, seq_len, try_batch, model, opt
     True makes tests try them on the CPU too, with a try_batch of their own."""
     accum = grad_accum_steps(requested, total_batch_size, seq_len)
     max_rows = row_limit_from_env()
-    on_gpu = next(model.parameters()).device.type == "cuda"
+    device = next(model.parameters()).device
+    on_gpu = device.type == "cuda"
     if not enabled or not (probe or on_gpu or max_rows is not None):
         return DeviceBatch(requested, requested, accum, "no GPU" if enabled else "as set", 0.0, [],
                            test_max_rows=max_rows)
@@ -254,7 +257,7 @@ def fit_device_batch(requested, total_batch_size, seq_len, try_batch, model, opt
         raise RunStopped(f"not even one row of {seq_len} tokens (DEVICE_BATCH_SIZE 1) fits in {gpu} with this model: "
                          "make it smaller (DEPTH, ASPECT_RATIO) or use the cpu profile (AUTORESEARCH_PROFILE=cpu)")
     if on_gpu:
-        torch.cuda.reset_peak_memory_stats()  # peak_vram_mb: the training's, not a failed try's
+        torch.cuda.reset_peak_memory_stats(device)  # peak_vram_mb: the training's, not a failed try's
     fit = DeviceBatch(requested, used, grad_accum_steps(used, total_batch_size, seq_len), decided_by,
                       time.time() - t0, too_big, gpu, max_rows)
     if used != requested:

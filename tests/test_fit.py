@@ -1,0 +1,272 @@
+"""harness/fit.py and the run's side of it: the device batch that fits. On the CPU, with the memory
+limit injected: a try_batch that takes a real step on a tiny model and then runs out of memory above a
+number of rows. The largest size that fits is used and TOTAL_BATCH_SIZE is kept; a fitting request is
+never changed; the trial steps leave no trace; the cache is keyed, checked and rewritten; nothing
+fitting stops the run with what to do; an out-of-memory crash names DEVICE_BATCH_SIZE; and a real
+cpu-profile train.py run trains with the fitted batch and records it."""
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402  (imports prepare; trains nothing)
+from harness import fit as fitting  # noqa: E402
+from harness.record import RunRecorder, RunStopped  # noqa: E402
+
+T = 64                 # tokens per row of the tiny model
+TOTAL = 16 * T * 2     # TOTAL_BATCH_SIZE: two micro-batches of the requested 16 rows
+SOURCE = "DEPTH = 4\ndef forward(x):\n    return x\n"  # stands for train.py in the cache key
+
+
+def tiny_model(seed=0, n_embd=64):
+    torch.manual_seed(seed)
+    config = train.GPTConfig(sequence_len=T, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=n_embd)
+    model = train.GPT(config)
+    model.init_weights()
+    return model, model.setup_optimizer()
+
+
+def tokens(B, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, 64, (B, T + 1), generator=g)
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # contiguous, as the loader gives them
+
+
+class SmallDevice:
+    """try_batch for a device with room for max_rows rows: the real forward and backward run (and the
+    optimizer step, with full_step), then sizes above the limit run out of memory: a real failure can come
+    that late, after gradients, parameters and optimizer state have changed."""
+
+    def __init__(self, model, optimizer, max_rows, full_step):
+        self.model, self.optimizer, self.max_rows, self.full_step, self.tried = model, optimizer, max_rows, full_step, []
+
+    def __call__(self, B):
+        self.tried.append(B)
+        x, y = tokens(B, seed=B)
+        self.model(x, y).backward()
+        if self.full_step:
+            self.optimizer.step()
+        if B > self.max_rows:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {B} rows")
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """A function (max_rows, requested=16, **fit options) -> (DeviceBatch, SmallDevice), on a fresh tiny model,
+    the cache in tmp_path."""
+    monkeypatch.delenv(fitting.TEST_MAX_ROWS_ENV, raising=False)
+    limit = torch._dynamo.config.recompile_limit  # fit raises it; put back after the test
+
+    def run_fit(max_rows, requested=16, source_text=SOURCE, n_embd=64, full_step=False, **options):
+        model, optimizer = tiny_model(n_embd=n_embd)
+        device = SmallDevice(model, optimizer, max_rows, full_step)
+        (tmp_path / "train.py").write_text(source_text)
+        options = {"probe": True, "config": asdict(model.config), "source": tmp_path / "train.py",
+                   "cache_path": tmp_path / "device_batch.json", **options}
+        return fitting.fit_device_batch(requested, TOTAL, T, device, model, optimizer, **options), device
+    yield run_fit
+    torch._dynamo.config.recompile_limit = limit
+
+
+def test_candidates_halve_the_request_down_to_one():
+    assert fitting.candidates(128) == [128, 64, 32, 16, 8, 4, 2, 1]
+    assert fitting.candidates(96) == [96, 48, 24, 12, 6, 3, 1]
+    assert fitting.candidates(1) == [1]
+
+
+def test_a_request_that_does_not_divide_the_total_is_one_clear_error():
+    assert fitting.grad_accum_steps(32, 2**19, 2048) == 8
+    with pytest.raises(ValueError, match=r"TOTAL_BATCH_SIZE 524288 .* DEVICE_BATCH_SIZE 96 .* power of two"):
+        fitting.grad_accum_steps(96, 2**19, 2048)
+
+
+def test_the_largest_size_that_fits_is_used_with_accumulation_for_the_same_total(setup, capsys):
+    limit = torch._dynamo.config.recompile_limit
+    fit, device = setup(max_rows=5)
+    assert device.tried == [16, 8, 4], device.tried
+    assert (fit.requested, fit.used, fit.grad_accum_steps, fit.decided_by) == (16, 4, 8, "probe")
+    assert fit.used * T * fit.grad_accum_steps == TOTAL and fit.too_big == [16, 8]
+    assert torch._dynamo.config.recompile_limit == limit + 4, "one more compiled graph allowed per size below the first"
+    said = [line for line in capsys.readouterr().out.splitlines() if "DEVICE_BATCH_SIZE" in line]
+    assert len(said) == 1 and "DEVICE_BATCH_SIZE 16 does not fit" in said[0] and "using 4 with 8" in said[0], said
+
+
+def test_a_request_that_fits_is_never_changed(setup, capsys):
+    fit, device = setup(max_rows=16)
+    assert device.tried == [16] and (fit.used, fit.grad_accum_steps, fit.too_big) == (16, 2, [])
+    assert "DEVICE_BATCH_SIZE" not in capsys.readouterr().out, "a size that fits is not announced as a change"
+
+
+def test_fit_off_uses_the_request_as_set_without_trying(setup):
+    fit, device = setup(max_rows=1, enabled=False)
+    assert device.tried == [] and (fit.used, fit.grad_accum_steps, fit.decided_by) == (16, 2, "as set")
+
+
+def test_on_a_cpu_there_is_nothing_to_fit(setup):
+    fit, device = setup(max_rows=1, probe=None)
+    assert device.tried == [] and (fit.used, fit.decided_by) == (16, "no GPU")
+
+
+def test_trial_steps_leave_parameters_and_optimizer_as_they_were(setup):
+    """A run that fitted (two failed trials and one that fit, each a real optimizer step) then trains one
+    step exactly as a run that never tried anything: bit for bit."""
+    fit, device = setup(max_rows=5, full_step=True)
+    assert device.tried == [16, 8, 4]
+    fitted, fresh = (device.model, device.optimizer), tiny_model()
+    assert all(p.grad is None for p in fitted[0].parameters()) and not fitted[1].state
+    for m, opt in (fitted, fresh):
+        x, y = tokens(4, seed=99)
+        m(x, y).backward()
+        opt.step()
+    for (name, a), b in zip(fitted[0].named_parameters(), fresh[0].parameters()):
+        assert torch.equal(a, b), f"{name} differs after one step: the trials left a trace"
+
+
+def test_a_cached_answer_skips_the_search_and_is_still_tried(setup):
+    assert setup(max_rows=8)[1].tried == [16, 8]
+    fit, device = setup(max_rows=8)
+    assert device.tried == [8] and (fit.used, fit.grad_accum_steps, fit.decided_by) == (8, 4, "cache")
+
+
+def test_a_cached_answer_that_no_longer_fits_searches_on_below_it(setup):
+    setup(max_rows=16)
+    fit, device = setup(max_rows=8)  # the same key, less room: the model's code changed its memory, not its key
+    assert device.tried == [16, 8] and (fit.used, fit.decided_by) == (8, "probe")
+    assert setup(max_rows=8)[0].decided_by == "cache", "the new answer was written"
+
+
+@pytest.mark.parametrize("change", ["model shape", "model code", "torch version"])
+def test_a_changed_key_searches_again(setup, monkeypatch, change):
+    assert setup(max_rows=16)[0].decided_by == "probe"  # one try each: the request fits
+    if change == "model shape":
+        fit, _ = setup(max_rows=16, n_embd=32)
+    elif change == "model code":
+        fit, _ = setup(max_rows=16, source_text=SOURCE.replace("return x", "return 2 * x"))
+    else:
+        monkeypatch.setattr(torch, "__version__", "9.9.9")
+        fit, _ = setup(max_rows=16)
+    assert fit.decided_by == "probe", f"a changed {change} used the cached answer"
+
+
+def test_a_hyperparameter_change_keeps_the_cached_answer(setup):
+    setup(max_rows=16)
+    fit, _ = setup(max_rows=16, source_text=SOURCE.replace("DEPTH = 4", "DEPTH = 4  # comment\nMATRIX_LR = 0.05"))
+    assert fit.decided_by == "cache"
+
+
+def test_the_key_names_the_gpu_and_its_memory(tmp_path):
+    cache = fitting.FitCache(tmp_path / "c.json")
+    key = {"gpu": "NVIDIA A10", "gpu_memory_bytes": 24 * 2**30, "requested": 16}
+    cache.put(key, 4, [16, 8])
+    assert cache.get(key) == 4
+    assert cache.get({**key, "gpu": "NVIDIA L4"}) is None
+    assert cache.get({**key, "gpu_memory_bytes": 48 * 2**30}) is None
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"format": "someone else", "entries": {}}',
+                                     '{"format": "%s", "entries": {"0123": {"key": {}, "used": 4, "at": 1}}}'
+                                     % fitting.CACHE_FORMAT], ids=["corrupt", "foreign", "tampered"])
+def test_a_bad_cache_file_is_one_warning_then_searched_and_rewritten(setup, tmp_path, capsys, content):
+    (tmp_path / "device_batch.json").write_text(content)
+    fit, device = setup(max_rows=16)
+    assert device.tried == [16] and fit.decided_by == "probe"
+    warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warnings) == 1 and "device_batch.json" in warnings[0] and "rewritten" in warnings[0], warnings
+    assert setup(max_rows=16)[0].decided_by == "cache", "the file was rewritten"
+
+
+def test_when_not_one_row_fits_the_run_stops_with_what_to_do(setup):
+    with pytest.raises(RunStopped) as stopped:
+        setup(max_rows=0, requested=2)
+    message = str(stopped.value)
+    assert "\n" not in message and "DEVICE_BATCH_SIZE 1" in message and "DEPTH" in message
+    assert "AUTORESEARCH_PROFILE=cpu" in message
+
+
+def test_errors_other_than_out_of_memory_are_not_taken_for_a_size_that_does_not_fit(tmp_path):
+    model, optimizer = tiny_model()
+
+    def broken(B):
+        raise RuntimeError("shape mismatch in the agent's new layer")
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        fitting.fit_device_batch(16, TOTAL, T, broken, model, optimizer, probe=True, cache_path=tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists(), "a broken step is no answer to cache"
+
+
+def test_half_batches_accumulated_give_the_full_batch_gradient():
+    """B/2 x 2 with the loss divided by the accumulation steps, as the loop does, is B x 1 up to rounding."""
+    x, y = tokens(8, seed=3)
+    grads = []
+    for B in (8, 4, 2):
+        model, _ = tiny_model()
+        with torch.no_grad():  # off the initialisation, whose zero projections leave some gradients zero
+            g = torch.Generator().manual_seed(1)
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=g).to(p.dtype))
+        steps = 8 // B
+        for i in range(steps):
+            (model(x[i * B:(i + 1) * B], y[i * B:(i + 1) * B]) / steps).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for B, other in zip((4, 2), grads[1:]):
+        for i, (a, b) in enumerate(zip(grads[0], other)):
+            err = ((a - b).norm() / a.norm().clamp_min(1e-12)).item()
+            assert err < 1e-5, f"param {i}: {B} x {8 // B} differs from 8 x 1 by {err:.2e} of its norm"
+
+# ---------------------------------------------------------------------------
+# The recorder's side: an out-of-memory crash says what to do first
+# ---------------------------------------------------------------------------
+
+def crash_summary(tmp_path, fit, error):
+    with RunRecorder({"DEVICE_BATCH_SIZE": 128}, out_dir=tmp_path, hard_cap_s=60) as run:
+        if fit:
+            run.record_fit(fit)
+        raise error
+    return json.loads((tmp_path / "run_summary.json").read_text())
+
+
+def test_an_out_of_memory_crash_names_the_fitted_and_requested_device_batch(tmp_path, capsys):
+    fit = fitting.DeviceBatch(128, 32, 8, "cache", 0.1, [], "NVIDIA GeForce RTX 4090 (24 GiB)")
+    s = crash_summary(tmp_path, fit, torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    first, rest = s["error"].split("\n", 1)
+    assert "DEVICE_BATCH_SIZE 32" in first and "requested 128" in first and "to 16" in first, first
+    assert "TOTAL_BATCH_SIZE is kept" in first and "Traceback" in rest and "Tried to allocate 2.00 GiB" in rest
+    assert s["status"] == "crash" and s["device_batch"]["used"] == 32
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: " + first, "run.log ends with the line"
+
+
+def test_an_out_of_memory_crash_before_any_fit_names_the_requested_size(tmp_path, capsys):
+    wrapped = RuntimeError("compiled graph failed")
+    wrapped.__cause__ = torch.cuda.OutOfMemoryError("CUDA out of memory")
+    first = crash_summary(tmp_path, None, wrapped)["error"].splitlines()[0]
+    assert "DEVICE_BATCH_SIZE 128 (as requested)" in first and "to 64" in first, first
+
+# ---------------------------------------------------------------------------
+# A real cpu-profile run with a memory limit of 4 rows
+# ---------------------------------------------------------------------------
+
+def test_a_run_on_a_small_device_trains_with_the_fitted_batch_and_records_it(cpu_prepared, tmp_path):
+    out, cache = cpu_prepared
+    assert out.returncode == 0, f"prepare.py failed:\n{out.stderr[-2000:]}"
+    env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
+           "AUTORESEARCH_TIME_BUDGET": "3", "PYTHONUNBUFFERED": "1", fitting.TEST_MAX_ROWS_ENV: "4"}
+    run = subprocess.run([sys.executable, str(ROOT / "train.py")], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=240)
+    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    s = json.loads((tmp_path / "run_summary.json").read_text())
+    requested, total = s["config"]["DEVICE_BATCH_SIZE"], s["config"]["TOTAL_BATCH_SIZE"]  # the cpu profile's
+    accum = total // (4 * s["harness"]["MAX_SEQ_LEN"])
+    assert requested > 4 and accum > total // (requested * s["harness"]["MAX_SEQ_LEN"])
+    assert {k: s["device_batch"][k] for k in ("requested", "used", "grad_accum_steps", "decided_by", "test_max_rows")} \
+        == {"requested": requested, "used": 4, "grad_accum_steps": accum, "decided_by": "probe", "test_max_rows": 4}
+    assert s["config"]["FIT_DEVICE_BATCH"] is True
+    assert f"DEVICE_BATCH_SIZE {requested} does not fit" in run.stdout
+    assert f"Gradient accumulation steps: {accum}\n" in run.stdout, "the loop accumulates over the fitted batch"
+    assert s["status"] == "ok" and s["num_steps"] > train.TIMING_SKIP_STEPS and s["val_bpb"] < 8
+    assert s["total_tokens_M"] == pytest.approx(s["num_steps"] * total / 1e6), "every step took TOTAL_BATCH_SIZE tokens"
