@@ -62,7 +62,7 @@ class DeviceBatch:
     requested: int               # DEVICE_BATCH_SIZE as train.py set it
     used: int                    # the device batch the run trains and evaluates with
     grad_accum_steps: int        # TOTAL_BATCH_SIZE // (used * MAX_SEQ_LEN)
-    decided_by: str              # "probe", "cache", "no GPU" (nothing to fit) or "as set" (FIT_DEVICE_BATCH off)
+    decided_by: str              # "probe", "cache", "cpu" (no device memory to fit) or "as set" (FIT_DEVICE_BATCH off)
     seconds: float               # spent deciding, outside the time budget
     too_big: list                # sizes that ran out of memory in this run, largest first
     gpu: str = None              # the GPU it was decided for, with its memory
@@ -244,7 +244,7 @@ def fit_device_batch(requested, total_batch_size, seq_len, try_batch, model, opt
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
     if not enabled or not (probe or on_gpu or max_rows is not None):
-        return DeviceBatch(requested, requested, accum, "no GPU" if enabled else "as set", 0.0, [],
+        return DeviceBatch(requested, requested, accum, device.type if enabled else "as set", 0.0, [],
                            test_max_rows=max_rows)
     t0 = time.time()
     if max_rows is not None:

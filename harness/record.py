@@ -382,14 +382,19 @@ class RunRecorder:
         self.extra["device_batch"] = dataclasses.asdict(fit)
 
     def _out_of_memory_line(self):
-        fit = self.extra.get("device_batch") or {}
-        requested = fit.get("requested", self.config.get("DEVICE_BATCH_SIZE"))
-        used = fit.get("used", requested)
+        """What to do about an out-of-memory crash, in one line that names the device batch."""
+        fit = self.extra.get("device_batch")
+        requested = (fit or {}).get("requested", self.config.get("DEVICE_BATCH_SIZE"))
+        if fit is None and self._last_step is None:  # train.py fits (and records) before any batch runs
+            return (f"out of GPU memory before any batch ran (DEVICE_BATCH_SIZE {requested} not yet tried): the "
+                    "model and optimizer alone do not fit; make the model smaller (DEPTH, ASPECT_RATIO)")
+        used = (fit or {}).get("used", requested)
         at = (f"DEVICE_BATCH_SIZE {used} (fitted down from the requested {requested})" if used != requested
               else f"DEVICE_BATCH_SIZE {used} (as requested)")
         if used == 1:
             return f"out of GPU memory at {at}: make the model smaller (DEPTH, ASPECT_RATIO)"
-        return (f"out of GPU memory at {at}: lower DEVICE_BATCH_SIZE in train.py, e.g. to {used // 2}; "
+        fit_off = " (or set FIT_DEVICE_BATCH = True)" if (fit or {}).get("decided_by") == "as set" else ""
+        return (f"out of GPU memory at {at}: lower DEVICE_BATCH_SIZE in train.py, e.g. to {used // 2}{fit_off}; "
                 "TOTAL_BATCH_SIZE is kept by gradient accumulation")
 
     def check_divergence(self, step, loss):

@@ -111,7 +111,7 @@ def test_fit_off_uses_the_request_as_set_without_trying(setup):
 
 def test_on_a_cpu_there_is_nothing_to_fit(setup):
     fit, device = setup(max_rows=1, probe=None)
-    assert device.tried == [] and (fit.used, fit.decided_by) == (16, "no GPU")
+    assert device.tried == [] and (fit.used, fit.decided_by) == (16, "cpu")
 
 
 def test_trial_steps_leave_parameters_and_optimizer_as_they_were(setup):
@@ -223,10 +223,12 @@ def test_half_batches_accumulated_give_the_full_batch_gradient():
 # The recorder's side: an out-of-memory crash says what to do first
 # ---------------------------------------------------------------------------
 
-def crash_summary(tmp_path, fit, error):
+def crash_summary(tmp_path, fit, error, steps=0):
     with RunRecorder({"DEVICE_BATCH_SIZE": 128}, out_dir=tmp_path, hard_cap_s=60) as run:
         if fit:
             run.record_fit(fit)
+        for step in range(steps):
+            run.log(step, **{"train/loss": 5.0})
         raise error
     return json.loads((tmp_path / "run_summary.json").read_text())
 
@@ -241,11 +243,19 @@ def test_an_out_of_memory_crash_names_the_fitted_and_requested_device_batch(tmp_
     assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: " + first, "run.log ends with the line"
 
 
-def test_an_out_of_memory_crash_before_any_fit_names_the_requested_size(tmp_path, capsys):
-    wrapped = RuntimeError("compiled graph failed")
+def test_an_out_of_memory_crash_with_fit_off_names_the_requested_size_and_the_fit(tmp_path):
+    wrapped = RuntimeError("compiled graph failed")  # the compiler may wrap the error
     wrapped.__cause__ = torch.cuda.OutOfMemoryError("CUDA out of memory")
-    first = crash_summary(tmp_path, None, wrapped)["error"].splitlines()[0]
-    assert "DEVICE_BATCH_SIZE 128 (as requested)" in first and "to 64" in first, first
+    fit = fitting.DeviceBatch(128, 128, 2, "as set", 0.0, [])
+    first = crash_summary(tmp_path, fit, wrapped)["error"].splitlines()[0]
+    assert "DEVICE_BATCH_SIZE 128 (as requested)" in first and "to 64" in first and "FIT_DEVICE_BATCH = True" in first
+
+
+def test_an_out_of_memory_crash_before_any_batch_says_the_model_does_not_fit(tmp_path):
+    first = crash_summary(tmp_path, None, torch.cuda.OutOfMemoryError("CUDA out of memory"))["error"].splitlines()[0]
+    assert "before any batch ran" in first and "DEVICE_BATCH_SIZE 128 not yet tried" in first and "DEPTH" in first
+    first = crash_summary(tmp_path, None, torch.cuda.OutOfMemoryError("CUDA out of memory"), steps=3)["error"]
+    assert first.startswith("out of GPU memory at DEVICE_BATCH_SIZE 128 (as requested)"), "a train.py without the fit"
 
 # ---------------------------------------------------------------------------
 # A real cpu-profile run with a memory limit of 4 rows
