@@ -537,6 +537,7 @@ def get_weight_decay(progress):
 
 def trial_step(B, model, optimizer, health, autocast_ctx):
     """The loop's heaviest step (with layer stats) on B rows: fit_device_batch tries it, then undoes it."""
+    health.forget()  # a try that ran out of memory halfway left its parameter snapshot behind
     x = torch.zeros((B, MAX_SEQ_LEN), dtype=torch.long, device=health.params[0].device)
     with autocast_ctx:
         loss, act_rms = model(x, x, return_act_rms=True)

@@ -118,20 +118,21 @@ class TrainingState:
 
 
 def fits(size, try_batch, restore):
-    """True if try_batch(size) ran, False if it ran out of memory; any other error propagates."""
+    """True if try_batch(size) ran, False if it ran out of memory; any other error propagates. Either way
+    that returns, restore() has put the state back."""
     try:
         try_batch(size)
-        ran = True
     except Exception as e:
         if not is_out_of_memory(e):
             raise
         ran = False
-    finally:
-        restore()
+    else:
+        ran = True
     if not ran:  # out here the failed step's frames (and the activations they held) are gone: hand the memory back
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+    restore()
     return ran
 
 
@@ -163,7 +164,7 @@ def default_cache_path():
 
 
 def _sha(obj):
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def code_sha(source):
@@ -203,7 +204,7 @@ class FitCache:
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "entries": newest}, indent=1) + "\n")
+            tmp.write_text(json.dumps({"format": CACHE_FORMAT, "entries": newest}, indent=1, default=str) + "\n")
             os.replace(tmp, self.path)
         except OSError as e:
             print(f"fit: warning: could not write {self.path} ({e}); the next run will probe again", file=sys.stderr)
@@ -235,15 +236,15 @@ def _valid_entry(item):
 # ---------------------------------------------------------------------------
 
 def fit_device_batch(requested, total_batch_size, seq_len, try_batch, model, optimizer, *, enabled=True,
-                     config=None, source=None, cache_path=None, probe=None):
+                     config=None, source=None, cache_path=None, probe_on_cpu=False):
     """The device batch to train with, as a DeviceBatch; see the module docstring. Raises RunStopped when
-    not even one row fits. probe: None tries sizes on a GPU or under AUTORESEARCH_FIT_TEST_MAX_ROWS only;
-    True makes tests try them on the CPU too, with a try_batch of their own."""
+    not even one row fits. Sizes are tried on a GPU, or under AUTORESEARCH_FIT_TEST_MAX_ROWS; probe_on_cpu
+    lets tests try them on the CPU with a try_batch of their own."""
     accum = grad_accum_steps(requested, total_batch_size, seq_len)
     max_rows = row_limit_from_env()
     device = next(model.parameters()).device
     on_gpu = device.type == "cuda"
-    if not enabled or not (probe or on_gpu or max_rows is not None):
+    if not enabled or not (on_gpu or probe_on_cpu or max_rows is not None):
         return DeviceBatch(requested, requested, accum, device.type if enabled else "as set", 0.0, [],
                            test_max_rows=max_rows)
     t0 = time.time()

@@ -159,6 +159,10 @@ class LayerHealth:
         self.grad_norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))
         self.before = [p.detach().clone() for p in self.params]
 
+    def forget(self):
+        """Drop what before_step() keeps: a step that failed halfway must not hold its snapshot's memory."""
+        self.grad_norms = self.before = None
+
     @torch.no_grad()
     def after_step(self, act_rms):
         """All statistics as one flat device tensor (nothing is transferred here)."""

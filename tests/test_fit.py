@@ -4,6 +4,7 @@ number of rows. The largest size that fits is used and TOTAL_BATCH_SIZE is kept;
 never changed; the trial steps leave no trace; the cache is keyed, checked and rewritten; nothing
 fitting stops the run with what to do; an out-of-memory crash names DEVICE_BATCH_SIZE; and a real
 cpu-profile train.py run trains with the fitted batch and records it."""
+import contextlib
 import json
 import os
 import subprocess
@@ -18,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (imports prepare; trains nothing)
 from harness import fit as fitting  # noqa: E402
-from harness.record import RunRecorder, RunStopped  # noqa: E402
+from harness.record import LayerHealth, RunRecorder, RunStopped  # noqa: E402
 
 T = 64                 # tokens per row of the tiny model
 TOTAL = 16 * T * 2     # TOTAL_BATCH_SIZE: two micro-batches of the requested 16 rows
@@ -40,19 +41,29 @@ def tokens(B, seed=0):
 
 
 class SmallDevice:
-    """try_batch for a device with room for max_rows rows: the real forward and backward run (and the
-    optimizer step, with full_step), then sizes above the limit run out of memory: a real failure can come
-    that late, after gradients, parameters and optimizer state have changed."""
+    """try_batch for a device with room for max_rows rows. Plain: a forward and backward, then sizes above
+    the limit run out of memory. full_step: train.py's own trial_step, whose optimizer step runs out of
+    memory after updating the parameters and its state, halfway through the step as a real failure may."""
 
     def __init__(self, model, optimizer, max_rows, full_step):
         self.model, self.optimizer, self.max_rows, self.full_step, self.tried = model, optimizer, max_rows, full_step, []
+        self.health = LayerHealth(model.transformer.h.named_parameters())
+        self.snapshot_held = []  # at each forward: was a failed try's parameter snapshot still held?
+        model.register_forward_pre_hook(lambda m, args: self.snapshot_held.append(self.health.before is not None))
+        optimizer.step = self.optimizer_step
+
+    def optimizer_step(self):
+        type(self.optimizer).step(self.optimizer)
+        if self.tried[-1] > self.max_rows:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory in the optimizer step")
 
     def __call__(self, B):
         self.tried.append(B)
+        if self.full_step:
+            train.trial_step(B, self.model, self.optimizer, self.health, contextlib.nullcontext())
+            return
         x, y = tokens(B, seed=B)
         self.model(x, y).backward()
-        if self.full_step:
-            self.optimizer.step()
         if B > self.max_rows:
             raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {B} rows")
 
@@ -61,6 +72,7 @@ class SmallDevice:
 def setup(tmp_path, monkeypatch):
     """A function (max_rows, requested=16, **fit options) -> (DeviceBatch, SmallDevice), on a fresh tiny model,
     the cache in tmp_path."""
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", T)  # the row length trial_step uses
     monkeypatch.delenv(fitting.TEST_MAX_ROWS_ENV, raising=False)
     limit = torch._dynamo.config.recompile_limit  # fit raises it; put back after the test
 
@@ -68,7 +80,7 @@ def setup(tmp_path, monkeypatch):
         model, optimizer = tiny_model(n_embd=n_embd)
         device = SmallDevice(model, optimizer, max_rows, full_step)
         (tmp_path / "train.py").write_text(source_text)
-        options = {"probe": True, "config": asdict(model.config), "source": tmp_path / "train.py",
+        options = {"probe_on_cpu": True, "config": asdict(model.config), "source": tmp_path / "train.py",
                    "cache_path": tmp_path / "device_batch.json", **options}
         return fitting.fit_device_batch(requested, TOTAL, T, device, model, optimizer, **options), device
     yield run_fit
@@ -110,17 +122,19 @@ def test_fit_off_uses_the_request_as_set_without_trying(setup):
 
 
 def test_on_a_cpu_there_is_nothing_to_fit(setup):
-    fit, device = setup(max_rows=1, probe=None)
+    fit, device = setup(max_rows=1, probe_on_cpu=False)
     assert device.tried == [] and (fit.used, fit.decided_by) == (16, "cpu")
 
 
 def test_trial_steps_leave_parameters_and_optimizer_as_they_were(setup):
-    """A run that fitted (two failed trials and one that fit, each a real optimizer step) then trains one
-    step exactly as a run that never tried anything: bit for bit."""
+    """A run that fitted (two failed trials and one that fit, each train.py's trial_step with its optimizer
+    step) then trains one step exactly as a run that never tried anything: bit for bit."""
     fit, device = setup(max_rows=5, full_step=True)
     assert device.tried == [16, 8, 4]
     fitted, fresh = (device.model, device.optimizer), tiny_model()
     assert all(p.grad is None for p in fitted[0].parameters()) and not fitted[1].state
+    assert device.snapshot_held == [False] * 3, "a failed try's parameter snapshot held memory in the next try"
+    del fitted[1].step  # the real step again
     for m, opt in (fitted, fresh):
         x, y = tokens(4, seed=99)
         m(x, y).backward()
@@ -196,7 +210,8 @@ def test_errors_other_than_out_of_memory_are_not_taken_for_a_size_that_does_not_
     def broken(B):
         raise RuntimeError("shape mismatch in the agent's new layer")
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        fitting.fit_device_batch(16, TOTAL, T, broken, model, optimizer, probe=True, cache_path=tmp_path / "c.json")
+        fitting.fit_device_batch(16, TOTAL, T, broken, model, optimizer, probe_on_cpu=True,
+                                 cache_path=tmp_path / "c.json")
     assert not (tmp_path / "c.json").exists(), "a broken step is no answer to cache"
 
 
