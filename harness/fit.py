@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch._dynamo
 
 import prepare
 from harness.record import RunStopped, is_out_of_memory
@@ -138,6 +137,7 @@ def fits(size, try_batch, restore):
 
 def largest_that_fits(sizes, try_batch, restore):
     """(the first of sizes that fits or None, the sizes that ran out of memory before it)."""
+    import torch._dynamo  # here, not at the top: seconds of import that a run which fits nothing never needs
     too_big = []
     torch._dynamo.config.recompile_limit += len(sizes) - 1  # one compiled graph per size tried (dynamic=False)
     for size in sizes:

@@ -7,6 +7,7 @@ cpu-profile train.py run trains with the fitted batch and records it."""
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -272,25 +273,37 @@ def test_an_out_of_memory_crash_before_any_batch_says_the_model_does_not_fit(tmp
     assert first.startswith("out of GPU memory at DEVICE_BATCH_SIZE 128 (as requested)"), "a train.py without the fit"
 
 # ---------------------------------------------------------------------------
-# A real cpu-profile run with a memory limit of 4 rows
+# A real cpu-profile run with a memory limit of 4 rows, stopped after three steps
 # ---------------------------------------------------------------------------
 
 def test_a_run_on_a_small_device_trains_with_the_fitted_batch_and_records_it(cpu_prepared, tmp_path):
+    """train.py as it is, but for a planted stop after three steps that reports the batch the loop got:
+    the fit ran on the real model with train.py's trial_step, and the loop trains with its answer."""
     out, cache = cpu_prepared
     assert out.returncode == 0, f"prepare.py failed:\n{out.stderr[-2000:]}"
+    anchor = "        model.zero_grad(set_to_none=True)\n"
+    source = (ROOT / "train.py").read_text()
+    assert source.count(anchor) == 1, f"anchor not found once in train.py: {anchor!r}"
+    stop = ("        if step == 2:\n            raise RuntimeError(f'planted stop: micro-batch {tuple(x.shape)}, '\n"
+            "                               f'{micro_step + 1} of {grad_accum_steps} micro-steps')\n")
+    (tmp_path / "train.py").write_text(source.replace(anchor, anchor + stop))
+    (tmp_path / "prepare.py").write_text((ROOT / "prepare.py").read_text())
+    shutil.copytree(ROOT / "harness", tmp_path / "harness")
     env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
            "AUTORESEARCH_TIME_BUDGET": "3", "PYTHONUNBUFFERED": "1", fitting.TEST_MAX_ROWS_ENV: "4"}
-    run = subprocess.run([sys.executable, str(ROOT / "train.py")], cwd=tmp_path, env=env, capture_output=True,
-                         text=True, timeout=240)
-    assert run.returncode == 0, f"exit {run.returncode}\n{run.stdout[-3000:]}\n{run.stderr[-3000:]}"
+    run = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=240)
     s = json.loads((tmp_path / "run_summary.json").read_text())
+    assert s["status"] == "crash" and "planted stop" in s["error"], f"exit {run.returncode}\n{run.stderr[-3000:]}"
     requested, total = s["config"]["DEVICE_BATCH_SIZE"], s["config"]["TOTAL_BATCH_SIZE"]  # the cpu profile's
-    accum = total // (4 * s["harness"]["MAX_SEQ_LEN"])
-    assert requested > 4 and accum > total // (requested * s["harness"]["MAX_SEQ_LEN"])
+    seq_len = s["harness"]["MAX_SEQ_LEN"]
+    accum = total // (4 * seq_len)
+    assert requested > 4 and s["config"]["FIT_DEVICE_BATCH"] is True
     assert {k: s["device_batch"][k] for k in ("requested", "used", "grad_accum_steps", "decided_by", "test_max_rows")} \
         == {"requested": requested, "used": 4, "grad_accum_steps": accum, "decided_by": "probe", "test_max_rows": 4}
-    assert s["config"]["FIT_DEVICE_BATCH"] is True
-    assert f"DEVICE_BATCH_SIZE {requested} does not fit" in run.stdout
-    assert f"Gradient accumulation steps: {accum}\n" in run.stdout, "the loop accumulates over the fitted batch"
-    assert s["status"] == "ok" and s["num_steps"] > train.TIMING_SKIP_STEPS and s["val_bpb"] < 8
-    assert s["total_tokens_M"] == pytest.approx(s["num_steps"] * total / 1e6), "every step took TOTAL_BATCH_SIZE tokens"
+    assert s["device_batch"]["too_big"] == fitting.candidates(requested)[:-3], s["device_batch"]
+    assert f"planted stop: micro-batch (4, {seq_len}), {accum} of {accum} micro-steps" in s["error"], s["error"]
+    assert f"DEVICE_BATCH_SIZE {requested} does not fit" in run.stdout and f"accumulation steps: {accum}\n" in run.stdout
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+              if "train/loss" in line]
+    assert len(losses) == 2 and all(0 < v < 10 for v in losses), losses
