@@ -137,14 +137,19 @@ def fits(size, try_batch, restore):
 
 def largest_that_fits(sizes, try_batch, restore):
     """(the first of sizes that fits or None, the sizes that ran out of memory before it)."""
-    import torch._dynamo  # here, not at the top: seconds of import that a run which fits nothing never needs
     too_big = []
-    torch._dynamo.config.recompile_limit += len(sizes) - 1  # one compiled graph per size tried (dynamic=False)
     for size in sizes:
         if fits(size, try_batch, restore):
             return size, too_big
         too_big.append(size)
     return None, too_big
+
+
+def allow_recompiles(n):
+    """Each size tried compiles the model once more (dynamic=False); without n more entries under torch._dynamo's
+    per-function recompile limit, training's and the eval's own graphs could run uncompiled after them."""
+    import torch._dynamo  # here, not at the top: seconds of import that a CPU run never needs
+    torch._dynamo.config.recompile_limit += n
 
 
 def with_row_limit(try_batch, max_rows):
@@ -250,6 +255,8 @@ def fit_device_batch(requested, total_batch_size, seq_len, try_batch, model, opt
     t0 = time.time()
     if max_rows is not None:
         try_batch = with_row_limit(try_batch, max_rows)
+    if on_gpu:
+        allow_recompiles(len(candidates(requested)) - 1)
     key = fit_key(requested, seq_len, model, config, source, max_rows)
     cache = FitCache(cache_path or default_cache_path())
     used, too_big, decided_by = search(requested, try_batch, TrainingState(model, optimizer).restore, cache, key)

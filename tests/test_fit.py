@@ -75,7 +75,6 @@ def setup(tmp_path, monkeypatch):
     the cache in tmp_path."""
     monkeypatch.setattr(train, "MAX_SEQ_LEN", T)  # the row length trial_step uses
     monkeypatch.delenv(fitting.TEST_MAX_ROWS_ENV, raising=False)
-    limit = torch._dynamo.config.recompile_limit  # fit raises it; put back after the test
 
     def run_fit(max_rows, requested=16, source_text=SOURCE, n_embd=64, full_step=False, **options):
         model, optimizer = tiny_model(n_embd=n_embd)
@@ -84,8 +83,7 @@ def setup(tmp_path, monkeypatch):
         options = {"probe_on_cpu": True, "config": asdict(model.config), "source": tmp_path / "train.py",
                    "cache_path": tmp_path / "device_batch.json", **options}
         return fitting.fit_device_batch(requested, TOTAL, T, device, model, optimizer, **options), device
-    yield run_fit
-    torch._dynamo.config.recompile_limit = limit
+    return run_fit
 
 
 def test_candidates_halve_the_request_down_to_one():
@@ -101,12 +99,10 @@ def test_a_request_that_does_not_divide_the_total_is_one_clear_error():
 
 
 def test_the_largest_size_that_fits_is_used_with_accumulation_for_the_same_total(setup, capsys):
-    limit = torch._dynamo.config.recompile_limit
     fit, device = setup(max_rows=5)
     assert device.tried == [16, 8, 4], device.tried
     assert (fit.requested, fit.used, fit.grad_accum_steps, fit.decided_by) == (16, 4, 8, "probe")
     assert fit.used * T * fit.grad_accum_steps == TOTAL and fit.too_big == [16, 8]
-    assert torch._dynamo.config.recompile_limit == limit + 4, "one more compiled graph allowed per size below the first"
     said = [line for line in capsys.readouterr().out.splitlines() if "DEVICE_BATCH_SIZE" in line]
     assert len(said) == 1 and "DEVICE_BATCH_SIZE 16 does not fit" in said[0] and "using 4 with 8" in said[0], said
 
@@ -233,6 +229,40 @@ def test_half_batches_accumulated_give_the_full_batch_gradient():
     for i, (a, b) in enumerate(zip(*grads)):
         err = ((a - b).norm() / a.norm()).item()
         assert err < 1e-5, f"param {i}: 2 x 2 differs from 4 x 1 by {err:.2e} of its norm"
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: compiled trial steps on a real device")
+def test_on_a_gpu_compiled_trials_leave_room_for_the_training_and_eval_graphs(tmp_path, monkeypatch):
+    """Each size tried compiles the model once more (dynamic=False). With the recompile limit at 3 and hitting
+    it an error instead of a silent fall-back to eager, trials at 4, 2 and 1 rows (the first two out of
+    memory) still leave the training step and the eval at the fitted size their own compiled graphs."""
+    import torch._dynamo
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", T)
+    monkeypatch.delenv(fitting.TEST_MAX_ROWS_ENV, raising=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):
+        model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.to_empty(device="cuda")
+    model.init_weights()
+    model.attention_masks(T, model.cos.device)  # before torch.compile, as train.py does
+    optimizer = model.setup_optimizer()
+    health = LayerHealth(model.transformer.h.named_parameters())
+    compiled = torch.compile(model, dynamic=False)
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+
+    def one_row_fits(B):
+        train.trial_step(B, compiled, optimizer, health, autocast)
+        if B > 1:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (test: {B} rows)")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=3, fail_on_recompile_limit_hit=True):
+        fit = fitting.fit_device_batch(4, 4 * T, T, one_row_fits, compiled, optimizer, cache_path=tmp_path / "c.json")
+        assert (fit.used, fit.too_big, fit.decided_by) == (1, [4, 2], "probe")
+        x, y = (t.cuda() for t in tokens(1))
+        with autocast:
+            compiled(x, y).backward()  # the loop's plain micro-step
+            with torch.no_grad():
+                compiled(x, y, reduction="none")  # evaluate_bpb's call
+    assert fit.gpu.startswith(torch.cuda.get_device_name())
 
 # ---------------------------------------------------------------------------
 # The recorder's side: an out-of-memory crash says what to do first
