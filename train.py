@@ -497,7 +497,7 @@ FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 # Model size
 DEPTH = 8 if gpu_profile else 4                # number of transformer layers
 DEVICE_BATCH_SIZE = 128 if gpu_profile else 8  # per-device batch size
-FIT_DEVICE_BATCH = True                        # if DEVICE_BATCH_SIZE does not fit: the largest power-of-two fraction that does, same TOTAL_BATCH_SIZE
+FIT_DEVICE_BATCH = True                        # if it does not fit: the largest 1/2^k of it that does, same TOTAL_BATCH_SIZE
 
 # Run logging (what a run records about itself; changes no number of the training)
 LAYER_STATS_EVERY = 25 if gpu_profile else 10  # steps between per-layer health rows
