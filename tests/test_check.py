@@ -3,6 +3,7 @@ machines we do not own (built from injected facts), why_not_runnable() against p
 real command on this machine, which must change nothing in the cache."""
 import dataclasses
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -220,6 +221,28 @@ def test_without_cuda_an_old_driver_from_nvidia_smi_is_the_reason(monkeypatch, t
                                       "update the NVIDIA driver")
     smi.write_text("#!/bin/sh\necho 570.133.20\n")
     assert "AUTORESEARCH_PROFILE=cpu" in gpu.why_not_runnable()
+
+# train.py run as a script on a V100 that torch.cuda pretends to be (nothing reaches the device before the check)
+V100_TRAIN = """
+import runpy, sys, torch
+sys.path.insert(0, {root!r})
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_name = lambda device=None: "Tesla V100-SXM2-16GB"
+torch.cuda.get_device_capability = lambda device=None: (7, 0)
+sys.argv = [{train!r}]
+runpy.run_path({train!r}, run_name="__main__")
+"""
+
+
+def test_train_py_on_a_v100_stops_with_one_line_and_a_crash_summary(tmp_path):
+    code = V100_TRAIN.format(root=str(ROOT), train=str(ROOT / "train.py"))
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=240,
+                         env={**os.environ, "AUTORESEARCH_PROFILE": "gpu"})
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert (out.returncode, summary["status"]) == (1, "crash"), out.stderr[-2000:]
+    assert summary["error"] == gpu.bf16_problem("Tesla V100-SXM2-16GB", (7, 0))
+    assert out.stderr.strip() == f"train.py stopped: {summary['error']}" and out.stdout == "", out.stderr[-2000:]
+
 
 # ---------------------------------------------------------------------------
 # The real command on this machine
