@@ -191,18 +191,24 @@ def findings(f):
 # Gathering the facts of this machine (reads only)
 # ---------------------------------------------------------------------------
 
+def telling_line(error):
+    """The first line of an error that says something: dynamo wraps the backend's error after a line
+    "backend='inductor' raised:", and a bare exception has only its type."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line for line in lines if line and not line.startswith("backend=")), type(error).__name__)[:300]
+
+
 def compile_probe(device="cuda"):
     """Compile a tiny function with torch.compile (Inductor: a cuBLAS matmul and a Triton reduction on a GPU)
     and run it: "" when it ran and matched eager, else the error's first telling line."""
     def tiny(a, b):
         return (a @ b).float().relu().sum(dim=-1)
-    a = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
     try:
+        a = torch.randn(64, 64, device=device, dtype=torch.bfloat16)
         got = torch.compile(tiny, dynamic=False, fullgraph=True)(a, a)
         want = tiny(a, a)
     except Exception as e:  # whatever Inductor, Triton, ptxas or the C compiler raised is the finding
-        lines = [line.strip() for line in str(e).splitlines()]
-        return next((line for line in lines if line and not line.startswith("backend=")), type(e).__name__)[:300]
+        return telling_line(e)
     if not torch.allclose(got, want, rtol=1e-2, atol=1e-2):
         return f"its result differs from eager by {(got - want).abs().max().item():.3g}"
     return ""
@@ -219,6 +225,7 @@ def _gather_gpu(f, probe):
     f.gpu, f.capability = props.name, (props.major, props.minor)
     f.total_mib, f.free_mib = total / 2**20, free / 2**20
     if probe and not bf16_problem(f.gpu, f.capability) and not compiler_problem(f.triton, f.c_compiler):
+        print("....  compiler   compiling a tiny function on the GPU (cold caches take up to a minute)", flush=True)
         f.compile_error = compile_probe()
         f.compiled = not f.compile_error
 

@@ -118,10 +118,10 @@ def driver_problem(driver, torch_cuda):
 
 def no_gpu_problem(torch_version, torch_cuda):
     """The line for a machine where torch sees no CUDA GPU."""
-    if torch_cuda is None:
-        why = f"this torch ({torch_version}) was built without CUDA"
+    if torch_cuda is None:  # e.g. Linux aarch64 (GH200, GB200, DGX Spark), where PyPI's torch has no CUDA
+        why = f"this torch ({torch_version}) has no CUDA: uv.lock installs torch's CUDA build on Linux x86_64 only"
     else:
-        why = "torch sees no CUDA GPU"
+        why = "torch sees no CUDA GPU (see nvidia-smi, and CUDA_VISIBLE_DEVICES if set)"
     return (f"{why}: the gpu profile needs an NVIDIA GPU; for a small CPU run use AUTORESEARCH_PROFILE=cpu "
             "(after `AUTORESEARCH_PROFILE=cpu uv run prepare.py`)")
 
