@@ -26,6 +26,9 @@ _PEAK_BF16_FLOPS = {
     "A100": 312e12, "A100 PCIE": 312e12,      # A100 datasheet: 312 TF (SXM and PCIe alike)
     "A800": 312e12, "A800 PCIE": 312e12,      # A800 datasheet: 312 TF
     "A10": 125e12,                            # A10 datasheet: 125 TF
+    # AWS's A10G has no NVIDIA datasheet. It is a GA102 with GeForce-style half-rate fp32 accumulation:
+    # 80 SMs x 1,710 MHz boost x 512 bf16 flop/SM/clock = 70.0 TF, the 70 TF that AWS partners quote
+    "A10G": 70e12,
     "A30": 165e12,                            # A30 datasheet: 165 TF
     "A40": 149.7e12,                          # A40 datasheet: 149.7 TF
     "L4": 121e12,                             # L4 datasheet: 242 TF*
@@ -55,8 +58,7 @@ _PEAK_BF16_FLOPS = {
     "RTX 6000 ADA GENERATION": 364.25e12,     # RTX 6000 Ada datasheet: 1,457 TF fp8*, /4
     "RTX PRO 6000 BLACKWELL WORKSTATION EDITION": 503.8e12,  # RTX Blackwell PRO whitepaper: 503.8 TF
 }
-# Deliberately absent: A10G (NVIDIA publishes no datasheet for AWS's part; the figures quoted for it
-# disagree), GB10 / DGX Spark (only an fp4 figure is published), Max-Q and laptop parts, MIG slices.
+# Deliberately absent: GB10 / DGX Spark (only an fp4 figure is published), Max-Q and laptop parts, MIG slices.
 
 # Tokens of a device name that do not change the peak: vendor and brand, memory size and type, socket
 _NOISE_TOKEN = re.compile(r"NVIDIA|GEFORCE|\d+GB?|HBM\d*E?|SXM\d*")

@@ -33,6 +33,7 @@ from harness.check import Facts  # noqa: E402
     ("NVIDIA GeForce RTX 3080", 59.5), ("NVIDIA GeForce RTX 3090", 71), ("NVIDIA GeForce RTX 3090 Ti", 80),
     ("NVIDIA GeForce RTX 4080", 97.5), ("NVIDIA GeForce RTX 4090", 165.2),
     ("NVIDIA GeForce RTX 5080", 112.6), ("NVIDIA GeForce RTX 5090", 209.5),
+    ("NVIDIA A10G", 70.0),  # its own derived figure, never A10's or A100's
     ("NVIDIA RTX A4000", 76.7), ("NVIDIA RTX A5000", 111.1), ("NVIDIA RTX A6000", 154.8),
     ("NVIDIA RTX 5000 Ada Generation", 261.1), ("NVIDIA RTX 6000 Ada Generation", 364.25),
     ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", 503.8),
@@ -42,7 +43,6 @@ def test_peak_bf16_flops_of_real_device_names(name, tflops):
 
 
 @pytest.mark.parametrize("name", [
-    "NVIDIA A10G",                                  # no datasheet: unknown rather than A10's (or A100's) figure
     "NVIDIA GB10", "NVIDIA H20", "Tesla V100-SXM2-16GB", "Tesla T4", "NVIDIA GeForce GTX 1080",
     "Quadro RTX 6000",                              # Turing: not "RTX 6000 Ada", not "RTX A6000"
     "NVIDIA GeForce RTX 3080 Ti", "NVIDIA GeForce RTX 4090 D", "NVIDIA GeForce RTX 4080 SUPER",
