@@ -9,6 +9,7 @@ Usage:
     uv run prepare.py --num-shards 8               # fewer training shards (-1 = all 6542)
     uv run prepare.py --download-workers 16        # more parallel downloads
     AUTORESEARCH_PROFILE=cpu uv run prepare.py     # tiny laptop harness, no network at all
+    uv run prepare.py --check                      # can this machine run the profile? changes nothing
 
 Data and tokenizer live in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch); the cpu profile
 keeps its own copy under cpu/ and never shares it with gpu. Re-running does no work twice.
@@ -816,7 +817,12 @@ def main(argv=None):
     parser.add_argument("--num-shards", type=int, default=10,
                         help="training shards to download (-1 = all); the validation shard is always pinned")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
+    parser.add_argument("--check", action="store_true",
+                        help="check, changing nothing, whether this machine can run the current profile (exit 0 if so)")
     args = parser.parse_args(argv)
+    if args.check:
+        from harness.check import main as check  # here, not at the top: harness.check imports this module
+        raise SystemExit(check())
     num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
     try:
         if num_shards < 1:

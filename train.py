@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, evaluate_bpb_sample
-from harness.record import RunRecorder, LayerHealth, ValCurve, ProgressLine, collect_config, peak_bf16_flops
+from harness.record import (RunRecorder, RunStopped, LayerHealth, ValCurve, ProgressLine, collect_config,
+                            peak_bf16_flops, why_not_runnable)
 from harness.fit import fit_device_batch
 
 # ---------------------------------------------------------------------------
@@ -562,6 +563,8 @@ if __name__ == "__main__":
     torch.cuda.manual_seed(42)
     torch.set_float32_matmul_precision("high")
     device = torch.device("cuda" if gpu_profile else "cpu")
+    if gpu_profile and (reason := why_not_runnable()):
+        raise RunStopped(reason)  # no bf16 or no compiler: say what to do rather than time a different program
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if gpu_profile else nullcontext()
     synchronize = torch.cuda.synchronize if gpu_profile else lambda: None
     peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if gpu_profile else None  # None: MFU unknown

@@ -31,7 +31,7 @@ import torch
 
 import prepare
 from harness.pin import is_pinned
-from harness.gpu import peak_bf16_flops  # noqa: F401  (train.py's one import line)
+from harness.gpu import peak_bf16_flops, why_not_runnable  # noqa: F401  (train.py's one import line)
 from harness.progress import ProgressLine  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,6 +1,6 @@
 """harness/record.py and its helpers: the run recorder writes its outputs on every exit path (ok, crash,
 diverged, timeout), as a `with` block or for a whole script through start(); config is collected from
-train.py's globals; MFU has its peak; the progress line suits both a terminal and a log file."""
+train.py's globals; the progress line suits both a terminal and a log file."""
 import contextlib
 import hashlib
 import io
@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
 from harness import record  # noqa: E402
-from harness.gpu import peak_bf16_flops  # noqa: E402
 from harness.progress import ProgressLine  # noqa: E402
 
 
@@ -225,16 +224,6 @@ def test_collect_config_takes_json_uppercase_globals_but_not_harness_constants()
                  "lowercase": 1, "_PRIVATE": 2, "NESTED": {"a": (1, 2)}}
     assert record.collect_config(namespace) == {"DEPTH": 8, "WINDOW_PATTERN": ["S", "L"], "LR": 0.04,
                                                  "NESTED": {"a": [1, 2]}}
-
-
-@pytest.mark.parametrize("name,flops", [("NVIDIA H100 80GB HBM3", 989.5e12), ("NVIDIA H100 PCIe", 756e12),
-                                        ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989.5e12),
-                                        ("NVIDIA H200 NVL", 835e12), ("NVIDIA H800 PCIe", 756e12),
-                                        ("NVIDIA GH200 480GB", 989.5e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-                                        ("NVIDIA B200", 2250e12), ("NVIDIA L40S", 362e12),
-                                        ("NVIDIA GeForce GTX 1080", None), ("", None)])
-def test_peak_bf16_flops_by_gpu_name(name, flops):
-    assert peak_bf16_flops(name) == flops
 
 
 def test_progress_line_writes_no_carriage_returns_when_not_a_tty():
