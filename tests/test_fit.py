@@ -264,6 +264,38 @@ def test_on_a_gpu_compiled_trials_leave_room_for_the_training_and_eval_graphs(tm
                 compiled(x, y, reduction="none")  # evaluate_bpb's call
     assert fit.gpu.startswith(torch.cuda.get_device_name())
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real out-of-memory errors")
+def test_on_a_gpu_real_out_of_memory_errors_halve_to_the_largest_size_that_fits(tmp_path, monkeypatch):
+    """The caching allocator capped at 1.5 GiB above what is in use, rows of 2048 tokens and an 8192-token
+    vocabulary (tens of MiB of logits a row): the sizes that do not fit raise real OutOfMemoryErrors, the
+    size chosen is half the last that failed and trains under the same cap, and the parameters are as before."""
+    seq_len = 2048
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", seq_len)
+    monkeypatch.delenv(fitting.TEST_MAX_ROWS_ENV, raising=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):  # full-context layers only: SDPA, no flex_attention to compile
+        model = train.GPT(train.GPTConfig(sequence_len=seq_len, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2,
+                                          n_embd=128, window_pattern="L"))
+    model.to_empty(device="cuda")
+    model.init_weights()
+    optimizer = model.setup_optimizer()
+    health = LayerHealth(model.transformer.h.named_parameters())
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_allocated() + 1.5 * 2**30
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        fit = fitting.fit_device_batch(64, 64 * seq_len, seq_len,
+                                       lambda B: train.trial_step(B, model, optimizer, health, autocast),
+                                       model, optimizer, cache_path=tmp_path / "c.json")
+        assert 1 <= fit.used < 64 and fit.too_big == fitting.candidates(64)[:len(fit.too_big)], fit
+        assert fit.too_big[-1] == 2 * fit.used and fit.grad_accum_steps == 64 // fit.used
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)), "the trials left a trace"
+        train.trial_step(fit.used, model, optimizer, health, autocast)  # the size chosen trains under the same cap
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+
 # ---------------------------------------------------------------------------
 # The recorder's side: an out-of-memory crash says what to do first
 # ---------------------------------------------------------------------------
