@@ -221,32 +221,45 @@ def test_the_task_asks_for_several_gpu_nodes_and_a_tag(sky_task):
     assert "TAG" in sky_task["without_tag"], f"a launch without --env TAG must fail: {sky_task['without_tag']}"
 
 
-def run_script(script, envs, tmp_path, **extra):
-    """Run a task's setup or run script as a node would, with uv, claude and curl replaced by recorders."""
-    fake, calls = tmp_path / "bin", tmp_path / "calls"
+def run_script(script, envs, home, **extra):
+    """Run a task's setup or run script as a node would, in `home` (which holds the synced ~/sky_workdir),
+    with uv, claude and curl replaced by recorders of their arguments and working directory."""
+    fake, calls = home / "bin", home / "calls"
     fake.mkdir(exist_ok=True)
     for tool in ("uv", "claude", "curl"):
-        (fake / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (fake / tool).write_text(f'#!/bin/sh\necho "$(pwd): {tool} $*" >> {calls}\n')
         (fake / tool).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_CONFIG")}
-    env.update(envs, HOME=str(tmp_path), PATH=f"{fake}:{os.environ['PATH']}", **extra)
-    out = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    env.update(envs, HOME=str(home), PATH=f"{fake}:{os.environ['PATH']}", **extra)
+    out = subprocess.run(["bash", "-c", script], cwd=home / "sky_workdir", env=env, capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0, out.stderr
-    return calls.read_text().splitlines() if calls.exists() else []
+    made = calls.read_text().splitlines() if calls.exists() else []
+    calls.unlink(missing_ok=True)
+    return made
 
 
-def test_setup_installs_and_prepares_once_and_run_starts_the_workers_with_the_node_rank(sky_task, tmp_path):
-    setup = run_script(sky_task["setup"], sky_task["envs"], tmp_path, SKYPILOT_NODE_RANK="1")
-    assert setup == ["uv sync --locked", "uv run prepare.py --num-shards 10"], setup
+def head(path):
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout.strip()
+
+
+def test_setup_prepares_each_node_and_run_starts_its_workers_with_the_node_rank(sky_task, repo, tmp_path):
+    workdir = tmp_path / "sky_workdir"  # what SkyPilot syncs: the checkout, .git included
+    shutil.copytree(repo / ".git", workdir / ".git")
+    alr, envs = tmp_path / "alr", sky_task["envs"]
+    setup = run_script(sky_task["setup"], envs, tmp_path, SKYPILOT_NODE_RANK="1")
+    assert setup == [f"{alr}: uv sync --locked", f"{alr}: uv run prepare.py --num-shards 10"], setup
+    assert head(alr) == head(workdir), "the workers' clone does not start from the synced commit"
     email = subprocess.run(["git", "config", "--global", "user.email"], env={**os.environ, "HOME": str(tmp_path)},
                            capture_output=True, text=True).stdout
     assert email.strip(), "on a fresh node git has no identity, and the agents commit"
-    (tmp_path / "calls").unlink()
-    run = run_script(sky_task["run"], sky_task["envs"], tmp_path, SKYPILOT_NODE_RANK="1")
-    assert run == ["uv run workers.py --tag dec2-n1"], run
-    (tmp_path / "calls").unlink()
-    run = run_script(sky_task["run"], {**sky_task["envs"], "ARGS": "--resume"}, tmp_path, SKYPILOT_NODE_RANK="0")
-    assert run == ["uv run workers.py --tag dec2-n0 --resume"], run
+    run = run_script(sky_task["run"], envs, tmp_path, SKYPILOT_NODE_RANK="1")
+    assert run == [f"{alr}: uv run workers.py --tag dec2-n1"], run
+    # a later `sky exec` syncs new code and copies .git over the workdir's: the clone follows its HEAD
+    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "new code"], cwd=workdir, check=True)
+    run = run_script(sky_task["run"], {**envs, "ARGS": "--resume"}, tmp_path, SKYPILOT_NODE_RANK="0")
+    assert run == [f"{alr}: uv run workers.py --tag dec2-n0 --resume"], run
+    assert head(alr) == head(workdir)
 
 
 def test_the_agents_key_is_a_secret_that_the_file_never_holds(sky_task):
