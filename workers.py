@@ -203,13 +203,13 @@ def worker_env(w, archive):
                 UV_PROJECT_ENVIRONMENT=sys.prefix, VIRTUAL_ENV=sys.prefix)
 
 
-def run_step(cmd, cwd, env, what):
-    """A set-up step whose output the user sees; a failure stops the launch with its last line."""
+def run_step(cmd, cwd, env, what, then="launch again"):
+    """A set-up step whose output the user sees; a failure stops the launch."""
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     for line in (out.stdout + out.stderr).strip().splitlines():
         print(f"  {line}", flush=True)
     if out.returncode != 0:
-        raise Refusal(f"{what} failed (exit {out.returncode}, its output above): fix that and launch again")
+        raise Refusal(f"{what} failed (exit {out.returncode}, its output above): fix that, then {then}")
 
 
 # ---------------------------------------------------------------------------
@@ -362,7 +362,8 @@ def prepare_workers(args, workers, archive):
         locks.append(hold_lock(w))
         envs[w.name] = worker_env(w, archive)
         print(f"{w.name}: {w.branch} in {w.worktree} ({how}), GPU {w.gpu or 'none'}, logs {w.logs}/", flush=True)
-        run_step([sys.executable, "analyze.py", "pin"], w.worktree, envs[w.name], f"{w.name}: analyze.py pin")
+        run_step([sys.executable, "analyze.py", "pin"], w.worktree, envs[w.name], f"{w.name}: analyze.py pin",
+                 then="launch again with --resume")
     return locks, envs
 
 
@@ -384,9 +385,9 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         p.error(f"--workers {args.workers}: at least 1")
-    main = main_checkout()
-    args.archive = (args.archive or main / ARCHIVE_NAME).expanduser().resolve()
-    args.worktrees = (args.worktrees or main.parent / f"{main.name}-workers").expanduser().resolve()
+    checkout = main_checkout()
+    args.archive = (args.archive or checkout / ARCHIVE_NAME).expanduser().resolve()
+    args.worktrees = (args.worktrees or checkout.parent / f"{checkout.name}-workers").expanduser().resolve()
     args.logs = args.logs.expanduser().resolve()
     return args
 
@@ -402,6 +403,9 @@ def main(argv=None):
     except Refusal as e:
         print(f"workers.py: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("workers.py: interrupted during set-up; no agent was started", file=sys.stderr)
+        return 130
     log = Log(args.logs / f"workers-{args.tag}.log")
     log(f"{len(workers)} workers, archive {args.archive}; Ctrl-C stops them all")
 
