@@ -1,6 +1,7 @@
 """The set-up files keep runs reproducible, keep run outputs out of the agent's commits, and let the
 agent write train.py and its notes and nothing else that the harness or the audit relies on."""
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -123,3 +124,16 @@ def test_a_worker_may_print_its_name_and_archive_and_no_other_variable(settings)
                                      "git branch autoresearch/t-1 HEAD", "git push . HEAD:autoresearch/t-1"])
 def test_a_worker_cannot_make_move_or_remove_the_others_branches_and_worktrees(settings, command):
     assert decide(settings, "Bash", command) != "allow", f"{command!r} is allowed"
+
+
+def test_skypilot_is_an_optional_group_that_the_default_install_leaves_out():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("skypilot") for d in project["dependency-groups"]["skypilot"])
+    assert "skypilot" not in project.get("tool", {}).get("uv", {}).get("default-groups", ["dev"])
+    if not shutil.which("uv"):
+        pytest.skip("uv is not on PATH")
+    default = subprocess.run(["uv", "export", "--frozen", "--no-hashes", "--quiet"], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert default.returncode == 0, default.stderr
+    pulled_in = [line for line in default.stdout.splitlines() if line.startswith(("skypilot", "kubernetes"))]
+    assert not pulled_in, f"`uv sync` would install SkyPilot: {pulled_in}"
