@@ -49,7 +49,7 @@ PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 class Refusal(Exception):
-    """Something the user has to fix; printed as one line, nothing is left half-made."""
+    """Something the user has to fix, printed as one line."""
 
 
 @dataclass
@@ -70,7 +70,8 @@ class Worker:
 def git(*args, cwd=HERE, check=True):
     out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if check and out.returncode != 0:
-        raise Refusal(f"git {' '.join(args)}: {(out.stderr or out.stdout).strip().splitlines()[-1]}")
+        said = (out.stderr or out.stdout).strip().splitlines() or [f"exit {out.returncode}"]
+        raise Refusal(f"git {' '.join(args)}: {said[-1]}")
     return out.stdout.strip() if out.returncode == 0 else None
 
 
@@ -96,7 +97,7 @@ def gpu_ids(gpus, workers):
         raise Refusal("no GPU found (nvidia-smi lists none): name them with --gpus 0,1, "
                       "or run cpu-profile workers with --workers N")
     if len(set(ids)) != len(ids):
-        raise Refusal(f"--gpus {gpus}: a GPU appears twice; one worker per GPU")
+        raise Refusal(f"GPUs {','.join(ids)}: one appears twice, and a worker needs a GPU to itself")
     return ids
 
 

@@ -164,7 +164,7 @@ def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them(firs
 
 @pytest.mark.parametrize("args,says", [
     (["--tag", "u", "--workers", "1", "--resume"], "there is no branch autoresearch/u-0 to resume"),
-    (["--gpus", "1,1"], "a GPU appears twice"),
+    (["--gpus", "1,1"], "GPUs 1,1: one appears twice"),
     (["--workers", "1", "--archive", "/tmp/elsewhere"], "name the directory .auto-log-research"),
     (["--workers", "1", "--tag", "a b"], "--tag 'a b'"),
 ])
