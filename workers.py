@@ -354,13 +354,15 @@ def prepare_workers(args, workers, archive):
     if git("status", "--porcelain", "--untracked-files=no"):
         print(f"note: uncommitted changes here are not in the workers' worktrees, which start from HEAD "
               f"{head[:7]}", flush=True)
+    # a launcher already running these workers refuses us before any work
+    locks = {w.name: hold_lock(w) for w in workers if (w.worktree / ".git").exists()}
     # the data first: if it cannot be prepared, no branch is made and the same command can be run again
     print("preparing the data once for every worker (prepare.py; a second time does no work)", flush=True)
     run_step([sys.executable, "prepare.py"], HERE, dict(os.environ), "prepare.py")
-    locks, envs = [], {}
+    envs = {}
     for w in workers:
         how = make_worktree(w, head)
-        locks.append(hold_lock(w))
+        locks[w.name] = locks.get(w.name) or hold_lock(w)
         envs[w.name] = worker_env(w, archive)
         print(f"{w.name}: {w.branch} in {w.worktree} ({how}), GPU {w.gpu or 'none'}, logs {w.logs}/", flush=True)
         run_step([sys.executable, "analyze.py", "pin"], w.worktree, envs[w.name], f"{w.name}: analyze.py pin",

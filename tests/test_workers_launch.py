@@ -149,7 +149,7 @@ def test_ctrl_c_stops_every_process_the_workers_started(first):
     assert alive(record) == [], f"left running after Ctrl-C:\n{out}"
 
 
-def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them(first, launch):
+def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once(first, launch):
     start, record, _ = launch
     refused = start("--gpus", ",".join(GPUS))
     out = refused.communicate(timeout=60)[0]
@@ -157,6 +157,9 @@ def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them(firs
     assert f"branch autoresearch/{TAG}-0 already exists" in out and "--resume" in out, out
     resumed = start("--gpus", ",".join(GPUS), "--resume")
     wait_for(record, {f"{TAG}-0": [1, 2, 3], f"{TAG}-2": [1, 2]}, resumed)
+    twice = start("--gpus", ",".join(GPUS), "--resume")
+    said = twice.communicate(timeout=60)[0]
+    assert twice.returncode == 2 and f"worker {TAG}-0 is already running" in said, said
     out = stop(resumed, signal.SIGTERM)
     assert resumed.returncode == 0 and "(resumed)" in out, out
     assert alive(record) == [], f"left running after SIGTERM:\n{out}"
