@@ -201,20 +201,33 @@ OFFLINE = ("Failed to fetch", "failed to lookup address", "Request failed after"
            "Connection refused", "operation timed out")
 
 
-@pytest.fixture(scope="module")
-def sky_task():
-    """The task as SkyPilot parses it (TAG=dec2), in a throwaway environment that uv builds from the locked
-    `skypilot` group and caches: the first time downloads ~100 packages (~15 s), later ones take seconds."""
+@pytest.fixture(scope="module", autouse=True)
+def sky_parse():
+    """SkyPilot's parser on the task (TAG=dec2), started before this module's first test so that it runs
+    while the launches do. It runs in a throwaway environment that uv builds from the locked `skypilot`
+    group and caches: the first time downloads ~100 packages (~15 s), later ones take seconds."""
     if not shutil.which("uv"):
-        pytest.skip("uv is not on PATH, so the skypilot group cannot be installed")
+        yield None
+        return
     env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    out = subprocess.run(["uv", "run", "--isolated", "--locked", "--only-group", "skypilot", "python", "-c", SKY_PARSE,
-                          str(TASK)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    reason = next((line for line in out.stderr.splitlines() if any(s in line for s in OFFLINE)), None)
-    if out.returncode != 0 and reason:
+    proc = subprocess.Popen(["uv", "run", "--isolated", "--locked", "--only-group", "skypilot", "python", "-c",
+                             SKY_PARSE, str(TASK)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    yield proc
+    proc.kill()
+    proc.communicate()
+
+
+@pytest.fixture(scope="module")
+def sky_task(sky_parse):
+    if sky_parse is None:
+        pytest.skip("uv is not on PATH, so the skypilot group cannot be installed")
+    stdout, stderr = sky_parse.communicate(timeout=300)
+    reason = next((line for line in stderr.splitlines() if any(s in line for s in OFFLINE)), None)
+    if sky_parse.returncode != 0 and reason:
         pytest.skip(f"SkyPilot could not be installed from PyPI: {reason.strip()}")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.splitlines()[-1])
+    assert sky_parse.returncode == 0, stderr[-3000:]
+    return json.loads(stdout.splitlines()[-1])
 
 
 def test_the_task_asks_for_several_gpu_nodes_and_a_tag(sky_task):
