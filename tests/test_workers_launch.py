@@ -23,7 +23,7 @@ STAND_IN = r'''
 import json, os, subprocess, sys, time
 record = os.path.join(os.environ["STAND_IN_RECORD"], os.environ["AUTORESEARCH_WORKER"])
 os.makedirs(record, exist_ok=True)
-session = len(os.listdir(record)) + 1
+session = len([f for f in os.listdir(record) if f.endswith(".json")]) + 1
 sleeper = subprocess.Popen(["sleep", "300"])
 stray = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                           "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"], start_new_session=True)
@@ -32,8 +32,9 @@ seen = {k: os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "AUTORESEARCH_WOR
 branch = subprocess.run(["git", "branch", "--show-current"], capture_output=True, text=True).stdout.strip()
 info = dict(seen, session=session, pids=[os.getpid(), sleeper.pid, stray.pid], cwd=os.getcwd(), branch=branch,
             prompt=sys.stdin.readline().strip())
-with open(os.path.join(record, f"{session}.json"), "w") as f:
+with open(os.path.join(record, f"{session}.tmp"), "w") as f:
     json.dump(info, f)
+os.replace(f.name, os.path.join(record, f"{session}.json"))  # the test reads whole records only
 print(json.dumps({"type": "stand-in", "session": session}), flush=True)
 if session == 1 and os.environ["AUTORESEARCH_WORKER"].endswith("-0"):
     sys.exit(3)
