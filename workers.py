@@ -15,7 +15,7 @@ CUDA_VISIBLE_DEVICES=n, AUTORESEARCH_WORKER=<tag>-n and AUTORESEARCH_ARCHIVE=<th
 the agent is restarted whenever it exits. Its output goes to <logs>/<tag>-n/agent-<time>-<session>.jsonl and
 agent.err; the launcher's own lines to stdout and <logs>/workers-<tag>.log.
 
-Ctrl-C (SIGINT) or SIGTERM stops every worker and everything it started: SIGTERM first (train.py then
+Ctrl-C (SIGINT), SIGTERM or SIGHUP stops every worker and everything it started: SIGTERM first (train.py then
 records its run as a timeout), SIGKILL for whatever is left after the grace period. Each agent runs in
 a session of its own, so a terminal's Ctrl-C reaches only the launcher; on Linux the launcher is also
 the subreaper of everything below it, so a process that left its session or lost its parent is found
@@ -307,9 +307,12 @@ class Log:
 
     def __call__(self, message):
         line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}"
-        print(line, flush=True)
         self.file.write(line + "\n")
         self.file.flush()
+        try:
+            print(line, flush=True)
+        except OSError:  # the terminal or the pipe is gone: keep stopping the workers, the file has the line
+            sys.stdout = open(os.devnull, "w")
 
 
 def supervise(workers, command, envs, pause, stop, log):
@@ -397,6 +400,15 @@ def parse_args(argv):
 
 def main(argv=None):
     stop = {}
+
+    def on_signal(signum, frame):
+        if "running" not in stop:
+            raise KeyboardInterrupt  # during set-up: give it up (subprocess.run kills the step it waits for)
+        stop["force"] = "signal" in stop  # a second Ctrl-C skips the grace period
+        stop["signal"] = signum
+    # set here, not inherited: a launcher started in the background of a script inherits SIGINT ignored
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
+        signal.signal(sig, on_signal)
     try:
         args = parse_args(argv)
         check_machine(args.agent, args.archive)
@@ -409,14 +421,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print("workers.py: interrupted during set-up; no agent was started", file=sys.stderr)
         return 130
+    stop["running"] = True
     log = Log(args.logs / f"workers-{args.tag}.log")
     log(f"{len(workers)} workers, archive {args.archive}; Ctrl-C stops them all")
-
-    def on_signal(signum, frame):
-        stop["force"] = "signal" in stop  # a second Ctrl-C skips the grace period
-        stop["signal"] = signum
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     if not become_subreaper():
         log("note: not Linux, so a process that leaves its worker's session may outlive a stop")
     supervise(workers, args.agent, envs, args.pause, stop, log)

@@ -150,8 +150,8 @@ def test_ctrl_c_stops_every_process_the_workers_started(first):
     assert alive(record) == [], f"left running after Ctrl-C:\n{out}"
 
 
-def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once(first, launch):
-    start, record, _ = launch
+def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once(first, launch, repo):
+    start, record, logs = launch
     refused = start("--gpus", ",".join(GPUS))
     out = refused.communicate(timeout=60)[0]
     assert refused.returncode == 2 and out.count("\n") == 1, out
@@ -161,9 +161,14 @@ def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once
     twice = start("--gpus", ",".join(GPUS), "--resume")
     said = twice.communicate(timeout=60)[0]
     assert twice.returncode == 2 and f"worker {TAG}-0 is already running" in said, said
-    out = stop(resumed, signal.SIGTERM)
-    assert resumed.returncode == 0 and "(resumed)" in out, out
-    assert alive(record) == [], f"left running after SIGTERM:\n{out}"
+    resumed.stdout.close()  # the terminal is gone: the launcher must stop everything all the same
+    resumed.send_signal(signal.SIGTERM)
+    assert resumed.wait(timeout=60) == 0
+    log = (logs / f"workers-{TAG}.log").read_text()
+    assert log.rstrip().endswith("all workers stopped, nothing left running"), log
+    assert alive(record) == [], f"left running after SIGTERM:\n{log}"
+    for p in (record / f"{TAG}-0").glob("*.json"):
+        assert json.loads(p.read_text())["cwd"] == str(repo.parent / "alr-workers" / f"{TAG}-0"), "not resumed in place"
 
 
 @pytest.mark.parametrize("args,says", [
@@ -283,3 +288,26 @@ def test_the_agents_key_is_a_secret_that_the_file_never_holds(sky_task):
     text = TASK.read_text()
     assert "ANTHROPIC_API_KEY: null" in text and "sk-ant" not in text
     assert not sky_task["secrets"].get("ANTHROPIC_API_KEY"), sky_task["secrets"]
+
+
+def runs_prepare_in(proc_dir, repo):
+    try:
+        return Path(proc_dir, "cwd").resolve() == repo and b"prepare.py" in Path(proc_dir, "cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_signal_during_set_up_ends_it_without_making_a_branch_or_leaving_prepare_running(repo, launch):
+    start, _, _ = launch
+    proc = start("--tag", "s", "--workers", "1")
+    while "preparing the data" not in (line := proc.stdout.readline()):
+        assert line, "workers.py ended before preparing the data"
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=60)[0]
+    assert proc.returncode == 130 and "interrupted during set-up; no agent was started" in out, out
+    branches = subprocess.run(["git", "branch", "--list", "autoresearch/s-*"], cwd=repo, capture_output=True,
+                              text=True).stdout
+    assert not branches, branches
+    preparing = [p for p in Path("/proc").glob("[0-9]*") if runs_prepare_in(p, repo)]
+    assert not preparing, f"prepare.py still running: {preparing}"
+
