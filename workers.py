@@ -52,6 +52,13 @@ class Refusal(Exception):
     """Something the user has to fix, printed as one line."""
 
 
+class Interrupted(Exception):
+    """A signal arrived during set-up."""
+
+
+STOP = {}  # set by the signal handler: "signal" once one came, "force" at the second
+
+
 @dataclass
 class Worker:
     name: str                 # <tag>-<n>: its AUTORESEARCH_WORKER and the tail of its branch
@@ -205,12 +212,29 @@ def worker_env(w, archive):
 
 
 def run_step(cmd, cwd, env, what, then="launch again"):
-    """A set-up step whose output the user sees; a failure stops the launch."""
-    out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    for line in (out.stdout + out.stderr).strip().splitlines():
+    """A set-up step whose output the user sees; a failure stops the launch, and so does a signal, after
+    which the step and whatever it started are gone before the launcher is."""
+    if "signal" in STOP:
+        raise Interrupted
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    while True:
+        try:
+            output = proc.communicate(timeout=POLL_S)[0]
+            break
+        except subprocess.TimeoutExpired:  # no output is lost: communicate() picks up where it stopped
+            if "signal" in STOP:
+                os.killpg(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(GRACE_S)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                raise Interrupted from None
+    for line in output.strip().splitlines():
         print(f"  {line}", flush=True)
-    if out.returncode != 0:
-        raise Refusal(f"{what} failed (exit {out.returncode}, its output above): fix that, then {then}")
+    if proc.returncode != 0:
+        raise Refusal(f"{what} failed (exit {proc.returncode}, its output above): fix that, then {then}")
 
 
 # ---------------------------------------------------------------------------
@@ -287,9 +311,10 @@ def signal_all(workers, sig):
     return len(pids)
 
 
-def wait_gone(workers, seconds, stop):
+def wait_gone(workers, seconds, impatient=False):
+    """Reap until nothing is left below us or `seconds` pass (or, if impatient, a second signal comes)."""
     deadline = time.monotonic() + seconds
-    while descendants() and time.monotonic() < deadline and not stop.get("force"):
+    while descendants() and time.monotonic() < deadline and not (impatient and STOP.get("force")):
         reap(workers)
         time.sleep(0.05)
     reap(workers)
@@ -315,30 +340,30 @@ class Log:
             sys.stdout = open(os.devnull, "w")
 
 
-def supervise(workers, command, envs, pause, stop, log):
+def supervise(workers, command, envs, pause, log):
     """README's restart loop for every worker at once, until a signal asks to stop."""
-    while "signal" not in stop:
+    while "signal" not in STOP:
         now = time.monotonic()
         for w, code in reap(workers):
             w.proc.returncode, w.proc = code, None  # reaped here, so Popen must not wait for it again
             w.restart_at = now + pause
             log(f"{w.name}: agent exited ({code}), restarting in {pause:g} s")
         for w in workers:
-            if w.proc is None and now >= w.restart_at and "signal" not in stop:
+            if w.proc is None and now >= w.restart_at and "signal" not in STOP:
                 path = start_session(w, command, envs[w.name])
                 log(f"{w.name}: agent session {w.sessions} started (pid {w.proc.pid}), output {path}")
         time.sleep(POLL_S)
 
 
-def shut_down(workers, grace, stop, log):
+def shut_down(workers, grace, log):
     """TERM everything below us, give it `grace` seconds, KILL the rest; 0 when nothing is left running."""
     n = signal_all(workers, signal.SIGTERM)
     log(f"stopping: SIGTERM to {n} processes, SIGKILL to any left after {grace:g} s")
-    left = wait_gone(workers, grace, stop)
+    left = wait_gone(workers, grace, impatient=True)
     if left:
         log(f"{len(left)} processes still running: SIGKILL")
         signal_all(workers, signal.SIGKILL)
-        left = wait_gone(workers, 10, {})
+        left = wait_gone(workers, 10)
     for w in workers:
         if w.proc and w.proc.returncode is None:
             w.proc.returncode = -signal.SIGKILL  # reaped by wait_gone
@@ -398,14 +423,12 @@ def parse_args(argv):
     return args
 
 
-def main(argv=None):
-    stop = {}
+def on_signal(signum, frame):
+    STOP["force"] = "signal" in STOP  # a second Ctrl-C skips the grace period
+    STOP["signal"] = signum
 
-    def on_signal(signum, frame):
-        if "running" not in stop:
-            raise KeyboardInterrupt  # during set-up: give it up (subprocess.run kills the step it waits for)
-        stop["force"] = "signal" in stop  # a second Ctrl-C skips the grace period
-        stop["signal"] = signum
+
+def main(argv=None):
     # set here, not inherited: a launcher started in the background of a script inherits SIGINT ignored
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal closed
         signal.signal(sig, on_signal)
@@ -415,19 +438,20 @@ def main(argv=None):
         workers = plan(args)
         args.archive.mkdir(parents=True, exist_ok=True)
         locks, envs = prepare_workers(args, workers, args.archive)  # held until we return
+        if "signal" in STOP:
+            raise Interrupted
     except Refusal as e:
         print(f"workers.py: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except Interrupted:
         print("workers.py: interrupted during set-up; no agent was started", file=sys.stderr)
         return 130
-    stop["running"] = True
     log = Log(args.logs / f"workers-{args.tag}.log")
     log(f"{len(workers)} workers, archive {args.archive}; Ctrl-C stops them all")
     if not become_subreaper():
         log("note: not Linux, so a process that leaves its worker's session may outlive a stop")
-    supervise(workers, args.agent, envs, args.pause, stop, log)
-    return shut_down(workers, args.grace, stop, log)
+    supervise(workers, args.agent, envs, args.pause, log)
+    return shut_down(workers, args.grace, log)
 
 
 if __name__ == "__main__":
