@@ -39,7 +39,8 @@ import os
 import sys
 
 from harness import audit, commands, shared
-from harness.archive import die, serve_view, worker_name
+from harness.archive import die, read_results, serve_view, worker_name
+from harness.plots import draw_progress
 
 VIEW_COMMANDS = ("list", "best", "workers", "show", "compare", "claims", "insights")  # read-only
 
@@ -86,6 +87,8 @@ def main(argv=None):
     serve_view(shared.open_view(args.archive, args.out) if args.archive else None)
     try:
         status = run_command(args)
+        if args.out:  # a view's own progress.png, of all its archives' runs
+            draw_progress(read_results())
         sys.stdout.flush()
     except BrokenPipeError:  # `show ID | head` closed stdout: what it wanted was printed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush has somewhere to go
