@@ -1,7 +1,8 @@
 """
-The archive on disk: its layout, the lock every writer holds, results.tsv (the experiment log, one
-row per archived run, and the rule for the best among its rows), decisions.jsonl (every status
-decision, appended) and the run directories under it.
+The archive on disk: where it is (AUTORESEARCH_ARCHIVE, shared by every worker that names it, and
+each worktree's own notes), the lock every writer holds, results.tsv (the experiment log, one row per
+archived run, and the rule for the best among its rows: each worker's own, on one harness and GPU
+model), decisions.jsonl (every status decision, appended) and the run directories under it.
 """
 import fcntl
 import hashlib

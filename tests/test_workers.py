@@ -73,7 +73,7 @@ while not Path({go!r}).exists():
     time.sleep(0.01)
 for i in range({runs}):
     assert t.analyze.main(["claim", f"idea {{i}}"]) == 0
-    t.write_run(val_bpb=1.0 + 0.001 * i, seed=i, age_s=-3 * i)
+    t.write_run(val_bpb=1.0 + 0.001 * i, seed=i, age_s=-3 * i, steps=100)  # short curves: the archive is the test
     assert t.analyze.main([]) == 0
 """
 
@@ -226,6 +226,32 @@ def test_best_is_the_workers_own_then_the_best_of_all_workers(repo, monkeypatch,
     workers = out_of(capsys, "workers").splitlines()
     assert [w.split("\t")[0] for w in workers] == ["w1", "w2"], workers
     assert f"best {theirs['run_id']} val_bpb 0.980000" in workers[1] and "1 runs" in workers[1], workers
+    legend = [t.get_text() for t in figure_of(monkeypatch, lambda: run_analyze("status", mine["run_id"], "keep"))]
+    assert {"current best of w1 (last kept)", "current best of w2 (last kept)"} <= set(legend), legend
+
+
+def figure_of(monkeypatch, action):
+    """The texts of the last figure `action` saves."""
+    import matplotlib.figure
+    import matplotlib.text
+    saved, savefig = [], matplotlib.figure.Figure.savefig
+
+    def keep(fig, *args, **kwargs):
+        saved.append(fig.findobj(matplotlib.text.Text))
+        return savefig(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", keep)
+    action()
+    return saved[-1]
+
+
+def test_a_relative_archive_is_relative_to_the_repository_root(repo, monkeypatch, capsys):
+    monkeypatch.setenv("AUTORESEARCH_ARCHIVE", "runs/shared")
+    write_run()
+    assert run_analyze() == 0
+    run_id = rows_of(repo / "runs" / "shared")[0]["run_id"]
+    (repo / "sub").mkdir()
+    monkeypatch.chdir(repo / "sub")
+    assert f"\n{run_id} " in out_of(capsys, "list"), "a subdirectory resolved the archive to another place"
 
 
 # ---------------------------------------------------------------------------
