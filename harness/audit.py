@@ -144,7 +144,8 @@ def status_problems(row, record, evidence):
     initial, decided = record.get("status"), evidence.decisions.get(row["run_id"])
     problems = []
     if decided and (initial == "invalid" or decided == "keep" and initial != "pending"):
-        problems.append(f"{paths().decisions.name} holds `{decided}` for a run archived `{initial}`, which `status` refuses")
+        problems.append(f"{paths().decisions.name} holds `{decided}` for a run archived `{initial}`, "
+                        "which `status` refuses")
     expected = initial if initial == "invalid" or not decided else decided
     if row.get("status") != expected:
         source = (f"the last decision made through `analyze.py status` was `{decided}`" if expected == decided

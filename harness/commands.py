@@ -55,8 +55,9 @@ def cmd_list(worker=None):
         print(f"no runs archived yet ({paths().results} is missing or empty)" if not rows else
               f"no runs of worker {worker!r} (workers: {', '.join(sorted({r.get('worker') or '?' for r in rows}))})")
         return 0
-    classes = {(r.get("harness", ""), row_gpu(r), r.get("worker") or None) for r in rows}
-    bests = [pick_best(rows, h, g or None, w) for h, g, w in classes]
+    workers = {r["worker"] for r in rows if r.get("worker")} or {None}  # rows of unknown worker are everyone's
+    classes = {(r.get("harness", ""), row_gpu(r)) for r in rows}
+    bests = [pick_best(rows, h, g or None, w) for h, g in classes for w in workers]
     gpus = len({row_gpu(r) for r in rows if row_gpu(r)}) > 1  # one GPU model: no column to tell apart
     width = max([len(r.get("worker") or "") for r in shown] + [6])
     print(f"{'run':<12} {'val_bpb':>9} {'mem_gb':>6}  {'status':<8} {'outcome':<15} {'harness':<13} "

@@ -53,9 +53,9 @@ class Noise:
 
 def noise_band(history, run_row):
     """val_bpb spread among the runs of one code that ran at that code's usual speed, under run_row's
-    harness on its GPU model, whichever worker made them. A repeat with a step count far off its code's usual one ran on a machine busier or quieter
-    than usual: its val_bpb measures the machine, so it is left out, as is run_row itself when its speed
-    is off that of its code's other runs."""
+    harness on its GPU model, whichever worker made them. A repeat with a step count far off its code's
+    usual one ran on a machine busier or quieter than usual: its val_bpb measures the machine, so it is
+    left out, as is run_row itself when its speed is off that of its code's other runs."""
     groups = {}
     for r in comparable(history, run_row.get("harness"), row_gpu(run_row)):
         if row_code(r):

@@ -114,7 +114,8 @@ def other_gpu_line(ctx):
     run = ctx.run
     if ctx.best is not None or not row_gpu(run.row):
         return []
-    elsewhere = [r for r in comparable(ctx.history[:-1], run.row["harness"]) if not same_gpu(row_gpu(r), row_gpu(run.row))]
+    elsewhere = [r for r in comparable(ctx.history[:-1], run.row["harness"])
+                 if not same_gpu(row_gpu(r), row_gpu(run.row))]
     best = (vetted_best([r for r in elsewhere if own(r, run.row.get("worker"))])[0]
             or vetted_best(elsewhere)[0])
     if best is None:

@@ -90,7 +90,8 @@ def test_four_processes_in_four_worktrees_archive_every_run_exactly_once(repo, t
         (trees[-1] / ARCHIVE / "insights.md").write_text(f"# Insights\n\nworker w{n} found nothing yet\n")
     script = [WRITER.format(tests=str(TESTS), root=str(ROOT), ready=str(tmp_path / f"ready{n}"), go=str(go), runs=runs)
               for n in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-c", script[n]], cwd=tree, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-c", script[n]], cwd=tree, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
                               env={**os.environ, "AUTORESEARCH_WORKER": f"w{n}", "AUTORESEARCH_ARCHIVE": str(shared)})
              for n, tree in enumerate(trees)]
     deadline = time.time() + 60
@@ -160,8 +161,8 @@ def test_two_cpu_workers_train_and_archive_at_once_into_one_archive(two_worktree
         summary = json.loads((run_dir / "run_summary.json").read_text())
         assert summary["status"] == "ok" and f"{summary['val_bpb']:.6f}" == r["val_bpb"]
         assert "## Agent notes" in (run_dir / "analysis.md").read_text()
-    audit = subprocess.run([sys.executable, "analyze.py", "audit"], cwd=main, env={**env, "AUTORESEARCH_WORKER": "node:0"},
-                           capture_output=True, text=True)
+    audit = subprocess.run([sys.executable, "analyze.py", "audit"], cwd=main,
+                           env={**env, "AUTORESEARCH_WORKER": "node:0"}, capture_output=True, text=True)
     assert audit.returncode == 0 and "clean" in audit.stdout.splitlines()[-1], audit.stdout + audit.stderr
 
 
