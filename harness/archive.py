@@ -47,6 +47,7 @@ class Paths:
     out: Path | None = None                           # a view: where its plots go (none without it)
     rows: list = field(default_factory=list)          # a view: the results.tsv rows of all its archives, in order
     decided: dict = field(default_factory=dict)       # a view: run id -> the last status decided
+    claimed: list = field(default_factory=list)       # a view: the claims of all its archives, run ids as in rows
 
     results = property(lambda self: self.dir / "results.tsv")
     torn = property(lambda self: self.dir / "results.tsv.torn")    # rows with missing fields, set aside verbatim

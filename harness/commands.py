@@ -98,8 +98,8 @@ def cmd_best():
         print(f"analyze.py: {row['run_id']} is passed over as best, its evidence is inconsistent: "
               f"{problems[0]} (`uv run analyze.py audit` lists all)", file=sys.stderr)
     if best is None:
-        print("no best run yet: no valid run under the latest harness"
-              + (" whose evidence is consistent" if passed else ""))
+        print(("no best run yet" if any(own(r, worker) for r in rows) or not rows else f"no run of worker {worker}")
+              + ": no valid run under the latest harness" + (" whose evidence is consistent" if passed else ""))
     else:
         print(best_line(best, "most recently kept" if best["status"] == "keep"
                         else "lowest val_bpb of the pending runs (none kept yet)"))
@@ -107,7 +107,7 @@ def cmd_best():
     if others:
         bests = [b for w in [worker, *others] if (b := pick_best(rows, harness, gpu, w)) is not None]
         top = min(bests, key=row_bpb)
-        print(best_line(top, f"best over all {len(others) + 1} workers' bests (harness {harness}, GPU "
+        print(best_line(top, f"the lowest of {len(bests)} workers' bests (harness {harness}, GPU "
                              f"{gpu or 'unknown'}), worker {top.get('worker') or '?'}", "all workers: "))
     return 0
 

@@ -104,8 +104,7 @@ def close_claim(worker, row):
 
 
 def all_claims():
-    archives = [d for _, d in paths().view] or [paths().dir]
-    return [c for a in archives for c in read_claims(a / "claims.tsv")]
+    return list(paths().claimed) if paths().view else read_claims()
 
 
 def check_idea(idea):
@@ -150,6 +149,8 @@ def open_view(dirs, out):
                 r["run_id"] = ids[r["run_id"]]
             view.rows.append(r)
         view.decided.update({ids.get(k, k): v for k, v in decided.items()})
+        for c in read_claims(d / "claims.tsv"):
+            view.claimed.append({**c, "run_id": ids.get(c.get("run_id"), c.get("run_id"))})
     return view
 
 
@@ -200,7 +201,8 @@ def cmd_claim(idea):
     if replaced:
         print(f"- your earlier open claim is marked abandoned: {replaced['idea']}")
     print("open claims of the other workers:" if others else "no other worker has an open claim")
-    print("\n".join(claim_line(c) for c in others))
+    for c in others:
+        print(claim_line(c))
     return 0
 
 
@@ -211,10 +213,12 @@ def cmd_claims():
     opened = [c for c in claims if c["state"] == "open"]
     closed = [c for c in claims if c["state"] != "open"][-CLOSED_SHOWN:]
     print(f"open claims ({len(opened)}):" if opened else "no open claims")
-    print("\n".join(claim_line(c) for c in opened))
+    for c in opened:
+        print(claim_line(c))
     if closed:
         print(f"closed claims (the latest {len(closed)}):")
-        print("\n".join(claim_line(c, status.get(c.get("run_id"))) for c in closed))
+    for c in closed:
+        print(claim_line(c, status.get(c.get("run_id"))))
     return 0
 
 

@@ -350,7 +350,8 @@ def test_a_view_reads_several_archives_as_one_and_writes_into_none(repo, monkeyp
     assert f"# Run {ids[0]}" in out_of(capsys, *view, "show", f"node1:{ids[0]}")
     compared = out_of(capsys, *view, "compare", f"node1:{ids[0]}", f"node2:{ids[1]}")
     assert "val_bpb B - A: -0.010000" in compared and str(out) in compared, compared
-    assert "idea of node1" in out_of(capsys, *view, "claims")
+    claims = out_of(capsys, *view, "claims")
+    assert "idea of node1" in claims and f"-> run node2:{ids[1]} val_bpb 0.980000 status keep" in claims, claims
     assert "## Current Best" in out_of(capsys, *view, "insights", "node2:0")
     with pytest.raises(SystemExit, match=f"'{ids[0]}' matches several runs"):
         run_analyze(*view, "show", ids[0])
