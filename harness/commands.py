@@ -35,6 +35,7 @@ def cmd_archive():
             print(f"already archived as {row['run_id']}: {analysis} (nothing added)")
             return 0
         if row is None:
+            renamed_hint(rows, worker)
             row = record_run(capture, rows)
             rows.append(row)
             write_results(rows)  # the record is safe from here on; analysis and plots follow
@@ -98,6 +99,7 @@ def cmd_best():
         print(f"analyze.py: {row['run_id']} is passed over as best, its evidence is inconsistent: "
               f"{problems[0]} (`uv run analyze.py audit` lists all)", file=sys.stderr)
     if best is None:
+        renamed_hint(rows, worker)
         print(("no best run yet" if any(own(r, worker) for r in rows) or not rows else f"no run of worker {worker}")
               + ": no valid run under the latest harness" + (" whose evidence is consistent" if passed else ""))
     else:
@@ -110,6 +112,16 @@ def cmd_best():
         print(best_line(top, f"the lowest of {len(bests)} workers' bests (harness {harness}, GPU "
                              f"{gpu or 'unknown'}), worker {top.get('worker') or '?'}", "all workers: "))
     return 0
+
+
+def renamed_hint(rows, worker):
+    """On stderr: this worker has no runs, but this branch has another worker's. The default name carries
+    the hostname, which a new container changes; the earlier runs are then no longer this worker's own."""
+    branch = None if paths().view or any(own(r, worker) for r in rows) else current_branch()
+    names = list(dict.fromkeys(r["worker"] for r in rows if branch and r.get("branch") == branch and r.get("worker")))
+    if names:
+        print(f"analyze.py: worker {worker} has no runs, but branch {branch} has runs of worker {names[-1]}; if that "
+              f"was this worker under another hostname, set AUTORESEARCH_WORKER={names[-1]}", file=sys.stderr)
 
 
 def best_line(best, rule, prefix=""):

@@ -196,7 +196,7 @@ def test_a_bad_worker_name_is_one_line_naming_the_variable(repo, monkeypatch, na
     assert message.startswith("analyze.py: AUTORESEARCH_WORKER=") and "\n" not in message, message
 
 
-def test_the_default_worker_is_hostname_and_visible_devices(repo, monkeypatch):
+def test_the_default_worker_is_hostname_and_visible_devices_and_a_rename_is_pointed_out(repo, monkeypatch, capsys):
     import socket
     monkeypatch.delenv("AUTORESEARCH_WORKER", raising=False)
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
@@ -205,6 +205,12 @@ def test_the_default_worker_is_hostname_and_visible_devices(repo, monkeypatch):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     commit("next", "DEPTH = 9\n")
     assert archive_run(age_s=-5)[0]["worker"] == f"{socket.gethostname()}:cpu"
+    monkeypatch.setenv("AUTORESEARCH_WORKER", "new-container:0")  # a new container: a new hostname
+    capsys.readouterr()
+    run_analyze("best")
+    out, err = capsys.readouterr()
+    assert out.startswith("no run of worker new-container:0"), out
+    assert f"branch main has runs of worker {socket.gethostname()}:cpu" in err and "set AUTORESEARCH_WORKER=" in err, err
 
 
 def test_best_is_the_workers_own_then_the_best_of_all_workers(repo, monkeypatch, capsys):
