@@ -29,9 +29,9 @@ def now():
 # ---------------------------------------------------------------------------
 # Each worker's insights.md, copied into the archive
 
-def worker_dir(worker, archive=None):
+def worker_dir(worker):
     """<archive>/workers/<worker, percent-encoded>: any name is one directory, and reads back exactly."""
-    return (archive or paths().dir) / "workers" / quote(worker, safe="")
+    return paths().workers / quote(worker, safe="")
 
 
 def snapshot_insights(worker):
