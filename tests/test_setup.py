@@ -45,7 +45,9 @@ AGENT_WRITES = ["train.py", ".auto-log-research/insights.md", ".auto-log-researc
                 ".auto-log-research/scratch/gap.py", ".auto-log-research/scratch/plots/layers.py",
                 f"{SHARED}/a1b2c3d/analysis.md"]
 EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.torn",
-            ".auto-log-research/decisions.jsonl", ".auto-log-research/a1b2c3d/run_summary.json",
+            ".auto-log-research/decisions.jsonl", ".auto-log-research/claims.tsv",
+            ".auto-log-research/workers/node7%3A0/insights.md",  # the others read it as this worker's notes
+            ".auto-log-research/a1b2c3d/run_summary.json",
             ".auto-log-research/a1b2c3d/stale_run_summary.json", ".auto-log-research/a1b2c3d/run_summary.json.corrupt",
             ".auto-log-research/a1b2c3d/metrics.jsonl", ".auto-log-research/a1b2c3d/run.log",
             ".auto-log-research/a1b2c3d/record.json", ".auto-log-research/a1b2c3d/diff.patch",
@@ -53,7 +55,8 @@ EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.to
             "prepare.py", "analyze.py", "harness/archive.py", "harness/audit.py", "harness/pin.py",
             ".git/refs/auto-log-research/pins/autoresearch/mar5", ".git/logs/refs/auto-log-research/pins/x",
             ".git/packed-refs", "program.md", ".claude/settings.json",
-            *(f"{SHARED}/{name}" for name in ("results.tsv", "claims.tsv", "decisions.jsonl", "a1b2c3d/run_summary.json",
+            *(f"{SHARED}/{name}" for name in ("results.tsv", "claims.tsv", "decisions.jsonl", "workers/w1/insights.md",
+                                              "a1b2c3d/run_summary.json",
                                               "a1b2c3d/metrics.jsonl", "a1b2c3d/run.log", "a1b2c3d/record.json",
                                               "a1b2c3d/diff.patch"))]
 # written by analyze.py but rebuilt from the evidence, so not denied outright: Claude Code only asks,
