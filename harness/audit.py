@@ -13,8 +13,8 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from harness.archive import (ARCHIVE_DIR, DECISIONS, RECORD_JSON, RESULTS_TSV, archive_lock, parse_results,
-                             read_decisions, read_json, sha256_file)
+from harness.archive import (RECORD_JSON, archive_lock, own, parse_results, paths, read_decisions, read_json,
+                             sha256_file, worker_name)
 from harness.pin import (branch_commits, check_against, current_branch, git_text, pin_history, pinned_blobs, read_pin,
                          pinned_files_sha256, summary_changes, tree_digest)
 
@@ -28,6 +28,7 @@ LOG_TAIL_BYTES = 8192      # the final block of run.log is in its last few lines
 class Evidence:
     """The decisions log, and per branch and pin what git says, for checking many runs at once."""
     decisions: dict                                     # run_id -> the last status decided
+    worker: str                                         # who audits: other workers' pins may be in other clones
     _pins: dict = field(default_factory=dict)           # branch -> every commit it has been pinned to
     _commits: dict = field(default_factory=dict)        # branch -> its commits, or None when it is gone
     _pinned: dict = field(default_factory=dict)         # pin -> (tree digest, {script: sha256})
@@ -51,7 +52,7 @@ class Evidence:
 
 def load_evidence():
     decided, _ = read_decisions()
-    return Evidence(decided)
+    return Evidence(decided, worker_name())
 
 
 def final_block(path):
@@ -73,20 +74,38 @@ def final_block(path):
 
 def run_problems(row, evidence=None):
     """Every way the row of one run disagrees with its evidence, one phrase each; [] when it agrees."""
-    run_dir = ARCHIVE_DIR / (row.get("run_id") or "?")
+    return run_checks(row, evidence)[0]
+
+
+def run_checks(row, evidence=None):
+    """(problems, what cannot be checked here): the second holds another worker's pin and branch when
+    they live in another clone writing the same archive, whose refs this clone cannot see."""
+    run_dir = paths().run_dir(row.get("run_id") or "?")
     if not row.get("run_id") or not run_dir.is_dir():
-        return [f"results.tsv lists it, but there is no run directory {run_dir}"]
+        return [f"results.tsv lists it, but there is no run directory {run_dir}"], []
     record, problem = read_json(run_dir / RECORD_JSON)
     if problem:
-        return [problem]
+        return [problem], []
     if not isinstance(record.get("files"), dict):
         return [f"its {RECORD_JSON} keeps no file digests (archived before audits existed, or edited), so nothing "
-                "about it can be checked"]
+                "about it can be checked"], []
     evidence = evidence or load_evidence()
     summary = read_json(run_dir / "run_summary.json")[0] if "run_summary.json" in record["files"] else None
-    return (file_problems(run_dir, record) + number_problems(row, record, summary, run_dir)
-            + status_problems(row, record, evidence) + harness_problems(record, summary, evidence)
-            + lineage_problems(row, record, evidence))
+    problems = file_problems(run_dir, record) + number_problems(row, record, summary, run_dir) + \
+        status_problems(row, record, evidence)
+    if elsewhere(record, evidence):
+        return problems, [f"worker {record.get('worker')}'s branch {record.get('branch')} and its pin "
+                          f"{str(record.get('pin'))[:7]} live in another clone: its harness and lineage cannot be "
+                          "verified here (its files, val_bpb and status were)"]
+    return problems + harness_problems(record, summary, evidence) + lineage_problems(row, record, evidence), []
+
+
+def elsewhere(record, evidence):
+    """Another worker's run whose pin this clone does not hold: its clone, on another machine, has the
+    pin ref. The auditor's own runs, and those of unknown worker, are always checked in full: a pin
+    missing here is a lost pin."""
+    worker, branch, pin = record.get("worker"), record.get("branch"), record.get("pin")
+    return bool(worker) and worker != evidence.worker and bool(branch) and pin not in evidence.pins(branch)
 
 
 def file_problems(run_dir, record):
@@ -125,7 +144,8 @@ def status_problems(row, record, evidence):
     initial, decided = record.get("status"), evidence.decisions.get(row["run_id"])
     problems = []
     if decided and (initial == "invalid" or decided == "keep" and initial != "pending"):
-        problems.append(f"{DECISIONS.name} holds `{decided}` for a run archived `{initial}`, which `status` refuses")
+        problems.append(f"{paths().decisions.name} holds `{decided}` for a run archived `{initial}`, "
+                        "which `status` refuses")
     expected = initial if initial == "invalid" or not decided else decided
     if row.get("status") != expected:
         source = (f"the last decision made through `analyze.py status` was `{decided}`" if expected == decided
@@ -169,17 +189,20 @@ def lineage_problems(row, record, evidence):
 # The whole archive
 
 def audit_lines():
-    """(problem lines, runs checked): every run's problems, then the archive's own."""
+    """(problem lines, lines of what cannot be verified here, runs those are about, runs checked): every
+    run's problems, then the archive's own."""
     rows, torn = parse_results()
     evidence = load_evidence()
-    by_problem = defaultdict(list)  # the same problem in many runs (a lost pin) is one line
+    by_problem, by_note = defaultdict(list), defaultdict(list)  # the same problem in many runs (a lost pin) is one line
     for row in rows:
-        for problem in run_problems(row, evidence):
-            by_problem[problem].append(row.get("run_id") or row.get("commit", "?"))
+        problems, notes = run_checks(row, evidence)
+        for text, found in [(p, by_problem) for p in problems] + [(n, by_note) for n in notes]:
+            found[text].append(row.get("run_id") or row.get("commit", "?"))
     lines = [f"{name_runs(ids)}: {problem}" for problem, ids in by_problem.items()]
-    lines += [f"{RESULTS_TSV} line {number} is torn: {line[:60]!r}" for number, line in torn]
-    lines += archive_problems(rows, evidence) + worktree_problems(rows, current_branch())
-    return lines, len(rows)
+    lines += [f"{paths().results} line {number} is torn: {line[:60]!r}" for number, line in torn]
+    lines += archive_problems(rows, evidence) + worktree_problems(rows, current_branch(), evidence.worker)
+    notes = [f"{name_runs(ids)}: {note}" for note, ids in by_note.items()]
+    return lines, notes, sum(map(len, by_note.values())), len(rows)
 
 
 def name_runs(ids):
@@ -189,26 +212,27 @@ def name_runs(ids):
 def archive_problems(rows, evidence):
     """Rows without run ids, run ids twice, decisions about no run, stored runs without a row."""
     ids = [r.get("run_id") for r in rows]
-    lines = [f"{RESULTS_TSV} has no run_id column (karpathy/autoresearch's five columns): there is no evidence "
+    results = paths().results
+    lines = [f"{results} has no run_id column (karpathy/autoresearch's five columns): there is no evidence "
              "to check its rows against"] if rows and "run_id" not in rows[0] else []
-    lines += [f"{run_id}: listed {ids.count(run_id)} times in {RESULTS_TSV}" for run_id in sorted(set(ids))
+    lines += [f"{run_id}: listed {ids.count(run_id)} times in {results}" for run_id in sorted(set(ids))
               if run_id and ids.count(run_id) > 1]
     lines += [problem for _, problem in read_decisions()[1]]
-    lines += [f"{run_id}: {DECISIONS} holds a decision about it, but {RESULTS_TSV} has no such run"
+    lines += [f"{run_id}: {paths().decisions} holds a decision about it, but {results} has no such run"
               for run_id in sorted(set(evidence.decisions) - set(ids))]
-    stored = {p.parent.name for p in ARCHIVE_DIR.glob(f"*/{RECORD_JSON}")}
-    lines += [f"{run_id}: stored in {ARCHIVE_DIR / run_id}, but {RESULTS_TSV} has no row for it (an archive "
+    stored = {p.parent.name for p in paths().dir.glob(f"*/{RECORD_JSON}")}
+    lines += [f"{run_id}: stored in {paths().run_dir(run_id)}, but {results} has no row for it (an archive "
               "killed half-way: `uv run analyze.py` adopts it while its run files are in the working directory)"
               for run_id in sorted(stored - set(ids))]
     return lines
 
 
-def worktree_problems(rows, branch):
+def worktree_problems(rows, branch, worker):
     """The harness the next run would be archived with, and harness commits on the branch since its pin.
     Reads only: the pin of a new branch is made by `analyze.py pin` or its first archived run."""
     pin = read_pin(branch) if branch else None
     if pin is None:
-        earlier = [r["run_id"] for r in rows if branch and r.get("branch") == branch]
+        earlier = [r["run_id"] for r in rows if branch and r.get("branch") == branch and own(r, worker)]
         return [f"working tree: branch {branch} has no pin although {name_runs(earlier)} were archived on it; "
                 "a human restores it with `uv run analyze.py repin <commit>`"] if earlier else []
     check = check_against(branch, pin, None)
@@ -222,12 +246,13 @@ def cmd_audit():
     """Print every inconsistency, one line each, and a verdict line; exit status 1 when there is any."""
     t0 = time.perf_counter()
     with archive_lock():  # a snapshot: no `status` or archive is half-way through while we read
-        lines, runs = audit_lines()
+        lines, notes, partial, runs = audit_lines()
     branch = current_branch()
     pins = pin_history(branch) if branch else []
     print(f"audit: branch {branch or '(detached HEAD)'}, pinned at {pins[0][:7] if pins else 'nothing'}")
-    for line in lines:
+    for line in lines + [f"not verifiable here: {note}" for note in notes]:
         print(line)
     verdict = f"{len(lines)} inconsistencies" if lines else "clean"
+    verdict += f"; {partial} run(s) of other clones checked in part" if partial else ""
     print(f"audit: {runs} runs, {verdict} ({time.perf_counter() - t0:.2f} s)")
     return 1 if lines else 0

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.archive import (ARCHIVE_DIR, RECORD_JSON, die, git, latest_harness, pick_best, read_json,
-                             sha256_file, write_atomic)
+from harness.archive import (RECORD_JSON, best_for, die, git, gpu_class, latest_row, own, paths, read_json,
+                             sha256_file, worker_name)
 from harness.identity import ran_code_sha
 from harness.pin import check_run
 
@@ -74,7 +74,7 @@ def stale_reasons(summary, summary_path, log_path, archived):
 
 def log_rewritten(row, log_path):
     """run.log differs from the one archived with `row`. No run.log here means nothing new ran."""
-    run_dir = ARCHIVE_DIR / row["run_id"]
+    run_dir = paths().run_dir(row["run_id"])
     if not log_path.exists() or not run_dir.is_dir():
         return False
     archived = run_dir / "run.log"
@@ -170,14 +170,17 @@ def check_harness(summary):
 def record_run(capture, rows):
     """The results.tsv row of a run not yet in it, storing its directory unless an earlier invocation,
     killed before writing results.tsv (or whose row was torn), already did."""
-    run_id = stored_run_id(capture) or new_run_id(capture.commit, rows)
-    harness = check_run(capture.summary, rows)
+    worker = worker_name()
+    stored = stored_run_id(capture)
+    run_id = stored or reserve_run_id(capture.commit, rows)
+    harness = check_run(capture.summary, [r for r in rows if own(r, worker)])  # another clone's branch may share a name
     status = ("crash" if capture.outcome != "ok" or capture.summary.get("val_bpb") is None
               else "invalid" if harness.changes else "pending")
-    row = make_row(capture, run_id, status, latest_harness(rows))
-    row["branch"] = harness.branch or ""
-    if not (ARCHIVE_DIR / run_id).exists():
-        store_run(capture, row, pick_best(rows, row["harness"]), harness)
+    latest = latest_row(rows, worker)
+    row = make_row(capture, run_id, status, latest["harness"] if latest else "")
+    row.update(branch=harness.branch or "", worker=worker)
+    if not stored:
+        store_run(capture, row, best_for(rows, row), harness)
     return row
 
 
@@ -189,19 +192,28 @@ def stored_run_id(capture):
 
 def stored_record(commit, key):
     """(run directory, record.json) of the run of `commit` with run key `key`, or None."""
-    for run_dir in sorted(ARCHIVE_DIR.glob(f"{commit[:7]}*")):
+    for run_dir in sorted(paths().dir.glob(f"{commit[:7]}*")):
         record = read_json(run_dir / RECORD_JSON)[0] or {}
         if record.get("run_key") == key:
             return run_dir, record
     return None
 
 
-def new_run_id(commit, rows):
+def reserve_run_id(commit, rows):
+    """<commit7>, else <commit7>-2, -3, ...: the first id no row has whose directory this process creates
+    (mkdir is atomic, so two writers never get one id even where the lock is not shared). store_run fills
+    the directory; a killed invocation's empty one is removed by the next (remove_leftovers)."""
     taken = {r.get("run_id") for r in rows}
     base, n = commit[:7], 1
-    while (run_id := base if n == 1 else f"{base}-{n}") in taken or (ARCHIVE_DIR / run_id).exists():
+    while True:
+        run_id = base if n == 1 else f"{base}-{n}"
+        if run_id not in taken:
+            try:
+                (paths().dir / run_id).mkdir()
+                return run_id
+            except FileExistsError:
+                pass
         n += 1
-    return run_id
 
 
 def make_row(capture, run_id, status, default_harness):
@@ -226,15 +238,16 @@ def make_row(capture, run_id, status, default_harness):
         "training_seconds": num("training_seconds", ".1f"),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)) if started else "",
         "run_key": capture.key, "code_sha": ran_code_sha(capture.summary, capture.commit),
+        "gpu": gpu_class(capture.summary),
     }
 
 
 def store_run(capture, row, best, harness):
-    """Copy the run's files into its directory (built aside, then renamed into place). record.json names
-    the best that diff.patch is against, so a rebuilt analysis.md compares with the same run, and keeps
-    the evidence audit checks."""
+    """Copy the run's files into its directory (built aside, then renamed onto the empty directory
+    reserve_run_id made). record.json names the best that diff.patch is against, so a rebuilt
+    analysis.md compares with the same run, and keeps the evidence audit checks."""
     run_id = row["run_id"]
-    final, tmp = ARCHIVE_DIR / run_id, ARCHIVE_DIR / f".tmp-{run_id}"
+    final, tmp = paths().dir / run_id, paths().dir / f".tmp-{run_id}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     if capture.summary is not None:
@@ -250,7 +263,7 @@ def store_run(capture, row, best, harness):
     (tmp / "diff.patch").write_text(train_py_diff(capture, best["commit"] if best else None))
     record = {"run_key": capture.key, "commit": capture.commit, "outcome": capture.outcome, "notes": capture.notes,
               "best": best["run_id"] if best else None, "status": row["status"], "val_bpb": row["val_bpb"],
-              "branch": harness.branch, "pin": harness.pin, "harness_digest": harness.digest,
+              "branch": harness.branch, "worker": row["worker"], "pin": harness.pin, "harness_digest": harness.digest,
               "harness_changed": harness.changes,
               "files": {name: sha256_file(tmp / name) for name in EVIDENCE if (tmp / name).exists()}}
     (tmp / RECORD_JSON).write_text(json.dumps(record, indent=2) + "\n")

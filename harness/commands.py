@@ -5,9 +5,9 @@ writes to the archive holds its lock.
 import sys
 from pathlib import Path
 
-from harness.archive import (ARCHIVE_DIR, RESULTS_TSV, append_decision, archive_lock, comparable, die, find_row,
-                             latest_harness, load_run, pick_best, read_json, read_results, remove_leftovers, row_bpb,
-                             vetted_best, write_current_best, write_results)
+from harness.archive import (append_decision, archive_lock, best_for, comparable, die, find_row, latest_row,
+                             load_run, own, paths, pick_best, read_json, read_results, remove_leftovers, row_bpb,
+                             row_gpu, vetted_best, worker_name, write_current_best, write_results)
 from harness.audit import run_problems
 from harness.capture import capture_run, head_commit, record_run, uncommitted_train_py
 from harness.changes import code_diff, config_diff
@@ -16,6 +16,7 @@ from harness.pin import (blob_changes, current_branch, ensure_pin, move_pin, pin
                          resolve_commit)
 from harness.plots import draw_overlays, draw_progress
 from harness.report import fmt, report_run, set_headline_status
+from harness.shared import close_claim, snapshot_insights
 
 
 def cmd_archive():
@@ -23,45 +24,63 @@ def cmd_archive():
     if not Path("run_summary.json").exists() and not Path("run.log").exists():
         die(f"nothing to archive in {Path.cwd()}: no run_summary.json and no run.log "
             "(train.py writes the first, `uv run train.py > run.log 2>&1` the second)")
+    worker = worker_name()
     with archive_lock():
-        remove_leftovers(ARCHIVE_DIR)
+        remove_leftovers(paths().dir)
         rows = read_results()
         capture = capture_run(head, rows)
         row = next((r for r in rows if r.get("run_key") == capture.key), None)
-        if row is not None and (ARCHIVE_DIR / row["run_id"] / "analysis.md").exists():
-            print(f"already archived as {row['run_id']}: {ARCHIVE_DIR / row['run_id'] / 'analysis.md'} (nothing added)")
+        analysis = paths().run_dir(row["run_id"]) / "analysis.md" if row is not None else None
+        if analysis is not None and analysis.exists():
+            print(f"already archived as {row['run_id']}: {analysis} (nothing added)")
             return 0
         if row is None:
+            renamed_hint(rows, worker)
             row = record_run(capture, rows)
             rows.append(row)
             write_results(rows)  # the record is safe from here on; analysis and plots follow
+            close_claim(worker, row)
         text = report_run(load_run(row), rows)
         draw_progress(rows)
+        snapshot_insights(worker)
     print(text.split("\n\n## ")[1])
-    print(f"archived as {row['run_id']}: {ARCHIVE_DIR / row['run_id'] / 'analysis.md'}")
+    print(f"archived as {row['run_id']}: {paths().run_dir(row['run_id']) / 'analysis.md'}")
     return 0
 
 
-def cmd_list():
+def cmd_list(worker=None):
+    """Every run, or `worker`'s; a * marks each worker's best under each harness and GPU model."""
     rows = read_results()
-    if not rows:
-        print(f"no runs archived yet ({RESULTS_TSV} is missing or empty)")
+    shown = [r for r in rows if worker is None or r.get("worker") == worker]
+    if not shown:
+        print(f"no runs archived yet ({paths().results} is missing or empty)" if not rows else
+              f"no runs of worker {worker!r} (workers: {', '.join(sorted({r.get('worker') or '?' for r in rows}))})")
         return 0
-    bests = [pick_best(rows, h) for h in {r.get("harness", "") for r in rows}]
-    print(f"{'run':<12} {'val_bpb':>9} {'mem_gb':>6}  {'status':<8} {'outcome':<15} {'harness':<13} description")
-    for r in rows:  # .get: a results.tsv of karpathy/autoresearch's five columns lists too
+    workers = {r["worker"] for r in rows if r.get("worker")} or {None}  # rows of unknown worker are everyone's
+    classes = {(r.get("harness", ""), row_gpu(r)) for r in rows}
+    bests = [pick_best(rows, h, g or None, w) for h, g in classes for w in workers]
+    gpus = len({row_gpu(r) for r in rows if row_gpu(r)}) > 1  # one GPU model: no column to tell apart
+    width = max([len(r.get("worker") or "") for r in shown] + [6])
+    print(f"{'run':<12} {'val_bpb':>9} {'mem_gb':>6}  {'status':<8} {'outcome':<15} {'harness':<13} "
+          f"{'worker':<{width}} " + (f"{'gpu':<14} " if gpus else "") + "description")
+    for r in shown:  # .get: a results.tsv of karpathy/autoresearch's five columns lists too
         mark = "*" if any(r is b for b in bests) else " "
         run_id = r.get("run_id") or r.get("commit", "")
         print(f"{run_id:<11}{mark} {r.get('val_bpb', ''):>9} {r.get('memory_gb', ''):>6}  "
-              f"{r.get('status', ''):<8} {r.get('outcome', ''):<15} {r.get('harness', ''):<13} {r.get('description', '')}")
+              f"{r.get('status', ''):<8} {r.get('outcome', ''):<15} {r.get('harness', ''):<13} "
+              f"{r.get('worker') or '?':<{width}} " + (f"{row_gpu(r) or '?':<14} " if gpus else "")
+              + r.get("description", ""))
     return 0
 
 
 def cmd_show(run_id):
     rows = read_results()
     row = find_row(rows, run_id)
-    path = ARCHIVE_DIR / row["run_id"] / "analysis.md"
+    path = paths().run_dir(row["run_id"]) / "analysis.md"
     if not path.exists():  # an invocation was killed between recording the run and analysing it
+        if paths().view:
+            die(f"{path} is missing, and a view over --archive directories rebuilds nothing; "
+                f"run `uv run analyze.py show {run_id}` where that archive is written")
         with archive_lock():
             report_run(load_run(row), rows)
     print(path.read_text())
@@ -69,20 +88,47 @@ def cmd_show(run_id):
 
 
 def cmd_best():
-    rows = read_results()
-    best, passed = vetted_best(comparable(rows, latest_harness(rows)))
+    """This worker's best: the run most recently kept on the latest harness and GPU model it ran; then,
+    when other workers ran there too, the best of all workers' bests."""
+    rows, worker = read_results(), worker_name()
+    latest = latest_row(rows, worker) or latest_row(rows)  # a worker with no runs yet (or a view): the latest of any
+    harness, gpu = (latest["harness"], row_gpu(latest) or None) if latest else ("", None)
+    pool = comparable(rows, harness, gpu)
+    best, passed = vetted_best([r for r in pool if own(r, worker)])
     for row, problems in passed:  # stderr: the first line of stdout stays the best's id
         print(f"analyze.py: {row['run_id']} is passed over as best, its evidence is inconsistent: "
               f"{problems[0]} (`uv run analyze.py audit` lists all)", file=sys.stderr)
     if best is None:
-        print("no best run yet: no valid run under the latest harness"
-              + (" whose evidence is consistent" if passed else ""))
-        return 0
-    run_id = best.get("run_id") or best["commit"]
-    rule = "most recently kept" if best["status"] == "keep" else "lowest val_bpb of the pending runs (none kept yet)"
-    print(f"{run_id}\tcommit {best['commit']}\tval_bpb {best['val_bpb']}\tstatus {best['status']}\t"
-          f"{best.get('description', '')}\t{ARCHIVE_DIR / run_id / 'analysis.md'}\t{rule}")
+        renamed_hint(rows, worker)
+        print(("no best run yet" if any(own(r, worker) for r in rows) or not rows else f"no run of worker {worker}")
+              + ": no valid run under the latest harness" + (" whose evidence is consistent" if passed else ""))
+    else:
+        print(best_line(best, "most recently kept" if best["status"] == "keep"
+                        else "lowest val_bpb of the pending runs (none kept yet)"))
+    others = list(dict.fromkeys(r["worker"] for r in pool if r.get("worker") and r["worker"] != worker))
+    if others:
+        bests = [b for w in [worker, *others] if (b := pick_best(rows, harness, gpu, w)) is not None]
+        top = min(bests, key=row_bpb)
+        print(best_line(top, f"the lowest of {len(bests)} workers' bests (harness {harness}, GPU "
+                             f"{gpu or 'unknown'}), worker {top.get('worker') or '?'}", "all workers: "))
     return 0
+
+
+def renamed_hint(rows, worker):
+    """On stderr: this worker has no runs, but this branch has another worker's. The default name carries
+    the hostname, which a new container changes; the earlier runs are then no longer this worker's own."""
+    branch = None if paths().view or any(own(r, worker) for r in rows) else current_branch()
+    names = list(dict.fromkeys(r["worker"] for r in rows if branch and r.get("branch") == branch and r.get("worker")))
+    if names:
+        print(f"analyze.py: worker {worker} has no runs, but branch {branch} has runs of worker {names[-1]}; if that "
+              f"was this worker under another hostname, set AUTORESEARCH_WORKER={names[-1]}", file=sys.stderr)
+
+
+def best_line(best, rule, prefix=""):
+    run_id = best.get("run_id") or best["commit"]
+    where = paths().run_dir(run_id) / "analysis.md"
+    return (f"{prefix}{run_id}\tcommit {best['commit']}\tval_bpb {best['val_bpb']}\tstatus {best['status']}\t"
+            f"{best.get('description', '')}\t{where}\t{rule}")
 
 
 def cmd_compare(id_a, id_b):
@@ -91,28 +137,41 @@ def cmd_compare(id_a, id_b):
     lines = [f"compare {a.id} (A) with {b.id} (B)"]
     for tag, r in (("A", a), ("B", b)):
         lines.append(f"- {tag} {r.id}: val_bpb {fmt(r.bpb, '.6f')}, status {r.row['status']}, "
-                     f"steps {r.row.get('num_steps') or 'n/a'}, harness {r.row['harness'] or 'unknown'}: {r.row['description']}")
+                     f"steps {r.row.get('num_steps') or 'n/a'}, harness {r.row['harness'] or 'unknown'}, "
+                     f"worker {r.row.get('worker') or 'unknown'}, GPU {row_gpu(r.row) or 'unknown'}: "
+                     f"{r.row['description']}")
     if a.bpb is not None and b.bpb is not None:
         lines.append(f"- val_bpb B - A: {b.bpb - a.bpb:+.6f}")
     if a.row["harness"] != b.row["harness"]:
         lines.append("- different harness settings: their numbers are not comparable")
+    if row_gpu(a.row) and row_gpu(b.row) and row_gpu(a.row) != row_gpu(b.row):
+        lines.append(f"- different devices, A on {row_gpu(a.row)} and B on {row_gpu(b.row)}: on a fixed time budget "
+                     "val_bpb and speed depend on the device, so the difference is not the code's alone")
     if a.summary and b.summary:
         lines += config_diff(a.summary.get("config") or {}, b.summary.get("config") or {})
     lines += code_diff(a, b)
     if a.metrics is not None and b.metrics is not None:
         lines += compare_curves(b.metrics, a.metrics, noise_band(rows, b.row).band, "B", "A")
         lines += compare_steps(b.metrics, a.metrics, "B", "A")
-    out = ARCHIVE_DIR / f"compare_{a.id}_{b.id}"
-    out.mkdir(exist_ok=True)
-    files = draw_overlays(out, [(f"A {a.id}", a.metrics), (f"B {b.id}", b.metrics)])
-    lines.append(f"- plots: {', '.join(str(out / f) for f in files) or 'none (no metrics)'}")
+    lines.append(compare_plots(a, b))
     print("\n".join(lines))
     return 0
 
 
+def compare_plots(a, b):
+    """The overlay plots, in the archive (or a view's --out directory): one line naming them."""
+    name = f"compare_{a.id}_{b.id}".replace(":", "_").replace("/", "_")
+    if paths().view and paths().out is None:
+        return "- plots: none (a view writes into no archive; --out DIR draws them there)"
+    out = (paths().out or paths().dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    files = draw_overlays(out, [(f"A {a.id}", a.metrics), (f"B {b.id}", b.metrics)])
+    return f"- plots: {', '.join(str(out / f) for f in files) or 'none (no metrics)'}"
+
+
 def cmd_status(run_id, status):
     with archive_lock():
-        remove_leftovers(ARCHIVE_DIR)
+        remove_leftovers(paths().dir)
         rows = read_results()
         row = find_row(rows, run_id)
         if row["status"] == "invalid":  # one step through `discard` would otherwise let it be kept
@@ -123,15 +182,16 @@ def cmd_status(run_id, status):
         if status == "keep":
             refuse_uncommitted(row)
             refuse_inconsistent(row)
-        best_before = pick_best(rows, row["harness"])
+        best_before = best_for(rows, row)
         append_decision(row["run_id"], status, row["status"])  # first: a killed `status` is completed by a rerun
         row["status"] = status
         write_results(rows)
         set_headline_status(row)
-        best = pick_best(rows, row["harness"])
+        best = best_for(rows, row)
         if best is not best_before or status == "keep":
             write_current_best(best)
         draw_progress(rows)
+        snapshot_insights(worker_name())
     print(f"{row['run_id']}: {status}")
     return 0
 
@@ -146,7 +206,7 @@ def refuse_inconsistent(row):
 
 def refuse_uncommitted(row):
     """keep advances the branch to the run's commit: it must hold the train.py that was measured."""
-    summary = read_json(ARCHIVE_DIR / row["run_id"] / "run_summary.json")[0]
+    summary = read_json(paths().run_dir(row["run_id"]) / "run_summary.json")[0]
     mismatch = uncommitted_train_py(summary)
     if mismatch:
         die(f"run {row['run_id']} ran train.py with uncommitted changes (sha256 {mismatch[0][:8]}; commit "
@@ -157,8 +217,9 @@ def refuse_uncommitted(row):
 def cmd_pin():
     """Set-up: pin the current branch's harness at HEAD unless it has a pin; print the pin either way."""
     branch = current_branch() or die("HEAD is detached: check out the experiment's branch, then pin it")
-    with archive_lock():
-        earlier = [r["run_id"] for r in read_results() if r.get("branch") == branch]
+    worker = worker_name()
+    with archive_lock():  # another clone's runs may be on a branch of the same name: only this worker's count
+        earlier = [r["run_id"] for r in read_results() if r.get("branch") == branch and own(r, worker)]
         pin, problem = ensure_pin(branch, earlier)
     if problem:
         die(problem)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.archive import comparable, row_bpb
+from harness.archive import comparable, row_bpb, row_gpu
 from harness.identity import row_code
 from harness.metrics import SMOOTH_BETA, STALL_FACTOR
 
@@ -53,11 +53,11 @@ class Noise:
 
 def noise_band(history, run_row):
     """val_bpb spread among the runs of one code that ran at that code's usual speed, under run_row's
-    harness. A repeat with a step count far off its code's usual one ran on a machine busier or quieter
-    than usual: its val_bpb measures the machine, so it is left out, as is run_row itself when its speed
-    is off that of its code's other runs."""
+    harness on its GPU model, whichever worker made them. A repeat with a step count far off its code's
+    usual one ran on a machine busier or quieter than usual: its val_bpb measures the machine, so it is
+    left out, as is run_row itself when its speed is off that of its code's other runs."""
     groups = {}
-    for r in comparable(history, run_row.get("harness")):
+    for r in comparable(history, run_row.get("harness"), row_gpu(run_row)):
         if row_code(r):
             groups.setdefault(row_code(r), []).append(r)
     tol, spread = speed_tolerance(groups.values())

@@ -3,14 +3,14 @@ The PNGs: one table of (metric key, panel title, file) rows drawn by one overlay
 of a per-layer stat, and progress.png, val_bpb of every run.
 """
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
 
-from harness.archive import ARCHIVE_DIR, best_after_each, comparable, latest_harness, row_bpb
+from harness.archive import best_after_each, comparable, latest_row, own, paths, row_bpb, row_gpu
 from harness.noise import noise_band
 
-PROGRESS_PNG = ARCHIVE_DIR / "progress.png"     # val_bpb of every run, redrawn after each one
 PLOT_DPI = 80              # with PLOT_POINTS, keeps each PNG well under 200 KB
 PLOT_POINTS = 500          # longer curves are drawn as bin medians (stalls and spikes are in the text)
 HEATMAP_COLUMNS = 200      # at most this many progress columns in a per-layer heatmap
@@ -82,8 +82,7 @@ def draw_overlays(out_dir, curves):
         for ax, (key, title) in zip(axes[:, 0], panels):
             overlay(ax, key, title, [(label, m) for label, m in curves if key in m])
         fig.tight_layout()
-        fig.savefig(Path(out_dir) / file, dpi=PLOT_DPI)
-        plt.close(fig)
+        save(fig, Path(out_dir) / file)
         written.append(file)
     return written
 
@@ -111,50 +110,75 @@ def draw_layer_heatmap(out_dir, m, stat="grad_norm"):
     ax.set_title(f"log10 {stat} per layer", fontsize=9)
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(Path(out_dir) / f"layers_{stat}.png", dpi=PLOT_DPI)
-    plt.close(fig)
+    save(fig, Path(out_dir) / f"layers_{stat}.png")
     return [f"layers_{stat}.png"]
 
 
+def save(fig, path):
+    """A unique temporary name, then rename: two writers of one file (from two worktrees or machines)
+    leave one whole PNG, never a mix."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fig.savefig(tmp, dpi=PLOT_DPI, format="png")
+    pyplot().close(fig)
+    os.replace(tmp, path)
+
+
 def draw_progress(rows):
-    """val_bpb of every run of the latest harness, in order; the current best's val_bpb as steps (it may
-    step up when a simplification is kept) inside its noise band; kept runs numbered, their subjects
-    listed beside the plot, where no label can overlap another."""
-    harness = latest_harness(rows)
-    pool = {id(r) for r in comparable(rows, harness)}
+    """val_bpb of every run of the latest harness and GPU model, in order; each worker's current best's
+    val_bpb as steps (it may step up when a simplification is kept) inside the noise band; kept runs
+    numbered, their subjects listed beside the plot, where no label can overlap another. A view draws
+    into its --out directory, or nowhere."""
+    target = paths().progress if not paths().view else paths().out and paths().out / "progress.png"
+    latest = latest_row(rows)
+    if not target or latest is None:
+        return
+    harness, gpu = latest["harness"], row_gpu(latest)
+    pool = {id(r) for r in comparable(rows, harness, gpu or None)}
     points = [(i, r) for i, r in enumerate(rows) if id(r) in pool]
     if not points:
         return
     plt = pyplot()
     fig, (ax, side) = plt.subplots(1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": (2.2, 1)})
-    xs, ys = [i for i, _ in points], [row_bpb(r) for _, r in points]
-    ax.scatter(xs, ys, s=12, color="0.6", label="pending / discarded (below the band yet discarded: "
-                                                "within noise, or discarded by the agent)")
-    best = np.array([np.nan if b is None else row_bpb(b) for b in best_after_each([r for _, r in points])])
-    steps_x, steps_y = xs + [len(rows) - 1], np.append(best, best[-1:])
-    ax.step(steps_x, steps_y, where="post", color="C2", lw=1, label="current best (last kept)")
-    band = noise_band(rows, {"harness": harness}).band
-    if band is not None:
-        ax.fill_between(steps_x, steps_y - band, steps_y + band, step="post", color="C2", alpha=0.15, lw=0,
-                        label=f"noise band of the best (+-{band:.4f})")
-    kept = [(i, r) for i, r in points if r["status"] == "keep"][-PROGRESS_LABELS:]
-    if kept:
-        ax.scatter([i for i, _ in kept], [row_bpb(r) for _, r in kept], s=30, color="C2", zorder=3, label="kept")
-        for n, (i, r) in enumerate(kept, 1):
-            ax.annotate(str(n), (i, row_bpb(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.scatter([i for i, _ in points], [row_bpb(r) for _, r in points], s=12, color="0.6",
+               label="pending / discarded (below the band yet discarded: within noise, or discarded by the agent)")
+    band = noise_band(rows, {"harness": harness, "gpu": gpu}).band
+    workers = list(dict.fromkeys(r.get("worker") for _, r in points if r.get("worker"))) or [None]
+    kept = {}  # row index -> (row, colour of the first worker it counts for)
+    for color, worker in zip(("C2", "C0", "C3", "C4", "C1", "C5", "C6", "C8", "C9"), workers):
+        mine = [(i, r) for i, r in points if own(r, worker)]
+        draw_best_line(ax, mine, len(rows) - 1, band, color, "" if len(workers) == 1 else f" of {worker}")
+        for i, r in mine:
+            if r["status"] == "keep":
+                kept.setdefault(i, (r, color))
+    kept = [(i, r, color) for i, (r, color) in sorted(kept.items())][-PROGRESS_LABELS:]
+    for n, (i, r, color) in enumerate(kept, 1):
+        ax.scatter([i], [row_bpb(r)], s=30, color=color, zorder=3, label="kept" if n == 1 else None)
+        ax.annotate(str(n), (i, row_bpb(r)), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    who = (lambda r: f"{r.get('worker') or '?'}  ") if len(workers) > 1 else (lambda r: "")
     side.axis("off")
-    side.text(0, 1, "\n".join(f"{n:>2}  {r['run_id']}  {r['description'][:PROGRESS_LABEL_CHARS]}"
-                              for n, (_, r) in enumerate(kept, 1)) or "no run kept yet",
+    side.text(0, 1, "\n".join(f"{n:>2}  {r['run_id']}  {who(r)}{r['description'][:PROGRESS_LABEL_CHARS]}"
+                              for n, (_, r, _) in enumerate(kept, 1)) or "no run kept yet",
               va="top", family="monospace", fontsize=6, transform=side.transAxes)
     side.set_title("kept runs", fontsize=9, loc="left")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_xlabel("run (order archived)")
     ax.set_ylabel("val_bpb")
-    ax.set_title(f"val_bpb per run, harness {harness}", fontsize=9)
+    ax.set_title(f"val_bpb per run, harness {harness}" + (f", {gpu}" if gpu else ""), fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = PROGRESS_PNG.with_name(f".progress.png.{os.getpid()}.tmp")
-    fig.savefig(tmp, dpi=PLOT_DPI, format="png")
-    plt.close(fig)
-    os.replace(tmp, PROGRESS_PNG)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    save(fig, Path(target))
+
+
+def draw_best_line(ax, points, last_x, band, color, label):
+    """One worker's best after each of its runs, as steps to the right edge, inside the noise band."""
+    if not points:
+        return
+    xs = [i for i, _ in points]
+    best = np.array([np.nan if b is None else row_bpb(b) for b in best_after_each([r for _, r in points])])
+    steps_x, steps_y = xs + [last_x], np.append(best, best[-1:])
+    ax.step(steps_x, steps_y, where="post", color=color, lw=1, label=f"current best{label} (last kept)")
+    if band is not None:
+        ax.fill_between(steps_x, steps_y - band, steps_y + band, step="post", color=color, alpha=0.15, lw=0,
+                        label=f"noise band of the best{label} (+-{band:.4f})")

@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from harness.archive import ARCHIVE_DIR, Run, load_run, pick_best, pick_previous, remove_leftovers, row_bpb, write_atomic
+from harness.archive import (Run, best_for, comparable, load_run, own, paths, previous_for, remove_leftovers, row_bpb,
+                             row_gpu, same_gpu, vetted_best, write_atomic)
 from harness.capture import check_harness, uncommitted_train_py
 from harness.changes import config_diff, config_only, diff_summary
 from harness.identity import row_code, same_code
@@ -45,8 +46,8 @@ def build_context(run, rows):
     original did."""
     history = rows[:rows.index(run.row) + 1]
     recorded = next((r for r in history[:-1] if run.best_id and r.get("run_id") == run.best_id), None)
-    best_row = recorded or pick_best(history[:-1], run.row["harness"])
-    prev_row = pick_previous(history[:-1], run.row["harness"])
+    best_row = recorded or best_for(history[:-1], run.row)
+    prev_row = previous_for(history[:-1], run.row)
     best = load_run(best_row) if best_row else None
     prev = best if prev_row is best_row else (load_run(prev_row) if prev_row else None)
     diff = (run.dir / "diff.patch").read_text() if (run.dir / "diff.patch").exists() else ""
@@ -93,7 +94,7 @@ def section_headline(ctx):
             against.append(f"vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
                            f"({'better' if delta < 0 else 'worse' if delta > 0 else 'equal'})")
     lines += ["- " + "; ".join(against)] if against else []
-    lines += learning_vs_speed(ctx) + machine_line(ctx)
+    lines += other_gpu_line(ctx) + learning_vs_speed(ctx) + machine_line(ctx)
     lines.append(f"- verdict, this run alone: {verdict(ctx)}")
     lines += mean_verdict(ctx)
     if ctx.uncommitted:
@@ -105,6 +106,23 @@ def section_headline(ctx):
                      "(or a crash) and is never the best")
     lines += [f"- note: {n}" for n in run.notes]
     return "\n".join(lines)
+
+
+def other_gpu_line(ctx):
+    """With no best on this run's GPU model, the worker's best on another one (or anyone's): named with
+    both devices, never compared, since on a fixed time budget val_bpb depends on the device."""
+    run = ctx.run
+    if ctx.best is not None or not row_gpu(run.row):
+        return []
+    elsewhere = [r for r in comparable(ctx.history[:-1], run.row["harness"])
+                 if not same_gpu(row_gpu(r), row_gpu(run.row))]
+    best = (vetted_best([r for r in elsewhere if own(r, run.row.get("worker"))])[0]
+            or vetted_best(elsewhere)[0])
+    if best is None:
+        return []
+    whose = "" if own(best, run.row.get("worker")) else f" by worker {best.get('worker')}"
+    return [f"- GPU: this run ran on {row_gpu(run.row)}; the best under this harness{whose} is {best['run_id']} "
+            f"(val_bpb {best['val_bpb']}) on {row_gpu(best)}: another device, so it is not compared"]
 
 
 def learning_vs_speed(ctx):
@@ -524,7 +542,7 @@ def write_analysis(ctx):
 
 def set_headline_status(row):
     """Rewrite the status in the run's analysis.md headline; the Agent notes below it are the agent's."""
-    path = ARCHIVE_DIR / row["run_id"] / "analysis.md"
+    path = paths().run_dir(row["run_id"]) / "analysis.md"
     if not path.exists():
         return
     head, sep, notes = path.read_text().partition("\n## Agent notes")

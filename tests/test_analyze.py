@@ -1024,7 +1024,7 @@ def test_cost_does_not_grow_with_history_only_compared_runs_are_read(repo):
     # 300 earlier runs whose directories do not exist: reading any of them would fail loudly
     lines = (ARCHIVE / "results.tsv").read_text().splitlines()
     fake = [f"f{i:06x}\t1.1\t45.0\tdiscard\tidea {i}\tf{i:06x}\tok\t{best['harness']}\t{i:012x}\t400\t40.00\t300.0\t\tk{i}"
-            f"\t{best['branch']}\t{i:012x}" for i in range(300)]
+            f"\t{best['branch']}\t{i:012x}\t{best['worker']}\t{best['gpu']}" for i in range(300)]
     (ARCHIVE / "results.tsv").write_text("\n".join([lines[0], *fake, *lines[1:]]) + "\n")
     commit("next idea", "DEPTH = 9\n")
     row, _ = archive_run(val_bpb=0.99, age_s=-5)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from test_analyze import ARCHIVE, analysis, archive_run, commit, repo, results, run_analyze, section, sh  # noqa: F401
+from test_analyze import (ARCHIVE, analysis, archive_run, commit, repo, results, run_analyze, section, sh,  # noqa: F401
+                          write_run)
 
 AUDIT_LIMIT_S = 5.0          # audit of a night's archive (400 runs), the issue's goal
 NIGHT = 400                  # runs in the synthetic archive
@@ -278,6 +279,40 @@ def test_decisions_and_runs_that_match_nothing_are_named(harness_repo, capsys):
     assert any("deadbee: .auto-log-research/decisions.jsonl holds a decision about it" in p for p in problems), lines
     assert any("decisions.jsonl line 2 is not a decision" in p for p in problems), lines
     assert any(p.startswith("abcdef0: stored in") for p in problems), lines
+
+
+def test_a_run_of_another_clone_sharing_the_archive_is_checked_in_part_not_failed(harness_repo, capsys, monkeypatch,
+                                                                                 tmp_path_factory):
+    shared = tmp_path_factory.mktemp("volume") / "archive"  # one archive, two clones (two machines)
+    clone = tmp_path_factory.mktemp("machine2") / "repo"
+    sh("git", "clone", "-q", str(harness_repo), str(clone))
+    monkeypatch.setenv("AUTORESEARCH_ARCHIVE", str(shared))
+    monkeypatch.setenv("AUTORESEARCH_WORKER", "m1")
+    write_run(val_bpb=1.0)
+    assert run_analyze() == 0
+    monkeypatch.chdir(clone)
+    monkeypatch.setenv("AUTORESEARCH_WORKER", "m2")
+    for key, value in (("user.email", "t@example.com"), ("user.name", "test")):
+        sh("git", "config", key, value)
+    sh("git", "checkout", "-q", "-b", "autoresearch/m2")
+    commit("m2's idea", "DEPTH = 10\n")
+    write_run(val_bpb=0.98, age_s=-5)
+    assert run_analyze() == 0  # pins autoresearch/m2 in the clone only: refs/auto-log-research/ is not cloned
+    mine, theirs = [line.split("\t")[5] for line in (shared / "results.tsv").read_text().splitlines()[1:]]
+    keep({"run_id": theirs})
+    monkeypatch.chdir(harness_repo)
+    monkeypatch.setenv("AUTORESEARCH_WORKER", "m1")
+    code, problems, lines = audit(capsys)
+    assert (code, problems[:1]) == (0, [f"not verifiable here: {theirs}: worker m2's branch autoresearch/m2 and its "
+                                        f"pin {sh('git', '-C', str(clone), 'rev-parse', 'HEAD')[:7]} live in another "
+                                        "clone: its harness and lineage cannot be verified here (its files, val_bpb "
+                                        "and status were)"]), lines
+    assert lines[-1].startswith("audit: 2 runs, clean; 1 run(s) of other clones checked in part"), lines[-1]
+    assert best(capsys)[0] == mine, "m1's best is its own run"
+    with open(shared / theirs / "run.log", "a") as f:
+        f.write("\n")
+    code, problems, lines = audit(capsys)
+    assert code == 1 and named(problems, theirs, "run.log changed after archiving"), lines
 
 
 # ---------------------------------------------------------------------------

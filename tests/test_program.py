@@ -23,7 +23,7 @@ SHELL_LANGS = {"bash", "sh", "shell"}
 KNOWN_COMMANDS = {
     "uv", "uvx", "git", "python", "python3", "pip", "pip3", "conda", "apt", "apt-get", "sudo",
     "tail", "head", "cat", "grep", "ls", "wc", "diff", "sort", "find", "echo", "tee", "sed", "awk",
-    "ps", "pgrep", "pkill", "kill", "killall", "nvidia-smi", "timeout", "nohup", "sleep",
+    "ps", "pgrep", "pkill", "kill", "killall", "nvidia-smi", "timeout", "nohup", "sleep", "printenv",
     "rm", "mv", "cp", "mkdir", "touch", "chmod", "ln", "cd", "export", "env", "bash", "sh", "make",
     "curl", "wget", "ssh", "scp", "sftp", "rsync", "nc", "ncat", "telnet", "ftp",
 }
@@ -140,8 +140,18 @@ def test_program_md_gives_the_loop_commands(program):
 def test_program_md_uses_every_analyze_subcommand(program):
     cmds = agent_commands(program)
     for sub in ["list", "best", "audit", "pin", f"show {PLACEHOLDER}", f"compare {PLACEHOLDER} {PLACEHOLDER}",
-                f"status {PLACEHOLDER} keep", f"status {PLACEHOLDER} discard", f"status {PLACEHOLDER} crash"]:
+                f"status {PLACEHOLDER} keep", f"status {PLACEHOLDER} discard", f"status {PLACEHOLDER} crash",
+                "workers", "claims", "insights", f'claim "{PLACEHOLDER}"']:
         assert f"uv run analyze.py {sub}" in cmds, f"program.md never runs `uv run analyze.py {sub}`"
+
+
+def test_program_md_tells_a_worker_how_to_learn_from_the_others(program):
+    cmds = agent_commands(program)
+    for needed in ["printenv AUTORESEARCH_WORKER", "printenv AUTORESEARCH_ARCHIVE",  # am I one, where are the runs
+                   f"git show {PLACEHOLDER} -- train.py", f"git checkout {PLACEHOLDER} -- train.py",  # their change
+                   f"ls -l /proc/{PLACEHOLDER}/cwd"]:  # which train.py is mine to kill
+        assert needed in cmds, f"program.md never tells a worker to run {needed!r}"
+    assert "diff.patch" in program, "a commit from another node is only in the archive's diff.patch"
 
 
 def test_program_md_names_the_knowledge_files(program):
@@ -272,13 +282,19 @@ def write_metrics(path, offset):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def test_program_md_python_examples_run_on_archived_metrics(program, tmp_path, monkeypatch, capsys):
-    archive = tmp_path / ".auto-log-research"
+@pytest.mark.parametrize("shared", [False, True], ids=["own archive", "archive shared by workers"])
+def test_program_md_python_examples_run_on_archived_metrics(program, tmp_path, monkeypatch, capsys, shared):
+    archive = tmp_path / ("shared" if shared else "worktree") / ".auto-log-research"
+    if shared:
+        monkeypatch.setenv("AUTORESEARCH_ARCHIVE", str(archive))
+    else:
+        monkeypatch.delenv("AUTORESEARCH_ARCHIVE", raising=False)
+    (tmp_path / "worktree").mkdir(exist_ok=True)
     for run_id, offset in (("a1b2c3d", 0.0), ("a1b2c3d-2", 0.001), ("e4f5a6b", -0.2)):
         write_metrics(archive / run_id / "metrics.jsonl", offset)
     blocks = re.findall(r"```python\n(.*?)```", program, re.S)
     assert len(blocks) >= 3, "program.md lost its worked Python examples"
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path / "worktree")
     exec(compile("\n".join(blocks), "program.md", "exec"), {})
     out = capsys.readouterr().out
     assert "120 training steps; last step 119" in out, out

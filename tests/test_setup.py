@@ -1,6 +1,7 @@
 """The set-up files keep runs reproducible, keep run outputs out of the agent's commits, and let the
 agent write train.py and its notes and nothing else that the harness or the audit relies on."""
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from permissions import decide
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; .python-version pins 3.11
 
 ROOT = Path(__file__).resolve().parent.parent
+SHARED = "/srv/alr/.auto-log-research"  # an archive that workers.py's agents share, outside their worktrees
 RUN_OUTPUTS = ["run.log", "metrics.jsonl", "run_summary.json", "results.tsv",
                ".auto-log-research/results.tsv", ".auto-log-research/abc1234/analysis.md"]
 
@@ -40,21 +42,29 @@ def settings():
 
 AGENT_WRITES = ["train.py", ".auto-log-research/insights.md", ".auto-log-research/ideas_queue.md",
                 ".auto-log-research/a1b2c3d/analysis.md", ".auto-log-research/a1b2c3d-2/analysis.md",
-                ".auto-log-research/scratch/gap.py", ".auto-log-research/scratch/plots/layers.py"]
+                ".auto-log-research/scratch/gap.py", ".auto-log-research/scratch/plots/layers.py",
+                f"{SHARED}/a1b2c3d/analysis.md"]
 EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.torn",
-            ".auto-log-research/decisions.jsonl", ".auto-log-research/a1b2c3d/run_summary.json",
+            ".auto-log-research/decisions.jsonl", ".auto-log-research/claims.tsv",
+            ".auto-log-research/workers/node7%3A0/insights.md",  # the others read it as this worker's notes
+            ".auto-log-research/a1b2c3d/run_summary.json",
             ".auto-log-research/a1b2c3d/stale_run_summary.json", ".auto-log-research/a1b2c3d/run_summary.json.corrupt",
             ".auto-log-research/a1b2c3d/metrics.jsonl", ".auto-log-research/a1b2c3d/run.log",
             ".auto-log-research/a1b2c3d/record.json", ".auto-log-research/a1b2c3d/diff.patch",
             "run_summary.json", "metrics.jsonl",  # train.py's outputs before they are archived
             "prepare.py", "analyze.py", "harness/archive.py", "harness/audit.py", "harness/pin.py",
             ".git/refs/auto-log-research/pins/autoresearch/mar5", ".git/logs/refs/auto-log-research/pins/x",
-            ".git/packed-refs", "program.md", ".claude/settings.json"]
+            ".git/packed-refs", "program.md", ".claude/settings.json",
+            *(f"{SHARED}/{name}" for name in ("results.tsv", "claims.tsv", "decisions.jsonl", "workers/w1/insights.md",
+                                              "a1b2c3d/run_summary.json",
+                                              "a1b2c3d/metrics.jsonl", "a1b2c3d/run.log", "a1b2c3d/record.json",
+                                              "a1b2c3d/diff.patch"))]
 # written by analyze.py but rebuilt from the evidence, so not denied outright: Claude Code only asks,
 # and `claude -p --permission-mode dontAsk` refuses whatever it would ask
 NOT_THE_AGENTS = ["run.log", ".auto-log-research/progress.png", ".auto-log-research/a1b2c3d/loss.png",
                   ".auto-log-research/compare_a_b/loss.png", ".auto-log-research/harness.json",
-                  ".auto-log-research/.lock", ".auto-log-research/notes.txt", "README.md", "tests/test_setup.py"]
+                  ".auto-log-research/.lock", ".auto-log-research/notes.txt", "README.md", "tests/test_setup.py",
+                  f"{SHARED}/progress.png", f"{SHARED}/insights.md", f"{SHARED}/a1b2c3d/loss.png", "/srv/alr/train.py"]
 
 
 @pytest.mark.parametrize("path", AGENT_WRITES)
@@ -104,3 +114,29 @@ def test_git_branch_is_allowed_only_for_listing(settings):
     assert decide(settings, "Bash", 'git branch --list "autoresearch/*"') == "allow"
     assert decide(settings, "Bash", "git branch --show-current") == "allow"
     assert decide(settings, "Bash", "git branch autoresearch/other 1a2b3c4") != "allow"
+
+
+def test_a_worker_may_print_its_name_and_archive_and_no_other_variable(settings):
+    for name in ("AUTORESEARCH_WORKER", "AUTORESEARCH_ARCHIVE"):
+        assert decide(settings, "Bash", f"printenv {name}") == "allow"
+    for command in ("printenv", "printenv ANTHROPIC_API_KEY", "printenv AUTORESEARCH_WORKER ANTHROPIC_API_KEY", "env"):
+        assert decide(settings, "Bash", command) != "allow", f"{command!r} would show the agent its secrets"
+
+
+@pytest.mark.parametrize("command", ["git worktree add ../x autoresearch/t-1", "git worktree remove ../alr-workers/t-1",
+                                     "git branch autoresearch/t-1 HEAD", "git push . HEAD:autoresearch/t-1"])
+def test_a_worker_cannot_make_move_or_remove_the_others_branches_and_worktrees(settings, command):
+    assert decide(settings, "Bash", command) != "allow", f"{command!r} is allowed"
+
+
+def test_skypilot_is_an_optional_group_that_the_default_install_leaves_out():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(d.startswith("skypilot") for d in project["dependency-groups"]["skypilot"])
+    assert "skypilot" not in project.get("tool", {}).get("uv", {}).get("default-groups", ["dev"])
+    if not shutil.which("uv"):
+        pytest.skip("uv is not on PATH")
+    default = subprocess.run(["uv", "export", "--frozen", "--no-hashes", "--quiet"], cwd=ROOT, capture_output=True,
+                             text=True)
+    assert default.returncode == 0, default.stderr
+    pulled_in = [line for line in default.stdout.splitlines() if line.startswith(("skypilot", "kubernetes"))]
+    assert not pulled_in, f"`uv sync` would install SkyPilot: {pulled_in}"
