@@ -1,6 +1,7 @@
 """The set-up files keep runs reproducible, keep run outputs out of the agent's commits, and let the
 agent write train.py and its notes and nothing else that the harness or the audit relies on."""
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -140,3 +141,28 @@ def test_skypilot_is_an_optional_group_that_the_default_install_leaves_out():
     assert default.returncode == 0, default.stderr
     pulled_in = [line for line in default.stdout.splitlines() if line.startswith(("skypilot", "kubernetes"))]
     assert not pulled_in, f"`uv sync` would install SkyPilot: {pulled_in}"
+
+
+def test_the_readmes_cpu_install_leaves_out_exactly_the_cuda_packages_and_nothing_needs_them():
+    """README's laptop recipe: torch from PyTorch's CPU index at pyproject's pin, then everything else
+    as locked minus the packages its grep drops. That must be torch, Triton and the NVIDIA libraries,
+    and no package that stays may depend on one of them (uv pip would then pull CUDA back in)."""
+    readme = (ROOT / "README.md").read_text()
+    recipe = next(block for block in readme.split("```") if "download.pytorch.org/whl/cpu" in block)
+    pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+               if d.startswith("torch"))
+    assert pin.replace(" ", "") in recipe, f"README installs another torch than pyproject's {pin}"
+    dropped = re.compile(re.search(r"grep -vE '([^']+)'", recipe).group(1))
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    export = subprocess.run([uv, "export", "--locked", "--no-hashes", "--no-emit-project", "--quiet"], cwd=ROOT,
+                            capture_output=True, text=True, check=True).stdout.splitlines()
+    names = {line.split("==")[0] for line in export if "==" in line and not line.startswith("#")}
+    gone = {line.split("==")[0] for line in export if dropped.search(line)}
+    assert "torch" in gone and "triton" in gone and all(n in {"torch", "triton"} or n.startswith("nvidia-")
+                                                        for n in gone), sorted(gone)
+    lock = tomllib.loads((ROOT / "uv.lock").read_text())
+    needs = {p["name"]: {d["name"] for d in p.get("dependencies", [])} for p in lock["package"]}
+    kept = names - gone
+    assert not {n: needs.get(n, set()) & gone for n in kept if needs.get(n, set()) & gone}, "kept packages need CUDA ones"
