@@ -307,8 +307,11 @@ class RunRecorder:
         os._exit(self.exit_code)
 
     def _watchdog(self):
-        if not self._stop.wait(self.hard_cap_s):
-            self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
+        # the cap may grow while we wait (record_fit): wait again for whatever is left of it
+        while not self._stop.wait(max(0.0, self.started_at + self.hard_cap_s - time.time())):
+            if time.time() >= self.started_at + self.hard_cap_s:
+                self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
+                return
 
     def _on_sigterm(self, signum, frame):
         self._timeout("SIGTERM received")
@@ -384,6 +387,7 @@ class RunRecorder:
     def record_fit(self, fit):
         """run_summary.json's device_batch block: the DeviceBatch harness.fit decided (requested, used, ...)."""
         self.extra["device_batch"] = dataclasses.asdict(fit)
+        self.hard_cap_s += fit.seconds or 0.0  # trying sizes happens before the budget: it must not eat the cap
 
     def _out_of_memory_line(self):
         """What to do about an out-of-memory crash, in one line that names the device batch."""

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -179,18 +180,21 @@ def test_summary_is_written_atomically_through_a_temp_file(tmp_path, monkeypatch
 
 TIMEOUT_SCRIPT = """
     import sys, time
+    from harness.fit import DeviceBatch
     from harness.record import RunRecorder
     with RunRecorder({{}}, hard_cap_s={cap}, flush_every_s=1e9) as run:
         run.log(0, loss=3.0)
+        if {fit_seconds}:
+            run.record_fit(DeviceBatch(128, 32, 4, "probe", {fit_seconds}, [128, 64]))
         print("ready", flush=True)
         time.sleep(60)
     sys.exit(run.exit_code)
 """
 
 
-def start_sleeper(tmp_path, cap):
+def start_sleeper(tmp_path, cap, fit_seconds=0):
     script = tmp_path / "sleeper.py"  # a file, so the timeout's stack shows source lines
-    script.write_text(textwrap.dedent(TIMEOUT_SCRIPT.format(cap=cap)))
+    script.write_text(textwrap.dedent(TIMEOUT_SCRIPT.format(cap=cap, fit_seconds=fit_seconds)))
     return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -202,6 +206,16 @@ def test_hard_cap_writes_a_timeout_summary_and_exits_3(tmp_path):
     s = summary(tmp_path)
     assert s["status"] == "timeout" and "hard cap" in s["error"] and "time.sleep(60)" in s["error"], s["error"]
     assert metrics(tmp_path) and metrics(tmp_path)[0]["loss"] == 3.0, "buffered metrics lost on timeout"
+
+
+def test_seconds_spent_fitting_the_device_batch_extend_the_hard_cap(tmp_path):
+    # trying batch sizes happens before the budget: on a small GPU it must not push a healthy run past the cap
+    t0 = time.time()
+    proc = start_sleeper(tmp_path, cap=1.0, fit_seconds=2.0)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 3, f"exit {proc.returncode}: {err}"
+    assert time.time() - t0 >= 3.0, f"stopped after {time.time() - t0:.1f}s, before the 1 s cap plus 2 s of fitting"
+    assert "hard cap of 3s" in summary(tmp_path)["error"]
 
 
 def test_sigterm_writes_a_timeout_summary_and_exits_3(tmp_path):
