@@ -31,7 +31,7 @@ import torch
 
 import prepare
 from harness.pin import is_pinned
-from harness.gpu import peak_bf16_flops, why_not_runnable  # noqa: F401  (train.py's one import line)
+from harness.gpu import nvidia_driver, peak_bf16_flops, why_not_runnable  # noqa: F401  (the last two: train.py's one import line)
 from harness.progress import ProgressLine  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,15 +113,6 @@ def _git(*args):
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def _gpu_driver():
-    try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else None
-
-
 def provenance():
     """(git, env) blocks of run_summary.json: the commit and the sha256 of the scripts as run, and the
     software and hardware the run ran on."""
@@ -135,7 +126,7 @@ def provenance():
     cuda = torch.cuda.is_available()
     env = {"python": platform.python_version(), "torch": torch.__version__,
            "cuda": torch.version.cuda if cuda else None,
-           "gpu_name": torch.cuda.get_device_name() if cuda else None, "driver": _gpu_driver() if cuda else None}
+           "gpu_name": torch.cuda.get_device_name() if cuda else None, "driver": nvidia_driver() if cuda else None}
     return git, env
 
 # ---------------------------------------------------------------------------
