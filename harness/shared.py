@@ -23,7 +23,8 @@ CLOSED_SHOWN = 20          # `claims` lists the latest this many closed claims
 
 
 def now():
-    return time.strftime("%Y-%m-%dT%H:%M:%S")
+    """UTC, so that claims made on nodes in different time zones sort and read alike."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # ---------------------------------------------------------------------------
