@@ -385,13 +385,29 @@ def read_decisions(path=None):
     return decided, problems
 
 
-def find_row(rows, run_id):
-    """Exact run id (in a view, also the id without its archive's label), else the one run whose id
-    starts with it or whose commit a full sha starts with."""
-    hits = [r for r in rows if r.get("run_id") == run_id] or [
+def matching_rows(rows, run_id):
+    """Exact run id (in a view, also the id without its archive's label), else the runs whose id starts
+    with it or whose commit a full sha starts with."""
+    return [r for r in rows if r.get("run_id") == run_id] or [
         r for r in rows if r.get("run_id", "").rsplit(":", 1)[-1] == run_id] or [
         r for r in rows if r.get("run_id", "").startswith(run_id)
         or (len(run_id) > 7 and r.get("commit") and run_id.startswith(r["commit"]))]
+
+
+def find_own_row(rows, run_id, worker):
+    """The run `status` may decide: looked up among this worker's runs first (two workers' runs of one commit
+    are `abc1234` and `abc1234-2`), and another worker's run is refused by name, never decided."""
+    mine = [r for r in rows if own(r, worker)]
+    if matching_rows(mine, run_id):
+        return find_row(mine, run_id)
+    row = find_row(rows, run_id)
+    die(f"run {row['run_id']} is worker {row['worker']}'s, not {worker}'s: decide only your own runs "
+        f"(`uv run analyze.py list --worker {worker}`)")
+
+
+def find_row(rows, run_id):
+    """The one run matching_rows finds, or one line saying why there is none."""
+    hits = matching_rows(rows, run_id)
     if len(hits) == 1:
         return hits[0]
     known = " ".join(r.get("run_id", "?") for r in rows[-8:]) or "none yet"

@@ -5,7 +5,7 @@ writes to the archive holds its lock.
 import sys
 from pathlib import Path
 
-from harness.archive import (append_decision, archive_lock, best_for, comparable, die, find_row, latest_row,
+from harness.archive import (append_decision, archive_lock, best_for, comparable, die, find_own_row, find_row, latest_row,
                              load_run, own, paths, pick_best, read_json, read_results, remove_leftovers, row_bpb,
                              row_gpu, vetted_best, worker_name, write_current_best, write_results)
 from harness.audit import run_problems
@@ -173,7 +173,7 @@ def cmd_status(run_id, status):
     with archive_lock():
         remove_leftovers(paths().dir)
         rows = read_results()
-        row = find_row(rows, run_id)
+        row = find_own_row(rows, run_id, worker_name())
         if row["status"] == "invalid":  # one step through `discard` would otherwise let it be kept
             die(f"run {row['run_id']} is `invalid`: its harness differs from its branch's pin, so its status "
                 "cannot change")

@@ -237,6 +237,25 @@ def test_best_is_the_workers_own_then_the_best_of_all_workers(repo, monkeypatch,
     assert {"current best of w1 (last kept)", "current best of w2 (last kept)"} <= set(legend), legend
 
 
+def test_status_decides_only_this_workers_runs(repo, monkeypatch):
+    """Two workers' runs of one commit are `abc1234` and `abc1234-2`: the short sha a worker's git log gives
+    names its own run, and another worker's run is refused by name, its row untouched."""
+    as_worker(monkeypatch, "w1")
+    first, _ = archive_run(val_bpb=1.000)
+    as_worker(monkeypatch, "w2")
+    second, _ = archive_run(val_bpb=0.990, seed=1)
+    assert second["run_id"] == first["run_id"] + "-2", (first["run_id"], second["run_id"])
+    assert run_analyze("status", first["commit"][:7], "keep") == 0
+    assert [r["status"] for r in rows_of(ARCHIVE)] == ["pending", "keep"], "w2's short sha decided w1's run"
+    as_worker(monkeypatch, "w1")
+    commit("w1's idea", "DEPTH = 10\n")
+    third, _ = archive_run(val_bpb=0.980, seed=2)
+    as_worker(monkeypatch, "w2")
+    with pytest.raises(SystemExit, match=f"run {third['run_id']} is worker w1's, not w2's"):
+        run_analyze("status", third["run_id"], "discard")
+    assert [r["status"] for r in rows_of(ARCHIVE)] == ["pending", "keep", "pending"]
+
+
 def figure_of(monkeypatch, action):
     """The texts of the last figure `action` saves."""
     import matplotlib.figure
