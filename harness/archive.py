@@ -334,8 +334,10 @@ def latest_harness(rows):
 
 
 def latest_row(rows, worker=None):
-    """The latest row with a harness key (of `worker`'s when given): whose class `best` and progress.png show."""
-    return next((r for r in reversed(rows) if r.get("harness") and (worker is None or own(r, worker))), None)
+    """The latest row with a harness key and a GPU class (of `worker`'s when given): whose class `best` and
+    progress.png show. A crash without a summary has no class, and would pool every GPU model."""
+    return next((r for r in reversed(rows) if r.get("harness") and r.get("gpu")
+                 and (worker is None or own(r, worker))), None)
 
 
 RUN_ID = re.compile(r"[0-9a-f]{7}(-\d+)?")

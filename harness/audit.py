@@ -101,11 +101,12 @@ def run_checks(row, evidence=None):
 
 
 def elsewhere(record, evidence):
-    """Another worker's run whose pin this clone does not hold: its clone, on another machine, has the
-    pin ref. The auditor's own runs, and those of unknown worker, are always checked in full: a pin
-    missing here is a lost pin."""
+    """Another worker's run whose branch and pin this clone does not hold: its clone, on another machine,
+    has them. The auditor's own runs, those of unknown worker, and those of a branch this clone has (the
+    workers of one node share one repository) are always checked in full: a pin missing there is a lost pin."""
     worker, branch, pin = record.get("worker"), record.get("branch"), record.get("pin")
-    return bool(worker) and worker != evidence.worker and bool(branch) and pin not in evidence.pins(branch)
+    return (bool(worker) and worker != evidence.worker and bool(branch) and evidence.commits(branch) is None
+            and pin not in evidence.pins(branch))
 
 
 def file_problems(run_dir, record):

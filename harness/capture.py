@@ -201,8 +201,9 @@ def stored_record(commit, key):
 
 def reserve_run_id(commit, rows):
     """<commit7>, else <commit7>-2, -3, ...: the first id no row has whose directory this process creates
-    (mkdir is atomic, so two writers never get one id even where the lock is not shared). store_run fills
-    the directory; a killed invocation's empty one is removed by the next (remove_leftovers)."""
+    (mkdir is atomic, so two writers never get one id). store_run fills the directory; a killed invocation's
+    empty one is removed by the next (remove_leftovers), which is why every writer must share the lock: an
+    archive on a filesystem without working flock (an object-store mount) is not safe to share."""
     taken = {r.get("run_id") for r in rows}
     base, n = commit[:7], 1
     while True:

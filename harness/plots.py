@@ -144,7 +144,9 @@ def draw_progress(rows):
     band = noise_band(rows, {"harness": harness, "gpu": gpu}).band
     workers = list(dict.fromkeys(r.get("worker") for _, r in points if r.get("worker"))) or [None]
     kept = {}  # row index -> (row, colour of the first worker it counts for)
-    for color, worker in zip(("C2", "C0", "C3", "C4", "C1", "C5", "C6", "C8", "C9"), workers):
+    colors = ("C2", "C0", "C3", "C4", "C1", "C5", "C6", "C8", "C9")  # grey (C7) is the unkept runs'
+    for n, worker in enumerate(workers):  # two nodes of 8 GPUs are 16 workers: colours repeat, nobody is dropped
+        color = colors[n % len(colors)]
         mine = [(i, r) for i, r in points if own(r, worker)]
         draw_best_line(ax, mine, len(rows) - 1, band, color, "" if len(workers) == 1 else f" of {worker}")
         for i, r in mine:

@@ -313,6 +313,10 @@ def test_a_run_of_another_clone_sharing_the_archive_is_checked_in_part_not_faile
         f.write("\n")
     code, problems, lines = audit(capsys)
     assert code == 1 and named(problems, theirs, "run.log changed after archiving"), lines
+    # the branch is here after all (the workers of one node share one repository): its missing pin is lost
+    sh("git", "fetch", "-q", str(clone), "autoresearch/m2:autoresearch/m2")
+    code, problems, lines = audit(capsys)
+    assert named(problems, theirs, "which is not one of branch autoresearch/m2's pins"), problems
 
 
 # ---------------------------------------------------------------------------
