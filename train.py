@@ -537,15 +537,18 @@ def get_weight_decay(progress):
 
 
 def trial_step(B, model, optimizer, health, autocast_ctx):
-    """The loop's heaviest step (with layer stats) on B rows: fit_device_batch tries it, then undoes it."""
+    """The loop's heaviest step (with layer stats) on B rows, twice: the second runs beside the optimizer
+    state and the first's gradients, as every later step does. fit_device_batch tries it, then undoes it."""
     health.forget()  # a try that ran out of memory halfway left its parameter snapshot behind
-    x = torch.zeros((B, MAX_SEQ_LEN), dtype=torch.long, device=health.params[0].device)
-    with autocast_ctx:
-        loss, act_rms = model(x, x, return_act_rms=True)
-    loss.backward()
-    health.before_step()
-    optimizer.step()
-    health.after_step(act_rms)
+    # two views of one tensor, as the loader gives: the same tensor twice would be another compiled graph
+    x, y = torch.zeros((2, B, MAX_SEQ_LEN), dtype=torch.long, device=health.params[0].device)
+    for _ in range(2):
+        with autocast_ctx:
+            loss, act_rms = model(x, y, return_act_rms=True)
+        loss.backward()
+        health.before_step()
+        optimizer.step()
+        health.after_step(act_rms)
 
 
 if __name__ == "__main__":

@@ -127,11 +127,11 @@ def fits(size, try_batch, restore):
         ran = False
     else:
         ran = True
+    restore()  # first: it drops the failed try's gradients and optimizer state, so they are handed back too
     if not ran:  # out here the failed step's frames (and the activations they held) are gone: hand the memory back
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    restore()
     return ran
 
 

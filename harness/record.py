@@ -53,11 +53,17 @@ class RunStopped(Exception):
     ends as a crash whose error, and whose only output, is the message's one line saying what to do."""
 
 
+# Out of memory outside torch's allocator: Triton loading a kernel (the compiled backward loads its kernels
+# lazily, at peak activation memory) and cuBLAS creating a handle raise plain RuntimeErrors
+_OUT_OF_MEMORY_TEXTS = ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def is_out_of_memory(exc):
-    """True if exc is torch's out-of-memory error or was raised from one (the compiler may wrap it)."""
+    """True if exc is an out-of-memory error or was raised from one (the compiler may wrap it)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, torch.OutOfMemoryError):
+        if isinstance(exc, torch.OutOfMemoryError) or (
+                type(exc) is RuntimeError and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXTS)):
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
