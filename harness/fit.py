@@ -24,7 +24,8 @@ The cache. A GPU-sized answer is remembered in <profile cache>/device_batch.json
 (name, total memory), torch's version, MAX_SEQ_LEN, the requested size, the model's parameter shapes
 and config, and train.py's code without its UPPER_CASE constant lines: a hyperparameter change reuses
 the answer, an edit to the model or the loop finds it again. A cached size is still run once (the
-compile it needs is the training's own), and if it no longer fits the search goes on below it. A
+compile it needs is the training's own), and if it no longer fits the search goes on below it; a reduced
+answer decided while another process held memory is dropped once a GiB more is free (MORE_FREE_BYTES). A
 corrupt or foreign cache file is ignored with one warning line and rewritten.
 
 Nothing is fitted on the CPU (there is no device memory to run out of), nor with
@@ -53,6 +54,7 @@ from harness.record import RunStopped, is_out_of_memory
 TEST_MAX_ROWS_ENV = "AUTORESEARCH_FIT_TEST_MAX_ROWS"  # tests only: sizes above this many rows "do not fit"
 CACHE_FORMAT = "auto-log-research device_batch cache v1"
 CACHE_MAX_ENTRIES = 200  # newest kept: a night of model edits, with room to spare
+MORE_FREE_BYTES = 2**30  # a reduced answer is tried again from the top when this much more memory is free now
 
 
 @dataclass
@@ -198,13 +200,21 @@ class FitCache:
     def __init__(self, path):
         self.path = Path(path)
 
-    def get(self, key):
+    def get(self, key, free_bytes=None):
+        """The cached size, unless it was reduced while less memory was free than now (another process held
+        some): then None, and the search starts from the requested size again."""
         entry = self._read().get(_sha(key))
-        return entry["used"] if entry else None
+        if not entry:
+            return None
+        then = entry.get("free_bytes")
+        if entry["too_big"] and None not in (then, free_bytes) and free_bytes > then + MORE_FREE_BYTES:
+            return None
+        return entry["used"]
 
-    def put(self, key, used, too_big):
+    def put(self, key, used, too_big, free_bytes=None):
         entries = self._read(warn=False)  # re-read: another worker may have added entries meanwhile
-        entries[_sha(key)] = {"key": key, "used": used, "too_big": too_big, "at": time.time()}
+        entries[_sha(key)] = {"key": key, "used": used, "too_big": too_big, "at": time.time(),
+                              "free_bytes": free_bytes}
         newest = dict(sorted(entries.items(), key=lambda kv: kv[1]["at"])[-CACHE_MAX_ENTRIES:])
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.part")
         try:
@@ -259,7 +269,9 @@ def fit_device_batch(requested, total_batch_size, seq_len, try_batch, model, opt
         allow_recompiles(len(candidates(requested)) - 1)
     key = fit_key(requested, seq_len, model, config, source, max_rows)
     cache = FitCache(cache_path or default_cache_path())
-    used, too_big, decided_by = search(requested, try_batch, TrainingState(model, optimizer).restore, cache, key)
+    free_bytes = torch.cuda.mem_get_info(device)[0] if on_gpu else None
+    used, too_big, decided_by = search(requested, try_batch, TrainingState(model, optimizer).restore, cache, key,
+                                       free_bytes)
     gpu = _gpu_label(key)
     if used is None:
         raise RunStopped(f"not even one row of {seq_len} tokens (DEVICE_BATCH_SIZE 1) fits in {gpu} with this model: "
@@ -274,16 +286,16 @@ def fit_device_batch(requested, total_batch_size, seq_len, try_batch, model, opt
     return fit
 
 
-def search(requested, try_batch, restore, cache, key):
+def search(requested, try_batch, restore, cache, key, free_bytes=None):
     """(used or None, sizes that ran out of memory, "cache" or "probe"): from the cached size when there is
     one (it is still tried), else from the requested size, down; a new answer is written to the cache."""
     sizes = candidates(requested)
-    cached = cache.get(key)
+    cached = cache.get(key, free_bytes)
     if cached in sizes:
         sizes = sizes[sizes.index(cached):]
     used, too_big = largest_that_fits(sizes, try_batch, restore)
     if used is not None and used != cached:
-        cache.put(key, used, too_big)
+        cache.put(key, used, too_big, free_bytes)
     return used, too_big, "cache" if used is not None and used == cached else "probe"
 
 

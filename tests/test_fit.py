@@ -149,6 +149,24 @@ def test_a_cached_answer_skips_the_search_and_is_still_tried(setup):
     assert device.tried == [8] and (fit.used, fit.grad_accum_steps, fit.decided_by) == (8, 4, "cache")
 
 
+def test_a_reduced_answer_made_while_memory_was_held_is_not_kept_once_it_is_free(tmp_path):
+    """A size cut down while another process held GPU memory would stick for that code all night: with a GiB
+    or more free than when it was decided, the search starts from the requested size again."""
+    cache, key, GiB = fitting.FitCache(tmp_path / "c.json"), {"requested": 16, "gpu": "test"}, 2**30
+
+    def search(max_rows, free_gib):
+        tried = []
+
+        def try_batch(size):
+            tried.append(size)
+            if size > max_rows:
+                raise torch.cuda.OutOfMemoryError(f"{size} rows")
+        return fitting.search(16, try_batch, lambda: None, cache, key, int(free_gib * GiB))[::2], tried
+    assert search(8, free_gib=10) == ((8, "probe"), [16, 8]), "another process held 6 GiB"
+    assert search(8, free_gib=10.5) == ((8, "cache"), [8]), "about as much free: the answer stands"
+    assert search(16, free_gib=16) == ((16, "probe"), [16]), "the memory came back: so did the full size"
+
+
 def test_a_cached_answer_that_no_longer_fits_searches_on_below_it(setup):
     setup(max_rows=16)
     fit, device = setup(max_rows=8)  # the same key, less room: the model's code changed its memory, not its key
