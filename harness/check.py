@@ -124,8 +124,8 @@ def verdict(f):
 
 def _driver_finding(f):
     problem = driver_problem(f.driver, f.torch_cuda)
-    if problem:
-        return ("FAIL" if problem[0] else "warn"), "driver", problem[1]
+    if problem:  # blocking only where torch cannot use the GPU: a forward-compatibility package may make it work
+        return ("FAIL" if problem[0] and f.gpu is None else "warn"), "driver", problem[1]
     if f.driver is None:
         return "info", "driver", "unknown (no nvidia-smi, or it sees no GPU)"
     need = min_driver(f.torch_cuda)

@@ -106,7 +106,7 @@ def driver_problem(driver, torch_cuda):
     """(blocking, line) for an NVIDIA driver version against the CUDA torch was built with, or None when
     fine or unknowable. Blocking: below even minor-version compatibility, so torch cannot use the GPU."""
     need = _MIN_DRIVER.get(_version(torch_cuda)[:2]) if driver and torch_cuda else None
-    if need is None:
+    if need is None or not _version(driver):  # not a version: unknowable, never "too old"
         return None
     full, floor = need
     if _version(driver) < floor:
@@ -158,8 +158,9 @@ def nvidia_driver():
                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    lines = smi.stdout.strip().splitlines() if smi.returncode == 0 else []
-    return lines[0].strip() if lines else None
+    lines = smi.stdout.splitlines() if smi.returncode == 0 else []
+    # the version line, not a warning nvidia-smi may print first (e.g. about the infoROM)
+    return next((line.strip() for line in lines if re.fullmatch(r"\d+(\.\d+)+", line.strip())), None)
 
 
 def c_compiler():

@@ -130,6 +130,9 @@ def test_an_old_driver_is_named_rather_than_the_missing_gpu():
     code, verdict, lines = judged(H100, driver="535.104.05")
     assert code == 0, verdict
     assert "warn  driver     NVIDIA driver 535.104.05 is older" in lines, lines
+    # torch uses the GPU all the same (a forward-compatibility package): a warning, never FAIL beside "ready"
+    code, verdict, lines = judged(H100, driver="470.82.01")
+    assert code == 0 and "warn  driver     NVIDIA driver 470.82.01 is too old" in lines, lines
 
 
 def test_no_triton_no_c_compiler_or_a_failed_compile_stop_with_code_4():
@@ -229,6 +232,10 @@ def test_without_cuda_an_old_driver_from_nvidia_smi_is_the_reason(monkeypatch, t
                                       "update the NVIDIA driver")
     smi.write_text("#!/bin/sh\necho 570.133.20\n")
     assert "AUTORESEARCH_PROFILE=cpu" in gpu.why_not_runnable()
+    smi.write_text("#!/bin/sh\necho 'WARNING: infoROM is corrupted at gpu 0000:4E:00.0'\necho 470.82.01\n")
+    assert gpu.nvidia_driver() == "470.82.01", "a warning line was taken for the version"
+    smi.write_text("#!/bin/sh\necho 'No devices were found'\n")
+    assert gpu.nvidia_driver() is None and gpu.driver_problem("No devices were found", "12.8") is None
 
 # train.py run as a script on a V100 that torch.cuda pretends to be: nothing reaches the device before the
 # check. torch.compile, which train.py only wraps functions with at import, is left out to save 5 s of imports.
