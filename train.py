@@ -13,7 +13,6 @@ t_process_start = time.time()  # startup_s counts the imports too (torch alone t
 os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 import gc
-import sys
 from contextlib import nullcontext
 from dataclasses import dataclass, asdict
 
@@ -552,9 +551,6 @@ def trial_step(B, model, optimizer, health, autocast_ctx):
 
 
 if __name__ == "__main__":
-    if gpu_profile and not torch.cuda.is_available():
-        sys.exit("train.py: the gpu profile needs a CUDA GPU and none is usable here; "
-                 "for a small CPU run use AUTORESEARCH_PROFILE=cpu (after `AUTORESEARCH_PROFILE=cpu uv run prepare.py`)")
     run = RunRecorder(collect_config(globals())).start()  # run_summary.json is written however the run ends
 
     # -----------------------------------------------------------------------
@@ -567,7 +563,7 @@ if __name__ == "__main__":
     torch.set_float32_matmul_precision("high")
     device = torch.device("cuda" if gpu_profile else "cpu")
     if gpu_profile and (reason := why_not_runnable()):
-        raise RunStopped(reason)  # no bf16 or no compiler: say what to do rather than time a different program
+        raise RunStopped(reason)  # no GPU, no bf16, no compiler: say what to do rather than time a different program
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if gpu_profile else nullcontext()
     synchronize = torch.cuda.synchronize if gpu_profile else lambda: None
     peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if gpu_profile else None  # None: MFU unknown
