@@ -66,6 +66,7 @@ class Worker:
     worktree: Path
     logs: Path
     proc: subprocess.Popen = None  # the agent session running now, None between sessions
+    lock: object = None            # the worktree's lock file, open and held (hold_lock)
     restart_at: float = 0.0
     sessions: int = 0
 
@@ -157,8 +158,13 @@ def registered_worktrees():
 
 
 def check_worktrees(workers, resume):
-    """Refuse before changing anything: a fresh launch needs new branches and paths, --resume existing branches."""
+    """Refuse before changing anything: a fresh launch needs new branches and paths, --resume at least one
+    existing branch (the others are made: a launch stopped during set-up made only some)."""
     listed = registered_worktrees()
+    if resume and not any(git("rev-parse", "--verify", "--quiet", f"refs/heads/{w.branch}", check=False) is not None
+                          for w in workers):
+        raise Refusal(f"--resume: there is no branch {workers[0].branch} or any other of this tag to resume; "
+                      "leave out --resume to start them")
     for w in workers:
         exists = git("rev-parse", "--verify", "--quiet", f"refs/heads/{w.branch}", check=False) is not None
         there = listed.get(w.worktree.resolve(), False)
@@ -166,8 +172,6 @@ def check_worktrees(workers, resume):
         if exists and not resume:
             raise Refusal(f"branch {w.branch} already exists: choose another --tag, "
                           "or add --resume to restart its worker where it stopped")
-        if resume and not exists:
-            raise Refusal(f"--resume: there is no branch {w.branch} to resume; leave out --resume to start it")
         if there is not False and there != w.branch:
             raise Refusal(f"{w.worktree} is a worktree of {there or 'a detached HEAD'}, not of {w.branch}: "
                           "pass another --worktrees DIR")
@@ -289,8 +293,11 @@ def start_session(w, command, env):
     w.sessions += 1
     log = w.logs / f"agent-{time.strftime('%Y%m%d-%H%M%S')}-{w.sessions}.jsonl"  # sorts in time order
     with open(log, "wb") as out, open(w.logs / "agent.err", "ab") as err:
+        # the session inherits the lock: should this launcher be killed outright, the agent it leaves running
+        # still holds it, and a relaunch refuses rather than start a second agent on the same GPU
         w.proc = subprocess.Popen(["bash", "-c", command], cwd=w.worktree, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=out, stderr=err, start_new_session=True)
+                                  stdout=out, stderr=err, start_new_session=True,
+                                  pass_fds=(w.lock.fileno(),) if w.lock else ())
     return log
 
 
@@ -390,7 +397,7 @@ def prepare_workers(args, workers, archive):
     envs = {}
     for w in workers:
         how = make_worktree(w, head)
-        locks[w.name] = locks.get(w.name) or hold_lock(w)
+        locks[w.name] = w.lock = locks.get(w.name) or hold_lock(w)
         envs[w.name] = worker_env(w, archive)
         print(f"{w.name}: {w.branch} in {w.worktree} ({how}), GPU {w.gpu or 'none'}, logs {w.logs}/", flush=True)
         run_step([sys.executable, "analyze.py", "pin"], w.worktree, envs[w.name], f"{w.name}: analyze.py pin",

@@ -156,8 +156,9 @@ def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once
     out = refused.communicate(timeout=60)[0]
     assert refused.returncode == 2 and out.count("\n") == 1, out
     assert f"branch autoresearch/{TAG}-0 already exists" in out and "--resume" in out, out
-    resumed = start("--gpus", ",".join(GPUS), "--resume")
-    wait_for(record, {f"{TAG}-0": [1, 2, 3], f"{TAG}-2": [1, 2]}, resumed)
+    # GPU 3's branch was never made, as when a launch is stopped during set-up: --resume makes it
+    resumed = start("--gpus", ",".join(GPUS + ["3"]), "--resume")
+    wait_for(record, {f"{TAG}-0": [1, 2, 3], f"{TAG}-2": [1, 2], f"{TAG}-3": [1]}, resumed)
     twice = start("--gpus", ",".join(GPUS), "--resume")
     said = twice.communicate(timeout=60)[0]
     assert twice.returncode == 2 and f"worker {TAG}-0 is already running" in said, said
@@ -171,8 +172,30 @@ def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once
         assert json.loads(p.read_text())["cwd"] == str(repo.parent / "alr-workers" / f"{TAG}-0"), "not resumed in place"
 
 
+def test_an_agent_left_by_a_killed_launcher_still_holds_its_worktree_lock(tmp_path):
+    """A launcher killed outright (SIGKILL, the OOM killer) leaves its agents running in their own sessions;
+    they hold the worktree's lock, so a relaunch refuses instead of starting a second agent on the GPU."""
+    import fcntl
+    sys.path.insert(0, str(ROOT))
+    import workers
+    lock = tmp_path / "autoresearch-worker.lock"
+    held = open(lock, "a")
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    w = workers.Worker(name="t-9", gpu="", worktree=tmp_path, logs=tmp_path / "logs", lock=held)
+    workers.start_session(w, "sleep 30", dict(os.environ))
+    held.close()  # the launcher is gone; its agent is not
+    try:
+        with open(lock, "a") as again, pytest.raises(BlockingIOError):
+            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.killpg(w.proc.pid, signal.SIGKILL)
+        w.proc.wait(timeout=10)
+    with open(lock, "a") as again:
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the agent gone, the lock is free
+
+
 @pytest.mark.parametrize("args,says", [
-    (["--tag", "u", "--workers", "1", "--resume"], "there is no branch autoresearch/u-0 to resume"),
+    (["--tag", "u", "--workers", "1", "--resume"], "there is no branch autoresearch/u-0 or any other of this tag to resume"),
     (["--gpus", "1,1"], "GPUs 1,1: one appears twice"),
     (["--workers", "1", "--archive", "/tmp/elsewhere"], "name the directory .auto-log-research"),
     (["--workers", "1", "--tag", "a b"], "--tag 'a b'"),
