@@ -1,4 +1,5 @@
-"""`uv run prepare.py --check`: can this machine run the current profile? Changes nothing, downloads nothing.
+"""`uv run prepare.py --check`: can this machine run the current profile? Downloads nothing and changes
+nothing of the project or its data (the compile probe leaves its kernels in torch's and Triton's caches).
 
 Prints one line per finding and the verdict last, and exits with a status a script can use:
     0  a run can start
@@ -21,7 +22,7 @@ from harness.gpu import (MIN_CAPABILITY, bf16_problem, c_compiler, compiler_prob
 
 # Memory of karpathy/autoresearch's baseline (gpu profile): peak_vram_mb 45060.2 at DEVICE_BATCH_SIZE 128 on
 # an H100 (his README). Modelled as a fixed part (the 50M parameters with their gradients and optimizer
-# state, ~0.8 GiB, rounded up) plus a per-row part (activations of one 2048-token row), plus headroom for
+# state, ~0.5 GiB, rounded up to 1 GiB) plus a per-row part (activations of one 2048-token row), plus headroom for
 # what max_memory_allocated does not count (allocator slack, workspaces). An estimate, not a measurement.
 BASELINE_ROWS = 128                  # AR's DEVICE_BATCH_SIZE
 BASELINE_PEAK_MIB = 45060.2          # AR's peak_vram_mb at those rows

@@ -1,7 +1,8 @@
 """The device batch that fits: when DEVICE_BATCH_SIZE does not fit in GPU memory, the largest
 power-of-two fraction of it that does, with TOTAL_BATCH_SIZE kept by gradient accumulation. The
-optimizer sees the same tokens per step and the same math as karpathy/autoresearch's; only the number
-of micro-steps per step changes, and so the step time.
+optimizer sees the same tokens per step and the same math as karpathy/autoresearch's up to rounding (the
+bf16 embedding gradients are summed over more micro-steps); the number of micro-steps per step changes,
+and so the step time.
 
 train.py calls it once, after building the model and optimizer and before the timed loop:
 

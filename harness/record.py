@@ -31,7 +31,7 @@ import torch
 
 import prepare
 from harness.pin import is_pinned
-from harness.gpu import nvidia_driver, peak_bf16_flops, why_not_runnable  # noqa: F401  (the last two: train.py's one import line)
+from harness.gpu import nvidia_driver, peak_bf16_flops, why_not_runnable  # noqa: F401  (the last two: for train.py's import line)
 from harness.progress import ProgressLine  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -275,8 +275,9 @@ class RunRecorder:
             status = "diverged" if issubclass(exc_type, Diverged) else "crash"
             error = _tail("".join(traceback.format_exception(exc_type, exc, tb)))
             if is_out_of_memory(exc):  # the line that says what to do first, the traceback's tail after it
-                print(f"train.py: {self._out_of_memory_line()}", file=sys.stderr)
-                error = f"{self._out_of_memory_line()}\n{_tail(error, max_lines=30)}"
+                line = self._out_of_memory_line()
+                print(f"train.py: {line}", file=sys.stderr)
+                error = f"{line}\n{_tail(error, max_lines=30)}"
         self._close(status, error)
         return True
 
@@ -384,7 +385,7 @@ class RunRecorder:
     def record_fit(self, fit):
         """run_summary.json's device_batch block: the DeviceBatch harness.fit decided (requested, used, ...)."""
         self.extra["device_batch"] = dataclasses.asdict(fit)
-        self.hard_cap_s += fit.seconds or 0.0  # trying sizes happens before the budget: it must not eat the cap
+        self.hard_cap_s += fit.seconds  # trying sizes happens before the budget: it must not eat the cap
 
     def _out_of_memory_line(self):
         """What to do about an out-of-memory crash, in one line that names the device batch."""
