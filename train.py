@@ -546,7 +546,7 @@ def trial_step(B, model, optimizer, health, autocast_ctx):
             loss, act_rms = model(x, y, return_act_rms=True)
         loss.backward()
         health.before_step()
-        optimizer.step()
+        optimizer.step()  # its state is created at the first: the second step runs beside it
         health.after_step(act_rms)
 
 

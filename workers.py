@@ -393,7 +393,8 @@ def prepare_workers(args, workers, archive):
     locks = {w.name: hold_lock(w) for w in workers if (w.worktree / ".git").exists()}
     # the data first: if it cannot be prepared, no branch is made and the same command can be run again
     print("preparing the data once for every worker (prepare.py; a second time does no work)", flush=True)
-    run_step([sys.executable, "prepare.py"], HERE, dict(os.environ), "prepare.py")
+    shards = [] if args.num_shards is None else ["--num-shards", str(args.num_shards)]
+    run_step([sys.executable, "prepare.py", *shards], HERE, dict(os.environ), "prepare.py")
     envs = {}
     for w in workers:
         how = make_worktree(w, head)
@@ -412,6 +413,7 @@ def parse_args(argv):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--gpus", help="comma-separated GPU indices (default: every GPU visible)")
     which.add_argument("--workers", type=int, help="N workers without a GPU (the cpu profile, or trying it out)")
+    p.add_argument("--num-shards", type=int, help="training shards prepare.py makes sure of (default: its own)")
     p.add_argument("--resume", action="store_true", help="restart the workers of existing branches <tag>-<n>")
     p.add_argument("--agent", default=AGENT, help="the agent's shell command, run in its worktree "
                                                   f"(default: {AGENT})")

@@ -299,11 +299,11 @@ def test_setup_prepares_each_node_and_run_starts_its_workers_with_the_node_rank(
                            capture_output=True, text=True).stdout
     assert email.strip(), "on a fresh node git has no identity, and the agents commit"
     run = run_script(sky_task["run"], envs, tmp_path, SKYPILOT_NODE_RANK="1")
-    assert run == [f"{alr}: uv run workers.py --tag dec2-n1"], run
+    assert run == [f"{alr}: uv run workers.py --tag dec2-n1 --num-shards 10"], run  # no more than setup made
     # a later `sky exec` syncs new code and copies .git over the workdir's: the clone follows its HEAD
     subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "new code"], cwd=workdir, check=True)
     run = run_script(sky_task["run"], {**envs, "ARGS": "--resume"}, tmp_path, SKYPILOT_NODE_RANK="0")
-    assert run == [f"{alr}: uv run workers.py --tag dec2-n0 --resume"], run
+    assert run == [f"{alr}: uv run workers.py --tag dec2-n0 --num-shards 10 --resume"], run
     assert head(alr) == head(workdir)
 
 
