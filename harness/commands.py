@@ -94,23 +94,29 @@ def cmd_best():
     latest = latest_row(rows, worker) or latest_row(rows)  # a worker with no runs yet (or a view): the latest of any
     harness, gpu = (latest["harness"], row_gpu(latest) or None) if latest else ("", None)
     pool = comparable(rows, harness, gpu)
-    best, passed = vetted_best([r for r in pool if own(r, worker)])
+    if paths().view:  # a view belongs to no worker: its best is the best of all workers' bests
+        worker = None
+    best, passed = vetted_best([r for r in pool if own(r, worker)]) if worker else (None, [])
     for row, problems in passed:  # stderr: the first line of stdout stays the best's id
         print(f"analyze.py: {row['run_id']} is passed over as best, its evidence is inconsistent: "
               f"{problems[0]} (`uv run analyze.py audit` lists all)", file=sys.stderr)
-    if best is None:
+    if worker is not None and best is None:
         renamed_hint(rows, worker)
         print(("no best run yet" if any(own(r, worker) for r in rows) or not rows else f"no run of worker {worker}")
               + ": no valid run under the latest harness" + (" whose evidence is consistent" if passed else ""))
-    else:
+    elif worker is not None:
         print(best_line(best, "most recently kept" if best["status"] == "keep"
                         else "lowest val_bpb of the pending runs (none kept yet)"))
     others = list(dict.fromkeys(r["worker"] for r in pool if r.get("worker") and r["worker"] != worker))
-    if others:
-        bests = [b for w in [worker, *others] if (b := pick_best(rows, harness, gpu, w)) is not None]
-        top = min(bests, key=row_bpb)
-        print(best_line(top, f"the lowest of {len(bests)} workers' bests (harness {harness}, GPU "
-                             f"{gpu or 'unknown'}), worker {top.get('worker') or '?'}", "all workers: "))
+    if others or worker is None:  # a view of archives from before the worker column has one unnamed worker
+        names = [worker, *others] if worker is not None else others or [None]
+        bests = [b for w in names if (b := pick_best(rows, harness, gpu, w)) is not None]
+        if bests:
+            top = min(bests, key=row_bpb)
+            print(best_line(top, f"the lowest of {len(bests)} workers' bests (harness {harness}, GPU "
+                                 f"{gpu or 'unknown'}), worker {top.get('worker') or '?'}", "all workers: "))
+        elif worker is None:
+            print("no best run yet: no valid run under the latest harness in these archives")
     return 0
 
 
