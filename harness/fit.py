@@ -181,14 +181,17 @@ def code_sha(source):
     return _sha(re.sub(r"(?m)^[A-Z][A-Z0-9_]*\s*=.*\n?", "", text))
 
 
+def device_identity(device):
+    """(name, total memory in bytes) of a CUDA device; (the device type, None) elsewhere."""
+    if device.type != "cuda":
+        return device.type, None
+    props = torch.cuda.get_device_properties(device)
+    return props.name, props.total_memory
+
+
 def fit_key(requested, seq_len, model, config, source, max_rows):
     """What the answer depends on: the GPU, torch, the shapes that set activation memory, and the code."""
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        gpu, memory = props.name, props.total_memory
-    else:
-        gpu, memory = device.type, None
+    gpu, memory = device_identity(next(model.parameters()).device)
     params = [(name, list(p.shape), str(p.dtype)) for name, p in model.named_parameters()]
     return {"gpu": gpu, "gpu_memory_bytes": memory, "torch": torch.__version__, "max_seq_len": seq_len,
             "requested": requested, "params_sha": _sha(params), "config": config,

@@ -193,13 +193,18 @@ def test_a_hyperparameter_change_keeps_the_cached_answer(setup):
     assert fit.decided_by == "cache"
 
 
-def test_the_key_names_the_gpu_and_its_memory(tmp_path):
+def test_the_key_names_the_gpu_and_its_memory(tmp_path, monkeypatch):
+    """An answer found on one card is never used on another, nor on the same model with more memory."""
+    model, _ = tiny_model()
     cache = fitting.FitCache(tmp_path / "c.json")
-    key = {"gpu": "NVIDIA A10", "gpu_memory_bytes": 24 * 2**30, "requested": 16}
-    cache.put(key, 4, [16, 8])
-    assert cache.get(key) == 4
-    assert cache.get({**key, "gpu": "NVIDIA L4"}) is None
-    assert cache.get({**key, "gpu_memory_bytes": 48 * 2**30}) is None
+
+    def key_on(name, gib):
+        monkeypatch.setattr(fitting, "device_identity", lambda device: (name, gib * 2**30))
+        return fitting.fit_key(16, T, model, asdict(model.config), None, None)
+    cache.put(key_on("NVIDIA A10", 24), 4, [16, 8])
+    assert cache.get(key_on("NVIDIA A10", 24)) == 4
+    assert cache.get(key_on("NVIDIA L4", 24)) is None
+    assert cache.get(key_on("NVIDIA A10", 48)) is None
 
 
 @pytest.mark.parametrize("content", ["{not json", '{"format": "someone else", "entries": {}}',
