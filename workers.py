@@ -34,13 +34,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+# the archive's name: .claude/settings.json lets an agent edit analysis.md only under it
+from harness.archive import ARCHIVE_NAME
+
 # ---------------------------------------------------------------------------
 # Defaults
 
 HERE = Path(__file__).resolve().parent
 AGENT = ("cat program.md | claude -p --permission-mode dontAsk --max-turns 500 "
          "--output-format stream-json --verbose --add-dir \"$AUTORESEARCH_ARCHIVE\"")  # README's loop body
-ARCHIVE_NAME = ".auto-log-research"  # .claude/settings.json lets an agent edit analysis.md only under this name
 LOGS = Path("~/alr-logs")  # as README's overnight loop
 PAUSE_S = 30               # between an agent's exit and its restart, as README's loop
 GRACE_S = 15               # between SIGTERM and SIGKILL at shutdown
