@@ -278,10 +278,14 @@ def comparable(rows, harness, gpu=None):
             and row_bpb(r) is not None and (gpu is None or same_gpu(row_gpu(r), gpu))]
 
 
+def own_comparable(rows, harness, gpu=None, worker=None):
+    """The comparable runs (see comparable) that are `worker`'s own (anyone's when None)."""
+    return [r for r in comparable(rows, harness, gpu) if own(r, worker)]
+
+
 def pick_best(rows, harness, gpu=None, worker=None):
-    """The best among the runs comparable under `harness` (see best_after_each) that are `worker`'s own
-    (anyone's when None), or None."""
-    return vetted_best([r for r in comparable(rows, harness, gpu) if own(r, worker)])[0]
+    """The best among `worker`'s comparable runs (see best_after_each), or None."""
+    return vetted_best(own_comparable(rows, harness, gpu, worker))[0]
 
 
 def best_for(rows, row):
@@ -325,7 +329,7 @@ def best_after_each(pool):
 
 def previous_for(rows, row):
     """The worker's latest run comparable with `row`."""
-    pool = [r for r in comparable(rows, row.get("harness", ""), row_gpu(row)) if own(r, row.get("worker"))]
+    pool = own_comparable(rows, row.get("harness", ""), row_gpu(row), row.get("worker"))
     return pool[-1] if pool else None
 
 

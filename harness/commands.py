@@ -5,9 +5,10 @@ writes to the archive holds its lock.
 import sys
 from pathlib import Path
 
-from harness.archive import (append_decision, archive_lock, best_for, comparable, die, find_own_row, find_row, latest_row,
-                             load_run, own, paths, pick_best, read_json, read_results, remove_leftovers, row_bpb,
-                             row_gpu, vetted_best, worker_name, write_current_best, write_results)
+from harness.archive import (append_decision, archive_lock, best_for, comparable, die, find_own_row, find_row,
+                             latest_row, load_run, own, own_comparable, paths, pick_best, read_json, read_results,
+                             remove_leftovers, row_bpb, row_gpu, vetted_best, worker_name, write_current_best,
+                             write_results)
 from harness.audit import run_problems
 from harness.capture import capture_run, head_commit, record_run, uncommitted_train_py
 from harness.changes import code_diff, config_diff
@@ -96,7 +97,7 @@ def cmd_best():
     pool = comparable(rows, harness, gpu)
     if paths().view:  # a view belongs to no worker: its best is the best of all workers' bests
         worker = None
-    best, passed = vetted_best([r for r in pool if own(r, worker)]) if worker else (None, [])
+    best, passed = vetted_best(own_comparable(rows, harness, gpu, worker)) if worker else (None, [])
     for row, problems in passed:  # stderr: the first line of stdout stays the best's id
         print(f"analyze.py: {row['run_id']} is passed over as best, its evidence is inconsistent: "
               f"{problems[0]} (`uv run analyze.py audit` lists all)", file=sys.stderr)
