@@ -65,9 +65,7 @@ def cuda_compile(fn):
     """fn under torch.compile where CUDA is present; elsewhere fn itself (no compiler start-up on a CPU)."""
     return torch.compile(fn, dynamic=False, fullgraph=True) if torch.cuda.is_available() else fn
 
-
 flex_attention_compiled = cuda_compile(flex_attention)
-
 
 def sliding_window_block_mask(T, window, device):
     """flex_attention's block mask: skips the key blocks a query can never see."""
@@ -75,18 +73,15 @@ def sliding_window_block_mask(T, window, device):
         return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
     return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
 
-
 def sliding_window_bool_mask(T, window, device):
     """SDPA's boolean mask (True = attend), (T, T)."""
     pos = torch.arange(T, device=device)
     dist = pos[:, None] - pos[None, :]  # query position minus key position
     return (dist >= 0) & (dist <= window)
 
-
 def sliding_window_mask(T, window, device):
     build = sliding_window_block_mask if torch.device(device).type == "cuda" else sliding_window_bool_mask
     return build(T, window, device)
-
 
 def attention(q, k, v, mask):
     """Causal attention, (B, H, T, D) in and out. mask: None (full context), a BlockMask or a bool mask."""
@@ -263,16 +258,11 @@ class GPT(nn.Module):
         return 6 * (nparams - nparams_exclude) + attn_flops
 
     def num_scaling_params(self):
-        wte = sum(p.numel() for p in self.transformer.wte.parameters())
-        value_embeds = sum(p.numel() for p in self.value_embeds.parameters())
-        lm_head = sum(p.numel() for p in self.lm_head.parameters())
-        transformer_matrices = sum(p.numel() for p in self.transformer.h.parameters())
-        scalars = self.resid_lambdas.numel() + self.x0_lambdas.numel()
-        total = wte + value_embeds + lm_head + transformer_matrices + scalars
-        return {
-            "wte": wte, "value_embeds": value_embeds, "lm_head": lm_head,
-            "transformer_matrices": transformer_matrices, "scalars": scalars, "total": total,
-        }
+        modules = {"wte": self.transformer.wte, "value_embeds": self.value_embeds, "lm_head": self.lm_head,
+                   "transformer_matrices": self.transformer.h}
+        counts = {name: sum(p.numel() for p in m.parameters()) for name, m in modules.items()}
+        counts["scalars"] = self.resid_lambdas.numel() + self.x0_lambdas.numel()
+        return {**counts, "total": sum(counts.values())}
 
     def setup_optimizer(self, unembedding_lr=0.004, embedding_lr=0.2, matrix_lr=0.02,
                         weight_decay=0.0, adam_betas=(0.8, 0.95), scalar_lr=0.5):
@@ -582,11 +572,8 @@ if __name__ == "__main__":
     model.attention_masks(MAX_SEQ_LEN, model.cos.device)  # before torch.compile, keyed as forward asks ("cuda:0")
 
     param_counts = model.num_scaling_params()
-    print("Parameter counts:")
-    for key, value in param_counts.items():
-        print(f"  {key:24s}: {value:,}")
-    num_params = param_counts["total"]
-    num_flops_per_token = model.estimate_flops()
+    print("Parameter counts:\n" + "\n".join(f"  {key:24s}: {value:,}" for key, value in param_counts.items()))
+    num_params, num_flops_per_token = param_counts["total"], model.estimate_flops()
     print(f"Estimated FLOPs per token: {num_flops_per_token:e}")
     run.set(num_params_M=num_params / 1e6, depth=DEPTH)
 
@@ -607,8 +594,7 @@ if __name__ == "__main__":
     train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device.type)
     x, y, epoch = next(train_loader)  # prefetch first batch
 
-    print(f"Time budget: {TIME_BUDGET}s")
-    print(f"Gradient accumulation steps: {grad_accum_steps}")
+    print(f"Time budget: {TIME_BUDGET}s\nGradient accumulation steps: {grad_accum_steps}")
 
     # in-training val/bpb, each in its own row; no model.eval(): no dropout, and the mode flip would recompile
     val_curve = ValCurve(run, lambda: evaluate_bpb_sample(model, tokenizer, device_batch_size, VAL_TOKENS),
@@ -652,9 +638,7 @@ if __name__ == "__main__":
         optimizer.step()
         layer_stats = health.after_step(act_rms) if want_stats else None
         model.zero_grad(set_to_none=True)
-
         train_loss_f, layer_metrics = health.fetch(train_loss, layer_stats)  # one device-to-host transfer
-
         synchronize()
         t1 = time.time()
         dt = t1 - t0
@@ -664,13 +648,11 @@ if __name__ == "__main__":
         else:
             warmup_time += dt
 
-        # Logging
         ema_beta = 0.9
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
         mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops if peak_flops else None
-        remaining = max(0, TIME_BUDGET - total_training_time)
 
         run.log(step, elapsed_s=total_training_time, **{
             "train/loss": train_loss_f, "train/loss_smooth": debiased_smooth_loss, "train/lr_multiplier": lrm,
@@ -680,7 +662,7 @@ if __name__ == "__main__":
         run.check_divergence(step, train_loss_f)  # fast fail, once the step is on record: NaN or > 100 is 'diverged'
         progress_line.update(f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
                              f"dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {f'{mfu:.1f}%' if mfu else 'n/a'} | "
-                             f"epoch: {epoch} | remaining: {remaining:.0f}s")
+                             f"epoch: {epoch} | remaining: {max(0, TIME_BUDGET - total_training_time):.0f}s")
 
         # GC management (Python's GC causes ~500ms stalls)
         if step == 0:
@@ -707,7 +689,6 @@ if __name__ == "__main__":
         val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
     run.timing("final_eval_s", time.time() - t0)
 
-    # Final summary
     t_end = time.time()
     timed_steps = step - TIMING_SKIP_STEPS - 1  # the steps in total_training_time (AR's step - 10 counts one more)
     steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / peak_flops
