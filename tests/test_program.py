@@ -7,6 +7,7 @@ each command as Claude Code's rules would.
 """
 import json
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -130,18 +131,25 @@ def test_every_command_program_md_gives_is_allowed(settings, program):
 
 def test_program_md_gives_the_loop_commands(program):
     cmds = agent_commands(program)
-    for needed in ["uv run train.py > run.log 2>&1", "uv run analyze.py", "git add train.py",
-                   f"git checkout {PLACEHOLDER} -- train.py"]:
+    for needed in [f'uv run analyze.py run "{PLACEHOLDER}"', f"git checkout {PLACEHOLDER} -- train.py"]:
         assert needed in cmds, f"program.md never tells the agent to run {needed!r}"
     assert any(c.startswith("git checkout -b autoresearch/") for c in cmds)
-    assert any(c.startswith("git commit -m ") for c in cmds)
+
+
+def test_program_md_is_short_and_the_harness_decides(program, settings):
+    """One command per experiment: the agent reads a short file once, and never overrides a decision."""
+    lines = len(program.splitlines())
+    assert lines <= 150, f"program.md has {lines} lines (goal <= 150)"
+    assert "Re-read this file" not in program
+    assert decide(settings, "Bash", "uv run analyze.py status a1b2c3d keep") == "deny"
+    assert decide(settings, "Bash", "uv run analyze.py status a1b2c3d discard") == "allow"
+    assert decide(settings, "Bash", 'uv run analyze.py run "MATRIX_LR 0.04 -> 0.05"') == "allow"
 
 
 def test_program_md_uses_every_analyze_subcommand(program):
     cmds = agent_commands(program)
     for sub in ["list", "best", "audit", "pin", f"show {PLACEHOLDER}", f"compare {PLACEHOLDER} {PLACEHOLDER}",
-                f"status {PLACEHOLDER} keep", f"status {PLACEHOLDER} discard", f"status {PLACEHOLDER} crash",
-                "workers", "claims", "insights", f'claim "{PLACEHOLDER}"']:
+                f'run "{PLACEHOLDER}"', "workers", "claims", "insights", f'claim "{PLACEHOLDER}"']:
         assert f"uv run analyze.py {sub}" in cmds, f"program.md never runs `uv run analyze.py {sub}`"
 
 
@@ -155,7 +163,7 @@ def test_program_md_tells_a_worker_how_to_learn_from_the_others(program):
 
 
 def test_program_md_names_the_knowledge_files(program):
-    for needed in [".auto-log-research/insights.md", ".auto-log-research/ideas_queue.md",
+    for needed in ["insights.md", ".auto-log-research/ideas_queue.md",
                    "## Current Best", "Agent notes", "train/progress", "metrics.jsonl", "run.log"]:
         assert needed in program, f"program.md does not mention {needed!r}"
 
@@ -293,9 +301,8 @@ def test_program_md_python_examples_run_on_archived_metrics(program, tmp_path, m
     for run_id, offset in (("a1b2c3d", 0.0), ("a1b2c3d-2", 0.001), ("e4f5a6b", -0.2)):
         write_metrics(archive / run_id / "metrics.jsonl", offset)
     blocks = re.findall(r"```python\n(.*?)```", program, re.S)
-    assert len(blocks) >= 3, "program.md lost its worked Python examples"
+    assert blocks, "program.md lost its worked Python example"
     monkeypatch.chdir(tmp_path / "worktree")
-    exec(compile("\n".join(blocks), "program.md", "exec"), {})
+    exec(compile("\n".join(textwrap.dedent(b) for b in blocks), "program.md", "exec"), {})
     out = capsys.readouterr().out
-    assert "120 training steps; last step 119" in out, out
-    assert "diverges at progress" in out and "new run ahead" in out, out
+    assert "0.1: -0.02" in out and "1.0: -0.2" in out, out  # e4f5a6b is ahead by 0.2 x progress
