@@ -28,9 +28,12 @@ from harness.metrics import Metrics, read_metrics
 
 ARCHIVE_NAME = ".auto-log-research"  # the default archive, and each worktree's own notes, at the repository root
 RECORD_JSON = "record.json"          # per run: its identity, input problems, pin, and file digests
+MEASUREMENT_JSON = "measurement.json"  # per run of `analyze.py run`: the harness's own measurement and checks
 COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",  # karpathy/autoresearch's five
            "run_id", "outcome", "harness", "train_py_sha", "num_steps", "mfu_percent",
-           "training_seconds", "started_at", "run_key", "branch", "code_sha", "worker", "gpu")
+           "training_seconds", "started_at", "run_key", "branch", "code_sha", "worker", "gpu",
+           # what `analyze.py run` measures itself; "" in a bare archive's rows and in older ones
+           "measured", "heldout_bpb", "machine_speed", "wall_s", "outside_s", "caught", "decision")
 
 
 @dataclass
@@ -261,7 +264,7 @@ def same_gpu(a, b):
 def row_bpb(row):
     """val_bpb of a row as a float, or None for a run that did not finish (karpathy writes 0.000000
     there), whatever status it was given since."""
-    if row.get("status") == "crash" or row.get("outcome", "ok") not in ("ok", ""):
+    if row.get("status") in ("crash", "interrupted") or row.get("outcome", "ok") not in ("ok", ""):
         return None
     try:
         value = float(row.get("val_bpb", ""))
@@ -294,20 +297,19 @@ def best_for(rows, row):
 
 
 def vetted_best(pool):
-    """(best, passed over): the rule of best_after_each, passing over every run whose evidence audit
-    finds inconsistent (a status or val_bpb edited by hand, an archived file changed, ...), so such a
-    run is never the best. `passed over` is [(row, problems)]. Only the candidates are checked, so the
-    cost does not grow with history. Rows without a run_id (karpathy/autoresearch's own five-column
-    results.tsv) have no evidence to check and are taken as they are."""
+    """(best, passed over): the most recently kept run of `pool` (comparable rows, in order), passing
+    over every run whose evidence audit finds inconsistent (a status or val_bpb edited by hand, an
+    archived file changed, ...), so such a run is never the best. `passed over` is [(row, problems)].
+    Only the candidates are checked, so the cost does not grow with history. Rows without a run_id
+    (karpathy/autoresearch's own five-column results.tsv) have no evidence to check and are taken as
+    they are."""
     from harness.audit import run_problems  # audit reads the archive through this module
     passed = []
-    while pool:
-        best = best_after_each(pool)[-1]
-        problems = run_problems(best) if best is not None and "run_id" in best else []
+    for best in reversed([r for r in pool if r["status"] == "keep"]):
+        problems = run_problems(best) if "run_id" in best else []
         if not problems:
             return best, passed
         passed.append((best, problems))
-        pool = [r for r in pool if r is not best]
     return None, passed
 
 
@@ -315,15 +317,12 @@ def best_after_each(pool):
     """The best after each row of `pool` (comparable rows, in order), None before there is one. The best
     is the run the branch stands on: the most recently kept one, as keep advances the branch in
     karpathy/autoresearch. It need not have the lowest val_bpb: a simplification kept inside the noise
-    band is the new base. Before anything is kept, the lowest not-yet-judged run."""
-    kept = lowest = None
-    out = []
+    band is the new base. A pending run is never the best: until a run is kept there is none, so a run
+    nobody decided (the README's quick-start run) sets no bar."""
+    kept, out = None, []
     for r in pool:
-        if r["status"] == "keep":
-            kept = r
-        elif r["status"] == "pending" and (lowest is None or row_bpb(r) < row_bpb(lowest)):
-            lowest = r
-        out.append(kept or lowest)
+        kept = r if r["status"] == "keep" else kept
+        out.append(kept)
     return out
 
 
@@ -455,7 +454,8 @@ class Run:
     summary: dict | None
     metrics: Metrics | None
     notes: list
-    best_id: str | None = None  # the best when it was archived, from record.json
+    best_id: str | None = None        # the best when it was archived, from record.json
+    measurement: dict | None = None   # measurement.json: what `analyze.py run` measured itself; None for a bare archive
 
     @property
     def dir(self):
@@ -474,4 +474,6 @@ def load_run(row):
     record = read_json(run_dir / RECORD_JSON)[0] or {}
     metrics, metric_notes = (read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists()
                              else (None, []))
-    return Run(row["run_id"], row, summary, metrics, record.get("notes", []) + metric_notes, record.get("best"))
+    measurement = read_json(run_dir / MEASUREMENT_JSON)[0] if (run_dir / MEASUREMENT_JSON).exists() else None
+    return Run(row["run_id"], row, summary, metrics, record.get("notes", []) + metric_notes, record.get("best"),
+               measurement)

@@ -11,11 +11,12 @@ from harness.archive import (Run, best_for, comparable, load_run, own, paths, pr
                              row_gpu, same_gpu, vetted_best, write_atomic)
 from harness.capture import check_harness, uncommitted_train_py
 from harness.changes import config_diff, config_only, diff_summary
+from harness.decide import MACHINE_DRIFT, PROBE_SPREAD, Decision, Standing, judge, standing
 from harness.identity import row_code, same_code
 from harness.metrics import (SPIKE_WINDOW, SPIKE_Z, STALL_FACTOR, last_tenth_trend,
                              layer_medians, loss_spikes, throughput_stats)
-from harness.noise import (MIN_DOF, NOISE_SIGMAS, SPEED_FLOOR, Noise, compare_curves, compare_steps, difference_band,
-                           equal_steps, noise_band, row_steps)
+from harness.noise import (MIN_DOF, NOISE_SIGMAS, SPEED_FLOOR, Noise, compare_curves, compare_steps, equal_steps,
+                           row_steps)
 from harness.plots import draw_layer_heatmap, draw_overlays
 
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
@@ -38,12 +39,14 @@ class Context:
     noise: Noise
     harness_change: str | None  # which of prepare.py / analyze.py differ from the pinned sha256
     uncommitted: tuple | None   # (sha256 as run, sha256 at the commit) of a train.py run with uncommitted changes
+    standing: Standing          # the facts the decision is taken on, which every other line uses too
+    decision: Decision
 
 
 def build_context(run, rows):
     """Measured against what came before it, and against the best its diff.patch was written against
     (decisions taken since may have changed which run is best), so a rebuilt analysis.md reads as the
-    original did."""
+    original did. The decision is taken against that same best."""
     history = rows[:rows.index(run.row) + 1]
     recorded = next((r for r in history[:-1] if run.best_id and r.get("run_id") == run.best_id), None)
     best_row = recorded or best_for(history[:-1], run.row)
@@ -52,8 +55,9 @@ def build_context(run, rows):
     prev = best if prev_row is best_row else (load_run(prev_row) if prev_row else None)
     diff = (run.dir / "diff.patch").read_text() if (run.dir / "diff.patch").exists() else ""
     changed = check_harness(run.summary) if run.summary else None
-    return Context(run, best, prev, history, diff, noise_band(history, run.row), changed,
-                   uncommitted_train_py(run.summary))
+    facts = standing(run.row, history, best_row, run.measurement)
+    return Context(run, best, prev, history, diff, facts.noise, changed, uncommitted_train_py(run.summary), facts,
+                   judge(facts))
 
 
 def report_run(run, rows):
@@ -78,25 +82,13 @@ def fmt(x, spec=".4f", unit=""):
 
 def section_headline(ctx):
     run, s = ctx.run, ctx.run.summary or {}
-    lines = [f"# Run {run.id}", "", "## Headline",
-             f"- val_bpb **{fmt(run.bpb, '.6f')}**, status `{run.row['status']}`, outcome `{run.row['outcome']}`",
+    lines = [f"# Run {run.id}", "", "## Headline", number_line(ctx),
              f"- commit {run.row['commit']}: {run.row['description'] or '(no subject)'}; harness "
              f"{run.row['harness'] or 'unknown'}; {run.row.get('num_steps') or 'n/a'} steps, "
-             f"{fmt(s.get('training_seconds'), '.1f')} s training, peak VRAM "
+             f"{fmt(s.get('training_seconds'), '.1f')} s training{wall_time(run)}, peak VRAM "
              f"{fmt(None if s.get('peak_vram_mb') is None else s['peak_vram_mb'] / 1024, '.1f', ' GiB')}"]
-    others = (("best", ctx.best),) + ((("previous", ctx.prev),) if ctx.prev is not ctx.best else ())
-    against = []
-    for label, other in others:
-        if other is None:
-            against.append(f"vs {label}: no earlier comparable run")
-        elif run.bpb is not None:
-            delta = run.bpb - other.bpb
-            against.append(f"vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
-                           f"({'better' if delta < 0 else 'worse' if delta > 0 else 'equal'})")
-    lines += ["- " + "; ".join(against)] if against else []
-    lines += other_gpu_line(ctx) + learning_vs_speed(ctx) + machine_line(ctx)
-    lines.append(f"- verdict, this run alone: {verdict(ctx)}")
-    lines += mean_verdict(ctx)
+    lines += against_line(ctx) + machine_speed_line(ctx) + caught_lines(run) + other_gpu_line(ctx)
+    lines += learning_vs_speed(ctx) + machine_line(ctx)
     if ctx.uncommitted:
         ran, committed = ctx.uncommitted
         lines.append(f"- [uncommitted changes]: train.py as run (sha256 {ran[:8]}) is not commit {run.row['commit']}'s "
@@ -106,6 +98,82 @@ def section_headline(ctx):
                      "(or a crash) and is never the best")
     lines += [f"- note: {n}" for n in run.notes]
     return "\n".join(lines)
+
+
+def number_line(ctx):
+    """val_bpb and whose number it is: the harness's own measurement (`analyze.py run`: the model
+    re-evaluated on the pinned rows and on the held-out shard), or, in a bare archive, train.py's."""
+    run, m = ctx.run, ctx.run.measurement or {}
+    line = f"- val_bpb **{fmt(run.bpb, '.6f')}**, status `{run.row['status']}`, outcome `{run.row['outcome']}`"
+    if run.bpb is None:
+        return line
+    if not ctx.decision.measured:
+        return line + "; the number the run printed itself (archived by `analyze.py`, not measured by the harness)"
+    heldout = number(m.get("heldout_bpb"), run.row.get("heldout_bpb"))
+    reported = number(m.get("reported_val_bpb"))
+    return (line + "; measured by the harness" + (f" (train.py printed {reported:.6f})" if reported is not None else "")
+            + f"; held-out bpb {fmt(heldout, '.6f')}")
+
+
+def number(*values):
+    """The first of `values` that is a finite number (a JSON number or a results.tsv field), or None."""
+    for value in values:
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            continue
+        if np.isfinite(x):
+            return x
+    return None
+
+
+def wall_time(run):
+    m = run.measurement or {}
+    wall, outside = number(m.get("wall_s"), run.row.get("wall_s")), number(m.get("outside_s"), run.row.get("outside_s"))
+    return "" if wall is None else f", {wall:.1f} s wall" + ("" if outside is None else f" ({outside:.1f} s outside the budget)")
+
+
+def against_line(ctx):
+    """This run's val_bpb against the best's and the previous run's: one run against one, as facts; the
+    decision's delta is of the means."""
+    run, against = ctx.run, []
+    others = (("best", ctx.best),) + ((("previous", ctx.prev),) if ctx.prev is not ctx.best else ())
+    for label, other in others:
+        if other is None:
+            against.append(f"vs {label}: no earlier comparable run")
+        elif run.bpb is not None:
+            delta = run.bpb - other.bpb
+            against.append(f"vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
+                           f"({'lower' if delta < 0 else 'higher' if delta > 0 else 'equal'})")
+    return ["- " + "; ".join(against)] if against else []
+
+
+def machine_speed_line(ctx):
+    """The evaluator's machine speed for this run against the best's runs: the facts of the decision's
+    machine rule."""
+    m = ctx.standing.machine
+    if m.speed is None:
+        return []
+    probes = "" if not m.probes else (
+        f" (probes {m.probes[0]:,.0f} before and {m.probes[1]:,.0f} after the evaluation, {m.spread:.0%} apart"
+        + (f", beyond {PROBE_SPREAD:.0%}" if m.spread > PROBE_SPREAD else "") + ")")
+    line = f"- machine speed {m.speed:,.0f} GFLOP/s{probes}"
+    if ctx.best is None:
+        return [line + ": no best to compare with"]
+    if m.usual is None:
+        return [line + "; the best's runs have no machine speed (archived without `analyze.py run`): not compared"]
+    beyond = abs(m.drift) > MACHINE_DRIFT
+    return [line + f" vs {m.usual:,.0f}, the median of the best's {m.runs} run(s): {m.drift:+.0%}, "
+            + (f"beyond {MACHINE_DRIFT:.0%}: the machine was {'faster' if m.drift > 0 else 'slower'}" if beyond
+               else f"within {MACHINE_DRIFT:.0%}: the same machine")]
+
+
+def caught_lines(run):
+    """The cases the harness caught, with what it found (measurement.json)."""
+    found = [c for c in (run.measurement or {}).get("caught") or [] if isinstance(c, dict)]
+    if found:
+        return [f"- caught: {c.get('case')}: {c.get('detail') or 'no detail'}" for c in found]
+    return [f"- caught: {run.row['caught']}"] if run.row.get("caught") else []
 
 
 def other_gpu_line(ctx):
@@ -141,19 +209,30 @@ def learning_vs_speed(ctx):
     line = (f"- learning vs speed: at equal steps {g.gap:+.4f} smoothed train loss against the best (step {g.step}, "
             f"the last both reached{lr}); at equal progress {g.progress_gap:+.4f} (progress {g.progress:.2f}); "
             f"steps {steps:.0f} vs {ref:.0f}, median tokens/s {fmt(tok[0], ',.0f')} vs {fmt(tok[1], ',.0f')}")
-    return [line, "- explained by: " + cause(g, steps / ref - 1, ctx.noise.speed_tol, same_code(run.row, best.row))]
+    return [line, "- explained by: " + cause(g, steps / ref - 1, ctx.noise.speed_tol, steps_source(ctx))]
 
 
-def cause(g, more, tol, same):
+def steps_source(ctx):
+    """Where a difference in step count comes from, by the decision's facts about the machine."""
+    if same_code(ctx.run.row, ctx.best.row):
+        return " with the best's code, so from the machine"
+    m = ctx.standing.machine
+    if m.moved():
+        return f" while {m.moved()}"
+    if m.drift is not None:
+        return f" on a machine within {MACHINE_DRIFT:.0%} of its speed during the best's runs, so from the code"
+    return " (the code differs, so from the code or the machine: a rerun of this commit tells them apart)"
+
+
+def cause(g, more, tol, source):
     """Which of learning per step (the loss at equal steps) and speed (the step count) tells the two
-    runs apart; `more` is the relative step difference, `tol` the speed noise of repeats."""
+    runs apart; `more` is the relative step difference, `tol` the speed noise of repeats, `source` what
+    made the steps differ (steps_source)."""
     per_step = "ahead" if g.judged_gap < -g.threshold else "behind" if g.judged_gap > g.threshold else None
     faster = "more" if more > tol else "fewer" if more < -tol else None
     at = f"{g.judged_gap:+.4f} at step {g.judged_step}" + (
         ", the last where the LR schedules agree" if g.judged_step != g.step else "")
-    steps = f"{abs(more):.0%} {faster} steps" + (
-        " with the best's code, so from the machine" if same else
-        " (the code differs, so from the code or the machine: a rerun of this commit tells them apart)")
+    steps = f"{abs(more):.0%} {faster} steps{source}"
     if per_step is None and faster is None:
         return (f"neither: the loss at equal steps matches the best's ({at}, within {g.threshold:.4f}) and the step "
                 f"counts are within {tol:.0%}")
@@ -167,70 +246,17 @@ def cause(g, more, tol, same):
 
 
 def machine_line(ctx):
-    """Same code at another speed than that code's other runs: the machine was slower or faster."""
-    moved = ctx.noise.disturbed.get(ctx.run.id) if ctx.run.bpb is not None else None
-    if not moved:
+    """Same code at another speed than that code's other runs: the machine was slower or faster (a fact
+    the decision's machine rule reads too)."""
+    if not ctx.standing.machine.steps:
         return []
-    steps, usual = moved
+    steps, usual = ctx.standing.machine.steps
     whose = ("the best's code" if ctx.best is not None and same_code(ctx.run.row, ctx.best.row)
              else "the code of earlier runs")
     return [f"- the machine, not the code: train.py is {whose} (comments and blank lines aside), and this run took "
             f"{steps:.0f} steps where that code's other runs take {usual:.0f} ({steps / usual - 1:+.0%}, beyond the "
             f"{ctx.noise.speed_tol:.0%} speed noise of repeats): the machine was {'slower' if steps < usual else 'faster'}. "
             "The run is left out of the noise band"]
-
-
-def verdict(ctx):
-    run, band = ctx.run, ctx.noise.band
-    if run.bpb is None:
-        return "no val_bpb (the run did not finish)"
-    if run.row["status"] == "invalid":
-        return "not comparable: the harness changed (see below)"
-    if ctx.best is None:
-        return "first comparable run: nothing to beat yet"
-    delta = run.bpb - ctx.best.bpb
-    if ctx.run.id in ctx.noise.disturbed and same_code(run.row, ctx.best.row):
-        return f"{delta:+.6f} against the best, with the best's code at another speed: a difference of machine, not of code"
-    if band is None:
-        return f"{delta:+.6f} against the best; the noise band is unknown, so its significance is unknown"
-    basis = f"+-{band:.6f} from {ctx.noise.runs} runs, {ctx.noise.dof} degrees of freedom"
-    if ctx.noise.disturbed:
-        basis += f"; {len(ctx.noise.disturbed)} run(s) at another speed left out, see Noise"
-    if ctx.noise.dof < MIN_DOF:
-        basis += "; a rough band"
-    if abs(delta) <= band:
-        return f"{delta:+.6f} against the best lies within the noise band ({basis})"
-    return (f"{delta:+.6f} against the best is {'an improvement' if delta < 0 else 'a regression'} "
-            f"beyond the noise band ({basis})")
-
-
-def mean_verdict(ctx):
-    """Mean val_bpb of this code's undisturbed runs against the mean of the best code's, once either is
-    repeated: the difference of an N-run and an M-run mean has std pooled_std x sqrt(1/N + 1/M)."""
-    run, best, noise = ctx.run, ctx.best, ctx.noise
-    if run.bpb is None or best is None or run.row["status"] == "invalid":
-        return []
-    own, ref = noise.clean(row_code(run.row)), noise.clean(row_code(best.row))
-    codes = {row_code(run.row), row_code(best.row)}
-    left = sum(r["run_id"] in noise.disturbed for code in codes for r in noise.groups.get(code, []))
-    if not own or not ref or max(len(own), len(ref)) < 2:
-        return []
-    mean, ref_mean = np.mean([row_bpb(r) for r in own]), np.mean([row_bpb(r) for r in ref])
-    aside = f"; {left} run(s) at another speed left out" if left else ""
-    if same_code(run.row, best.row):
-        return [f"- mean val_bpb of this train.py's {len(own)} run(s): {mean:.6f} (the best's code is the same){aside}"]
-    delta, pooled = mean - ref_mean, noise.pooled_std
-    line = (f"- verdict, means of repeated runs ({len(own)} vs {len(ref)}): mean val_bpb of this train.py's "
-            f"{len(own)} run(s) {mean:.6f}, of the best's train.py's {len(ref)} run(s) {ref_mean:.6f}; "
-            f"difference {delta:+.6f}")
-    if pooled is None:
-        return [line + f"; the noise band for a difference of means is unknown{aside}"]
-    band = difference_band(pooled, len(own), len(ref))
-    basis = f"+-{band:.6f} = {NOISE_SIGMAS:g} x pooled std {pooled:.6f} x sqrt(1/{len(own)} + 1/{len(ref)}){aside}"
-    if abs(delta) <= band:
-        return [f"{line}: within the band for a difference of means ({basis})"]
-    return [f"{line}: {'an improvement' if delta < 0 else 'a regression'} beyond the band for a difference "
-            f"of means ({basis})"]
 
 
 def section_crash(ctx):
@@ -490,8 +516,16 @@ def section_noise(ctx):
         codes = sum(len(noise.clean(c)) >= 2 for c in noise.groups)
         lines.append(f"- noise band: +-{noise.band:.6f} ({NOISE_SIGMAS:g} x sqrt(2) x pooled std {noise.pooled_std:.6f}: "
                      f"one run against one best run; from {noise.runs} runs of {codes} repeated code(s) at their usual "
-                     f"speed, {noise.dof} degrees of freedom)")
+                     f"speed, {noise.dof} degrees of freedom)" + means_band(ctx.decision))
     return "\n".join(lines + left_out(noise) + band_trust(noise))
+
+
+def means_band(d):
+    """The band of the decision's difference of means, when it is not one run against one."""
+    if d.band is None or (d.n, d.m) == (1, 1):
+        return ""
+    return (f"; for the decision's means of {d.n} vs {d.m} runs: +-{d.band:.6f} ({NOISE_SIGMAS:g} x pooled std x "
+            f"sqrt(1/{d.n} + 1/{d.m}))")
 
 
 def left_out(noise):
@@ -535,7 +569,8 @@ SECTIONS = (section_headline, section_crash, section_changes, section_trajectory
 
 
 def write_analysis(ctx):
-    text = "\n\n".join(t for t in (section(ctx) for section in SECTIONS) if t)
+    """The decision's line first, then the sections."""
+    text = "\n\n".join([ctx.decision.line()] + [t for t in (section(ctx) for section in SECTIONS) if t])
     write_atomic(ctx.run.dir / "analysis.md", text)
     return text
 

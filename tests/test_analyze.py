@@ -148,6 +148,39 @@ def archive_run(**kwargs):
     return results()[-1], head
 
 
+def measure(row, speed, probes=None, heldout=None, reported=None, caught=(), status=None):
+    """What `analyze.py run` adds to an archived run: its results.tsv columns and measurement.json (the
+    machine's speed in GFLOP/s, `caught` as (case, detail) pairs). The run's analysis.md is rebuilt with
+    them; returns the row as results.tsv now holds it."""
+    bpb = float(row["val_bpb"])
+    heldout = bpb + 0.01 if heldout is None else heldout
+    fields = {"measured": "harness", "machine_speed": f"{speed:.1f}", "heldout_bpb": f"{heldout:.6f}",
+              "wall_s": "331.2", "outside_s": "31.2", "caught": "; ".join(case for case, _ in caught),
+              **({"status": status} if status else {})}
+    lines = (ARCHIVE / "results.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    for r in rows:
+        if r["run_id"] == row["run_id"]:
+            r.update(fields)
+    (ARCHIVE / "results.tsv").write_text("".join("\t".join(r[h] for h in header) + "\n"
+                                                 for r in [dict(zip(header, header)), *rows]))
+    before, after = probes or (speed, speed)
+    measurement = {"by": "analyze.py run", "status": "invalid" if caught else "ok", "exit_code": 0, "wall_s": 331.2,
+                   "outside_s": 31.2, "final_block": True, "reported_val_bpb": bpb if reported is None else reported,
+                   "val_bpb": bpb, "heldout_bpb": heldout, "machine_speed": {"before": before, "after": after},
+                   "caught": [{"case": case, "detail": detail} for case, detail in caught], "error": None}
+    run_dir = ARCHIVE / row["run_id"]
+    (run_dir / "measurement.json").write_text(json.dumps(measurement))
+    record = json.loads((run_dir / "record.json").read_text())  # evidence, as `run` records it: audit reads it
+    record["files"]["measurement.json"] = hashlib.sha256((run_dir / "measurement.json").read_bytes()).hexdigest()
+    record.update({"status": status} if status else {})
+    (run_dir / "record.json").write_text(json.dumps(record))
+    (run_dir / "analysis.md").unlink()
+    assert run_analyze("show", row["run_id"]) == 0
+    return next(r for r in results() if r["run_id"] == row["run_id"])
+
+
 # ---------------------------------------------------------------------------
 # Archive and results.tsv
 
@@ -206,7 +239,8 @@ def test_a_crash_can_never_be_kept_not_even_through_discard(repo):
 
 
 def test_crash_without_summary_is_recorded_for_head_with_the_traceback_from_run_log(repo):
-    archive_run()
+    base, _ = archive_run()
+    run_analyze("status", base["run_id"], "keep")  # diff.patch is against the best
     head = commit("use a broken attention", "DEPTH = 8\ndef f(:\n")
     for name in ("run_summary.json", "metrics.jsonl"):
         Path(name).unlink()
@@ -289,6 +323,7 @@ def test_summary_older_than_run_log_is_stale_even_for_the_same_commit(repo):
 
 def test_changed_prepare_py_makes_the_run_invalid_and_it_can_never_be_kept(repo):
     first, _ = archive_run(val_bpb=1.0)
+    run_analyze("status", first["run_id"], "keep")
     pin = sh("git", "rev-parse", "refs/auto-log-research/pins/main")
     assert pin == sh("git", "rev-parse", "HEAD"), "the first run pins the branch where it began"
     commit("edit the metric", "DEPTH = 8\nMATRIX_LR = 0.05\n")
@@ -314,6 +349,27 @@ def test_run_of_uncommitted_train_py_is_flagged_and_cannot_be_kept(repo):
     assert "\n" not in str(err.value) and "commit the change and rerun" in str(err.value)
     assert results()[0]["status"] == "pending"
     assert run_analyze("status", row["run_id"], "discard") == 0
+
+
+def test_a_measured_run_shows_the_harnesss_number_held_out_machine_speed_and_caught_cases(repo):
+    base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
+    measure(base, 100.0, heldout=1.012)
+    commit("train on the validation shard", "DEPTH = 8\nMATRIX_LR = 0.04\nSPLIT = 'val'\n")
+    row, _ = archive_run(val_bpb=0.950, age_s=-5)
+    gap = "held-out minus val_bpb 0.130000 against the best's 0.012000"
+    row = measure(row, 104.0, probes=(103.0, 105.0), heldout=1.080, reported=0.951, status="invalid",
+                  caught=[("trained on validation data", gap)])
+    text = analysis(row["run_id"])
+    assert text.splitlines()[0] == (f"decision: discard — delta -0.050000 vs best {base['run_id']} (band unknown, "
+                                    "n 1 vs 1): caught: trained on validation data"), text.splitlines()[0]
+    headline = section(text, "Headline").splitlines()
+    assert headline[1] == ("- val_bpb **0.950000**, status `invalid`, outcome `ok`; measured by the harness (train.py "
+                           "printed 0.951000); held-out bpb 1.080000"), headline
+    assert "331.2 s wall (31.2 s outside the budget)" in headline[2], headline
+    assert ("- machine speed 104 GFLOP/s (probes 103 before and 105 after the evaluation, 2% apart) vs 100, the "
+            "median of the best's 1 run(s): +4%, within 10%: the same machine") in headline, headline
+    assert f"- caught: trained on validation data: {gap}" in headline, headline
 
 
 def test_runs_under_another_harness_are_not_compared(repo):
@@ -364,12 +420,18 @@ def test_best_is_the_most_recently_kept_run_even_when_its_val_bpb_is_higher(repo
     assert f"vs best ({simple['run_id']}, 1.002000)" in section(analysis(row["run_id"]), "Headline")
 
 
-def test_discarding_the_lowest_pending_run_before_any_keep_updates_insights(repo):
-    low, _ = archive_run(val_bpb=1.000)
-    commit("second", "DEPTH = 9\n")
-    high, _ = archive_run(val_bpb=1.010, age_s=-5)
-    run_analyze("status", high["run_id"], "discard")
-    run_analyze("status", low["run_id"], "discard")  # no pending run is left: no best
+def test_a_pending_run_is_never_the_best_so_an_undecided_quick_start_run_sets_no_bar(repo, capsys):
+    quick, _ = archive_run(val_bpb=0.900)  # the README's quick start, archived and never decided
+    capsys.readouterr()
+    run_analyze("best")
+    assert capsys.readouterr().out.startswith("no best run yet"), "a pending run became the best"
+    commit("the agent's baseline", "DEPTH = 9\n")
+    row, _ = archive_run(val_bpb=1.000, age_s=-5)
+    text = analysis(row["run_id"])
+    assert text.startswith("decision: keep — no best yet (n 1): nothing kept yet: this run is the baseline"), text[:300]
+    assert "vs best: no earlier comparable run" in section(text, "Headline")
+    run_analyze("status", row["run_id"], "keep")
+    run_analyze("status", row["run_id"], "discard")
     assert "no run kept" in section((ARCHIVE / "insights.md").read_text(), "Current Best")
 
 
@@ -387,7 +449,7 @@ def test_a_rebuilt_analysis_compares_with_the_best_its_diff_was_written_against(
 def test_best_over_time_follows_the_last_kept_run_and_may_step_up():
     rows = [{"status": s, "val_bpb": v} for s, v in
             (("pending", "1.01"), ("pending", "1.00"), ("keep", "1.00"), ("discard", "0.99"), ("keep", "1.002"))]
-    assert [row_bpb(b) for b in best_after_each(rows)] == [1.01, 1.00, 1.00, 1.00, 1.002]
+    assert [b and row_bpb(b) for b in best_after_each(rows)] == [None, None, 1.00, 1.00, 1.002]
     assert pick_best([{**r, "harness": ""} for r in rows], "")["val_bpb"] == "1.002"
 
 
@@ -615,6 +677,7 @@ def test_departure_from_the_best_is_found_at_the_known_progress_fraction(repo):
 
 def test_identical_curves_do_not_depart(repo):
     best, _ = archive_run(val_bpb=1.0)
+    run_analyze("status", best["run_id"], "keep")
     row, _ = archive_run(val_bpb=1.0, seed=1, age_s=-5)
     departs = section(analysis(row["run_id"]), "Where it departs")
     assert "within" in departs and "departs from the best at" not in departs, departs
@@ -743,38 +806,50 @@ def test_still_falling_loss_and_plateaued_loss_are_told_apart(repo):
     assert "plateaued" in section(analysis(row["run_id"]), "Trajectory")
 
 
-def test_gain_inside_the_noise_band_is_called_noise_and_a_large_gain_is_not(repo):
+def measured_base_and_two_repeats():
+    """The best kept at 1.000 and two repeats of its code: a band from 3 runs, 2 degrees of freedom."""
+    base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
+    for i, bpb in enumerate((1.006, 0.997)):
+        archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
+    return base, np.std([1.000, 1.006, 0.997], ddof=1)
+
+
+def test_gain_inside_the_noise_band_is_rerun_and_a_large_gain_is_kept(repo):
     row, _ = archive_run(val_bpb=1.000)
     assert "unknown" in section(analysis(row["run_id"]), "Noise")
     run_analyze("status", row["run_id"], "keep")
     for i, bpb in enumerate((1.006, 0.997)):
         archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
+    band = 2 * np.std([1.000, 1.006, 0.997], ddof=1) * np.sqrt(1 + 1 / 3)  # one run against the mean of three
     commit("small tweak", "DEPTH = 8\nMATRIX_LR = 0.041\n")
     small, _ = archive_run(val_bpb=0.995, age_s=-20)
-    verdict = section(analysis(small["run_id"]), "Headline")
-    assert "within the noise band" in verdict, verdict
+    assert analysis(small["run_id"]).splitlines()[0].startswith(
+        f"decision: rerun — delta -0.006000 vs best {row['run_id']} (band ±{band:.6f}, n 1 vs 3): lower but inside "
+        "the noise band, on 1 run(s): another run of this code firms up its mean")
     commit("big tweak", "DEPTH = 8\nMATRIX_LR = 0.03\n")
     big, _ = archive_run(val_bpb=0.950, age_s=-25)
-    assert "an improvement beyond the noise band" in section(analysis(big["run_id"]), "Headline")
+    assert analysis(big["run_id"]).splitlines()[0].startswith(
+        f"decision: keep — delta -0.051000 vs best {row['run_id']} (band ±{band:.6f}, n 1 vs 3): lower beyond the "
+        "noise band")
 
 
 def test_noise_band_is_two_sqrt_two_sigma_of_a_difference_and_names_its_degrees_of_freedom(repo):
-    base, _ = archive_run(val_bpb=1.000)
-    run_analyze("status", base["run_id"], "keep")
-    for i, bpb in enumerate((1.006, 0.997)):
-        archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
-    std = np.std([1.000, 1.006, 0.997], ddof=1)
+    base, std = measured_base_and_two_repeats()
     band = 2 * np.sqrt(2) * std  # 0.012961; 2 sigma alone would be 0.009165
     commit("small tweak", "DEPTH = 8\nMATRIX_LR = 0.041\n")
     row, _ = archive_run(val_bpb=0.989, age_s=-20)
-    text = analysis(row["run_id"])
-    assert f"within the noise band (+-{band:.6f} from 3 runs, 2 degrees of freedom)" in section(text, "Headline"), \
-        section(text, "Headline")
-    assert f"+-{band:.6f}" in section(text, "Noise") and "2 degrees of freedom" in section(text, "Noise")
+    noise = section(analysis(row["run_id"]), "Noise")
+    assert f"noise band: +-{band:.6f}" in noise and "from 3 runs of 1 repeated code(s) at their usual speed, 2 " \
+        "degrees of freedom" in noise, noise
+    means = 2 * std * np.sqrt(1 / 1 + 1 / 3)  # the decision's: one run against the mean of the best's three
+    assert f"for the decision's means of 1 vs 3 runs: +-{means:.6f}" in noise, noise
+    assert f"(band ±{means:.6f}, n 1 vs 3)" in analysis(row["run_id"]).splitlines()[0]
 
 
 def test_noise_band_leaves_out_a_repeat_that_ran_far_fewer_steps_and_names_it(repo):
     base, _ = archive_run(val_bpb=1.000)
+    run_analyze("status", base["run_id"], "keep")
     second, _ = archive_run(val_bpb=1.002, age_s=-5)
     row, _ = archive_run(val_bpb=1.030, steps=300, age_s=-10)  # a repeat on a busy machine: fewer steps, worse
     text = analysis(row["run_id"])
@@ -784,9 +859,10 @@ def test_noise_band_leaves_out_a_repeat_that_ran_far_fewer_steps_and_names_it(re
     assert f"noise band: +-{clean:.6f}" in noise and "from 2 runs of 1 repeated code(s)" in noise, noise
     headline = section(text, "Headline")
     assert "the machine was slower" in headline and "300 steps where that code's other runs take 400" in headline
-    assert "a difference of machine, not of code" in headline, headline
-    assert "mean val_bpb of this train.py's 2 run(s): 1.001000 (the best's code is the same); 1 run(s) at another " \
-        "speed left out" in headline, headline
+    means = 2 * np.std([1.000, 1.002], ddof=1) * np.sqrt(1 / 2 + 1 / 2)  # this code's clean runs are the best code's
+    assert text.splitlines()[0] == (f"decision: discard — delta +0.000000 vs best {base['run_id']} (band ±{means:.6f}, "
+                                    "n 2 vs 2): a repeat of the best's code (comments aside); val_bpb is train.py's "
+                                    "own number, not measured by the harness (archived without `analyze.py run`)")
 
 
 def test_last_tenth_with_few_steps_calls_no_trend(repo):
@@ -797,25 +873,22 @@ def test_last_tenth_with_few_steps_calls_no_trend(repo):
     assert not re.search(r"rising|plateaued|still improving|LR multiplier", trajectory), trajectory
 
 
-def test_repeated_code_gets_a_mean_against_the_best_codes_mean_with_its_own_band(repo):
-    base, _ = archive_run(val_bpb=1.000)
-    run_analyze("status", base["run_id"], "keep")
-    for i, bpb in enumerate((1.006, 0.997)):
-        archive_run(val_bpb=bpb, age_s=-5 * (i + 1))
+def test_repeated_code_is_decided_on_its_mean_against_the_best_codes_mean(repo):
+    base, _ = measured_base_and_two_repeats()
     commit("small tweak", "DEPTH = 8\nMATRIX_LR = 0.041\n")
-    first, _ = archive_run(val_bpb=0.990, age_s=-20)
-    assert "verdict, means of repeated runs (1 vs 3): mean val_bpb of this train.py's 1 run(s) 0.990000, of the best's " \
-        "train.py's 3 run(s) 1.001000" in section(analysis(first["run_id"]), "Headline")
-    row, _ = archive_run(val_bpb=0.992, age_s=-25)
-    old, new = np.array([1.000, 1.006, 0.997]), np.array([0.990, 0.992])
+    first, _ = archive_run(val_bpb=0.993, age_s=-20)
+    assert analysis(first["run_id"]).splitlines()[0].startswith(
+        f"decision: rerun — delta -0.008000 vs best {base['run_id']} (band ±")
+    row, _ = archive_run(val_bpb=0.991, age_s=-25)
+    old, new = np.array([1.000, 1.006, 0.997]), np.array([0.993, 0.991])
     pooled = np.sqrt((((old - old.mean()) ** 2).sum() + ((new - new.mean()) ** 2).sum()) / 3)
     band = 2 * pooled * np.sqrt(1 / 2 + 1 / 3)
-    headline = section(analysis(row["run_id"]), "Headline")
-    # the two verdicts disagree here, so each line says which comparison it is
-    assert "- verdict, this run alone: -0.008000 against the best lies within the noise band" in headline, headline
-    assert (f"- verdict, means of repeated runs (2 vs 3): mean val_bpb of this train.py's 2 run(s) 0.991000, of the "
-            f"best's train.py's 3 run(s) 1.001000; difference -0.010000: an improvement beyond the band for a "
-            f"difference of means (+-{band:.6f}") in headline, headline
+    text = analysis(row["run_id"])
+    # this run alone is 0.010 below the best's 1.000 run; the decision is on the means, 0.992 against 1.001
+    assert text.splitlines()[0] == (f"decision: keep — delta -0.009000 vs best {base['run_id']} (band ±{band:.6f}, "
+                                    "n 2 vs 3): lower beyond the noise band; val_bpb is train.py's own number, not "
+                                    "measured by the harness (archived without `analyze.py run`)"), text.splitlines()[0]
+    assert "verdict" not in text, "a second verdict beside the decision"
 
 
 def test_trajectory_names_the_lr_annealing_and_says_stopped_for_an_unfinished_run(repo):
@@ -1024,7 +1097,8 @@ def test_cost_does_not_grow_with_history_only_compared_runs_are_read(repo):
     # 300 earlier runs whose directories do not exist: reading any of them would fail loudly
     lines = (ARCHIVE / "results.tsv").read_text().splitlines()
     fake = [f"f{i:06x}\t1.1\t45.0\tdiscard\tidea {i}\tf{i:06x}\tok\t{best['harness']}\t{i:012x}\t400\t40.00\t300.0\t\tk{i}"
-            f"\t{best['branch']}\t{i:012x}\t{best['worker']}\t{best['gpu']}" for i in range(300)]
+            f"\t{best['branch']}\t{i:012x}\t{best['worker']}\t{best['gpu']}" + "\t" * (len(COLUMNS) - 18)
+            for i in range(300)]
     (ARCHIVE / "results.tsv").write_text("\n".join([lines[0], *fake, *lines[1:]]) + "\n")
     commit("next idea", "DEPTH = 9\n")
     row, _ = archive_run(val_bpb=0.99, age_s=-5)
