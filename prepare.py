@@ -2,11 +2,13 @@
 One-time data preparation, and the fixed data runtime that every experiment's number comes out of.
 Downloads the data shards (or, in the cpu profile, builds them from the standard library's own text),
 trains the BPE tokenizer and tokenizes every shard once into a token cache. train.py imports the
-runtime half: the tokenizer, the packed dataloader and the fixed bits-per-byte metric.
+runtime half: the tokenizer, the packed dataloader and the fixed bits-per-byte metric. A third split,
+held out from training and validation alike, is scored by the harness alone (harness/evaluate.py): a model
+that trained on the validation rows does better on them than on it.
 
 Usage:
-    uv run prepare.py                              # 10 training shards + the validation shard, tokenizer
-    uv run prepare.py --num-shards 8               # fewer training shards (-1 = all 6542)
+    uv run prepare.py                              # 10 training shards + the validation and held-out shards, tokenizer
+    uv run prepare.py --num-shards 8               # fewer training shards (-1 = all 6541)
     uv run prepare.py --download-workers 16        # more parallel downloads
     AUTORESEARCH_PROFILE=cpu uv run prepare.py     # tiny laptop harness, no network at all
     uv run prepare.py --check                      # can this machine run the profile? changes nothing
@@ -19,6 +21,7 @@ import argparse
 import ast
 import bisect
 import concurrent.futures
+import dataclasses
 import hashlib
 import itertools
 import math
@@ -65,6 +68,7 @@ TOKENIZER_DIR = _PROFILE_DIR / "tokenizer"  # tokenizer.pkl (tiktoken encoding) 
 MAX_SEQ_LEN = PROFILES[PROFILE]["MAX_SEQ_LEN"]   # context length
 TIME_BUDGET = PROFILES[PROFILE]["TIME_BUDGET"]   # training time budget in seconds
 EVAL_TOKENS = PROFILES[PROFILE]["EVAL_TOKENS"]   # number of tokens for the final val eval
+HELDOUT_TOKENS = EVAL_TOKENS // (4 if PROFILE == "gpu" else 1)  # held-out tokens the harness scores beside val_bpb
 VOCAB_SIZE = PROFILES[PROFILE]["VOCAB_SIZE"]     # BPE vocabulary size, special tokens included
 
 _overrides = {}
@@ -93,6 +97,9 @@ BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
 MAX_SHARD = 6542                                 # the last shard is shard_06542.parquet
 VAL_SHARD = MAX_SHARD                            # pinned validation shard
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"  # same name in both profiles
+HELDOUT_SHARD = MAX_SHARD - 1                    # held-out shard: never trained on, never the metric
+HELDOUT_FILENAME = f"shard_{HELDOUT_SHARD:05d}.parquet"  # same name in both profiles
+SPLITS = ("train", "val", "heldout")             # what make_dataloader serves
 # GPT-4 split pattern, with numbers in groups of one or two (\p{N}{1,2} instead of {1,3})
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # reserved ids at the top of the vocabulary
@@ -103,9 +110,10 @@ LOADER_BUFFER_DOCS = 1000                        # the packer refills its buffer
 LOADER_BATCH_DOCS = 128                          # ...by this many documents of one row group at a time
 
 # cpu profile data: built from the standard library's docstrings, comments and pydoc topics
-CPU_TRAIN_SHARDS = 4        # training shards (shard_00000..), plus the validation shard
+CPU_TRAIN_SHARDS = 4        # training shards (shard_00000..), plus the validation and held-out shards
 CPU_DOC_CHARS = 300         # paragraphs grouped into documents up to this size: rows of 256 hold several
 CPU_VAL_FRACTION = 0.15     # share of characters, as whole modules, held out for validation
+CPU_HELDOUT_FRACTION = 0.12 # share of characters, as whole modules, for the held-out shard (from training's share)
 CPU_SEED = 1337             # fixed shuffle: the same standard library always gives the same shards
 
 # ---------------------------------------------------------------------------
@@ -219,13 +227,14 @@ def download_shard(index, base_url, data_dir, stop, on_bytes, backoff_s):
 
 
 def download_data(num_shards, download_workers=8, base_url=None, data_dir=None, backoff_s=None):
-    """Download training shards 0..num_shards-1 plus the pinned validation shard, in parallel."""
+    """Download training shards 0..num_shards-1 plus the pinned validation and held-out shards, in parallel.
+    The held-out shard is the last before the validation shard, so it is never among the training ones."""
     base_url, data_dir = base_url or BASE_URL, Path(data_dir or DATA_DIR)
     backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
     data_dir.mkdir(parents=True, exist_ok=True)
     for stale in data_dir.glob(".shard_*.part"):  # left by a killed run
         stale.unlink()
-    ids = list(range(min(num_shards, MAX_SHARD))) + [VAL_SHARD]
+    ids = list(range(min(num_shards, HELDOUT_SHARD))) + [HELDOUT_SHARD, VAL_SHARD]
     todo = [i for i in ids if not (data_dir / shard_name(i)).exists()]
     if not todo:
         print(f"Data: all {len(ids)} shards already at {data_dir}")
@@ -328,26 +337,32 @@ def stdlib_documents(paths=None):
     return groups
 
 
-def split_documents(groups, num_train_shards=CPU_TRAIN_SHARDS, val_fraction=CPU_VAL_FRACTION, seed=CPU_SEED):
-    """Deterministic split: whole modules go to validation until it holds val_fraction of the text;
-    duplicate documents are dropped; each split is shuffled; training is cut into equal shards."""
+def split_documents(groups, num_train_shards=CPU_TRAIN_SHARDS, val_fraction=CPU_VAL_FRACTION,
+                    heldout_fraction=CPU_HELDOUT_FRACTION, seed=CPU_SEED):
+    """Deterministic split into (training shards, val, heldout): whole modules go to validation until it
+    holds val_fraction of the text, the next ones to the held-out set until it holds heldout_fraction;
+    duplicate documents are dropped; each split is shuffled; training is cut into equal shards. The
+    held-out modules come out of training's share, so validation is the same whatever heldout_fraction."""
     rng = random.Random(seed)
     names = sorted(groups)
     rng.shuffle(names)
     total = sum(len(d) for docs in groups.values() for d in docs)
-    seen, val, train, val_chars = set(), [], [], 0
+    seen, val, heldout, train, val_chars, heldout_chars = set(), [], [], [], 0, 0
     for name in names:
         fresh = [d for d in groups[name] if d not in seen]
         seen.update(fresh)
         if val_chars < val_fraction * total:
             val.extend(fresh)
             val_chars += sum(map(len, fresh))
+        elif heldout_chars < heldout_fraction * total:
+            heldout.extend(fresh)
+            heldout_chars += sum(map(len, fresh))
         else:
             train.extend(fresh)
-    rng.shuffle(val)
-    rng.shuffle(train)
+    for split in (val, train, heldout):  # val first: its order is the one it had before the held-out split
+        rng.shuffle(split)
     bounds = np.linspace(0, len(train), num_train_shards + 1).astype(int)
-    return [train[a:b] for a, b in zip(bounds[:-1], bounds[1:])], val
+    return [train[a:b] for a, b in zip(bounds[:-1], bounds[1:])], val, heldout
 
 
 def _write_shard(texts, dest):
@@ -356,32 +371,46 @@ def _write_shard(texts, dest):
     os.replace(tmp, dest)
 
 
-def build_cpu_shards(data_dir=None, paths=None):
-    """Write the cpu profile's shards (shard_00000.. and the validation shard) from standard-library text."""
+def build_cpu_shards(data_dir=None, paths=None, tokenizer_dir=None):
+    """Write the cpu profile's shards (shard_00000.., the validation and the held-out shard) from
+    standard-library text. A cache built before the held-out shard existed is rebuilt: its training shards
+    hold the held-out text. New training shards make a tokenizer in tokenizer_dir stale (it stands for the
+    data it was trained on), so it is removed before the held-out shard, written last, completes the set."""
     data_dir = Path(data_dir or DATA_DIR)
-    names = [shard_name(i) for i in range(CPU_TRAIN_SHARDS)] + [VAL_FILENAME]
+    names = [shard_name(i) for i in range(CPU_TRAIN_SHARDS)] + [VAL_FILENAME, HELDOUT_FILENAME]
     if all((data_dir / n).exists() for n in names):
         print(f"Data: all {len(names)} cpu shards already at {data_dir}")
         return
     t0 = time.time()
-    train, val = split_documents(stdlib_documents(paths))
+    train, val, heldout = split_documents(stdlib_documents(paths))
     data_dir.mkdir(parents=True, exist_ok=True)
-    for name, texts in zip(names, train + [val]):
+    for name, texts in zip(names[:-1], train + [val]):
         _write_shard(texts, data_dir / name)
-    chars = [sum(map(len, t)) for t in train + [val]]
+    stale = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.pkl").exists()
+    if stale:
+        (Path(tokenizer_dir) / "tokenizer.pkl").unlink()  # "trained" no more; token_bytes.pt is rewritten with it
+    _write_shard(heldout, data_dir / HELDOUT_FILENAME)
+    mchars = [sum(map(len, t)) / 1e6 for t in (sum(train, []), val, heldout)]
     print(f"Data: built {len(names)} cpu shards from the standard library of Python {platform.python_version()} "
-          f"in {time.time() - t0:.1f}s: train {sum(chars[:-1]) / 1e6:.2f}M chars, val {chars[-1] / 1e6:.2f}M chars")
+          f"in {time.time() - t0:.1f}s: train {mchars[0]:.2f}M chars, val {mchars[1]:.2f}M, held-out {mchars[2]:.2f}M")
+    if stale:
+        print("Tokenizer: the one in the cache was trained on the earlier training shards; it is trained again")
 
 # ---------------------------------------------------------------------------
 # Tokenizer training
 # ---------------------------------------------------------------------------
 
 def shard_paths(split, data_dir=None):
-    """The shards of a split, checking there is at least one training shard plus the validation shard."""
-    assert split in ("train", "val"), split
+    """The shards of a split. train and val check there is at least one training shard plus the validation
+    shard; heldout, that the held-out shard is there. Neither pinned shard is ever a training shard."""
+    assert split in SPLITS, split
     data_dir = Path(data_dir or DATA_DIR)
+    if split == "heldout":
+        if not (data_dir / HELDOUT_FILENAME).exists():
+            raise PrepareError(f"no held-out shard {HELDOUT_FILENAME} in {data_dir}: run `uv run prepare.py`")
+        return [data_dir / HELDOUT_FILENAME]
     val = data_dir / VAL_FILENAME
-    train = sorted(p for p in data_dir.glob("shard_*.parquet") if p.name != VAL_FILENAME)
+    train = sorted(p for p in data_dir.glob("shard_*.parquet") if p.name not in (VAL_FILENAME, HELDOUT_FILENAME))
     if not train or not val.exists():
         raise PrepareError(f"need at least 1 training shard plus the validation shard {VAL_FILENAME} in "
                            f"{data_dir}, found {len(train)} training shard(s) and "
@@ -728,7 +757,7 @@ class _DataLoader:
 def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFFER_DOCS, data_dir=None):
     """Infinite iterator of (inputs, targets, epoch) over BOS-aligned, best-fit packed rows of T+1 tokens.
     The row sequence depends only on the split and T: the same for every B, every time."""
-    assert split in ("train", "val"), split
+    assert split in SPLITS, split
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     paths = shard_paths(split, data_dir)
@@ -767,8 +796,11 @@ def evaluate_bpb(model, tokenizer, batch_size):
     rows whenever batch_size * MAX_SEQ_LEN divides EVAL_TOKENS; otherwise he scores fewer, the
     EVAL_TOKENS // (batch_size * MAX_SEQ_LEN) whole batches, and his number depends on batch_size.
     `model(x, y, reduction='none')` must return per-token nats shaped like y (or flat). RunRecorder
-    accepts a final val_bpb only if this function returned it.
+    accepts a final val_bpb only if this function returned it. Under the harness (AUTORESEARCH_HANDOFF set)
+    the model is first handed off, so that the harness can measure it itself.
     """
+    if os.environ.get("AUTORESEARCH_HANDOFF"):
+        save_handoff(model, batch_size, os.environ["AUTORESEARCH_HANDOFF"])
     bpb, exact = _bits_per_byte(model, tokenizer, batch_size, EVAL_TOKENS // MAX_SEQ_LEN)
     _METRIC_RESULTS[bpb] = exact
     return bpb
@@ -788,19 +820,26 @@ def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
     return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)[0]
 
 
-@torch.no_grad()
 def _bits_per_byte(model, tokenizer, batch_size, n_rows):
-    """(bits per byte, the same with exact bytes) over the first n_rows packed val rows."""
+    """(bits per byte, the same with exact bytes) over the first n_rows packed val rows, the model's own loss."""
+    return bits_per_byte(lambda x, y: model(x, y, reduction="none"), tokenizer, batch_size, n_rows,
+                         _model_device(model))
+
+
+@torch.no_grad()
+def bits_per_byte(token_nats, tokenizer, batch_size, n_rows, device, split="val"):
+    """(bits per byte, the same with exact bytes) over the first n_rows packed rows of a split, where
+    token_nats(x, y) gives each target's nats: the metric's one implementation, for train.py's loss and the
+    harness's alike (harness/evaluate.py computes nats from the logits)."""
     if n_rows < 1:
         raise ValueError(f"an eval set of less than one row of {MAX_SEQ_LEN} tokens")
-    device = _model_device(model)
     byte_tables = torch.stack([tokenizer.token_bytes(device), tokenizer.exact_token_bytes(device)])  # (2, V)
-    val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val", device=device)
+    val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, split, device=device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
     total_bytes = torch.zeros(2, dtype=torch.int64, device=device)
     for first in range(0, n_rows, batch_size):
         x, y, _ = next(val_loader)
-        nats = model(x, y, reduction="none").reshape(y.shape).double()
+        nats = token_nats(x, y).reshape(y.shape).double()
         nbytes = byte_tables[:, y]  # (2, B, T)
         nbytes[:, n_rows - first:] = 0  # rows past the eval set count in neither sum
         total_nats += torch.where(nbytes[0] > 0, nats, 0.0).sum()  # special tokens (0 bytes) count no loss
@@ -808,14 +847,29 @@ def _bits_per_byte(model, tokenizer, batch_size, n_rows):
     bpb, exact = (total_nats / (math.log(2) * total_bytes.double())).tolist()  # float64 throughout
     return bpb, exact
 
+
+def save_handoff(model, batch_size, path):
+    """Save the trained model for the harness (harness/evaluate.py rebuilds it from the committed train.py
+    and scores it with a loss it computes itself), whole or not at all. raw: without torch.compile's wrapper."""
+    raw = getattr(model, "_orig_mod", model)
+    config = getattr(raw, "config", None)
+    if not dataclasses.is_dataclass(config):
+        raise PrepareError(f"cannot hand the model to the harness: {type(raw).__name__} needs a dataclass "
+                           f".config (train.py's model is rebuilt as Model(Config(**config)))")
+    handoff = {"model_class": type(raw).__name__, "config_class": type(config).__name__,
+               "config": dataclasses.asdict(config), "state_dict": raw.state_dict(), "batch_size": batch_size}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _save(path, lambda f: torch.save(handoff, f))
+
 # ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data and tokenizer for auto-log-research")
-    parser.add_argument("--num-shards", type=int, default=10,
-                        help="training shards to download (-1 = all); the validation shard is always pinned")
+    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1 = all); "
+                        "the validation and held-out shards always come too")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
     parser.add_argument("--check", action="store_true",
                         help="check, changing nothing, whether this machine can run the current profile (exit 0 if so)")
@@ -829,12 +883,12 @@ def main(argv=None):
             raise PrepareError(f"--num-shards must be at least 1 (or -1 for all), got {args.num_shards}")
         print(f"Profile: {PROFILE} | cache: {DATA_DIR.parent}")
         if PROFILE == "cpu":
-            build_cpu_shards(DATA_DIR)
+            build_cpu_shards(DATA_DIR, tokenizer_dir=TOKENIZER_DIR)
         else:
             download_data(num_shards, args.download_workers)
         train_tokenizer(DATA_DIR, TOKENIZER_DIR, VOCAB_SIZE)
         tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
-        t0, shards = time.time(), shard_paths("train", DATA_DIR) + shard_paths("val", DATA_DIR)
+        t0, shards = time.time(), [p for split in SPLITS for p in shard_paths(split, DATA_DIR)]
         for shard in shards:
             cache_tokens(tokenizer, shard)
         print(f"Tokens: {len(shards)} shards tokenized into {DATA_DIR / 'tokens'} ({time.time() - t0:.1f}s)")

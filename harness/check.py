@@ -172,7 +172,7 @@ def _memory_finding(f):
 
 def _data_findings(f):
     shards = (("FAIL", "data", _with_profile(f.data_error, f.profile)) if f.data_error else
-              ("ok", "data", f"{f.train_shards} training shard(s) and the validation shard in {f.cache}/data"))
+              ("ok", "data", f"{f.train_shards} training shard(s), the validation and the held-out shard in {f.cache}/data"))
     tokenizer = (("ok", "tokenizer", f"{f.cache}/tokenizer/tokenizer.pkl") if f.tokenizer else
                  ("FAIL", "tokenizer", f"none in {f.cache}/tokenizer"))
     return [shards, tokenizer]
@@ -238,6 +238,7 @@ def gather(probe=True):
               cache=str(prepare.DATA_DIR.parent))
     try:
         f.train_shards = len(prepare.shard_paths("train"))
+        prepare.shard_paths("heldout")  # the harness scores it after every run
     except prepare.PrepareError as e:
         f.data_error = str(e)
     f.tokenizer = (prepare.TOKENIZER_DIR / "tokenizer.pkl").exists()

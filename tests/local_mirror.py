@@ -25,13 +25,13 @@ import prepare  # noqa: E402
 
 
 def build_shards(dest, train_shards):
-    """shard_00000.. and the validation shard from standard-library text; nothing is rebuilt."""
+    """shard_00000.., the validation and the held-out shard from standard-library text; nothing is rebuilt."""
     dest = Path(dest)
-    names = [prepare.shard_name(i) for i in range(train_shards)] + [prepare.VAL_FILENAME]
+    names = [prepare.shard_name(i) for i in range(train_shards)] + [prepare.VAL_FILENAME, prepare.HELDOUT_FILENAME]
     if not all((dest / n).exists() for n in names):
-        train, val = prepare.split_documents(prepare.stdlib_documents(), num_train_shards=train_shards)
+        train, val, heldout = prepare.split_documents(prepare.stdlib_documents(), num_train_shards=train_shards)
         dest.mkdir(parents=True, exist_ok=True)
-        for name, texts in zip(names, train + [val]):
+        for name, texts in zip(names, train + [val, heldout]):
             prepare._write_shard(texts, dest / name)
     return names
 
