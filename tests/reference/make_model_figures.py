@@ -1,25 +1,42 @@
-"""Obtain the model, optimizer and schedule figures from karpathy/autoresearch's own train.py.
+"""Obtain the model, optimizer, schedule and training-loop figures from karpathy/autoresearch's own code,
+and measure how far rounding on other kinds of CPU moves each of them.
 
 Usage (from the repository root, with an AR checkout outside this repository):
-    uv run python -m tests.reference.make_model_figures /path/to/autoresearch tests/reference/model_figures.json
+    git clone https://github.com/karpathy/autoresearch /tmp/ar
+    uv run python -m tests.reference.make_model_figures /tmp/ar     # rewrites tests/reference/model_figures.json
+(about 5 minutes on 2 cores). Then check the figures on this machine and under a kind they were not
+made with, e.g.
+    uv run pytest -m reference
+    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=3 uv run pytest -m reference
 
-AR's train.py is read from that checkout and executed in memory: its model, optimizer and
-hyperparameter blocks (everything between its `from prepare import` line and its set-up section), plus
-its build_model_config and schedule functions. Nothing of it is stored here. Three substitutions make it
-run in fp32 on a CPU, each checked to apply exactly once (see PATCHES):
-  1. FlashAttention-3 (`fa3.flash_attn_func`, Hopper-only) -> common.explicit_attention, the same
-     causal softmax over the same (left, 0) window, written out;
-  2. the two `@torch.compile` decorators on the optimizer kernels are dropped: the kernels run eagerly;
-  3. init_weights' cast of the embeddings to bf16 is dropped: with no autocast on the CPU a bf16
-     embedding would feed fp32 layers (on the GPU both AR and we cast them, autocast computes in bf16).
-Then tests/reference/recipe.py runs on the result and its figures are printed as JSON.
+What runs, each in a fresh process, once per emulated machine kind (common.KINDS: environments that
+swap the kernels doing the rounding):
+  - recipe.py on AR's model, optimizer and schedule code: the span of AR's train.py between its
+    `from prepare import` line and its set-up section, plus its build_model_config and schedule
+    functions, with PATCHES applied;
+  - AR's whole train.py, set-up and training loop, with PATCHES and LOOP_PATCHES applied, through
+    loop.py (whose docstring lists the stand-ins for data, clock and metric).
+Each patch is checked to apply exactly once. AR's code is read from the checkout and executed in
+memory; none of it is stored here, only what it computed. AR's prepare.py constants (which the gpu
+profile must keep, and the recipe's MAX_SEQ_LEN) are read from its source with ast.
+
+The stored figures are the native kind's. A figure's spread is the largest relative difference between
+the native kind and another kind (a fingerprint's relative to its absolute sum). Each group of figures
+(group_of: one test's figures, and along the training steps one step's) gets TOLERANCE_MULTIPLE times
+the group's largest spread as its tolerance; a group no kind moved by a bit must match exactly, which
+settings, schedules and step counts do on every CPU. Spreads grow along the steps: Muon orthogonalizes
+in bf16, where one rounding that flips cascades, so the first steps are held tight and later ones only
+loosely. meta records the CPU, torch, AR's commit, the kinds, the spreads and the tolerances.
 """
+import argparse
 import ast
 import json
 import math
+import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,19 +46,47 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.reference import recipe
-from tests.reference.common import explicit_attention
+from tests.reference.common import KINDS, differences, explicit_attention
 
+ROOT = Path(__file__).resolve().parent.parent.parent
+FIGURES = Path(__file__).resolve().parent / "model_figures.json"
+TOLERANCE_MULTIPLE = 10  # a group's tolerance: this times the largest spread any emulated kind showed in it
+
+# AR's train.py on a CPU in fp32 (model span and whole file)
 PATCHES = [
-    ("y = fa3.flash_attn_func(q, k, v, causal=True, window_size=window_size)",
+    ("y = fa3.flash_attn_func(q, k, v, causal=True, window_size=window_size)",   # FA3 is Hopper-only
      "y = explicit_attention(q, k, v, window_size)"),
     ("@torch.compile(dynamic=False, fullgraph=True)\ndef adamw_step_fused", "def adamw_step_fused"),
     ("@torch.compile(dynamic=False, fullgraph=True)\ndef muon_step_fused", "def muon_step_fused"),
+    # with no autocast on the CPU a bf16 embedding would feed fp32 layers (on the GPU both cast them)
     ("        self.transformer.wte.to(dtype=torch.bfloat16)\n"
      "        for ve in self.value_embeds.values():\n"
      "            ve.to(dtype=torch.bfloat16)\n", "        pass\n"),
 ]
+# ...and for its set-up and loop (loop.py stubs torch.cuda.synchronize and max_memory_allocated)
+LOOP_PATCHES = [
+    ("from kernels import get_kernel\ncap = torch.cuda.get_device_capability()\n"
+     "# varunneal's FA3 is Hopper only, use kernels-community on non-Hopper GPUs\n"
+     'repo = "varunneal/flash-attention-3" if cap == (9, 0) else "kernels-community/flash-attn3"\n'
+     "fa3 = get_kernel(repo).flash_attn_interface\n", ""),
+    ("t_start = time.time()\n", "globals().update(LOOP_HYPERPARAMETERS)  # the cpu profile's sizes\nt_start = time.time()\n"),
+    ('device = torch.device("cuda")', 'device = torch.device("cpu")'),
+    ('autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)', "autocast_ctx = nullcontext()"),
+    ("model = torch.compile(model, dynamic=False)\n", ""),
+]
 FUNCTIONS = ["build_model_config", "get_lr_multiplier", "get_muon_momentum", "get_weight_decay"]
-MAX_SEQ_LEN = 2048  # AR's prepare.py constant, which its train.py imports
+AR_PREPARE_CONSTANTS = ["MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE"]
+
+# ---------------------------------------------------------------------------
+# AR's code, patched
+# ---------------------------------------------------------------------------
+
+def patched(text, patches, where):
+    for old, new in patches:
+        if text.count(old) != 1:
+            sys.exit(f"patch target found {text.count(old)} times in {where}, expected once: {old!r}")
+        text = text.replace(old, new)
+    return text
 
 
 def ar_source(train_py):
@@ -49,11 +94,7 @@ def ar_source(train_py):
     src = train_py.read_text()
     start = src.index("\n", src.index("from prepare import")) + 1
     end = src.index("# Setup: tokenizer, model, optimizer, dataloader")
-    body = src[start:end]
-    for old, new in PATCHES:
-        if body.count(old) != 1:
-            sys.exit(f"patch target found {body.count(old)} times in {train_py}, expected once: {old!r}")
-        body = body.replace(old, new)
+    body = patched(src[start:end], PATCHES, train_py)
     tree = ast.parse(src)
     functions = [ast.get_source_segment(src, node) for node in tree.body
                  if isinstance(node, ast.FunctionDef) and node.name in FUNCTIONS]
@@ -62,26 +103,145 @@ def ar_source(train_py):
     return body + "\n\n" + "\n\n".join(functions) + "\n"
 
 
+def ar_loop_source(train_py):
+    """AR's whole train.py, patched to train on a CPU with the cpu profile's sizes (loop.py runs it)."""
+    return patched(Path(train_py).read_text(), PATCHES + LOOP_PATCHES, train_py)
+
+
 def load_ar(ar_dir):
+    """AR's definitions as a namespace, with what its train.py imports from prepare that they use."""
     g = {"__name__": "ar_train", "torch": torch, "nn": nn, "F": F, "math": math, "time": time,
          "dataclass": dataclass, "asdict": asdict, "explicit_attention": explicit_attention,
-         "MAX_SEQ_LEN": MAX_SEQ_LEN}
+         "MAX_SEQ_LEN": ar_prepare_constants(Path(ar_dir) / "prepare.py")["MAX_SEQ_LEN"]}
     exec(compile(ar_source(Path(ar_dir) / "train.py"), "autoresearch/train.py (patched)", "exec"), g)
     return g
 
 
+def ar_prepare_constants(prepare_py):
+    """AR's harness constants, evaluated from their source (literals and arithmetic only), never imported."""
+    src = Path(prepare_py).read_text()
+    found = {}
+    for node in ast.parse(src).body:
+        name = getattr(node.targets[0], "id", None) if isinstance(node, ast.Assign) else None
+        if name in AR_PREPARE_CONSTANTS:
+            literal = (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop)
+            if not all(isinstance(n, literal) for n in ast.walk(node.value)):
+                sys.exit(f"{prepare_py}: {ast.get_source_segment(src, node)} is not literal arithmetic")
+            found[name] = eval(compile(ast.Expression(node.value), str(prepare_py), "eval"), {})
+    if sorted(found) != sorted(AR_PREPARE_CONSTANTS):
+        sys.exit(f"{prepare_py}: expected the constants {AR_PREPARE_CONSTANTS}, found {sorted(found)}")
+    return found
+
+# ---------------------------------------------------------------------------
+# Figures under each kind, and their spread
+# ---------------------------------------------------------------------------
+
+def kind_env(kind):
+    """The environment of a kind: ours with every variable any kind sets removed, then the kind's own."""
+    kind_vars = {var for env in KINDS.values() for var in env}
+    base = {k: v for k, v in os.environ.items() if k not in kind_vars}
+    return {**base, **KINDS[kind], "PYTHONPATH": str(ROOT)}
+
+
+def run_kind(kind, args, scratch):
+    """`python -m ARGS` in this kind's environment."""
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", *args], env=kind_env(kind), cwd=scratch, check=True, stdout=subprocess.DEVNULL)
+    print(f"{kind}: {args[0]} in {time.time() - t0:.0f}s", file=sys.stderr)
+
+
+def figures_under(kind, ar_dir, scratch):
+    """The recipe's and the loop's figures from AR's code, each computed in a fresh process of this kind."""
+    recipe_out, loop_out = scratch / f"{kind}-recipe.json", scratch / f"{kind}-loop.json"
+    run_kind(kind, ["tests.reference.make_model_figures", ar_dir, "--recipe-only", "--out", str(recipe_out)], scratch)
+    run_kind(kind, ["tests.reference.loop", "ar", ar_dir, str(loop_out)], scratch)
+    return {**json.loads(recipe_out.read_text()), "loop": json.loads(loop_out.read_text())}
+
+
+def group_of(path):
+    """A figure's tolerance group: its test, and along the steps of training its step too (rounding
+    differences grow from step to step): '/models/sl_gqa/forward/grads/x' -> 'forward',
+    '/models/sl_gqa/optimizer/steps[2]/params/x' -> 'optimizer_steps[2]', '/loop/training[3]/losses[0]'
+    -> 'loop_training[3]', '/loop/num_steps' -> 'loop_num_steps'."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "models":
+        parts = parts[2:]  # the same groups for every model
+    if parts[0] in ("optimizer", "loop"):
+        step = parts[1].startswith(("steps[", "training["))
+        return f"{parts[0]}_{parts[1] if step else parts[1].split('[')[0]}"
+    return parts[0].split("[")[0]
+
+
+def spreads(native, others):
+    """{group: {kind: largest relative difference from the native figures}}; exits on a difference in
+    shape or in an exact value (an int, a string, a key): those must not depend on the CPU."""
+    out = {}
+    for kind, figures in others.items():
+        for path, diff, _, _ in differences(figures, native):
+            if diff is None:
+                sys.exit(f"{kind}: {path} differs from the native figures in an exact value")
+            by_kind = out.setdefault(group_of(path), {})
+            by_kind[kind] = max(by_kind.get(kind, 0.0), diff)
+    return out
+
+
+def cpu_description():
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:30] if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", platform.processor()), "vendor": fields.get("vendor_id"),
+            "family_model": f"{fields.get('cpu family')}/{fields.get('model')}", "cores": os.cpu_count(),
+            "torch_capability": torch.backends.cpu.get_cpu_capability(),
+            "isa_flags": [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16") if f in flags]}
+
+
+def to_json(value, indent=0):
+    """JSON with one key per line, but a short flat dict, and a list of numbers or of lists of numbers
+    (a fingerprint, a step's lr multipliers), on one line: small, and readable in a diff."""
+    flat = json.dumps(value)
+    if not isinstance(value, (dict, list)):
+        return flat
+    nested = lambda v: isinstance(v, dict) or (isinstance(v, list) and any(isinstance(w, (dict, list)) for w in v))
+    if not any(nested(v) for v in (value.values() if isinstance(value, dict) else value)) and \
+            (isinstance(value, list) or len(flat) <= 100):
+        return flat
+    pad = " " * (indent + 1)
+    if isinstance(value, list):
+        return "[\n" + ",\n".join(pad + to_json(v, indent + 1) for v in value) + "\n" + " " * indent + "]"
+    body = ",\n".join(f"{pad}{json.dumps(k)}: {to_json(v, indent + 1)}" for k, v in value.items())
+    return "{\n" + body + "\n" + " " * indent + "}"
+
+
+def patch_summary(old, new):
+    first = lambda text: text.strip().splitlines()[0] if text.strip() else "(removed)"
+    return f"{first(old)} -> {first(new)}"
+
+
 def main(ar_dir, out):
     commit = subprocess.run(["git", "-C", ar_dir, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    g = load_ar(ar_dir)
-    figures = recipe.all_figures(g)
+    with tempfile.TemporaryDirectory() as tmp:
+        by_kind = {kind: figures_under(kind, ar_dir, Path(tmp)) for kind in KINDS}
+    native = by_kind.pop("native")
+    spread = spreads(native, by_kind)
     meta = {"autoresearch_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-            "command": "uv run python -m tests.reference.make_model_figures /path/to/autoresearch "
-                       "tests/reference/model_figures.json",
-            "patches": [new.strip() for _, new in PATCHES]}
-    Path(out).write_text(json.dumps({"meta": meta, **figures}, indent=1) + "\n")
+            "cpu": cpu_description(), "command": "uv run python -m tests.reference.make_model_figures /path/to/autoresearch",
+            "patches": [patch_summary(old, new) for old, new in PATCHES + LOOP_PATCHES],
+            "kinds": KINDS, "tolerance_multiple": TOLERANCE_MULTIPLE,
+            "spreads": {group: {kind: float(f"{x:.3g}") for kind, x in by.items()} for group, by in spread.items()},
+            "tolerances": {group: TOLERANCE_MULTIPLE * max(by.values()) for group, by in spread.items()}}
+    figures = {"meta": meta, **native, "ar_prepare": ar_prepare_constants(Path(ar_dir) / "prepare.py")}
+    Path(out).write_text(to_json(figures) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit(__doc__)
-    main(*sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("ar_dir", help="a checkout of karpathy/autoresearch")
+    parser.add_argument("--out", default=str(FIGURES), help="where to write the figures")
+    parser.add_argument("--recipe-only", action="store_true", help="only the recipe's figures, this process's kind")
+    args = parser.parse_args()
+    if args.recipe_only:
+        Path(args.out).write_text(json.dumps(recipe.all_figures(load_ar(args.ar_dir))) + "\n")
+    else:
+        main(args.ar_dir, args.out)
