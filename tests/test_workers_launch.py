@@ -83,7 +83,7 @@ def sessions(record):
             for w in record.iterdir()} if record.exists() else {}
 
 
-def wait_for(record, expected, proc, timeout=90):
+def wait_for(record, expected, proc, timeout=600):  # a hang guard, not a speed test: a loaded machine is slow
     t0 = time.time()
     while sessions(record) != expected:
         assert proc.poll() is None, f"workers.py exited ({proc.returncode}):\n{proc.stdout.read()}"
@@ -93,7 +93,7 @@ def wait_for(record, expected, proc, timeout=90):
 
 def stop(proc, sig):
     proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=60)
+    out, _ = proc.communicate(timeout=300)
     return out
 
 
@@ -153,18 +153,18 @@ def test_ctrl_c_stops_every_process_the_workers_started(first):
 def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once(first, launch, repo):
     start, record, logs = launch
     refused = start("--gpus", ",".join(GPUS))
-    out = refused.communicate(timeout=60)[0]
+    out = refused.communicate(timeout=300)[0]
     assert refused.returncode == 2 and out.count("\n") == 1, out
     assert f"branch autoresearch/{TAG}-0 already exists" in out and "--resume" in out, out
     # GPU 3's branch was never made, as when a launch is stopped during set-up: --resume makes it
     resumed = start("--gpus", ",".join(GPUS + ["3"]), "--resume")
     wait_for(record, {f"{TAG}-0": [1, 2, 3], f"{TAG}-2": [1, 2], f"{TAG}-3": [1]}, resumed)
     twice = start("--gpus", ",".join(GPUS), "--resume")
-    said = twice.communicate(timeout=60)[0]
+    said = twice.communicate(timeout=300)[0]
     assert twice.returncode == 2 and f"worker {TAG}-0 is already running" in said, said
     resumed.stdout.close()  # the terminal is gone: the launcher must stop everything all the same
     resumed.send_signal(signal.SIGTERM)
-    assert resumed.wait(timeout=60) == 0
+    assert resumed.wait(timeout=300) == 0
     log = (logs / f"workers-{TAG}.log").read_text()
     assert log.rstrip().endswith("all workers stopped, nothing left running"), log
     assert alive(record) == [], f"left running after SIGTERM:\n{log}"
@@ -204,7 +204,7 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_made(repo, launch, 
     start, _, _ = launch
     before = subprocess.run(["git", "branch", "--list"], cwd=repo, capture_output=True, text=True).stdout
     proc = start(*args)
-    out = proc.communicate(timeout=60)[0]
+    out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2 and out.count("\n") == 1 and says in out, out
     assert subprocess.run(["git", "branch", "--list"], cwd=repo, capture_output=True, text=True).stdout == before
 
@@ -326,7 +326,7 @@ def test_a_signal_during_set_up_ends_it_without_making_a_branch_or_leaving_prepa
     while "preparing the data" not in (line := proc.stdout.readline()):
         assert line, "workers.py ended before preparing the data"
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=60)[0]
+    out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130 and "interrupted during set-up; no agent was started" in out, out
     branches = subprocess.run(["git", "branch", "--list", "autoresearch/s-*"], cwd=repo, capture_output=True,
                               text=True).stdout
