@@ -1,8 +1,9 @@
 """
 Everything that happens after a run: archive it, explain it against the best run so far, and keep
-the experiment log that the research loop steers by.
+the experiment log that the research loop steers by; and the one command an experiment is.
 
 Usage:
+    uv run analyze.py run ["DESCRIPTION"]        # one experiment: commit train.py, train, measure, archive, decide
     uv run analyze.py                            # archive the run in this directory, write analysis.md and plots
     uv run analyze.py list [--worker NAME]       # every archived run, one line each
     uv run analyze.py show ID                    # print a run's analysis.md
@@ -31,14 +32,29 @@ This file is the command line; the work is done by the harness package beside it
 (where the archive is, results.tsv, the best), capture.py (the run in the working directory), pin.py
 (the harness pin, in git), audit.py (the archive against its evidence), metrics.py (one run's curves),
 noise.py (differences beyond noise), changes.py (code diffs), report.py (analysis.md), plots.py (the
-PNGs), shared.py (workers sharing an archive: claims, insights, views) and commands.py (one function
-per subcommand; `audit` is audit.py's, the workers' are shared.py's).
+PNGs), shared.py (workers sharing an archive: claims, insights, views), runner.py (`run`: train.py in a
+child process on the harness's clock, its model measured by harness/evaluate.py, the decision of
+decide.py applied) and commands.py (one function per subcommand; `audit` is audit.py's, the workers'
+are shared.py's, `run` is runner.py's).
 """
+import sys  # built into the interpreter: no file in the repository can stand in for it
+
+if __name__ == "__main__":
+    # Before any other import. `python analyze.py` puts this directory first on sys.path, where an untracked
+    # argparse.py (or json.py, ...) would shadow the standard library: move it to the end, so the stdlib
+    # and site-packages come first and only this project's own names (harness, prepare) are found here.
+    if not getattr(sys.flags, "safe_path", False) and not sys.flags.isolated:  # -P / -I add no directory
+        sys.path.append(sys.path.pop(0))
+    import os  # the standard library's, now
+
+    # Bytecode is read and written outside the repository, so a forged __pycache__/*.pyc in it is never run.
+    sys.pycache_prefix = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                                      "auto-log-research", "pycache")
+
 import argparse
 import os
-import sys
 
-from harness import audit, commands, shared
+from harness import audit, commands, runner, shared
 from harness.archive import die, read_results, serve_view, worker_name
 from harness.plots import draw_progress
 
@@ -53,6 +69,9 @@ def parser():
                         f"{', '.join(VIEW_COMMANDS)})")
     p.add_argument("--out", metavar="DIR", help="with --archive: draw progress.png and compare plots here")
     sub = p.add_subparsers(dest="command")
+    sub.add_parser("run", help="one experiment: commit train.py, train, measure, archive and decide (exit 2: refused, "
+                   "130: interrupted)").add_argument(
+        "description", nargs="?", help="the commit message for a changed train.py (ignored when it is unchanged)")
     sub.add_parser("list", help="every archived run, one line each").add_argument(
         "--worker", metavar="NAME", help="only this worker's runs")
     sub.add_parser("show", help="print a run's analysis.md").add_argument("id")
@@ -105,7 +124,7 @@ COMMANDS = {  # subcommand -> its function of the parsed arguments
     "pin": lambda a: commands.cmd_pin(), "repin": lambda a: commands.cmd_repin(a.commit),
     "status": lambda a: commands.cmd_status(a.id, a.status), "workers": lambda a: shared.cmd_workers(),
     "insights": lambda a: shared.cmd_insights(a.worker), "claim": lambda a: shared.cmd_claim(a.idea),
-    "claims": lambda a: shared.cmd_claims(),
+    "claims": lambda a: shared.cmd_claims(), "run": lambda a: runner.cmd_run(a.description),
 }
 
 

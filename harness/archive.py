@@ -292,7 +292,12 @@ def pick_best(rows, harness, gpu=None, worker=None):
 
 
 def best_for(rows, row):
-    """The best a run is measured against: its worker's, among the runs comparable with it."""
+    """The best a run is measured against: its worker's on its branch (the branch stands on it; a kept run of
+    another branch, or of the README's quick start on main, is another experiment's), among the runs
+    comparable with it. Rows without a branch (older archives) belong to every branch."""
+    branch = row.get("branch")
+    if branch:
+        rows = [r for r in rows if r.get("branch") in (branch, "", None)]
     return pick_best(rows, row.get("harness", ""), row_gpu(row), row.get("worker"))
 
 

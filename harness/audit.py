@@ -5,20 +5,21 @@ ever becoming the best.
 
 The evidence of a run is what was written when it was archived and what git holds: the files stored
 in its directory (their sha256 in record.json), the final block of its run.log, its run_summary.json,
-the decisions made through `analyze.py status` (decisions.jsonl, appended), the pin of its branch and
-its commit's place on that branch. results.tsv is an index built from these: where it disagrees with
-them, results.tsv is what was changed.
+the harness's own measurement.json (runs of `analyze.py run`), the decisions made through `analyze.py
+status` (decisions.jsonl, appended), the pin of its branch and its commit's place on that branch.
+results.tsv is an index built from these: where it disagrees with them, results.tsv is what was changed.
+Every case the harness caught in a run (trained on validation data, a slowed clock, ...) is named too:
+such a run is `invalid`, and the audit says why.
 """
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from harness.archive import (RECORD_JSON, archive_lock, own, parse_results, paths, read_decisions, read_json,
-                             sha256_file, worker_name)
+from harness.archive import (MEASUREMENT_JSON, RECORD_JSON, archive_lock, own, parse_results, paths, read_decisions,
+                             read_json, sha256_file, worker_name)
+from harness.capture import final_block
 from harness.pin import (branch_commits, check_against, current_branch, git_text, pin_history, pinned_blobs, read_pin,
                          pinned_files_sha256, summary_changes, tree_digest)
-
-LOG_TAIL_BYTES = 8192      # the final block of run.log is in its last few lines
 
 
 # ---------------------------------------------------------------------------
@@ -55,20 +56,6 @@ def load_evidence():
     return Evidence(decided, worker_name())
 
 
-def final_block(path):
-    """{key: value} of the last `---` block of a run.log (karpathy/autoresearch's greppable block)."""
-    if not path.exists():
-        return {}
-    with open(path, "rb") as f:
-        f.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-        lines = f.read().decode(errors="replace").splitlines()
-    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
-    if not starts:
-        return {}
-    pairs = (line.split(":", 1) for line in lines[starts[-1] + 1:] if ":" in line)
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
 # ---------------------------------------------------------------------------
 # One run
 
@@ -91,7 +78,10 @@ def run_checks(row, evidence=None):
                 "about it can be checked"], []
     evidence = evidence or load_evidence()
     summary = read_json(run_dir / "run_summary.json")[0] if "run_summary.json" in record["files"] else None
-    problems = file_problems(run_dir, record) + number_problems(row, record, summary, run_dir) + \
+    measurement = read_json(run_dir / MEASUREMENT_JSON)[0] if MEASUREMENT_JSON in record["files"] else None
+    numbers = (measured_problems(row, record, summary, measurement) if measurement is not None
+               else number_problems(row, record, summary, run_dir))
+    problems = file_problems(run_dir, record) + numbers + caught_problems(row, record, measurement) + \
         status_problems(row, record, evidence)
     if elsewhere(record, evidence):
         return problems, [f"worker {record.get('worker')}'s branch {record.get('branch')} and its pin "
@@ -126,7 +116,7 @@ def number_problems(row, record, summary, run_dir):
     problems = [f"results.tsv says {key} {row.get(key)}, but it was archived with {key} {want}"
                 for key, want in (("val_bpb", val), ("outcome", outcome), ("commit", str(record.get("commit"))[:7]))
                 if row.get(key) != want]
-    if summary is not None:
+    if summary is not None and not record.get("caught"):  # a caught claim is named by caught_problems
         if (summary.get("status") or "crash") != outcome:
             problems.append(f"run_summary.json says status {summary.get('status')}, but the run was archived "
                             f"with outcome {outcome}")
@@ -137,6 +127,43 @@ def number_problems(row, record, summary, run_dir):
     logged = final_block(run_dir / "run.log").get("val_bpb")
     if outcome == "ok" and logged not in (None, "n/a") and logged != val:
         problems.append(f"run.log's final block says val_bpb {logged}, but it was archived with {val}")
+    if row.get("measured"):
+        problems.append(f"results.tsv says measured {row['measured']!r}, but the run has no {MEASUREMENT_JSON}: "
+                        "its val_bpb is train.py's own")
+    return problems
+
+
+def measured_problems(row, record, summary, measurement):
+    """A run of `analyze.py run`: its row against record.json and measurement.json, and train.py's own
+    claims (run_summary.json) against the measurement, which is the run's number."""
+    status, val = measurement.get("status"), measurement.get("val_bpb")
+    said = f"{val:.6f}" if status in ("ok", "invalid") and isinstance(val, (int, float)) else "0.000000"
+    problems = [f"results.tsv says {key} {row.get(key)}, but it was archived with {key} {want}"
+                for key, want in (("val_bpb", record.get("val_bpb")), ("outcome", record.get("outcome")),
+                                  ("commit", str(record.get("commit"))[:7])) if row.get(key) != want]
+    if said != record.get("val_bpb"):
+        problems.append(f"{MEASUREMENT_JSON} says val_bpb {said} (status {status}), but it was archived with "
+                        f"{record.get('val_bpb')}")
+    if row.get("measured") != "harness":
+        problems.append(f"results.tsv says measured {row.get('measured')!r}, but the run has the harness's "
+                        f"{MEASUREMENT_JSON}")
+    if summary is not None and summary.get("status") == "ok" and status not in ("ok", "invalid"):  # invalid: caught
+        problems.append(f"run_summary.json claims ok, but {MEASUREMENT_JSON} says {status}: "
+                        f"{measurement.get('error') or 'no reason given'}")
+    return problems
+
+
+def caught_problems(row, record, measurement):
+    """Every case the harness caught in the run, one line each, and a row whose `caught` column says
+    otherwise than the evidence."""
+    if measurement is not None:
+        found = [(c.get("case", "?"), c.get("detail")) for c in measurement.get("caught") or [] if isinstance(c, dict)]
+    else:
+        found = [(case, None) for case in record.get("caught") or []]
+    problems = [f"caught: {case}" + (f": {detail}" if detail else "") for case, detail in found]
+    if (row.get("caught") or "") != "; ".join(case for case, _ in found):
+        problems.append(f"results.tsv says caught {row.get('caught')!r}, but the run was archived with "
+                        f"{'; '.join(case for case, _ in found) or 'nothing caught'}")
     return problems
 
 

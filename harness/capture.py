@@ -4,6 +4,11 @@ metrics.jsonl and run.log are this run's, its results.tsv row and its run direct
 keeps what audit later checks (the sha256 of every file stored, the branch and its pin, the status and
 val_bpb it was archived with). A run whose harness differs from its branch's pin (harness/pin.py) is
 recorded invalid.
+
+A run of `analyze.py run` comes with the harness's own measurement (harness/runner.py): its row's
+val_bpb and status are the measurement's, and measurement.json is stored beside the run's files. A bare
+`analyze.py` has only train.py's word, which it takes for ok only when run.log ends with the final
+block that says the same val_bpb.
 """
 import hashlib
 import json
@@ -14,14 +19,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.archive import (RECORD_JSON, best_for, die, git, gpu_class, latest_row, own, paths, read_json,
-                             sha256_file, worker_name)
+from harness.archive import (MEASUREMENT_JSON, RECORD_JSON, best_for, die, git, gpu_class, latest_row, own, paths,
+                             read_json, sha256_file, worker_name)
 from harness.identity import ran_code_sha
 from harness.pin import check_run
 
 STALE_SLACK_S = 30.0       # run.log written this long after the summary finished -> the summary is older
+LOG_TAIL_BYTES = 8192      # the final block of run.log is in its last few lines
 EVIDENCE = ("run_summary.json", "run_summary.json.corrupt", "stale_run_summary.json", "metrics.jsonl", "run.log",
-            "diff.patch")  # the stored files whose sha256 record.json keeps (analysis.md and plots are rebuilt)
+            "diff.patch", MEASUREMENT_JSON)  # the stored files whose sha256 record.json keeps (analysis.md and plots are rebuilt)
+FORGED_OK = "run_summary.json claims ok without run.log's final block"  # a caught case (fixed name, as runner.py's)
 
 # ---------------------------------------------------------------------------
 # git: the commit that ran
@@ -47,10 +54,11 @@ class Capture:
     """What the working directory says about the latest run, before anything is archived."""
     commit: str                 # full sha of the commit that was run
     summary: dict | None        # None: no summary, a corrupt one, or one left by an earlier run
-    outcome: str                # ok | crash | diverged | timeout | no_summary | stale_summary | corrupt_summary
+    outcome: str                # ok | crash | diverged | timeout | interrupted | no_summary | stale_summary | corrupt_summary
     key: str                    # identity of the run: the same run always gets the same key
     use_metrics: bool           # metrics.jsonl belongs to this run
     notes: list = field(default_factory=list)
+    caught: list = field(default_factory=list)  # [{"case", "detail"}]: what the run files claim that they do not show
 
 
 def stale_reasons(summary, summary_path, log_path, archived):
@@ -126,9 +134,43 @@ def capture_run(head, rows):
                 "rerun with `uv run train.py > run.log 2>&1`")
         commit = head
         key = run_key(f"crash|{head}|{sha256_file(log_path)}|{log_path.stat().st_mtime_ns}")
+    caught = unbacked_ok(summary, log_path) if outcome == "ok" else []
+    if caught:
+        outcome = "crash"
+        notes.append(f"{FORGED_OK}: {caught[0]['detail']}; recorded as a crash")
     # RunRecorder deletes metrics.jsonl together with the old summary: a stale summary means stale curves too
     use_metrics = Path("metrics.jsonl").exists() and outcome != "stale_summary"
-    return Capture(commit, summary, outcome, key, use_metrics, notes + input_notes(outcome, log_path))
+    return Capture(commit, summary, outcome, key, use_metrics, notes + input_notes(outcome, log_path), caught)
+
+
+def unbacked_ok(summary, log_path):
+    """[the caught case] when a summary says ok but run.log does not end with the final block of the same
+    val_bpb (a summary written by hand after a crash); [] when it does. train.py prints the block last."""
+    said = summary.get("val_bpb")
+    if not isinstance(said, (int, float)):  # no number claimed: recorded as a crash all the same
+        return []
+    block, said = final_block(log_path), f"{said:.6f}"
+    if not block:
+        where = "run.log has no final `---` block" if log_path.exists() else "there is no run.log to back it"
+        return [{"case": FORGED_OK, "detail": where}]
+    if block.get("val_bpb") != said:
+        return [{"case": FORGED_OK, "detail": f"run.log's final block says val_bpb {block.get('val_bpb')}, "
+                                              f"run_summary.json {said}"}]
+    return []
+
+
+def final_block(path):
+    """{key: value} of the last `---` block of a run.log (karpathy/autoresearch's greppable block), or {}."""
+    if not Path(path).exists():
+        return {}
+    with open(path, "rb") as f:
+        f.seek(max(0, Path(path).stat().st_size - LOG_TAIL_BYTES))
+        lines = f.read().decode(errors="replace").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
+    if not starts:
+        return {}
+    pairs = (line.split(":", 1) for line in lines[starts[-1] + 1:] if ":" in line)
+    return {k.strip(): v.strip() for k, v in pairs}
 
 
 def input_notes(outcome, log_path):
@@ -167,21 +209,43 @@ def check_harness(summary):
 # ---------------------------------------------------------------------------
 # Recording the run: its results.tsv row and its directory
 
-def record_run(capture, rows):
+def record_run(capture, rows, measurement=None):
     """The results.tsv row of a run not yet in it, storing its directory unless an earlier invocation,
-    killed before writing results.tsv (or whose row was torn), already did."""
+    killed before writing results.tsv (or whose row was torn), already did. `measurement`: the harness's
+    own (measurement.json, from `analyze.py run`), whose status and val_bpb the row then takes."""
     worker = worker_name()
     stored = stored_run_id(capture)
     run_id = stored or reserve_run_id(capture.commit, rows)
     harness = check_run(capture.summary, [r for r in rows if own(r, worker)])  # another clone's branch may share a name
-    status = ("crash" if capture.outcome != "ok" or capture.summary.get("val_bpb") is None
-              else "invalid" if harness.changes else "pending")
     latest = latest_row(rows, worker)
-    row = make_row(capture, run_id, status, latest["harness"] if latest else "")
+    row = make_row(capture, run_id, measurement, latest["harness"] if latest else "")
+    row["status"] = "invalid" if harness.changes and row["status"] != "crash" else row["status"]
     row.update(branch=harness.branch or "", worker=worker)
     if not stored:
-        store_run(capture, row, best_for(rows, row), harness)
+        store_run(capture, row, branch_best(rows, row), harness, measurement)
     return row
+
+
+def branch_best(rows, row):
+    """The best a new run of `row`'s branch is measured against: the branch's own, never a run that another
+    branch stands on (a run archived on main before an experiment branched off it is not the branch's)."""
+    return best_for([r for r in rows if r.get("branch") == row.get("branch")], row)
+
+
+def row_outcome(capture, measurement):
+    """(outcome, status, val_bpb or None) of a run: the harness's measurement when there is one (a caught
+    run finished: outcome ok, status invalid), else what the run files say."""
+    if measurement is not None:
+        status, val = measurement["status"], measurement.get("val_bpb")
+        if status in ("ok", "invalid"):
+            return "ok", "pending" if status == "ok" else "invalid", val
+        return status, "pending" if status == "interrupted" else "crash", None
+    val = (capture.summary or {}).get("val_bpb")
+    if capture.outcome == "interrupted":  # not the code's failure: no number, and a rerun's turn
+        return "interrupted", "pending", None
+    if capture.outcome != "ok" or val is None:
+        return capture.outcome, "crash", None
+    return "ok", "pending", val
 
 
 def stored_run_id(capture):
@@ -217,13 +281,14 @@ def reserve_run_id(commit, rows):
         n += 1
 
 
-def make_row(capture, run_id, status, default_harness):
+def make_row(capture, run_id, measurement, default_harness):
     """The results.tsv row. A run without a summary is assumed to share the latest run's harness."""
     s = capture.summary or {}
 
     def num(key, spec):
         return "" if s.get(key) is None else format(float(s[key]), spec)
 
+    outcome, status, val = row_outcome(capture, measurement)
     started = (s.get("timings") or {}).get("started_at")
     crashed = status == "crash"
     description = commit_subject(capture.commit)
@@ -231,22 +296,41 @@ def make_row(capture, run_id, status, default_harness):
         description += " [uncommitted changes]"
     return {
         "commit": capture.commit[:7],
-        "val_bpb": "0.000000" if crashed or s.get("val_bpb") is None else f"{s['val_bpb']:.6f}",
+        "val_bpb": "0.000000" if val is None else f"{val:.6f}",
         "memory_gb": "0.0" if crashed else "n/a" if s.get("peak_vram_mb") is None else f"{s['peak_vram_mb'] / 1024:.1f}",
-        "status": status, "description": description, "run_id": run_id, "outcome": capture.outcome,
+        "status": status, "description": description, "run_id": run_id, "outcome": outcome,
         "harness": harness_key(s) or default_harness, "train_py_sha": ((s.get("git") or {}).get("train_py_sha256") or "")[:12],
         "num_steps": num("num_steps", ".0f"), "mfu_percent": num("mfu_percent", ".2f"),
         "training_seconds": num("training_seconds", ".1f"),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)) if started else "",
         "run_key": capture.key, "code_sha": ran_code_sha(capture.summary, capture.commit),
-        "gpu": gpu_class(capture.summary),
+        "gpu": gpu_class(capture.summary), **measured_columns(capture, measurement),
     }
 
 
-def store_run(capture, row, best, harness):
+def measured_columns(capture, measurement):
+    """The columns of the harness's own measurement; "" in a bare archive's row (train.py's word only)."""
+    caught = "; ".join(c["case"] for c in (measurement or {}).get("caught") or capture.caught)
+    if measurement is None:
+        return {"measured": "", "heldout_bpb": "", "machine_speed": "", "wall_s": "", "outside_s": "",
+                "caught": caught, "decision": ""}
+    m = measurement
+
+    def num(value, spec):
+        return "" if value is None else format(float(value), spec)
+
+    speeds = [v for v in (m.get("machine_speed") or {}).values() if isinstance(v, (int, float))]
+    return {"measured": "harness", "heldout_bpb": num(m.get("heldout_bpb"), ".6f"),
+            "machine_speed": num(sum(speeds) / len(speeds) if speeds else None, ".1f"),
+            "wall_s": num(m.get("wall_s"), ".1f"), "outside_s": num(m.get("outside_s"), ".1f"),
+            "caught": caught, "decision": ""}
+
+
+def store_run(capture, row, best, harness, measurement=None):
     """Copy the run's files into its directory (built aside, then renamed onto the empty directory
-    reserve_run_id made). record.json names the best that diff.patch is against, so a rebuilt
-    analysis.md compares with the same run, and keeps the evidence audit checks."""
+    reserve_run_id made), and the harness's measurement.json when there is one. record.json names the
+    best that diff.patch is against, so a rebuilt analysis.md compares with the same run, and keeps the
+    evidence audit checks."""
     run_id = row["run_id"]
     final, tmp = paths().dir / run_id, paths().dir / f".tmp-{run_id}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -262,10 +346,12 @@ def store_run(capture, row, best, harness):
     if Path("run.log").exists():
         shutil.copyfile("run.log", tmp / "run.log")
     (tmp / "diff.patch").write_text(train_py_diff(capture, best["commit"] if best else None))
-    record = {"run_key": capture.key, "commit": capture.commit, "outcome": capture.outcome, "notes": capture.notes,
+    if measurement is not None:
+        (tmp / MEASUREMENT_JSON).write_text(json.dumps(measurement, indent=2) + "\n")
+    record = {"run_key": capture.key, "commit": capture.commit, "outcome": row["outcome"], "notes": capture.notes,
               "best": best["run_id"] if best else None, "status": row["status"], "val_bpb": row["val_bpb"],
               "branch": harness.branch, "worker": row["worker"], "pin": harness.pin, "harness_digest": harness.digest,
-              "harness_changed": harness.changes,
+              "harness_changed": harness.changes, "caught": [c for c in row["caught"].split("; ") if c],
               "files": {name: sha256_file(tmp / name) for name in EVIDENCE if (tmp / name).exists()}}
     (tmp / RECORD_JSON).write_text(json.dumps(record, indent=2) + "\n")
     os.rename(tmp, final)

@@ -181,44 +181,59 @@ def cmd_status(run_id, status):
         remove_leftovers(paths().dir)
         rows = read_results()
         row = find_own_row(rows, run_id, worker_name())
-        if row["status"] == "invalid":  # one step through `discard` would otherwise let it be kept
-            die(f"run {row['run_id']} is `invalid`: its harness differs from its branch's pin, so its status "
-                "cannot change")
-        if status == "keep" and row_bpb(row) is None:
-            die(f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept")
-        if status == "keep":
-            refuse_uncommitted(row)
-            refuse_inconsistent(row)
-        best_before = best_for(rows, row)
-        append_decision(row["run_id"], status, row["status"])  # first: a killed `status` is completed by a rerun
-        row["status"] = status
-        write_results(rows)
-        set_headline_status(row)
-        best = best_for(rows, row)
-        if best is not best_before or status == "keep":
-            write_current_best(best)
+        refusal = status_refusal(row, status)
+        if refusal:
+            die(refusal)
+        set_status(rows, row, status)
         draw_progress(rows)
         snapshot_insights(worker_name())
     print(f"{row['run_id']}: {status}")
     return 0
 
 
-def refuse_inconsistent(row):
+def set_status(rows, row, status):
+    """Give `row` a status that status_refusal allows; `analyze.py status` and `analyze.py run`'s decision
+    both go through here. Callers hold the lock."""
+    best_before = best_for(rows, row)
+    append_decision(row["run_id"], status, row["status"])  # first: a killed `status` is completed by a rerun
+    row["status"] = status
+    write_results(rows)
+    set_headline_status(row)
+    best = best_for(rows, row)
+    if best is not best_before or status == "keep":
+        write_current_best(best)
+
+
+def status_refusal(row, status):
+    """Why `row` cannot be given `status`, in one line; None when it can."""
+    if row["status"] == "invalid":  # one step through `discard` would otherwise let it be kept
+        return (f"run {row['run_id']} is `invalid`: its harness differs from its branch's pin, or the harness caught "
+                f"it ({row.get('caught') or 'see its analysis.md'}), so its status cannot change")
+    if status == "keep" and row_bpb(row) is None:
+        return f"run {row['run_id']} is `{row['status']}` with val_bpb {row['val_bpb']}: it cannot be kept"
+    if status == "keep":
+        return uncommitted_refusal(row) or inconsistent_refusal(row)
+    return None
+
+
+def inconsistent_refusal(row):
     """keep makes a run the best, which a run whose evidence disagrees with results.tsv must never be."""
     problems = run_problems(row)
     if problems:
-        die(f"run {row['run_id']} cannot be kept: {problems[0]}"
-            f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; `uv run analyze.py audit` lists them")
+        return (f"run {row['run_id']} cannot be kept: {problems[0]}"
+                f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}; `uv run analyze.py audit` lists them")
+    return None
 
 
-def refuse_uncommitted(row):
+def uncommitted_refusal(row):
     """keep advances the branch to the run's commit: it must hold the train.py that was measured."""
     summary = read_json(paths().run_dir(row["run_id"]) / "run_summary.json")[0]
     mismatch = uncommitted_train_py(summary)
     if mismatch:
-        die(f"run {row['run_id']} ran train.py with uncommitted changes (sha256 {mismatch[0][:8]}; commit "
-            f"{row['commit']} holds {mismatch[1][:8]}), so keeping it would make the best a commit whose train.py "
-            "was never measured; commit the change and rerun, or mark the run discard")
+        return (f"run {row['run_id']} ran train.py with uncommitted changes (sha256 {mismatch[0][:8]}; commit "
+                f"{row['commit']} holds {mismatch[1][:8]}), so keeping it would make the best a commit whose train.py "
+                "was never measured; commit the change and rerun, or mark the run discard")
+    return None
 
 
 def cmd_pin():

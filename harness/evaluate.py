@@ -26,8 +26,8 @@ Rows, byte rule and batch size are prepare.evaluate_bpb's (prepare.bits_per_byte
 implementation), so for an honest model val_bpb equals train.py's to float rounding. On CUDA the model is
 compiled and run under bf16 autocast, as train.py evaluates it; on CPU it runs eagerly in fp32.
 
-Writes --out as JSON: {"val_bpb", "heldout_bpb", "eval_s", "machine_speed": {"before", "after"}, "error"}
-(machine speed in GFLOP/s); exits 0, or 1 with "error" a one-line reason, also printed to stderr.
+Writes --out as JSON: {"val_bpb", "heldout_bpb", "eval_s", "future_leak", "machine_speed": {"before", "after"},
+"error"} (machine speed in GFLOP/s; future_leak: see future_leak()); exits 0, or 1 with "error" a one-line reason, also printed to stderr.
 """
 import argparse
 import contextlib
@@ -180,6 +180,22 @@ def for_device(model, tokenizer, device):
     return torch.compile(model, dynamic=False), autocast
 
 
+@torch.no_grad()
+def future_leak(model, tokenizer, device):
+    """How far the logits of the first half of one validation row move when every token of its second half
+    changes: 0 for a causal model. A model that attends to later tokens predicts the validation text from
+    itself, and scores as well on the held-out shard, so the val/held-out gap cannot see it."""
+    x = next(prepare.make_dataloader(tokenizer, 1, prepare.MAX_SEQ_LEN, "val", device=device))[0]
+    half = x.size(1) // 2
+    changed = x.clone()
+    changed[:, half:] = (changed[:, half:] + 1) % tokenizer.get_vocab_size()
+    autocast = (torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    with autocast:
+        a, b = model(x)[:, :half].float(), model(changed)[:, :half].float()
+    return float((a - b).abs().max())
+
+
 def measure(model, tokenizer, batch_size, device):
     """(val_bpb, heldout_bpb): val on prepare.evaluate_bpb's rows (EVAL_TOKENS), heldout on the first
     HELDOUT_TOKENS of the held-out split, both with the loss computed from the logits."""
@@ -197,7 +213,7 @@ def measure(model, tokenizer, batch_size, device):
 
 
 def empty_result():
-    return {"val_bpb": None, "heldout_bpb": None, "eval_s": None,
+    return {"val_bpb": None, "heldout_bpb": None, "eval_s": None, "future_leak": None,
             "machine_speed": {"before": None, "after": None}, "error": None}
 
 
@@ -214,6 +230,7 @@ def evaluate(handoff_path, train_py, device=None, result=None):
     handoff = load_handoff(handoff_path)
     model = rebuild_model(import_train(train_py), handoff, device)
     tokenizer = prepare.Tokenizer.from_directory()
+    result["future_leak"] = future_leak(model, tokenizer, device)  # eager, before compiling
     result["val_bpb"], result["heldout_bpb"] = measure(model, tokenizer, handoff["batch_size"], device)
     result["eval_s"] = time.perf_counter() - t0
     result["machine_speed"]["after"] = machine_speed(device)

@@ -8,7 +8,8 @@ train.py calls it in a handful of lines:
     run.finish(val_bpb=..., ...)                            # the greppable block, status 'ok'
 
 The summary is written on every exit path: ok, crash (an uncaught exception, or the script ended
-without finish()), diverged, and timeout (the hard wall-clock cap or SIGTERM, which exit with code 3).
+without finish()), diverged, timeout (the hard wall-clock cap or SIGTERM, which exit with code 3) and
+interrupted (Ctrl-C or SIGINT: KeyboardInterrupt, exit code 130 as a shell gives it).
 LayerHealth computes the per-layer statistics on the device, to be fetched with the step's loss.
 """
 import atexit
@@ -40,7 +41,7 @@ FINAL_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "m
 _FINAL_FORMATS = {"val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
                   "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
                   "num_steps": "{:d}", "num_params_M": "{:.1f}", "depth": "{:d}"}
-EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3}  # the process's exit code by status
+EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}  # the process's exit code by status
 DIVERGED_LOSS = 100.0                                            # a training loss above this has diverged
 
 
@@ -270,6 +271,10 @@ class RunRecorder:
         elif issubclass(exc_type, RunStopped):
             print(f"train.py stopped: {exc}", file=sys.stderr)
             status, error = "crash", str(exc)
+        elif issubclass(exc_type, KeyboardInterrupt):  # someone stopped it: not the code's failure, and no number
+            print("\ntrain.py interrupted (Ctrl-C or SIGINT)", file=sys.stderr)
+            status = "interrupted"
+            error = _tail("".join(traceback.format_exception(exc_type, exc, tb)), max_lines=12)
         else:
             traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
             status = "diverged" if issubclass(exc_type, Diverged) else "crash"
@@ -283,7 +288,7 @@ class RunRecorder:
 
     def start(self):
         """Begin the run for a whole script: its end, however it comes, writes the summary and sets the
-        process's exit code (0 ok, 1 crash, 2 diverged, 3 timeout)."""
+        process's exit code (0 ok, 1 crash, 2 diverged, 3 timeout, 130 interrupted)."""
         self.__enter__()
         sys.excepthook = self._excepthook
         atexit.register(self._at_exit)

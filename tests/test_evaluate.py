@@ -252,3 +252,16 @@ def test_logits_of_the_wrong_shape_are_a_one_line_error():
 def test_machine_speed_is_a_positive_rate():
     speed = evaluate.machine_speed("cpu")
     assert math.isfinite(speed) and speed > 0, speed
+
+
+def test_a_model_that_attends_to_later_tokens_is_seen_and_a_causal_one_is_not(cpu_profile, monkeypatch):
+    """Non-causal attention predicts the validation text from itself: it scores well on held-out text too, so
+    only a look at the logits themselves can tell."""
+    import train
+    model = tiny_model(train, cpu_profile)
+    assert evaluate.future_leak(model, cpu_profile, torch.device("cpu")) == 0.0, "a causal model's past moved"
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(train, "attention", lambda q, k, v, mask: sdpa(q, k, v))  # no mask: sees everything
+    leak = evaluate.future_leak(model, cpu_profile, torch.device("cpu"))
+    from harness.runner import FUTURE_TOLERANCE
+    assert leak > 5 * FUTURE_TOLERANCE, f"a non-causal model's first half moved by only {leak:.3g}"

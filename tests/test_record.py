@@ -1,5 +1,5 @@
 """harness/record.py and its helpers: the run recorder writes its outputs on every exit path (ok, crash,
-diverged, timeout), as a `with` block or for a whole script through start(); config is collected from
+diverged, timeout, interrupted), as a `with` block or for a whole script through start(); config is collected from
 train.py's globals; the progress line suits both a terminal and a log file."""
 import contextlib
 import hashlib
@@ -126,8 +126,18 @@ def test_previous_outputs_are_removed_at_start(tmp_path):
     with record.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
         assert not (tmp_path / "run_summary.json").exists(), "a stale summary survived the start"
         assert (tmp_path / "metrics.jsonl").read_text() == "", "stale metrics survived the start"
-        raise KeyboardInterrupt
+        raise ValueError("a bug")
     assert summary(tmp_path)["status"] == "crash" and run.exit_code == 1
+
+
+def test_ctrl_c_ends_the_run_interrupted_not_crashed(tmp_path, capsys):
+    with record.RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        run.log(0, **{"train/loss": 5.0})
+        raise KeyboardInterrupt
+    s = summary(tmp_path)
+    assert (run.exit_code, s["status"], s["val_bpb"]) == (130, "interrupted", None), s
+    assert "KeyboardInterrupt" in s["error"] and s["num_steps"] == 1
+    assert "interrupted (Ctrl-C or SIGINT)" in capsys.readouterr().err
 
 
 def test_metrics_are_flushed_on_schedule_and_at_exit(tmp_path):
@@ -228,6 +238,17 @@ def test_sigterm_writes_a_timeout_summary_and_exits_3(tmp_path):
     assert s["status"] == "timeout" and "SIGTERM" in s["error"]
     assert metrics(tmp_path)[0]["loss"] == 3.0
 
+
+def test_sigint_writes_an_interrupted_summary_and_exits_130(tmp_path):
+    proc = start_sleeper(tmp_path, cap=300)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGINT)  # Ctrl-C, or `analyze.py run` stopping its child
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, f"exit {proc.returncode}: {err}"
+    s = summary(tmp_path)
+    assert s["status"] == "interrupted" and "KeyboardInterrupt" in s["error"] and s["val_bpb"] is None, s
+    assert metrics(tmp_path)[0]["loss"] == 3.0, "buffered metrics lost on Ctrl-C"
+
 # ---------------------------------------------------------------------------
 # Small helpers train.py uses
 # ---------------------------------------------------------------------------
@@ -269,6 +290,7 @@ SCRIPT_ENDINGS = {
     "diverges": ("run.check_divergence(3, float('nan'))", 2, "diverged", "training loss nan at step 3"),
     "never_finishes": ("pass", 1, "crash", "without calling run.finish()"),
     "finishes": ("run.finish()", 0, "ok", None),
+    "interrupted": ("raise KeyboardInterrupt", 130, "interrupted", "KeyboardInterrupt"),
 }
 
 
