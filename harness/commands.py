@@ -44,6 +44,7 @@ def cmd_archive():
         text = report_run(load_run(row), rows)
         draw_progress(rows)
         snapshot_insights(worker)
+    print(text.splitlines()[0])  # the decision, then the headline
     print(text.split("\n\n## ")[1])
     print(f"archived as {row['run_id']}: {paths().run_dir(row['run_id']) / 'analysis.md'}")
     return 0
@@ -106,8 +107,7 @@ def cmd_best():
         print(("no best run yet" if any(own(r, worker) for r in rows) or not rows else f"no run of worker {worker}")
               + ": no valid run under the latest harness" + (" whose evidence is consistent" if passed else ""))
     elif worker is not None:
-        print(best_line(best, "most recently kept" if best["status"] == "keep"
-                        else "lowest val_bpb of the pending runs (none kept yet)"))
+        print(best_line(best, "most recently kept"))
     others = list(dict.fromkeys(r["worker"] for r in pool if r.get("worker") and r["worker"] != worker))
     if others or worker is None:  # a view of archives from before the worker column has one unnamed worker
         names = [worker, *others] if worker is not None else others or [None]

@@ -59,7 +59,8 @@ EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.to
             *(f"{SHARED}/{name}" for name in ("results.tsv", "claims.tsv", "decisions.jsonl", "workers/w1/insights.md",
                                               "a1b2c3d/run_summary.json",
                                               "a1b2c3d/metrics.jsonl", "a1b2c3d/run.log", "a1b2c3d/record.json",
-                                              "a1b2c3d/diff.patch"))]
+                                              "a1b2c3d/diff.patch", "a1b2c3d/measurement.json")),
+            ".auto-log-research/a1b2c3d/measurement.json"]
 # written by analyze.py but rebuilt from the evidence, so not denied outright: Claude Code only asks,
 # and `claude -p --permission-mode dontAsk` refuses whatever it would ask
 NOT_THE_AGENTS = ["run.log", ".auto-log-research/progress.png", ".auto-log-research/a1b2c3d/loss.png",
