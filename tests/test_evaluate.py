@@ -134,7 +134,8 @@ def test_the_isolated_evaluator_gives_evaluate_bpbs_number_and_a_held_out_one(ha
     out = run_evaluator(ROOT, handoff, train_py, tmp_path / "eval.json", cpu_env, tmp_path)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result) == {"val_bpb", "heldout_bpb", "eval_s", "machine_speed", "error"} and result["error"] is None
+    assert set(result) == {"val_bpb", "heldout_bpb", "eval_s", "future_leak", "machine_speed", "error"} and result["error"] is None
+    assert result["future_leak"] == 0.0, "train.py's model is causal: its past logits never move"
     assert result["val_bpb"] == pytest.approx(reported, rel=1e-9, abs=0), \
         f"evaluator val_bpb {result['val_bpb']!r}, prepare.evaluate_bpb {reported!r}"
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
