@@ -257,15 +257,19 @@ class RunRecorder:
         except OSError as e:
             self._warn_once("io", f"metrics.jsonl: {e}")
         threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
-        self._old_sigterm = None
+        self._old_sigterm = self._old_sigint = None
         if threading.current_thread() is threading.main_thread():
             self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
+            # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup),
+            # which Python would otherwise leave ignored: a run started there could not be interrupted
+            self._old_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
     def __exit__(self, exc_type, exc, tb):
         self._stop.set()
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
+            signal.signal(signal.SIGINT, self._old_sigint)
         if exc_type is None:
             status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
         elif issubclass(exc_type, RunStopped):
