@@ -295,10 +295,13 @@ def best_for(rows, row):
     """The best a run is measured against: its worker's on its branch (the branch stands on it; a kept run of
     another branch, or of the README's quick start on main, is another experiment's), among the runs
     comparable with it. Rows without a branch (older archives) belong to every branch."""
+    return pick_best(on_branch(rows, row), row.get("harness", ""), row_gpu(row), row.get("worker"))
+
+
+def on_branch(rows, row):
+    """The rows of `row`'s branch (all of them when it has none); rows without a branch are every branch's."""
     branch = row.get("branch")
-    if branch:
-        rows = [r for r in rows if r.get("branch") in (branch, "", None)]
-    return pick_best(rows, row.get("harness", ""), row_gpu(row), row.get("worker"))
+    return [r for r in rows if r.get("branch") in (branch, "", None)] if branch else rows
 
 
 def vetted_best(pool):

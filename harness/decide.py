@@ -22,7 +22,7 @@ from functools import cached_property, lru_cache
 
 import numpy as np
 
-from harness.archive import best_after_each, own_comparable, row_bpb, row_gpu
+from harness.archive import best_after_each, on_branch, own_comparable, row_bpb, row_gpu
 from harness.identity import row_code, same_code
 from harness.noise import Noise, difference_band, noise_band
 
@@ -146,10 +146,11 @@ class Standing:
 
 
 def best_before(row, history):
-    """The best `row` is judged against: its worker's most recently kept comparable run before it."""
+    """The best `row` is judged against: its worker's most recently kept comparable run on its branch before it
+    (best_for's rule; the audit's vetting is left to the archive, whose record.json names the best)."""
     before = next((history[:i] for i, r in enumerate(history)
                    if r is row or (row.get("run_id") and r.get("run_id") == row["run_id"])), history)
-    pool = own_comparable(before, row.get("harness", ""), row_gpu(row), row.get("worker"))
+    pool = own_comparable(on_branch(before, row), row.get("harness", ""), row_gpu(row), row.get("worker"))
     return best_after_each(pool)[-1] if pool else None
 
 

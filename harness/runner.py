@@ -38,10 +38,10 @@ from harness.archive import (archive_lock, best_for, gpu_class, load_run, own, p
                              remove_leftovers, row_bpb, worker_name, write_results)
 from harness.capture import capture_run, final_block, harness_key, head_commit, record_run
 from harness.commands import set_status, status_refusal
-from harness.decide import decide
+from harness.decide import Machine, decide
 from harness.pin import check_against, current_branch, ensure_pin, git_text, resolve_commit
 from harness.plots import draw_progress
-from harness.report import report_run
+from harness.report import number, report_run
 from harness.shared import close_claim, snapshot_insights
 
 # ---------------------------------------------------------------------------
@@ -69,7 +69,6 @@ REPORTED_TOLERANCE = 1e-3                    # |train.py's val_bpb - the measure
 FUTURE_TOLERANCE = 1e-2                      # logits that move by more when only later tokens change: not causal
 CLOCK_SLACK_S, CLOCK_SLACK_REL = 5.0, 0.05   # the parent's loop time beyond train.py's timings by 5 s + 5%
 OUTSIDE_SLACK_S, OUTSIDE_SLACK_BUDGET = 5.0, 0.10   # outside time beyond the best's by 5 s + 10% of the budget
-MACHINE_DRIFT, MACHINE_PROBES_APART = 0.10, 0.25   # the machine moved: speed off the best's by 10%, probes 25% apart
 
 
 class Refused(Exception):
@@ -448,15 +447,6 @@ def claimed_wall(summary):
     return loop + startup if loop is not None and isinstance(startup, (int, float)) else None
 
 
-def number(value):
-    """A finite float from a JSON value or a results.tsv / run.log field, or None."""
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def rounded(x):
     return None if x is None else round(x, 3)
 
@@ -533,13 +523,13 @@ def untimed_work(m, best):
 
 
 def machine_moved(m, best):
-    """The machine ran at another speed than for the best, or changed speed during the evaluation: time
-    outside the budget (start-up, compilation, evaluation) then measures the machine as much as the code."""
-    probes = [number(v) for v in (m.get("machine_speed") or {}).values() if number(v)]
+    """The machine ran at another speed than for the best, or changed speed during the evaluation (decide's
+    rule, so the two never disagree): time outside the budget then measures the machine as much as the code."""
+    probes = tuple(number(v) for v in (m.get("machine_speed") or {}).values())
     ref = number((best or {}).get("machine_speed"))
-    if not probes or ref is None:
+    if len(probes) != 2 or None in probes or ref is None:
         return True
-    return max(probes) / min(probes) - 1 > MACHINE_PROBES_APART or abs(sum(probes) / len(probes) / ref - 1) > MACHINE_DRIFT
+    return Machine(sum(probes) / 2, ref, 1, probes, None).moved() is not None
 
 
 def sees_ahead(m, best):

@@ -3,11 +3,14 @@ fabricated history, in the order the rules apply, and the issue's two runs: a sm
 that got quieter (146 steps where the best's runs took 27) is rerun, not kept, and a comment-only
 change is never kept, whatever its val_bpb."""
 import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from harness.decide import ENOUGH_RUNS, MACHINE_DRIFT, PROBE_SPREAD, Decision, code_lines, decide
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from harness.decide import ENOUGH_RUNS, MACHINE_DRIFT, PROBE_SPREAD, Decision, code_lines, decide  # noqa: E402
 
 BASE, IDEA = "base00000000", "idea00000000"  # code identities (code_sha): the best's train.py, and a change to it
 BASE_STD = np.std([1.000, 1.004, 0.998], ddof=1)  # the best's code run three times (with_band)
@@ -260,3 +263,15 @@ def test_code_lines_count_statements_not_comments_or_blank_lines():
     source = "# header\n\nDEPTH = 8  # layers\nLR = dict(\n    a=1,\n)\n\n\ndef f():\n    '''doc'''\n    return 1\n"
     assert code_lines(source) == 7, code_lines(source)
     assert code_lines("x = (\n") == 1, "a file that does not tokenize counts its non-comment lines"
+
+
+def test_a_run_kept_on_another_branch_is_not_this_branchs_best():
+    """A new experiment branch starts from nothing, whatever an earlier branch of the same worker kept."""
+    history = []
+    run(history, 0.900, status="keep", branch="autoresearch/mar4")
+    first = run(history, 1.000, branch="autoresearch/mar5")
+    d = decide(first, history)
+    assert (d.kind, d.best_id) == ("keep", None), d.line()
+    history[-1]["status"] = "keep"
+    second = run(history, 1.100, code=IDEA, branch="autoresearch/mar5")
+    assert decide(second, history).best_id == first["run_id"]
