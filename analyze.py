@@ -1,135 +1,207 @@
 """
-Everything that happens after a run: archive it, explain it against the best run so far, and keep
-the experiment log that the research loop steers by; and the one command an experiment is.
+Everything that happens after a run, from the command line: one experiment, the archive of runs and what
+it says. The work is done by harness/: loop.py (one experiment), record.py (run.json, the archive, the pin,
+audit), report.py (analysis.md, plots and the texts below), stats.py and decide.py.
 
 Usage:
     uv run analyze.py run ["DESCRIPTION"]        # one experiment: commit train.py, train, measure, archive, decide
-    uv run analyze.py                            # archive the run in this directory, write analysis.md and plots
+    uv run analyze.py                            # archive the run in this directory (train.py run by hand)
     uv run analyze.py list [--worker NAME]       # every archived run, one line each
-    uv run analyze.py show ID                    # print a run's analysis.md
-    uv run analyze.py compare A B                # two runs side by side, plus an overlay plot
-    uv run analyze.py best                       # this worker's best run: the one most recently kept
+    uv run analyze.py show ID                    # a run's analysis.md
+    uv run analyze.py compare A B                # two runs side by side, plus overlay plots
+    uv run analyze.py best                       # the best run: the one most recently kept
     uv run analyze.py status ID keep|discard|crash
-    uv run analyze.py audit                      # check the archive against its evidence; names every inconsistency
+    uv run analyze.py curve KEY [IDS...] [--at 0.25,0.5,0.75,1]   # a metrics.jsonl key at points of progress
+    uv run analyze.py audit                      # every run against its evidence and pin; exit 1 on a problem
+    uv run analyze.py rebuild                    # results.tsv and progress.png, from the run directories
     uv run analyze.py pin                        # set-up: pin the branch's harness at HEAD (once; never moves it)
     uv run analyze.py repin [COMMIT]             # humans only, at a terminal: move the branch's pin
-    uv run analyze.py workers                    # the workers sharing this archive: branch, GPU, runs, best, claim
-    uv run analyze.py insights [WORKER]          # a worker's latest insights.md (every worker's without a name)
-    uv run analyze.py claim "IDEA"               # say what this worker tries next; prints the others' open claims
-    uv run analyze.py claims                     # open claims, and how the latest closed ones ended
-    uv run analyze.py --archive DIR [--archive DIR2 ...] [--out DIR] list|best|workers|show|compare|claims|insights
-                                                 # read several archives as one, writing into none of them
 
-It reads run_summary.json and metrics.jsonl (written by train.py) and run.log (the shell's redirect)
-in the working directory, git (the commit, and the branch's harness pin), and the archive
-(AUTORESEARCH_ARCHIVE, by default .auto-log-research/ at the repository root, which several worktrees
-and machines may share): results.tsv, decisions.jsonl, claims.tsv, the few run directories it compares
-(this run, the best, the previous one; the record.json of this commit's earlier runs), and this
-worktree's own .auto-log-research/insights.md. Nothing else, so its cost does not grow with history;
-only `audit` reads every run.
-
-This file is the command line; the work is done by the harness package beside it: harness/archive.py
-(where the archive is, results.tsv, the best), capture.py (the run in the working directory), pin.py
-(the harness pin, in git), audit.py (the archive against its evidence), metrics.py (one run's curves),
-noise.py (differences beyond noise), changes.py (code diffs), report.py (analysis.md), plots.py (the
-PNGs), shared.py (workers sharing an archive: claims, insights, views), runner.py (`run`: train.py in a
-child process on the harness's clock, its model measured by harness/evaluate.py, the decision of
-decide.py applied) and commands.py (one function per subcommand; `audit` is audit.py's, the workers'
-are shared.py's, `run` is runner.py's).
+An archive of the previous version converts once with `uv run contrib/convert.py`.
 """
-import sys  # built into the interpreter: no file in the repository can stand in for it
+import sys
 
-if __name__ == "__main__":
-    # Before any other import. `python analyze.py` puts this directory first on sys.path, where an untracked
-    # argparse.py (or json.py, ...) would shadow the standard library: move it to the end, so the stdlib
-    # and site-packages come first and only this project's own names (harness, prepare) are found here.
-    if not getattr(sys.flags, "safe_path", False) and not sys.flags.isolated:  # -P / -I add no directory
-        sys.path.append(sys.path.pop(0))
-    import os  # the standard library's, now
+sys.path.append(sys.path.pop(0))  # the repository root last: a root-level argparse.py cannot stand in for the stdlib's
+import argparse  # noqa: E402
+import os  # noqa: E402
 
-    # Bytecode is read and written outside the repository, so a forged __pycache__/*.pyc in it is never run.
-    sys.pycache_prefix = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
-                                      "auto-log-research", "pycache")
-
-import argparse
-import os
-
-from harness import audit, commands, runner, shared
-from harness.archive import die, read_results, serve_view, worker_name
-from harness.plots import draw_progress
-
-VIEW_COMMANDS = ("list", "best", "workers", "show", "compare", "claims", "insights")  # read-only
+from harness import loop, report  # noqa: E402
+from harness.decide import best_of
+from harness.record import (Archive, RecordError, audit, current_branch, ensure_pin, move_pin, pinned_blobs, read_pin,
+                            worker_name)
+from harness.stats import read_metrics
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Archive and explain training runs (no subcommand: archive the "
-                                            "run in the working directory).")
-    p.add_argument("--archive", action="append", metavar="DIR",
-                   help="read these archives as one, writing into none (repeat it; only with "
-                        f"{', '.join(VIEW_COMMANDS)})")
-    p.add_argument("--out", metavar="DIR", help="with --archive: draw progress.png and compare plots here")
+    p = argparse.ArgumentParser(description="Run experiments and explain them (no subcommand: archive the run in "
+                                            "the working directory).")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("run", help="one experiment: commit train.py, train, measure, archive and decide (exit 2: refused, "
-                   "130: interrupted)").add_argument(
-        "description", nargs="?", help="the commit message for a changed train.py (ignored when it is unchanged)")
-    sub.add_parser("list", help="every archived run, one line each").add_argument(
-        "--worker", metavar="NAME", help="only this worker's runs")
+                   "130: interrupted)").add_argument("description", nargs="?",
+                                                     help="the commit message for a changed train.py")
+    sub.add_parser("list", help="every archived run, one line each").add_argument("--worker", metavar="NAME")
     sub.add_parser("show", help="print a run's analysis.md").add_argument("id")
-    compare = sub.add_parser("compare", help="two runs side by side, plus an overlay plot")
+    compare = sub.add_parser("compare", help="two runs side by side, plus overlay plots")
     compare.add_argument("a")
     compare.add_argument("b")
-    sub.add_parser("best", help="this worker's best run, and the best of all workers")
+    sub.add_parser("best", help="the best run: the one most recently kept")
     status = sub.add_parser("status", help="mark a run keep, discard or crash")
     status.add_argument("id")
     status.add_argument("status", choices=("keep", "discard", "crash"))
-    sub.add_parser("audit", help="check the archive against its evidence; exit 1 on any inconsistency")
+    curve = sub.add_parser("curve", help="a metrics.jsonl key of runs (the latest and its best by default) at "
+                                         "points of training progress")
+    curve.add_argument("key", help="e.g. train/loss_smooth, val/bpb, perf/tokens_per_sec")
+    curve.add_argument("ids", nargs="*")
+    curve.add_argument("--at", default="0.25,0.5,0.75,1", help="progress points, comma-separated (default %(default)s)")
+    sub.add_parser("audit", help="every run against its evidence and its pin; exit 1 on any problem")
+    sub.add_parser("rebuild", help="rewrite results.tsv and progress.png from the run directories")
     sub.add_parser("pin", help="set-up: pin the current branch's harness at HEAD unless it has a pin")
     sub.add_parser("repin", help="humans only: move the current branch's pin (asks at a terminal)").add_argument(
         "commit", nargs="?", default="HEAD")
-    sub.add_parser("workers", help="one line per worker: branch, GPU, runs, best, open claim")
-    sub.add_parser("insights", help="a worker's latest insights.md snapshot (all workers' without a name)"
-                   ).add_argument("worker", nargs="?")
-    sub.add_parser("claim", help="record what this worker tries next, and print the other workers' open claims"
-                   ).add_argument("idea")
-    sub.add_parser("claims", help="open claims, and how the latest closed ones ended")
     return p
+
+
+def cmd_list(archive, worker=None):
+    print(report.list_text(archive.runs(), worker))
+    return 0
+
+
+def cmd_show(archive, run_id):
+    run = archive.find(run_id)
+    with archive.lock():  # analysis.md is written again when a killed archive never wrote it
+        print(report.show_text(run, archive))
+    return 0
+
+
+def cmd_compare(archive, a, b):
+    print(report.compare_text(archive.find(a), archive.find(b), archive))
+    return 0
+
+
+def cmd_best(archive):
+    runs, me = archive.runs(), worker_name()
+    print(report.best_text(runs, me if any(r.worker == me for r in runs) else None))
+    return 0
+
+
+def cmd_status(archive, run_id, status):
+    """A status by hand: through Archive.set_status, whose rules refuse what may not be (a keep without
+    val_bpb, any change to an invalid run)."""
+    me = worker_name()
+    with archive.lock():
+        run = archive.find(run_id)
+        if run.worker != me:
+            raise RecordError(f"run {run.id} is worker {run.worker}'s, not {me}'s: decide only your own runs "
+                              f"(`uv run analyze.py list --worker {me}`)")
+        archive.set_status(run, status, "analyze.py status")
+        report.set_headline_status(run, archive)
+        report.draw_progress(archive.runs(), archive.progress)
+    print(f"{run.id}: {status}")
+    return 0
+
+
+def cmd_curve(archive, key, ids, at):
+    """KEY of each run at each progress point: the last value logged at or before it."""
+    try:
+        points = [float(x) for x in at.split(",")]
+    except ValueError:
+        raise RecordError(f"--at {at!r} is not comma-separated numbers (e.g. 0.25,0.5,0.75,1)") from None
+    runs = [archive.find(i) for i in ids]
+    if not runs:
+        every = archive.runs()
+        latest = every[-1] if every else None
+        best = best_of(every, latest) if latest else None
+        runs = [r for r in (best, latest) if r is not None]
+    if not runs:
+        raise RecordError(f"no runs archived yet in {archive.dir}")
+    print(f"{key} at progress " + " ".join(f"{p:>9g}" for p in points))
+    for run in runs:
+        metrics = read_metrics(archive.run_dir(run.id) / "metrics.jsonl")[0]
+        values = [] if metrics is None or key not in metrics else list(zip(*metrics.series(key)))
+        cells = [next((f"{v:9.4f}" for p, _, v in reversed(values) if p <= point + 1e-9),
+                      f"{'n/a':>9}") for point in points]
+        label = f"{run.id} ({run.status})"
+        print(f"{label:<{len(key) + 13}}" + " ".join(cells) + ("" if values else f"  ({key} not logged)"))
+    return 0
+
+
+def cmd_audit(archive):
+    with archive.lock():  # a snapshot: no archive or status is half-way through while it reads
+        lines = audit(archive)
+    for line in lines:
+        print(line)
+    print(f"audit: {len(archive.runs())} runs, " + (f"{len(lines)} problems" if lines else "clean"))
+    return 1 if lines else 0
+
+
+def cmd_rebuild(archive):
+    with archive.lock():
+        runs = archive.runs()
+        archive.rebuild(runs)
+        report.draw_progress(runs, archive.progress)
+    skipped = f"; {len(archive.problems())} run directories unreadable (named above)" if archive.problems() else ""
+    print(f"{archive.results}: rebuilt from {len(runs)} runs{skipped}")
+    return 0
+
+
+def cmd_pin(archive):
+    branch = current_branch()
+    if branch is None:
+        raise RecordError("HEAD is detached: check out the experiment's branch, then pin it")
+    me = worker_name()
+    with archive.lock():  # another clone's runs may be on a branch of the same name: only this worker's count
+        pin, problem = ensure_pin(branch, [r.id for r in archive.runs() if r.branch == branch and r.worker == me])
+    if problem:
+        raise RecordError(problem)
+    files = pinned_blobs(pin)
+    print(f"{branch} is pinned at {pin[:7]}: {len(files)} harness files ({', '.join(sorted(files))})")
+    return 0
+
+
+def cmd_repin(commit):
+    """Move the current branch's pin: a human confirms at a terminal by typing the branch's name."""
+    branch = current_branch()
+    if branch is None:
+        raise RecordError("HEAD is detached: check out the branch whose pin you mean to move")
+    if not sys.stdin.isatty():
+        raise RecordError("repin moves the harness pin every run is checked against, so a human confirms it at a "
+                          "terminal; stdin is not one here")
+    old = read_pin(branch)
+    before, after = pinned_blobs(old) if old else {}, pinned_blobs(commit)
+    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    print(f"pin of {branch}: {old[:7] if old else 'none'} -> {commit}; harness files that differ: "
+          f"{', '.join(changed) or 'none'}")
+    if input(f"type the branch name ({branch}) to re-pin it: ").strip() != branch:
+        raise RecordError("not re-pinned")
+    if not move_pin(branch, commit):
+        raise RecordError(f"the pin of {branch} did not move: {commit!r} is no commit, or the pin moved meanwhile")
+    print(f"{branch} is pinned at {read_pin(branch)[:7]}")
+    return 0
 
 
 def main(argv=None):
     args = parser().parse_args(argv)
-    worker_name()  # a bad AUTORESEARCH_WORKER stops every command with one line, before anything is read
-    if args.out and not args.archive:
-        die("--out goes with --archive: it is where a view over archives draws its plots")
-    if args.archive and args.command not in VIEW_COMMANDS:
-        die(f"`{args.command or 'archive'}` writes to an archive, and --archive makes a read-only view; "
-            f"set AUTORESEARCH_ARCHIVE=DIR instead (a view serves {', '.join(VIEW_COMMANDS)})")
-    serve_view(shared.open_view(args.archive, args.out) if args.archive else None)
+    archive = Archive.here()
     try:
-        status = run_command(args)
-        if args.out:  # a view's own progress.png, of all its archives' runs
-            draw_progress(read_results())
+        worker_name()  # a bad AUTORESEARCH_WORKER stops every command with one line, before anything is read
+        commands = {
+            None: lambda: loop.archive_here(), "run": lambda: loop.cmd_run(args.description),
+            "list": lambda: cmd_list(archive, args.worker), "show": lambda: cmd_show(archive, args.id),
+            "compare": lambda: cmd_compare(archive, args.a, args.b), "best": lambda: cmd_best(archive),
+            "status": lambda: cmd_status(archive, args.id, args.status),
+            "curve": lambda: cmd_curve(archive, args.key, args.ids, args.at), "audit": lambda: cmd_audit(archive),
+            "rebuild": lambda: cmd_rebuild(archive),
+            "pin": lambda: cmd_pin(archive), "repin": lambda: cmd_repin(args.commit)}
+        status = commands[args.command]()
         sys.stdout.flush()
+    except RecordError as e:
+        if str(e) not in archive.problems():  # a run.json that runs() already named on stderr is named once
+            print(f"analyze.py: {e}", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # `show ID | head` closed stdout: what it wanted was printed
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so that the exit flush has somewhere to go
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush has somewhere to go
         return 0
-    finally:
-        serve_view(None)
     return status
-
-
-COMMANDS = {  # subcommand -> its function of the parsed arguments
-    None: lambda a: commands.cmd_archive(), "list": lambda a: commands.cmd_list(a.worker),
-    "show": lambda a: commands.cmd_show(a.id), "compare": lambda a: commands.cmd_compare(a.a, a.b),
-    "best": lambda a: commands.cmd_best(), "audit": lambda a: audit.cmd_audit(),
-    "pin": lambda a: commands.cmd_pin(), "repin": lambda a: commands.cmd_repin(a.commit),
-    "status": lambda a: commands.cmd_status(a.id, a.status), "workers": lambda a: shared.cmd_workers(),
-    "insights": lambda a: shared.cmd_insights(a.worker), "claim": lambda a: shared.cmd_claim(a.idea),
-    "claims": lambda a: shared.cmd_claims(), "run": lambda a: runner.cmd_run(a.description),
-}
-
-
-def run_command(args):
-    return COMMANDS[args.command](args)
 
 
 if __name__ == "__main__":

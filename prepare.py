@@ -23,12 +23,16 @@ import bisect
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import math
 import os
 import pickle
 import platform
 import random
+import re
+import shutil
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -43,8 +47,6 @@ import requests
 import rustbpe
 import tiktoken
 import torch
-
-from harness.progress import ProgressLine
 
 # ---------------------------------------------------------------------------
 # Profiles and paths (fixed, do not modify)
@@ -87,6 +89,16 @@ if os.environ.get("AUTORESEARCH_DATA_URL") and PROFILE == "gpu":  # the cpu prof
 # two runs are comparable only if their HARNESS dicts are equal
 HARNESS = {"profile": PROFILE, "MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET,
            "EVAL_TOKENS": EVAL_TOKENS, "VOCAB_SIZE": VOCAB_SIZE, "overrides": _overrides}
+
+if PROFILE == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)  # a tiny model: on a busy 2-core machine torch's extra threads spin (2.6x slower)
+
+
+def hard_cap_s(budget, outside_ref_s=None):
+    """Wall-clock seconds after which a run of train.py is stopped: the budget plus the larger of a floor
+    (the budget itself, at least 120 s) and three times the seconds the best run spent outside its budget.
+    The one rule: the recorder's watchdog uses it for a manual run, `analyze.py run` for its child."""
+    return budget + max(budget, 120.0, 3 * (outside_ref_s or 0.0))
 
 # ---------------------------------------------------------------------------
 # Data and tokenizer (fixed, do not modify)
@@ -134,6 +146,34 @@ class PrepareError(RuntimeError):
 
 def shard_name(index):
     return f"shard_{index:05d}.parquet"
+
+
+class ProgressLine:
+    """One live line on a terminal (rewritten with \\r); whole lines at most every `every_s` otherwise, so a
+    log file never holds a megabyte-long line of carriage returns. The downloads and train.py's loop use it."""
+
+    def __init__(self, every_s=5.0, stream=None):
+        self.every_s, self.stream = every_s, stream or sys.stdout
+        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._last, self._width = -math.inf, 0
+
+    def _rewrite(self, text):
+        self.stream.write("\r" + text + " " * max(0, self._width - len(text)))
+        self._width = len(text)
+
+    def update(self, text):
+        if self.live:
+            self._rewrite(text)
+        elif time.monotonic() - self._last >= self.every_s:
+            self.stream.write(text + "\n")
+            self._last = time.monotonic()
+        self.stream.flush()
+
+    def done(self, text):
+        if self.live:
+            self._rewrite(text)
+        self.stream.write("\n" if self.live else text + "\n")
+        self.stream.flush()
 
 # ---------------------------------------------------------------------------
 # Data download (gpu profile)
@@ -491,14 +531,6 @@ def metric_token_bytes(enc):
     return torch.tensor([0 if t in specials else len(t.encode("utf-8")) for t in texts], dtype=torch.int32)
 
 
-def exact_token_bytes(enc):
-    """int32 (vocab_size,): each token's raw byte length, special tokens 0, so the counts of any text add up
-    to its UTF-8 length. Only for the exact-bytes figure reported beside the metric."""
-    specials = {enc.encode_single_token(name) for name in enc.special_tokens_set}
-    return torch.tensor([0 if i in specials else len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)],
-                        dtype=torch.int32)
-
-
 def _sanity_check(enc, token_bytes):
     """Round-trips text in several scripts; where every token is whole characters (ASCII) the counts
     must add up to the UTF-8 length, and special tokens must count 0."""
@@ -529,7 +561,7 @@ class Tokenizer:
         self.directory = directory
         self.fingerprint = fingerprint  # names this tokenizer's token cache
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
-        self._tables = {}               # (rule, device) -> byte table
+        self._token_bytes = {}          # device -> the metric's byte table, from the encoding itself
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
@@ -539,9 +571,7 @@ class Tokenizer:
             raise PrepareError(f"no tokenizer at {tokenizer_dir}: run `uv run prepare.py` first "
                                f"(profile {PROFILE})")
         blob = pkl.read_bytes()
-        tokenizer = cls(pickle.loads(blob), tokenizer_dir, hashlib.sha256(blob).hexdigest()[:16])
-        _refresh_token_bytes(tokenizer_dir / "token_bytes.pt", tokenizer.token_bytes())
-        return tokenizer
+        return cls(pickle.loads(blob), tokenizer_dir, hashlib.sha256(blob).hexdigest()[:16])
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -566,35 +596,11 @@ class Tokenizer:
         return self.enc.decode(ids)
 
     def token_bytes(self, device="cpu"):
-        """int32 (vocab_size,): the bytes each token counts for in the metric (see metric_token_bytes)."""
-        return self._table(metric_token_bytes, device)
-
-    def exact_token_bytes(self, device="cpu"):
-        """int32 (vocab_size,): each token's raw byte length (see exact_token_bytes)."""
-        return self._table(exact_token_bytes, device)
-
-    def _table(self, rule, device):
-        key = (rule.__name__, str(device))
-        if key not in self._tables:
-            self._tables[key] = rule(self.enc).to(device)  # from the encoding itself: never a stale file
-        return self._tables[key]
-
-
-def _refresh_token_bytes(path, table):
-    """token_bytes.pt is kept for readers of the tokenizer directory; one written by an earlier version of
-    this file (which counted raw bytes) or damaged is rewritten, so a stale table never lingers there."""
-    try:
-        old = torch.load(path)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
-        old = None  # missing or unreadable
-    if isinstance(old, torch.Tensor) and old.dtype == table.dtype and torch.equal(old, table):
-        return
-    try:
-        _save(path, lambda f: torch.save(table, f))
-        print(f"Tokenizer: rewrote {path} with the metric's byte counts")
-    except OSError as e:
-        print(f"Tokenizer: {path} is stale and could not be rewritten ({e.strerror or e}); the metric uses "
-              "byte counts computed from tokenizer.pkl", file=sys.stderr)
+        """int32 (vocab_size,): the bytes each token counts for in the metric (see metric_token_bytes),
+        computed from the encoding (token_bytes.pt is written for other readers, never read back)."""
+        if str(device) not in self._token_bytes:
+            self._token_bytes[str(device)] = metric_token_bytes(self.enc).to(device)
+        return self._token_bytes[str(device)]
 
 # ---------------------------------------------------------------------------
 # Token cache: every shard is tokenized once, then the loader only slices arrays
@@ -775,9 +781,6 @@ def _model_device(model):
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_METRIC_RESULTS = {}  # every value evaluate_bpb returned in this process -> its exact-bytes figure; finish() checks
-
-
 def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte on the pinned validation shard: THE number every experiment is judged by.
@@ -795,57 +798,49 @@ def evaluate_bpb(model, tokenizer, batch_size):
     end of the last batch are computed but not counted, so every batch has one shape). These are his
     rows whenever batch_size * MAX_SEQ_LEN divides EVAL_TOKENS; otherwise he scores fewer, the
     EVAL_TOKENS // (batch_size * MAX_SEQ_LEN) whole batches, and his number depends on batch_size.
-    `model(x, y, reduction='none')` must return per-token nats shaped like y (or flat). RunRecorder
-    accepts a final val_bpb only if this function returned it. Under the harness (AUTORESEARCH_HANDOFF set)
-    the model is first handed off, so that the harness can measure it itself.
+    `model(x, y, reduction='none')` must return per-token nats shaped like y (or flat).
+
+    Under `analyze.py run` (AUTORESEARCH_HANDOFF set) the model is handed off instead and None returned: the
+    harness measures it once, itself, in a process of its own (harness/evaluate.py), and writes the number.
     """
     if os.environ.get("AUTORESEARCH_HANDOFF"):
         save_handoff(model, batch_size, os.environ["AUTORESEARCH_HANDOFF"])
-    bpb, exact = _bits_per_byte(model, tokenizer, batch_size, EVAL_TOKENS // MAX_SEQ_LEN)
-    _METRIC_RESULTS[bpb] = exact
-    return bpb
-
-
-def exact_bytes_bpb(val_bpb):
-    """The same evaluation as a val_bpb that evaluate_bpb returned, with each token counting its raw
-    bytes (exact_token_bytes) instead of the metric's rule: a figure beside the metric, never the
-    metric. None for a number evaluate_bpb did not return."""
-    return _METRIC_RESULTS.get(val_bpb)
+        return None
+    return _bits_per_byte(model, tokenizer, batch_size, EVAL_TOKENS // MAX_SEQ_LEN)
 
 
 def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
     """The same computation on the first eval_tokens of the same rows: for validation curves during
     training, where the full set would cost too much. Not the metric: a final val_bpb must come from
     evaluate_bpb."""
-    return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)[0]
+    return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)
 
 
 def _bits_per_byte(model, tokenizer, batch_size, n_rows):
-    """(bits per byte, the same with exact bytes) over the first n_rows packed val rows, the model's own loss."""
+    """Bits per byte over the first n_rows packed val rows, with the model's own loss."""
     return bits_per_byte(lambda x, y: model(x, y, reduction="none"), tokenizer, batch_size, n_rows,
                          _model_device(model))
 
 
 @torch.no_grad()
 def bits_per_byte(token_nats, tokenizer, batch_size, n_rows, device, split="val"):
-    """(bits per byte, the same with exact bytes) over the first n_rows packed rows of a split, where
+    """Bits per byte over the first n_rows packed rows of a split, where
     token_nats(x, y) gives each target's nats: the metric's one implementation, for train.py's loss and the
     harness's alike (harness/evaluate.py computes nats from the logits)."""
     if n_rows < 1:
         raise ValueError(f"an eval set of less than one row of {MAX_SEQ_LEN} tokens")
-    byte_tables = torch.stack([tokenizer.token_bytes(device), tokenizer.exact_token_bytes(device)])  # (2, V)
+    token_bytes = tokenizer.token_bytes(device)
     val_loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, split, device=device)
     total_nats = torch.zeros((), dtype=torch.float64, device=device)
-    total_bytes = torch.zeros(2, dtype=torch.int64, device=device)
+    total_bytes = torch.zeros((), dtype=torch.int64, device=device)
     for first in range(0, n_rows, batch_size):
         x, y, _ = next(val_loader)
         nats = token_nats(x, y).reshape(y.shape).double()
-        nbytes = byte_tables[:, y]  # (2, B, T)
-        nbytes[:, n_rows - first:] = 0  # rows past the eval set count in neither sum
-        total_nats += torch.where(nbytes[0] > 0, nats, 0.0).sum()  # special tokens (0 bytes) count no loss
-        total_bytes += nbytes.sum(dim=(1, 2))
-    bpb, exact = (total_nats / (math.log(2) * total_bytes.double())).tolist()  # float64 throughout
-    return bpb, exact
+        nbytes = token_bytes[y]  # (B, T)
+        nbytes[n_rows - first:] = 0  # rows past the eval set count in neither sum
+        total_nats += torch.where(nbytes > 0, nats, 0.0).sum()  # special tokens (0 bytes) count no loss
+        total_bytes += nbytes.sum()
+    return (total_nats / (math.log(2) * total_bytes.double())).item()  # float64 throughout
 
 
 def save_handoff(model, batch_size, path):
@@ -863,6 +858,138 @@ def save_handoff(model, batch_size, path):
     _save(path, lambda f: torch.save(handoff, f))
 
 # ---------------------------------------------------------------------------
+# Can this machine run the profile? (`uv run prepare.py --check`; train.py asks gpu_problem() first)
+# ---------------------------------------------------------------------------
+
+# Dense (not 2:4 sparse) bf16 tensor-core peak FLOP/s, MFU's denominator, from NVIDIA's datasheets and
+# whitepapers: a sparse-only figure is halved, GeForce cards count at their fp32-accumulate rate. Keys are
+# whole names once vendor, memory and socket words are dropped: "A10" never reads as "A100", nor "L4" as "L40".
+PEAK_BF16_FLOPS = {
+    "A100": 312e12, "A100 PCIE": 312e12, "A800": 312e12, "A10": 125e12, "A10G": 70e12, "A30": 165e12,
+    "A40": 149.7e12, "L4": 121e12, "L40": 181.05e12, "L40S": 362.05e12, "H100": 989.5e12, "H100 PCIE": 756.5e12,
+    "H100 NVL": 835.5e12, "H800": 989.5e12, "H200": 989.5e12, "H200 NVL": 835.5e12, "GH200": 989.5e12,
+    "B100": 1750e12, "B200": 2250e12, "GB200": 2500e12, "RTX 3090": 71e12, "RTX 3090 TI": 80e12,
+    "RTX 4080": 97.5e12, "RTX 4090": 165.2e12, "RTX 5080": 112.6e12, "RTX 5090": 209.5e12, "RTX A6000": 154.8e12,
+    "RTX 6000 ADA GENERATION": 364.25e12, "RTX PRO 6000 BLACKWELL WORKSTATION EDITION": 503.8e12,
+}
+_NAME_NOISE = re.compile(r"NVIDIA|GEFORCE|\d+GB?|HBM\d*E?|SXM\d*")  # words of a device name that keep its peak
+MIN_DRIVER = {"12": (525, 60, 13), "13": (580, 65, 6)}  # torch's CUDA major -> oldest Linux driver that runs it
+CPU_HINT = "for a small CPU run use AUTORESEARCH_PROFILE=cpu (after `AUTORESEARCH_PROFILE=cpu uv run prepare.py`)"
+
+
+def peak_bf16_flops(device_name):
+    """Dense bf16 peak FLOP/s of a GPU by its torch.cuda.get_device_name(), or None when unknown (MFU is then
+    null, never wrong): "NVIDIA A100-SXM4-80GB" and "NVIDIA A100 80GB PCIe" are both an A100."""
+    words = re.split(r"[\s\-_]+", (device_name or "").upper())
+    return PEAK_BF16_FLOPS.get(" ".join(w for w in words if w and not _NAME_NOISE.fullmatch(w)))
+
+
+def baseline_gib(rows):
+    """GPU memory AR's baseline needs at `rows` rows a micro-step: ~1 GiB of weights and optimizer state plus
+    ~0.34 GiB of activations a 2048-token row (his peak: 45,060 MiB at 128 rows), and 10% allocator slack."""
+    return (1.0 + rows * 0.336) * 1.1
+
+
+def nvidia_driver():
+    """The driver version nvidia-smi reports (not a warning it prints first), or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return next((v.strip() for v in out.splitlines() if re.fullmatch(r"\d+(\.\d+)+", v.strip())), None)
+
+
+def _compile_probe():
+    """"" when a tiny torch.compile'd function (a cuBLAS matmul, a Triton reduction) runs on the GPU and
+    matches eager, else the error's first telling line (dynamo puts "backend='inductor' raised:" first)."""
+    def tiny(a, b):
+        return (a @ b).float().relu().sum(dim=-1)
+    print("....       compiling a tiny function on the GPU (cold caches take up to a minute)", flush=True)
+    try:
+        a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(torch.compile(tiny, dynamic=False, fullgraph=True)(a, a), tiny(a, a),
+                                   rtol=1e-2, atol=1e-2)
+    except Exception as e:  # whatever Inductor, Triton or the C compiler raised is the finding
+        lines = [line.strip() for line in str(e).splitlines()]
+        return next((line for line in lines if line and not line.startswith("backend=")), type(e).__name__)[:300]
+    return ""
+
+
+def gpu_problem(probe=False):
+    """(exit code, one line: what is missing and what to do) for the first thing that keeps this machine from
+    running the gpu profile, or None. Without bf16 or Triton the five minutes would time a different, slower
+    program than every other run's: one line serves better than a run that looks valid and is not. probe (for
+    --check): also compile a tiny function and check there is free memory for one row of the baseline."""
+    if not torch.cuda.is_available():
+        driver, cuda = nvidia_driver(), torch.version.cuda
+        floor = MIN_DRIVER.get((cuda or "").split(".")[0])
+        if driver and floor and tuple(map(int, driver.split("."))) < floor:
+            return 3, (f"NVIDIA driver {driver} is too old for torch's CUDA {cuda} (needs >= "
+                       f"{'.'.join(map(str, floor))}): update the NVIDIA driver")
+        if cuda is None:  # e.g. Linux aarch64, where PyPI's torch has no CUDA
+            return 2, f"this torch ({torch.__version__}) has no CUDA, which uv.lock installs on Linux x86_64 only: {CPU_HINT}"
+        return 2, f"torch sees no CUDA GPU (see nvidia-smi, and CUDA_VISIBLE_DEVICES if set): {CPU_HINT}"
+    try:
+        name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
+        free_gib = torch.cuda.mem_get_info()[0] / 2**30
+    except RuntimeError as e:  # listed by the driver but not usable (busy in exclusive mode, in error)
+        return 2, f"torch cannot use the GPU ({str(e).strip().splitlines()[0]}): see nvidia-smi; {CPU_HINT}"
+    if major < 8:
+        return 2, (f"{name} (compute capability {major}.{minor}) has no bf16: the gpu profile needs an Ampere or "
+                   "newer NVIDIA GPU (sm_80+); use a newer GPU or AUTORESEARCH_PROFILE=cpu")
+    if importlib.util.find_spec("triton") is None:
+        return 4, ("Triton is not installed, so torch.compile cannot build GPU kernels: the gpu profile needs "
+                   "Linux x86_64 with torch's CUDA wheel, which brings Triton (`uv sync --locked`)")
+    if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
+        return 4, ("no C compiler ($CC, gcc or clang), which Triton needs to build its kernel launchers: "
+                   "install gcc (e.g. `apt-get install gcc`) or set CC")
+    if probe and (error := _compile_probe()):
+        return 4, (f"a tiny torch.compile'd function failed on the GPU ({error}): fix the torch/Triton install "
+                   "(`uv sync --locked`) or the C compiler it names")
+    if probe and free_gib < baseline_gib(1):
+        return 5, (f"{free_gib:.1f} GiB free on {name}, below the ~{baseline_gib(1):.1f} GiB one row of the "
+                   "baseline needs: stop what holds the GPU (nvidia-smi lists it) or use a larger GPU")
+    return None
+
+
+def check():
+    """`uv run prepare.py --check`: what this machine has for the profile, a line each, the verdict last.
+    Changes nothing (the compile probe leaves kernels in torch's caches). Exit status: 0 a run can start;
+    1 data or tokenizer missing; 2 no usable GPU (none, torch without CUDA, no bf16); 3 the driver is too old
+    for torch's CUDA; 4 torch.compile cannot build GPU kernels; 5 no free GPU memory for one row. In the cpu
+    profile only 1 applies: what it finds of a GPU is information."""
+    settings = ", ".join(f"{k} {v}" for k, v in HARNESS.items() if k != "profile" and (k != "overrides" or v))
+    print(f"profile    {PROFILE} ({settings})", flush=True)
+    cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+    print(f"torch      {torch.__version__}, {cuda}; NVIDIA driver {nvidia_driver() or 'unknown'}")
+    rows = 0
+    if torch.cuda.is_available():
+        name, free = torch.cuda.get_device_name(), torch.cuda.mem_get_info()[0] / 2**30
+        peak = peak_bf16_flops(name)
+        rows = next((r for r in (128, 64, 32, 16, 8, 4, 2, 1) if baseline_gib(r) <= free), 0)
+        print(f"gpu        {name}, compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}, "
+              f"{free:.1f} GiB free (the baseline's 128 rows need ~{baseline_gib(128):.0f} GiB), "
+              + (f"dense bf16 peak {peak / 1e12:g} TFLOP/s" if peak else "bf16 peak unknown: MFU will be null"))
+    blocker = gpu_problem(probe=True) if PROFILE == "gpu" else None
+    prepare_cmd = "uv run prepare.py" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} uv run prepare.py"
+    try:
+        shard_paths("heldout")  # the harness scores it after every run
+        print(f"data       {len(shard_paths('train'))} training shard(s), the validation and the held-out shard "
+              f"in {DATA_DIR}")
+        if not (TOKENIZER_DIR / "tokenizer.pkl").exists():
+            raise PrepareError(f"no tokenizer in {TOKENIZER_DIR}: run `uv run prepare.py`")
+    except PrepareError as e:
+        blocker = blocker or (1, str(e).replace("`uv run prepare.py`", f"`{prepare_cmd}`"))
+    if blocker:
+        print(f"verdict: not ready: {blocker[1]}")
+        return blocker[0]
+    command = "uv run train.py" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} uv run train.py"
+    fitted = f", fitting about {rows} rows a micro-step by gradient accumulation" if 0 < rows < 128 and PROFILE == "gpu" else ""
+    print(f"verdict: ready: `{command}` can start{fitted}")
+    return 0
+
+# ---------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------
 
@@ -875,7 +1002,6 @@ def main(argv=None):
                         help="check, changing nothing, whether this machine can run the current profile (exit 0 if so)")
     args = parser.parse_args(argv)
     if args.check:
-        from harness.check import main as check  # here, not at the top: harness.check imports this module
         raise SystemExit(check())
     num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
     try:

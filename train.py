@@ -1,6 +1,6 @@
 """
 Autoresearch pretraining script. Single-GPU, single-file: the one file the agent edits.
-karpathy/autoresearch's GPT and MuonAdamW; what a run records is harness/record.py's job.
+karpathy/autoresearch's GPT and MuonAdamW; what a run records is harness/recorder.py's job.
 
 Usage:
     uv run train.py                             # the H100 harness (gpu profile)
@@ -21,10 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
-from prepare import MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, evaluate_bpb_sample
-from harness.record import (RunRecorder, RunStopped, LayerHealth, ValCurve, ProgressLine, collect_config,
-                            peak_bf16_flops, why_not_runnable)
-from harness.fit import fit_device_batch
+from prepare import (MAX_SEQ_LEN, TIME_BUDGET, PROFILE, Tokenizer, make_dataloader, evaluate_bpb, evaluate_bpb_sample,
+                     ProgressLine, gpu_problem, peak_bf16_flops)
+from harness.recorder import RunRecorder, RunStopped, LayerHealth, ValCurve, collect_config, fit_batch
 
 # ---------------------------------------------------------------------------
 # GPT Model
@@ -486,14 +485,13 @@ FINAL_LR_FRAC = 0.0     # final LR as fraction of initial
 
 # Model size
 DEPTH = 8 if gpu_profile else 4                # number of transformer layers
-DEVICE_BATCH_SIZE = 128 if gpu_profile else 8  # per-device batch size
-FIT_DEVICE_BATCH = True                        # if it does not fit: the largest 1/2^k of it that does, same TOTAL_BATCH_SIZE
+DEVICE_BATCH_SIZE = 128 if gpu_profile else 8  # per-device batch size (halved until it fits, same TOTAL_BATCH_SIZE)
 
 # Run logging (what a run records about itself; changes no number of the training)
 LAYER_STATS_EVERY = 25 if gpu_profile else 10  # steps between per-layer health rows
-VAL_POINTS = 10                                # in-training val/bpb points, evenly spaced in progress
+VAL_POINTS = 10 if gpu_profile else 5          # in-training val/bpb points, evenly spaced in progress
 VAL_TOKENS = 2**20 if gpu_profile else 2**13   # tokens per in-training val/bpb: the val rows' first ones
-TIMING_SKIP_STEPS = 10                         # the first steps (compilation, warm-up) are not timed
+TIMING_SKIP_STEPS = 10 if gpu_profile else 0   # steps 0..TIMING_SKIP_STEPS are not timed (compilation warm-up)
 
 
 def build_model_config(depth):
@@ -527,7 +525,7 @@ def get_weight_decay(progress):
 
 def trial_step(B, model, optimizer, health, autocast_ctx):
     """The loop's heaviest step (with layer stats) on B rows, twice: the second runs beside the optimizer
-    state and the first's gradients, as every later step does. fit_device_batch tries it, then undoes it."""
+    state and the first's gradients, as every later step does. fit_batch tries it, then undoes it."""
     health.forget()  # a try that ran out of memory halfway left its parameter snapshot behind
     # two views of one tensor, as the loader gives: the same tensor twice would be another compiled graph
     x, y = torch.zeros((2, B, MAX_SEQ_LEN), dtype=torch.long, device=health.params[0].device)
@@ -552,8 +550,8 @@ if __name__ == "__main__":
     torch.cuda.manual_seed(42)
     torch.set_float32_matmul_precision("high")
     device = torch.device("cuda" if gpu_profile else "cpu")
-    if gpu_profile and (reason := why_not_runnable()):
-        raise RunStopped(reason)  # no GPU, no bf16, no compiler: say what to do rather than time a different program
+    if gpu_profile and (problem := gpu_problem()):
+        raise RunStopped(problem[1])  # no GPU, no bf16, no compiler: say what to do rather than time a different program
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if gpu_profile else nullcontext()
     synchronize = torch.cuda.synchronize if gpu_profile else lambda: None
     peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if gpu_profile else None  # None: MFU unknown
@@ -584,10 +582,9 @@ if __name__ == "__main__":
     if gpu_profile:
         model = torch.compile(model, dynamic=False)
 
-    # before the budget; parameters and optimizer state are put back after every try
-    fit = fit_device_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN,
-                           lambda B: trial_step(B, model, optimizer, health, autocast_ctx), model, optimizer,
-                           enabled=FIT_DEVICE_BATCH, config=asdict(config), source=__file__)
+    # before the clock starts; parameters and optimizer state are put back after every try
+    fit = fit_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN,
+                    lambda B: trial_step(B, model, optimizer, health, autocast_ctx), model, optimizer)
     run.record_fit(fit)
     device_batch_size, grad_accum_steps = fit.used, fit.grad_accum_steps
 
@@ -683,7 +680,7 @@ if __name__ == "__main__":
     val_curve.finish(step, total_training_time)  # the curve's end point
     run.timing("warmup_s", warmup_time)
 
-    # Final eval: the fixed metric
+    # Final eval: the fixed metric (under `analyze.py run`: the model handed to the harness, val_bpb None)
     t0 = time.time()
     with autocast_ctx:
         val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)

@@ -1,197 +1,223 @@
 """
-The harness's decision on one run: keep, rerun, discard or crash, with the facts it was taken on.
-`analyze.py run` applies it to the branch, and it is the first line of the run's analysis.md, whose
-other lines are written from the same facts.
+The harness's verdict on one run: the best it is judged against, the ways a number can be bought outside
+the rules (the caught cases), and the decision: keep, rerun, discard or crash.
 
-    from harness.decide import decide
-    decision = decide(row, history)  # history: results.tsv rows up to and including row
-    print(decision.line())           # decision: keep — delta -0.004321 vs best 1a2b3c4 (band ±0.002100, ...
+    from harness.decide import best_of, caught, decide
+    best = best_of(runs, run)                 # the run the branch stands on, or None
+    run.caught = caught(run, best, runs)      # [Caught]: each case a pure function of (run, best, runs)
+    decision = decide(run, runs)              # the first rule of RULES that applies
+    print(decision.line())                    # decision: keep — delta -0.004321 vs best 1a2b3c4 (band ...
 
-On a fixed time budget val_bpb depends on how many steps the machine allowed, so a code is judged
-by the mean of its runs against the mean of the best code's runs, inside the noise band measured from
-repeats, and only while the machine runs as fast as during the best's runs: the evaluator's fixed
-matmul (GFLOP/s, the `machine_speed` column) tells a quieter box from a better idea, which a step count
-cannot do once the code changed.
+On a fixed time budget val_bpb is a draw: the same code scores differently each run. So a code is judged
+by the mean of its runs against the mean of the best code's runs (never the best's luckiest draw), beyond
+the noise band of that difference, and every run counts alike for both, whatever the machine did.
+A change is rerun only while one more run could decide it; simulate() shows what these rules cost and buy
+over a night of experiments (tests/bench.py prints it).
 """
-import io
-import os
-import subprocess
-import tokenize
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 
 import numpy as np
 
-from harness.archive import best_after_each, on_branch, own_comparable, row_bpb, row_gpu
-from harness.identity import row_code, same_code
-from harness.noise import Noise, difference_band, noise_band
+from harness.record import Caught, Decision, Measured, Run, StatusChange, Trained, code_size, train_py_at
+from harness.stats import NOISE_SIGMAS, as_of, code_runs, comparable, difference_band, machine, noise
 
-ENOUGH_RUNS = 3            # runs of one code after which its mean is decided on, whatever the machine did
-MACHINE_DRIFT = 0.10       # this run's machine speed off the median of the best's runs by more than 10% ...
-PROBE_SPREAD = 0.25        # ... or its two probes (before and after the evaluation) apart by more than 25%
-UNFINISHED = "interrupted"  # stopped by the user: no verdict on the code, so it is rerun
+BEST_REPEATS = 3           # runs of the best's code (comments aside) that measure the noise band
+ENOUGH_RUNS = 6            # runs of a change after which its mean is decided on, whatever the machine did
+PROMISING_SIGMAS = 1.0     # inside the band, a mean lower by more than this many std of the difference is rerun
 
+# The caught cases: fixed names (analysis.md, audit and the tests use them), and their limits
+TRAINED_ON_VAL = "trained on validation data"
+NOT_THE_MODELS = "val_bpb reported by train.py is not the model's"
+SLOWED_CLOCK = "slowed clock"
+UNTIMED_WORK = "untimed work outside the loop"
+SEES_AHEAD = "the model sees later tokens"
 
-# ---------------------------------------------------------------------------
-# What a decision says
-
-@dataclass
-class Decision:
-    kind: str                # keep | rerun | discard | crash
-    reason: str              # one phrase
-    delta: float | None      # mean val_bpb of this code's clean runs minus the mean of the best code's
-    band: float | None       # noise band for that difference of means
-    n: int                   # runs of this code in it
-    m: int                   # runs of the best's code in it
-    best_id: str | None
-    measured: bool = True    # val_bpb is the harness's measurement (`analyze.py run`), not train.py's own
-
-    def line(self):
-        """One line, the first of analysis.md: the kind, the numbers it rests on, and why."""
-        if self.best_id is None:
-            facts = f"no best yet (n {self.n})"
-        elif self.n == 0:  # no number of this run: nothing to set against the best's
-            facts = f"vs best {self.best_id}"
-        else:
-            delta = "n/a" if self.delta is None else f"{self.delta:+.6f}"
-            band = "unknown" if self.band is None else f"±{self.band:.6f}"
-            facts = f"delta {delta} vs best {self.best_id} (band {band}, n {self.n} vs {self.m})"
-        bare = ("" if self.measured or not self.n else
-                "; val_bpb is train.py's own number, not measured by the harness (archived without `analyze.py run`)")
-        return f"decision: {self.kind} — {facts}: {self.reason}{bare}"
+LEAK_ABS, LEAK_REL = 0.01, 0.02              # held-out gap grown beyond the best's by max(0.01, 2% of val_bpb)
+LEAK_ALONE_ABS, LEAK_ALONE_REL = 0.05, 0.05  # no best: the gap itself beyond 0.05 + 5% of val_bpb
+REPORTED_TOLERANCE = 1e-3                    # |train.py's val_bpb - the measured one| beyond this
+FUTURE_TOLERANCE = 1e-2                      # logits that move by more when only later tokens change: not causal
+CLOCK_SLACK_S, CLOCK_SLACK_REL = 5.0, 0.05   # the harness's clock beyond train.py's timings by 5 s + 5%
+OUTSIDE_SLACK_S, OUTSIDE_SLACK_BUDGET = 5.0, 0.10   # outside time beyond the best's by 5 s + 10% of the budget
+LOOP_TIMINGS = ("warmup_s", "eval_s", "final_eval_s")  # train.py's timings after its first metrics row ...
+START_TIMINGS = ("startup_s",)                        # ... and before it (batch fitting happens inside startup_s)
 
 
-# ---------------------------------------------------------------------------
-# The facts it is taken on
+@dataclass(frozen=True)
+class Rules:
+    """The decision's knobs, for simulate()'s trade-off curve; decide() uses the defaults."""
+    sigmas: float = NOISE_SIGMAS        # keep or discard beyond ±sigmas std of the difference of means
+    promising: float = PROMISING_SIGMAS  # rerun while lower by more than this many std of the difference
+    enough: int = ENOUGH_RUNS
+    repeats: int = BEST_REPEATS
 
-def machine_speed(row):
-    """The machine's speed during a run (GFLOP/s from the harness's evaluator), or None for a bare archive."""
-    try:
-        value = float(row.get("machine_speed") or "nan")
-    except ValueError:
+
+# The best
+def best_of(runs, run):
+    """The ONE best rule: the most recently archived kept run, comparable with `run`, of run's worker on run's
+    branch, archived before it. A kept run of another branch is another experiment's; a run nobody decided
+    (pending) sets no bar. Runs without a branch or worker (older archives) belong to every one."""
+    pool = [r for r in comparable(runs, run) if r.status == "keep" and r.archived_at < run.archived_at
+            and r.id != run.id and (not run.branch or r.branch in (run.branch, None))
+            and (not r.worker or r.worker == run.worker)]
+    return max(pool, key=lambda r: r.archived_at, default=None)
+
+
+# The caught cases: pure functions of (run, best, runs)
+def caught(run, best, runs):
+    """[Caught] of a measured run against `best` (None before there is one) and the history `runs`."""
+    if run.measured is None or run.measured.val_bpb is None:
+        return []
+    ref = [r for r in code_runs(comparable(as_of(runs, run), run), best.code_sha) if r.id != run.id] if best else []
+    return [Caught(name, detail) for name, check in CHECKS if (detail := check(run, ref))]
+
+
+def trained_on_val(run, ref):
+    """The model does better on the validation rows than on unseen text of the same kind, by more than the
+    best code's models did: it has seen them."""
+    val, heldout = run.measured.val_bpb, run.measured.heldout_bpb
+    if heldout is None:
         return None
-    return value if np.isfinite(value) and value > 0 else None
+    gap = heldout - val
+    gaps = [r.measured.heldout_bpb - r.val_bpb for r in ref if r.measured and r.measured.heldout_bpb is not None]
+    if gaps:
+        limit, usual = max(LEAK_ABS, LEAK_REL * val), float(np.mean(gaps))
+        if gap - usual > limit:
+            return (f"held-out bpb {heldout:.4f} minus val_bpb {val:.4f} is {gap:+.4f}, {gap - usual:+.4f} beyond "
+                    f"the best's {usual:+.4f} (limit {limit:.4f})")
+    elif gap > (limit := LEAK_ALONE_ABS + LEAK_ALONE_REL * val):
+        return (f"held-out bpb {heldout:.4f} minus val_bpb {val:.4f} is {gap:+.4f}, beyond {limit:.4f} "
+                "(no best to compare with)")
 
 
-@dataclass
-class Machine:
-    """This run's machine against the best's runs: the evaluator's speed, and, for a run of a code run
-    before, its step count against that code's usual one (noise.py: a busier or quieter box)."""
-    speed: float | None      # this run's GFLOP/s
-    usual: float | None      # median GFLOP/s of the best code's runs
-    runs: int                # the best code's runs with a speed
-    probes: tuple | None     # (before, after) GFLOP/s of this run's evaluation, from measurement.json
-    steps: tuple | None      # (this run's steps, its code's usual steps) when they differ beyond the speed noise
+def not_the_models(run, ref):
+    """train.py printed a val_bpb (it should print none under the harness) that is not its model's score."""
+    reported, val = run.trained.reported_val_bpb, run.measured.val_bpb
+    if reported is not None and abs(reported - val) > REPORTED_TOLERANCE:
+        return (f"train.py printed val_bpb {reported:.6f}, the harness measured {val:.6f} "
+                f"({reported - val:+.6f}, tolerance {REPORTED_TOLERANCE:g})")
 
-    @property
-    def drift(self):
-        return None if self.speed is None or self.usual is None else self.speed / self.usual - 1
 
-    @property
-    def spread(self):
-        return None if not self.probes else max(self.probes) / min(self.probes) - 1
+def claimed(run, keys):
+    t = run.trained.timings or {}
+    return sum(float(t[k]) for k in keys if isinstance(t.get(k), (int, float)))
 
-    def moved(self):
-        """Why this run's machine was not the best's runs' machine, one phrase; None when nothing says so."""
-        if self.drift is not None and abs(self.drift) > MACHINE_DRIFT:
-            return (f"the machine ran {abs(self.drift):.0%} {'faster' if self.drift > 0 else 'slower'} than during "
-                    f"the best's runs ({self.speed:,.0f} vs {self.usual:,.0f} GFLOP/s)")
-        if self.spread is not None and self.spread > PROBE_SPREAD:
-            before, after = self.probes
-            return (f"the machine's speed changed by {after / before - 1:+.0%} during the run's evaluation "
-                    f"({before:,.0f} -> {after:,.0f} GFLOP/s)")
-        if self.steps:
-            steps, usual = self.steps
-            return (f"the machine ran {'slower' if steps < usual else 'faster'}: {steps:.0f} steps where this code "
-                    f"usually takes {usual:.0f} ({steps / usual - 1:+.0%})")
+
+def slowed_clock(run, ref):
+    """The process took longer on the harness's clock than train.py's own timings of it say: from its first
+    metrics row to its exit, or from its spawn to its exit (a slowed clock slows the first row too)."""
+    m, train = run.measured, run.trained.training_seconds
+    if m.wall_s is None or train is None:
         return None
+    loop = train + claimed(run, LOOP_TIMINGS)
+    spans = (("from the first metrics row to the exit", None if m.first_row_s is None else m.wall_s - m.first_row_s,
+              loop), ("from the spawn to the exit", m.wall_s, loop + claimed(run, START_TIMINGS)))
+    for span, took, said in spans:
+        limit = said * (1 + CLOCK_SLACK_REL) + CLOCK_SLACK_S
+        if took is not None and took > limit:
+            return (f"{took:.1f} s {span} on the harness's clock, but train.py's timings of it add up to "
+                    f"{said:.1f} s (limit {limit:.1f} s)")
 
 
-def machine_of(row, ref, noise, measurement):
-    """The Machine of `row` against `ref`, the best code's runs (itself left out); its probes from
-    measurement.json, which the row does not hold."""
-    probes = tuple(((measurement or {}).get("machine_speed") or {}).get(k) for k in ("before", "after"))
-    speeds = [s for r in ref if r.get("run_id") != row.get("run_id") and (s := machine_speed(r)) is not None]
-    return Machine(machine_speed(row), float(np.median(speeds)) if speeds else None, len(speeds),
-                   probes if all(isinstance(p, (int, float)) and p > 0 for p in probes) else None,
-                   noise.disturbed.get(row.get("run_id")))
+def untimed_work(run, ref):
+    """More time outside the budget than the best code's slowest run took. Never switched off: on a faster or
+    slower machine each run's outside seconds are scaled by its speed probe to the best's runs' usual speed."""
+    outside, refs = run.outside_s, [r for r in ref if r.outside_s is not None]
+    if outside is None or not refs:
+        return None
+    usual = machine(run, ref).usual
+
+    def scaled(r):
+        s = r.measured.speed if r.measured else None
+        return r.outside_s * (s / usual if s and usual else 1.0)
+    budget = float(run.harness.get("TIME_BUDGET") or run.trained.training_seconds)
+    ref_s = max(map(scaled, refs))
+    limit = ref_s + OUTSIDE_SLACK_S + OUTSIDE_SLACK_BUDGET * budget
+    if scaled(run) > limit:
+        return (f"{outside:.1f} s outside the {budget:g} s budget ({scaled(run):.1f} s at the best's machine speed), "
+                f"against the best code's {ref_s:.1f} s (limit {limit:.1f} s)")
+
+
+def sees_ahead(run, ref):
+    """The logits at a position moved when only later tokens changed: the model is not causal, and its
+    val_bpb is not a prediction (harness/evaluate.py's future_leak)."""
+    leak = run.measured.future_leak
+    if leak is not None and leak > FUTURE_TOLERANCE:
+        return f"changing later tokens moved earlier logits by up to {leak:.3g} (tolerance {FUTURE_TOLERANCE:g})"
+
+
+CHECKS = ((TRAINED_ON_VAL, trained_on_val), (NOT_THE_MODELS, not_the_models), (SLOWED_CLOCK, slowed_clock),
+          (UNTIMED_WORK, untimed_work), (SEES_AHEAD, sees_ahead))
+
+
+# Where a run stands against the best
+def interrupted(run):
+    return run.trained.outcome == "interrupted" or (run.measured is not None and run.measured.stopped == "interrupted")
 
 
 @dataclass
 class Standing:
-    """Where a run stands against the best: everything a decision reads."""
-    row: dict
-    best: dict | None
-    noise: Noise
-    own: list                # this code's runs in the mean: those at their code's usual speed
-    ref: list                # the best code's runs in the mean
-    runs: int                # every finished run of this code, disturbed ones included
-    machine: Machine
+    """Everything a decision reads: `own` and `ref` are every comparable run of this code and of the best's."""
+    run: Run
+    best: Run | None
+    history: list
+    rules: Rules
+    size: object             # commit -> tokens of code of its train.py, or None
+
+    @cached_property
+    def noise(self):
+        return noise(self.history, self.run)
+
+    @cached_property
+    def own(self):
+        return code_runs(comparable(self.history, self.run), self.run.code_sha)
+
+    @cached_property
+    def ref(self):
+        return code_runs(comparable(self.history, self.run), self.best.code_sha) if self.best else []
+
+    @cached_property
+    def machine(self):
+        return machine(self.run, self.ref)
 
     @property
     def delta(self):
-        if not self.own or not self.ref:
-            return None
-        return float(np.mean([row_bpb(r) for r in self.own]) - np.mean([row_bpb(r) for r in self.ref]))
+        if self.own and self.ref:
+            return float(np.mean([r.val_bpb for r in self.own]) - np.mean([r.val_bpb for r in self.ref]))
 
     @property
     def band(self):
-        return difference_band(self.noise.pooled_std, len(self.own), len(self.ref)) if self.own and self.ref else None
+        return difference_band(self.noise.pooled_std, len(self.own), len(self.ref), self.rules.sigmas)
 
-    @cached_property
-    def lines(self):
-        """(code lines of this run's train.py, of the best's), or None when git lacks either."""
-        lines = tuple(train_py_lines(os.getcwd(), r.get("commit", "")) for r in (self.row, self.best))
-        return None if None in lines else lines
+    @property
+    def sd(self):
+        """Std of the difference of the two means."""
+        return difference_band(self.noise.pooled_std, len(self.own), len(self.ref), 1.0)
 
-
-def best_before(row, history):
-    """The best `row` is judged against: its worker's most recently kept comparable run on its branch before it
-    (best_for's rule; the audit's vetting is left to the archive, whose record.json names the best)."""
-    before = next((history[:i] for i, r in enumerate(history)
-                   if r is row or (row.get("run_id") and r.get("run_id") == row["run_id"])), history)
-    pool = own_comparable(on_branch(before, row), row.get("harness", ""), row_gpu(row), row.get("worker"))
-    return best_after_each(pool)[-1] if pool else None
+    @property
+    def peeked(self):
+        """This code's runs interrupted, unmeasured, after their curve was visible: choosing which runs count."""
+        return [r for r in self.history if r.code_sha == self.run.code_sha and interrupted(r) and r.val_bpb is None
+                and r.measured is not None and r.measured.first_row_s is not None]
 
 
-def standing(row, history, best, measurement=None):
-    """The facts of `row` (the last of `history`) against `best` (a row, or None)."""
-    noise = noise_band(history, row)
-    group, own = runs_of(noise, row)
-    ref = runs_of(noise, best)[1] if best is not None else []
-    return Standing(row, best, noise, own if row_bpb(row) is not None else [], ref, len(group),
-                    machine_of(row, ref, noise, measurement))
-
-
-def runs_of(noise, row):
-    """(every finished run of row's code, those in its mean): the runs at their code's usual speed, or all of
-    them when none is. The row counts even when noise_band left it out (a row without a code identity)."""
-    group = noise.groups.get(row_code(row), [])
-    if row_bpb(row) is not None and all(r.get("run_id") != row.get("run_id") for r in group):
-        group = group + [row]
-    clean = [r for r in group if r.get("run_id") not in noise.disturbed]
-    return group, clean or group
-
-
-# ---------------------------------------------------------------------------
 # The rules, in order: the first that applies decides
-
 def did_not_finish(s):
-    if row_bpb(s.row) is None and UNFINISHED not in (s.row.get("status"), s.row.get("outcome")):
-        outcome = s.row.get("outcome")
-        return "crash", "the run did not finish " + (f"(outcome {outcome})" if outcome not in (None, "", "ok") else
-                                                     f"(status {s.row.get('status')}, val_bpb {s.row.get('val_bpb')})")
+    if s.run.val_bpb is None and not interrupted(s.run):
+        m, outcome = s.run.measured, s.run.trained.outcome
+        why = (m.error if m and m.error else f"outcome {outcome}" if outcome != "ok" else "no val_bpb was measured")
+        return "crash", f"the run did not finish ({why})"
 
 
 def was_interrupted(s):
-    if UNFINISHED in (s.row.get("status"), s.row.get("outcome")):
+    if interrupted(s.run) and s.run.val_bpb is None:
         return "rerun", "the run was interrupted before its number was measured"
 
 
 def was_caught(s):
-    if s.row.get("caught"):
-        return "discard", f"caught: {s.row['caught']}"
-    if s.row.get("status") == "invalid":
+    if s.run.caught:
+        return "discard", "caught: " + "; ".join(c.case for c in s.run.caught)
+    if s.run.status == "invalid":
         return "discard", "invalid: its harness is not the branch's pinned one"
 
 
@@ -201,38 +227,49 @@ def is_baseline(s):
 
 
 def repeats_best(s):
-    if same_code(s.row, s.best):
-        if s.runs < ENOUGH_RUNS:
-            return "rerun", f"the best's code (comments aside), run {s.runs} of {ENOUGH_RUNS}: measuring the noise band"
+    if s.run.code_sha == s.best.code_sha:
+        if len(s.own) < s.rules.repeats:
+            return "rerun", (f"the best's code (comments aside), run {len(s.own)} of {s.rules.repeats}: "
+                             "measuring the noise band")
         return "discard", "a repeat of the best's code (comments aside)"
 
 
 def no_band_yet(s):
     if s.band is None:
-        return "rerun", "no noise band yet: no code has two runs at its usual speed, and a rerun of this one measures it"
+        return "rerun", "no noise band yet: no code has two runs, and a rerun of this one measures it"
 
 
 def machine_moved(s):
     why = s.machine.moved()
-    if why and s.runs < ENOUGH_RUNS:
+    if why and len(s.own) < s.rules.enough:
         return "rerun", f"{why}, so val_bpb measures the machine as much as the code"
 
 
 def beyond_band(s):
     if s.delta < -s.band:
-        return "keep", "lower beyond the noise band"
+        return keep_unless_peeked(s, "lower beyond the noise band")
     if s.delta > s.band:
         return "discard", "higher beyond the noise band"
 
 
 def simpler(s):
-    if s.lines and s.lines[0] < s.lines[1]:
-        return "keep", f"simpler at equal val_bpb: {s.lines[0]} code lines where the best's train.py has {s.lines[1]}"
+    sizes = s.size(s.run.commit), s.size(s.best.commit)
+    if None not in sizes and sizes[0] < sizes[1]:
+        return keep_unless_peeked(s, f"simpler at equal val_bpb: {sizes[0]} code tokens where the best's "
+                                     f"train.py has {sizes[1]}")
+
+
+def keep_unless_peeked(s, reason):
+    if s.peeked:
+        return "discard", (f"{reason}, but {len(s.peeked)} of this code's runs were interrupted after their curve "
+                           "was visible: a code is not kept on the runs that were let finish")
+    return "keep", reason
 
 
 def promising(s):
-    if s.delta < 0 and len(s.own) < ENOUGH_RUNS:
-        return "rerun", f"lower but inside the noise band, on {len(s.own)} run(s): another run of this code firms up its mean"
+    if s.delta < -s.rules.promising * s.sd and len(s.own) < s.rules.enough:
+        return "rerun", (f"lower but inside the noise band, on {len(s.own)} run(s): another run of this code "
+                         "firms up its mean")
 
 
 def inside_band(s):
@@ -243,41 +280,60 @@ RULES = (did_not_finish, was_interrupted, was_caught, is_baseline, repeats_best,
          beyond_band, simpler, promising, inside_band)
 
 
-def judge(s):
-    """The Decision of the first rule of RULES that applies to the standing `s`. A run on another machine
-    that is decided all the same (its code has ENOUGH_RUNS) says so."""
+@lru_cache(maxsize=256)
+def size_at(commit):
+    """Tokens of code of train.py at `commit` (record.code_size: `;` joins remove none), or None."""
+    source = train_py_at(commit)
+    return None if source is None else code_size(source)
+
+
+def decide(run, runs, rules=Rules(), size=size_at):
+    """The Decision of the first rule of RULES that applies to `run`, against best_of(runs, run), on the runs
+    archived up to it. A run decided although its machine moved (its code has enough runs) says so."""
+    history = as_of(runs, run)
+    s = Standing(run, best_of(history, run), history, rules, size)
     index, (kind, reason) = next((i, found) for i, rule in enumerate(RULES) if (found := rule(s)))
-    why = s.machine.moved()
-    if why and index > RULES.index(machine_moved):
-        reason += f" (decided on the means of this code's {s.runs} runs, although {why})"
-    return Decision(kind, reason, s.delta, s.band, len(s.own), len(s.ref),
-                    (s.best.get("run_id") or s.best.get("commit")) if s.best is not None else None,
-                    bool(s.row.get("measured")))
+    why = s.machine.moved() if index > RULES.index(machine_moved) else None
+    if why:
+        reason += f" (decided on the means of this code's {len(s.own)} runs, although {why})"
+    return Decision(kind, reason, s.delta, s.band if s.best else None, len(s.own), len(s.ref),
+                    s.best.id if s.best else None)
 
 
-def decide(row, history, measurement=None):
-    """The decision on `row`, the last of `history` (results.tsv rows), against its worker's most
-    recently kept comparable run. `measurement`: the run's measurement.json, whose two machine-speed
-    probes the row does not hold."""
-    return judge(standing(row, history, best_before(row, history), measurement))
+# What the rules cost and buy: a night of experiments, simulated through decide()
+def night(rules, sigma, effect, experiments, rng):
+    """(changes kept, runs each change took, the best's number below its code's true mean in σ) of one
+    night of finished runs that differ only in their code and their val_bpb."""
+    runs, truth = [], {}
+
+    def experiment(code, mean):
+        truth[code] = mean
+        while True:
+            i, bpb = len(runs), mean + sigma * rng.standard_normal()
+            runs.append(run := Run(
+                id=f"s{i}", commit=f"{i:040x}", description="", branch="sim", worker="sim", started_at=None,
+                archived_at=float(i), harness={}, gpu="sim", code_sha=code, pin=None, harness_changes=[],
+                trained=Trained("ok", None), measured=Measured(bpb), caught=[], decision=None, statuses=[], evidence={}))
+            d = decide(run, runs, rules, size=lambda commit: None)
+            run.statuses.append(StatusChange("pending" if d.kind == "rerun" else d.kind, "", "simulate"))
+            if d.kind != "rerun":
+                return d.kind == "keep", len(code_runs(runs, code))
+    experiment("base", 1.0), experiment("base", 1.0)  # the baseline, then its repeats until decide() stops them
+    best, kept, took = "base", 0, []
+    for e in range(experiments):
+        keep, n = experiment(f"e{e}", truth[best] - effect * sigma)
+        best, kept, took = f"e{e}" if keep else best, kept + keep, took + [n]
+    return kept, took, (truth[best] - np.mean([r.val_bpb for r in code_runs(runs, best)])) / sigma
 
 
-# ---------------------------------------------------------------------------
-# Code lines, for "simpler at equal val_bpb"
-
-@lru_cache(maxsize=64)
-def train_py_lines(repo, commit):
-    """Lines of code of train.py at `commit` of the repository at `repo`, or None when git has no such file."""
-    out = subprocess.run(["git", "show", f"{commit}:train.py"], cwd=repo, capture_output=True) if commit else None
-    return code_lines(out.stdout.decode("utf-8", errors="replace")) if out and out.returncode == 0 else None
-
-
-def code_lines(source):
-    """Lines holding code: a statement split over three lines counts three, a comment or blank line none."""
-    skipped = (tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT,
-               tokenize.ENCODING, tokenize.ENDMARKER)
-    try:
-        tokens = tokenize.generate_tokens(io.StringIO(source).readline)
-        return len({row for tok in tokens if tok.type not in skipped for row in range(tok.start[0], tok.end[0] + 1)})
-    except (tokenize.TokenError, IndentationError, SyntaxError):
-        return sum(1 for line in source.splitlines() if line.strip() and not line.strip().startswith("#"))
+def simulate(rules=Rules(), sigma=0.01, effect=0.0, experiments=80, trials=100, seed=0):
+    """Nights of a baseline, its repeats and `experiments` changes, each truly better than the best it starts
+    from by `effect` σ (0: no-ops), σ being one run's val_bpb std over repeats of one code. The figures:
+    p_any_kept (a night kept one or more), p_kept (per change), best_below (the best's number below its code's
+    true mean at the night's end, in σ; best_below_if_kept: over the nights that kept one), runs_per_experiment
+    (1: deciding on one run)."""
+    rng = np.random.default_rng(seed)
+    kept, took, below = map(np.array, zip(*(night(rules, sigma, effect, experiments, rng) for _ in range(trials))))
+    return {"p_any_kept": float(np.mean(kept > 0)), "p_kept": float(kept.sum() / (trials * experiments)),
+            "best_below": float(below.mean()), "runs_per_experiment": float(np.mean(took)),
+            "best_below_if_kept": float(below[kept > 0].mean()) if kept.any() else None}

@@ -1,453 +1,743 @@
-"""Run recording: what a training run writes about itself, so that a broken train.py can never lose it.
-
-train.py calls it in a handful of lines:
-
-    run = RunRecorder(collect_config(globals())).start()   # metrics.jsonl now; run_summary.json at any exit
-    run.log(step, **metrics)                                # a metrics row (buffered, flushed every 2 s)
-    run.check_divergence(step, loss)                        # NaN or > 100: the run ends as 'diverged'
-    run.finish(val_bpb=..., ...)                            # the greppable block, status 'ok'
-
-The summary is written on every exit path: ok, crash (an uncaught exception, or the script ended
-without finish()), diverged, timeout (the hard wall-clock cap or SIGTERM, which exit with code 3) and
-interrupted (Ctrl-C or SIGINT: KeyboardInterrupt, exit code 130 as a shell gives it).
-LayerHealth computes the per-layer statistics on the device, to be fetched with the step's loss.
 """
-import atexit
-import contextlib
+The record of a run: one typed `run.json` per run directory, and the archive of run directories.
+
+A run.json holds what ran (commit, code, harness, machine), what train.py said about itself (Trained), what
+the harness measured (Measured; None for a run archived by hand), the cases it caught, its decision, its
+status history, and the sha256 of each evidence file beside it. results.tsv is derived from the run
+directories, rebuilt whole under the archive lock: no number is stored twice.
+
+    from harness.record import Archive
+    archive = Archive.here()            # AUTORESEARCH_ARCHIVE, or .auto-log-research at the repository root
+    runs = archive.runs()               # every Run, oldest first
+    run.val_bpb, run.status, run.code_sha, run.outside_s
+
+The harness pin, `refs/auto-log-research/pins/<branch>`, names the commit where the branch began; the
+pinned harness is every tracked .py file but train.py, tests/ and contrib/. The agent's git commands never
+move a ref outside refs/heads; only `analyze.py repin` (a human at a terminal) moves a pin, and the reflog
+keeps every earlier one. Every git call passes --no-replace-objects: a `git replace` cannot swap a pin.
+"""
 import dataclasses
+import fcntl
+import functools
 import hashlib
+import io
 import json
 import math
 import os
-import platform
-import signal
+import re
 import subprocess
 import sys
-import threading
 import time
-import traceback
+import tokenize
+import typing
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-import prepare
-from harness.pin import is_pinned
-from harness.gpu import nvidia_driver, peak_bf16_flops, why_not_runnable  # noqa: F401  (the last two: for train.py's import line)
-from harness.progress import ProgressLine  # noqa: F401
-
-ROOT = Path(__file__).resolve().parent.parent
-FINAL_KEYS = ("val_bpb", "training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-              "total_tokens_M", "num_steps", "num_params_M", "depth")
-_FINAL_FORMATS = {"val_bpb": "{:.6f}", "training_seconds": "{:.1f}", "total_seconds": "{:.1f}",
-                  "peak_vram_mb": "{:.1f}", "mfu_percent": "{:.2f}", "total_tokens_M": "{:.1f}",
-                  "num_steps": "{:d}", "num_params_M": "{:.1f}", "depth": "{:d}"}
-EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}  # the process's exit code by status
-DIVERGED_LOSS = 100.0                                            # a training loss above this has diverged
-
-
-class Diverged(Exception):
-    """Training loss became NaN/inf or exploded; the run ends with status 'diverged'."""
+SCHEMA = "auto-log-research run 2"
+STATUSES = ("pending", "keep", "discard", "crash", "invalid")
+OUTCOMES = ("ok", "crash", "diverged", "timeout", "interrupted")
+KINDS = ("keep", "rerun", "discard", "crash")           # a Decision's kind
+ARCHIVE_NAME = ".auto-log-research"                     # the default archive, at the repository root
+RUN_JSON = "run.json"
+EVIDENCE = ("run.log", "metrics.jsonl", "diff.patch")   # the files whose sha256 run.json keeps
+UNCOMMITTED = " [uncommitted changes]"                  # a description's mark: train.py was not its commit's
+COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",   # karpathy/autoresearch's five
+           "run_id", "branch", "worker", "gpu", "harness", "code_sha", "outcome", "num_steps", "heldout_bpb",
+           "speed", "outside_s", "caught", "decision")
+PIN_REFS = "refs/auto-log-research/pins/"
+WORKER_MAX_CHARS = 80      # a worker's name is a results.tsv field and a directory name
+LOG_TAIL_BYTES = 8192      # run.log's final block is in its last few lines
+FIX = "restore it from a backup, or move the run directory aside (`uv run analyze.py audit` lists every problem)"
+CONVERT = "`uv run contrib/convert.py` converts the previous version's runs"
 
 
-class RunStopped(Exception):
-    """This machine cannot run train.py as it stands (no bf16, no compiler, no batch that fits): the run
-    ends as a crash whose error, and whose only output, is the message's one line saying what to do."""
+class RecordError(Exception):
+    """A record or archive that cannot be read or changed: a one-line message naming the file and what to do."""
 
 
-# Out of memory outside torch's allocator: Triton loading a kernel (the compiled backward loads its kernels
-# lazily, at peak activation memory) and cuBLAS creating a handle raise plain RuntimeErrors
-_OUT_OF_MEMORY_TEXTS = ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
-
-
-def is_out_of_memory(exc):
-    """True if exc is an out-of-memory error or was raised from one (the compiler may wrap it)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, torch.OutOfMemoryError) or (
-                type(exc) is RuntimeError and any(text in str(exc) for text in _OUT_OF_MEMORY_TEXTS)):
-            return True
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-# ---------------------------------------------------------------------------
-# Config and provenance
-# ---------------------------------------------------------------------------
-
-def _jsonable(value):
-    if isinstance(value, (tuple, list)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
-
-
-def collect_config(namespace):
-    """Every UPPER_CASE global of train.py whose value is JSON-serialisable (tuples become lists),
-    except the harness constants it imported from prepare.py."""
-    config = {}
-    harness = vars(prepare)
-    for name, value in namespace.items():
-        if not name.isupper() or name.startswith("_") or harness.get(name, object()) is value:
-            continue
-        try:
-            json.dumps(_jsonable(value))
-        except (TypeError, ValueError):
-            continue
-        config[name] = _jsonable(value)
-    return config
-
-
-def _json_default(value):
-    """Tensors and numpy scalars become Python numbers; anything else its repr, so a row is never lost."""
-    if hasattr(value, "item"):
-        try:
-            return value.item()
-        except (ValueError, RuntimeError):
-            pass
-    return repr(value)
-
-
-def _sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
-def _git(*args):
-    try:
-        out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
+def number(value):
+    """A finite float from a JSON number, a numeric string or None; None for anything else (NaN, '', 'n/a')."""
+    if isinstance(value, bool) or value is None:
         return None
-    return out.stdout.strip() if out.returncode == 0 else None
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
-def provenance():
-    """(git, env) blocks of run_summary.json: the commit and the sha256 of the scripts as run, and the
-    software and hardware the run ran on."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    git = {"commit": commit, "dirty": None if status is None else bool(status)}
-    git.update({f"{n}_py_sha256": _sha256(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")})
-    # every pinned harness file as it was when the run started: an edit restored before archiving still shows
-    tracked = (_git("ls-files", "-z") or "").split("\0") if commit else []
-    git["harness_sha256"] = {p: _sha256(ROOT / p) for p in sorted(tracked) if p and is_pinned(p)}
-    cuda = torch.cuda.is_available()
-    env = {"python": platform.python_version(), "torch": torch.__version__,
-           "cuda": torch.version.cuda if cuda else None,
-           "gpu_name": torch.cuda.get_device_name() if cuda else None, "driver": nvidia_driver() if cuda else None}
-    return git, env
+def now_utc():
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 # ---------------------------------------------------------------------------
-# Per-layer health: computed on the device, fetched with the step's loss in one transfer
-# ---------------------------------------------------------------------------
+# The record
 
-class LayerHealth:
-    """Gradient norm and update-to-weight ratio of every block matrix, plus the RMS of every block's
-    output (which the model's forward returns, from inside the compiled graph). named_params: the
-    blocks' (name, parameter) pairs, e.g. model.transformer.h.named_parameters()."""
 
-    def __init__(self, named_params):
-        named = list(named_params)
-        self.names = [name.removesuffix(".weight") for name, _ in named]  # e.g. "0.attn.c_q"
-        self.params = [p for _, p in named]
-        self.grad_norms = self.before = None
+@dataclass
+class Trained:
+    """What train.py said about itself (its run_summary.json): train.py's word, not checked here."""
+    outcome: str                       # how train.py ended: one of OUTCOMES
+    reported_val_bpb: float | None     # the val_bpb train.py printed; None under `analyze.py run` (it hands off)
+    training_seconds: float | None = None
+    total_seconds: float | None = None
+    peak_vram_mb: float | None = None
+    mfu_percent: float | None = None
+    total_tokens_M: float | None = None
+    num_steps: int | None = None
+    num_params_M: float | None = None
+    depth: int | None = None
+    timings: dict = field(default_factory=dict)   # startup_s, warmup_s, eval_s, final_eval_s, fit_s, ...
+    device_batch: dict | None = None               # {"requested", "used", "grad_accum_steps"} when fitted
+    config: dict = field(default_factory=dict)     # every UPPER_CASE hyperparameter of train.py
+    env: dict = field(default_factory=dict)        # python, torch, cuda, gpu_name, driver
+    error: str | None = None                       # the traceback's tail
 
-    @torch.no_grad()
-    def before_step(self):
-        """Call after backward, before optimizer.step()."""
-        self.grad_norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))
-        self.before = [p.detach().clone() for p in self.params]
 
-    def forget(self):
-        """Drop what before_step() keeps: a step that failed halfway must not hold its snapshot's memory."""
-        self.grad_norms = self.before = None
+@dataclass
+class Measured:
+    """What the harness measured itself: train.py's process on the harness's clock, and the handed-off model
+    scored by harness/evaluate.py in a process of its own."""
+    val_bpb: float | None              # THE number of the run
+    heldout_bpb: float | None = None
+    future_leak: float | None = None   # how far logits moved when only later tokens changed (0 when causal)
+    speed_before: float | None = None  # GFLOP/s of the evaluator's fixed matmul, before and after it measured
+    speed_after: float | None = None
+    eval_s: float | None = None        # the evaluator's seconds
+    wall_s: float | None = None        # train.py's process, spawn to exit
+    first_row_s: float | None = None   # spawn to the first row of metrics.jsonl
+    stopped: str | None = None         # "timeout" or "interrupted" when the harness stopped a process
+    phase: str | None = None           # where: "start-up", "training", "hand-off" or "evaluation"
+    error: str | None = None           # why there is no number, one line
 
-    @torch.no_grad()
-    def after_step(self, act_rms):
-        """All statistics as one flat device tensor (nothing is transferred here)."""
-        weight_norms = torch.stack(torch._foreach_norm(self.before))
-        update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self.params, self.before)))
-        self.before = None
-        return torch.cat([self.grad_norms.float(), update_norms.float(), weight_norms.float(), act_rms.float()])
+    @property
+    def speed(self):
+        """The machine's speed during the run: the mean of the two probes, or None."""
+        probes = [p for p in (self.speed_before, self.speed_after) if p]
+        return sum(probes) / len(probes) if probes else None
 
-    def unpack(self, values):
-        """The flat list from after_step(), fetched to the host, as metrics.jsonl keys."""
-        n = len(self.names)
-        grad_norms, update_norms, weight_norms, act_rms = values[:n], values[n:2*n], values[2*n:3*n], values[3*n:]
-        metrics = {}
-        for name, g, u, w in zip(self.names, grad_norms, update_norms, weight_norms):
-            metrics[f"layer/{name}/grad_norm"] = g
-            metrics[f"layer/{name}/update_ratio"] = u / w if w > 0 else None  # zero-init weights have no ratio yet
-        for i, rms in enumerate(act_rms):
-            metrics[f"layer/{i}/act_rms"] = rms
-        return metrics
 
-    def fetch(self, loss, stats):
-        """(loss as a float, layer metrics) in one device-to-host transfer; stats from after_step or None."""
-        if stats is None:
-            return loss.item(), {}
-        values = torch.cat([loss.float().view(1), stats]).tolist()
-        return values[0], self.unpack(values[1:])
+@dataclass
+class Caught:
+    case: str       # a fixed name (decide.py's constants), e.g. "trained on validation data"
+    detail: str     # what was found, with its numbers and the limit
 
-# ---------------------------------------------------------------------------
-# The validation curve
-# ---------------------------------------------------------------------------
 
-class ValCurve:
-    """In-training val/bpb at `points` evenly spaced progress values, and once more at the end. Each
-    value gets its own metrics row, at the progress where it was measured (the step's row comes after
-    the step), and its seconds count as eval_s, outside the training time."""
+@dataclass
+class Decision:
+    kind: str                # keep | rerun | discard | crash
+    reason: str              # one phrase
+    delta: float | None      # mean val_bpb of this code's runs minus the mean of the best code's
+    band: float | None       # noise band for that difference of means
+    n: int                   # runs of this code in it
+    m: int                   # runs of the best's code in it
+    best_id: str | None
 
-    def __init__(self, run, measure, points, autocast_ctx=None):
-        self.run, self.measure, self.autocast_ctx = run, measure, autocast_ctx or contextlib.nullcontext()
-        self.due = [i / points for i in range(points)]  # progress values still to measure at
-
-    def update(self, step, progress, elapsed_s):
-        if self.due and progress >= self.due[0]:
-            self._measure(step, progress, elapsed_s)
-            self.due = [p for p in self.due if p > progress]
-
-    def finish(self, step, elapsed_s):
-        self._measure(step, 1.0, elapsed_s)
-
-    def _measure(self, step, progress, elapsed_s):
-        t0 = time.time()
-        with self.autocast_ctx:
-            val_bpb = self.measure()
-        self.run.timing("eval_s", time.time() - t0)
-        self.run.log(step, elapsed_s=elapsed_s, **{"train/progress": progress, "val/bpb": val_bpb})
-
-# ---------------------------------------------------------------------------
-# The recorder
-# ---------------------------------------------------------------------------
-
-class RunRecorder:
-    """Owns a run's outputs (metrics.jsonl, run_summary.json). Either `run = RunRecorder(config).start()`
-    at the top of a script (uncaught exceptions and an exit without finish() are recorded through
-    sys.excepthook and atexit), or `with RunRecorder(config) as run:` around the work."""
-
-    def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
-        budget = prepare.TIME_BUDGET
-        self.config = config
-        self.out_dir = Path(out_dir)
-        self.hard_cap_s = hard_cap_s if hard_cap_s is not None else max(2 * budget, budget + 300)
-        self.flush_every_s = flush_every_s
-        self.final = dict.fromkeys(FINAL_KEYS)
-        self.extra = {}  # summary keys beside the final block, e.g. val_bpb_exact_bytes
-        self.timings = {}
-        self.exit_code = None
-        self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
-        self._finished, self._closed = False, False
-        self._metrics_lock, self._close_lock = threading.RLock(), threading.RLock()
-        self._stop = threading.Event()
-        self.started_at = self._last_flush = time.time()
-
-    # -- lifecycle --
-
-    def __enter__(self):
-        for name in ("metrics.jsonl", "run_summary.json"):  # never let a previous run's outputs pass as ours
-            (self.out_dir / name).unlink(missing_ok=True)
-        self.started_at = self._last_flush = time.time()
-        self.git, self.env = provenance()
-        # the tokenizer stands for the data it was trained on (the cpu profile's text is this Python's
-        # standard library): runs on another tokenizer are another harness
-        tokenizer_sha = _sha256(prepare.TOKENIZER_DIR / "tokenizer.pkl")
-        self.harness = {**prepare.HARNESS, "tokenizer": tokenizer_sha[:16] if tokenizer_sha else None}
-        try:
-            self._file = open(self.out_dir / "metrics.jsonl", "w")
-        except OSError as e:
-            self._warn_once("io", f"metrics.jsonl: {e}")
-        threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
-        self._old_sigterm = self._old_sigint = None
-        if threading.current_thread() is threading.main_thread():
-            self._old_sigterm = signal.signal(signal.SIGTERM, self._on_sigterm)
-            # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup),
-            # which Python would otherwise leave ignored: a run started there could not be interrupted
-            self._old_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
-        return self
-
-    def __exit__(self, exc_type, exc, tb):
-        self._stop.set()
-        if self._old_sigterm is not None:
-            signal.signal(signal.SIGTERM, self._old_sigterm)
-            signal.signal(signal.SIGINT, self._old_sigint)
-        if exc_type is None:
-            status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
-        elif issubclass(exc_type, RunStopped):
-            print(f"train.py stopped: {exc}", file=sys.stderr)
-            status, error = "crash", str(exc)
-        elif issubclass(exc_type, KeyboardInterrupt):  # someone stopped it: not the code's failure, and no number
-            print("\ntrain.py interrupted (Ctrl-C or SIGINT)", file=sys.stderr)
-            status = "interrupted"
-            error = _tail("".join(traceback.format_exception(exc_type, exc, tb)), max_lines=12)
+    def line(self):
+        """One line, the first of analysis.md and of what `analyze.py run` prints."""
+        if self.best_id is None:
+            facts = f"no best yet (n {self.n})"
+        elif self.n == 0:
+            facts = f"vs best {self.best_id}"
         else:
-            traceback.print_exception(exc_type, exc, tb, file=sys.stderr)
-            status = "diverged" if issubclass(exc_type, Diverged) else "crash"
-            error = _tail("".join(traceback.format_exception(exc_type, exc, tb)))
-            if is_out_of_memory(exc):  # the line that says what to do first, the traceback's tail after it
-                line = self._out_of_memory_line()
-                print(f"train.py: {line}", file=sys.stderr)
-                error = f"{line}\n{_tail(error, max_lines=30)}"
-        self._close(status, error)
-        return True
+            delta = "n/a" if self.delta is None else f"{self.delta:+.6f}"
+            band = "unknown" if self.band is None else f"±{self.band:.6f}"
+            facts = f"delta {delta} vs best {self.best_id} (band {band}, n {self.n} vs {self.m})"
+        return f"decision: {self.kind} — {facts}: {self.reason}"
 
-    def start(self):
-        """Begin the run for a whole script: its end, however it comes, writes the summary and sets the
-        process's exit code (0 ok, 1 crash, 2 diverged, 3 timeout, 130 interrupted)."""
-        self.__enter__()
-        sys.excepthook = self._excepthook
-        atexit.register(self._at_exit)
-        return self
 
-    def _excepthook(self, exc_type, exc, tb):
-        self.__exit__(exc_type, exc, tb)
-        self._exit_now()
+@dataclass
+class StatusChange:
+    status: str     # one of STATUSES
+    at: str         # UTC, ISO 8601 (now_utc())
+    by: str         # "archive" (first status), "harness" (its decision), "analyze.py status" (by hand)
 
-    def _at_exit(self):
-        if not self._closed:
-            self.__exit__(None, None, None)
-        if self.exit_code:
-            self._exit_now()
 
-    def _exit_now(self):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(self.exit_code)
+@dataclass
+class Run:
+    """One run.json."""
+    id: str                      # <commit7>, <commit7>-2, ...: the run's directory name
+    commit: str                  # full sha of the commit that ran
+    description: str             # the commit's subject (+ UNCOMMITTED when train.py differed)
+    branch: str | None
+    worker: str                  # AUTORESEARCH_WORKER or <hostname>:<CUDA_VISIBLE_DEVICES or cpu>
+    started_at: float | None     # unix seconds, train.py's start
+    archived_at: float           # unix seconds
+    harness: dict                # prepare.HARNESS plus the tokenizer's id: runs compare only when equal
+    gpu: str                     # the device class its speed belongs to: the GPU's name, or "cpu"
+    code_sha: str                # train.py's code, comments and blank lines aside (code_sha())
+    pin: str | None              # the branch's pinned harness commit, when the run was archived
+    harness_changes: list[str]   # harness files that differed from the pin when it ran, one phrase each
+    trained: Trained
+    measured: Measured | None    # None: archived by hand, val_bpb is train.py's own word
+    caught: list[Caught]
+    decision: Decision | None    # None: not decided (a run archived by hand)
+    statuses: list[StatusChange]  # oldest first; the last is the status
+    evidence: dict[str, str]     # file name in the run directory -> sha256
+    best_id: str | None = None   # the best diff.patch and analysis.md were written against
+    contained: bool | None = None  # train.py ran in a sandbox (None: not recorded)
+    notes: list[str] = field(default_factory=list)  # what the archive noticed: missing files, a moved HEAD, ...
+    schema: str = SCHEMA
 
-    def _watchdog(self):
-        # the cap may grow while we wait (record_fit): wait again for whatever is left of it
-        while not self._stop.wait(max(0.0, self.started_at + self.hard_cap_s - time.time())):
-            if time.time() >= self.started_at + self.hard_cap_s:
-                self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
-                return
+    @property
+    def status(self):
+        return self.statuses[-1].status if self.statuses else "pending"
 
-    def _on_sigterm(self, signum, frame):
-        self._timeout("SIGTERM received")
+    @property
+    def val_bpb(self):
+        """The harness's measurement, or for a run archived by hand train.py's own; None when the run did not
+        finish. A caught run keeps its number, but its status is invalid."""
+        if self.measured is not None:
+            return self.measured.val_bpb
+        return self.trained.reported_val_bpb if self.trained.outcome == "ok" else None
 
-    def _timeout(self, reason):
-        frame = sys._current_frames().get(threading.main_thread().ident)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
-        if self._close("timeout", _tail(f"{reason}; main thread was at:\n{stack}")):
-            print(f"\nRunRecorder: {reason}, wrote run_summary.json (status timeout)", file=sys.stderr)
-            self._exit_now()
+    @property
+    def steps(self):
+        return self.trained.num_steps
 
-    def _close(self, status, error):
-        """Flush metrics and write the summary, once; False if another path already did."""
-        with self._close_lock:
-            if self._closed:
-                return False
-            self._closed = True
-            self.exit_code = EXIT_CODES[status]
-            if not self._finished and self._last_step is not None:
-                # how far a run got before it died: the last logged step, unless train.py said more
-                self.final["num_steps"] = self.final["num_steps"] or self._last_step + 1
-                self.final["training_seconds"] = self.final["training_seconds"] or self._last_elapsed
-            self.flush()
-            with self._metrics_lock:
-                if self._file is not None:
-                    self._file.close()
-            self._write_summary(status, error)
-            return True
+    @property
+    def outside_s(self):
+        """Wall-clock seconds of train.py's process outside its training budget, never negative; None when it
+        trained for no counted second (nothing is outside a budget it never entered)."""
+        wall = self.measured.wall_s if self.measured else self.trained.total_seconds
+        train = self.trained.training_seconds
+        return None if wall is None or not train else max(0.0, wall - train)
 
-    # -- during the run --
+    @property
+    def harness_key(self):
+        """profile:hash of the harness dict; runs compare only within one key."""
+        blob = json.dumps(self.harness, sort_keys=True).encode()
+        return f"{self.harness.get('profile', '?')}:{hashlib.sha256(blob).hexdigest()[:8]}"
 
-    def log(self, step, **metrics):
-        """Buffer one metrics row; written at most every flush_every_s and at exit. Never raises on I/O."""
-        with self._metrics_lock:
-            if self._last_step is not None and step < self._last_step:
-                self._warn_once("order", f"log(step={step}) after step {self._last_step}: row dropped")
-                return
-            self._last_step = step
-            if "elapsed_s" in metrics:
-                self._last_elapsed = metrics["elapsed_s"]
-            self._rows.append({"step": step, "time": time.time(), **metrics})
-            if time.time() - self._last_flush >= self.flush_every_s:
-                self.flush()
+    @property
+    def cases(self):
+        return "; ".join(c.case for c in self.caught)
 
-    def flush(self):
-        with self._metrics_lock:
-            rows, self._rows = self._rows, []
-            self._last_flush = time.time()
-            if self._file is None or self._file.closed or not rows:
-                return
-            try:
-                self._file.write("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
-                self._file.flush()
-            except OSError as e:
-                self._warn_once("io", f"metrics.jsonl: {e}")
+    def to_json(self):
+        return json.dumps(dataclasses.asdict(self), indent=1, allow_nan=False) + "\n"
 
-    def _warn_once(self, kind, message):
-        if kind not in self._warned:
-            self._warned.add(kind)
-            print(f"RunRecorder: warning: {message} (further warnings of this kind suppressed)", file=sys.stderr)
+    @classmethod
+    def from_dict(cls, d):
+        """Typed and validated: RecordError on a missing or unknown field, a wrong type or a value outside its
+        set (callers name the file)."""
+        if not isinstance(d, dict):
+            raise RecordError(f"holds a JSON {type(d).__name__}, not an object")
+        if d.get("schema", SCHEMA) != SCHEMA:
+            raise RecordError(f"schema {d.get('schema')!r}, not {SCHEMA!r}")
+        return _typed(d, cls, "run")
 
-    def set(self, **values):
-        """Record final-block values known so far; they reach the summary whatever the exit path."""
-        unknown = set(values) - set(FINAL_KEYS)
+
+_hints = functools.cache(typing.get_type_hints)
+ALLOWED = {(Trained, "outcome"): OUTCOMES, (StatusChange, "status"): STATUSES, (Decision, "kind"): KINDS}
+
+
+def _typed(value, hint, where):
+    """`value` as the annotation `hint` wants it (an int where a float is wanted becomes one), or RecordError."""
+    args = typing.get_args(hint)
+    if type(None) in args:      # `X | None`, the only union used
+        return None if value is None else _typed(value, args[0], where)
+    origin = typing.get_origin(hint) or hint
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hints = _hints(hint)
+        unknown = sorted(set(value) - set(hints))
         if unknown:
-            raise KeyError(f"not final-block keys: {sorted(unknown)}; known: {FINAL_KEYS}")
-        self.final.update(values)
+            raise RecordError(f"{where} has unknown field(s) {', '.join(unknown)}")
+        missing = [f.name for f in dataclasses.fields(hint) if f.name not in value
+                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        if missing:
+            raise RecordError(f"{where}.{missing[0]} is missing")
+        for k, allowed in ((k, ALLOWED.get((hint, k))) for k in value):
+            if allowed and value[k] not in allowed:
+                raise RecordError(f"{where}.{k} is {value[k]!r}, not one of {', '.join(allowed)}")
+        return hint(**{k: _typed(v, hints[k], f"{where}.{k}") for k, v in value.items()})
+    if origin is list and isinstance(value, list):
+        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict and isinstance(value, dict):
+        return {k: _typed(v, args[1], f"{where}[{k!r}]") for k, v in value.items()} if args else value
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise RecordError(f"{where} is {value}, not a finite number")
+        return float(value)
+    if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+        return value
+    name = getattr(origin, "__name__", str(origin))
+    raise RecordError(f"{where} is {json.dumps(value)[:40]}, not {'an object' if name[0].isupper() else name}")
 
-    def timing(self, name, seconds):
-        """Add seconds to a named timing of run_summary.json's timings block."""
-        self.timings[name] = self.timings.get(name, 0.0) + float(seconds)
 
-    def record_fit(self, fit):
-        """run_summary.json's device_batch block: the DeviceBatch harness.fit decided (requested, used, ...)."""
-        self.extra["device_batch"] = dataclasses.asdict(fit)
-        self.hard_cap_s += fit.seconds  # trying sizes happens before the budget: it must not eat the cap
+def load_run(path):
+    """The Run of a run.json, or RecordError("<path>: <what is wrong>; <what to do>")."""
+    path = Path(path)
+    try:
+        return Run.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        old = (path.parent / "record.json").exists()  # the previous version's record
+        raise RecordError(f"{path}: missing; " + (f"its record.json is the previous version's: {CONVERT}" if old
+                                                  else FIX)) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{path}: not readable JSON ({str(e).splitlines()[0]}); {FIX}") from None
+    except RecordError as e:
+        raise RecordError(f"{path}: {e}; {FIX}") from None
 
-    def _out_of_memory_line(self):
-        """What to do about an out-of-memory crash, in one line that names the device batch."""
-        fit = self.extra.get("device_batch")
-        requested = (fit or {}).get("requested", self.config.get("DEVICE_BATCH_SIZE"))
-        if fit is None and self._last_step is None:  # train.py fits (and records) before any batch runs
-            return (f"out of GPU memory before any batch ran (DEVICE_BATCH_SIZE {requested} not yet tried): the "
-                    "model and optimizer alone do not fit; make the model smaller (DEPTH, ASPECT_RATIO)")
-        used = (fit or {}).get("used", requested)
-        at = (f"DEVICE_BATCH_SIZE {used} (fitted down from the requested {requested})" if used != requested
-              else f"DEVICE_BATCH_SIZE {used} (as requested)")
-        if used == 1:
-            return f"out of GPU memory at {at}: make the model smaller (DEPTH, ASPECT_RATIO)"
-        fit_off = " (or set FIT_DEVICE_BATCH = True)" if (fit or {}).get("decided_by") == "as set" else ""
-        return (f"out of GPU memory at {at}: lower DEVICE_BATCH_SIZE in train.py, e.g. to {used // 2}{fit_off}; "
-                "TOTAL_BATCH_SIZE is kept by gradient accumulation")
+# ---------------------------------------------------------------------------
+# Files, git and code
 
-    def check_divergence(self, step, loss):
-        if not math.isfinite(loss) or loss > DIVERGED_LOSS:
-            raise Diverged(f"training loss {loss} at step {step}")
 
-    def finish(self, **final):
-        """Set the final-block values, print karpathy/autoresearch's greppable block, end the run 'ok'."""
-        exact = prepare.exact_bytes_bpb(final.get("val_bpb"))
-        if final.get("val_bpb") is not None and exact is None:
-            raise ValueError(f"val_bpb={final['val_bpb']!r} did not come from prepare.evaluate_bpb: the final "
-                             "number must be the fixed metric, passed on as it returned it")
-        self.set(**final)
-        self.extra["val_bpb_exact_bytes"] = exact
-        self._finished = True
-        print("\n".join(["---"] + [f"{key + ':':<18}{self._formatted(key)}" for key in FINAL_KEYS]), flush=True)
+def sha256_file(path):
+    """sha256 hex of a file's bytes, or None when there is no such file."""
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except (FileNotFoundError, IsADirectoryError):
+        return None
 
-    def _formatted(self, key):
-        value, fmt = self.final[key], _FINAL_FORMATS[key]
-        if value is None:
-            return "n/a"
-        return fmt.format(int(value) if fmt == "{:d}" else float(value))
 
-    # -- the summary --
+def write_atomic(path, data):
+    """Temporary file + rename: a reader, or a killed writer, never sees half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.urandom(6).hex()}.tmp")  # unique across machines on one volume
+    with open(tmp, "wb") as f:
+        f.write(data.encode() if isinstance(data, str) else data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
-    def _write_summary(self, status, error):
-        summary = {"status": status, **self.final, **self.extra, "config": self.config, "harness": self.harness,
-                   "git": self.git, "env": self.env,
-                   "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
-                   "error": error}
-        path = self.out_dir / "run_summary.json"
-        tmp = path.with_name(f".run_summary.json.{os.getpid()}.part")
+
+def git(*args, cwd=None, stdin=None, raw=False):
+    """stdout of a git command (--no-replace-objects; bytes when `raw`), or None when it fails."""
+    try:
+        out = subprocess.run(["git", "--no-replace-objects", *args], cwd=cwd, capture_output=True,
+                             input=None if stdin is None else stdin.encode())
+    except OSError:  # no git at all
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout if raw else out.stdout.decode("utf-8", errors="replace")
+
+
+def train_py_at(commit):
+    """train.py as `commit` holds it, or None (no such commit, or no train.py in it)."""
+    return git("show", f"{commit}:train.py")
+
+
+def final_block(path):
+    """{key: value} of the last `---` block of a run.log (karpathy/autoresearch's greppable block), or {}."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - LOG_TAIL_BYTES))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return {}
+    starts = [i for i, line in enumerate(lines) if line.strip() == "---"]
+    pairs = (line.split(":", 1) for line in lines[starts[-1] + 1:] if ":" in line) if starts else ()
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+LAYOUT = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
+
+
+def _tokens(source):
+    """(type, text) of train.py's tokens but comments and blank lines; for a file that does not tokenize (a
+    syntax error), each word of its lines that are no comment."""
+    try:
+        return [(t.type, "" if t.type in LAYOUT else t.string) for t in tokenize.generate_tokens(
+            io.StringIO(source).readline) if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING)]
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return [(tokenize.NAME, word) for line in source.splitlines() if not line.strip().startswith("#")
+                for word in line.split()]
+
+
+def code_sha(source):
+    """First 12 hex digits of the sha256 of train.py's code: equal for two train.py that differ only in
+    comments, blank lines, spacing and line endings, so a comment-only change repeats the code before it."""
+    return hashlib.sha256("\n".join(f"{t} {s}" for t, s in _tokens(source)).encode()).hexdigest()[:12]
+
+
+def code_size(source):
+    """Tokens of code, layout aside (comments, line breaks, indentation): what "simpler" counts, so joining
+    two lines with `;` adds a token rather than removing a line."""
+    return sum(t not in LAYOUT for t, _ in _tokens(source))
+
+
+def worker_name():
+    """AUTORESEARCH_WORKER, or <hostname>:<CUDA_VISIBLE_DEVICES or cpu>; RecordError on a bad name."""
+    name = os.environ.get("AUTORESEARCH_WORKER")
+    if name is None:
+        return f"{os.uname().nodename}:{os.environ.get('CUDA_VISIBLE_DEVICES') or 'cpu'}"
+    if not name.strip() or len(name) > WORKER_MAX_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name) \
+            or set(name) <= {"."} or "/" in name:
+        raise RecordError(f"AUTORESEARCH_WORKER={name!r} is not a worker name: give 1-{WORKER_MAX_CHARS} printable "
+                          "characters without tabs, newlines or '/' (e.g. node1:gpu0), or unset it")
+    return name
+
+
+def current_branch():
+    """The branch HEAD is on, or None when HEAD is detached (or there is no repository)."""
+    out = git("symbolic-ref", "--quiet", "--short", "HEAD")
+    return out.strip() if out else None
+
+# ---------------------------------------------------------------------------
+# The harness pin
+
+
+def _root():
+    top = git("rev-parse", "--show-toplevel")
+    return Path(top.strip()) if top else Path.cwd()
+
+
+def _pinned(path):
+    return path.endswith(".py") and path != "train.py" and not path.startswith(("tests/", "contrib/"))
+
+
+def rev_parse(rev):
+    """The full sha of the commit `rev` names, or None."""
+    out = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    return out.strip() if out else None
+
+
+def read_pin(branch):
+    """Full sha of the commit pinned for `branch`, or None."""
+    return rev_parse(PIN_REFS + branch)
+
+
+def pin_history(branch):
+    """Every commit `branch` has been pinned to, newest first (the current one, then the reflog's)."""
+    current = read_pin(branch)
+    logged = (git("reflog", "show", "--format=%H", PIN_REFS + branch, "--") or "").split()
+    return list(dict.fromkeys(([current] if current else []) + logged))
+
+
+def pinned_blobs(commit):
+    """{path: blob id} of the harness files `commit` holds."""
+    entries = [e.split("\t", 1) for e in (git("ls-tree", "-r", "-z", "--full-tree", commit) or "").split("\0")]
+    return {path: meta.split()[2] for meta, path in (e for e in entries if len(e) == 2)  # meta: mode type blob
+            if _pinned(path) and meta.split()[1] == "blob"}
+
+
+def harness_changes(pin, recorded=None):
+    """The working tree's harness files against `pin`, one phrase per file that differs; with `recorded`
+    ({path: sha256} of the harness files as train.py saw them when it started), also a file edited while
+    it trained and restored before it was archived."""
+    root, pinned = _root(), pinned_blobs(pin)
+    tracked = [p for p in (git("ls-files", "-z", "--full-name", cwd=root) or "").split("\0") if p and _pinned(p)]
+    present = [p for p in sorted(set(pinned) | set(tracked)) if (root / p).is_file()]
+    hashed = git("hash-object", "--stdin-paths", cwd=root, stdin="".join(p + "\n" for p in present)) if present else ""
+    found = dict(zip(present, (hashed or "").split()))  # blob ids, as git would store the working tree's files
+    changes = {p: "deleted" if p not in found else "changed" for p in pinned if found.get(p) != pinned[p]}
+    changes.update({p: "added" for p in found if p not in pinned})
+    for path, sha in (recorded or {}).items():
+        if path in pinned and path not in changes:
+            content = git("show", f"{pin}:{path}", raw=True)
+            if content is not None and hashlib.sha256(content).hexdigest() != sha:
+                changes[path] = "differed while train.py ran"
+    return [f"{p} ({what}) against the pin {pin[:7]}" for p, what in sorted(changes.items())]
+
+
+def ensure_pin(branch, earlier_run_ids):
+    """(pin, None), pinning HEAD first when `branch` has none and no run was archived on it yet (the set-up
+    of an experiment); (None, why) when the branch cannot be pinned without a human."""
+    pin = read_pin(branch)
+    if pin:
+        return pin, None
+    if earlier_run_ids:
+        return None, (f"branch {branch} has no pin although {len(earlier_run_ids)} run(s) ({earlier_run_ids[0]} to "
+                      f"{earlier_run_ids[-1]}) were archived on it: a pin is only created at set-up, so this one was "
+                      "removed; a human restores it with `uv run analyze.py repin <commit>`")
+    head = rev_parse("HEAD")
+    if head is None:
+        return None, "the repository has no commit to pin; commit the harness first"
+    changes = harness_changes(head)
+    if changes:
+        return None, (f"the working tree's harness differs from HEAD ({'; '.join(changes)}), so {branch} cannot be "
+                      "pinned at HEAD; restore those files, or commit a human's change to the harness first")
+    git("update-ref", "--create-reflog", "-m", f"pin: {branch} begins at {head[:7]}", PIN_REFS + branch, head, "")
+    return read_pin(branch), None  # create-only: a concurrent creator may have won, and its pin stands
+
+
+def move_pin(branch, commit):
+    """Re-pin `branch` at `commit` (humans only, `analyze.py repin`); the reflog keeps the earlier pins. False
+    when the ref moved meanwhile or `commit` is none."""
+    old, new = read_pin(branch), rev_parse(commit)
+    message = f"repin: from {old[:7] if old else 'none'} to {(new or '')[:7]}"
+    return new is not None and git("update-ref", "--create-reflog", "-m", message, PIN_REFS + branch, new,
+                                   old or "") is not None
+
+# ---------------------------------------------------------------------------
+# The archive
+
+
+_held = {}   # archive directory -> how deep this process holds its lock (flock is per open file, not per process)
+
+
+def _shown(path):
+    """`path` relative to the working directory when inside it (prints as .auto-log-research/...), else absolute."""
+    path = Path(os.path.normpath(Path(path).absolute()))
+    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
+
+def evidence(run_dir):
+    """{file name: sha256} of the evidence files present in a run directory: what run.json keeps."""
+    return {name: sha256_file(Path(run_dir) / name) for name in EVIDENCE if (Path(run_dir) / name).is_file()}
+
+
+def _tsv(value, spec=""):
+    return " ".join(("" if value is None else format(value, spec)).split())  # a tab or newline would tear the row
+
+
+def results_row(run):
+    """The run's results.tsv fields, in COLUMNS order; val_bpb 0.000000 and memory_gb 0.0 where
+    karpathy/autoresearch writes them for a crash."""
+    vram, val, m = run.trained.peak_vram_mb, run.val_bpb, run.measured
+    return [run.commit[:7], f"{val or 0.0:.6f}", f"{(vram or 0.0) / 1024 if run.status != 'crash' else 0.0:.1f}",
+            run.status, _tsv(run.description), run.id, _tsv(run.branch), _tsv(run.worker), _tsv(run.gpu),
+            run.harness_key, run.code_sha, run.trained.outcome, _tsv(run.trained.num_steps),
+            _tsv(m and m.heldout_bpb, ".6f"), _tsv(m and m.speed, ".1f"), _tsv(run.outside_s, ".1f"),
+            _tsv(run.cases), run.decision.kind if run.decision else ""]
+
+
+def results_text(runs):
+    """results.tsv, derived: a header of COLUMNS and one row per run, oldest first."""
+    return "".join("\t".join(row) + "\n" for row in [list(COLUMNS)] + [results_row(r) for r in runs])
+
+
+class Archive:
+    """The run directories, results.tsv derived from them, and the lock every writer holds. `dir` may be shared
+    by many worktrees and machines (AUTORESEARCH_ARCHIVE); `local` is this worktree's own notes
+    (insights.md, ideas_queue.md) and run.lock."""
+
+    def __init__(self, dir, local=None):
+        self.dir = Path(dir)
+        self.local = Path(local) if local is not None else self.dir
+        self.results, self.progress = self.dir / "results.tsv", self.dir / "progress.png"
+        self._problems = {}   # run id -> the line why runs() skipped it
+
+    @classmethod
+    def here(cls):
+        root, chosen = _root(), os.environ.get("AUTORESEARCH_ARCHIVE")
+        local = _shown(root / ARCHIVE_NAME)
+        return cls(_shown(root / os.path.expanduser(chosen)) if chosen else local, local)
+
+    def run_dir(self, run_id):
+        return self.dir / run_id
+
+    @contextmanager
+    def lock(self):
+        """Serialises every writer, from any worktree or machine sharing the archive; the kernel drops the lock
+        if the holder is killed. Re-entrant within one process."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        key = str(self.dir.resolve())
+        with ExitStack() as stack:
+            if not _held.get(key):
+                fcntl.flock(stack.enter_context(open(self.dir / ".lock", "a")), fcntl.LOCK_EX)
+            _held[key] = _held.get(key, 0) + 1
+            try:
+                yield
+            finally:
+                _held[key] -= 1
+
+    def run_dirs(self):
+        """Directories holding a run.json, or named like a run id (<commit7>[-n]), by name."""
+        found = self.dir.iterdir() if self.dir.is_dir() else ()
+        return sorted(p for p in found if p.is_dir() and not p.name.startswith(".")
+                      and ((p / RUN_JSON).exists() or re.fullmatch(r"[0-9a-f]{7}(-\d+)?", p.name)))
+
+    def runs(self):
+        """Every readable run.json, oldest first; each unreadable one is named once on stderr and skipped (its
+        directory left as it is), those of the previous version in one line. An empty directory is an id
+        reserved by a writer: skipped quietly."""
+        runs, old = [], []
+        for path in self.run_dirs():
+            try:
+                run = load_run(path / RUN_JSON)
+                if run.id != path.name:
+                    raise RecordError(f"{path / RUN_JSON}: names the run {run.id!r}, but lies in {path.name}; give it "
+                                      "its directory's id, or move it")
+                runs.append(run)
+            except RecordError as e:
+                if any(path.iterdir()) and path.name not in self._problems:
+                    self._problems[path.name] = str(e)
+                    if CONVERT in str(e):
+                        old.append(path.name)
+                    else:
+                        print(e, file=sys.stderr)
+        if old:
+            print(f"{self.dir}: {len(old)} run directories of the previous version ({', '.join(old[:3])}"
+                  f"{', ...' if len(old) > 3 else ''}) have no run.json: {CONVERT}", file=sys.stderr)
+        return sorted(runs, key=lambda r: (r.archived_at, r.id))
+
+    def problems(self):
+        """The lines of the run directories runs() skipped."""
+        return list(self._problems.values())
+
+    def find(self, prefix):
+        """The run of id `prefix`, or the one whose id (or full commit) starts with it; RecordError otherwise."""
+        runs = self.runs()
+        hits = [r for r in runs if r.id == prefix] or [r for r in runs if r.id.startswith(prefix)
+                                                      or len(prefix) > 7 and r.commit.startswith(prefix)]
+        if len(hits) == 1:
+            return hits[0]
+        if hits:
+            raise RecordError(f"{prefix!r} matches several runs ({' '.join(r.id for r in hits)}); give the full run id")
+        skipped = [line for run_id, line in self._problems.items() if run_id.startswith(prefix)]
+        if skipped:
+            raise RecordError(skipped[0])
+        latest = " ".join(r.id for r in runs[-8:]) or "none yet"
+        raise RecordError(f"no run {prefix!r} in {self.dir} (latest: {latest}); `uv run analyze.py list` lists them")
+
+    def new_id(self, commit):
+        """<commit7>, else <commit7>-2, -3, ...: the first id whose directory this process creates (mkdir is
+        atomic, so two writers never get one id)."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        n = 1
+        while True:
+            run_id = commit[:7] if n == 1 else f"{commit[:7]}-{n}"
+            try:
+                self.run_dir(run_id).mkdir()
+                return run_id
+            except FileExistsError:
+                n += 1
+
+    def save(self, run):
+        """Write run.json atomically (callers hold the lock)."""
         try:
-            tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-            os.replace(tmp, path)
-        except OSError as e:
-            print(f"RunRecorder: could not write {path}: {e}", file=sys.stderr)
+            text = run.to_json()
+            Run.from_dict(json.loads(text))  # what is written is what every later read accepts
+        except (TypeError, ValueError, RecordError) as e:
+            raise RecordError(f"run {run.id} is not a valid record ({e}); nothing was written") from None
+        self.run_dir(run.id).mkdir(parents=True, exist_ok=True)
+        write_atomic(self.run_dir(run.id) / RUN_JSON, text)
+        self._problems.pop(run.id, None)
+
+    def rebuild(self, runs=None):
+        """results.tsv rewritten whole from the runs (all of them unless given), atomically."""
+        write_atomic(self.results, results_text(self.runs() if runs is None else runs))
+
+    def set_status(self, run, status, by):
+        """Give `run` a status, appended to its history (callers hold the lock); RecordError when the rules
+        refuse it, with nothing changed. The same status again changes nothing."""
+        refusal = status_refusal(self, run, status)
+        if refusal:
+            raise RecordError(refusal)
+        if status != run.status:
+            run.statuses.append(StatusChange(status, now_utc(), by))
+            self.save(run)
+            self.rebuild()
 
 
-def _tail(text, max_lines=40, max_chars=4000):
-    return "\n".join(text.rstrip().splitlines()[-max_lines:])[-max_chars:]
+def status_refusal(archive, run, status):
+    """Why `run` cannot be given `status`, in one line; None when it can."""
+    if status not in STATUSES:
+        return f"{status!r} is no status ({', '.join(STATUSES)})"
+    if run.status == "invalid" and status != "invalid":
+        why = run.cases or "; ".join(run.harness_changes) or "see its analysis.md"
+        return f"run {run.id} is invalid ({why}), so its status cannot change"
+    if status != "keep":
+        return None
+    if run.val_bpb is None:
+        return f"run {run.id} has no val_bpb (outcome {run.trained.outcome}): it cannot be kept"
+    if run.caught:
+        return f"run {run.id} was caught ({run.cases}): it cannot be kept"
+    if run.description.endswith(UNCOMMITTED):
+        return (f"run {run.id} ran train.py with uncommitted changes, so keeping it would make the best a commit whose "
+                "train.py was never measured; commit the change and rerun, or discard it")
+    problems = evidence_problems(archive.run_dir(run.id), run)
+    return f"run {run.id} cannot be kept: {problems[0]} (`uv run analyze.py audit` lists all)" if problems else None
+
+# ---------------------------------------------------------------------------
+# Audit: each run against its evidence, itself and its pin; results.tsv against its derivation
+
+
+def evidence_problems(run_dir, run):
+    """The run's evidence files against their sha256, and run.log's final block against its number."""
+    problems = [f"{name} was archived but is gone" if now is None else
+                f"{name} changed after archiving (sha256 {digest[:8]} archived, {now[:8]} now)"
+                for name, digest in sorted(run.evidence.items()) if (now := sha256_file(run_dir / name)) != digest]
+    if run.val_bpb is not None and "run.log" in run.evidence:
+        logged = final_block(run_dir / "run.log").get("val_bpb")
+        if number(logged) is None or abs(number(logged) - run.val_bpb) > 5e-7:
+            problems.append(f"run.log's final block says val_bpb {logged or 'nothing'}, run.json {run.val_bpb:.6f}")
+    return problems
+
+
+def record_problems(run):
+    """The record against itself: its status against its number, caught cases, harness and history."""
+    statuses, status, changes = [s.status for s in run.statuses], run.status, "; ".join(run.harness_changes)
+    checks = [(status == "keep" and run.val_bpb is None, "kept without a val_bpb"),
+              (run.caught and status != "invalid", f"caught ({run.cases}) but its status is {status}, not invalid"),
+              (changes and status not in ("invalid", "crash"),
+               f"its harness differed from the pin ({changes}) but its status is {status}, not invalid"),
+              (not statuses, "its status history is empty"),
+              ("invalid" in statuses and set(statuses[statuses.index("invalid"):]) != {"invalid"},
+               f"its status history leaves invalid ({' -> '.join(statuses)}), which no command does")]
+    return [problem for failed, problem in checks if failed]
+
+
+def _branch_commits(branch):
+    out = git("rev-list", f"refs/heads/{branch}", "--")
+    return None if out is None else set(out.split())
+
+
+def pin_problems(run, pins, commits, me):
+    """The run's pin: still one of its branch's pins, on the branch; a kept run's commit on its branch. Another
+    worker's run whose branch and pin this clone does not hold lives in another clone: not checked here."""
+    branch, pin = run.branch, run.pin
+    if not branch or (not pin and run.harness_changes):  # detached HEAD, or no pin: already its harness_changes
+        return []
+    history, commits = pins(branch), commits(branch)
+    if run.worker != me and commits is None and pin not in history:
+        return []
+    if not pin:
+        return ["run.json names no pin"]
+    kept = run.status == "keep"
+    known = ", ".join(p[:7] for p in history) or "none"
+    checks = [(pin not in history,
+               f"archived under pin {pin[:7]}, which is not one of branch {branch}'s pins (now: {known})"),
+              (pin in history and commits is not None and pin not in commits,
+               f"its pin {pin[:7]} is no longer on branch {branch}"),
+              (kept and commits is None, f"kept, but its branch {branch} no longer exists"),
+              (kept and commits is not None and run.commit not in commits,
+               f"kept, but its commit {run.commit[:7]} is not on branch {branch}")]
+    return [problem for failed, problem in checks if failed]
+
+
+def results_problems(archive, runs):
+    """results.tsv against its derivation from the runs: each row that differs, named by its run."""
+    try:
+        have = archive.results.read_text(errors="replace")
+    except FileNotFoundError:
+        return [f"{archive.results}: missing; `uv run analyze.py rebuild` writes it"] if runs else []
+    if have == results_text(runs):
+        return []
+    rows = [line.split("\t") for line in have.splitlines()]
+    header, lines = rows[0] if rows else [], []
+    if header != list(COLUMNS):
+        lines.append(f"{archive.results}: its header is not the archive's ({' '.join(header[:6])} ...)")
+    else:
+        have_rows = {row[5]: row for row in rows[1:] if len(row) > 5}
+        for run in runs:
+            row, expected = have_rows.pop(run.id, None), results_row(run)
+            diff = [f"{c} {a!r} (run.json: {b!r})" for c, a, b in zip(COLUMNS, (row or []) + [""] * len(COLUMNS),
+                                                                       expected) if a != b]
+            if row is None or diff:
+                lines.append(f"{run.id}: " + ("results.tsv has no row for it" if row is None else
+                                              f"results.tsv says {', '.join(diff)}"))
+        lines += [f"{run_id}: results.tsv lists it, but no run directory holds it" for run_id in have_rows]
+    return lines + [f"{archive.results}: differs from the run directories (edited by hand?); `uv run analyze.py "
+                    "rebuild` rewrites it from them"]
+
+
+def audit(archive):
+    """Every problem of the archive, one line each `<run id>: <problem>`: each run's evidence against its
+    sha256, its harness against its branch's pin, its record's consistency, run directories without a
+    readable run.json, results.tsv against its derivation, and the working tree's harness against the pin
+    the next run will be checked against. Callers hold the lock."""
+    runs, me = archive.runs(), worker_name()
+    pins, commits = functools.cache(pin_history), functools.cache(_branch_commits)
+    lines = [f"{name}: {line}" for name, line in archive._problems.items()]
+    lines += [f"{path.name}: an empty run directory (an archive killed before it wrote); remove it"
+              for path in archive.run_dirs() if not any(path.iterdir())]
+    for run in runs:
+        lines += [f"{run.id}: {problem}" for problem in evidence_problems(archive.run_dir(run.id), run)
+                  + record_problems(run) + pin_problems(run, pins, commits, me)]
+    lines += results_problems(archive, runs)
+    pin = read_pin(branch) if (branch := current_branch()) else None
+    return lines + [f"working tree: {c}; the next run will be recorded invalid" for c in
+                    (harness_changes(pin) if pin else [])]

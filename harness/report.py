@@ -1,585 +1,600 @@
 """
-analysis.md: one function per section, each returning its text (or "" to leave it out), joined
-once; and the plots that go with it.
+What the harness says about runs, in words and pictures: analysis.md and its plots, progress.png, the
+lines `analyze.py run` prints, and the texts of `analyze.py list | show | compare | best`.
+
+    from harness.report import write_analysis, run_lines
+    text = write_analysis(run, archive.runs(), archive)   # analysis.md + PNGs in archive.run_dir(run.id)
+    print("\n".join(run_lines(run, best, runs=runs, archive=archive)))
+
+analysis.md is one function per section, each returning its text, joined once under the decision's line.
+Every figure in it is harness.stats' (the noise band, the machine's speed, the gap at equal steps, the
+spreads of repeats) and the verdict is harness.decide's: this module only words them. A difference from the
+best is named as a cause (learning per step, speed, the machine, a clock-driven schedule) only beyond the
+spread of the same quantity over the best's repeats; otherwise it is named as noise, with both numbers.
 """
+import io
 import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from harness.archive import (Run, best_for, comparable, load_run, own, paths, previous_for, remove_leftovers, row_bpb,
-                             row_gpu, same_gpu, vetted_best, write_atomic)
-from harness.capture import check_harness, uncommitted_train_py
-from harness.changes import config_diff, config_only, diff_summary
-from harness.decide import MACHINE_DRIFT, PROBE_SPREAD, Decision, Standing, judge, standing
-from harness.identity import row_code, same_code
-from harness.metrics import (SPIKE_WINDOW, SPIKE_Z, STALL_FACTOR, last_tenth_trend,
-                             layer_medians, loss_spikes, throughput_stats)
-from harness.noise import (MIN_DOF, NOISE_SIGMAS, SPEED_FLOOR, Noise, compare_curves, compare_steps, equal_steps,
-                           row_steps)
-from harness.plots import draw_layer_heatmap, draw_overlays
+from harness import stats
+from harness.decide import best_of
+from harness.record import Run, git, write_atomic
 
+MAX_LINES = 15             # what `analyze.py run` prints, the decision line first
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
-LAYER_BEST_RATIO = 2.0     # a layer whose stat is this many times above/below the best's same layer is listed
-LAYER_OUTLIER_RATIO = 3.0  # without a best: a layer this many times above/below its peers' median stands out
-LAYER_SHOWN = 5            # at most this many layers listed per stat, the most extreme first
-STALLS_SHOWN = 8           # at most this many stalls listed, the first ones; the count is of all
-
-# ---------------------------------------------------------------------------
-# What one analysis.md is written from
-
-@dataclass
-class Context:
-    """Everything one analysis.md is written from."""
-    run: Run
-    best: Run | None
-    prev: Run | None
-    history: list           # results.tsv rows up to and including this run
-    diff: str
-    noise: Noise
-    harness_change: str | None  # which of prepare.py / analyze.py differ from the pinned sha256
-    uncommitted: tuple | None   # (sha256 as run, sha256 at the commit) of a train.py run with uncommitted changes
-    standing: Standing          # the facts the decision is taken on, which every other line uses too
-    decision: Decision
-
-
-def build_context(run, rows):
-    """Measured against what came before it, and against the best its diff.patch was written against
-    (decisions taken since may have changed which run is best), so a rebuilt analysis.md reads as the
-    original did. The decision is taken against that same best."""
-    history = rows[:rows.index(run.row) + 1]
-    recorded = next((r for r in history[:-1] if run.best_id and r.get("run_id") == run.best_id), None)
-    best_row = recorded or best_for(history[:-1], run.row)
-    prev_row = previous_for(history[:-1], run.row)
-    best = load_run(best_row) if best_row else None
-    prev = best if prev_row is best_row else (load_run(prev_row) if prev_row else None)
-    diff = (run.dir / "diff.patch").read_text() if (run.dir / "diff.patch").exists() else ""
-    changed = check_harness(run.summary) if run.summary else None
-    facts = standing(run.row, history, best_row, run.measurement)
-    return Context(run, best, prev, history, diff, facts.noise, changed, uncommitted_train_py(run.summary), facts,
-                   judge(facts))
-
-
-def report_run(run, rows):
-    """analysis.md and the plots of one archived run; returns the analysis text. Callers hold the lock."""
-    remove_leftovers(run.dir)
-    ctx = build_context(run, rows)
-    if run.metrics is not None:  # a run without curves gets no plots of other runs' curves
-        others = [("best", ctx.best)] + ([("previous", ctx.prev)] if ctx.prev is not ctx.best else [])
-        curves = [(f"this ({run.id})", run.metrics)]
-        curves += [(f"{label} ({other.id})", other.metrics) for label, other in others if other is not None]
-        draw_overlays(run.dir, curves)
-        draw_layer_heatmap(run.dir, run.metrics)
-    return write_analysis(ctx)
+LAYER_RATIO = 2.0          # a layer this many times above/below the best's same layer is listed ...
+LAYER_SHOWN = 5            # ... at most this many per stat, the most extreme first
+DIFF_HUNKS = 6             # What changed: at most this many hunks of a diff, ...
+DIFF_HUNK_LINES = 4        # ... this many changed lines each, ...
+DIFF_LINE_CHARS = 100      # ... cut at this many characters
+PLOT_DPI = 80              # with PLOT_POINTS, keeps each PNG well under 200 KB
+PLOT_POINTS = 500          # longer curves are drawn as bin medians (stalls and spikes are in the text)
+PROGRESS_LABELS = 40       # progress.png labels at most the last 40 kept runs, ...
+LABEL_CHARS = 40           # ... with this much of each description
+PLOTS = (  # (metric key, panel title, file): one figure per file, one panel per row
+    ("train/loss_smooth", "training loss (smoothed)", "loss.png"),
+    ("val/bpb", "validation bpb (in-training slice)", "val_bpb.png"),
+    ("train/lr_multiplier", "LR multiplier", "schedules.png"),
+    ("train/muon_momentum", "Muon momentum", "schedules.png"),
+    ("train/weight_decay", "weight decay", "schedules.png"),
+    ("perf/mfu_percent", "MFU (%)", "throughput.png"),
+    ("perf/step_time_ms", "step time (ms)", "throughput.png"),
+)
+STYLES = ({"color": "C0", "lw": 1.6}, {"color": "C2", "lw": 1.2, "ls": "--"}, {"color": "C7", "lw": 1.0, "ls": ":"})
 
 
 def fmt(x, spec=".4f", unit=""):
     return "n/a" if x is None or not np.isfinite(x) else format(x, spec) + unit
 
 
-# ---------------------------------------------------------------------------
+# What one analysis.md is written from
+
+@dataclass
+class View:
+    run: Run
+    dir: Path                   # the run's directory
+    best: Run | None            # the best it is measured against (decide.best_of, or the one recorded)
+    ref: list                   # the best code's comparable runs, as the decision counts them
+    curves: object              # stats.Metrics of this run, or None
+    best_curves: object         # ... of the best
+    noise: object               # stats.noise(runs, run): the one band
+    machine: object             # stats.machine(run, ref)
+    notes: list                 # what reading metrics.jsonl found wrong
+    gap_spread: float | None    # stats.equal_step_spread over the best's repeats
+
+    @property
+    def same_code(self):
+        return self.best is not None and self.best.code_sha == self.run.code_sha
+
+
+def best_and_ref(runs, run, best=None):
+    """(the best, its code's comparable runs up to `run`): what the decision set this run against."""
+    history = stats.as_of(runs, run)
+    best = best or best_of(history, run)
+    return best, stats.code_runs(stats.comparable(history, run), best.code_sha) if best else []
+
+
+def build_view(run, runs, archive):
+    recorded = next((r for r in runs if run.best_id and r.id == run.best_id), None)
+    best, ref = best_and_ref(runs, run, recorded)
+    curves, notes = stats.read_metrics(archive.run_dir(run.id) / "metrics.jsonl")
+    ref_curves = {r.id: stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0] for r in ref if r.id != run.id}
+    return View(run, archive.run_dir(run.id), best, ref, curves, ref_curves.get(best.id) if best else None,
+                stats.noise(runs, run), stats.machine(run, ref), notes,
+                stats.equal_step_spread([m for m in ref_curves.values() if m is not None]))
+
+
 # The sections, in the order analysis.md has them
 
-def section_headline(ctx):
-    run, s = ctx.run, ctx.run.summary or {}
-    lines = [f"# Run {run.id}", "", "## Headline", number_line(ctx),
-             f"- commit {run.row['commit']}: {run.row['description'] or '(no subject)'}; harness "
-             f"{run.row['harness'] or 'unknown'}; {run.row.get('num_steps') or 'n/a'} steps, "
-             f"{fmt(s.get('training_seconds'), '.1f')} s training{wall_time(run)}, peak VRAM "
-             f"{fmt(None if s.get('peak_vram_mb') is None else s['peak_vram_mb'] / 1024, '.1f', ' GiB')}"]
-    lines += against_line(ctx) + machine_speed_line(ctx) + caught_lines(run) + other_gpu_line(ctx)
-    lines += learning_vs_speed(ctx) + machine_line(ctx)
-    if ctx.uncommitted:
-        ran, committed = ctx.uncommitted
-        lines.append(f"- [uncommitted changes]: train.py as run (sha256 {ran[:8]}) is not commit {run.row['commit']}'s "
-                     f"(sha256 {committed[:8]}); no commit holds the code measured, and `status keep` refuses this run")
-    if ctx.harness_change:
-        lines.append(f"- harness changed since it was pinned: {ctx.harness_change}. The run is `invalid` "
-                     "(or a crash) and is never the best")
-    lines += [f"- note: {n}" for n in run.notes]
-    return "\n".join(lines)
+def section_headline(v):
+    run, vram = v.run, v.run.trained.peak_vram_mb
+    lines = ["# Run " + run.id, "", "## Headline", number_line(run),
+             f"- commit {run.commit[:7]}: {run.description or '(no subject)'}; harness {run.harness_key} on "
+             f"{run.gpu}; {time_line(run)}; peak VRAM {fmt(vram and vram / 1024, '.1f', ' GiB')}"]
+    lines += [against_line(v)] + [f"- caught: {c.case}: {c.detail}" for c in run.caught]
+    lines += equal_steps_lines(v) + machine_line(v.machine, v.best)
+    lines += [f"- harness changed since it was pinned: {c}" for c in run.harness_changes]
+    if run.description.endswith("[uncommitted changes]"):
+        lines.append("- train.py ran with uncommitted changes: no commit holds the code measured")
+    return "\n".join(lines + [f"- note: {n}" for n in v.notes])
 
 
-def number_line(ctx):
-    """val_bpb and whose number it is: the harness's own measurement (`analyze.py run`: the model
-    re-evaluated on the pinned rows and on the held-out shard), or, in a bare archive, train.py's."""
-    run, m = ctx.run, ctx.run.measurement or {}
-    line = f"- val_bpb **{fmt(run.bpb, '.6f')}**, status `{run.row['status']}`, outcome `{run.row['outcome']}`"
-    if run.bpb is None:
+def number_line(run):
+    """val_bpb and whose number it is: the harness's (measured in its own process) or train.py's."""
+    line = f"- val_bpb **{fmt(run.val_bpb, '.6f')}**, status `{run.status}`, outcome `{run.trained.outcome}`"
+    if run.val_bpb is None:
         return line
-    if not ctx.decision.measured:
-        return line + "; the number the run printed itself (archived by `analyze.py`, not measured by the harness)"
-    heldout = number(m.get("heldout_bpb"), run.row.get("heldout_bpb"))
-    reported = number(m.get("reported_val_bpb"))
-    return (line + "; measured by the harness" + (f" (train.py printed {reported:.6f})" if reported is not None else "")
-            + f"; held-out bpb {fmt(heldout, '.6f')}")
+    if run.measured is None:
+        return line + "; train.py's own number (archived by hand, not measured by the harness)"
+    printed, heldout = run.trained.reported_val_bpb, run.measured.heldout_bpb
+    return (line + "; measured by the harness" + (f" (train.py printed {printed:.6f})" if printed is not None else "")
+            + (f"; held-out bpb {heldout:.6f}" if heldout is not None else ""))
 
 
-def number(*values):
-    """The first of `values` that is a finite number (a JSON number or a results.tsv field), or None."""
-    for value in values:
-        try:
-            x = float(value)
-        except (TypeError, ValueError):
-            continue
-        if np.isfinite(x):
-            return x
-    return None
+def time_line(run):
+    """Steps, training and wall seconds, and the seconds outside the budget, never negative."""
+    wall = run.measured.wall_s if run.measured else run.trained.total_seconds
+    walled = ("" if wall is None else f", wall {wall:.1f} s") + ("" if run.outside_s is None else
+              f", {run.outside_s:.1f} s outside the {fmt(run.harness.get('TIME_BUDGET'), 'g')} s budget")
+    trained = run.trained.training_seconds
+    return fmt(run.steps, ".0f") + " steps; " + (f"{trained:.1f} s training" if trained else
+                                                  "did not train (no counted training second)") + walled
 
 
-def wall_time(run):
-    m = run.measurement or {}
-    wall, outside = number(m.get("wall_s"), run.row.get("wall_s")), number(m.get("outside_s"), run.row.get("outside_s"))
-    return "" if wall is None else f", {wall:.1f} s wall" + ("" if outside is None else f" ({outside:.1f} s outside the budget)")
-
-
-def against_line(ctx):
-    """This run's val_bpb against the best's and the previous run's: one run against one, as facts; the
-    decision's delta is of the means."""
-    run, against = ctx.run, []
-    others = (("best", ctx.best),) + ((("previous", ctx.prev),) if ctx.prev is not ctx.best else ())
-    for label, other in others:
-        if other is None:
-            against.append(f"vs {label}: no earlier comparable run")
-        elif run.bpb is not None:
-            delta = run.bpb - other.bpb
-            against.append(f"vs {label} ({other.id}, {other.bpb:.6f}): {delta:+.6f} "
-                           f"({'lower' if delta < 0 else 'higher' if delta > 0 else 'equal'})")
-    return ["- " + "; ".join(against)] if against else []
-
-
-def machine_speed_line(ctx):
-    """The evaluator's machine speed for this run against the best's runs: the facts of the decision's
-    machine rule."""
-    m = ctx.standing.machine
-    if m.speed is None:
-        return []
-    probes = "" if not m.probes else (
-        f" (probes {m.probes[0]:,.0f} before and {m.probes[1]:,.0f} after the evaluation, {m.spread:.0%} apart"
-        + (f", beyond {PROBE_SPREAD:.0%}" if m.spread > PROBE_SPREAD else "") + ")")
-    line = f"- machine speed {m.speed:,.0f} GFLOP/s{probes}"
-    if ctx.best is None:
-        return [line + ": no best to compare with"]
-    if m.usual is None:
-        return [line + "; the best's runs have no machine speed (archived without `analyze.py run`): not compared"]
-    beyond = abs(m.drift) > MACHINE_DRIFT
-    return [line + f" vs {m.usual:,.0f}, the median of the best's {m.runs} run(s): {m.drift:+.0%}, "
-            + (f"beyond {MACHINE_DRIFT:.0%}: the machine was {'faster' if m.drift > 0 else 'slower'}" if beyond
-               else f"within {MACHINE_DRIFT:.0%}: the same machine")]
-
-
-def caught_lines(run):
-    """The cases the harness caught, with what it found (measurement.json)."""
-    found = [c for c in (run.measurement or {}).get("caught") or [] if isinstance(c, dict)]
-    if found:
-        return [f"- caught: {c.get('case')}: {c.get('detail') or 'no detail'}" for c in found]
-    return [f"- caught: {run.row['caught']}"] if run.row.get("caught") else []
-
-
-def other_gpu_line(ctx):
-    """With no best on this run's GPU model, the worker's best on another one (or anyone's): named with
-    both devices, never compared, since on a fixed time budget val_bpb depends on the device."""
-    run = ctx.run
-    if ctx.best is not None or not row_gpu(run.row):
-        return []
-    elsewhere = [r for r in comparable(ctx.history[:-1], run.row["harness"])
-                 if not same_gpu(row_gpu(r), row_gpu(run.row))]
-    best = (vetted_best([r for r in elsewhere if own(r, run.row.get("worker"))])[0]
-            or vetted_best(elsewhere)[0])
+def against_line(v):
+    """This run's val_bpb against the best's, one run against one, inside the one noise band."""
+    run, best, band = v.run, v.best, v.noise.band
     if best is None:
+        return "- vs best: no earlier comparable run"
+    if run.val_bpb is None:
+        return f"- vs best {best.id}: this run has no number"
+    delta = run.val_bpb - best.val_bpb
+    where = "noise band unknown" if band is None else f"{'within' if abs(delta) <= band else 'beyond'} the noise band"
+    return f"- vs best {best.id} ({best.val_bpb:.6f}): {delta:+.6f}, {where}" + (f" ±{band:.6f}" if band else "")
+
+
+def equal_steps_lines(v):
+    """The smoothed train loss at equal steps (CONTRACT), then what tells this run from the best: each
+    difference set against the spread of the same quantity over the best's repeats, named as a cause only
+    beyond it."""
+    run, best = v.run, v.best
+    g = stats.equal_steps(v.curves, v.best_curves) if v.curves and v.best_curves and run.val_bpb else None
+    if g is None:
         return []
-    whose = "" if own(best, run.row.get("worker")) else f" by worker {best.get('worker')}"
-    return [f"- GPU: this run ran on {row_gpu(run.row)}; the best under this harness{whose} is {best['run_id']} "
-            f"(val_bpb {best['val_bpb']}) on {row_gpu(best)}: another device, so it is not compared"]
+    lines = [f"- at equal steps {g.gap:+.4f} smoothed train loss against the best (step {g.step}, the last both "
+             f"reached); at equal progress {g.progress_gap:+.4f}; steps {fmt(run.steps, '.0f')} vs "
+             f"{fmt(best.steps, '.0f')}"]
+    if v.same_code:
+        lines.append(f"- identical code: train.py's code is the best's (code_sha {run.code_sha[:8]}, comments and "
+                     "blank lines aside): a difference is noise, the machine or the clock")
+    limit = max(v.gap_spread or 0.0, g.threshold)  # the best's repeats' largest gap, at least the losses' noise
+    found = [x for x in (learning(v, g, limit), schedule(v, g, limit), speed(v)) if x]
+    causes = [name for name, beyond, _ in found if beyond]
+    lines.append("- explained by: " + (", ".join(causes) if causes else "nothing beyond the noise of repeats"))
+    return lines + [f"  - {name}: {text}" for name, _, text in found]
 
 
-def learning_vs_speed(ctx):
-    """The smoothed train loss at equal steps beside equal progress, and the step counts: on a fixed
-    time budget a run that took more steps is ahead at every point of progress without learning more
-    per step, so the two comparisons together say which of the two made the val_bpb difference."""
-    run, best = ctx.run, ctx.best
-    if best is None or run.bpb is None or run.metrics is None or best.metrics is None:
-        return []
-    g = equal_steps(run.metrics, best.metrics)
-    steps, ref = row_steps(run.row), row_steps(best.row)
-    if g is None or not steps or not ref:
-        return []
-    lr = (f"; LR multiplier there {g.lr[0]:.2f} vs {g.lr[1]:.2f}" if g.lr and abs(g.lr[0] - g.lr[1]) > 0.05 else "")
-    tok = [throughput_stats(m).get("tokens_per_sec") for m in (run.metrics, best.metrics)]
-    line = (f"- learning vs speed: at equal steps {g.gap:+.4f} smoothed train loss against the best (step {g.step}, "
-            f"the last both reached{lr}); at equal progress {g.progress_gap:+.4f} (progress {g.progress:.2f}); "
-            f"steps {steps:.0f} vs {ref:.0f}, median tokens/s {fmt(tok[0], ',.0f')} vs {fmt(tok[1], ',.0f')}")
-    return [line, "- explained by: " + cause(g, steps / ref - 1, ctx.noise.speed_tol, steps_source(ctx))]
-
-
-def steps_source(ctx):
-    """Where a difference in step count comes from, by the decision's facts about the machine."""
-    if same_code(ctx.run.row, ctx.best.row):
-        return " with the best's code, so from the machine"
-    m = ctx.standing.machine
-    if m.moved():
-        return f" while {m.moved()}"
-    if m.drift is not None:
-        return f" on a machine within {MACHINE_DRIFT:.0%} of its speed during the best's runs, so from the code"
-    return " (the code differs, so from the code or the machine: a rerun of this commit tells them apart)"
-
-
-def cause(g, more, tol, source):
-    """Which of learning per step (the loss at equal steps) and speed (the step count) tells the two
-    runs apart; `more` is the relative step difference, `tol` the speed noise of repeats, `source` what
-    made the steps differ (steps_source)."""
-    per_step = "ahead" if g.judged_gap < -g.threshold else "behind" if g.judged_gap > g.threshold else None
-    faster = "more" if more > tol else "fewer" if more < -tol else None
+def learning(v, g, limit):
+    """(name, beyond noise?, text): the gap at equal steps, where the LR schedules still agree."""
+    if v.same_code:
+        return None
     at = f"{g.judged_gap:+.4f} at step {g.judged_step}" + (
         ", the last where the LR schedules agree" if g.judged_step != g.step else "")
-    steps = f"{abs(more):.0%} {faster} steps{source}"
-    if per_step is None and faster is None:
-        return (f"neither: the loss at equal steps matches the best's ({at}, within {g.threshold:.4f}) and the step "
-                f"counts are within {tol:.0%}")
-    if per_step is None:
-        return f"speed: per step it learns as the best does ({at}, within {g.threshold:.4f}); it took {steps}"
-    if faster is None:
-        return (f"learning per step: {per_step} of the best at equal steps ({at}, beyond {g.threshold:.4f}) with as "
-                f"many steps (within {tol:.0%})")
-    both = "and" if (per_step == "ahead") == (faster == "more") else "but"
-    return f"both: {per_step} per step ({at}, beyond {g.threshold:.4f}) {both} {steps}"
+    of = ("the largest gap between the best's repeats" if (v.gap_spread or 0.0) >= g.threshold else
+          "the losses' own noise" + (" (the best ran once)" if v.gap_spread is None else
+                                     f" (the best's repeats differ by up to {v.gap_spread:.4f})"))
+    if abs(g.judged_gap) <= limit:
+        return "learning per step", False, f"within noise: {at}, within {limit:.4f}, {of}"
+    ahead = "ahead of" if g.judged_gap < 0 else "behind"
+    return "learning per step", True, f"{ahead} the best at equal steps: {at}, beyond {limit:.4f}, {of}"
 
 
-def machine_line(ctx):
-    """Same code at another speed than that code's other runs: the machine was slower or faster (a fact
-    the decision's machine rule reads too)."""
-    if not ctx.standing.machine.steps:
+def schedule(v, g, limit):
+    """A schedule on the clock (training progress) puts two runs at different LRs at one step when their step
+    counts differ: named only when the LRs part and the loss gap there is beyond noise, with no per-step
+    learning before the schedules parted to explain it."""
+    if not g.lr or abs(g.lr[0] - g.lr[1]) <= stats.LR_APART or abs(g.gap) <= limit or (
+            not v.same_code and abs(g.judged_gap) > limit):
+        return None
+    return "the clock-driven schedule", True, (
+        f"at step {g.step} the LR multiplier is {g.lr[0]:.2f} here and {g.lr[1]:.2f} in the best (more than "
+        f"{stats.LR_APART:g} apart, the step counts differ and the schedule runs on training time): the loss gap "
+        f"there, {g.gap:+.4f}, beyond {limit:.4f}, comes with it")
+
+
+def speed(v):
+    """The step count against the best's runs (stats.steps_vs), and whose the difference is."""
+    s = stats.steps_vs(v.run, v.ref)
+    if s is None:
+        return None
+    counts = f"{v.run.steps} steps vs {s.usual:.0f}, the mean of the best's {s.runs} run(s) ({s.change:+.0%})"
+    name = "the machine" if v.same_code else "speed"
+    if s.spread is None:
+        return name, False, f"{counts}; the best ran once, so no spread to tell noise from a cause"
+    if not s.beyond:
+        return name, False, f"within noise: {counts}, within the {s.spread:.0%} spread of the best's runs"
+    moved = v.machine.moved()
+    whose = (f"the machine was {'slower' if s.change < 0 else 'faster'}, since the code is the best's"
+             if v.same_code else
+             f"the code's or the machine's: {moved}" if moved else
+             "the code's: the machine's speed was within noise of the best's runs'" if v.machine.drift is not None
+             else "the code's or the machine's: no machine speed tells them apart")
+    return name, True, f"{counts}, beyond the {s.spread:.0%} spread of the best's runs: {whose}"
+
+
+def machine_line(m, best):
+    """The machine's speed during this run against the best's runs: stats.machine's one definition."""
+    if m.speed is None:
         return []
-    steps, usual = ctx.standing.machine.steps
-    whose = ("the best's code" if ctx.best is not None and same_code(ctx.run.row, ctx.best.row)
-             else "the code of earlier runs")
-    return [f"- the machine, not the code: train.py is {whose} (comments and blank lines aside), and this run took "
-            f"{steps:.0f} steps where that code's other runs take {usual:.0f} ({steps / usual - 1:+.0%}, beyond the "
-            f"{ctx.noise.speed_tol:.0%} speed noise of repeats): the machine was {'slower' if steps < usual else 'faster'}. "
-            "The run is left out of the noise band"]
+    line = f"- machine speed {m.speed:,.0f} GFLOP/s"
+    if m.usual is None:
+        return [line + ("" if best is None else "; the best's runs have no machine speed: not compared")]
+    limit = max(stats.MACHINE_DRIFT, m.spread or 0.0)
+    return [line + f" vs {m.usual:,.0f}, the median of the best's {m.runs} run(s): {m.drift:+.0%}; "
+            + (m.moved() or f"within {limit:.0%} (the larger of {stats.MACHINE_DRIFT:.0%} and the spread of the best's "
+               "runs): the same machine")]
 
 
-def section_crash(ctx):
-    run = ctx.run
-    if run.row["status"] != "crash":
+def section_crash(v):
+    run = v.run
+    finished = run.status != "crash" and run.trained.outcome == "ok" and run.val_bpb is not None
+    error, source = (None, None) if finished else error_text(run, v.dir / "run.log")
+    if not error:
         return ""
-    error = (run.summary or {}).get("error")
-    if not error and (run.dir / "run.log").exists():
-        error = traceback_tail((run.dir / "run.log").read_text(errors="replace"))
-    return "\n".join(["## Crash", f"- outcome `{run.row['outcome']}`; the error's tail "
-                      f"({'from run_summary.json' if (run.summary or {}).get('error') else 'from run.log'}):",
-                      "```", (error or "(no error text: run.log is empty or missing)").rstrip(), "```"])
+    return "\n".join(["## Crash", f"- outcome `{run.trained.outcome}`; {exception_line(error)}; the error's tail "
+                      f"(from {source}):", "```", error.rstrip(), "```"])
 
 
-def traceback_tail(log, max_lines=30):
-    lines = log.rstrip().splitlines()
-    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
-    tail = lines[starts[-1]:] if starts else lines
-    return "\n".join(tail[-max_lines:])
+def error_text(run, log_path=None):
+    """(the traceback's tail, where it came from): train.py's own, the harness's, else run.log's."""
+    if run.trained.error:
+        return run.trained.error, "train.py's summary"
+    if log_path is not None and log_path.exists():
+        lines = log_path.read_text(errors="replace").rstrip().splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+        if starts or run.measured is None or not run.measured.error:
+            return "\n".join((lines[starts[-1]:] if starts else lines)[-30:]), "run.log"
+    return (run.measured.error, "the harness") if run.measured and run.measured.error else (None, None)
 
 
-def section_changes(ctx):
-    best = ctx.best
-    if best is None:
-        return "## What changed\n- no earlier comparable run: diff.patch is empty"
-    lines = [f"## What changed (against best {best.id})"]
-    old, new = ((r.summary or {}).get("config") or {} for r in (best, ctx.run))
-    if ctx.run.summary and best.summary:
-        lines += config_diff(old, new)
-    else:
-        lines.append("- config: unknown (a run has no summary)")
-    if ctx.diff.strip() and same_code(ctx.run.row, best.row):
-        changed = diff_summary(ctx.diff)[0].split(": ", 1)[1]
-        lines.append(f"- diff.patch: train.py differs from the best's only in comments and blank lines ({changed}): "
-                     "the same code, so this run is a repeat of the best's")
-    elif ctx.diff.strip() and config_only(ctx.diff, old, new):
-        lines.append(f"- diff.patch: {diff_summary(ctx.diff)[0].split(': ', 1)[1]}, only the config lines above")
-    else:
-        lines += diff_summary(ctx.diff)
-    return "\n".join(lines)
+def exception_line(error):
+    """The exception's last line (its type and message); an out-of-memory error named as such."""
+    lines = [line for line in error.rstrip().splitlines() if line.strip()]
+    top = [line for line in lines if not line[0].isspace()]
+    last = (top or lines or ["(no error text)"])[-1].strip()
+    oom = re.search(r"OutOfMemoryError|out of memory", last, re.I)
+    return ("out of memory: " if oom else "error: ") + last
 
 
-def section_trajectory(ctx):
-    m = ctx.run.metrics
+def section_changes(v):
+    if v.best is None:
+        return "## What changed\n- no earlier comparable run: nothing to set this run against"
+    patch = (v.dir / "diff.patch").read_text() if (v.dir / "diff.patch").exists() else None
+    return "\n".join([f"## What changed (against best {v.best.id})"] + what_changed(v.best, v.run, patch, "diff.patch"))
+
+
+def what_changed(old, new, patch, label):
+    """The config's changes, then the code's: identical (comments and blank lines aside), or the patch's."""
+    a, b = old.trained.config, new.trained.config
+    lines = [f"  - {k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and a[k] != b[k]]
+    lines += [f"  - {k} = {b[k]!r} (new)" for k in b if k not in a]
+    lines += [f"  - {k} (removed; was {a[k]!r})" for k in a if k not in b]
+    lines = ["- config:"] + lines if lines else ["- config: identical"]
+    if old.code_sha == new.code_sha:
+        return lines + [f"- code: identical (code_sha {new.code_sha[:8]})" + (
+            ", train.py differs only in comments and blank lines" if patch and patch.strip() else "")]
+    return lines + (diff_summary(patch, label) if patch is not None else [f"- {label}: not available"])
+
+
+def diff_summary(patch, label):
+    """Counts, then the first changed lines of the first hunks."""
+    hunks = []
+    for line in patch.splitlines():
+        if line.startswith("@@"):
+            hunks.append([line.split("@@")[1].strip()])
+        elif hunks and line[:1] in "+-" and line[1:].strip():
+            hunks[-1].append(line[:DIFF_LINE_CHARS])
+    changed = [x for h in hunks for x in h[1:]]
+    if not changed:
+        return [f"- {label}: no changed line in train.py"]
+    shown = [x for h in hunks[:DIFF_HUNKS] for x in [f"@@ {h[0]} @@", *h[1:DIFF_HUNK_LINES + 1]]
+             + ([f"  ({len(h) - 1 - DIFF_HUNK_LINES} more changed lines)"] if len(h) > DIFF_HUNK_LINES + 1 else [])]
+    added = sum(x[0] == "+" for x in changed)
+    return [f"- {label}: +{added} -{len(changed) - added} lines in train.py, {len(hunks)} hunk(s)"
+            + (f", the first {DIFF_HUNKS} shown" if len(hunks) > DIFF_HUNKS else ""), "```diff", *shown, "```"]
+
+
+def section_trajectory(v):
+    m = v.curves
     if m is None or "train/loss_smooth" not in m:
         return "## Trajectory\n- no training loss recorded"
     p, step, smooth = m.smooth_loss
-    finite = np.isfinite(smooth)
-    if not finite.any():
+    ok = np.flatnonzero(np.isfinite(smooth))
+    if not len(ok):
         return "## Trajectory\n- every smoothed loss value is NaN or inf"
-    i_min = int(np.nanargmin(np.where(finite, smooth, np.nan)))
-    last = np.flatnonzero(finite)[-1]
-    lines = ["## Trajectory",
-             f"- smoothed loss: first {smooth[finite][0]:.4f} (step {int(step[finite][0])}), final {smooth[last]:.4f} "
-             f"(step {int(step[last])}, progress {p[last]:.2f}), minimum {smooth[i_min]:.4f} "
-             f"(step {int(step[i_min])}, progress {p[i_min]:.2f})"]
-    trend = last_tenth_trend(m)
-    if "slope" in trend:  # a run with fewer than TREND_MIN_STEPS steps in its last tenth has no trend to tell
-        falling = trend["fraction"] < -PLATEAU_DROP
-        stop = "when time ran out" if ctx.run.row.get("outcome") == "ok" else "when it stopped"
-        state = (f"still improving {stop}" if falling else
-                 "rising at the end" if trend["fraction"] > PLATEAU_DROP else "plateaued")
+    low, last = ok[np.argmin(smooth[ok])], ok[-1]
+    lines = ["## Trajectory", f"- smoothed loss: first {smooth[ok[0]]:.4f} (step {step[ok[0]]:.0f}), final "
+             f"{smooth[last]:.4f} (step {step[last]:.0f}, progress {p[last]:.2f}), minimum {smooth[low]:.4f} "
+             f"(step {step[low]:.0f}, progress {p[low]:.2f})"]
+    trend = stats.last_tenth_trend(m)
+    if "slope" in trend:  # too few steps in the last tenth tell no trend
+        limit = plateau_limit(m.loss_noise, trend["steps"], smooth[last])
+        state = (f"flat within {limit:.4f} (the larger of {PLATEAU_DROP:.1%} of the loss and the fit's noise)"
+                 if abs(trend["change"]) <= limit else "rising at the end" if trend["change"] > 0 else
+                 "still falling " + ("when time ran out" if v.run.trained.outcome == "ok" else "when it stopped"))
         lines.append(f"- last tenth of training: fitted change {trend['change']:+.4f} over {trend['steps']} steps "
-                     f"({100 * trend['fraction']:+.2f}% of the loss; slope {trend['slope']:+.3f} per unit progress): "
-                     f"{state}" + warmdown_note(m, trend["window"], falling))
+                     f"({100 * trend['fraction']:+.2f}% of the loss): {state}")
     return "\n".join(lines)
 
 
-def warmdown_note(m, window, falling):
-    """The LR multiplier across the last tenth: a warmdown lowers the loss there by itself."""
-    p, _, lr = m.series("train/lr_multiplier")
-    ok = np.isfinite(lr)
-    if ok.sum() < 2:
+def plateau_limit(noise, steps, loss):
+    """The fitted change over the last tenth that is still a plateau: PLATEAU_DROP of the loss, or the fit's
+    own noise if larger (a line through n losses of noise s spread over a tenth moves by s x sqrt(12 / n))."""
+    return max(stats.DEPARTURE_SIGMAS * (noise or 0.0) * np.sqrt(12 / steps), PLATEAU_DROP * abs(loss))
+
+
+def section_departure(v):
+    if v.best is None or v.curves is None or v.best_curves is None:
         return ""
-    start, end = np.interp(window, p[ok], lr[ok])
-    if end >= start:
+    return "\n".join([f"## Where it departs from the best ({v.best.id}), on training progress and at equal steps"]
+                      + departure_lines(v.curves, v.best_curves, v.noise.band, "this run", "the best"))
+
+
+def departure_lines(a, b, band, this, other):
+    """Where a's curves leave b's: smoothed loss and in-training val/bpb on progress, the loss at equal steps."""
+    lines = []
+    for key, name, threshold in (("train/loss_smooth", "train loss (smoothed)", None),
+                                 ("val/bpb", "in-training val/bpb", band)):
+        if (found := stats.compare_curves(a, b, key, threshold)) is None:
+            continue
+        x, gap, start, limit = found
+        peak, g0, g1 = int(np.argmax(np.abs(gap))), gap[start or 0], gap[-1]
+        trend = ("reverses" if np.sign(g0) != np.sign(g1) else "grows" if abs(g1) > 1.25 * abs(g0) else
+                 "closes" if abs(g1) < 0.8 * abs(g0) else "holds")
+        lines.append(f"- {name}, progress {x[0]:.2f}-{x[-1]:.2f}: " + (
+            f"within the threshold of {other} at all {len(x)} points (final gap {g1:+.4f}, largest {gap[peak]:+.4f} "
+            f"at progress {x[peak]:.2f})" if start is None else
+            f"departs from {other} at progress {x[start]:.2f} (gap {g0:+.4f}, threshold {limit[start]:.4f}); the gap "
+            f"{trend}, to {g1:+.4f} at the end: {this} is {'ahead' if g1 < 0 else 'behind'}"))
+    if (found := stats.compare_steps(a, b)) is not None:
+        steps, gap, start, threshold, parted = found
+        lr = f"; the LR schedules part at step {steps[parted]:.0f}" if parted is not None else ""
+        lines.append(f"- train loss (smoothed) at equal steps, steps {steps[0]:.0f}-{steps[-1]:.0f}: " + (
+            f"within {threshold:.4f} of {other} at every step (final gap {gap[-1]:+.4f}){lr}" if start is None else
+            f"departs from {other} at step {steps[start]:.0f} (gap {gap[start]:+.4f}, threshold {threshold:.4f}){lr}; "
+            f"gap at step {steps[-1]:.0f} {gap[-1]:+.4f}"))
+    return lines or ["- no curves in common"]
+
+
+def section_stability(v):
+    m = v.curves
+    if m is None or "train/loss" not in m.columns:
         return ""
-    return f"; LR multiplier over that window: {start:.3f} -> {end:.3f}" + (
-        "; part of the fall is this annealing" if falling else "")
-
-
-def section_departure(ctx):
-    run, best = ctx.run, ctx.best
-    if best is None or best.metrics is None or run.metrics is None:
-        return "## Where it departs from the best\n- no comparison: " + (
-            "no earlier comparable run" if best is None else "a run has no metrics")
-    lines = [f"## Where it departs from the best ({best.id}), on training progress and at equal steps"]
-    lines += compare_curves(run.metrics, best.metrics, ctx.noise.band, "this run", "the best")
-    lines += compare_steps(run.metrics, best.metrics, "this run", "the best")
-    return "\n".join(lines)
-
-
-def section_stability(ctx):
-    m = ctx.run.metrics
-    if m is None:
-        return "## Stability\n- no metrics"
-    bad = []
-    for key, (idx, values) in m.columns.items():
-        nonfinite = ~np.isfinite(values)
-        if nonfinite.any():
-            bad.append(f"{key} from step {int(m.step[idx[nonfinite][0]])} ({int(nonfinite.sum())} rows)")
-    nans = "NaN/inf: " + ("none" if not bad else "; ".join(bad[:8]) + (" ..." if len(bad) > 8 else ""))
-    if "train/loss" not in m.columns:
-        return f"## Stability\n- {nans}"
+    bad = [f"{key} from step {m.step[idx[~np.isfinite(x)][0]]:.0f} ({(~np.isfinite(x)).sum()} rows)"
+           for key, (idx, x) in m.columns.items() if not np.isfinite(x).all()]
     p, step, loss = m.series("train/loss")
-    spikes = loss_spikes(step, p, loss)
-    lines = ["## Stability", f"- loss spikes (robust z > {SPIKE_Z:g} against the trailing {SPIKE_WINDOW} steps): "
-             f"{len(spikes) or 'none'}; {nans}"]
-    lines += [f"  - step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs {e['baseline']:.4f} "
-              f"typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})" for e in spikes[:10]]
+    spikes = stats.loss_spikes(step, p, loss)
+    lines = ["## Stability", f"- loss spikes: {len(spikes) or 'none'}; NaN/inf: {'; '.join(bad[:8]) or 'none'}"]
+    lines += [f"  - spike at step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs "
+              f"{e['baseline']:.4f} typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})" for e in spikes[:10]]
     return "\n".join(lines)
 
 
-def section_throughput(ctx):
-    m, s = ctx.run.metrics, ctx.run.summary or {}
-    lines = ["## Throughput"]
-    stats = throughput_stats(m) if m is not None else {}
-    if stats:
-        lines.append(f"- counted steps (progress > 0): step time median {stats['step_ms']:.1f} ms (p90 "
-                     f"{stats['p90_ms']:.1f}); tokens/s median {fmt(stats['tokens_per_sec'], ',.0f')}; MFU median "
-                     f"{fmt(stats['mfu'], '.2f', '%')} (summary {fmt(s.get('mfu_percent'), '.2f', '%')})")
-        lines.append(stalls_line(ctx, m))
-    timings = {k: v for k, v in (s.get("timings") or {}).items() if k not in ("started_at", "finished_at")}
-    spent = [f"{k} {v:.1f} s" for k, v in timings.items() if isinstance(v, (int, float))]
-    spent += [f"{k} {s[k]:.1f} s" for k in ("training_seconds", "total_seconds") if s.get(k) is not None]
-    lines.append("- time: " + (", ".join(spent) if spent else "no timings in the summary"))
-    if ctx.best is not None and ctx.best.metrics is not None and stats:
-        lines += throughput_vs_best(ctx, stats, throughput_stats(ctx.best.metrics))
+def section_throughput(v):
+    own = stats.throughput_stats(v.curves) if v.curves is not None else {}
+    lines = ["## Throughput"] + ([
+        f"- counted steps: step time median {own['step_ms']:.1f} ms (p90 {own['p90_ms']:.1f}); tokens/s median "
+        f"{fmt(own['tokens_per_sec'], ',.0f')}; MFU median {fmt(own['mfu'], '.2f', '%')}; stalls (> "
+        f"{stats.STALL_FACTOR:g}x the median step): {len(own['stalls']) or 'none'}"
+        + "".join(f", step {s} ({ms:.0f} ms)" for s, _, ms in own["stalls"][:8])] if own else [])
+    spent = [f"{k} {x:.1f} s" for k, x in v.run.trained.timings.items() if isinstance(x, (int, float))]
+    lines.append("- time: " + (", ".join(spent) or "no timings"))
     return "\n".join(lines)
 
 
-def stalls_line(ctx, m):
-    """Stalls against the fastest median step of this code's loaded runs (this one, the best, the
-    previous one): a run slowed down at every step has no stall against its own median."""
-    ref, ref_id = m.median_step_ms, None
-    for other in (ctx.best, ctx.prev):
-        if other is not None and other.id != ctx.run.id and other.metrics is not None \
-                and same_code(other.row, ctx.run.row) and (other.metrics.median_step_ms or ref) < ref:
-            ref, ref_id = other.metrics.median_step_ms, other.id
-    if ref_id is None:
-        rule = f"counted step > {STALL_FACTOR:g}x median"
-    elif m.median_step_ms > STALL_FACTOR * ref:
-        return (f"- every step slow: median step time {m.median_step_ms:.0f} ms, {m.median_step_ms / ref:.1f}x the "
-                f"{ref:.0f} ms of the same code's run {ref_id}: the machine was slower throughout")
-    else:
-        rule = f"counted step > {STALL_FACTOR:g}x {ref:.0f} ms, the median step of the same code's run {ref_id}"
-    slow = m.slow_steps(ref)
-    shown = ", ".join(f"step {st} ({ms:.0f} ms)" for st, _, ms in slow[:STALLS_SHOWN])
-    more = f", and {len(slow) - STALLS_SHOWN} more" if len(slow) > STALLS_SHOWN else ""
-    return f"- stalls ({rule}): " + (f"{len(slow)}: {shown}{more}" if slow else "none")
-
-
-def throughput_vs_best(ctx, stats, ref):
-    """Step time and tokens/s against the best: a halved batch halves the step time while tokens/s falls."""
-    if not ref:
-        return []
-    line = (f"- vs best ({ctx.best.id}): step time {stats['step_ms']:.1f} vs {ref['step_ms']:.1f} ms "
-            f"({100 * (stats['step_ms'] / ref['step_ms'] - 1):+.1f}%)")
-    tok, ref_tok = stats["tokens_per_sec"], ref["tokens_per_sec"]
-    if tok is not None and ref_tok:
-        line += f"; tokens/s {tok:,.0f} vs {ref_tok:,.0f} ({100 * (tok / ref_tok - 1):+.1f}%)"
-    if same_code(ctx.run.row, ctx.best.row):
-        line += "; the same code, so any difference is the machine's"
-    return [line]
-
-
-def section_layers(ctx):
-    """Each layer against the best's same layer when the best logged layers: layers differ by design
-    (value-embedding blocks carry ~6x the gradient norm), so only a change from the best is news.
-    Without a best, each layer against the same module in the other blocks. Left out for a run that
-    did not finish (its second half of training is not the best's) and for a repeat of the best's code."""
-    m = ctx.run.metrics
-    if ctx.run.row["status"] == "crash" or ctx.run.row.get("outcome", "ok") != "ok":
+def section_layers(v):
+    """Each layer against the best's same layer: layers differ by design, so only a change is news. Left out
+    without a best's layers, for an unfinished run, and for identical code (whose layers differ by noise)."""
+    m, b = v.curves, v.best_curves
+    if m is None or b is None or v.run.val_bpb is None or v.same_code or not m.layer_keys() or not b.layer_keys():
         return ""
-    if ctx.best is not None and same_code(ctx.run.row, ctx.best.row):
-        return ""  # a repeat of the best's code: its layers can differ from the best's only by noise and speed
-    stats = m.layer_keys() if m is not None else {}
-    if not stats:
-        return "## Per-layer health\n- no layer/ keys in metrics.jsonl"
-    best = ctx.best.metrics if ctx.best is not None else None
-    ref = best.layer_keys() if best is not None else {}
-    if ref:
-        lines = [f"## Per-layer health (median over the second half of training, this run / best {ctx.best.id}'s "
-                 f"same layer; listed beyond {LAYER_BEST_RATIO:g}x or below {1 / LAYER_BEST_RATIO:g}x, "
-                 f"at most {LAYER_SHOWN} per stat, the largest first)"]
-        empty = f"none beyond {LAYER_BEST_RATIO:g}x or below {1 / LAYER_BEST_RATIO:g}x of the best"
-    else:
-        lines = [f"## Per-layer health (median over the second half of training; a layer stands out at "
-                 f"{LAYER_OUTLIER_RATIO:g}x above or below the median of the same module in other blocks; "
-                 f"at most {LAYER_SHOWN} per stat, the largest first)"]
-        empty = "nothing stands out"
-    quiet = []
-    for stat, names in sorted(stats.items()):
-        values = layer_medians(m, names)
-        missing = len(set(values) - set(ref.get(stat, {}))) if ref else 0
-        head = f"{stat} ({len(values)} layers" + (f", {missing} not in the best" if missing else "") + ")"
-        found = layers_vs_best(values, layer_medians(best, ref.get(stat, {}))) if ref else layer_outliers(values)
-        if not found:
-            quiet.append(head)
-            continue
-        more = f"; {len(found) - LAYER_SHOWN} more" if len(found) > LAYER_SHOWN else ""
-        lines.append(f"- {head}: " + "; ".join(found[:LAYER_SHOWN]) + more)
-    if quiet:  # the stats where nothing is listed share one line
-        lines.insert(1, f"- {', '.join(quiet)}: {empty}")
+    lines = [f"## Per-layer health (median over the second half of training, against best {v.best.id}'s same "
+             "layer)"]
+    for stat, names in sorted(m.layer_keys().items()):
+        x, base = stats.layer_medians(m, names), stats.layer_medians(b, b.layer_keys().get(stat, {}))
+        far = {n: abs(np.log(x[n] / base[n])) for n in x if np.isfinite(x[n]) and base.get(n, 0) > 0}
+        found = [f"{n} is NaN/inf" for n in x if not np.isfinite(x[n])] + [
+            f"{n} at {x[n] / base[n]:.2f}x ({x[n]:.3g} vs {base[n]:.3g})"
+            for n in sorted(far, key=far.get, reverse=True) if far[n] > np.log(LAYER_RATIO)]
+        shown = "; ".join(found[:LAYER_SHOWN]) or f"none beyond {LAYER_RATIO:g}x"
+        lines.append(f"- {stat} ({len(x)} layers): {shown}")
     return "\n".join(lines)
 
 
-def layers_vs_best(values, ref):
-    """NaN/inf layers, then the layers whose ratio to the best's same layer is beyond LAYER_BEST_RATIO,
-    the largest first."""
-    out = [f"{name} is NaN/inf" for name, v in values.items() if not np.isfinite(v)]
-    ratios = {name: v / ref[name] for name, v in values.items()
-              if np.isfinite(v) and v > 0 and np.isfinite(ref.get(name, np.nan)) and ref[name] > 0}
-    far = [n for n, r in ratios.items() if r > LAYER_BEST_RATIO or r < 1 / LAYER_BEST_RATIO]
-    far.sort(key=lambda n: -abs(np.log(ratios[n])))
-    return out + [f"{n} at {ratios[n]:.2f}x ({values[n]:.3g} vs {ref[n]:.3g})" for n in far]
-
-
-def layer_outliers(values):
-    """Compare each layer with the same module in the other blocks: '3.attn.c_q' is grouped with
-    'attn.c_q' of every other block, a bare block index with the other blocks. The largest first."""
-    groups = {}
-    for name, value in values.items():
-        head, _, rest = name.partition(".")
-        groups.setdefault(rest if head.isdigit() else name, []).append((name, value))
-    out, found = [], []
-    for members in groups.values():
-        out += [f"{name} is NaN/inf" for name, v in members if not np.isfinite(v)]
-        finite = [(name, v) for name, v in members if np.isfinite(v) and v > 0]
-        if len(finite) < 3:
-            continue
-        for name, v in finite:
-            median = float(np.median([w for other, w in finite if other != name]))
-            if v > LAYER_OUTLIER_RATIO * median or v < median / LAYER_OUTLIER_RATIO:
-                found.append((abs(np.log(v / median)),
-                              f"{name} {v:.3g} ({v / median:.1f}x the median {median:.3g} of the other blocks)"))
-    return out + [text for _, text in sorted(found, key=lambda f: -f[0])]
-
-
-def section_noise(ctx):
-    """One line for this code's runs, one for the band, then the runs left out and what makes the band
-    rough, only when there are any."""
-    noise, code = ctx.noise, row_code(ctx.run.row) or "unknown"
-    own, clean = noise.own, noise.clean(code)
+def section_noise(v):
+    """The one noise band (stats.noise), and this code's repeats when it has any."""
+    n, own = v.noise, v.noise.groups.get(v.run.code_sha, [])
     lines = ["## Noise"]
-    if len(own) >= 2:  # a code run once has nothing to say here
-        line = f"- this code ({code[:8]}): {len(own)} runs ({', '.join(r['run_id'] for r in own)})"
-        if len(clean) >= 2:
-            vals = np.array([row_bpb(r) for r in clean])
-            line += (f"; val_bpb{'' if clean == own else f' of the {len(clean)} at its usual speed'}: mean "
-                     f"{vals.mean():.6f}, std {vals.std(ddof=1):.6f}, range {np.ptp(vals):.6f}")
-        lines.append(line)
-    if noise.band is None:
-        lines.append("- noise band: unknown: no code has two runs at its usual speed under this harness. Rerunning an "
-                     "unchanged commit measures it; each rerun is archived as <commit7>-2, -3, ...")
-    else:
-        codes = sum(len(noise.clean(c)) >= 2 for c in noise.groups)
-        lines.append(f"- noise band: +-{noise.band:.6f} ({NOISE_SIGMAS:g} x sqrt(2) x pooled std {noise.pooled_std:.6f}: "
-                     f"one run against one best run; from {noise.runs} runs of {codes} repeated code(s) at their usual "
-                     f"speed, {noise.dof} degrees of freedom)" + means_band(ctx.decision))
-    return "\n".join(lines + left_out(noise) + band_trust(noise))
+    if len(own) >= 2:
+        x = np.array([r.val_bpb for r in own])
+        lines.append(f"- this code ({v.run.code_sha[:8]}): {len(own)} runs ({', '.join(r.id for r in own)}); "
+                     f"val_bpb mean {x.mean():.6f}, std {x.std(ddof=1):.6f}, range {np.ptp(x):.6f}")
+    lines.append("- noise band: unknown: no code has two comparable runs; rerunning an unchanged commit measures it"
+                 if n.band is None else f"- noise band: ±{n.band:.6f} (one run against one: {stats.NOISE_SIGMAS:g} x "
+                 f"sqrt(2) x pooled std {n.pooled_std:.6f}, from {n.runs} runs, {n.dof} degrees of freedom)")
+    d = v.run.decision
+    if d is not None and d.band is not None and (d.n, d.m) != (1, 1):
+        lines.append(f"- for the decision's means of {d.n} vs {d.m} runs: ±{d.band:.6f}")
+    return "\n".join(lines)
 
-
-def means_band(d):
-    """The band of the decision's difference of means, when it is not one run against one."""
-    if d.band is None or (d.n, d.m) == (1, 1):
-        return ""
-    return (f"; for the decision's means of {d.n} vs {d.m} runs: +-{d.band:.6f} ({NOISE_SIGMAS:g} x pooled std x "
-            f"sqrt(1/{d.n} + 1/{d.m}))")
-
-
-def left_out(noise):
-    """The runs at another speed than their code's usual one, which the band leaves out."""
-    if not noise.disturbed:
-        return []
-    rows = {r["run_id"]: r for g in noise.groups.values() for r in g}
-    runs = [f"{run_id} {steps:.0f} steps vs {usual:.0f} ({steps / usual - 1:+.0%}"
-            + (f", val_bpb {row_bpb(rows[run_id]):.6f})" if run_id in rows else ")")
-            for run_id, (steps, usual) in noise.disturbed.items()]
-    return [f"- left out, at another speed than their code's usual one (beyond {noise.speed_tol:.0%}): " + "; ".join(runs)]
-
-
-def band_trust(noise):
-    """What makes the band rough, and what would firm it up; nothing when nothing does."""
-    found = []
-    if noise.band is not None and noise.dof < MIN_DOF:
-        found.append((f"{noise.dof} degree of freedom", "another repeat of the best's code"))
-    if noise.speed_spread and noise.speed_spread > SPEED_FLOOR:
-        found.append((f"the step counts of repeats at their usual speed spread {noise.speed_spread:.0%} (robust std), "
-                      "so speed differences of the machine are inside the band", "repeats on a quieter machine"))
-    repeats = sum(len(g) for g in noise.repeated.values())
-    if repeats and 2 * len(noise.disturbed) >= repeats:
-        found.append((f"{len(noise.disturbed)} of {repeats} repeats ran at another speed than their code's usual one",
-                      "repeats while nothing else runs on the machine"))
-    if not found:
-        return []
-    return [f"- the band is rough: {'; '.join(r for r, _ in found)}. What would firm it up: "
-            f"{'; '.join(dict.fromkeys(f for _, f in found))}"]
-
-
-def section_agent_notes(ctx):
-    return "## Agent notes\n"
-
-
-# ---------------------------------------------------------------------------
-# Writing analysis.md, and rewriting its status line
 
 SECTIONS = (section_headline, section_crash, section_changes, section_trajectory, section_departure,
-            section_stability, section_throughput, section_layers, section_noise, section_agent_notes)
+            section_stability, section_throughput, section_layers, section_noise)
 
 
-def write_analysis(ctx):
-    """The decision's line first, then the sections."""
-    text = "\n\n".join([ctx.decision.line()] + [t for t in (section(ctx) for section in SECTIONS) if t])
-    write_atomic(ctx.run.dir / "analysis.md", text)
+def write_analysis(run, runs, archive):
+    """analysis.md and the plots of one archived run, in its directory; returns the text. Callers hold the
+    archive's lock. The decision's line comes first (a run archived by hand has none), the Agent notes last."""
+    v = build_view(run, runs, archive)
+    head = [run.decision.line()] if run.decision is not None else []
+    text = "\n\n".join(head + [s for s in (section(v) for section in SECTIONS) if s] + ["## Agent notes\n"])
+    write_atomic(v.dir / "analysis.md", text)
+    if v.curves is not None:  # a run without curves gets no plots of other runs' curves
+        draw_overlays(v.dir, [(f"this ({run.id})", v.curves)]
+                      + ([(f"best ({v.best.id})", v.best_curves)] if v.best is not None else []))
     return text
 
 
-def set_headline_status(row):
-    """Rewrite the status in the run's analysis.md headline; the Agent notes below it are the agent's."""
-    path = paths().run_dir(row["run_id"]) / "analysis.md"
-    if not path.exists():
+def set_headline_status(run, archive):
+    """The headline's status rewritten to the run's; the Agent notes below it are the agent's."""
+    path = archive.run_dir(run.id) / "analysis.md"
+    if path.exists():
+        head, sep, notes = path.read_text().partition("\n## Agent notes")
+        head = re.sub(r"^(- val_bpb \*\*[^*]*\*\*, status )`\w+`", rf"\g<1>`{run.status}`", head, count=1, flags=re.M)
+        write_atomic(path, head + sep + notes)
+
+
+# The lines `analyze.py run` prints, and the other commands' texts
+
+def run_lines(run, best, note=None, runs=(), archive=None):
+    """At most MAX_LINES lines: the decision first (none for a run it did not decide), the number, the
+    time, the machine (stats.machine, as analysis.md), what was caught, a crash's exception."""
+    lines = [run.decision.line()] if run.decision is not None else []
+    lines += [f"run {run.id}: commit {run.commit[:7]} {run.description}"] + ([note] if note else [])
+    lines += [number_line(run)[2:].replace("**", "").replace("`", "") if run.val_bpb is not None else
+              f"status {run.status}, outcome {run.trained.outcome}", time_line(run)]
+    if best is not None:
+        ref = best_and_ref(list(runs) or [best, run], run, best)[1]
+        lines += [line[2:] for line in machine_line(stats.machine(run, ref), best)]
+    lines += [f"caught: {c.case}: {c.detail}" for c in run.caught]
+    if run.val_bpb is None:
+        error = error_text(run, archive.run_dir(run.id) / "run.log" if archive else None)[0]
+        lines += [exception_line(error)] if error else []
+    if archive is not None:
+        lines.append(f"analysis: {archive.run_dir(run.id) / 'analysis.md'}")
+    return lines if len(lines) <= MAX_LINES else lines[:MAX_LINES - 1] + lines[-1:]
+
+
+def list_text(runs, worker=None):
+    """Every run, or `worker`'s, one line each; a * marks each worker's best."""
+    shown = [r for r in runs if worker is None or r.worker == worker]
+    if not shown:
+        return ("no runs archived yet" if not runs else
+                f"no runs of worker {worker!r} (workers: {', '.join(sorted({r.worker for r in runs}))})")
+    bests = {b.id for b in (current_best(runs, w) for w in {r.worker for r in runs}) if b is not None}
+    width = max(len(r.worker) for r in shown)
+    return "\n".join([f"{'run':<12} {'val_bpb':>9} {'steps':>6}  {'status':<8} {'outcome':<11} {'worker':<{width}} "
+                      f"{'gpu':<14} description"] + [
+        f"{r.id:<11}{'*' if r.id in bests else ' '} {fmt(r.val_bpb, '.6f'):>9} "
+        f"{r.steps if r.steps is not None else '':>6}  {r.status:<8} {r.trained.outcome:<11} "
+        f"{r.worker:<{width}} {r.gpu:<14} {r.description}" for r in shown])
+
+
+def current_best(runs, worker):
+    """`worker`'s best now: the best rule (decide.best_of) applied after its latest run."""
+    last = next((r for r in reversed(runs) if r.worker == worker), None)
+    return last if last is None or (last.status == "keep" and last.val_bpb is not None) else best_of(runs, last)
+
+
+def show_text(run, archive):
+    path = archive.run_dir(run.id) / "analysis.md"
+    return path.read_text() if path.exists() else write_analysis(run, archive.runs(), archive)
+
+
+def best_text(runs, worker=None):
+    """The best of `worker` (every worker's when None), one tab-separated line each, lowest first."""
+    workers = [worker] if worker else list(dict.fromkeys(r.worker for r in runs))
+    bests = sorted((b for w in workers if (b := current_best(runs, w)) is not None), key=lambda b: b.val_bpb)
+    if not bests:
+        return "no best run yet: no run kept" + (f" by worker {worker}" if worker else "")
+    return "\n".join(f"{b.id}\tcommit {b.commit[:7]}\tval_bpb {b.val_bpb:.6f}\tstatus {b.status}\tworker "
+                     f"{b.worker}\t{b.description}" for b in bests)
+
+
+def compare_text(a, b, archive):
+    """Two runs side by side, B against A, and the overlay plots in the archive."""
+    lines = [f"compare {a.id} (A) with {b.id} (B)"]
+    lines += [f"- {tag} {r.id}: val_bpb {fmt(r.val_bpb, '.6f')}, status {r.status}, steps {r.steps}, harness "
+              f"{r.harness_key}, worker {r.worker}, GPU {r.gpu}: {r.description}" for tag, r in (("A", a), ("B", b))]
+    if a.val_bpb is not None and b.val_bpb is not None:
+        lines.append(f"- val_bpb B - A: {b.val_bpb - a.val_bpb:+.6f}")
+    if a.harness_key != b.harness_key or a.gpu != b.gpu:
+        lines.append("- different harness settings or devices: their numbers are not comparable")
+    patch = "" if a.code_sha == b.code_sha else git("diff", "--no-color", a.commit, b.commit, "--", "train.py")
+    lines += what_changed(a, b, patch, f"code (git diff {a.commit[:7]} {b.commit[:7]})")
+    ma, mb = (stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0] for r in (a, b))
+    if ma is not None and mb is not None:
+        lines += departure_lines(mb, ma, stats.noise(archive.runs(), b).band, "B", "A")
+    out = archive.dir / f"compare_{a.id}_{b.id}"
+    files = draw_overlays(out, [(f"A {a.id}", ma), (f"B {b.id}", mb)])
+    return "\n".join(lines + [f"- plots: {', '.join(str(out / f) for f in files) or 'none (no metrics)'}"])
+
+
+# The PNGs: PLOTS drawn by one overlay helper, and progress.png
+
+def figure(**kw):
+    from matplotlib.figure import Figure  # imported when drawing only: the other commands start quickly
+    return Figure(**kw)
+
+
+def thin(p, y):
+    """At most PLOT_POINTS bin medians: a noisy 5000-step line would make a PNG of megabytes."""
+    k = -(-len(y) // PLOT_POINTS)
+    return [np.array([np.median(a[j:j + k]) for j in range(0, len(a), k)]) for a in (p, y)] if k > 1 else (p, y)
+
+
+def draw_overlays(out_dir, curves):
+    """One PNG per file of PLOTS, a panel per key some run holds, each run in its own style against training
+    progress; the y range leaves out the first tenth, so that the initial loss does not flatten the part that
+    matters. Returns the files written."""
+    curves = [(label, m) for label, m in curves if m is not None]
+    written = []
+    for file in dict.fromkeys(row[2] for row in PLOTS):
+        panels = [(key, title) for key, title, f in PLOTS if f == file and any(key in m for _, m in curves)]
+        if not panels:
+            continue
+        axes = figure(figsize=(7, 2.6 * len(panels))).subplots(len(panels), 1, squeeze=False)[:, 0]
+        for ax, (key, title) in zip(axes, panels):
+            lo, hi = [], []
+            for (label, m), style in zip(curves, STYLES):
+                p, _, y = stats.finite(m.series(key))
+                p, y = thin(p, y)
+                if len(y):
+                    ax.plot(p, y, label=label, marker="o" if len(y) < 30 else None, ms=3, **style)
+                    lo, hi = lo + [y.min()], hi + [(y[p >= 0.1] if (p >= 0.1).any() else y).max()]
+            if lo:
+                pad = 0.05 * (max(hi) - min(lo)) or 0.05 * abs(max(hi)) or 0.05
+                ax.set_ylim(min(lo) - pad, max(hi) + pad)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("training progress (fraction of the time budget)", fontsize=8)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(axes[0].figure, Path(out_dir) / file)
+        written.append(file)
+    return written
+
+
+def save(fig, path):
+    """Drawn in memory, then written atomically: two writers of one file leave one whole PNG."""
+    fig.tight_layout()
+    png = io.BytesIO()
+    fig.savefig(png, dpi=PLOT_DPI, format="png")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, png.getvalue())
+
+
+def draw_progress(runs, path):
+    """val_bpb of every comparable run of the latest run's harness and GPU, in order; each worker's best after
+    each run as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept runs labelled."""
+    latest = next((r for r in reversed(runs) if r.val_bpb is not None), None)
+    if latest is None:
         return
-    head, sep, notes = path.read_text().partition("\n## Agent notes")
-    head = re.sub(r"^(- val_bpb \*\*[^*]*\*\*, status )`\w+`", rf"\g<1>`{row['status']}`", head, count=1, flags=re.M)
-    write_atomic(path, head + sep + notes)
+    pool = {r.id for r in stats.comparable(runs, latest)} | {latest.id}
+    points = [(i, r) for i, r in enumerate(runs) if r.id in pool]
+    band, workers = stats.noise(runs, latest).band, list(dict.fromkeys(r.worker for _, r in points))
+    ax = figure(figsize=(12, 5)).subplots()
+    ax.scatter([i for i, _ in points], [r.val_bpb for _, r in points], s=12, color="0.6", label="not kept")
+    for n, worker in enumerate(workers):
+        color, who = ("C2", "C0", "C3", "C4", "C1", "C5", "C6", "C8", "C9")[n % 9], f" of {worker}" * (len(workers) > 1)
+        mine = [(i, r) for i, r in points if r.worker == worker]
+        after = [r if r.status == "keep" else best_of(runs, r) for _, r in mine]
+        xs, ys = [i for i, _ in mine] + [len(runs) - 1], np.array([np.nan if b is None else b.val_bpb for b in after])
+        ys = np.append(ys, ys[-1])
+        ax.step(xs, ys, where="post", color=color, lw=1, label=f"current best{who}")
+        if band is not None:
+            ax.fill_between(xs, ys - band, ys + band, step="post", color=color, alpha=0.15, lw=0,
+                            label=f"noise band{who} (±{band:.4f})")
+        kept = [(i, r) for i, r in mine if r.status == "keep"]
+        ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=30, color=color, zorder=3, label=f"kept{who}")
+    for i, r in [(i, r) for i, r in points if r.status == "keep"][-PROGRESS_LABELS:]:
+        ax.annotate(r.description[:LABEL_CHARS], (i, r.val_bpb), fontsize=6, rotation=30, xytext=(3, 3),
+                    textcoords="offset points", color="0.3")
+    ax.set(xlabel="run (order archived)", ylabel="val_bpb")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"val_bpb per run, harness {latest.harness_key}, {latest.gpu}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(ax.figure, Path(path))

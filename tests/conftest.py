@@ -9,6 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Each test sets the profile, cache and budget it needs: what the user's shell exported (the laptop quick
+# start's AUTORESEARCH_PROFILE=cpu, a cache, a handoff) must not reach prepare.py's module-level reads
+for _name in [name for name in os.environ if name.startswith("AUTORESEARCH_")]:
+    del os.environ[_name]
+
 
 @pytest.fixture(scope="session")
 def cpu_prepared(tmp_path_factory):

@@ -1,7 +1,8 @@
-"""harness/evaluate.py is the harness's own measurement: run as the runner runs it (a real `python -I`
-subprocess) on a model that train.py handed off, it gives prepare.evaluate_bpb's number for an honest model,
-the honest number for a model whose loss path lies, and never runs files planted in the repository.
-Hermetic: the cpu profile's real data (conftest.cpu_prepared), tiny models built in-process."""
+"""harness/evaluate.py is the harness's own measurement, the only evaluation of a model under `analyze.py
+run`: run as loop.py runs it (a real `python -I` subprocess) on a model that train.py handed off, it gives
+prepare.evaluate_bpb's number for an honest model, the honest number for a model whose loss path lies, and
+never runs files planted in the repository. Hermetic: the cpu profile's real data (conftest.cpu_prepared),
+tiny models built in-process."""
 import importlib.util
 import json
 import marshal
@@ -19,26 +20,18 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
 from harness import evaluate  # noqa: E402
+from harness.decide import FUTURE_TOLERANCE  # noqa: E402
 
 CPU = prepare.PROFILES["cpu"]
 TINY = dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=32)  # a GPTConfig small enough to score fast
 SMALL_ROWS = 8  # rows per split for the in-process measurements
-
-# a train.py whose loss path scales the loss while model(x) gives honest logits
 CHEAT = '''
 
-class ScaledLossGPT(GPT):
+class ScaledLossGPT(GPT):  # honest logits from model(x), a loss scaled by 0.9 from model(x, y)
     def forward(self, idx, targets=None, reduction="mean", return_act_rms=False):
         out = super().forward(idx, targets, reduction, return_act_rms)
         return out if targets is None else 0.9 * out
 '''
-
-
-@pytest.fixture(scope="module")
-def cpu_env(cpu_prepared):
-    """The environment of a cpu-profile process on the prepared cache."""
-    _, cache = cpu_prepared
-    return {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache)}
 
 
 def set_cpu_profile(monkeypatch, cache, rows=None):
@@ -46,8 +39,7 @@ def set_cpu_profile(monkeypatch, cache, rows=None):
     tokens = rows * CPU["MAX_SEQ_LEN"] if rows else CPU["EVAL_TOKENS"]
     profile_dir = cache / "cpu"
     for name, value in {"PROFILE": "cpu", "DATA_DIR": profile_dir / "data", "TOKENIZER_DIR": profile_dir / "tokenizer",
-                        "MAX_SEQ_LEN": CPU["MAX_SEQ_LEN"], "EVAL_TOKENS": tokens, "HELDOUT_TOKENS": tokens,
-                        "_METRIC_RESULTS": {}}.items():
+                        "MAX_SEQ_LEN": CPU["MAX_SEQ_LEN"], "EVAL_TOKENS": tokens, "HELDOUT_TOKENS": tokens}.items():
         monkeypatch.setattr(prepare, name, value)
     monkeypatch.delenv("AUTORESEARCH_HANDOFF", raising=False)
     return prepare.Tokenizer.from_directory()
@@ -74,112 +66,72 @@ def tiny_model(train, tokenizer, cls="GPT", seed=0):
 
 
 def run_evaluator(root, handoff, train_py, out, env, tmp_path):
-    """The runner's command line, cwd = root."""
-    script = root / "harness" / "evaluate.py"
-    cmd = [sys.executable, "-I", "-B", "-X", f"pycache_prefix={tmp_path / 'pycache'}", str(script),
+    """loop.py's command line, cwd = root."""
+    cmd = [sys.executable, "-I", "-B", "-X", f"pycache_prefix={tmp_path / 'pycache'}", str(root / "harness" / "evaluate.py"),
            "--handoff", str(handoff), "--train-py", str(train_py), "--out", str(out)]
     return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
 def handed_off(cpu_prepared, tmp_path_factory):
-    """A tiny train.py model handed off by prepare.evaluate_bpb in the cpu profile with its real constants,
-    as train.py does under the runner: (the hand-off, a copy of train.py, the val_bpb evaluate_bpb returned)."""
+    """A tiny train.py model scored by prepare.evaluate_bpb as a manual run would, then handed off as under
+    `analyze.py run` (evaluate_bpb saves it and returns None): (the hand-off, a train.py copy, the score, env)."""
     import train
     tmp = tmp_path_factory.mktemp("handoff")
     shutil.copy(ROOT / "train.py", tmp / "train.py")
     with pytest.MonkeyPatch.context() as monkeypatch:
         tokenizer = set_cpu_profile(monkeypatch, cpu_prepared[1])
-        monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(tmp / "model.pt"))
-        reported = prepare.evaluate_bpb(tiny_model(train, tokenizer), tokenizer, 8)
-    return tmp / "model.pt", tmp / "train.py", reported
+        model = tiny_model(train, tokenizer)
+        reported = prepare.evaluate_bpb(model, tokenizer, 8)
+        monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(tmp / "run" / "model.pt"))
+        assert prepare.evaluate_bpb(model, tokenizer, 8) is None, "under the harness train.py evaluates nothing"
+    assert [p.name for p in (tmp / "run").iterdir()] == ["model.pt"], "a temp file was left behind"
+    env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cpu_prepared[1])}
+    return tmp / "run" / "model.pt", tmp / "train.py", reported, env
 
 # ---------------------------------------------------------------------------
-# The hand-off
-# ---------------------------------------------------------------------------
+# The evaluator, as loop.py runs it
 
-def test_evaluate_bpb_hands_off_the_uncompiled_model_whole_then_evaluates_as_before(cpu_profile, monkeypatch, tmp_path):
-    import train
-    model = tiny_model(train, cpu_profile)
-    saves = []
-    with monkeypatch.context() as patch:
-        patch.setattr(prepare, "save_handoff", lambda *args: saves.append(args))
-        plain = prepare.evaluate_bpb(model, cpu_profile, 4)
-    assert saves == [], "a manual run (no AUTORESEARCH_HANDOFF) handed the model off"
-    monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(tmp_path / "run" / "model.pt"))
-    wrapped = torch.nn.Module()
-    wrapped._orig_mod = model  # what torch.compile's wrapper holds
-    wrapped.forward = model.forward
-    assert prepare.evaluate_bpb(wrapped, cpu_profile, 4) == plain, "the hand-off changed the metric"
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["model.pt"], "a temp file was left behind"
-    handoff = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    assert {k: v for k, v in handoff.items() if k != "state_dict"} == {
-        "model_class": "GPT", "config_class": "GPTConfig", "config": {**vars(model.config)}, "batch_size": 4}
-    assert handoff["state_dict"].keys() == model.state_dict().keys()
-    assert all(torch.equal(handoff["state_dict"][k], v) for k, v in model.state_dict().items())
-
-
-def test_a_model_without_a_dataclass_config_cannot_be_handed_off(cpu_profile, monkeypatch, tmp_path):
-    monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(tmp_path / "model.pt"))
-    with pytest.raises(prepare.PrepareError, match="needs a dataclass .config") as err:
-        prepare.evaluate_bpb(torch.nn.Linear(2, 2), cpu_profile, 4)
-    assert "\n" not in str(err.value)
-
-# ---------------------------------------------------------------------------
-# The evaluator, as the runner runs it
-# ---------------------------------------------------------------------------
-
-def test_the_isolated_evaluator_gives_evaluate_bpbs_number_and_a_held_out_one(handed_off, cpu_env, tmp_path):
-    handoff, train_py, reported = handed_off
-    out = run_evaluator(ROOT, handoff, train_py, tmp_path / "eval.json", cpu_env, tmp_path)
+def test_the_isolated_evaluator_gives_evaluate_bpbs_number_and_a_held_out_one(handed_off, tmp_path):
+    handoff, train_py, reported, env = handed_off
+    out = run_evaluator(ROOT, handoff, train_py, tmp_path / "eval.json", env, tmp_path)
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
-    assert set(result) == {"val_bpb", "heldout_bpb", "eval_s", "future_leak", "machine_speed", "error"} and result["error"] is None
+    assert set(result) == set(evaluate.RESULT) and result["error"] is None, result
     assert result["future_leak"] == 0.0, "train.py's model is causal: its past logits never move"
-    assert result["val_bpb"] == pytest.approx(reported, rel=1e-9, abs=0), \
-        f"evaluator val_bpb {result['val_bpb']!r}, prepare.evaluate_bpb {reported!r}"
+    assert result["val_bpb"] == pytest.approx(reported, rel=1e-9, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
-    speeds = result["machine_speed"]
-    assert set(speeds) == {"before", "after"} and all(v > 0 for v in speeds.values()), speeds
-    assert result["eval_s"] > 0
+    assert result["speed_before"] > 0 and result["speed_after"] > 0 and result["eval_s"] > 0, result
     assert not list(tmp_path.glob(".eval.json.*")), "a temp file was left behind"
 
 
-def fake_root(tmp_path):
-    """A copy of the repository's harness files, with an untracked argparse.py and a forged bytecode file
-    for prepare planted in it; each writes a marker file if it ever runs."""
-    root = tmp_path / "root"
+@pytest.fixture(scope="module")
+def planted_run(handed_off, tmp_path_factory):
+    """The evaluator in a copy of the root with an untracked argparse.py and a forged prepare .pyc planted (each
+    writes a marker if it runs), on a committed train.py whose model class was renamed: it fails on that after
+    every import is done. (the process, its JSON, the marker, what the planted files do under a plain python)"""
+    _, train_py, _, env = handed_off
+    tmp = tmp_path_factory.mktemp("planted")
+    root, marker = tmp / "root", tmp / "planted_code_ran"
     (root / "harness").mkdir(parents=True)
     shutil.copy(ROOT / "prepare.py", root / "prepare.py")
     for path in (ROOT / "harness").glob("*.py"):
         shutil.copy(path, root / "harness" / path.name)
-    marker = tmp_path / "planted_code_ran"
     plant = "open({marker!r}, 'a').write({name!r} + '\\n')\nraise ImportError('planted')\n"
     (root / "argparse.py").write_text(plant.format(marker=str(marker), name="argparse.py"))
     forged = compile(plant.format(marker=str(marker), name="forged prepare .pyc"), str(root / "prepare.py"), "exec")
-    stat = (root / "prepare.py").stat()  # a header that matches the source: the import system would trust it
+    st = (root / "prepare.py").stat()  # a header that matches the source: the import system would trust it
     header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little") + \
-        (int(stat.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (stat.st_size & 0xFFFFFFFF).to_bytes(4, "little")
+        (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
     (root / "__pycache__").mkdir()
     (root / "__pycache__" / f"prepare.{sys.implementation.cache_tag}.pyc").write_bytes(header + marshal.dumps(forged))
-    return root, marker
-
-
-@pytest.fixture(scope="module")
-def planted_run(handed_off, cpu_env, tmp_path_factory):
-    """The evaluator in a root with planted files, on a committed train.py whose model class was renamed:
-    it fails on that after every import is done. (the process, its JSON, the marker file, the planted files'
-    own runs under a plain interpreter)"""
-    tmp = tmp_path_factory.mktemp("planted")
-    root, marker = fake_root(tmp)
     for probe in ("import argparse", "import prepare"):  # a plain interpreter in the root runs both
-        subprocess.run([sys.executable, "-c", probe], cwd=root, env=cpu_env, capture_output=True, timeout=120)
+        subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, timeout=120)
     control = marker.read_text().splitlines()
     marker.unlink()
-    handoff, train_py, _ = handed_off
     renamed = tmp / "train.py"
     renamed.write_text(train_py.read_text().replace("class GPT(nn.Module)", "class Transformer(nn.Module)"))
-    out = run_evaluator(root, handoff, renamed, tmp / "eval.json", cpu_env, tmp)
+    out = run_evaluator(root, handed_off[0], renamed, tmp / "eval.json", env, tmp)
     return out, json.loads((tmp / "eval.json").read_text()), marker, control
 
 
@@ -197,24 +149,29 @@ def test_a_train_py_without_the_model_class_is_a_one_line_error(planted_run):
     assert out.stderr.strip() == f"evaluate.py: error: {result['error']}", out.stderr
 
 
-def test_the_evaluator_refuses_to_run_without_its_isolation_flags(tmp_path, capsys):
+def test_the_evaluator_refuses_to_run_without_its_isolation_flags(tmp_path):
     code = evaluate.main(["--handoff", "x", "--train-py", "y", "--out", str(tmp_path / "eval.json")])
     error = json.loads((tmp_path / "eval.json").read_text())["error"]
     assert code == 1 and "python -I -B -X pycache_prefix=DIR" in error and "\n" not in error, error
 
 # ---------------------------------------------------------------------------
 # The measurement, in-process
-# ---------------------------------------------------------------------------
 
-def test_a_loss_path_that_scales_the_loss_is_measured_honestly(cpu_profile, monkeypatch, tmp_path):
+def test_a_loss_path_that_scales_the_loss_is_measured_honestly(cpu_profile, tmp_path):
     train_py = tmp_path / "train.py"
     train_py.write_text((ROOT / "train.py").read_text() + CHEAT)
     model = tiny_model(evaluate.import_train(train_py), cpu_profile, cls="ScaledLossGPT")
-    monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(tmp_path / "model.pt"))
     reported = prepare.evaluate_bpb(model, cpu_profile, 4)
+    prepare.save_handoff(model, 4, tmp_path / "model.pt")
     measured = evaluate.evaluate(tmp_path / "model.pt", train_py, device="cpu")
-    assert measured["val_bpb"] == pytest.approx(reported / 0.9, rel=1e-6), \
-        f"reported {reported:.6f} (the loss x 0.9), measured {measured['val_bpb']:.6f}, honest {reported / 0.9:.6f}"
+    assert measured["val_bpb"] == pytest.approx(reported / 0.9, rel=1e-6), (reported, measured["val_bpb"])
+
+
+def test_a_train_py_that_changes_the_metrics_settings_is_refused(cpu_profile, tmp_path):
+    train_py = tmp_path / "train.py"
+    train_py.write_text("import prepare\nprepare.EVAL_TOKENS = 2**10\n")
+    with pytest.raises(evaluate.EvalError, match=r"^train.py changed prepare.EVAL_TOKENS: the metric's settings"):
+        evaluate.import_train(train_py)
 
 
 def test_a_missing_held_out_shard_says_to_run_prepare(cpu_profile, monkeypatch, tmp_path):
@@ -233,14 +190,13 @@ def test_a_broken_hand_off_is_a_one_line_error(tmp_path, handoff, needle):
     assert "\n" not in str(err.value)
 
 
-def test_weights_that_do_not_fit_the_committed_model_are_refused(cpu_profile, tmp_path):
+def test_weights_that_do_not_fit_the_committed_model_are_refused(cpu_profile):
     import train
     handoff = {"model_class": "GPT", "config_class": "GPTConfig", "batch_size": 4,
                "config": {**vars(tiny_model(train, cpu_profile).config), "n_layer": 2},
                "state_dict": tiny_model(train, cpu_profile).state_dict()}
-    with pytest.raises(evaluate.EvalError, match=r"^cannot rebuild the model: RuntimeError: .*Missing key") as err:
+    with pytest.raises(evaluate.EvalError, match=r"^cannot rebuild the model: RuntimeError: .*Missing key"):
         evaluate.rebuild_model(train, handoff, torch.device("cpu"))
-    assert "\n" not in str(err.value)
 
 
 def test_logits_of_the_wrong_shape_are_a_one_line_error():
@@ -248,11 +204,6 @@ def test_logits_of_the_wrong_shape_are_a_one_line_error():
     x = torch.zeros(2, 4, dtype=torch.long)
     with pytest.raises(evaluate.EvalError, match=r"shaped \(B, T, >= 16\) for x of shape \(2, 4\), got \(2, 4, 10\)"):
         token_nats(x, x)
-
-
-def test_machine_speed_is_a_positive_rate():
-    speed = evaluate.machine_speed("cpu")
-    assert math.isfinite(speed) and speed > 0, speed
 
 
 def test_a_model_that_attends_to_later_tokens_is_seen_and_a_causal_one_is_not(cpu_profile, monkeypatch):
@@ -264,5 +215,4 @@ def test_a_model_that_attends_to_later_tokens_is_seen_and_a_causal_one_is_not(cp
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(train, "attention", lambda q, k, v, mask: sdpa(q, k, v))  # no mask: sees everything
     leak = evaluate.future_leak(model, cpu_profile, torch.device("cpu"))
-    from harness.runner import FUTURE_TOLERANCE
     assert leak > 5 * FUTURE_TOLERANCE, f"a non-causal model's first half moved by only {leak:.3g}"

@@ -6,11 +6,14 @@ covers is refused with nobody there to approve it, and the loop stalls. tests/pe
 each command as Claude Code's rules would.
 """
 import json
+import os
 import re
-import textwrap
+import subprocess
 from pathlib import Path
 
 import pytest
+
+pytestmark = pytest.mark.quick
 from permissions import bash_rule_matches, decide, parse_rule, path_rule_matches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,41 +134,20 @@ def test_every_command_program_md_gives_is_allowed(settings, program):
 
 def test_program_md_gives_the_loop_commands(program):
     cmds = agent_commands(program)
-    for needed in [f'uv run analyze.py run "{PLACEHOLDER}"', f"git checkout {PLACEHOLDER} -- train.py"]:
+    for needed in [f'uv run analyze.py run "{PLACEHOLDER}"', f"uv run analyze.py show {PLACEHOLDER}",
+                   f"uv run analyze.py compare {PLACEHOLDER} {PLACEHOLDER}", "uv run analyze.py audit"]:
         assert needed in cmds, f"program.md never tells the agent to run {needed!r}"
     assert any(c.startswith("git checkout -b autoresearch/") for c in cmds)
+    assert any(c.startswith("uv run analyze.py curve ") for c in cmds), "no way to read a curve without Python"
 
 
 def test_program_md_is_short_and_the_harness_decides(program, settings):
     """One command per experiment: the agent reads a short file once, and never overrides a decision."""
     lines = len(program.splitlines())
     assert lines <= 150, f"program.md has {lines} lines (goal <= 150)"
-    assert "Re-read this file" not in program
     assert decide(settings, "Bash", "uv run analyze.py status a1b2c3d keep") == "deny"
-    assert decide(settings, "Bash", "uv run analyze.py status a1b2c3d discard") == "allow"
     assert decide(settings, "Bash", 'uv run analyze.py run "MATRIX_LR 0.04 -> 0.05"') == "allow"
-
-
-def test_program_md_uses_every_analyze_subcommand(program):
-    cmds = agent_commands(program)
-    for sub in ["list", "best", "audit", "pin", f"show {PLACEHOLDER}", f"compare {PLACEHOLDER} {PLACEHOLDER}",
-                f'run "{PLACEHOLDER}"', "workers", "claims", "insights", f'claim "{PLACEHOLDER}"']:
-        assert f"uv run analyze.py {sub}" in cmds, f"program.md never runs `uv run analyze.py {sub}`"
-
-
-def test_program_md_tells_a_worker_how_to_learn_from_the_others(program):
-    cmds = agent_commands(program)
-    for needed in ["printenv AUTORESEARCH_WORKER", "printenv AUTORESEARCH_ARCHIVE",  # am I one, where are the runs
-                   f"git show {PLACEHOLDER} -- train.py", f"git checkout {PLACEHOLDER} -- train.py",  # their change
-                   f"ls -l /proc/{PLACEHOLDER}/cwd"]:  # which train.py is mine to kill
-        assert needed in cmds, f"program.md never tells a worker to run {needed!r}"
-    assert "diff.patch" in program, "a commit from another node is only in the archive's diff.patch"
-
-
-def test_program_md_names_the_knowledge_files(program):
-    for needed in ["insights.md", ".auto-log-research/ideas_queue.md",
-                   "## Current Best", "Agent notes", "train/progress", "metrics.jsonl", "run.log"]:
-        assert needed in program, f"program.md does not mention {needed!r}"
+    assert decide(settings, "Bash", "uv run python .auto-log-research/scratch/gap.py") != "allow"
 
 
 def test_what_program_md_forbids_is_denied(settings, program):
@@ -203,7 +185,7 @@ def test_forbidden_actions_are_denied(settings, tool, arg):
 @pytest.mark.parametrize("tool,path", [
     ("Edit", "train.py"), ("Write", ".auto-log-research/insights.md"),
     ("Write", ".auto-log-research/ideas_queue.md"), ("Edit", ".auto-log-research/a1b2c3d/analysis.md"),
-    ("Write", ".auto-log-research/scratch/gap.py"), ("Read", "prepare.py"),
+    ("Read", "prepare.py"),
     ("Read", ".auto-log-research/a1b2c3d/metrics.jsonl"), ("Grep", "train.py"), ("Glob", "."),
 ])
 def test_the_loop_can_read_and_write_its_files(settings, tool, path):
@@ -275,34 +257,3 @@ def test_the_check_catches_a_command_no_rule_allows(settings):
     assert cmds == ["rm -rf .auto-log-research", "uv run train.py > run.log 2>&1"], cmds
     assert decide(settings, "Bash", "rm -rf .auto-log-research") != "allow"
     assert forbidden_items(doc) == (["uv add"], [])
-
-
-def write_metrics(path, offset):
-    """A run's metrics.jsonl as train.py writes it: warm-up steps at progress 0, step rows, val rows of their own."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for step in range(120):
-        progress = max(0.0, (step - 10) / 109)
-        if step % 12 == 0:
-            rows.append({"step": step, "train/progress": progress, "val/bpb": 2.0 - progress + offset})
-        rows.append({"step": step, "train/progress": progress, "train/loss": 4 - progress + offset,
-                     "train/loss_smooth": 4 - progress + offset * progress})
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-
-
-@pytest.mark.parametrize("shared", [False, True], ids=["own archive", "archive shared by workers"])
-def test_program_md_python_examples_run_on_archived_metrics(program, tmp_path, monkeypatch, capsys, shared):
-    archive = tmp_path / ("shared" if shared else "worktree") / ".auto-log-research"
-    if shared:
-        monkeypatch.setenv("AUTORESEARCH_ARCHIVE", str(archive))
-    else:
-        monkeypatch.delenv("AUTORESEARCH_ARCHIVE", raising=False)
-    (tmp_path / "worktree").mkdir(exist_ok=True)
-    for run_id, offset in (("a1b2c3d", 0.0), ("a1b2c3d-2", 0.001), ("e4f5a6b", -0.2)):
-        write_metrics(archive / run_id / "metrics.jsonl", offset)
-    blocks = re.findall(r"```python\n(.*?)```", program, re.S)
-    assert blocks, "program.md lost its worked Python example"
-    monkeypatch.chdir(tmp_path / "worktree")
-    exec(compile("\n".join(textwrap.dedent(b) for b in blocks), "program.md", "exec"), {})
-    out = capsys.readouterr().out
-    assert "0.1: -0.02" in out and "1.0: -0.2" in out, out  # e4f5a6b is ahead by 0.2 x progress

@@ -60,8 +60,6 @@ def as_json(figures):
 # ---------------------------------------------------------------------------
 
 def test_hyperparameters_are_ars(ours):
-    if train.PROFILE != "gpu":
-        pytest.skip("the gpu profile's hyperparameters")
     assert_matches(as_json(recipe.hyperparameter_figures(ours)), FIGURES["hyperparameters"], "hyperparameters", 0)
 
 

@@ -1,7 +1,6 @@
 """The set-up files keep runs reproducible, keep run outputs out of the agent's commits, and let the
 agent write train.py and its notes and nothing else that the harness or the audit relies on."""
 import json
-import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,6 +9,7 @@ import pytest
 from permissions import decide
 
 tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; .python-version pins 3.11
+pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = "/srv/alr/.auto-log-research"  # an archive that workers.py's agents share, outside their worktrees
@@ -43,24 +43,16 @@ def settings():
 
 AGENT_WRITES = ["train.py", ".auto-log-research/insights.md", ".auto-log-research/ideas_queue.md",
                 ".auto-log-research/a1b2c3d/analysis.md", ".auto-log-research/a1b2c3d-2/analysis.md",
-                ".auto-log-research/scratch/gap.py", ".auto-log-research/scratch/plots/layers.py",
                 f"{SHARED}/a1b2c3d/analysis.md"]
+RUN_FILES = ("run.json", "run.log", "metrics.jsonl", "diff.patch")  # a run directory's record and evidence
 EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.torn",
-            ".auto-log-research/decisions.jsonl", ".auto-log-research/claims.tsv",
-            ".auto-log-research/workers/node7%3A0/insights.md",  # the others read it as this worker's notes
-            ".auto-log-research/a1b2c3d/run_summary.json",
-            ".auto-log-research/a1b2c3d/stale_run_summary.json", ".auto-log-research/a1b2c3d/run_summary.json.corrupt",
-            ".auto-log-research/a1b2c3d/metrics.jsonl", ".auto-log-research/a1b2c3d/run.log",
-            ".auto-log-research/a1b2c3d/record.json", ".auto-log-research/a1b2c3d/diff.patch",
-            "run_summary.json", "metrics.jsonl",  # train.py's outputs before they are archived
-            "prepare.py", "analyze.py", "harness/archive.py", "harness/audit.py", "harness/pin.py",
+            ".auto-log-research/claims.tsv", ".auto-log-research/workers/node7%3A0/insights.md",
+            *(f"{archive}/{run}/{name}" for archive in (".auto-log-research", SHARED) for run in ("a1b2c3d", "a1b2c3d-2")
+              for name in RUN_FILES),
+            "run.json", "run_summary.json", "metrics.jsonl",  # train.py's outputs before they are archived
+            "prepare.py", "analyze.py", "harness/record.py", "harness/loop.py", "harness/evaluate.py",
             ".git/refs/auto-log-research/pins/autoresearch/mar5", ".git/logs/refs/auto-log-research/pins/x",
-            ".git/packed-refs", "program.md", ".claude/settings.json",
-            *(f"{SHARED}/{name}" for name in ("results.tsv", "claims.tsv", "decisions.jsonl", "workers/w1/insights.md",
-                                              "a1b2c3d/run_summary.json",
-                                              "a1b2c3d/metrics.jsonl", "a1b2c3d/run.log", "a1b2c3d/record.json",
-                                              "a1b2c3d/diff.patch", "a1b2c3d/measurement.json")),
-            ".auto-log-research/a1b2c3d/measurement.json"]
+            ".git/packed-refs", "program.md", ".claude/settings.json", f"{SHARED}/results.tsv"]
 # written by analyze.py but rebuilt from the evidence, so not denied outright: Claude Code only asks,
 # and `claude -p --permission-mode dontAsk` refuses whatever it would ask
 NOT_THE_AGENTS = ["run.log", ".auto-log-research/progress.png", ".auto-log-research/a1b2c3d/loss.png",
@@ -90,8 +82,10 @@ def test_nothing_else_is_writable_by_the_agents_tools(settings, path):
     assert decide(settings, "Write", path) != "allow", f"Write({path}) is allowed"
 
 
-def test_run_log_is_written_only_by_the_shell_redirect_of_a_run(settings):
-    assert decide(settings, "Bash", "uv run train.py > run.log 2>&1") == "allow"
+def test_the_agent_runs_no_code_of_its_own(settings):
+    """train.py runs only under the harness; the agent's own scripts not at all (issue: no arbitrary code)."""
+    for command in ("uv run train.py > run.log 2>&1", "uv run python x.py", "python3 -c 'print(1)'"):
+        assert decide(settings, "Bash", command) != "allow", command
     assert decide(settings, "Edit", "run.log") != "allow", "the Edit tool may rewrite run.log"
 
 
@@ -142,28 +136,3 @@ def test_skypilot_is_an_optional_group_that_the_default_install_leaves_out():
     assert default.returncode == 0, default.stderr
     pulled_in = [line for line in default.stdout.splitlines() if line.startswith(("skypilot", "kubernetes"))]
     assert not pulled_in, f"`uv sync` would install SkyPilot: {pulled_in}"
-
-
-def test_the_readmes_cpu_install_leaves_out_exactly_the_cuda_packages_and_nothing_needs_them():
-    """README's laptop recipe: torch from PyTorch's CPU index at pyproject's pin, then everything else
-    as locked minus the packages its grep drops. That must be torch, Triton and the NVIDIA libraries,
-    and no package that stays may depend on one of them (uv pip would then pull CUDA back in)."""
-    readme = (ROOT / "README.md").read_text()
-    recipe = next(block for block in readme.split("```") if "download.pytorch.org/whl/cpu" in block)
-    pin = next(d for d in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-               if d.startswith("torch"))
-    assert pin.replace(" ", "") in recipe, f"README installs another torch than pyproject's {pin}"
-    dropped = re.compile(re.search(r"grep -vE '([^']+)'", recipe).group(1))
-    uv = shutil.which("uv")
-    if uv is None:
-        pytest.skip("uv is not on PATH")
-    export = subprocess.run([uv, "export", "--locked", "--no-hashes", "--no-emit-project", "--quiet"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout.splitlines()
-    names = {line.split("==")[0] for line in export if "==" in line and not line.startswith("#")}
-    gone = {line.split("==")[0] for line in export if dropped.search(line)}
-    assert "torch" in gone and "triton" in gone and all(n in {"torch", "triton"} or n.startswith("nvidia-")
-                                                        for n in gone), sorted(gone)
-    lock = tomllib.loads((ROOT / "uv.lock").read_text())
-    needs = {p["name"]: {d["name"] for d in p.get("dependencies", [])} for p in lock["package"]}
-    kept = names - gone
-    assert not {n: needs.get(n, set()) & gone for n in kept if needs.get(n, set()) & gone}, "kept packages need CUDA ones"

@@ -1,6 +1,8 @@
-"""workers.py for real on the CPU, with a stand-in for the agent: the worktrees and branches it makes, the
-environment and the prompt each agent gets, the logs, the restart of an agent that exits, and that one
-Ctrl-C (or SIGTERM) leaves no process behind, not even one that left its session and ignores SIGTERM."""
+"""contrib/workers.py for real on the CPU, with a stand-in for the agent: the worktrees and branches it makes,
+the environment and the prompt each agent gets, the logs, the restart of an agent that exits, the copies of
+each worker's insights.md, and that one Ctrl-C (or SIGTERM) leaves no process behind, not even one that left
+its session and ignores SIGTERM. And contrib/skypilot/autoresearch.yaml, read by SkyPilot's own parser."""
+import fcntl
 import json
 import os
 import shutil
@@ -13,17 +15,23 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from contrib import workers  # noqa: E402
+
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the launcher finds strayed processes through Linux's /proc")
 
-# What an agent session does here: record what it was given, start a child that sleeps and a grandchild
-# that leaves the worker's session and ignores SIGTERM, then wait, as a long agent session would.
+# What an agent session does here: record what it was given, write its notes, start a child that sleeps and a
+# grandchild that leaves the worker's session and ignores SIGTERM, then wait, as a long agent session would.
 # Worker <tag>-0's first session exits at once, so that the launcher has to restart it.
 STAND_IN = r'''
 import json, os, subprocess, sys, time
 record = os.path.join(os.environ["STAND_IN_RECORD"], os.environ["AUTORESEARCH_WORKER"])
 os.makedirs(record, exist_ok=True)
 session = len([f for f in os.listdir(record) if f.endswith(".json")]) + 1
+os.makedirs(".auto-log-research", exist_ok=True)
+with open(".auto-log-research/insights.md", "w") as f:
+    f.write(f"# Insights\n\n{os.environ['AUTORESEARCH_WORKER']} session {session}\n")
 sleeper = subprocess.Popen(["sleep", "300"])
 stray = subprocess.Popen([sys.executable, "-c", "import signal, time; "
                           "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(300)"], start_new_session=True)
@@ -62,7 +70,7 @@ def repo(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def launch(repo, cpu_prepared, tmp_path_factory):
-    """Start workers.py in `repo` with stand-in agents; returns a function of the extra arguments that
+    """Start contrib/workers.py in `repo` with stand-in agents; returns a function of the extra arguments that
     gives back (the launcher process, the stand-ins' record directory, the logs directory)."""
     stand_in = tmp_path_factory.mktemp("stand_in") / "agent.py"
     stand_in.write_text(STAND_IN)
@@ -72,8 +80,8 @@ def launch(repo, cpu_prepared, tmp_path_factory):
     env.pop("CUDA_VISIBLE_DEVICES", None)
 
     def start(*extra):
-        cmd = [sys.executable, "workers.py", "--tag", TAG, "--agent", f"cat program.md | {sys.executable} {stand_in}",
-               "--logs", str(logs), "--pause", "0.2", "--grace", "0.5", *extra]
+        cmd = [sys.executable, "contrib/workers.py", "--tag", TAG, "--agent", f"cat program.md | {sys.executable} "
+               f"{stand_in}", "--logs", str(logs), "--pause", "0.2", "--grace", "0.5", *extra]
         return subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return start, record, logs
 
@@ -86,15 +94,9 @@ def sessions(record):
 def wait_for(record, expected, proc, timeout=600):  # a hang guard, not a speed test: a loaded machine is slow
     t0 = time.time()
     while sessions(record) != expected:
-        assert proc.poll() is None, f"workers.py exited ({proc.returncode}):\n{proc.stdout.read()}"
+        assert proc.poll() is None, f"contrib/workers.py exited ({proc.returncode}):\n{proc.stdout.read()}"
         assert time.time() - t0 < timeout, f"after {timeout} s the stand-ins ran {sessions(record)}, not {expected}"
         time.sleep(0.1)
-
-
-def stop(proc, sig):
-    proc.send_signal(sig)
-    out, _ = proc.communicate(timeout=300)
-    return out
 
 
 def alive(record):
@@ -110,7 +112,8 @@ def first(launch):
     start, record, logs = launch
     proc = start("--gpus", ",".join(GPUS))
     wait_for(record, {f"{TAG}-0": [1, 2], f"{TAG}-2": [1]}, proc)
-    out = stop(proc, signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=300)[0]
     return proc.returncode, out, record, logs
 
 
@@ -128,18 +131,20 @@ def test_each_worker_runs_on_its_own_branch_worktree_and_gpu(first, repo):
             assert seen["CUDA_VISIBLE_DEVICES"] == gpu and seen["AUTORESEARCH_WORKER"] == name, seen
             assert seen["AUTORESEARCH_ARCHIVE"] == str(repo / ".auto-log-research"), seen
             assert seen["UV_PROJECT_ENVIRONMENT"] == sys.prefix, "the worktrees share the launcher's environment"
-            assert seen["prompt"] == "# auto-log-research", "the agent is not reading program.md from its stdin"
+            assert seen["prompt"] == (repo / "program.md").read_text().splitlines()[0], "program.md is not its stdin"
         pin = subprocess.run(["git", "for-each-ref", f"refs/auto-log-research/pins/autoresearch/{name}"],
                              cwd=repo, capture_output=True, text=True).stdout
         assert pin, f"{name}'s branch was not pinned:\n{out}"
 
 
-def test_an_agent_that_exits_is_restarted_with_a_new_log(first):
+def test_an_agent_that_exits_is_restarted_with_a_new_log_and_its_notes_are_copied(first, repo):
     _, out, _, logs = first
     assert f"{TAG}-0: agent exited (3), restarting in 0.2 s" in out, out
     for name, n in ((f"{TAG}-0", 2), (f"{TAG}-2", 1)):
         outputs = sorted((logs / name).glob("agent-*.jsonl"))
         assert [json.loads(p.read_text())["session"] for p in outputs] == list(range(1, n + 1)), outputs
+        copy = repo / ".auto-log-research" / "workers" / name / "insights.md"
+        assert copy.read_text().endswith(f"{name} session {n}\n"), "the notes were not copied at shutdown"
     assert "restarting" in (logs / f"workers-{TAG}.log").read_text()
 
 
@@ -172,12 +177,10 @@ def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once
         assert json.loads(p.read_text())["cwd"] == str(repo.parent / "alr-workers" / f"{TAG}-0"), "not resumed in place"
 
 
+@pytest.mark.quick
 def test_an_agent_left_by_a_killed_launcher_still_holds_its_worktree_lock(tmp_path):
     """A launcher killed outright (SIGKILL, the OOM killer) leaves its agents running in their own sessions;
     they hold the worktree's lock, so a relaunch refuses instead of starting a second agent on the GPU."""
-    import fcntl
-    sys.path.insert(0, str(ROOT))
-    import workers
     lock = tmp_path / "autoresearch-worker.lock"
     held = open(lock, "a")
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -195,7 +198,7 @@ def test_an_agent_left_by_a_killed_launcher_still_holds_its_worktree_lock(tmp_pa
 
 
 @pytest.mark.parametrize("args,says", [
-    (["--tag", "u", "--workers", "1", "--resume"], "there is no branch autoresearch/u-0 or any other of this tag to resume"),
+    (["--tag", "u", "--workers", "1", "--resume"], "there is no branch autoresearch/u-0 or any other of this tag"),
     (["--gpus", "1,1"], "GPUs 1,1: one appears twice"),
     (["--workers", "1", "--archive", "/tmp/elsewhere"], "name the directory .auto-log-research"),
     (["--workers", "1", "--tag", "a b"], "--tag 'a b'"),
@@ -210,7 +213,7 @@ def test_bad_input_is_refused_in_one_line_before_anything_is_made(repo, launch, 
 
 
 # ---------------------------------------------------------------------------
-# skypilot/autoresearch.yaml, read by SkyPilot's own parser from the lock's `skypilot` group
+# contrib/skypilot/autoresearch.yaml, read by SkyPilot's own parser from the lock's `skypilot` group
 
 SKY_PARSE = r'''
 import json, sys, yaml, sky
@@ -221,49 +224,28 @@ try:
 except ValueError as e:
     without_tag = str(e)
 task = sky.Task.from_yaml_config(yaml.safe_load(open(path)), env_overrides=[("TAG", "dec2")])
-(resources,) = task.resources
-print(json.dumps({"num_nodes": task.num_nodes, "accelerators": resources.accelerators, "setup": task.setup,
-                  "run": task.run, "envs": task.envs, "secrets": task.secrets, "without_tag": without_tag}))
+print(json.dumps({"setup": task.setup, "run": task.run, "envs": task.envs, "secrets": task.secrets,
+                  "without_tag": without_tag}))
 '''
-TASK = ROOT / "skypilot" / "autoresearch.yaml"
+TASK = ROOT / "contrib" / "skypilot" / "autoresearch.yaml"
 OFFLINE = ("Failed to fetch", "failed to lookup address", "Request failed after", "Could not connect",
            "Connection refused", "operation timed out")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def sky_parse():
-    """SkyPilot's parser on the task (TAG=dec2), started before this module's first test so that it runs
-    while the launches do. It runs in a throwaway environment that uv builds from the locked `skypilot`
-    group and caches: the first time downloads ~100 packages (~15 s), later ones take seconds."""
-    if not shutil.which("uv"):
-        yield None
-        return
-    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
-    proc = subprocess.Popen(["uv", "run", "--isolated", "--locked", "--only-group", "skypilot", "python", "-c",
-                             SKY_PARSE, str(TASK)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    yield proc
-    proc.kill()
-    proc.communicate()
-
-
 @pytest.fixture(scope="module")
-def sky_task(sky_parse):
-    if sky_parse is None:
+def sky_task():
+    """SkyPilot's parser on the task (TAG=dec2), in a throwaway environment that uv builds from the locked
+    `skypilot` group and caches: the first time downloads ~100 packages (~15 s), later ones take seconds."""
+    if not shutil.which("uv"):
         pytest.skip("uv is not on PATH, so the skypilot group cannot be installed")
-    stdout, stderr = sky_parse.communicate(timeout=300)
-    reason = next((line for line in stderr.splitlines() if any(s in line for s in OFFLINE)), None)
-    if sky_parse.returncode != 0 and reason:
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    out = subprocess.run(["uv", "run", "--isolated", "--locked", "--only-group", "skypilot", "python", "-c",
+                          SKY_PARSE, str(TASK)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    reason = next((line for line in out.stderr.splitlines() if any(s in line for s in OFFLINE)), None)
+    if out.returncode != 0 and reason:
         pytest.skip(f"SkyPilot could not be installed from PyPI: {reason.strip()}")
-    assert sky_parse.returncode == 0, stderr[-3000:]
-    return json.loads(stdout.splitlines()[-1])
-
-
-def test_the_task_asks_for_several_gpu_nodes_and_a_tag(sky_task):
-    assert sky_task["num_nodes"] > 1, sky_task["num_nodes"]
-    (gpu, count), = sky_task["accelerators"].items()
-    assert count >= 1, sky_task["accelerators"]
-    assert "TAG" in sky_task["without_tag"], f"a launch without --env TAG must fail: {sky_task['without_tag']}"
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.splitlines()[-1])
 
 
 def run_script(script, envs, home, **extra):
@@ -285,10 +267,13 @@ def run_script(script, envs, home, **extra):
 
 
 def head(path):
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout
 
 
 def test_setup_prepares_each_node_and_run_starts_its_workers_with_the_node_rank(sky_task, repo, tmp_path):
+    assert "TAG" in sky_task["without_tag"], f"a launch without --env TAG must fail: {sky_task['without_tag']}"
+    assert not sky_task["secrets"].get("ANTHROPIC_API_KEY") and "sk-ant" not in TASK.read_text(), \
+        "the agent's key is a secret from the user's shell, never in the file"
     workdir = tmp_path / "sky_workdir"  # what SkyPilot syncs: the checkout, .git included
     shutil.copytree(repo / ".git", workdir / ".git")
     alr, envs = tmp_path / "alr", sky_task["envs"]
@@ -299,18 +284,12 @@ def test_setup_prepares_each_node_and_run_starts_its_workers_with_the_node_rank(
                            capture_output=True, text=True).stdout
     assert email.strip(), "on a fresh node git has no identity, and the agents commit"
     run = run_script(sky_task["run"], envs, tmp_path, SKYPILOT_NODE_RANK="1")
-    assert run == [f"{alr}: uv run workers.py --tag dec2-n1 --num-shards 10"], run  # no more than setup made
+    assert run == [f"{alr}: uv run contrib/workers.py --tag dec2-n1 --num-shards 10"], run  # no more than setup made
     # a later `sky exec` syncs new code and copies .git over the workdir's: the clone follows its HEAD
     subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "new code"], cwd=workdir, check=True)
     run = run_script(sky_task["run"], {**envs, "ARGS": "--resume"}, tmp_path, SKYPILOT_NODE_RANK="0")
-    assert run == [f"{alr}: uv run workers.py --tag dec2-n0 --num-shards 10 --resume"], run
+    assert run == [f"{alr}: uv run contrib/workers.py --tag dec2-n0 --num-shards 10 --resume"], run
     assert head(alr) == head(workdir)
-
-
-def test_the_agents_key_is_a_secret_that_the_file_never_holds(sky_task):
-    text = TASK.read_text()
-    assert "ANTHROPIC_API_KEY: null" in text and "sk-ant" not in text
-    assert not sky_task["secrets"].get("ANTHROPIC_API_KEY"), sky_task["secrets"]
 
 
 def runs_prepare_in(proc_dir, repo):
@@ -324,7 +303,7 @@ def test_a_signal_during_set_up_ends_it_without_making_a_branch_or_leaving_prepa
     start, _, _ = launch
     proc = start("--tag", "s", "--workers", "1")
     while "preparing the data" not in (line := proc.stdout.readline()):
-        assert line, "workers.py ended before preparing the data"
+        assert line, "contrib/workers.py ended before preparing the data"
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130 and "interrupted during set-up; no agent was started" in out, out

@@ -16,17 +16,18 @@ The stand-ins, the same on both sides:
     weights (its docstring says why);
   - attention: AR's FA3 and our own attention both give way to common.explicit_attention, so that on
     one machine both sides compute the same bits (use_explicit_attention says why).
-Ours runs in the cpu profile with prepare's real module, these stand-ins set on it; AR's runs with AR's
-hyperparameters but the cpu profile's sizes (LOOP_HYPERPARAMETERS) and a stand-in `prepare` module.
+Ours runs in the cpu profile with prepare's real module, these stand-ins set on it, and with the gpu
+profile's untimed warm-up steps (gpu_timing_skip_steps says why); AR's runs with AR's hyperparameters but
+the cpu profile's sizes (LOOP_HYPERPARAMETERS) and a stand-in `prepare` module.
 
 Usage (a fresh process for each run: train.py installs exit handlers and freezes the GC):
     PYTHONPATH=. AUTORESEARCH_PROFILE=cpu python -m tests.reference.loop ours train.py OUT.json
     PYTHONPATH=. python -m tests.reference.loop ar /path/to/autoresearch OUT.json
 """
+import ast
 import itertools
 import json
 import math
-import runpy
 import sys
 import threading
 import time
@@ -158,7 +159,7 @@ def stand_ins(figures):
     """What prepare gives train.py, replaced."""
     return {"MAX_SEQ_LEN": LOOP_SEQ_LEN, "TIME_BUDGET": LOOP_TIME_BUDGET, "Tokenizer": Tokenizer,
             "make_dataloader": make_dataloader, "evaluate_bpb": figures.evaluate_bpb,
-            "evaluate_bpb_sample": lambda *args, **kwargs: FAKE_BPB, "exact_bytes_bpb": lambda bpb: bpb}
+            "evaluate_bpb_sample": lambda *args, **kwargs: FAKE_BPB}
 
 # ---------------------------------------------------------------------------
 # The two sides
@@ -173,6 +174,20 @@ def use_explicit_attention(model):
     namespace["attention"] = explicit_attention_our_layout
 
 
+def gpu_timing_skip_steps(source):
+    """train.py's source with TIMING_SKIP_STEPS set to its gpu-profile value, and that value. AR's loop is the
+    H100's, which leaves its first steps (torch.compile's warm-up) untimed; the cpu profile, where nothing
+    compiles, times them. The assignment's own expression is evaluated with gpu_profile True, so the figures
+    still catch a gpu value or a loop condition that departs from AR's by one step."""
+    tree = ast.parse(source)
+    node = next(n for n in tree.body if isinstance(n, ast.Assign) and len(n.targets) == 1
+                and getattr(n.targets[0], "id", None) == "TIMING_SKIP_STEPS")
+    value = eval(compile(ast.Expression(node.value), "train.py", "eval"), {"gpu_profile": True})
+    lines = source.splitlines(keepends=True)
+    lines[node.lineno - 1:node.end_lineno] = [f"TIMING_SKIP_STEPS = {value!r}\n"]
+    return "".join(lines), value
+
+
 def run_ours(train_py):
     """Our train.py as `uv run train.py` runs it (its directory first on sys.path), on the stand-ins."""
     sys.path.insert(0, str(Path(train_py).resolve().parent))
@@ -180,8 +195,10 @@ def run_ours(train_py):
     figures = LoopFigures(on_model=use_explicit_attention)
     for name, value in stand_ins(figures).items():
         setattr(prepare, name, value)
+    source, _ = gpu_timing_skip_steps(Path(train_py).read_text())
     time.time = FakeClock()
-    namespace = runpy.run_path(str(train_py), run_name="__main__")
+    namespace = {"__name__": "__main__", "__file__": str(train_py)}
+    exec(compile(source, str(train_py), "exec"), namespace)
     return figures.collect(namespace)
 
 

@@ -3,17 +3,18 @@ One research agent per GPU on this node, each on its own branch in its own git w
 into one shared archive so that each can read what the others tried (program.md says how).
 
 Usage:
-    uv run workers.py --tag dec2                  # a worker on every GPU this node shows
-    uv run workers.py --tag dec2 --gpus 0,1,3     # on these GPUs only
-    uv run workers.py --tag dec2 --resume         # restart the workers of an earlier launch where they stopped
-    AUTORESEARCH_PROFILE=cpu uv run workers.py --tag try --workers 2   # no GPU: two cpu-profile workers
+    uv run contrib/workers.py --tag dec2                  # a worker on every GPU this node shows
+    uv run contrib/workers.py --tag dec2 --gpus 0,1,3     # on these GPUs only
+    uv run contrib/workers.py --tag dec2 --resume         # restart an earlier launch's workers where they stopped
+    AUTORESEARCH_PROFILE=cpu uv run contrib/workers.py --tag try --workers 2   # no GPU: two cpu-profile workers
 
 For GPU n: the branch autoresearch/<tag>-n, made from this checkout's HEAD and checked out in
 <worktrees>/<tag>-n, its harness pinned (`analyze.py pin`). The data is prepared once (`prepare.py`)
 before any worker starts. Then README's overnight loop runs per worker, in the worktree, with
 CUDA_VISIBLE_DEVICES=n, AUTORESEARCH_WORKER=<tag>-n and AUTORESEARCH_ARCHIVE=<the shared archive>:
 the agent is restarted whenever it exits. Its output goes to <logs>/<tag>-n/agent-<time>-<session>.jsonl and
-agent.err; the launcher's own lines to stdout and <logs>/workers-<tag>.log.
+agent.err; the launcher's own lines to stdout and <logs>/workers-<tag>.log. Each worker's insights.md is
+copied into the archive (contrib/shared.py) when its agent exits, every minute, and at shutdown.
 
 Ctrl-C (SIGINT), SIGTERM or SIGHUP stops every worker and everything it started: SIGTERM first (train.py then
 records its run as a timeout), SIGKILL for whatever is left after the grace period. Each agent runs in
@@ -34,17 +35,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# the archive's name: .claude/settings.json lets an agent edit analysis.md only under it
-from harness.archive import ARCHIVE_NAME
+HERE = Path(__file__).resolve().parent.parent  # the repository root
+sys.path.insert(0, str(HERE))
+from contrib.shared import snapshot  # noqa: E402
+from harness.record import ARCHIVE_NAME  # noqa: E402  (.claude/settings.json lets agents write only under it)
 
 # ---------------------------------------------------------------------------
 # Defaults
 
-HERE = Path(__file__).resolve().parent
 AGENT = ("cat program.md | claude -p --permission-mode dontAsk --max-turns 500 "
          "--output-format stream-json --verbose --add-dir \"$AUTORESEARCH_ARCHIVE\"")  # README's loop body
 LOGS = Path("~/alr-logs")  # as README's overnight loop
 PAUSE_S = 30               # between an agent's exit and its restart, as README's loop
+SNAPSHOT_S = 60            # how often each worker's insights.md is copied into the archive (when it changed)
 GRACE_S = 15               # between SIGTERM and SIGKILL at shutdown
 POLL_S = 0.2               # how often the launcher looks at its workers
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -76,6 +79,9 @@ class Worker:
     def branch(self):
         return f"autoresearch/{self.name}"
 
+    def has_branch(self):
+        return git("rev-parse", "--verify", "--quiet", f"refs/heads/{self.branch}", check=False) is not None
+
 
 def git(*args, cwd=HERE, check=True):
     out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
@@ -96,12 +102,10 @@ def gpu_ids(gpus, workers):
         ids = gpus.split(",")
     elif os.environ.get("CUDA_VISIBLE_DEVICES", "").strip():
         ids = os.environ["CUDA_VISIBLE_DEVICES"].split(",")  # a scheduler (SkyPilot, Slurm) gave us these
-    elif shutil.which("nvidia-smi"):
-        query = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                               capture_output=True, text=True)
-        ids = query.stdout.split() if query.returncode == 0 else []
     else:
-        ids = []
+        query = shutil.which("nvidia-smi") and subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True, text=True)
+        ids = query.stdout.split() if query and query.returncode == 0 else []
     ids = [i.strip() for i in ids if i.strip()]
     if not ids:
         raise Refusal("no GPU found (nvidia-smi lists none): name them with --gpus 0,1, "
@@ -125,14 +129,14 @@ def main_checkout():
     """The repository's main working tree (the same answer from any of its worktrees)."""
     common = Path(git("rev-parse", "--path-format=absolute", "--git-common-dir"))
     if common.name != ".git":
-        raise Refusal(f"{common} is not inside a working tree's .git: run workers.py from a clone")
+        raise Refusal(f"{common} is not inside a working tree's .git: run contrib/workers.py from a clone")
     return common.parent
 
 
 def check_machine(agent, archive):
     """What every launch needs: this checkout's environment, git's identity, the agent CLI, the archive's name."""
     if sys.prefix == sys.base_prefix:
-        raise Refusal("run it as `uv run workers.py`: the workers share this checkout's virtual environment")
+        raise Refusal("run it as `uv run contrib/workers.py`: the workers share this checkout's environment")
     if not git("config", "user.email", check=False):
         raise Refusal("git has no user.email and the agents commit: git config --global user.email you@example.com "
                       "(and user.name)")
@@ -163,15 +167,13 @@ def check_worktrees(workers, resume):
     """Refuse before changing anything: a fresh launch needs new branches and paths, --resume at least one
     existing branch (the others are made: a launch stopped during set-up made only some)."""
     listed = registered_worktrees()
-    if resume and not any(git("rev-parse", "--verify", "--quiet", f"refs/heads/{w.branch}", check=False) is not None
-                          for w in workers):
+    if resume and not any(w.has_branch() for w in workers):
         raise Refusal(f"--resume: there is no branch {workers[0].branch} or any other of this tag to resume; "
                       "leave out --resume to start them")
     for w in workers:
-        exists = git("rev-parse", "--verify", "--quiet", f"refs/heads/{w.branch}", check=False) is not None
         there = listed.get(w.worktree.resolve(), False)
         elsewhere = [p for p, b in listed.items() if b == w.branch and p != w.worktree.resolve()]
-        if exists and not resume:
+        if not resume and w.has_branch():
             raise Refusal(f"branch {w.branch} already exists: choose another --tag, "
                           "or add --resume to restart its worker where it stopped")
         if there is not False and there != w.branch:
@@ -189,7 +191,7 @@ def make_worktree(w, head):
     if (w.worktree / ".git").exists():
         return "resumed"
     w.worktree.parent.mkdir(parents=True, exist_ok=True)
-    if git("rev-parse", "--verify", "--quiet", f"refs/heads/{w.branch}", check=False) is not None:
+    if w.has_branch():
         git("worktree", "add", "--quiet", str(w.worktree), w.branch)
         return "resumed in a new worktree"
     git("worktree", "add", "--quiet", "-b", w.branch, str(w.worktree), head)
@@ -204,7 +206,7 @@ def hold_lock(w):
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise Refusal(f"worker {w.name} is already running: another workers.py holds {path}") from None
+        raise Refusal(f"worker {w.name} is already running: another contrib/workers.py holds {path}") from None
     return handle
 
 
@@ -282,7 +284,7 @@ def reap(workers):
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return ended
+            pid = 0
         if pid == 0:
             return ended
         if pid in sessions:
@@ -306,16 +308,10 @@ def start_session(w, command, env):
 def signal_all(workers, sig):
     """Signal each agent's process group and every other process below us. Returns how many were signalled."""
     pids = set(descendants())
-    for w in workers:
-        if w.proc:
-            try:
-                os.killpg(w.proc.pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-    for pid in pids:
+    for kill, pid in [(os.killpg, w.proc.pid) for w in workers if w.proc] + [(os.kill, pid) for pid in pids]:
         try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
+            kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
             pass
     return len(pids)
 
@@ -349,14 +345,27 @@ class Log:
             sys.stdout = open(os.devnull, "w")
 
 
-def supervise(workers, command, envs, pause, log):
+def snapshot_insights(workers, archive, log):
+    for w in workers:
+        try:
+            snapshot(archive, w.name, w.worktree / ARCHIVE_NAME / "insights.md")
+        except OSError as e:  # the agent rewriting it, a full disk: the next copy comes later, the workers run on
+            log(f"{w.name}: insights.md not copied into the archive: {e}")
+
+
+def supervise(workers, command, envs, pause, log, archive):
     """README's restart loop for every worker at once, until a signal asks to stop."""
+    copied = time.monotonic()
     while "signal" not in STOP:
         now = time.monotonic()
-        for w, code in reap(workers):
+        ended = reap(workers)
+        for w, code in ended:
             w.proc.returncode, w.proc = code, None  # reaped here, so Popen must not wait for it again
             w.restart_at = now + pause
             log(f"{w.name}: agent exited ({code}), restarting in {pause:g} s")
+        if ended or now - copied > SNAPSHOT_S:
+            snapshot_insights(workers, archive, log)
+            copied = now
         for w in workers:
             if w.proc is None and now >= w.restart_at and "signal" not in STOP:
                 path = start_session(w, command, envs[w.name])
@@ -452,17 +461,19 @@ def main(argv=None):
         if "signal" in STOP:
             raise Interrupted
     except Refusal as e:
-        print(f"workers.py: {e}", file=sys.stderr)
+        print(f"contrib/workers.py: {e}", file=sys.stderr)
         return 2
     except Interrupted:
-        print("workers.py: interrupted during set-up; no agent was started", file=sys.stderr)
+        print("contrib/workers.py: interrupted during set-up; no agent was started", file=sys.stderr)
         return 130
     log = Log(args.logs / f"workers-{args.tag}.log")
     log(f"{len(workers)} workers, archive {args.archive}; Ctrl-C stops them all")
     if not become_subreaper():
         log("note: not Linux, so a process that leaves its worker's session may outlive a stop")
-    supervise(workers, args.agent, envs, args.pause, log)
-    return shut_down(workers, args.grace, log)
+    supervise(workers, args.agent, envs, args.pause, log, args.archive)
+    stopped = shut_down(workers, args.grace, log)
+    snapshot_insights(workers, args.archive, log)
+    return stopped
 
 
 if __name__ == "__main__":

@@ -1,0 +1,481 @@
+"""What a training run writes about itself, so that a broken train.py can never lose it.
+
+train.py calls it in a handful of lines:
+
+    run = RunRecorder(collect_config(globals())).start()   # metrics.jsonl now; run_summary.json at any exit
+    fit = fit_batch(DEVICE_BATCH_SIZE, ...); run.record_fit(fit)   # the device batch that fits, before the clock
+    run.log(step, **metrics)                                # a metrics row (buffered, flushed every 2 s)
+    run.check_divergence(step, loss)                        # NaN or > 100: the run ends as 'diverged'
+    run.finish(val_bpb=..., ...)                            # the greppable block, status 'ok'
+
+run_summary.json is written on every exit path: ok, crash (an uncaught exception, or the script ended
+without finish()), diverged, timeout (the hard cap or SIGTERM: exit code 3) and interrupted (Ctrl-C or
+SIGINT: KeyboardInterrupt, exit code 130). The hard cap is prepare.hard_cap_s; under `analyze.py run`
+(AUTORESEARCH_HANDOFF set) the parent enforces it and the watchdog here is off. LayerHealth computes the
+per-layer statistics on the device, to be fetched with the step's loss in one transfer.
+"""
+import atexit
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import prepare
+
+ROOT = Path(__file__).resolve().parent.parent
+FINAL_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": ".1f", "peak_vram_mb": ".1f",
+                 "mfu_percent": ".2f", "total_tokens_M": ".1f", "num_steps": "d", "num_params_M": ".1f", "depth": "d"}
+FINAL_KEYS = tuple(FINAL_FORMATS)           # karpathy/autoresearch's greppable block, in his order
+EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}  # the process's exit code
+DIVERGED_LOSS = 100.0                      # a training loss above this has diverged
+TEST_MAX_ROWS_ENV = "AUTORESEARCH_FIT_TEST_MAX_ROWS"  # tests only: batches above this many rows "run out of memory"
+
+
+class Diverged(Exception):
+    """Training loss became NaN/inf or exploded; the run ends with status 'diverged'."""
+
+
+class RunStopped(Exception):
+    """This machine cannot run train.py as it stands (no bf16, no compiler, not one row fits): the run ends as
+    a crash whose error, and whose only output, is the message's one line saying what to do."""
+
+
+def is_out_of_memory(exc):
+    """True if exc is an out-of-memory error or was raised from one (the compiler may wrap it). Triton loading
+    a kernel and cuBLAS creating a handle run out of memory with plain RuntimeErrors."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, torch.OutOfMemoryError) or (type(exc) is RuntimeError and any(
+                text in str(exc) for text in ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED"))):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+# ---------------------------------------------------------------------------
+# The device batch that fits
+# ---------------------------------------------------------------------------
+
+@dataclass
+class DeviceBatch:
+    """run_summary.json's device_batch block."""
+    requested: int          # DEVICE_BATCH_SIZE as train.py set it
+    used: int               # the device batch the run trains and evaluates with
+    grad_accum_steps: int   # TOTAL_BATCH_SIZE // (used * MAX_SEQ_LEN)
+    too_big: list           # sizes that ran out of memory, largest first
+    seconds: float          # spent trying, before the clock starts
+
+
+def grad_accum_steps(device_batch, total_batch_size, seq_len):
+    if total_batch_size % (device_batch * seq_len):
+        raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a whole number of micro-batches of "
+                         f"DEVICE_BATCH_SIZE {device_batch} x MAX_SEQ_LEN {seq_len} tokens: make DEVICE_BATCH_SIZE "
+                         f"a power of two that divides TOTAL_BATCH_SIZE // {seq_len}")
+    return total_batch_size // (device_batch * seq_len)
+
+
+def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
+    """The device batch to train with: DEVICE_BATCH_SIZE if try_step(size) (the loop's heaviest step) runs on
+    it, else the first of its halvings that does, with TOTAL_BATCH_SIZE kept by gradient accumulation (the
+    optimizer sees the same tokens per step; only the micro-steps, and so the step time, change). After each
+    try the parameters and optimizer state are put back exactly: the run starts as if nothing had been tried.
+    Nothing is tried on the CPU (no device memory to run out of) unless AUTORESEARCH_FIT_TEST_MAX_ROWS (tests
+    only) makes sizes above it run out of memory. RunStopped when not even one row fits."""
+    t0, on_gpu = time.time(), next(model.parameters()).is_cuda
+    accum = grad_accum_steps(requested, total_batch_size, seq_len)  # a request that does not divide: before any try
+    max_rows = int(os.environ.get(TEST_MAX_ROWS_ENV) or 0)
+    if not (on_gpu or max_rows):
+        return DeviceBatch(requested, requested, accum, [], 0.0)
+    sizes = [requested]
+    while sizes[-1] > 1:
+        sizes.append(sizes[-1] // 2 if sizes[-1] % 2 == 0 else 1)
+    if on_gpu:  # each size tried compiles the model once more (dynamic=False): leave training its own graphs
+        torch._dynamo.config.recompile_limit += len(sizes)
+    params = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+    state = copy.deepcopy(optimizer.state_dict())  # empty before the first step
+
+    @torch.no_grad()
+    def restore():
+        for k, v in model.state_dict().items():
+            v.copy_(params[k])
+        model.zero_grad(set_to_none=True)
+        optimizer.load_state_dict(state)
+
+    used, too_big = None, []
+    for size in sizes:
+        try:
+            try_step(size)
+            if max_rows and size > max_rows:  # after the step ran, as a real failure may come late
+                raise torch.OutOfMemoryError(f"{TEST_MAX_ROWS_ENV}={max_rows}: {size} rows do not fit")
+            used = size
+        except Exception as e:
+            if not is_out_of_memory(e):
+                raise
+            too_big.append(size)
+        restore()  # first: it drops a failed try's gradients and optimizer state, so their memory goes too
+        if used is not None:
+            break
+        gc.collect()  # out here the failed step's frames, and the activations they held, are gone
+        if on_gpu:
+            torch.cuda.empty_cache()
+    if used is None:
+        raise RunStopped(f"not even one row of {seq_len} tokens (DEVICE_BATCH_SIZE 1) fits in GPU memory with this "
+                         "model: make it smaller (DEPTH, ASPECT_RATIO) or use AUTORESEARCH_PROFILE=cpu")
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()  # peak_vram_mb: the training's, not a failed try's
+    fit = DeviceBatch(requested, used, grad_accum_steps(used, total_batch_size, seq_len), too_big, time.time() - t0)
+    if too_big:
+        print(f"DEVICE_BATCH_SIZE {requested} does not fit: using {used} with {fit.grad_accum_steps} accumulation "
+              f"steps, same TOTAL_BATCH_SIZE {total_batch_size} ({fit.seconds:.1f}s)")
+    return fit
+
+# ---------------------------------------------------------------------------
+# Config and provenance
+# ---------------------------------------------------------------------------
+
+def collect_config(namespace):
+    """Every UPPER_CASE global of train.py whose value is JSON-serialisable (tuples become lists), except the
+    harness constants it imported from prepare.py."""
+    config = {}
+    for name, value in namespace.items():
+        if name.isupper() and not name.startswith("_") and vars(prepare).get(name, object()) is not value:
+            with contextlib.suppress(TypeError, ValueError):
+                config[name] = json.loads(json.dumps(value))
+    return config
+
+
+def _json_default(value):
+    """Tensors and numpy scalars become Python numbers; anything else its repr, so a row is never lost."""
+    with contextlib.suppress(AttributeError, ValueError, RuntimeError):
+        return value.item()
+    return repr(value)
+
+
+def _sha256(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
+
+
+def _git(*args):
+    try:
+        out = subprocess.run(["git", "--no-replace-objects", *args], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def provenance():
+    """(git, env) blocks of run_summary.json: the commit and the sha256 of the scripts and harness files as
+    they ran, and the software and hardware the run ran on."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    git = {"commit": commit, "dirty": None if status is None else bool(status)}
+    git.update({f"{n}_py_sha256": _sha256(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")})
+    tracked = (_git("ls-files", "-z", "--", "prepare.py", "analyze.py", "harness") or "").split("\0")
+    git["harness_sha256"] = {p: _sha256(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}
+    cuda = torch.cuda.is_available()
+    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
+           "gpu_name": torch.cuda.get_device_name() if cuda else None,
+           "driver": prepare.nvidia_driver() if cuda else None}
+    return git, env
+
+# ---------------------------------------------------------------------------
+# Per-layer health and the validation curve
+# ---------------------------------------------------------------------------
+
+class LayerHealth:
+    """Gradient norm and update-to-weight ratio of every block matrix, plus the RMS of every block's output
+    (which the model's forward returns, from inside the compiled graph), e.g. for
+    LayerHealth(model.transformer.h.named_parameters())."""
+
+    def __init__(self, named_params):
+        self.names, self.params = zip(*((name.removesuffix(".weight"), p) for name, p in named_params))  # "0.attn.c_q"
+        self.grad_norms = self.before = None
+
+    @torch.no_grad()
+    def before_step(self):
+        """Call after backward, before optimizer.step()."""
+        self.grad_norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))
+        self.before = [p.detach().clone() for p in self.params]
+
+    def forget(self):
+        """Drop what before_step() keeps: a step that failed halfway must not hold its snapshot's memory."""
+        self.grad_norms = self.before = None
+
+    @torch.no_grad()
+    def after_step(self, act_rms):
+        """All statistics as one flat device tensor (nothing is transferred here)."""
+        weight_norms = torch.stack(torch._foreach_norm(self.before))
+        update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self.params, self.before)))
+        self.before = None
+        return torch.cat([self.grad_norms.float(), update_norms.float(), weight_norms.float(), act_rms.float()])
+
+    def unpack(self, values):
+        """The flat list from after_step(), fetched to the host, as metrics.jsonl keys."""
+        n, metrics = len(self.names), {}
+        for name, g, u, w in zip(self.names, values[:n], values[n:2 * n], values[2 * n:3 * n]):
+            metrics[f"layer/{name}/grad_norm"] = g
+            metrics[f"layer/{name}/update_ratio"] = u / w if w > 0 else None  # zero-init weights have no ratio yet
+        return metrics | {f"layer/{i}/act_rms": rms for i, rms in enumerate(values[3 * n:])}
+
+    def fetch(self, loss, stats):
+        """(loss as a float, layer metrics) in one device-to-host transfer; stats from after_step or None."""
+        if stats is None:
+            return loss.item(), {}
+        values = torch.cat([loss.float().view(1), stats]).tolist()
+        return values[0], self.unpack(values[1:])
+
+
+class ValCurve:
+    """In-training val/bpb at `points` evenly spaced progress values, and once more at the end. Each value gets
+    its own metrics row, at the progress where it was measured, and its seconds count as eval_s, outside the
+    training time."""
+
+    def __init__(self, run, measure, points, autocast_ctx=None):
+        self.run, self.measure, self.autocast_ctx = run, measure, autocast_ctx or contextlib.nullcontext()
+        self.due = [i / points for i in range(points)]  # progress values still to measure at
+
+    def update(self, step, progress, elapsed_s):
+        if self.due and progress >= self.due[0]:
+            self._measure(step, progress, elapsed_s)
+            self.due = [p for p in self.due if p > progress]
+
+    def finish(self, step, elapsed_s):
+        self._measure(step, 1.0, elapsed_s)
+
+    def _measure(self, step, progress, elapsed_s):
+        t0 = time.time()
+        with self.autocast_ctx:
+            val_bpb = self.measure()
+        self.run.timing("eval_s", time.time() - t0)
+        self.run.log(step, elapsed_s=elapsed_s, **{"train/progress": progress, "val/bpb": val_bpb})
+
+# ---------------------------------------------------------------------------
+# The recorder
+# ---------------------------------------------------------------------------
+
+class RunRecorder:
+    """Owns a run's outputs (metrics.jsonl, run_summary.json). Either `run = RunRecorder(config).start()` at
+    the top of a script (uncaught exceptions and an exit without finish() are recorded through sys.excepthook
+    and atexit), or `with RunRecorder(config) as run:` around the work. hard_cap_s: None for the watchdog's
+    prepare.hard_cap_s(TIME_BUDGET), 0 for none (the default under `analyze.py run`, whose parent keeps it)."""
+
+    def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
+        handed_off = bool(os.environ.get("AUTORESEARCH_HANDOFF"))
+        self.config, self.out_dir, self.flush_every_s = config, Path(out_dir), flush_every_s
+        self.hard_cap_s = (0 if handed_off else prepare.hard_cap_s(prepare.TIME_BUDGET)) if hard_cap_s is None else hard_cap_s
+        self.final, self.device_batch, self.timings, self.exit_code = dict.fromkeys(FINAL_KEYS), None, {}, None
+        self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
+        self._finished = self._closed = False
+        self._metrics_lock, self._close_lock, self._stop = threading.RLock(), threading.RLock(), threading.Event()
+        self.started_at = self._last_flush = time.time()
+
+    # -- lifecycle --
+
+    def __enter__(self):
+        for name in ("metrics.jsonl", "run_summary.json"):  # never let a previous run's outputs pass as ours
+            (self.out_dir / name).unlink(missing_ok=True)
+        self.started_at = self._last_flush = time.time()
+        self.git, self.env = provenance()
+        # the tokenizer stands for the data it was trained on (the cpu profile's is this Python's standard
+        # library): runs on another tokenizer are another harness
+        tokenizer_sha = _sha256(prepare.TOKENIZER_DIR / "tokenizer.pkl")
+        self.harness = {**prepare.HARNESS, "tokenizer": tokenizer_sha[:16] if tokenizer_sha else None}
+        try:
+            self._file = open(self.out_dir / "metrics.jsonl", "w")
+        except OSError as e:
+            self._warn_once("io", f"metrics.jsonl: {e}")
+        if self.hard_cap_s:
+            threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
+        self._old_handlers = None
+        if threading.current_thread() is threading.main_thread():
+            # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup),
+            # which Python would otherwise leave ignored: a run started there could not be interrupted
+            self._old_handlers = (signal.signal(signal.SIGTERM, self._on_sigterm),
+                                  signal.signal(signal.SIGINT, signal.default_int_handler))
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self._stop.set()
+        if self._old_handlers is not None:
+            signal.signal(signal.SIGTERM, self._old_handlers[0])
+            signal.signal(signal.SIGINT, self._old_handlers[1])
+        trace = "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else ""
+        if exc_type is None:
+            status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
+        elif issubclass(exc_type, RunStopped):
+            print(f"train.py stopped: {exc}", file=sys.stderr)
+            status, error = "crash", str(exc)
+        elif issubclass(exc_type, KeyboardInterrupt):  # someone stopped it: not the code's failure, and no number
+            print("\ntrain.py interrupted (Ctrl-C or SIGINT)", file=sys.stderr)
+            status, error = "interrupted", _tail(trace, max_lines=12)
+        else:
+            print(trace, end="", file=sys.stderr)
+            status, error = ("diverged" if issubclass(exc_type, Diverged) else "crash"), _tail(trace)
+            if is_out_of_memory(exc):  # the line that says what to do first, the traceback's tail after it
+                line = self._out_of_memory_line()
+                print(f"train.py: {line}", file=sys.stderr)
+                error = f"{line}\n{_tail(trace, max_lines=30)}"
+        self._close(status, error)
+        return True
+
+    def start(self):
+        """Begin the run for a whole script: its end, however it comes, writes the summary and sets the
+        process's exit code (0 ok, 1 crash, 2 diverged, 3 timeout, 130 interrupted)."""
+        self.__enter__()
+        sys.excepthook = self._excepthook
+        atexit.register(self._at_exit)
+        return self
+
+    def _excepthook(self, exc_type, exc, tb):
+        self.__exit__(exc_type, exc, tb)
+        self._exit_now()
+
+    def _at_exit(self):
+        if not self._closed:
+            self.__exit__(None, None, None)
+        if self.exit_code:
+            self._exit_now()
+
+    def _exit_now(self):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(self.exit_code)
+
+    def _watchdog(self):
+        if not self._stop.wait(max(0.0, self.started_at + self.hard_cap_s - time.time())):
+            self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
+
+    def _on_sigterm(self, signum, frame):
+        self._timeout("SIGTERM received")
+
+    def _timeout(self, reason):
+        frame = sys._current_frames().get(threading.main_thread().ident)
+        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        if self._close("timeout", _tail(f"{reason}; main thread was at:\n{stack}")):
+            print(f"\nRunRecorder: {reason}, wrote run_summary.json (status timeout)", file=sys.stderr)
+            self._exit_now()
+
+    def _close(self, status, error):
+        """Flush metrics and write the summary, once; False if another path already did."""
+        with self._close_lock:
+            if self._closed:
+                return False
+            self._closed = True
+            self.exit_code = EXIT_CODES[status]
+            if not self._finished and self._last_step is not None:
+                # how far a run got before it died: the last logged step, unless train.py said more
+                self.final["num_steps"] = self.final["num_steps"] or self._last_step + 1
+                self.final["training_seconds"] = self.final["training_seconds"] or self._last_elapsed
+            self.flush()
+            with self._metrics_lock:
+                if self._file is not None:
+                    self._file.close()
+            self._write_summary(status, error)
+            return True
+
+    # -- during the run --
+
+    def log(self, step, **metrics):
+        """Buffer one metrics row; written at most every flush_every_s and at exit. Never raises on I/O."""
+        with self._metrics_lock:
+            if self._last_step is not None and step < self._last_step:
+                self._warn_once("order", f"log(step={step}) after step {self._last_step}: row dropped")
+                return
+            self._last_step = step
+            self._last_elapsed = metrics.get("elapsed_s", self._last_elapsed)
+            self._rows.append({"step": step, "time": time.time(), **metrics})
+            if time.time() - self._last_flush >= self.flush_every_s:
+                self.flush()
+
+    def flush(self):
+        with self._metrics_lock:
+            rows, self._rows, self._last_flush = self._rows, [], time.time()
+            if self._file is None or self._file.closed or not rows:
+                return
+            try:
+                self._file.write("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
+                self._file.flush()
+            except OSError as e:
+                self._warn_once("io", f"metrics.jsonl: {e}")
+
+    def _warn_once(self, kind, message):
+        if kind not in self._warned:
+            self._warned.add(kind)
+            print(f"RunRecorder: warning: {message} (further warnings of this kind suppressed)", file=sys.stderr)
+
+    def set(self, **values):
+        """Record final-block values known so far; they reach the summary whatever the exit path."""
+        if unknown := set(values) - set(FINAL_KEYS):
+            raise KeyError(f"not final-block keys: {sorted(unknown)}; known: {FINAL_KEYS}")
+        self.final.update(values)
+
+    def timing(self, name, seconds):
+        """Add seconds to a named timing of run_summary.json's timings block."""
+        self.timings[name] = self.timings.get(name, 0.0) + float(seconds)
+
+    def record_fit(self, fit):
+        """run_summary.json's device_batch block and fit_s timing, from fit_batch's DeviceBatch."""
+        self.device_batch = asdict(fit)
+        self.timing("fit_s", fit.seconds)
+
+    def _out_of_memory_line(self):
+        """What to do about an out-of-memory crash, in one line that names the device batch."""
+        if self.device_batch is None and self._last_step is None:
+            return "out of GPU memory before any batch ran: make the model smaller (DEPTH, ASPECT_RATIO)"
+        requested = self.config.get("DEVICE_BATCH_SIZE")
+        used = (self.device_batch or {}).get("used", requested)
+        at = f"DEVICE_BATCH_SIZE {used}" + (f" (fitted down from {requested})" if used != requested else "")
+        lower = f"lower DEVICE_BATCH_SIZE, e.g. to {used // 2} (TOTAL_BATCH_SIZE is kept by accumulation), or " if used > 1 else ""
+        return f"out of GPU memory at {at}: {lower}make the model smaller (DEPTH, ASPECT_RATIO)"
+
+    def check_divergence(self, step, loss):
+        if not math.isfinite(loss) or loss > DIVERGED_LOSS:
+            raise Diverged(f"training loss {loss} at step {step}")
+
+    def finish(self, **final):
+        """Set the final-block values, print karpathy/autoresearch's greppable block, end the run 'ok'. Under
+        `analyze.py run` val_bpb is None (prepare.evaluate_bpb handed the model off): the block has no val_bpb
+        line, and the harness adds its own measured one to run.log."""
+        self.set(**final)
+        self._finished = True
+        lines = ["---"]
+        for key, fmt in FINAL_FORMATS.items():
+            value = self.final[key]
+            if key != "val_bpb" or value is not None:
+                text = "n/a" if value is None else format(int(value) if fmt == "d" else float(value), fmt)
+                lines.append(f"{key + ':':<18}{text}")
+        print("\n".join(lines), flush=True)
+
+    # -- the summary --
+
+    def _write_summary(self, status, error):
+        summary = {"status": status, **self.final, "device_batch": self.device_batch, "config": self.config,
+                   "harness": self.harness, "git": self.git, "env": self.env,
+                   "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
+                   "error": error}
+        path = self.out_dir / "run_summary.json"
+        tmp = path.with_name(f".run_summary.json.{os.getpid()}.part")
+        try:
+            tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            print(f"RunRecorder: could not write {path}: {e}", file=sys.stderr)
+
+
+def _tail(text, max_lines=40, max_chars=4000):
+    return "\n".join(text.rstrip().splitlines()[-max_lines:])[-max_chars:]

@@ -1,0 +1,301 @@
+"""harness/recorder.py: the run recorder writes its outputs on every exit path (ok, crash, diverged, timeout,
+interrupted), prints AR's block, or under the harness the block without val_bpb; and the device batch that
+fits, on the CPU with the memory limit injected: a try_step that takes train.py's real trial step on a tiny
+model and then runs out of memory above a number of rows."""
+import contextlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import prepare  # noqa: E402
+import train  # noqa: E402  (imports prepare; trains nothing)
+from harness import recorder  # noqa: E402
+from harness.recorder import LayerHealth, RunRecorder, RunStopped  # noqa: E402
+
+
+def summary(out_dir):
+    return json.loads((out_dir / "run_summary.json").read_text())
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+FINISHED = dict(training_seconds=60.04, total_seconds=70.0, peak_vram_mb=None, mfu_percent=None, total_tokens_M=1.25,
+                num_steps=3, num_params_M=1.234, depth=4)
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("handed_off", [False, True], ids=["manual", "under_the_harness"])
+def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys, handed_off):
+    (tmp_path / "run_summary.json").write_text('{"status": "ok", "val_bpb": 0.5}')  # a previous run's leftovers
+    with RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
+        assert not (tmp_path / "run_summary.json").exists(), "a stale summary survived the start"
+        for step in range(3):
+            run.log(step, **{"train/loss": 5.0 - step})
+        run.timing("startup_s", 1.5)
+        run.finish(val_bpb=None if handed_off else 1.2345678, **FINISHED)
+    s = summary(tmp_path)
+    assert (run.exit_code, s["status"], s["error"], s["config"]) == (0, "ok", None, {"DEPTH": 4})
+    assert {k for k in s if k not in recorder.FINAL_KEYS} == {"status", "device_batch", "config", "harness", "git",
+                                                               "env", "timings", "error"}
+    assert {k: v for k, v in s["harness"].items() if k != "tokenizer"} == prepare.HARNESS
+    assert {"commit", "dirty", "train_py_sha256", "prepare_py_sha256", "analyze_py_sha256"} <= set(s["git"])
+    assert set(s["env"]) == {"python", "torch", "cuda", "gpu_name", "driver"} and s["timings"]["startup_s"] == 1.5
+    assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
+    block = capsys.readouterr().out.split("---\n")[-1].splitlines()
+    assert block[-8:] == ["training_seconds: 60.0", "total_seconds:    70.0", "peak_vram_mb:     n/a",
+                          "mfu_percent:      n/a", "total_tokens_M:   1.2", "num_steps:        3",
+                          "num_params_M:     1.2", "depth:            4"], block
+    # the harness appends its own measured val_bpb: train.py's block must not carry one
+    assert block[:-8] == ([] if handed_off else ["val_bpb:          1.234568"]), block
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+@pytest.mark.quick
+def test_a_crash_keeps_the_traceback_and_how_far_the_run_got(tmp_path, capsys):
+    with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        run.set(num_params_M=2.5)
+        for step in range(3):
+            run.log(step, **{"train/loss": 9.0 - step, "elapsed_s": 1.5 * step})
+        raise RuntimeError("boom in the model")
+    s = summary(tmp_path)
+    assert (run.exit_code, s["status"], s["num_params_M"], s["val_bpb"]) == (1, "crash", 2.5, None)
+    assert (s["num_steps"], s["training_seconds"]) == (3, 3.0), "how far it got: from the last logged row"
+    assert "Traceback" in s["error"] and "RuntimeError: boom in the model" in s["error"], s["error"]
+    assert "boom in the model" in capsys.readouterr().err and metrics(tmp_path)[0]["train/loss"] == 9.0
+
+
+@pytest.mark.quick
+def test_a_stopped_run_is_a_crash_with_its_one_line_and_no_traceback(tmp_path, capsys):
+    with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+        raise RunStopped("Tesla V100 has no bf16: use a newer GPU or AUTORESEARCH_PROFILE=cpu")
+    s = summary(tmp_path)
+    assert (run.exit_code, s["status"]) == (1, "crash") and s["error"].startswith("Tesla V100 has no bf16")
+    assert capsys.readouterr().err.strip() == "train.py stopped: " + s["error"]
+
+
+@pytest.mark.quick
+def test_metrics_are_flushed_on_schedule_in_step_order_and_never_raise(tmp_path, capsys):
+    with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60, flush_every_s=0) as run:
+        run.log(0, a=1.0)
+        assert [r["a"] for r in metrics(tmp_path)] == [1.0], "row not flushed with flush_every_s=0"
+        run.flush_every_s = 1e9
+        run.log(1, a=torch.tensor(2.0), b=None, c=float("nan"))
+        assert len(metrics(tmp_path)) == 1, "row written before its flush was due"
+        run.log(0, a=3.0)  # a step going backwards is dropped, never written out of order
+        run.finish()
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["a"] == 2.0 and rows[1]["b"] is None
+    assert math.isnan(rows[1]["c"])
+    with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60, flush_every_s=0) as run:
+        run._file.close()
+        run._file = open(os.devnull, "r")  # every write fails, as on a full disk
+        for step in range(5):
+            run.log(step, loss=1.0)
+        run.finish()
+    assert run.exit_code == 0 and capsys.readouterr().err.count("metrics.jsonl") == 1, "one warning, no exception"
+
+
+# ---------------------------------------------------------------------------
+# A whole script: every ending sets the exit code; the hard cap, SIGTERM and SIGINT
+# ---------------------------------------------------------------------------
+
+ENDINGS = {
+    "raises": ("raise RuntimeError('boom')", 1, "crash", "RuntimeError: boom"),
+    "diverges": ("run.check_divergence(3, float('nan'))", 2, "diverged", "training loss nan at step 3"),
+    "never_finishes": ("pass", 1, "crash", "without calling run.finish()"),
+    "finishes": ("run.finish()", 0, "ok", None),
+    "interrupted": ("raise KeyboardInterrupt", 130, "interrupted", "KeyboardInterrupt"),
+    "hard_cap": ("time.sleep(60)", 3, "timeout", "hard cap of 1s"),
+}
+
+
+def start_script(tmp_path, ending, cap=1.0, ignore_sigint=False):
+    script = tmp_path / "script.py"  # train.py's shape: start() at the top; a file, so stacks show its lines
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        from harness.recorder import RunRecorder
+        run = RunRecorder({{}}, hard_cap_s={cap}, flush_every_s=1e9).start()
+        run.log(0, loss=3.0)
+        print("ready", flush=True)
+        {ending}
+    """))
+    # a background job or nohup starts its children with SIGINT ignored: Ctrl-C must still stop the run
+    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
+    return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+def test_a_started_script_records_how_it_ended_and_exits_with_its_code(tmp_path, ending):
+    line, code, status, error = ENDINGS[ending]
+    proc = start_script(tmp_path, line)
+    _, err = proc.communicate(timeout=120)
+    s = summary(tmp_path)
+    assert (proc.returncode, s["status"], s["error"] is None) == (code, status, error is None), f"{s}\n{err[-500:]}"
+    assert error is None or error in s["error"], s["error"]
+    assert metrics(tmp_path) == [dict(metrics(tmp_path)[0], loss=3.0)], "the buffered row was lost"
+
+
+@pytest.mark.parametrize("signum, code, status", [(signal.SIGTERM, 3, "timeout"), (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_and_sigint_write_the_summary_even_when_sigint_was_ignored_at_start(tmp_path, signum, code, status):
+    proc = start_script(tmp_path, "time.sleep(60)", cap=300, ignore_sigint=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == code, f"exit {proc.returncode}: {err[-500:]}"
+    assert summary(tmp_path)["status"] == status and metrics(tmp_path)[0]["loss"] == 3.0
+
+
+@pytest.mark.quick
+def test_the_watchdog_keeps_prepares_hard_cap_and_is_off_under_the_harness(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_HANDOFF", raising=False)
+    assert RunRecorder({}).hard_cap_s == prepare.hard_cap_s(prepare.TIME_BUDGET)
+    monkeypatch.setenv("AUTORESEARCH_HANDOFF", "/tmp/handoff.pt")
+    assert RunRecorder({}).hard_cap_s == 0, "under analyze.py run the parent enforces the cap"
+
+# ---------------------------------------------------------------------------
+# The device batch that fits
+# ---------------------------------------------------------------------------
+
+T = 64                 # tokens per row of the tiny model
+TOTAL = 16 * T * 2     # TOTAL_BATCH_SIZE: two micro-batches of the requested 16 rows
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    return model, model.setup_optimizer()
+
+
+@pytest.fixture
+def fit(monkeypatch):
+    """fit(max_rows, requested=16) -> (DeviceBatch, sizes tried, model, optimizer): train.py's trial_step on a tiny
+    model, whose optimizer step runs out of memory above max_rows, halfway through the step as a real failure may."""
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", T)  # the row length trial_step uses
+    monkeypatch.delenv(recorder.TEST_MAX_ROWS_ENV, raising=False)
+
+    def run_fit(max_rows, requested=16):
+        model, optimizer = tiny_model()
+        health, tried = LayerHealth(model.transformer.h.named_parameters()), []
+
+        def step():
+            type(optimizer).step(optimizer)
+            if tried[-1] > max_rows:
+                raise torch.OutOfMemoryError("CUDA out of memory in the optimizer step")
+        optimizer.step = step
+        monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "1000")  # try sizes on the CPU; this limit never binds
+        result = recorder.fit_batch(requested, TOTAL, T, lambda B: tried.append(B) or train.trial_step(
+            B, model, optimizer, health, contextlib.nullcontext()), model, optimizer)
+        del optimizer.step  # the real step again
+        return result, tried, model, optimizer
+    return run_fit
+
+
+@pytest.mark.quick
+def test_the_largest_halving_that_fits_is_used_with_accumulation_for_the_same_total(fit, capsys):
+    result, tried, _, _ = fit(max_rows=5)
+    assert tried == [16, 8, 4] and (result.used, result.grad_accum_steps, result.too_big) == (4, 8, [16, 8])
+    assert "DEVICE_BATCH_SIZE 16 does not fit: using 4 with 8 accumulation steps" in capsys.readouterr().out
+    result, tried, _, _ = fit(max_rows=16)
+    assert tried == [16] and (result.used, result.grad_accum_steps) == (16, 2), "a size that fits is never changed"
+    with pytest.raises(RunStopped, match=r"DEVICE_BATCH_SIZE 1\) fits .*DEPTH"):
+        fit(max_rows=0, requested=2)
+
+
+@pytest.mark.quick
+def test_on_the_cpu_nothing_is_tried_and_a_request_that_does_not_divide_is_one_error(monkeypatch):
+    monkeypatch.delenv(recorder.TEST_MAX_ROWS_ENV, raising=False)
+    model, optimizer = tiny_model()
+    result = recorder.fit_batch(16, TOTAL, T, lambda B: pytest.fail("tried on the CPU"), model, optimizer)
+    assert (result.used, result.grad_accum_steps, result.too_big) == (16, 2, [])
+    with pytest.raises(ValueError, match=r"TOTAL_BATCH_SIZE 524288 .* DEVICE_BATCH_SIZE 96 .* power of two"):
+        recorder.fit_batch(96, 2**19, 2048, None, model, optimizer)
+
+
+@pytest.mark.quick
+def test_trial_steps_leave_parameters_and_optimizer_exactly_as_they_were(fit):
+    """A run that fitted (two failed trials and one that fit) then trains one step bit for bit as a run that
+    never tried anything."""
+    _, tried, *fitted = fit(max_rows=1, requested=4)
+    assert tried == [4, 2, 1] and all(p.grad is None for p in fitted[0].parameters()) and not fitted[1].state
+    fresh = tiny_model()
+    for model, optimizer in (fitted, fresh):
+        rows = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(99))
+        model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()).backward()
+        optimizer.step()
+    for (name, a), b in zip(fitted[0].named_parameters(), fresh[0].parameters()):
+        assert torch.equal(a, b), f"{name} differs after one step: the trials left a trace"
+
+
+@pytest.mark.quick
+@pytest.mark.parametrize("exc, oom", [
+    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("Triton Error [CUDA]: out of memory"), True),  # the compiled backward loading its kernels
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)"), False),
+    (ValueError("out of memory"), False),  # only the runtime's own errors say so
+])
+def test_out_of_memory_is_recognised_and_only_it_is_taken_for_a_size_that_does_not_fit(monkeypatch, exc, oom):
+    wrapped = RuntimeError("compiled step failed")  # as the compiler re-raises it
+    wrapped.__cause__ = exc
+    assert (recorder.is_out_of_memory(exc), recorder.is_out_of_memory(wrapped)) == (oom, oom), repr(exc)
+    monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "1000")
+    model, optimizer = tiny_model()
+
+    def raising(B):
+        raise wrapped
+    with pytest.raises(RunStopped if oom else RuntimeError):
+        recorder.fit_batch(2, 2 * T, T, raising, model, optimizer)
+
+
+@pytest.mark.quick
+def test_an_out_of_memory_crash_says_what_to_do_first_naming_the_device_batch(tmp_path, capsys):
+    with RunRecorder({"DEVICE_BATCH_SIZE": 128}, out_dir=tmp_path, hard_cap_s=60) as run:
+        run.record_fit(recorder.DeviceBatch(128, 32, 8, [128, 64], 2.0))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    s = summary(tmp_path)
+    first, rest = s["error"].split("\n", 1)
+    assert "DEVICE_BATCH_SIZE 32 (fitted down from 128)" in first and "to 16" in first, first
+    assert "Tried to allocate 2.00 GiB" in rest and s["device_batch"]["used"] == 32 and s["timings"]["fit_s"] == 2.0
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: " + first, "run.log ends with the line"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real out-of-memory errors")
+def test_on_a_gpu_real_out_of_memory_errors_halve_to_a_size_that_fits(monkeypatch):
+    """The allocator capped at 1.5 GiB above what is in use, rows of 2048 tokens and an 8192-token vocabulary:
+    the sizes that do not fit raise real OutOfMemoryErrors, and the size chosen trains under the same cap."""
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", 2048)
+    monkeypatch.delenv(recorder.TEST_MAX_ROWS_ENV, raising=False)
+    torch.manual_seed(0)
+    with torch.device("meta"):  # full-context layers only: SDPA, no flex_attention to compile
+        model = train.GPT(train.GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2,
+                                          n_embd=128, window_pattern="L"))
+    model.to_empty(device="cuda")
+    model.init_weights()
+    optimizer, health = model.setup_optimizer(), LayerHealth(model.transformer.h.named_parameters())
+    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
+    before = [p.detach().clone() for p in model.parameters()]
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_allocated() + 1.5 * 2**30
+    torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
+    try:
+        trial = lambda B: train.trial_step(B, model, optimizer, health, autocast)  # noqa: E731
+        result = recorder.fit_batch(64, 64 * 2048, 2048, trial, model, optimizer)
+        assert 1 <= result.used < 64 and result.too_big[-1] == 2 * result.used, result
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)), "the trials left a trace"
+        trial(result.used)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
