@@ -150,6 +150,21 @@ def test_program_md_is_short_and_the_harness_decides(program, settings):
     assert decide(settings, "Bash", "uv run python .auto-log-research/scratch/gap.py") != "allow"
 
 
+def test_the_settings_hook_runs_the_guard_on_every_bash_command(settings, tmp_path):
+    """The PreToolUse hook as Claude Code runs it (a shell command, CLAUDE_PROJECT_DIR set): exit 2 refuses."""
+    (entry,) = [h for h in settings["hooks"]["PreToolUse"] if h["matcher"] == "Bash"]
+    (hook,) = entry["hooks"]
+    env = {**os.environ, "CLAUDE_PROJECT_DIR": str(ROOT)}
+
+    def run(command):
+        event = {"hook_event_name": "PreToolUse", "tool_name": "Bash", "tool_input": {"command": command}}
+        return subprocess.run(["bash", "-c", hook["command"]], input=json.dumps(event), text=True, env=env,
+                              capture_output=True, cwd=tmp_path, timeout=60)
+    assert run("uv run analyze.py list").returncode == 0
+    refused = run("uv run analyze.py status a1b2c3d k'ee'p")
+    assert refused.returncode == 2 and refused.stderr.strip(), refused
+
+
 def test_what_program_md_forbids_is_denied(settings, program):
     cmds, files = forbidden_items(program)
     assert {"prepare.py", "analyze.py", "pyproject.toml", "uv.lock"} <= set(files), files

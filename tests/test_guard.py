@@ -1,0 +1,162 @@
+""".claude/hooks/guard.py, fed the hook protocol's JSON as Claude Code sends it: every command
+program.md gives is allowed (exit 0), and the spellings that a text-matching rule lets through are
+refused (exit 2, one line on stderr) once the command is read as bash and git read it; and the words
+the guard checks are the words bash passes, for commands quoted every way the guard lets through.
+"""
+import functools
+import importlib.util
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from test_program import agent_commands, fill_placeholders, forbidden_items
+
+pytestmark = pytest.mark.quick
+
+ROOT = Path(__file__).resolve().parent.parent
+GUARD = ROOT / ".claude" / "hooks" / "guard.py"
+PROGRAM = (ROOT / "program.md").read_text()
+
+# commands program.md's loop leads to beyond its literal code spans
+ALSO_ALLOWED = [
+    "git status --short",
+    "git status -sb",  # a cluster of two allowed options
+    "git log --oneline -n 20",
+    "git log --oneline -5 -- train.py",
+    "git diff HEAD~1 -- train.py",
+    "git show HEAD:train.py | head -n 40",
+    "git branch --show-current",
+    "git add train.py && git commit -m 'MATRIX_LR 0.04 -> 0.05' -- train.py",
+    'uv run analyze.py run "MATRIX_LR 0.04 -> 0.05; DEPTH 8"',
+    "uv run analyze.py curve val/bpb a1 b2 --at=0.5,1",
+    "tail -n 50 .auto-log-research/x1/run.log 2>&1",
+    "grep -n val_bpb .auto-log-research/*/analysis.md | wc -l",
+    "cat .auto-log-research/insights.md",
+    "printenv AUTORESEARCH_WORKER",
+    "sleep 60",
+    "ls \"a\"b'c'",  # the shell's `abc`, and shlex's
+    "git log --format='%h %s' -- train.py",
+    "grep -n 'val_bpb$' .auto-log-research/x1/run.log",  # single quotes: nothing expands
+    'git commit -m "a; b && c > d" -- train.py',
+    "uv run analyze.py list;",
+    "git diff HEAD~1 -- train.py 2>&1 | head -n 40",
+]
+
+REFUSED = {
+    "git commit --amen -m x": "--amen",                              # git expands it to --amend
+    "git checkout -qB autoresearch/x HEAD~2": "git checkout -qB",    # -q -B: resets a branch
+    "git checkout -b autoresearch/x HEAD~2": "at most 1",            # a start point moves the branch
+    "git commit -qm x": "-q",
+    "git commit -m --amend": "value of -m",
+    "uv run analyze.py curve val/bpb a1 --at --out x": "value of --at",
+    "uv run analyze.py status x1 k'ee'p": "analyze.py status",       # the shell makes it `keep`
+    "uv run analyze.py status x1 keep": "analyze.py status",
+    "uv run analyze.py repin": "analyze.py repin",
+    "cat x > .venv/lib/python3.11/site-packages/evil.pth": "redirect",
+    "cat x >> insights.md": "redirect",
+    "ls 2>/dev/null": "redirect",
+    "cat <<EOF\n$(id)\nEOF": "'\\n'",
+    "git status; rm -rf /": "rm -rf",
+    "git status && rm -rf .": "rm -rf",
+    "ls $(touch x)": "'$'",
+    'cat "$(touch x)"': "'$'",  # double quotes do not stop an expansion
+    'ls "$HOME"': "'$'",
+    "ls `touch x`": "'`'",
+    "ls <(id)": "'<('",
+    "ls >(id)": "'>('",
+    "ls a\\ b": "'\\\\'",
+    "git log x#;rm -rf /": "'#'",  # shlex would read a comment where bash reads `x#`, then `rm`
+    "ls # x": "'#'",
+    "cat x 2>&1 > y": "`>`",
+    "git add train.py 2 >&1": "`>&`",  # `2` is a word here: only `2>&1` written together passes
+    "ls x&>y": "`&>`",
+    "git status |& cat": "`|&`",
+    "ls ;; ls": "`;;`",
+    "ls 'x": "could not check",  # an unclosed quote
+    "cat train.py | sh": "sh",
+    "(git status)": "subshell",
+    "{ git status; }": "`{ git status`",
+    "uv run analyze.py run x &": "&",
+    "uv run python -c 'print(1)'": "uv run python",
+    "uv run train.py": "uv run train.py",
+    "uv run --with requests analyze.py list": "uv run --with",
+    "AUTORESEARCH_TIME_BUDGET=600 uv run analyze.py run x": "not a command",
+    "git update-ref refs/heads/x HEAD": "git update-ref",
+    "git reset --hard HEAD~1": "git reset",
+    "git -c core.pager=sh log": "git -c",
+    "git log --output=x": "--output",
+    "git log --pretty --output=x": "--output",  # --pretty takes no next word, so --output is an option
+    "git diff --outp=x": "--outp",
+    "git branch --list -D autoresearch/x": "-D",
+    "git branch --list autoresearch/*": "quote the glob",
+    "git add -f harness/decide.py": "-f",
+    "git add .": "does not take",
+    "printenv": "printenv",
+    "ls ~": "tilde",
+    "ls x ~/y": "tilde",
+    "uv run analyze.py curve x --at=~": "tilde",  # bash expands `a=~` in any word
+}
+
+
+def guard(command=None, payload=None):
+    payload = payload or json.dumps({"session_id": "s", "hook_event_name": "PreToolUse", "tool_name": "Bash",
+                                     "tool_input": {"command": command, "description": "test"}})
+    p = subprocess.run([sys.executable, "-I", "-S", str(GUARD)], input=payload, capture_output=True, text=True,
+                       cwd=ROOT, timeout=30, check=False)
+    return p.returncode, p.stderr
+
+
+@functools.cache
+def verdicts():
+    """(exit code, stderr) for every listed command, the processes run side by side (each takes most
+    of its time starting Python)."""
+    commands = agent_commands(PROGRAM) + ALSO_ALLOWED + list(REFUSED)
+    with ThreadPoolExecutor(8) as pool:
+        return dict(zip(commands, pool.map(guard, commands)))
+
+
+@pytest.mark.parametrize("command", agent_commands(PROGRAM) + ALSO_ALLOWED)
+def test_allows_what_program_md_gives(command):
+    rc, err = verdicts()[command]
+    assert rc == 0, f"{command!r} refused: {err}"
+
+
+@pytest.mark.parametrize("command,why", REFUSED.items())
+def test_refuses_with_one_line(command, why):
+    rc, err = verdicts()[command]
+    assert rc == 2, f"{command!r} allowed (exit {rc}, stderr {err!r})"
+    assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("guard.py refused"), err
+    assert why in err, f"{command!r}: the reason does not name {why!r}: {err}"
+
+
+def test_refuses_what_program_md_forbids():
+    commands, _ = forbidden_items(PROGRAM)
+    assert len(commands) >= 10, commands
+    allowed = [c for c in map(fill_placeholders, commands) if guard(c)[0] != 2]
+    assert not allowed, f"program.md forbids these, the guard allows them: {allowed}"
+
+
+def test_other_tools_pass_and_bad_input_is_refused():
+    assert guard(payload=json.dumps({"tool_name": "Read", "tool_input": {"file_path": "x"}}))[0] == 0
+    rc, err = guard(payload="not json")
+    assert rc == 2 and "could not check" in err, err
+
+
+def test_the_words_checked_are_the_words_bash_passes(tmp_path):
+    """Each program is a bash function that writes its argv to fd 3 (in one write, as a pipeline's run
+    side by side), so bash itself shows the words; in an empty folder, where no glob matches."""
+    spec = importlib.util.spec_from_file_location("guard", GUARD)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shim = "exec 3>&2; for f in git uv ls cat head tail grep wc sleep printenv; do " \
+           "eval \"$f() { printf '%s\\0' $f \\\"\\$@\\\" $'\\1' >&3; }\"; done\n"
+    quoted = ["ls a'b'\"c d\"e '' \"\" 'x\"y' \"p'q\" f'*' '$x' \"a#\"", "ls \tx\r"]
+    for command in ALSO_ALLOWED + agent_commands(PROGRAM) + quoted:
+        ours = sorted(argv for argv, _ in module.simple_commands(command))
+        out = subprocess.run(["bash", "-c", shim + command], capture_output=True, cwd=tmp_path, timeout=30,
+                             check=False)
+        bash = sorted(argv.split("\0")[:-1] for argv in out.stderr.decode().split("\1\0")[:-1])
+        assert ours == bash, command
