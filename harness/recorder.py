@@ -11,20 +11,17 @@ train.py calls it in a handful of lines:
 run_summary.json is written on every exit path: ok, crash (an uncaught exception, or the script ended
 without finish()), diverged, timeout (the hard cap or SIGTERM: exit code 3) and interrupted (Ctrl-C or
 SIGINT: KeyboardInterrupt, exit code 130). The hard cap is prepare.hard_cap_s; under `analyze.py run`
-(AUTORESEARCH_HANDOFF set) the parent enforces it and the watchdog here is off. LayerHealth computes the
-per-layer statistics on the device, to be fetched with the step's loss in one transfer.
+(AUTORESEARCH_HANDOFF set) the parent enforces it and the watchdog here is off.
 """
 import atexit
 import contextlib
 import copy
 import gc
-import hashlib
 import json
 import math
 import os
 import platform
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -35,6 +32,7 @@ from pathlib import Path
 import torch
 
 import prepare
+from harness.record import git, sha256_file, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": ".1f", "peak_vram_mb": ".1f",
@@ -43,6 +41,7 @@ FINAL_KEYS = tuple(FINAL_FORMATS)           # karpathy/autoresearch's greppable 
 EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}  # the process's exit code
 DIVERGED_LOSS = 100.0                      # a training loss above this has diverged
 TEST_MAX_ROWS_ENV = "AUTORESEARCH_FIT_TEST_MAX_ROWS"  # tests only: batches above this many rows "run out of memory"
+OOM_TEXTS = ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")  # Triton's, cuBLAS's
 
 
 class Diverged(Exception):
@@ -59,16 +58,12 @@ def is_out_of_memory(exc):
     a kernel and cuBLAS creating a handle run out of memory with plain RuntimeErrors."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, torch.OutOfMemoryError) or (type(exc) is RuntimeError and any(
-                text in str(exc) for text in ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED"))):
+        if isinstance(exc, torch.OutOfMemoryError) or (type(exc) is RuntimeError and any(t in str(exc) for t in OOM_TEXTS)):
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
 
-# ---------------------------------------------------------------------------
-# The device batch that fits
-# ---------------------------------------------------------------------------
 
 @dataclass
 class DeviceBatch:
@@ -89,12 +84,10 @@ def grad_accum_steps(device_batch, total_batch_size, seq_len):
 
 
 def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
-    """The device batch to train with: DEVICE_BATCH_SIZE if try_step(size) (the loop's heaviest step) runs on
-    it, else the first of its halvings that does, with TOTAL_BATCH_SIZE kept by gradient accumulation (the
-    optimizer sees the same tokens per step; only the micro-steps, and so the step time, change). After each
-    try the parameters and optimizer state are put back exactly: the run starts as if nothing had been tried.
-    Nothing is tried on the CPU (no device memory to run out of) unless AUTORESEARCH_FIT_TEST_MAX_ROWS (tests
-    only) makes sizes above it run out of memory. RunStopped when not even one row fits."""
+    """DEVICE_BATCH_SIZE if try_step(size) (the loop's heaviest step) runs on it, else the first of its halvings
+    that does, with TOTAL_BATCH_SIZE kept by gradient accumulation. After each try the parameters and optimizer
+    state are put back exactly. Nothing is tried on the CPU (no device memory to run out of) unless
+    AUTORESEARCH_FIT_TEST_MAX_ROWS (tests only) is set. RunStopped when not even one row fits."""
     t0, on_gpu = time.time(), next(model.parameters()).is_cuda
     accum = grad_accum_steps(requested, total_batch_size, seq_len)  # a request that does not divide: before any try
     max_rows = int(os.environ.get(TEST_MAX_ROWS_ENV) or 0)
@@ -107,14 +100,6 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
         torch._dynamo.config.recompile_limit += len(sizes)
     params = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     state = copy.deepcopy(optimizer.state_dict())  # empty before the first step
-
-    @torch.no_grad()
-    def restore():
-        for k, v in model.state_dict().items():
-            v.copy_(params[k])
-        model.zero_grad(set_to_none=True)
-        optimizer.load_state_dict(state)
-
     used, too_big = None, []
     for size in sizes:
         try:
@@ -126,7 +111,9 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
             if not is_out_of_memory(e):
                 raise
             too_big.append(size)
-        restore()  # first: it drops a failed try's gradients and optimizer state, so their memory goes too
+        model.load_state_dict(params)  # first: a failed try's gradients and optimizer state go, and their memory
+        model.zero_grad(set_to_none=True)
+        optimizer.load_state_dict(state)
         if used is not None:
             break
         gc.collect()  # out here the failed step's frames, and the activations they held, are gone
@@ -143,9 +130,6 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
               f"steps, same TOTAL_BATCH_SIZE {total_batch_size} ({fit.seconds:.1f}s)")
     return fit
 
-# ---------------------------------------------------------------------------
-# Config and provenance
-# ---------------------------------------------------------------------------
 
 def collect_config(namespace):
     """Every UPPER_CASE global of train.py whose value is JSON-serialisable (tuples become lists), except the
@@ -165,42 +149,26 @@ def _json_default(value):
     return repr(value)
 
 
-def _sha256(path):
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
-
-
-def _git(*args):
-    try:
-        out = subprocess.run(["git", "--no-replace-objects", *args], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
 def provenance():
     """(git, env) blocks of run_summary.json: the commit and the sha256 of the scripts and harness files as
     they ran, and the software and hardware the run ran on."""
-    commit = _git("rev-parse", "HEAD")
-    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
-    git = {"commit": commit, "dirty": None if status is None else bool(status)}
-    git.update({f"{n}_py_sha256": _sha256(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")})
-    tracked = (_git("ls-files", "-z", "--", "prepare.py", "analyze.py", "harness") or "").split("\0")
-    git["harness_sha256"] = {p: _sha256(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}
+    commit = (git("rev-parse", "HEAD", cwd=ROOT) or "").strip() or None
+    status = git("status", "--porcelain", "--untracked-files=no", cwd=ROOT) if commit else None
+    git_block = {"commit": commit, "dirty": None if status is None else bool(status.strip())}
+    git_block.update({f"{n}_py_sha256": sha256_file(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")})
+    tracked = (git("ls-files", "-z", "--", "prepare.py", "analyze.py", "harness", cwd=ROOT) or "").split("\0")
+    git_block["harness_sha256"] = {p: sha256_file(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}
     cuda = torch.cuda.is_available()
     env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
            "gpu_name": torch.cuda.get_device_name() if cuda else None,
            "driver": prepare.nvidia_driver() if cuda else None}
-    return git, env
+    return git_block, env
 
-# ---------------------------------------------------------------------------
-# Per-layer health and the validation curve
-# ---------------------------------------------------------------------------
 
 class LayerHealth:
     """Gradient norm and update-to-weight ratio of every block matrix, plus the RMS of every block's output
-    (which the model's forward returns, from inside the compiled graph), e.g. for
-    LayerHealth(model.transformer.h.named_parameters())."""
+    (which the model's forward returns, from inside the compiled graph): LayerHealth(model.transformer.h
+    .named_parameters()). Computed on the device, fetched with the step's loss in one transfer."""
 
     def __init__(self, named_params):
         self.names, self.params = zip(*((name.removesuffix(".weight"), p) for name, p in named_params))  # "0.attn.c_q"
@@ -264,9 +232,6 @@ class ValCurve:
         self.run.timing("eval_s", time.time() - t0)
         self.run.log(step, elapsed_s=elapsed_s, **{"train/progress": progress, "val/bpb": val_bpb})
 
-# ---------------------------------------------------------------------------
-# The recorder
-# ---------------------------------------------------------------------------
 
 class RunRecorder:
     """Owns a run's outputs (metrics.jsonl, run_summary.json). Either `run = RunRecorder(config).start()` at
@@ -275,45 +240,38 @@ class RunRecorder:
     prepare.hard_cap_s(TIME_BUDGET), 0 for none (the default under `analyze.py run`, whose parent keeps it)."""
 
     def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
-        handed_off = bool(os.environ.get("AUTORESEARCH_HANDOFF"))
-        self.config, self.out_dir, self.flush_every_s = config, Path(out_dir), flush_every_s
-        self.hard_cap_s = (0 if handed_off else prepare.hard_cap_s(prepare.TIME_BUDGET)) if hard_cap_s is None else hard_cap_s
+        if hard_cap_s is None:
+            hard_cap_s = 0 if os.environ.get("AUTORESEARCH_HANDOFF") else prepare.hard_cap_s(prepare.TIME_BUDGET)
+        self.config, self.out_dir, self.hard_cap_s, self.flush_every_s = config, Path(out_dir), hard_cap_s, flush_every_s
         self.final, self.device_batch, self.timings, self.exit_code = dict.fromkeys(FINAL_KEYS), None, {}, None
         self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
         self._finished = self._closed = False
-        self._metrics_lock, self._close_lock, self._stop = threading.RLock(), threading.RLock(), threading.Event()
-        self.started_at = self._last_flush = time.time()
-
-    # -- lifecycle --
+        self._lock, self._stop, self._old_handlers = threading.RLock(), threading.Event(), None
 
     def __enter__(self):
         for name in ("metrics.jsonl", "run_summary.json"):  # never let a previous run's outputs pass as ours
             (self.out_dir / name).unlink(missing_ok=True)
         self.started_at = self._last_flush = time.time()
         self.git, self.env = provenance()
-        # the tokenizer stands for the data it was trained on (the cpu profile's is this Python's standard
-        # library): runs on another tokenizer are another harness
-        tokenizer_sha = _sha256(prepare.TOKENIZER_DIR / "tokenizer.pkl")
-        self.harness = {**prepare.HARNESS, "tokenizer": tokenizer_sha[:16] if tokenizer_sha else None}
+        # the tokenizer stands for the data it was trained on: runs on another tokenizer are another harness
+        tokenizer_sha = sha256_file(prepare.TOKENIZER_DIR / "tokenizer.pkl")
+        self.harness = {**prepare.HARNESS, "tokenizer": tokenizer_sha and tokenizer_sha[:16]}
         try:
             self._file = open(self.out_dir / "metrics.jsonl", "w")
         except OSError as e:
             self._warn_once("io", f"metrics.jsonl: {e}")
         if self.hard_cap_s:
             threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
-        self._old_handlers = None
         if threading.current_thread() is threading.main_thread():
-            # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup),
-            # which Python would otherwise leave ignored: a run started there could not be interrupted
-            self._old_handlers = (signal.signal(signal.SIGTERM, self._on_sigterm),
+            # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup)
+            self._old_handlers = (signal.signal(signal.SIGTERM, lambda *_: self._timeout("SIGTERM received")),
                                   signal.signal(signal.SIGINT, signal.default_int_handler))
         return self
 
     def __exit__(self, exc_type, exc, tb):
         self._stop.set()
-        if self._old_handlers is not None:
-            signal.signal(signal.SIGTERM, self._old_handlers[0])
-            signal.signal(signal.SIGINT, self._old_handlers[1])
+        for signum, handler in zip((signal.SIGTERM, signal.SIGINT), self._old_handlers or ()):
+            signal.signal(signum, handler)
         trace = "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else ""
         if exc_type is None:
             status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
@@ -360,9 +318,6 @@ class RunRecorder:
         if not self._stop.wait(max(0.0, self.started_at + self.hard_cap_s - time.time())):
             self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
 
-    def _on_sigterm(self, signum, frame):
-        self._timeout("SIGTERM received")
-
     def _timeout(self, reason):
         frame = sys._current_frames().get(threading.main_thread().ident)
         stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
@@ -372,27 +327,30 @@ class RunRecorder:
 
     def _close(self, status, error):
         """Flush metrics and write the summary, once; False if another path already did."""
-        with self._close_lock:
+        with self._lock:
             if self._closed:
                 return False
-            self._closed = True
-            self.exit_code = EXIT_CODES[status]
+            self._closed, self.exit_code = True, EXIT_CODES[status]
             if not self._finished and self._last_step is not None:
                 # how far a run got before it died: the last logged step, unless train.py said more
                 self.final["num_steps"] = self.final["num_steps"] or self._last_step + 1
                 self.final["training_seconds"] = self.final["training_seconds"] or self._last_elapsed
             self.flush()
-            with self._metrics_lock:
-                if self._file is not None:
-                    self._file.close()
-            self._write_summary(status, error)
+            if self._file is not None:
+                self._file.close()
+            summary = {"status": status, **self.final, "device_batch": self.device_batch, "config": self.config,
+                       "harness": self.harness, "git": self.git, "env": self.env,
+                       "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
+                       "error": error}
+            try:
+                write_atomic(self.out_dir / "run_summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+            except OSError as e:
+                print(f"RunRecorder: could not write run_summary.json: {e}", file=sys.stderr)
             return True
-
-    # -- during the run --
 
     def log(self, step, **metrics):
         """Buffer one metrics row; written at most every flush_every_s and at exit. Never raises on I/O."""
-        with self._metrics_lock:
+        with self._lock:
             if self._last_step is not None and step < self._last_step:
                 self._warn_once("order", f"log(step={step}) after step {self._last_step}: row dropped")
                 return
@@ -403,7 +361,7 @@ class RunRecorder:
                 self.flush()
 
     def flush(self):
-        with self._metrics_lock:
+        with self._lock:
             rows, self._rows, self._last_flush = self._rows, [], time.time()
             if self._file is None or self._file.closed or not rows:
                 return
@@ -460,21 +418,6 @@ class RunRecorder:
                 text = "n/a" if value is None else format(int(value) if fmt == "d" else float(value), fmt)
                 lines.append(f"{key + ':':<18}{text}")
         print("\n".join(lines), flush=True)
-
-    # -- the summary --
-
-    def _write_summary(self, status, error):
-        summary = {"status": status, **self.final, "device_batch": self.device_batch, "config": self.config,
-                   "harness": self.harness, "git": self.git, "env": self.env,
-                   "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
-                   "error": error}
-        path = self.out_dir / "run_summary.json"
-        tmp = path.with_name(f".run_summary.json.{os.getpid()}.part")
-        try:
-            tmp.write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-            os.replace(tmp, path)
-        except OSError as e:
-            print(f"RunRecorder: could not write {path}: {e}", file=sys.stderr)
 
 
 def _tail(text, max_lines=40, max_chars=4000):

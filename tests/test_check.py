@@ -17,15 +17,13 @@ import prepare  # noqa: E402
 
 
 @pytest.mark.quick
-def test_mfu_has_a_peak_for_the_common_gpus_by_their_real_names_and_none_for_the_rest():
-    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA A100 80GB PCIe", "NVIDIA H200",
-                 "NVIDIA B200", "NVIDIA L40S", "NVIDIA L4", "NVIDIA A10G", "NVIDIA GeForce RTX 4090"):
-        assert prepare.peak_bf16_flops(name), f"{name}: MFU would be null on a common GPU"
+def test_mfus_peak_is_found_by_real_device_names_and_never_lent_to_another_gpu():
     assert prepare.peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989.5e12, "karpathy/autoresearch's H100 figure"
-    # a shorter name never lends its peak to a longer one: "A10" in "A100", "L4" in "L40", a laptop part
+    assert prepare.peak_bf16_flops("NVIDIA A100-SXM4-80GB") == prepare.peak_bf16_flops("NVIDIA A100 80GB PCIe") > 0
+    # a shorter name never lends its peak to a longer one: "A10" in "A100", "L4" in "L40", a laptop or MIG part
     assert len({prepare.peak_bf16_flops(n) for n in ("NVIDIA A10", "NVIDIA A100-SXM4-40GB", "NVIDIA L4",
                                                       "NVIDIA L40")}) == 4
-    for name in ("Tesla T4", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA A100-SXM4-40GB MIG 3g.20gb", "", None):
+    for name in ("Tesla T4", "NVIDIA GeForce RTX 4090 Laptop GPU", "NVIDIA A100-SXM4-40GB MIG 3g.20gb", None):
         assert prepare.peak_bf16_flops(name) is None, f"{name!r}: a peak for an unknown GPU makes MFU wrong"
 
 

@@ -107,55 +107,49 @@ def test_metrics_are_flushed_on_schedule_in_step_order_and_never_raise(tmp_path,
     assert run.exit_code == 0 and capsys.readouterr().err.count("metrics.jsonl") == 1, "one warning, no exception"
 
 
-# ---------------------------------------------------------------------------
-# A whole script: every ending sets the exit code; the hard cap, SIGTERM and SIGINT
-# ---------------------------------------------------------------------------
-
-ENDINGS = {
-    "raises": ("raise RuntimeError('boom')", 1, "crash", "RuntimeError: boom"),
-    "diverges": ("run.check_divergence(3, float('nan'))", 2, "diverged", "training loss nan at step 3"),
-    "never_finishes": ("pass", 1, "crash", "without calling run.finish()"),
-    "finishes": ("run.finish()", 0, "ok", None),
-    "interrupted": ("raise KeyboardInterrupt", 130, "interrupted", "KeyboardInterrupt"),
-    "hard_cap": ("time.sleep(60)", 3, "timeout", "hard cap of 1s"),
+# A whole script started as train.py starts it: the endings that need a process of their own, all at once
+ENDINGS = {  # name -> (the script's last line, exit code, status, a part of the error; a signal sent once it is ready)
+    "raises": ("raise RuntimeError('boom')", 1, "crash", "RuntimeError: boom", None),  # through sys.excepthook
+    "never_finishes": ("pass", 1, "crash", "without calling run.finish()", None),      # through atexit
+    "hard_cap": ("time.sleep(60)", 3, "timeout", "hard cap of 1s", None),              # the watchdog
+    # a background job or nohup starts its children with SIGINT ignored: Ctrl-C must still stop the run
+    "sigterm": ("time.sleep(60)", 3, "timeout", "SIGTERM received", signal.SIGTERM),
+    "sigint": ("time.sleep(60)", 130, "interrupted", "KeyboardInterrupt", signal.SIGINT),
 }
 
 
-def start_script(tmp_path, ending, cap=1.0, ignore_sigint=False):
-    script = tmp_path / "script.py"  # train.py's shape: start() at the top; a file, so stacks show its lines
-    script.write_text(textwrap.dedent(f"""
-        import sys, time
-        from harness.recorder import RunRecorder
-        run = RunRecorder({{}}, hard_cap_s={cap}, flush_every_s=1e9).start()
-        run.log(0, loss=3.0)
-        print("ready", flush=True)
-        {ending}
-    """))
-    # a background job or nohup starts its children with SIGINT ignored: Ctrl-C must still stop the run
-    pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if ignore_sigint else None
-    return subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=pre)
+@pytest.fixture(scope="module")
+def endings(tmp_path_factory):
+    """name -> (exit code, run_summary.json, metrics rows, stderr) of a script that ends that way."""
+    procs = {}
+    for name, (line, _, _, _, signum) in ENDINGS.items():
+        cwd = tmp_path_factory.mktemp(name)
+        (cwd / "script.py").write_text(textwrap.dedent(f"""
+            import sys, time
+            from harness.recorder import RunRecorder
+            run = RunRecorder({{}}, hard_cap_s={300 if signum else 1}, flush_every_s=1e9).start()
+            run.log(0, loss=3.0)
+            print("ready", flush=True)
+            {line}
+        """))
+        pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if signum else None
+        procs[name] = cwd, subprocess.Popen([sys.executable, "script.py"], cwd=cwd, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, preexec_fn=pre,
+                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for name, (cwd, proc) in procs.items():
+        if ENDINGS[name][4]:
+            assert proc.stdout.readline().strip() == "ready"
+            proc.send_signal(ENDINGS[name][4])
+    return {name: (proc.wait(timeout=120), summary(cwd), metrics(cwd), proc.communicate()[1])
+            for name, (cwd, proc) in procs.items()}
 
 
 @pytest.mark.parametrize("ending", sorted(ENDINGS))
-def test_a_started_script_records_how_it_ended_and_exits_with_its_code(tmp_path, ending):
-    line, code, status, error = ENDINGS[ending]
-    proc = start_script(tmp_path, line)
-    _, err = proc.communicate(timeout=120)
-    s = summary(tmp_path)
-    assert (proc.returncode, s["status"], s["error"] is None) == (code, status, error is None), f"{s}\n{err[-500:]}"
-    assert error is None or error in s["error"], s["error"]
-    assert metrics(tmp_path) == [dict(metrics(tmp_path)[0], loss=3.0)], "the buffered row was lost"
-
-
-@pytest.mark.parametrize("signum, code, status", [(signal.SIGTERM, 3, "timeout"), (signal.SIGINT, 130, "interrupted")])
-def test_sigterm_and_sigint_write_the_summary_even_when_sigint_was_ignored_at_start(tmp_path, signum, code, status):
-    proc = start_script(tmp_path, "time.sleep(60)", cap=300, ignore_sigint=True)
-    assert proc.stdout.readline().strip() == "ready"
-    proc.send_signal(signum)
-    _, err = proc.communicate(timeout=30)
-    assert proc.returncode == code, f"exit {proc.returncode}: {err[-500:]}"
-    assert summary(tmp_path)["status"] == status and metrics(tmp_path)[0]["loss"] == 3.0
+def test_a_started_script_records_how_it_ended_and_exits_with_its_code(endings, ending):
+    _, code, status, error, _ = ENDINGS[ending]
+    returncode, s, rows, err = endings[ending]
+    assert (returncode, s["status"]) == (code, status) and error in s["error"], f"{s}\n{err[-500:]}"
+    assert rows == [dict(rows[0], loss=3.0)], "the buffered row was lost"
 
 
 @pytest.mark.quick

@@ -25,14 +25,6 @@ def test_run_outputs_are_never_committed():
     assert ignored == set(RUN_OUTPUTS), f"not ignored: {sorted(set(RUN_OUTPUTS) - ignored)}"
 
 
-def test_torch_is_pinned_exactly_and_there_is_no_build_system():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert "build-system" not in project, "set-up is uv alone: no build system"
-    torch_req = [d for d in project["project"]["dependencies"] if d.startswith("torch")]
-    assert len(torch_req) == 1 and "==" in torch_req[0], f"torch must be pinned exactly: {torch_req}"
-    assert any(d.startswith("pytest") for d in project["dependency-groups"]["dev"])
-
-
 # ---------------------------------------------------------------------------
 # .claude/settings.json: the agent writes train.py and its notes, and nothing that audit checks
 
@@ -82,11 +74,16 @@ def test_nothing_else_is_writable_by_the_agents_tools(settings, path):
     assert decide(settings, "Write", path) != "allow", f"Write({path}) is allowed"
 
 
-def test_the_agent_runs_no_code_of_its_own(settings):
-    """train.py runs only under the harness; the agent's own scripts not at all (issue: no arbitrary code)."""
-    for command in ("uv run train.py > run.log 2>&1", "uv run python x.py", "python3 -c 'print(1)'"):
-        assert decide(settings, "Bash", command) != "allow", command
-    assert decide(settings, "Edit", "run.log") != "allow", "the Edit tool may rewrite run.log"
+def test_the_agent_runs_no_code_of_its_own_lists_branches_and_reads_only_its_own_variables(settings):
+    """train.py runs only under the harness; the agent's own scripts not at all; no secrets reach it."""
+    refused = ["uv run train.py > run.log 2>&1", "uv run python x.py", "python3 -c 'print(1)'", "printenv", "env",
+               "printenv ANTHROPIC_API_KEY", "printenv AUTORESEARCH_WORKER ANTHROPIC_API_KEY",
+               "git branch autoresearch/other 1a2b3c4", "git worktree add ../x autoresearch/t-1",
+               "git worktree remove ../alr-workers/t-1", "git push . HEAD:autoresearch/t-1"]
+    allowed = ['git branch --list "autoresearch/*"', "git branch --show-current", "printenv AUTORESEARCH_WORKER",
+               "printenv AUTORESEARCH_ARCHIVE"]
+    assert [c for c in refused if decide(settings, "Bash", c) == "allow"] == []
+    assert [c for c in allowed if decide(settings, "Bash", c) != "allow"] == []
 
 
 @pytest.mark.parametrize("command", [
@@ -104,25 +101,6 @@ def test_the_agent_runs_no_code_of_its_own(settings):
 ])
 def test_the_agent_cannot_move_or_remove_the_pin(settings, command):
     assert decide(settings, "Bash", command) == "deny", f"{command!r} is {decide(settings, 'Bash', command)}"
-
-
-def test_git_branch_is_allowed_only_for_listing(settings):
-    assert decide(settings, "Bash", 'git branch --list "autoresearch/*"') == "allow"
-    assert decide(settings, "Bash", "git branch --show-current") == "allow"
-    assert decide(settings, "Bash", "git branch autoresearch/other 1a2b3c4") != "allow"
-
-
-def test_a_worker_may_print_its_name_and_archive_and_no_other_variable(settings):
-    for name in ("AUTORESEARCH_WORKER", "AUTORESEARCH_ARCHIVE"):
-        assert decide(settings, "Bash", f"printenv {name}") == "allow"
-    for command in ("printenv", "printenv ANTHROPIC_API_KEY", "printenv AUTORESEARCH_WORKER ANTHROPIC_API_KEY", "env"):
-        assert decide(settings, "Bash", command) != "allow", f"{command!r} would show the agent its secrets"
-
-
-@pytest.mark.parametrize("command", ["git worktree add ../x autoresearch/t-1", "git worktree remove ../alr-workers/t-1",
-                                     "git branch autoresearch/t-1 HEAD", "git push . HEAD:autoresearch/t-1"])
-def test_a_worker_cannot_make_move_or_remove_the_others_branches_and_worktrees(settings, command):
-    assert decide(settings, "Bash", command) != "allow", f"{command!r} is allowed"
 
 
 def test_skypilot_is_an_optional_group_that_the_default_install_leaves_out():

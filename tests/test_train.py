@@ -1,6 +1,5 @@
 """train.py on the CPU: attention paths agree, the optimizer is what it claims, and real cpu-profile runs
-(manual, under the harness, on a small device that then crashes, diverging) leave the outputs analyze.py
-reads."""
+(manual, under the harness, on a small device that then diverges) leave the outputs analyze.py reads."""
 import json
 import math
 import os
@@ -76,7 +75,7 @@ def quiet_flex_warning():
 
 @pytest.mark.quick
 @pytest.mark.parametrize("n_kv_head", [H, H // 2])
-@pytest.mark.parametrize("window", [0, 5, 100, 128, 200, T - 2, T - 1, T])
+@pytest.mark.parametrize("window", [0, 5, 128, 200, T - 2, T])
 def test_attention_paths_agree_with_reference(window, n_kv_head):
     g = torch.Generator().manual_seed(window)
     q = torch.randn(B, H, T, D, generator=g)
@@ -171,13 +170,11 @@ def test_layer_health_reports_grad_norm_update_ratio_and_act_rms():
 PLANTS = {  # run name -> (anchor in train.py, what replaces it, extra environment); a planted fault ends its run
     "ok": (None, None, {"AUTORESEARCH_TIME_BUDGET": "8"}),
     "handoff": (None, None, {"AUTORESEARCH_HANDOFF": "handoff/model.pt", "AUTORESEARCH_TIME_BUDGET": "2"}),
-    # the fit on a device with room for 4 rows, then a crash that reports the batch the loop got
-    "fit_then_crash": ("        model.zero_grad(set_to_none=True)\n",
-                       "        model.zero_grad(set_to_none=True)\n        if step == 2:\n"
-                       "            raise RuntimeError(f'planted: micro-batch {tuple(x.shape)}, {grad_accum_steps} micro-steps')\n",
-                       {"AUTORESEARCH_FIT_TEST_MAX_ROWS": "4"}),
-    "diverged": ("            train_loss = loss.detach()\n",
-                 "            train_loss = loss.detach() * (1e3 if step == 3 else 1.0)\n", {}),
+    # the fit on a device with room for 4 rows, the batch the loop got printed, then a loss that diverges
+    "fit_then_diverge": ("            train_loss = loss.detach()\n",
+                         "            train_loss = loss.detach() * (1e3 if step == 2 else 1.0)\n"
+                         "            print(f'planted: micro-batch {tuple(x.shape)}, {grad_accum_steps} micro-steps')\n",
+                         {"AUTORESEARCH_FIT_TEST_MAX_ROWS": "4"}),
 }
 
 
@@ -256,19 +253,13 @@ def test_under_the_harness_the_model_is_handed_off_and_the_block_has_no_val_bpb(
     assert summary["val_bpb"] is None and (cwd / "handoff" / "model.pt").stat().st_size > 0
 
 
-def test_a_run_on_a_small_device_trains_with_the_fitted_batch_and_a_crash_keeps_its_traceback(runs):
-    proc, cwd, summary = runs["fit_then_crash"]
-    assert (proc.returncode, summary["status"]) == (1, "crash"), proc.stderr[-3000:]
+def test_a_small_device_trains_with_the_fitted_batch_and_a_loss_over_100_is_diverged(runs):
+    proc, cwd, summary = runs["fit_then_diverge"]
+    assert (proc.returncode, summary["status"]) == (2, "diverged") and "step 2" in summary["error"], proc.stderr[-3000:]
     accum = summary["config"]["TOTAL_BATCH_SIZE"] // (4 * summary["harness"]["MAX_SEQ_LEN"])
     assert summary["device_batch"]["used"] == 4 and summary["device_batch"]["grad_accum_steps"] == accum
-    assert f"planted: micro-batch (4, {summary['harness']['MAX_SEQ_LEN']}), {accum} micro-steps" in summary["error"]
-    assert "Traceback" in summary["error"] and summary["num_params_M"] > 0
+    assert f"planted: micro-batch (4, {summary['harness']['MAX_SEQ_LEN']}), {accum} micro-steps" in proc.stdout
     assert f"DEVICE_BATCH_SIZE {summary['config']['DEVICE_BATCH_SIZE']} does not fit" in proc.stdout
-    assert [r["step"] for r in read_metrics(cwd / "metrics.jsonl") if "train/loss" in r] == [0, 1]
-
-
-def test_a_loss_over_100_is_diverged_with_the_step_on_record(runs):
-    proc, cwd, summary = runs["diverged"]
-    assert (proc.returncode, summary["status"]) == (2, "diverged") and "step 3" in summary["error"], proc.stderr[-2000:]
+    assert summary["num_params_M"] > 0 and summary["num_steps"] == 3, "how far it got is on record"
     last = read_metrics(cwd / "metrics.jsonl")[-1]
-    assert last["step"] == 3 and last["train/loss"] > 100, f"the diverging step is not on record: {last}"
+    assert last["step"] == 2 and last["train/loss"] > 100, f"the diverging step is not on record: {last}"
