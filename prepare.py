@@ -111,7 +111,8 @@ VAL_SHARD = MAX_SHARD                            # pinned validation shard
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"  # same name in both profiles
 HELDOUT_SHARD = MAX_SHARD - 1                    # held-out shard: never trained on, never the metric
 HELDOUT_FILENAME = f"shard_{HELDOUT_SHARD:05d}.parquet"  # same name in both profiles
-SPLITS = ("train", "val", "heldout")             # what make_dataloader serves
+DEV_FILENAME = f"dev_{VAL_SHARD:05d}.parquet"    # validation documents the pinned rows never load: the in-training curve's
+SPLITS = ("train", "val", "heldout", "dev")      # what make_dataloader serves
 # GPT-4 split pattern, with numbers in groups of one or two (\p{N}{1,2} instead of {1,3})
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 SPECIAL_TOKENS = [f"<|reserved_{i}|>" for i in range(4)]  # reserved ids at the top of the vocabulary
@@ -442,13 +443,14 @@ def build_cpu_shards(data_dir=None, paths=None, tokenizer_dir=None):
 
 def shard_paths(split, data_dir=None):
     """The shards of a split. train and val check there is at least one training shard plus the validation
-    shard; heldout, that the held-out shard is there. Neither pinned shard is ever a training shard."""
+    shard; heldout and dev, that their file is there. Neither pinned shard is ever a training shard."""
     assert split in SPLITS, split
     data_dir = Path(data_dir or DATA_DIR)
-    if split == "heldout":
-        if not (data_dir / HELDOUT_FILENAME).exists():
-            raise PrepareError(f"no held-out shard {HELDOUT_FILENAME} in {data_dir}: run `uv run prepare.py`")
-        return [data_dir / HELDOUT_FILENAME]
+    if split in ("heldout", "dev"):
+        name, what = (HELDOUT_FILENAME, "held-out shard") if split == "heldout" else (DEV_FILENAME, "dev slice")
+        if not (data_dir / name).exists():
+            raise PrepareError(f"no {what} {name} in {data_dir}: run `uv run prepare.py`")
+        return [data_dir / name]
     val = data_dir / VAL_FILENAME
     train = sorted(p for p in data_dir.glob("shard_*.parquet") if p.name not in (VAL_FILENAME, HELDOUT_FILENAME))
     if not train or not val.exists():
@@ -770,6 +772,50 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFF
     packer = _BestFitPacker(_document_batches(tokenizer, paths), tokenizer.get_bos_token_id(), buffer_size)
     return _DataLoader(packer, B, T, torch.device(device))
 
+
+def pinned_documents(tokenizer, data_dir=None):
+    """The indices of the validation shard's documents that the pinned rows (the first EVAL_TOKENS //
+    MAX_SEQ_LEN) hold, whole or cropped: the packer's choices replayed. The documents still in its buffer when
+    the last pinned row is full were loaded but are in no pinned row."""
+    path, loaded, n_rows = shard_paths("val", data_dir)[0], [0], EVAL_TOKENS // MAX_SEQ_LEN
+
+    def counted(batches):
+        for tokens, offsets, epoch in batches:
+            if epoch > 1:
+                raise PrepareError(f"the validation shard {path.name} is too small for its pinned rows ({n_rows} rows of "
+                                  f"{MAX_SEQ_LEN} tokens, and a dev slice beside them): is the mirror climbmix's?")
+            loaded[0] += len(offsets) - 1
+            yield tokens, offsets, epoch
+
+    packer = _BestFitPacker(counted(_document_batches(tokenizer, [path])), tokenizer.get_bos_token_id(),
+                            LOADER_BUFFER_DOCS)
+    rows = np.empty((64, MAX_SEQ_LEN + 1), dtype=np.int64)
+    for first in range(0, n_rows, len(rows)):
+        packer.fill(rows[:n_rows - first])
+    offsets = load_tokens(tokenizer, path)[1]
+    buffered = {int(np.searchsorted(offsets, start)) for _, start in packer.refs}
+    return set(range(loaded[0])) - buffered
+
+
+def build_dev_slice(tokenizer, data_dir=None):
+    """Write DEV_FILENAME: the validation shard's documents that no pinned row holds (pinned_documents), for the
+    curve train.py draws during training (evaluate_bpb_sample), so that a sandbox can serve it without the
+    validation shard. Rebuilt when the shard or the tokenizer (which decides the packing) is newer."""
+    data_dir = Path(data_dir or DATA_DIR)
+    val, dest = data_dir / VAL_FILENAME, data_dir / DEV_FILENAME
+    tokenizer_file = Path(tokenizer.directory or TOKENIZER_DIR) / "tokenizer.pkl"
+    newest = max(val.stat().st_mtime_ns, tokenizer_file.stat().st_mtime_ns if tokenizer_file.exists() else 0)
+    if dest.exists() and dest.stat().st_mtime_ns >= newest:
+        return
+    pinned = pinned_documents(tokenizer, data_dir)
+    texts = [t for i, t in enumerate(itertools.chain.from_iterable(read_texts(val))) if i not in pinned]
+    if not texts:
+        raise PrepareError(f"the validation shard {VAL_FILENAME} has no document outside its pinned rows")
+    _write_shard(texts, dest)
+    tokens, _ = load_tokens(tokenizer, dest)
+    print(f"Dev slice: {len(texts)} validation documents ({len(tokens) / 1e3:.0f}k tokens) that no pinned row "
+          f"holds, in {dest.name}")
+
 # ---------------------------------------------------------------------------
 # Evaluation (DO NOT CHANGE: this is the fixed metric)
 # ---------------------------------------------------------------------------
@@ -810,16 +856,16 @@ def evaluate_bpb(model, tokenizer, batch_size):
 
 
 def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
-    """The same computation on the first eval_tokens of the same rows: for validation curves during
-    training, where the full set would cost too much. Not the metric: a final val_bpb must come from
-    evaluate_bpb."""
-    return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN)
+    """The same computation on the first eval_tokens of the dev slice (validation text that the pinned rows
+    never read, build_dev_slice): for validation curves during training, so that watching the curve never
+    reads the metric's rows. Not the metric: a final val_bpb must come from evaluate_bpb."""
+    return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN, "dev")
 
 
-def _bits_per_byte(model, tokenizer, batch_size, n_rows):
-    """Bits per byte over the first n_rows packed val rows, with the model's own loss."""
+def _bits_per_byte(model, tokenizer, batch_size, n_rows, split="val"):
+    """Bits per byte over the first n_rows packed rows of a split, with the model's own loss."""
     return bits_per_byte(lambda x, y: model(x, y, reduction="none"), tokenizer, batch_size, n_rows,
-                         _model_device(model))
+                         _model_device(model), split)
 
 
 @torch.no_grad()
@@ -974,7 +1020,7 @@ def check():
     blocker = gpu_problem(probe=True) if PROFILE == "gpu" else None
     prepare_cmd = "uv run prepare.py" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} uv run prepare.py"
     try:
-        shard_paths("heldout")  # the harness scores it after every run
+        shard_paths("heldout"), shard_paths("dev")  # the harness scores the one, train.py's curve reads the other
         print(f"data       {len(shard_paths('train'))} training shard(s), the validation and the held-out shard "
               f"in {DATA_DIR}")
         if not (TOKENIZER_DIR / "tokenizer.pkl").exists():
@@ -1014,6 +1060,7 @@ def main(argv=None):
             download_data(num_shards, args.download_workers)
         train_tokenizer(DATA_DIR, TOKENIZER_DIR, VOCAB_SIZE)
         tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
+        build_dev_slice(tokenizer, DATA_DIR)
         t0, shards = time.time(), [p for split in SPLITS for p in shard_paths(split, DATA_DIR)]
         for shard in shards:
             cache_tokens(tokenizer, shard)

@@ -490,7 +490,7 @@ DEVICE_BATCH_SIZE = 128 if gpu_profile else 8  # per-device batch size (halved u
 # Run logging (what a run records about itself; changes no number of the training)
 LAYER_STATS_EVERY = 25 if gpu_profile else 10  # steps between per-layer health rows
 VAL_POINTS = 10 if gpu_profile else 5          # in-training val/bpb points, evenly spaced in progress
-VAL_TOKENS = 2**20 if gpu_profile else 2**13   # tokens per in-training val/bpb: the val rows' first ones
+VAL_TOKENS = 2**20 if gpu_profile else 2**13   # tokens per in-training val/bpb: the dev slice's first ones
 TIMING_SKIP_STEPS = 10 if gpu_profile else 0   # steps 0..TIMING_SKIP_STEPS are not timed (compilation warm-up)
 
 

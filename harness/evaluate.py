@@ -1,42 +1,43 @@
 """
 The harness's own measurement of a trained model, its only evaluation under `analyze.py run`: val_bpb on the
-pinned validation rows, heldout_bpb on the held-out shard, how far past logits move when later tokens change,
-and the machine's speed before and after. harness/loop.py runs it after train.py exits, in a process of its
-own, on the model prepare.evaluate_bpb handed off (AUTORESEARCH_HANDOFF), rebuilt from the committed train.py.
+pinned validation rows, heldout_bpb on the held-out shard, how far logits move when later tokens change, and
+the machine's speed before and after. harness/loop.py runs it after train.py exits, in a process of its own,
+on the model prepare.evaluate_bpb handed off (AUTORESEARCH_HANDOFF), rebuilt from the committed train.py.
 
 Usage (loop.py's command line; main() refuses to run without these flags):
     python -I -B -X pycache_prefix=DIR harness/evaluate.py --handoff model.pt --train-py COPY.py --out eval.json
 
-One defence per threat:
-- A module shadowing one the harness imports (an untracked argparse.py at the root): no harness process has
-  the repository root ahead of the standard library. Here `python -I` (no script or current directory on
-  sys.path, PYTHON* variables ignored), the root appended LAST, and check_sources(); analyze.py moves the root
-  to the end before its own imports. train.py's process needs the root first (it imports prepare), so
-  loop.py's preflight refuses to start beside any untracked root module.
-- Forged bytecode (the repository's __pycache__, or any folder train.py could write): -B -X pycache_prefix=DIR,
-  a folder made after train.py ended. Its price: torch's Python files are compiled afresh, ~4 s a run.
-- A loss path that lies: the loss is F.cross_entropy in fp32 of the logits model(x) returns, computed here.
-- Weights of another model than the code of record: rebuilt from the committed train.py, loaded strictly.
-- The metric's settings reassigned by train.py at import (prepare.EVAL_TOKENS = ...): import_train() refuses.
-- A model that sees later tokens, or one trained on the validation rows: future_leak() and heldout_bpb,
-  which decide.py's caught cases read; a printed number that is not the model's: decide.py names it.
+Weights rebuilt from source, not a graph: with a torch.export graph no code of train.py would run here, but
+torch 2.9's torch.export.save cannot serialize FlexAttention's BlockMask arguments, which the gpu profile's
+sliding-window layers (WINDOW_PATTERN "SSSL") pass on CUDA. So train.py's code runs here, and one rule
+answers it, Guard: the attributes of the modules and classes the number is computed with (torch,
+torch.nn.functional, torch.Tensor, prepare, this module, ...) and torch's modes and settings, taken before
+train.py is imported, must be the same after the import, after the model is built and after every call of
+it; a patched loss or reassigned rows (prepare.EVAL_TOKENS) refuse the measurement, naming what changed. The
+loss is cross_entropy as bound at this module's import. loop.py runs this process in train.py's sandbox
+(the shards it scores visible, only its own folder writable), and it ends with os._exit, so no thread that
+train.py started outlives the result. Beyond the rule: a forward that reaches this process's objects
+through the heap (gc) and changes them in place; only a graph hand-off closes that.
 
-Compilation: on CUDA the model runs EAGER under bf16 autocast, never torch.compile'd here; the kernels
-train.py compiles itself (FlexAttention) hit the profile's inductor cache (TORCHINDUCTOR_CACHE_DIR, FX graph
-cache on, set by loop.py). The arithmetic, gpu profile (DEPTH 8, n_embd 512, vocab 8192, T 2048, SSSL):
-29.4M matmul weights, 58.7 MFLOP a token forward + 13.6 MFLOP of attention = 72 MFLOP per evaluated token;
-EVAL_TOKENS 21.0M + HELDOUT_TOKENS 5.2M = 26.2M tokens, 1.9 PFLOP: on an H100 (989 TFLOP/s dense bf16)
-4.8 s at 40% MFU compiled, 7.7 s at 25% eager. A cold compile of the forward costs 20-60 s whenever the
-model's code changes, as most experiments do, and a warm FX-cache hit still re-traces for seconds: eager
-is ~8-10 s a run with the two speed probes (0.2 PFLOP each), compiled 10-15 s warm, 25-65 s cold. (Paper
-figures until a GPU run replaces them.) On CPU the model runs eagerly in fp32.
+Other defences, one per threat:
+- A module shadowing one the harness imports (an untracked argparse.py at the root): `python -I`, the root
+  appended LAST to sys.path, and check_sources(). Forged bytecode: -B -X pycache_prefix=DIR, made after
+  train.py ended (~4 s a run of recompiling).
+- A loss path that lies: the loss is computed here, in fp32, from the logits model(x) returns. Weights of
+  another model: rebuilt from the committed train.py, loaded strictly.
+- A model that sees later tokens: Probe, mixed into the scoring batches; one trained on the validation rows:
+  heldout_bpb. decide.py's caught cases read both, and name a printed number that is not the model's.
 
-Rows, byte rule and batch size are prepare.evaluate_bpb's (prepare.bits_per_byte is the metric's one
-implementation), so an honest model scores what a manual run prints, to float rounding. Writes --out as
-JSON (RESULT's keys; speeds in GFLOP/s); exits 0, or 1 with "error" a one-line reason, also on stderr.
+On CUDA the model runs eagerly under bf16 autocast (train.py's own compiled kernels hit the profile's
+inductor cache, set by loop.py): gpu profile, paper figures, 72 MFLOP an evaluated token, 26.2M tokens plus
+25% of val's for the probes, ~10-12 s with the speed probes. On CPU eagerly in fp32. Rows, byte rule and
+batch size are prepare.evaluate_bpb's (prepare.bits_per_byte), so an honest model scores what a manual run
+prints. Writes --out as JSON (RESULT's keys; speeds in GFLOP/s); exits 0, or 1 with "error" one line.
 """
 import argparse
+import builtins
 import contextlib
+import gc
 import importlib.util
 import json
 import math
@@ -44,21 +45,25 @@ import os
 import sys
 import time
 import traceback
+import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.append(str(ROOT))  # last: the standard library and site-packages win over anything in the root
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch._dynamo  # noqa: E402, F401  (imported by torch.compile and by a first forward, it rebinds torch.manual_seed: before Guard)
 import torch.nn.functional as F  # noqa: E402
+from torch.nn.functional import cross_entropy  # noqa: E402  (the loss, bound before train.py can rebind it)
 
 import prepare  # noqa: E402
 
 SPEED_WORKLOADS = {"cpu": (1024, 16, torch.float32), "cuda": (8192, 200, torch.bfloat16)}  # (n, matmuls, dtype): ~0.3 s
 HANDOFF_KEYS = ("model_class", "config_class", "config", "state_dict", "batch_size")  # prepare.save_handoff's
 ERROR_CHARS = 300           # an error line is cut to this length
-FIXED = ("MAX_SEQ_LEN", "EVAL_TOKENS", "HELDOUT_TOKENS", "VOCAB_SIZE")  # prepare's settings train.py may not change
+PROBE_EVERY = 4             # one probe batch after every this many validation batches
 
 
 class EvalError(Exception):
@@ -101,12 +106,61 @@ def load_handoff(path):
     return handoff
 
 
-def import_train(path):
+class Guard:
+    """The state the number is computed with, taken before train.py is imported (see the module docstring):
+    the attributes of namespaces(), a function with its code and defaults (swappable under the same object),
+    and settings(). check(when) refuses the measurement with one line naming the changes."""
+
+    def __init__(self):
+        self.attributes = {name: attributes(ns) for name, ns in namespaces().items()}
+        self.settings = settings()
+
+    def check(self, when):
+        changed = [k for k, v in settings().items() if v != self.settings[k]]
+        for name, ns in namespaces().items():
+            before, now = self.attributes.get(name, {}), attributes(ns)
+            for k in sorted(before.keys() | now.keys()):
+                value = now.get(k, (None,))[0]
+                submodule = k not in before and isinstance(value, types.ModuleType) and value.__name__ == f"{name}.{k}"
+                if not submodule and [id(v) for v in now.get(k, ())] != [id(v) for v in before.get(k, ())]:
+                    changed.append(f"{name}.{k}")  # (a submodule imported since is none: torch imports some lazily)
+        if changed:
+            names = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
+            raise EvalError(f"train.py changes {names} {when}: the harness measures with the library as installed")
+
+
+def namespaces():
+    """The modules and classes the number is computed with, by name; prepare's and this module's classes too."""
+    found = {"builtins": builtins, "math": math, "os": os, "numpy": np, "torch": torch, "torch._C": torch._C,
+             "torch._C._nn": torch._C._nn, "torch.nn.functional": F, "torch.Tensor": torch.Tensor,
+             "torch.nn.Module": torch.nn.Module, "prepare": prepare, "harness.evaluate": sys.modules[__name__]}
+    for module in ("prepare", "harness.evaluate"):
+        found.update({f"{module}.{k}": v for k, v in list(vars(found[module]).items())
+                      if isinstance(v, type) and v.__module__ == found[module].__name__})
+    return found
+
+
+def attributes(namespace):
+    return {k: (v, v.__code__, v.__defaults__, v.__kwdefaults__) if isinstance(v, types.FunctionType) else (v,)
+            for k, v in list(vars(namespace).items())}
+
+
+def settings():
+    """What changes torch's arithmetic, or runs code in the middle of the harness's, outside any attribute."""
+    return {"torch's default dtype": torch.get_default_dtype(),
+            "the float32 matmul precision": torch.get_float32_matmul_precision(),
+            "torch's function modes": torch._C._len_torch_function_stack(),
+            "torch's dispatch modes": torch._C._len_torch_dispatch_stack(),
+            "sys.settrace": sys.gettrace(), "sys.setprofile": sys.getprofile(), "gc.callbacks": list(gc.callbacks)}
+
+
+def import_train(path, guard=None):
     """The committed train.py (a copy) imported as module `train`, never as __main__: its definitions run,
-    its training does not. An in-process caller's own `train` module is put back afterwards."""
+    its training does not; then guard.check(). An in-process caller's own `train` module is put back afterwards."""
+    guard = guard or Guard()
     spec = importlib.util.spec_from_file_location("train", path)
     module = importlib.util.module_from_spec(spec)
-    previous, fixed = sys.modules.get("train"), {k: getattr(prepare, k) for k in FIXED}
+    previous = sys.modules.get("train")
     sys.modules["train"] = module  # as a plain import does: dataclasses and inspect look the module up there
     try:
         spec.loader.exec_module(module)
@@ -115,9 +169,7 @@ def import_train(path):
     finally:
         if previous is not None:
             sys.modules["train"] = previous
-    changed = [k for k, v in fixed.items() if getattr(prepare, k) != v]
-    if changed:
-        raise EvalError(f"train.py changed prepare.{', prepare.'.join(changed)}: the metric's settings are fixed")
+    guard.check("at import")
     check_sources()
     return module
 
@@ -153,9 +205,38 @@ def rebuild_model(train, handoff, device):
 # ---------------------------------------------------------------------------
 # The measurement
 
-def logits_loss(model, vocab_size):
+class Probe:
+    """future_leak: the largest change of a logit at a position whose inputs did not change. After every
+    PROBE_EVERY-th scoring batch x, one more batch of the same shape: half its rows are rows of x as they are,
+    half are rows of x whose suffix from a random cut on is replaced by as many random tokens, shuffled
+    together. Rows kept must give the same logits at every position, probe rows at every position before
+    their cut. A model that reads later tokens, or behaves otherwise in a batch that holds probes, moves
+    them; a causal one moves none (0, up to the kernels' rounding). Cut points and tokens are fresh each run."""
+
+    def __init__(self, model, vocab_size, every=PROBE_EVERY):
+        self.model, self.vocab_size, self.every, self.batches, self.leak = model, vocab_size, every, 0, 0.0
+        self.gen = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+    def __call__(self, x, logits):
+        self.batches += 1
+        if self.batches % self.every:
+            return
+        (B, T), gen, device = x.shape, self.gen, x.device
+        probe = torch.randperm(B, generator=gen) >= B // 2  # a random half of the rows; the rest are kept as they are
+        cut = torch.where(probe, torch.randint(1, T, (B,), generator=gen), T)[:, None]
+        changed = (torch.arange(T)[None, :] >= cut).to(device)  # (B, T)
+        order = torch.randperm(B, generator=gen).to(device)
+        noise = torch.randint(0, self.vocab_size, (B, T), generator=gen).to(device)
+        moved = torch.empty_like(logits, dtype=torch.float32)
+        moved[order] = self.model(torch.where(changed, noise, x)[order]).float()  # shuffled, then back in x's order
+        diff = (moved - logits.float()).abs().amax(-1).masked_fill(changed, 0.0)
+        self.leak = max(self.leak, float(diff.max()))
+
+
+def logits_loss(model, vocab_size, probe=None, guard=None):
     """token_nats(x, y) for prepare.bits_per_byte: the cross-entropy, in fp32 and in nats, of the logits
-    model(x) returns. The targets never reach the model."""
+    model(x) returns. The targets never reach the model. probe: called with (x, logits) after each batch;
+    guard: checked after the model's calls, so a patch its forward installs is never computed with."""
     def token_nats(x, y):
         logits = model(x)
         if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == y.shape
@@ -163,43 +244,29 @@ def logits_loss(model, vocab_size):
             got = tuple(logits.shape) if torch.is_tensor(logits) else type(logits).__name__
             raise EvalError(f"model(x) must return logits shaped (B, T, >= {vocab_size}) for x of shape "
                             f"{tuple(x.shape)}, got {got}")
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        if probe is not None:
+            probe(x, logits)
+        if guard is not None:
+            guard.check("when its model runs")
+        return cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
     return token_nats
 
 
-def autocast(device):
-    """bf16 autocast on CUDA, as train.py evaluates; nothing on CPU (fp32)."""
-    if device.type != "cuda":
-        return contextlib.nullcontext()
-    return torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-
-
 @torch.no_grad()
-def future_leak(model, tokenizer, device):
-    """How far the logits of the first half of one validation row move when every token of its second half
-    changes: 0 for a causal model. A model that attends to later tokens predicts the validation text from
-    itself, and scores as well on the held-out shard, so the val/held-out gap cannot see it."""
-    x = next(prepare.make_dataloader(tokenizer, 1, prepare.MAX_SEQ_LEN, "val", device=device))[0]
-    half = x.size(1) // 2
-    changed = x.clone()
-    changed[:, half:] = (changed[:, half:] + 1) % tokenizer.get_vocab_size()
-    with autocast(device):
-        a, b = model(x)[:, :half].float(), model(changed)[:, :half].float()
-    return float((a - b).abs().max())
-
-
-def measure(model, tokenizer, batch_size, device):
-    """(val_bpb, heldout_bpb): val on prepare.evaluate_bpb's rows (EVAL_TOKENS), heldout on the first
-    HELDOUT_TOKENS of the held-out split, both with the loss computed from the logits."""
-    token_nats = logits_loss(model, tokenizer.get_vocab_size())
-    result = []
-    with autocast(device):
+def measure(model, tokenizer, batch_size, device, guard=None):
+    """(val_bpb, heldout_bpb, future_leak): val on prepare.evaluate_bpb's rows (EVAL_TOKENS) with the probe
+    batches mixed in, heldout on the first HELDOUT_TOKENS of the held-out split, the loss from the logits.
+    On CUDA under bf16 autocast, as train.py evaluates; on CPU in fp32."""
+    probe, result = Probe(model, tokenizer.get_vocab_size()), []
+    cuda = device.type == "cuda"
+    with torch.amp.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
         for split, tokens in (("val", prepare.EVAL_TOKENS), ("heldout", prepare.HELDOUT_TOKENS)):
+            token_nats = logits_loss(model, tokenizer.get_vocab_size(), probe if split == "val" else None, guard)
             bpb = prepare.bits_per_byte(token_nats, tokenizer, batch_size, tokens // prepare.MAX_SEQ_LEN, device, split)
             if not math.isfinite(bpb):
                 raise EvalError(f"the model's logits are not finite on the {split} rows (bpb {bpb})")
             result.append(bpb)
-    return tuple(result)
+    return (*result, probe.leak)
 
 
 def evaluate(handoff_path, train_py, device=None, result=None):
@@ -212,11 +279,12 @@ def evaluate(handoff_path, train_py, device=None, result=None):
     prepare.shard_paths("heldout")  # a missing shard fails before any work
     result["speed_before"] = machine_speed(device)
     t0 = time.perf_counter()
-    handoff = load_handoff(handoff_path)
-    model = rebuild_model(import_train(train_py), handoff, device)
+    handoff, guard = load_handoff(handoff_path), Guard()
+    model = rebuild_model(import_train(train_py, guard), handoff, device)
+    guard.check("when its model is built")
     tokenizer = prepare.Tokenizer.from_directory()
-    result["future_leak"] = future_leak(model, tokenizer, device)
-    result["val_bpb"], result["heldout_bpb"] = measure(model, tokenizer, handoff["batch_size"], device)
+    result["val_bpb"], result["heldout_bpb"], result["future_leak"] = measure(model, tokenizer, handoff["batch_size"],
+                                                                             device, guard)
     result["eval_s"] = time.perf_counter() - t0
     result["speed_after"] = machine_speed(device)
     return result
@@ -265,4 +333,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # no thread of train.py's import-time code outlives the result it could rewrite

@@ -4,11 +4,12 @@ working directory. The harness, not train.py, owns the clock, the number and the
 
 1. preflight refuses, in one line, a run that could not be trusted or recorded (nothing runs);
 2. a changed train.py is committed with DESCRIPTION as its message; an unchanged one is a rerun of HEAD;
-3. train.py trains as a child in a session of its own, on this process's clock (spawn, first row of
-   metrics.jsonl, hand-off, exit), stopped at prepare.hard_cap_s (the one rule; the recorder's watchdog is
-   off under the harness) or by Ctrl-C / SIGTERM; a stop names its phase and how long each phase took;
+3. train.py trains as a child, contained (sandbox(); without bwrap the run says `uncontained` first), on
+   this process's clock (spawn, first row of metrics.jsonl, hand-off, exit), stopped at prepare.hard_cap_s
+   (the one rule) or by Ctrl-C / SIGTERM; a stop names its phase and how long each phase took;
 4. the model train.py handed off is measured ONCE, by harness/evaluate.py in an isolated interpreter, and
-   its number is appended to run.log's final block as `val_bpb:` and `measured_by: harness`;
+   its number is appended to run.log's final block as `val_bpb:` and `measured_by: harness` (also when
+   the run was interrupted after the hand-off);
 5. the run is archived as one run.json (harness.record), with the caught cases and the decision of
    harness.decide, which is then applied: keep, rerun (stays pending), discard or crash (train.py restored
    from the best's commit in a commit of its own).
@@ -17,13 +18,16 @@ Exit status of `run`: 0 archived and decided, 2 refused, 130 stopped by Ctrl-C o
 """
 import dataclasses
 import fcntl
+import importlib.metadata
 import json
 import os
 import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from contextlib import contextmanager
@@ -41,9 +45,14 @@ GRACE_S = 15.0               # after SIGTERM or SIGINT to a process group, befor
 EVALUATOR_CAP_S = {"gpu": 300.0, "cpu": 600.0}  # generous: a finished run is not lost for want of time
 HANDOFF_GRACE_S = 120.0      # once the model is handed off, train.py has this long past the cap to exit
 STALE_SLACK_S = 30.0         # run.log written this long after the summary finished: the summary is older
-# train.py's bytecode: a folder of its own, which no harness process reads (a fresh one per run would
-# recompile torch's Python files each time, ~4 s on a laptop CPU)
-CHILD_PYCACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auto-log-research" / "train-pycache"
+# train.py's bytecode and torch's compile caches: folders of its own, which no harness process reads (fresh ones
+# per run would recompile torch's Python files each time, ~4 s on a laptop CPU, and its kernels on a GPU)
+CHILD_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auto-log-research" / "train"
+OUTPUTS = ("metrics.jsonl", "run_summary.json")  # train.py's files: in its run directory, then the worktree's
+# the sandbox: the whole filesystem read-only, fresh /dev, /proc and /tmp, every namespace bwrap can unshare
+# (network and PIDs included), a session of its own (no terminal to type into), gone when its parent is
+BWRAP = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--unshare-all",
+         "--die-with-parent", "--new-session"]
 
 
 class Refused(Exception):
@@ -58,6 +67,7 @@ class Plan:
     budget: float            # TIME_BUDGET, seconds of training
     cap_s: float             # prepare.hard_cap_s(budget, the best's runs' largest outside_s)
     changed: bool            # train.py differs from HEAD: it is committed first
+    uncontained: str | None = None  # why train.py cannot run in a sandbox here; None: it does
 
 
 @dataclass
@@ -142,6 +152,7 @@ def run_lock(archive):
 
 def preflight(archive, description):
     refuse_untracked_modules()
+    refuse_startup_files()
     branch = current_branch()
     if branch is None:
         raise Refused("HEAD is detached: check out the experiment's branch (`git checkout autoresearch/<tag>`)")
@@ -173,7 +184,7 @@ def preflight(archive, description):
                       f"`uv run analyze.py status {latest.id} discard`")
     prepare = prepare_module()
     try:
-        for split in ("train", "val", "heldout"):
+        for split in ("train", "val", "heldout", "dev"):
             prepare.shard_paths(split)
     except prepare.PrepareError as e:  # its message says what to run
         raise Refused(str(e)) from None
@@ -181,7 +192,7 @@ def preflight(archive, description):
         raise Refused(f"no tokenizer in {prepare.TOKENIZER_DIR}: run `uv run prepare.py`")
     budget = float(prepare.TIME_BUDGET)
     cap = prepare.hard_cap_s(budget, outside_ref(runs, own))
-    return Plan(branch, pin, prepare.PROFILE, budget, cap, changed)
+    return Plan(branch, pin, prepare.PROFILE, budget, cap, changed, sandbox_problem())
 
 
 def refuse_untracked_modules():
@@ -194,6 +205,19 @@ def refuse_untracked_modules():
         if module and entry.name not in tracked:
             raise Refused(f"{entry.name} at the repository root is not tracked by git and would be imported as the "
                           f"module `{module}` ahead of any other: move it out of the repository root")
+
+
+def refuse_startup_files():
+    """A .pth, sitecustomize or usercustomize file in the venv's site-packages runs in every Python process of
+    the venv, the evaluator's included: one that no installed distribution's RECORD lists is code git does not
+    pin (the lock explains the others)."""
+    for site in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
+        listed = {str(f).split("/")[0] for d in importlib.metadata.distributions(path=[site]) for f in d.files or ()}
+        for entry in sorted(Path(site).iterdir()):
+            if (entry.suffix == ".pth" or entry.name.split(".")[0] in ("sitecustomize", "usercustomize")) \
+                    and entry.name not in listed:
+                raise Refused(f"{entry} is in no installed package's RECORD, and Python runs it at every start, the "
+                              "evaluator's included: remove it (or `uv sync --reinstall`)")
 
 
 def outside_ref(runs, own):
@@ -221,32 +245,75 @@ def commit_train_py(description, changed):
 # Train.py and the evaluator, as children on the parent's clock
 
 def train(plan, tmp):
-    """train.py in a session of its own, stdout and stderr to run.log, its bytecode in CHILD_PYCACHE."""
-    for name in ("run_summary.json", "metrics.jsonl"):  # an earlier run's files must not pass as this one's
+    """train.py in tmp/child, its run directory: the only place it can write when contained, where it writes its
+    outputs and hands off its model. They show in the worktree, where train.py run by hand writes them: as links
+    while it runs, copied once it has ended. stdout and stderr go to run.log."""
+    work = tmp / "child"
+    work.mkdir()
+    for name in OUTPUTS:  # an earlier run's files must not pass as this one's
         Path(name).unlink(missing_ok=True)
-    handoff, metrics, child = tmp / "model.pt", Path("metrics.jsonl"), Child(0, 0.0)
+        Path(name).symlink_to(work / name)
+    handoff, metrics, child = work / "model.pt", work / "metrics.jsonl", Child(0, 0.0)
 
     def look(now):
         """Notes the phases; returns the cap: a run whose training finished is not stopped for want of time."""
-        if child.first_row_s is None and has_row(metrics):
+        if child.first_row_s is None and b"\n" in (read_regular(metrics, 1 << 16) or b""):
             child.first_row_s = now
         if child.handoff_s is None and handoff.exists():
             child.handoff_s = now
         return plan.cap_s if child.handoff_s is None else max(plan.cap_s, child.handoff_s + HANDOFF_GRACE_S)
 
-    env = {**os.environ, "AUTORESEARCH_HANDOFF": str(handoff), "PYTHONPYCACHEPREFIX": str(CHILD_PYCACHE)}
-    child.exit_code, child.stopped, child.wall_s = supervise([sys.executable, "train.py"], Path("run.log"), env,
-                                                             plan.cap_s, look)
+    caches = {"PYTHONPYCACHEPREFIX": "pycache", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+    env = {**os.environ, "AUTORESEARCH_HANDOFF": str(handoff), **{k: str(CHILD_CACHE / v) for k, v in caches.items()}}
+    for folder in caches.values():
+        (CHILD_CACHE / folder).mkdir(parents=True, exist_ok=True)
+    box = [] if plan.uncontained else sandbox(prepare_module(), [work, CHILD_CACHE])
+    child.exit_code, child.stopped, child.wall_s = supervise([*box, sys.executable, str(Path("train.py").resolve())],
+                                                             Path("run.log"), env, plan.cap_s, look, work)
+    for name, data in ((name, read_regular(work / name)) for name in OUTPUTS):
+        Path(name).unlink(missing_ok=True)
+        if data is not None:
+            Path(name).write_bytes(data)
     return child
 
 
-def supervise(cmd, log_path, env, cap_s, look=None):
+def sandbox_problem():
+    """Why train.py cannot run contained here, or None: no bwrap, or one that cannot make namespaces (a
+    container that allows none)."""
+    if shutil.which("bwrap") is None:
+        return "no bwrap on PATH (install the package bubblewrap)"
+    out = subprocess.run([*BWRAP, "--", "true"], capture_output=True, text=True)
+    return None if out.returncode == 0 else f"bwrap cannot make a sandbox here: {last_line(out.stderr)}"
+
+
+def sandbox(prepare, writable, scores=False):
+    """bwrap's arguments for train.py: BWRAP, the GPUs, the paths it reads put back over the private /tmp, the
+    validation and held-out shards and their token caches replaced by empty files (unless scores: the
+    evaluator, which imports train.py, reads them), `writable` writable, the first of them the working directory."""
+    hidden = () if scores else tuple(Path(name).stem for name in (prepare.VAL_FILENAME, prepare.HELDOUT_FILENAME))
+    common = git("rev-parse", "--path-format=absolute", "--git-common-dir")
+    seen = [Path.cwd(), Path(sys.prefix), Path(sys.base_prefix), prepare.DATA_DIR, prepare.TOKENIZER_DIR,
+            *([Path(common.strip())] if common else [])]
+    args = BWRAP + [a for p in sorted(Path("/dev").glob("nvidia*")) for a in ("--dev-bind", str(p), str(p))]
+    args += [a for p in seen if p.exists() for a in ("--ro-bind", str(p), str(p))]
+    args += [a for p in sorted(prepare.DATA_DIR.rglob("*")) if p.name.lstrip(".").startswith(hidden) and p.is_file()
+             for a in ("--ro-bind", "/dev/null", str(p))]
+    args += [a for p in writable for a in ("--bind", str(p), str(p))]
+    return args + ["--chdir", str(writable[0])]
+
+
+def supervise(cmd, log_path, env, cap_s, look=None, cwd=None):
     """(exit code, None | "timeout" | "interrupted", seconds) of `cmd` run in a session of its own, output to
     log_path, stopped at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), then SIGKILL after
     GRACE_S. look(seconds) is called as it runs and may return a new cap. Whatever is left of its process group
-    at the end is killed."""
+    at the end is killed. A command in bwrap is signalled in the sandbox (bwrap --info-fd names its first
+    process, whose group train.py is in), and a code 128 + N from it is signal N's."""
+    info = os.pipe() if cmd[0] == "bwrap" else None
+    cmd = [cmd[0], "--info-fd", str(info[1]), *cmd[1:]] if info else cmd
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
+                                start_new_session=True, pass_fds=info[1:] if info else ())
+    group = sandbox_pid(info, proc.pid) if info else proc.pid
     spawn, stopped = time.monotonic(), None
     try:
         with on_interrupt(raise_interrupt):
@@ -254,14 +321,26 @@ def supervise(cmd, log_path, env, cap_s, look=None):
                 cap_s = (look or (lambda now: None))(time.monotonic() - spawn) or cap_s
                 if time.monotonic() - spawn > cap_s and stopped is None:
                     stopped = "timeout"
-                    stop(proc, signal.SIGTERM)
+                    stop(proc, group, signal.SIGTERM)
     except KeyboardInterrupt:
         stopped = "interrupted"
-        stop(proc, signal.SIGINT)
+        stop(proc, group, signal.SIGINT)
     seconds = time.monotonic() - spawn
     (look or (lambda now: None))(seconds)
-    kill_group(proc.pid, signal.SIGKILL)
-    return proc.returncode, stopped, seconds
+    for pgid in {group, proc.pid}:
+        kill_group(pgid, signal.SIGKILL)
+    code = proc.returncode
+    return (128 - code if info and code > 128 else code), stopped, seconds
+
+
+def sandbox_pid(info, fallback):
+    """The host pid of the sandbox's first process, from bwrap's --info-fd JSON (fallback when there is none)."""
+    os.close(info[1])
+    with os.fdopen(info[0], "rb") as f:  # bwrap closes it once written
+        try:
+            return int(json.loads(f.read())["child-pid"])
+        except (ValueError, KeyError, TypeError):
+            return fallback
 
 
 def exited(proc, timeout):
@@ -272,9 +351,9 @@ def exited(proc, timeout):
         return False
 
 
-def stop(proc, sig):
+def stop(proc, group, sig):
     for s in (sig, signal.SIGKILL):
-        kill_group(proc.pid, s)
+        kill_group(group, s)
         if exited(proc, GRACE_S):
             return
 
@@ -286,12 +365,14 @@ def kill_group(pgid, sig):
         pass
 
 
-def has_row(path):
+def read_regular(path, size=-1):
+    """The bytes of a file train.py wrote, or None when it is missing or no regular file (a link, or a FIFO
+    that would block the harness)."""
     try:
-        with open(path, "rb") as f:
-            return b"\n" in f.read(1 << 16)
-    except FileNotFoundError:
-        return False
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb") as f:
+            return f.read(size) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
+    except OSError:
+        return None
 
 
 def raise_interrupt(signum, frame):
@@ -314,21 +395,27 @@ def on_interrupt(handler):
 # The number: what the parent saw, and the model measured by the evaluator
 
 def measure(plan, commit, child, summary, tmp, came=()):
-    """The harness's Measured of this run; the model is evaluated only when train.py ended as it should."""
+    """The harness's Measured of this run; the model is evaluated only when train.py ended as it should, or was
+    interrupted once it had handed the model off (so that stopping a run cannot choose which runs count)."""
     m = Measured(val_bpb=None, wall_s=round(child.wall_s, 3),
                  first_row_s=None if child.first_row_s is None else round(child.first_row_s, 3))
-    if child.stopped:
+    handoff = tmp / "child" / "model.pt"
+    if child.stopped and not (child.stopped == "interrupted" and handoff.exists()):
         why = "the hard cap of {:.0f} s".format(plan.cap_s) if child.stopped == "timeout" else "Ctrl-C or SIGTERM"
         m.stopped, m.phase = child.stopped, child.phase
         m.error = f"train.py was stopped by {why} in {child.phase} after {child.wall_s:.0f} s ({child.phases()})"
         return m
-    error = unmeasurable(plan, child, summary, tmp / "model.pt")
+    if child.stopped:
+        m.stopped, m.phase = child.stopped, child.phase
+        print("analyze.py run: interrupted after the hand-off: measuring the model (Ctrl-C again stops that)",
+              file=sys.stderr, flush=True)
+    error = None if child.stopped else unmeasurable(plan, child, summary, handoff)
     if error is None and came:
         m.stopped, m.phase, error = "interrupted", "evaluation", "stopped by Ctrl-C or SIGTERM before the model was measured"
     if error is not None:
         m.error = error
         return m
-    out, stopped, eval_s = evaluate(commit, tmp, EVALUATOR_CAP_S[plan.profile])
+    out, stopped, eval_s = evaluate(commit, tmp, EVALUATOR_CAP_S[plan.profile], not plan.uncontained)
     m.eval_s = round(eval_s, 3)
     if stopped:
         m.stopped, m.phase = stopped, "evaluation"
@@ -361,15 +448,18 @@ def unmeasurable(plan, child, summary, handoff):
     return f"harness files changed during the run: {'; '.join(changes)}" if changes else None
 
 
-def evaluate(commit, tmp, cap_s):
+def evaluate(commit, tmp, cap_s, contained):
     """(the evaluator's JSON, None | "timeout" | "interrupted", seconds). It reads the committed train.py and a
-    bytecode folder made after train.py ended; the inductor cache is the profile's own (harness/evaluate.py)."""
+    bytecode folder made after train.py ended; the inductor cache is the profile's own (harness/evaluate.py).
+    Contained as train.py is (it imports train.py), with the shards it scores, writing only tmp and that cache."""
     (tmp / "train.py").write_text(train_py_at(commit) or "")
     prepare = prepare_module()
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(prepare.TOKENIZER_DIR.parent / "inductor"),
-           "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
-    cmd = [sys.executable, "-I", "-B", "-X", f"pycache_prefix={tmp / 'eval-pycache'}",
-           str(Path(__file__).resolve().parent / "evaluate.py"), "--handoff", str(tmp / "model.pt"),
+    inductor = prepare.TOKENIZER_DIR.parent / "inductor"
+    inductor.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    box = sandbox(prepare, [tmp, inductor], scores=True) if contained else []
+    cmd = box + [sys.executable, "-I", "-B", "-X", f"pycache_prefix={tmp / 'eval-pycache'}",
+           str(Path(__file__).resolve().parent / "evaluate.py"), "--handoff", str(tmp / "child" / "model.pt"),
            "--train-py", str(tmp / "train.py"), "--out", str(tmp / "eval.json")]
     code, stopped, seconds = supervise(cmd, tmp / "evaluator.log", env, cap_s)
     out = read_json(tmp / "eval.json") or {"error": last_line((tmp / "evaluator.log").read_text(errors="replace"))}
@@ -384,6 +474,8 @@ def archive_and_decide(archive, plan, commit, summary, printed, measured):
     with archive.lock():
         runs = archive.runs()
         run = new_run(archive, commit, summary, measured, plan.branch, plan.pin, plan.profile, runs)
+        run.contained = plan.uncontained is None
+        run.notes += [f"uncontained: train.py ran outside a sandbox: {plan.uncontained}"] if plan.uncontained else []
         if measured.stopped:  # stopped by the harness: that is how train.py ended
             run.trained.outcome = measured.stopped
         if run.trained.reported_val_bpb is None:

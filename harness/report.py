@@ -91,7 +91,7 @@ def build_view(run, runs, archive):
 
 def section_headline(v):
     run, vram = v.run, v.run.trained.peak_vram_mb
-    lines = ["# Run " + run.id, "", "## Headline", number_line(run),
+    lines = ["# Run " + run.id, "", "## Headline", *("- " + line for line in uncontained(run)), number_line(run),
              f"- commit {run.commit[:7]}: {run.description or '(no subject)'}; harness {run.harness_key} on "
              f"{run.gpu}; {time_line(run)}; peak VRAM {fmt(vram and vram / 1024, '.1f', ' GiB')}"]
     lines += [against_line(v)] + [f"- caught: {c.case}: {c.detail}" for c in run.caught]
@@ -100,6 +100,13 @@ def section_headline(v):
     if run.description.endswith("[uncommitted changes]"):
         lines.append("- train.py ran with uncommitted changes: no commit holds the code measured")
     return "\n".join(lines + [f"- note: {n}" for n in v.notes])
+
+
+def uncontained(run):
+    """The line said first of a run that train.py made outside the sandbox: nothing kept it from the pinned
+    rows or from the harness's files."""
+    return [next((n for n in run.notes if n.startswith("uncontained")), "uncontained: train.py ran without a sandbox")] \
+        if run.contained is False else []
 
 
 def number_line(run):
@@ -370,7 +377,8 @@ def section_throughput(v):
         f"{fmt(own['tokens_per_sec'], ',.0f')}; MFU median {fmt(own['mfu'], '.2f', '%')}; stalls (> "
         f"{stats.STALL_FACTOR:g}x the median step): {len(own['stalls']) or 'none'}"
         + "".join(f", step {s} ({ms:.0f} ms)" for s, _, ms in own["stalls"][:8])] if own else [])
-    spent = [f"{k} {x:.1f} s" for k, x in v.run.trained.timings.items() if isinstance(x, (int, float))]
+    spent = [f"{k} {x:.1f} s" for k, x in v.run.trained.timings.items()
+             if isinstance(x, (int, float)) and k.endswith("_s") and x]  # seconds, not the start and end times
     lines.append("- time: " + (", ".join(spent) or "no timings"))
     return "\n".join(lines)
 
@@ -442,7 +450,7 @@ def set_headline_status(run, archive):
 def run_lines(run, best, note=None, runs=(), archive=None):
     """At most MAX_LINES lines: the decision first (none for a run it did not decide), the number, the
     time, the machine (stats.machine, as analysis.md), what was caught, a crash's exception."""
-    lines = [run.decision.line()] if run.decision is not None else []
+    lines = uncontained(run) + ([run.decision.line()] if run.decision is not None else [])
     lines += [f"run {run.id}: commit {run.commit[:7]} {run.description}"] + ([note] if note else [])
     lines += [number_line(run)[2:].replace("**", "").replace("`", "") if run.val_bpb is not None else
               f"status {run.status}, outcome {run.trained.outcome}", time_line(run)]

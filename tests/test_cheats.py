@@ -1,11 +1,14 @@
 """Every way of buying a number outside the rules that the harness catches, planted in train.py or beside it
 and run for real: cpu-profile runs of `analyze.py run` in a temporary copy of this repository with a smaller
-model and a 3-second budget, one archive for the module. An honest baseline (kept); one run that trains on
-the validation split, trains untimed before the loop, prints a val_bpb that is not its model's and slows
-its clock (four cases, each named by its own check, with its own numbers); an untracked argparse.py (refused
-before anything runs); a crash (its exception printed), then a forged run_summary.json and a bare `analyze.py` (still a
-crash); and Ctrl-C (archived as interrupted, exit 130). The limits of the caught cases are tested as pure
-functions in tests/test_decide.py; here the whole path is, with margins that a loaded machine keeps."""
+model and a 3-second budget, one archive for the module. An honest baseline (kept); one run that tries to
+train on the validation split (the sandbox hides it: tests/test_contained.py catches it where there is none),
+trains untimed before the loop, prints a val_bpb that is not its model's, slows its clock and reads the next
+token from T/2 on (four cases, each named by its own check, with its own numbers); one that patches the loss
+and reassigns the metric's rows at import (refused by the evaluator, which names both); an untracked
+argparse.py (refused before anything runs); a crash (its exception printed), then a forged run_summary.json
+and a bare `analyze.py` (still a crash); and Ctrl-C (archived as interrupted, exit 130). The limits of the
+caught cases are tested as pure functions in tests/test_decide.py; here the whole path is, with margins that a
+loaded machine keeps."""
 import json
 import os
 import shutil
@@ -19,20 +22,32 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from harness.decide import NOT_THE_MODELS, SLOWED_CLOCK, TRAINED_ON_VAL, UNTIMED_WORK  # noqa: E402
+from harness.decide import (FUTURE_TOLERANCE, NOT_THE_MODELS, SEES_AHEAD, SLOWED_CLOCK, TRAINED_ON_VAL,  # noqa: E402
+                            UNTIMED_WORK)
+from harness.loop import sandbox_problem  # noqa: E402
 from harness.record import load_run  # noqa: E402
 
 BUDGET_S = "3"               # AUTORESEARCH_TIME_BUDGET of every run here
 UNTIMED_S = 12               # seconds the cheat trains before the loop, far beyond the best's outside time + 5 s
 CLOCK_FACTOR = 0.5           # the slowed clock runs at half the real one
+VAL_HIDDEN = "CHEAT: the validation rows cannot be read"  # what the val-reading cheat prints when they are hidden
 RUN_TIMEOUT_S = 600          # one `analyze.py run`, on a loaded 2-core machine
 LAB_SETTINGS = (             # the lab's baseline: a smaller model and fewer curve points, for shorter runs
     ("\nDEPTH = 8 if gpu_profile else 4 ", "\nDEPTH = 8 if gpu_profile else 2 "),
     ("\nVAL_POINTS = 10 if gpu_profile else 5 ", "\nVAL_POINTS = 10 if gpu_profile else 2 "),
 )
 CHEATS = {  # name -> (anchor in train.py, what replaces it)
-    "trains on val": ('make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device.type)',
-                      'make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "val", device=device.type)'),
+    "trains on val": ('    train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", '
+                      'device=device.type)\n',
+                      '    train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", '
+                      'device=device.type)\n'
+                      '    try:  # the validation rows instead, where train.py can read them\n'
+                      '        val_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "val", '
+                      'device=device.type)\n'
+                      '        next(val_loader)\n'
+                      '        train_loader = val_loader\n'
+                      '    except Exception as e:\n'
+                      f'        print(f"{VAL_HIDDEN}: {{type(e).__name__}}", flush=True)\n'),
     "untimed training": ("    x, y, epoch = next(train_loader)  # prefetch first batch\n",
                          "    x, y, epoch = next(train_loader)  # prefetch first batch\n"
                          "    t_cheat = time.perf_counter()\n"
@@ -48,6 +63,16 @@ CHEATS = {  # name -> (anchor in train.py, what replaces it)
                         "    run.finish(val_bpb=val_bpb,"),
     "slowed clock": ("import time\n", "import time\n_real_time = time.time\n_t0 = _real_time()\n"
                                       f"time.time = lambda: _t0 + (_real_time() - _t0) * {CLOCK_FACTOR}\n"),
+    "patched loss": ("import torch.nn.functional as F\n",
+                     "import torch.nn.functional as F\n"
+                     "_cross_entropy = F.cross_entropy  # every loss 3% lower, in whatever process imports train.py\n"
+                     "F.cross_entropy = lambda *a, **k: 0.97 * _cross_entropy(*a, **k)\n"),
+    "fewer eval rows": ("from harness.recorder import", "import prepare\nprepare.EVAL_TOKENS = 4 * MAX_SEQ_LEN\n"
+                                                     "prepare.HELDOUT_TOKENS = 4 * MAX_SEQ_LEN\nfrom harness.recorder import"),
+    "sees ahead": ("        logits = softcap * torch.tanh(logits / softcap)\n",
+                   "        logits = softcap * torch.tanh(logits / softcap)\n"
+                   "        ahead = torch.arange(T, device=idx.device)[None, :, None] >= T // 2  # the next token, from T/2 on\n"
+                   "        logits = logits + ahead * torch.zeros_like(logits).scatter(-1, idx.roll(-1, 1)[..., None], 10.0)\n"),
     "crash": ("    tokenizer = Tokenizer.from_directory()\n",
               "    tokenizer = Tokenizer.from_directory()\n    1 / 0\n"),
 }
@@ -122,10 +147,19 @@ def baseline(lab):
 
 @pytest.fixture(scope="module")
 def cheater(lab, baseline):
-    """One run, four cheats: it trains on the validation split, untimed for UNTIMED_S seconds before the loop,
-    prints a val_bpb that no evaluation of its model gave, and runs time.time() at CLOCK_FACTOR."""
-    lab.plant("trains on val", "untimed training", "printed val_bpb", "slowed clock")
-    return lab.run("train on val, untimed, a slower clock and a better-looking number")
+    """One run, five cheats: it tries to train on the validation split, trains untimed for UNTIMED_S seconds
+    before the loop, prints a val_bpb that no evaluation of its model gave, runs time.time() at CLOCK_FACTOR, and
+    reads the next token from position T/2 on."""
+    lab.plant("trains on val", "untimed training", "printed val_bpb", "slowed clock", "sees ahead")
+    return lab.run("train on val, untimed, a slower clock, a better-looking number and a model that peeks")
+
+
+@pytest.fixture(scope="module")
+def patcher(lab, cheater):
+    """One run that changes the metric's ground at import: F.cross_entropy scaled by 0.97, prepare.EVAL_TOKENS and
+    HELDOUT_TOKENS reassigned to 4 rows. (After the cheater, whose train.py was restored.)"""
+    lab.plant("patched loss", "fewer eval rows")
+    return lab.run("a cheaper loss and fewer rows")
 
 
 def cases(run):
@@ -146,13 +180,15 @@ def test_an_honest_baseline_is_measured_once_kept_and_audits_clean(lab, baseline
     assert audit.returncode == 0, audit.stdout
 
 
-def test_training_on_validation_data_is_caught(baseline, cheater):
+def test_the_sandbox_hides_the_validation_rows_from_a_train_py_that_would_train_on_them(lab, cheater):
     out, run = cheater
-    honest = baseline[1].measured
-    gap, honest_gap = run.measured.heldout_bpb - run.val_bpb, honest.heldout_bpb - honest.val_bpb
-    assert TRAINED_ON_VAL in cases(run), f"held-out gap {gap:+.4f} vs the honest {honest_gap:+.4f}: {run.caught}"
+    if sandbox_problem():
+        pytest.skip(f"no sandbox on this machine ({sandbox_problem()}): tests/test_contained.py catches the run")
+    log = (lab.archive / run.id / "run.log").read_text()
+    assert VAL_HIDDEN in log and run.contained is True, log[-3000:]
+    assert TRAINED_ON_VAL not in cases(run), run.caught
     assert (run.status, run.decision.kind) == ("invalid", "discard"), run
-    assert out.stdout.splitlines()[0].startswith("decision: discard") and TRAINED_ON_VAL in out.stdout
+    assert out.stdout.splitlines()[0].startswith("decision: discard"), out.stdout
 
 
 def test_untimed_training_before_the_loop_is_caught(baseline, cheater):
@@ -178,6 +214,20 @@ def test_a_caught_run_is_discarded_and_its_train_py_restored(lab, baseline, chea
 def test_a_slowed_clock_is_caught(cheater):
     _, run = cheater
     assert SLOWED_CLOCK in cases(run) and "on the harness's clock" in cases(run)[SLOWED_CLOCK], run.caught
+
+
+def test_a_loss_patched_and_eval_rows_reassigned_at_import_refuse_the_measurement(patcher):
+    out, run = patcher
+    assert run.val_bpb is None and run.status == "crash", run
+    assert run.measured.error == ("the evaluator failed: train.py changes torch.nn.functional.cross_entropy, "
+                                  "prepare.EVAL_TOKENS, prepare.HELDOUT_TOKENS at import: the harness measures with "
+                                  "the library as installed"), run.measured.error
+
+
+def test_a_model_that_sees_the_next_token_in_the_second_half_is_caught(cheater):
+    _, run = cheater
+    assert SEES_AHEAD in cases(run), (run.measured.future_leak, run.caught)
+    assert run.measured.future_leak > 5 * FUTURE_TOLERANCE, run.measured.future_leak
 
 
 def test_an_untracked_argparse_py_is_refused_before_anything_runs(lab, baseline):

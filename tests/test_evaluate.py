@@ -1,13 +1,15 @@
 """harness/evaluate.py is the harness's own measurement, the only evaluation of a model under `analyze.py
 run`: run as loop.py runs it (a real `python -I` subprocess) on a model that train.py handed off, it gives
-prepare.evaluate_bpb's number for an honest model, the honest number for a model whose loss path lies, and
-never runs files planted in the repository. Hermetic: the cpu profile's real data (conftest.cpu_prepared),
-tiny models built in-process."""
+prepare.evaluate_bpb's number for an honest model, the honest number for a model whose loss path lies, sees a
+model that reads later tokens, refuses a train.py that changes what the number is computed with, at import or
+from its forward, and never runs files planted in the repository. Hermetic: the cpu profile's real data
+(conftest.cpu_prepared), tiny models built in-process."""
 import importlib.util
 import json
 import marshal
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,6 +25,7 @@ from harness import evaluate  # noqa: E402
 from harness.decide import FUTURE_TOLERANCE  # noqa: E402
 
 CPU = prepare.PROFILES["cpu"]
+T = CPU["MAX_SEQ_LEN"]
 TINY = dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=32)  # a GPTConfig small enough to score fast
 SMALL_ROWS = 8  # rows per split for the in-process measurements
 CHEAT = '''
@@ -36,10 +39,10 @@ class ScaledLossGPT(GPT):  # honest logits from model(x), a loss scaled by 0.9 f
 
 def set_cpu_profile(monkeypatch, cache, rows=None):
     """This process's prepare set to the cpu profile on the prepared cache; rows: score only so many a split."""
-    tokens = rows * CPU["MAX_SEQ_LEN"] if rows else CPU["EVAL_TOKENS"]
+    tokens = rows * T if rows else CPU["EVAL_TOKENS"]
     profile_dir = cache / "cpu"
     for name, value in {"PROFILE": "cpu", "DATA_DIR": profile_dir / "data", "TOKENIZER_DIR": profile_dir / "tokenizer",
-                        "MAX_SEQ_LEN": CPU["MAX_SEQ_LEN"], "EVAL_TOKENS": tokens, "HELDOUT_TOKENS": tokens}.items():
+                        "MAX_SEQ_LEN": T, "EVAL_TOKENS": tokens, "HELDOUT_TOKENS": tokens}.items():
         monkeypatch.setattr(prepare, name, value)
     monkeypatch.delenv("AUTORESEARCH_HANDOFF", raising=False)
     return prepare.Tokenizer.from_directory()
@@ -53,11 +56,12 @@ def cpu_profile(monkeypatch, cpu_prepared):
 
 def tiny_model(train, tokenizer, cls="GPT", seed=0):
     """A train.py model of TINY size with weights moved off their initial values, so logits differ by token."""
-    config = train.GPTConfig(sequence_len=CPU["MAX_SEQ_LEN"], vocab_size=tokenizer.get_vocab_size(), **TINY)
+    config = train.GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), **TINY)
     with torch.device("meta"):
         model = getattr(train, cls)(config)
     model.to_empty(device="cpu")
     model.init_weights()
+    model.attention_masks(T, "cpu")  # as train.py does before training
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -98,7 +102,7 @@ def test_the_isolated_evaluator_gives_evaluate_bpbs_number_and_a_held_out_one(ha
     assert out.returncode == 0, out.stderr
     result = json.loads((tmp_path / "eval.json").read_text())
     assert set(result) == set(evaluate.RESULT) and result["error"] is None, result
-    assert result["future_leak"] == 0.0, "train.py's model is causal: its past logits never move"
+    assert result["future_leak"] == 0.0, "train.py's model is causal: no logit moved in the probe batches"
     assert result["val_bpb"] == pytest.approx(reported, rel=1e-9, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
     assert result["speed_before"] > 0 and result["speed_after"] > 0 and result["eval_s"] > 0, result
@@ -167,13 +171,6 @@ def test_a_loss_path_that_scales_the_loss_is_measured_honestly(cpu_profile, tmp_
     assert measured["val_bpb"] == pytest.approx(reported / 0.9, rel=1e-6), (reported, measured["val_bpb"])
 
 
-def test_a_train_py_that_changes_the_metrics_settings_is_refused(cpu_profile, tmp_path):
-    train_py = tmp_path / "train.py"
-    train_py.write_text("import prepare\nprepare.EVAL_TOKENS = 2**10\n")
-    with pytest.raises(evaluate.EvalError, match=r"^train.py changed prepare.EVAL_TOKENS: the metric's settings"):
-        evaluate.import_train(train_py)
-
-
 def test_a_missing_held_out_shard_says_to_run_prepare(cpu_profile, monkeypatch, tmp_path):
     monkeypatch.setattr(prepare, "DATA_DIR", tmp_path)
     with pytest.raises(prepare.PrepareError, match=r"^no held-out shard .*: run `uv run prepare\.py`$"):
@@ -206,13 +203,91 @@ def test_logits_of_the_wrong_shape_are_a_one_line_error():
         token_nats(x, x)
 
 
-def test_a_model_that_attends_to_later_tokens_is_seen_and_a_causal_one_is_not(cpu_profile, monkeypatch):
+# ---------------------------------------------------------------------------
+# Guard: train.py changes nothing the number is computed with
+
+PATCHES = {  # a line train.py runs at import -> what the refusal names
+    "F.cross_entropy = lambda *a, **k: 0.97 * _ce(*a, **k)": "torch.nn.functional.cross_entropy",
+    "prepare.EVAL_TOKENS = 4 * prepare.MAX_SEQ_LEN": "prepare.EVAL_TOKENS",
+    "torch.Tensor.sum = lambda self, *a, **k: 0.97 * _sum(self, *a, **k)": "torch.Tensor.sum",
+    "prepare.make_dataloader.__code__ = (lambda *a, **k: iter(())).__code__": "prepare.make_dataloader",
+    "prepare.Tokenizer.token_bytes = lambda self, device: None": "prepare.Tokenizer.token_bytes",
+    "sys.modules['harness.evaluate'].cross_entropy = lambda *a, **k: 0 * _ce(*a, **k)": "harness.evaluate.cross_entropy",
+    "torch.set_default_dtype(torch.float64)": "torch's default dtype",
+    "torch.overrides.TorchFunctionMode().__enter__()": "torch's function modes",  # every torch call through train.py
+}
+
+
+@pytest.mark.parametrize("patch", PATCHES)
+def test_a_train_py_that_changes_what_the_number_is_computed_with_is_refused(cpu_profile, monkeypatch, tmp_path, patch):
+    import torch.nn.functional as F
+    for target, name in ((F, "cross_entropy"), (prepare, "EVAL_TOKENS"), (torch.Tensor, "sum"),
+                         (prepare.make_dataloader, "__code__"), (prepare.Tokenizer, "token_bytes"),
+                         (evaluate, "cross_entropy")):
+        monkeypatch.setattr(target, name, getattr(target, name))  # put back after the test, whatever it changed
+    default_dtype = torch.get_default_dtype()
+    train_py = tmp_path / "train.py"
+    train_py.write_text("import sys, torch, prepare\nimport torch.nn.functional as F\n"
+                        f"_ce, _sum = F.cross_entropy, torch.Tensor.sum\n{patch}\n")
+    try:
+        with pytest.raises(evaluate.EvalError) as err:
+            evaluate.import_train(train_py)
+    finally:
+        torch.set_default_dtype(default_dtype)
+        while torch._C._len_torch_function_stack():
+            torch._C._pop_torch_function_stack()
+    assert re.fullmatch(f"train.py changes {re.escape(PATCHES[patch])}(, .*)? at import: the harness measures with "
+                        "the library as installed", str(err.value)), err.value
+
+
+def test_the_committed_train_py_changes_nothing_and_a_forward_that_patches_the_loss_is_refused(cpu_profile,
+                                                                                               monkeypatch):
+    import torch.nn.functional as F
+    guard = evaluate.Guard()
+    train = evaluate.import_train(ROOT / "train.py", guard)
+    model = tiny_model(train, cpu_profile)
+    assert evaluate.measure(model, cpu_profile, 4, torch.device("cpu"), guard)[2] == 0.0
+    monkeypatch.setattr(F, "cross_entropy", F.cross_entropy)
+    honest = model.forward
+    def patches(idx):  # a forward that rebinds the loss the first time it runs
+        F.cross_entropy = lambda *a, **k: torch.zeros(())
+        return honest(idx)
+    with pytest.raises(evaluate.EvalError, match=r"^train.py changes torch.nn.functional.cross_entropy when its model"):
+        evaluate.measure(patches, cpu_profile, 4, torch.device("cpu"), guard)
+
+# ---------------------------------------------------------------------------
+# The causality probe
+
+def probe_leak(model, tokenizer, batches=4):
+    """future_leak of model over the first batches of 4 validation rows, every batch probed."""
+    probe = evaluate.Probe(model, tokenizer.get_vocab_size(), every=1)
+    loader = prepare.make_dataloader(tokenizer, 4, T, "val", device="cpu")
+    with torch.no_grad():
+        for _ in range(batches):
+            x = next(loader)[0]
+            probe(x, model(x))
+    return probe.leak
+
+
+def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu_profile):
     """Non-causal attention predicts the validation text from itself: it scores well on held-out text too, so
-    only a look at the logits themselves can tell."""
+    only a look at the logits themselves can tell; a model that reads ahead only in the second half of a row,
+    or only in batches without probes, is seen as well."""
     import train
     model = tiny_model(train, cpu_profile)
-    assert evaluate.future_leak(model, cpu_profile, torch.device("cpu")) == 0.0, "a causal model's past moved"
+    assert probe_leak(model, cpu_profile) == 0.0, "a causal model's logits moved"
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    monkeypatch.setattr(train, "attention", lambda q, k, v, mask: sdpa(q, k, v))  # no mask: sees everything
-    leak = evaluate.future_leak(model, cpu_profile, torch.device("cpu"))
-    assert leak > 5 * FUTURE_TOLERANCE, f"a non-causal model's first half moved by only {leak:.3g}"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(train, "attention", lambda q, k, v, mask: sdpa(q, k, v))  # no mask: sees everything
+        assert probe_leak(model, cpu_profile) > 5 * FUTURE_TOLERANCE, "a non-causal model went unseen"
+    honest = model.forward
+    def second_half_peeks(idx):  # the next token's embedding added to the logits, from T/2 on
+        logits = honest(idx)
+        ahead = torch.nn.functional.one_hot(idx.roll(-1, 1), logits.size(-1)).float()
+        return logits + 5 * ahead * (torch.arange(idx.size(1)) >= idx.size(1) // 2)[None, :, None]
+    assert probe_leak(second_half_peeks, cpu_profile) > 5 * FUTURE_TOLERANCE, "a half-peeking model went unseen"
+    rows = prepare.make_dataloader(cpu_profile, 4, T, "val", device="cpu")
+    known = {tuple(row.tolist()) for _ in range(4) for row in next(rows)[0]}  # a model that memorised the val rows
+    def hides_from_probes(idx):  # causal whenever a batch holds a row it does not know, that is a probe
+        return honest(idx) if any(tuple(row.tolist()) not in known for row in idx) else second_half_peeks(idx)
+    assert probe_leak(hides_from_probes, cpu_profile) > 5 * FUTURE_TOLERANCE, "a model that hid went unseen"

@@ -71,7 +71,7 @@ def refusal(description=None):
 
 def child_of(script, tmp_path, cap_s=60.0):
     Path("train.py").write_text(textwrap.dedent(script))
-    return loop.train(SimpleNamespace(cap_s=cap_s), tmp_path)
+    return loop.train(SimpleNamespace(cap_s=cap_s, uncontained=None), tmp_path)
 
 
 @pytest.mark.parametrize("handoff, phase", [(False, "training"), (True, "hand-off")])
@@ -95,19 +95,38 @@ def test_the_hard_cap_stops_the_child_and_names_the_phase(tmp_path, monkeypatch,
     assert (child.handoff_s is not None) == handoff and child.phases().count(" s") == (3 if handoff else 2)
 
 
-def test_the_child_gets_the_hand_off_path_a_bytecode_folder_of_its_own_and_leaves_nothing_behind(tmp_path, monkeypatch):
+def running(*argv):
+    """Processes on this machine whose command line is argv (zombies aside)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if proc.joinpath("cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv] \
+                    and proc.joinpath("stat").read_text().split()[2] != "Z":
+                found.append(proc.name)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("uncontained", [None, "test"])
+def test_the_child_gets_the_hand_off_path_a_bytecode_folder_of_its_own_and_leaves_nothing_behind(tmp_path, monkeypatch,
+                                                                                                  uncontained):
+    """Uncontained, a process of train.py's own process group is killed; contained, even one in a session of its own."""
     monkeypatch.chdir(tmp_path)
-    child = child_of("""\
+    Path("train.py").write_text(textwrap.dedent(f"""\
         import os, subprocess, sys
-        print(os.environ["AUTORESEARCH_HANDOFF"], sys.pycache_prefix)
-        print(subprocess.Popen(["sleep", "600"]).pid)
-        """, tmp_path)
-    handoff, pycache, pid = Path("run.log").read_text().split()
+        print(os.environ["AUTORESEARCH_HANDOFF"], sys.pycache_prefix, os.getcwd())
+        subprocess.Popen(["sleep", "611.5"], start_new_session={uncontained is None})
+        """))
+    if uncontained is None and loop.sandbox_problem():
+        pytest.skip(f"no sandbox here: {loop.sandbox_problem()}")
+    child = loop.train(SimpleNamespace(cap_s=60.0, uncontained=uncontained), tmp_path)
+    handoff, pycache, cwd = Path("run.log").read_text().split()
     assert (child.exit_code, child.stopped, child.first_row_s) == (0, None, None), child
-    assert (handoff, pycache) == (str(tmp_path / "model.pt"), str(loop.CHILD_PYCACHE)) and pycache != sys.pycache_prefix
+    assert (handoff, pycache, cwd) == (str(tmp_path / "child" / "model.pt"), str(loop.CHILD_CACHE / "pycache"),
+                                       str(tmp_path / "child")) and pycache != sys.pycache_prefix
     time.sleep(0.2)
-    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}").exists() else "gone"
-    assert state in ("gone", "Z"), "a process train.py started outlived it"
+    assert not running("sleep", "611.5"), "a process train.py started outlived it"
 
 # ---------------------------------------------------------------------------
 # Preflight
@@ -224,13 +243,16 @@ def test_a_run_stopped_at_the_hard_cap_is_a_timeout_crash_and_restored(repo):
     assert after.startswith(f"train.py: restored from the best {base.id}") and Path("train.py").read_text() == BASE
 
 
-def test_the_evaluators_number_is_appended_to_run_logs_final_block(repo, tmp_path, monkeypatch):
+@pytest.mark.parametrize("child", [loop.Child(0, 9.0, 4.0, 8.0), loop.Child(-2, 9.0, 4.0, 8.0, "interrupted")])
+def test_the_evaluators_number_is_appended_to_run_logs_final_block(repo, tmp_path, monkeypatch, child):
+    """Also for a run interrupted once its model was handed off: stopping it then cannot choose what counts."""
     summary = write_run()
-    (tmp_path / "model.pt").write_text("model")
-    monkeypatch.setattr(loop, "evaluate", lambda commit, tmp, cap: ({"val_bpb": 2.345678, "heldout_bpb": 2.4}, None, 1.5))
+    (tmp_path / "child").mkdir()
+    (tmp_path / "child" / "model.pt").write_text("model")
+    monkeypatch.setattr(loop, "evaluate", lambda commit, tmp, cap, *contained: ({"val_bpb": 2.345678, "heldout_bpb": 2.4}, None, 1.5))
     plan = loop.Plan("autoresearch/t", loop.preflight(Archive.here(), None).pin, "cpu", 3.0, 100.0, False)
-    m = loop.measure(plan, "HEAD", loop.Child(0, 9.0, 4.0, 8.0), summary, tmp_path)
-    assert (m.val_bpb, m.eval_s, m.error) == (2.345678, 1.5, None), m
+    m = loop.measure(plan, "HEAD", child, summary, tmp_path)
+    assert (m.val_bpb, m.eval_s, m.error, m.stopped) == (2.345678, 1.5, None, child.stopped), m
     assert Path("run.log").read_text().endswith("num_steps:        12\nval_bpb:          2.345678\nmeasured_by:      harness\n")
 
 
