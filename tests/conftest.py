@@ -1,7 +1,9 @@
 """Fixtures that more than one test module needs, built once per test session."""
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 # start's AUTORESEARCH_PROFILE=cpu, a cache, a handoff) must not reach prepare.py's module-level reads
 for _name in [name for name in os.environ if name.startswith("AUTORESEARCH_")]:
     del os.environ[_name]
+
+# Inductor's cache of its own, per session: the suite neither reads nor fills the user's. Seen here: after a
+# suite run under OMP_NUM_THREADS=1 had filled the shared /tmp/torchinductor_<user>, test_compile aborted
+# inside a cached CPU kernel when run with two threads; with a fresh cache it passes either way
+INDUCTOR_CACHE = tempfile.mkdtemp(prefix="alr-tests-inductor-")
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = INDUCTOR_CACHE
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(INDUCTOR_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
