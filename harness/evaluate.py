@@ -55,6 +55,10 @@ if str(ROOT) not in sys.path:
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch._dynamo  # noqa: E402, F401  (imported by torch.compile and by a first forward, it rebinds torch.manual_seed: before Guard)
+from torch._dynamo.mutation_guard import install_generation_tagging_init  # noqa: E402
+
+install_generation_tagging_init()  # what torch.compile's first call (train.py's flex kernel on CUDA) patches into
+#                                    nn.Module.__init__ and __setstate__: done before any Guard, so not train.py's
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.functional import cross_entropy  # noqa: E402  (the loss, bound before train.py can rebind it)
 

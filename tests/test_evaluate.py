@@ -291,3 +291,13 @@ def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu
     def hides_from_probes(idx):  # causal whenever a batch holds a row it does not know, that is a probe
         return honest(idx) if any(tuple(row.tolist()) not in known for row in idx) else second_half_peeks(idx)
     assert probe_leak(hides_from_probes, cpu_profile) > 5 * FUTURE_TOLERANCE, "a model that hid went unseen"
+
+
+@pytest.mark.quick
+def test_a_compiled_call_in_train_pys_model_is_not_a_change():
+    """On CUDA train.py's flex kernel is torch.compile'd and compiles at the evaluator's first forward; dynamo's
+    first compile patches nn.Module.__init__ and __setstate__. The evaluator installs that patch before any Guard,
+    so an honest GPU run is never refused for it (without it this test fails naming torch.nn.Module.__init__)."""
+    guard = evaluate.Guard()
+    torch.compile(lambda x: x * 2, backend="eager", fullgraph=True)(torch.ones(3))
+    guard.check("after a compiled call")
