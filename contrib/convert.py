@@ -9,42 +9,19 @@ Usage:
     uv run contrib/convert.py ARCHIVE    # another archive directory
 """
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for harness/
 from harness.record import (COLUMNS, KINDS, OUTCOMES, RUN_JSON, STATUSES, Archive, Caught, Decision,  # noqa: E402
-                            Measured, RecordError, Run, StatusChange, Trained, code_sha, evidence, number, rev_parse,
-                            train_py_at, write_atomic)
+                            Measured, RecordError, Run, StatusChange, code_sha, evidence, gpu_class, number, rev_parse,
+                            train_py_at, trained_of, write_atomic)
 from harness.report import draw_progress  # noqa: E402
 
 OLD_OUTCOMES = {"no_summary": "the run ended before writing run_summary.json",
                 "stale_summary": "run_summary.json was an earlier run's",
                 "corrupt_summary": "run_summary.json was corrupt"}
-
-
-def trained_of(s):
-    """Trained from a run_summary.json's dict ({}: a crash that wrote none)."""
-    def integer(key):
-        return int(number(s.get(key))) if number(s.get(key)) is not None else None
-
-    return Trained(s.get("status") if s.get("status") in OUTCOMES else "crash", number(s.get("val_bpb")),
-                   **{k: number(s.get(k)) for k in ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                                                    "total_tokens_M", "num_params_M")},
-                   num_steps=integer("num_steps"), depth=integer("depth"),
-                   **{k: s[k] if isinstance(s.get(k), dict) else {} for k in ("timings", "config", "env")},
-                   device_batch=s.get("device_batch") if isinstance(s.get("device_batch"), dict) else None,
-                   error=None if s.get("error") is None else str(s["error"]))
-
-
-def gpu_class(s):
-    """The device a run's speed belongs to: the GPU's name without the vendor, or "cpu"."""
-    name = (s.get("env") or {}).get("gpu_name")
-    if (s.get("harness") or {}).get("profile") == "cpu" or not name:
-        return "cpu"
-    return re.sub(r"^NVIDIA\s+", "", " ".join(str(name).split()))
 
 
 def old_json(path):

@@ -64,11 +64,17 @@ def best_of(runs, run):
 
 
 # The caught cases: pure functions of (run, best, runs)
+def best_code_runs(runs, run, best):
+    """The runs of the best's code that `run` is measured against (comparable, archived before it, itself left
+    out): the reference of the caught cases and of the hard cap."""
+    return [r for r in code_runs(comparable(as_of(runs, run), run), best.code_sha) if r.id != run.id] if best else []
+
+
 def caught(run, best, runs):
     """[Caught] of a measured run against `best` (None before there is one) and the history `runs`."""
     if run.measured is None or run.measured.val_bpb is None:
         return []
-    ref = [r for r in code_runs(comparable(as_of(runs, run), run), best.code_sha) if r.id != run.id] if best else []
+    ref = best_code_runs(runs, run, best)
     return [Caught(name, detail) for name, check in CHECKS if (detail := check(run, ref))]
 
 

@@ -34,10 +34,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.decide import best_of, caught, decide
-from harness.record import (OUTCOMES, UNCOMMITTED, Archive, Measured, RecordError, Run, StatusChange, Trained, code_sha,
-                            current_branch, ensure_pin, evidence, final_block, git, harness_changes, now_utc, number,
-                            sha256_file, train_py_at, worker_name)
+from harness.decide import best_code_runs, best_of, caught, decide
+from harness.record import (UNCOMMITTED, Archive, Measured, RecordError, Run, StatusChange, code_sha, current_branch,
+                            ensure_pin, evidence, final_block, git, gpu_class, harness_changes, now_utc, number,
+                            sha256_file, train_py_at, trained_of, worker_name)
 from harness.report import draw_progress, run_lines, write_analysis
 
 POLL_S = 0.5                 # how often the parent looks at the child, metrics.jsonl and the hand-off
@@ -224,10 +224,9 @@ def outside_ref(runs, own):
     """The largest outside_s of the runs of the best's code (the reference of the hard cap), or None."""
     if not own:
         return None
-    best = best_of(runs, dataclasses.replace(own[-1], id="", archived_at=time.time()))
-    same = [r.outside_s for r in runs if best and r.code_sha == best.code_sha and r.branch == best.branch
-            and r.harness_key == best.harness_key and r.gpu == best.gpu and r.outside_s is not None]
-    return max(same, default=None)
+    upcoming = dataclasses.replace(own[-1], id="", archived_at=time.time())  # the next run, as the latest was made
+    ref = best_code_runs(runs, upcoming, best_of(runs, upcoming))
+    return max((r.outside_s for r in ref if r.outside_s is not None), default=None)
 
 
 def commit_train_py(description, changed):
@@ -535,30 +534,14 @@ def new_run(archive, commit, summary, measured, branch, pin, profile, runs):
     worker = worker_name()
     latest = next((r for r in reversed(runs) if r.worker == worker), None)
     harness = s.get("harness") if isinstance(s.get("harness"), dict) else (latest.harness if latest else {"profile": profile})
-    gpu_name = (s.get("env") or {}).get("gpu_name")
-    gpu = "cpu" if harness.get("profile") == "cpu" or not gpu_name else re.sub(r"^NVIDIA\s+", "", " ".join(str(gpu_name).split()))
     description = (git("log", "-1", "--format=%s", commit) or "").strip()
     if (s.get("git") or {}).get("dirty"):
         description += UNCOMMITTED
     return Run(id=archive.new_id(commit), commit=commit, description=description, branch=branch, worker=worker,
                started_at=number((s.get("timings") or {}).get("started_at")), archived_at=time.time(),
-               harness=harness, gpu=gpu, code_sha="", pin=pin,
+               harness=harness, gpu=gpu_class({**s, "harness": harness}), code_sha="", pin=pin,
                harness_changes=harness_changes(pin, (s.get("git") or {}).get("harness_sha256")) if pin else [],
                trained=trained_of(s), measured=measured, caught=[], decision=None, statuses=[], evidence={})
-
-
-def trained_of(s):
-    """Trained from a run_summary.json (an empty one: a crash with no summary)."""
-    def integer(key):
-        return int(s[key]) if number(s.get(key)) is not None else None
-
-    return Trained(outcome=s.get("status") if s.get("status") in OUTCOMES else "crash",
-                   reported_val_bpb=number(s.get("val_bpb")),
-                   **{k: number(s.get(k)) for k in ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                                                     "total_tokens_M", "num_params_M")},
-                   num_steps=integer("num_steps"), depth=integer("depth"), timings=s.get("timings") or {},
-                   device_batch=s.get("device_batch"), config=s.get("config") or {}, env=s.get("env") or {},
-                   error=s.get("error"))
 
 
 def store(archive, run, runs, source, ran_tree, metrics):

@@ -278,6 +278,28 @@ def load_run(path):
     except RecordError as e:
         raise RecordError(f"{path}: {e}; {FIX}") from None
 
+def trained_of(s):
+    """Trained from a run_summary.json's dict ({}: a crash that wrote none): the one reading of train.py's word."""
+    def integer(key):
+        return int(number(s.get(key))) if number(s.get(key)) is not None else None
+
+    return Trained(s.get("status") if s.get("status") in OUTCOMES else "crash", number(s.get("val_bpb")),
+                   **{k: number(s.get(k)) for k in ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
+                                                    "total_tokens_M", "num_params_M")},
+                   num_steps=integer("num_steps"), depth=integer("depth"),
+                   **{k: s[k] if isinstance(s.get(k), dict) else {} for k in ("timings", "config", "env")},
+                   device_batch=s.get("device_batch") if isinstance(s.get("device_batch"), dict) else None,
+                   error=None if s.get("error") is None else str(s["error"]))
+
+
+def gpu_class(s):
+    """The device a run's speed belongs to: the GPU's name without the vendor, or "cpu"."""
+    name = (s.get("env") or {}).get("gpu_name")
+    if (s.get("harness") or {}).get("profile") == "cpu" or not name:
+        return "cpu"
+    return re.sub(r"^NVIDIA\s+", "", " ".join(str(name).split()))
+
+
 # ---------------------------------------------------------------------------
 # Files, git and code
 
