@@ -19,6 +19,7 @@ import prepare  # noqa: E402
 from harness import loop  # noqa: E402
 from harness.decide import TRAINED_ON_VAL  # noqa: E402
 from tests.test_cheats import VAL_HIDDEN, cases, lab  # noqa: E402, F401  (lab: the module's own, built as test_cheats's)
+from tests.test_loop import running  # noqa: E402
 
 NO_SANDBOX = loop.sandbox_problem()
 needs_sandbox = pytest.mark.skipif(NO_SANDBOX is not None, reason=f"no sandbox on this machine: {NO_SANDBOX}")
@@ -41,19 +42,6 @@ _probe("dev rows", lambda: next(_prep.make_dataloader(_prep.Tokenizer.from_direc
 _probe("write prepare.py", lambda: open(_prep.__file__, "a").write("# planted"))
 _probe("write pth", lambda: open({str(PTH)!r}, "w").write("# planted"))
 """
-
-
-def running(*argv):
-    """pids of the live processes whose command line is argv."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
-        try:
-            if proc.joinpath("cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv] \
-                    and proc.joinpath("stat").read_text().split()[2] != "Z":
-                found.append(int(proc.name))
-        except OSError:
-            pass
-    return found
 
 
 @pytest.fixture(scope="module")

@@ -102,7 +102,7 @@ def running(*argv):
         try:
             if proc.joinpath("cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv] \
                     and proc.joinpath("stat").read_text().split()[2] != "Z":
-                found.append(proc.name)
+                found.append(int(proc.name))
         except OSError:
             pass
     return found
