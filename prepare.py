@@ -1,10 +1,8 @@
 """
-One-time data preparation, and the fixed data runtime that every experiment's number comes out of.
-Downloads the data shards (or, in the cpu profile, builds them from the standard library's own text),
-trains the BPE tokenizer and tokenizes every shard once into a token cache. train.py imports the
-runtime half: the tokenizer, the packed dataloader and the fixed bits-per-byte metric. A third split,
-held out from training and validation alike, is scored by the harness alone (harness/evaluate.py): a model
-that trained on the validation rows does better on them than on it.
+One-time data preparation, and the fixed data runtime every experiment's number comes out of: downloads the
+data shards (the cpu profile builds them from the standard library's prose), trains the BPE tokenizer and
+tokenizes every shard once. train.py imports the tokenizer, the packed dataloader and the fixed bits-per-byte
+metric. A held-out shard, never trained on, is scored by the harness alone (harness/evaluate.py).
 
 Usage:
     uv run prepare.py                              # 10 training shards + the validation and held-out shards, tokenizer
@@ -13,12 +11,10 @@ Usage:
     AUTORESEARCH_PROFILE=cpu uv run prepare.py     # tiny laptop harness, no network at all
     uv run prepare.py --check                      # can this machine run the profile? changes nothing
 
-Data and tokenizer live in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch); the cpu profile
-keeps its own copy under cpu/ and never shares it with gpu. Re-running does no work twice.
+Data and tokenizer live in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch; the cpu profile's under cpu/).
 """
 
 import argparse
-import ast
 import bisect
 import concurrent.futures
 import dataclasses
@@ -35,9 +31,9 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
 import time
+import tokenize
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +45,7 @@ import tiktoken
 import torch
 
 # ---------------------------------------------------------------------------
-# Profiles and paths (fixed, do not modify)
+# Profiles, data and tokenizer (fixed, do not modify)
 # ---------------------------------------------------------------------------
 
 PROFILES = {
@@ -73,16 +69,11 @@ EVAL_TOKENS = PROFILES[PROFILE]["EVAL_TOKENS"]   # number of tokens for the fina
 HELDOUT_TOKENS = EVAL_TOKENS // (4 if PROFILE == "gpu" else 1)  # held-out tokens the harness scores beside val_bpb
 VOCAB_SIZE = PROFILES[PROFILE]["VOCAB_SIZE"]     # BPE vocabulary size, special tokens included
 
-_overrides = {}
-if os.environ.get("AUTORESEARCH_TIME_BUDGET"):
-    try:
-        TIME_BUDGET = float(os.environ["AUTORESEARCH_TIME_BUDGET"])
-    except ValueError:
-        TIME_BUDGET = -1.0
-    if not (TIME_BUDGET > 0 and math.isfinite(TIME_BUDGET)):
-        raise SystemExit("prepare.py: AUTORESEARCH_TIME_BUDGET must be a positive number of seconds, "
-                         f"got {os.environ['AUTORESEARCH_TIME_BUDGET']!r}")
-    _overrides["AUTORESEARCH_TIME_BUDGET"] = TIME_BUDGET
+_overrides, _budget = {}, os.environ.get("AUTORESEARCH_TIME_BUDGET", "")
+if _budget:  # for tests and smoke runs only
+    if not re.fullmatch(r"\d+\.?\d*|\.\d+", _budget) or float(_budget) == 0:
+        raise SystemExit(f"prepare.py: AUTORESEARCH_TIME_BUDGET must be a positive number of seconds, got {_budget!r}")
+    TIME_BUDGET = _overrides["AUTORESEARCH_TIME_BUDGET"] = float(_budget)
 if os.environ.get("AUTORESEARCH_DATA_URL") and PROFILE == "gpu":  # the cpu profile never downloads
     _overrides["AUTORESEARCH_DATA_URL"] = os.environ["AUTORESEARCH_DATA_URL"]
 
@@ -93,17 +84,6 @@ HARNESS = {"profile": PROFILE, "MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_B
 if PROFILE == "cpu" and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)  # a tiny model: on a busy 2-core machine torch's extra threads spin (2.6x slower)
 
-
-def hard_cap_s(budget, outside_ref_s=None):
-    """Wall-clock seconds after which a run of train.py is stopped: the budget plus the larger of a floor
-    (the budget itself, at least 120 s) and three times the seconds the best run spent outside its budget.
-    The one rule: the recorder's watchdog uses it for a manual run, `analyze.py run` for its child."""
-    return budget + max(budget, 120.0, 3 * (outside_ref_s or 0.0))
-
-# ---------------------------------------------------------------------------
-# Data and tokenizer (fixed, do not modify)
-# ---------------------------------------------------------------------------
-
 BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
             or "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
 MAX_SHARD = 6542                                 # the last shard is shard_06542.parquet
@@ -111,7 +91,7 @@ VAL_SHARD = MAX_SHARD                            # pinned validation shard
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"  # same name in both profiles
 HELDOUT_SHARD = MAX_SHARD - 1                    # held-out shard: never trained on, never the metric
 HELDOUT_FILENAME = f"shard_{HELDOUT_SHARD:05d}.parquet"  # same name in both profiles
-DEV_FILENAME = f"dev_{VAL_SHARD:05d}.parquet"    # validation documents the pinned rows never load: the in-training curve's
+DEV_FILENAME = f"dev_{VAL_SHARD:05d}.parquet"    # validation documents no pinned row holds: the in-training curve's
 SPLITS = ("train", "val", "heldout", "dev")      # what make_dataloader serves
 # GPT-4 split pattern, with numbers in groups of one or two (\p{N}{1,2} instead of {1,3})
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -149,258 +129,166 @@ def shard_name(index):
     return f"shard_{index:05d}.parquet"
 
 
+def hard_cap_s(budget, outside_ref_s=None):
+    """Wall-clock seconds after which a run of train.py is stopped (the one rule, for the recorder's watchdog and
+    `analyze.py run`): the budget plus the largest of the budget, 120 s, 3x the best run's seconds outside it."""
+    return budget + max(budget, 120.0, 3 * (outside_ref_s or 0.0))
+
+
 class ProgressLine:
-    """One live line on a terminal (rewritten with \\r); whole lines at most every `every_s` otherwise, so a
-    log file never holds a megabyte-long line of carriage returns. The downloads and train.py's loop use it."""
+    """One live line on a terminal; in a log file, a whole line every `every_s` s at most (not a megabyte of \r)."""
 
     def __init__(self, every_s=5.0, stream=None):
         self.every_s, self.stream = every_s, stream or sys.stdout
-        self.live = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._last, self._width = -math.inf, 0
+        self.live, self.last = self.stream.isatty(), -math.inf
 
-    def _rewrite(self, text):
-        self.stream.write("\r" + text + " " * max(0, self._width - len(text)))
-        self._width = len(text)
-
-    def update(self, text):
+    def update(self, text, end=""):
         if self.live:
-            self._rewrite(text)
-        elif time.monotonic() - self._last >= self.every_s:
+            self.stream.write("\r\033[K" + text + end)  # \033[K: erase the rest of the old line
+        elif end or time.monotonic() - self.last >= self.every_s:
             self.stream.write(text + "\n")
-            self._last = time.monotonic()
+            self.last = time.monotonic()
         self.stream.flush()
 
     def done(self, text):
-        if self.live:
-            self._rewrite(text)
-        self.stream.write("\n" if self.live else text + "\n")
-        self.stream.flush()
+        self.update(text, end="\n")
 
 # ---------------------------------------------------------------------------
-# Data download (gpu profile)
+# Data: climbmix shards downloaded (gpu profile) or built from standard-library prose (cpu profile)
 # ---------------------------------------------------------------------------
 
-class _Retryable(Exception):
-    """A failure worth another attempt: connection trouble, a 5xx, a body that is not a whole shard."""
-
-
-def _check_text_column(pf):
-    if "text" not in pf.schema_arrow.names:
-        raise ValueError(f"no 'text' column (columns: {pf.schema_arrow.names})")
-    kind = pf.schema_arrow.field("text").type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise ValueError(f"its 'text' column holds {kind}, not strings")
-
-
-def check_shard(path):
-    """Raise ValueError unless `path` reads as parquet with a string `text` column, every row group included."""
+def _row_groups(path):
+    """The `text` column of a shard, a row group at a time; ValueError unless all of it reads as strings."""
     try:
         pf = pq.ParquetFile(path)
-        _check_text_column(pf)
+        columns = dict(zip(pf.schema_arrow.names, map(str, pf.schema_arrow.types)))
+        if columns.get("text") not in ("string", "large_string"):
+            raise ValueError(f"no 'text' column of strings (columns: {columns})")
         for rg in range(pf.num_row_groups):
-            pf.read_row_group(rg, columns=["text"])
+            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
     except (pa.ArrowException, OSError) as e:
         raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
 
 
-def _download_once(url, dest, stop, on_bytes):
-    """Stream `url` into a temp file next to `dest`; rename it into place only once it is a whole shard."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            try:
-                with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-                                  headers={"Accept-Encoding": "identity"}) as r:
-                    if r.status_code >= 500 or r.status_code == 429:
-                        raise _Retryable(f"HTTP {r.status_code}")
-                    if r.status_code >= 400:
-                        raise PrepareError(f"{url} answered HTTP {r.status_code}")
-                    expected = r.headers.get("Content-Length")
-                    written = 0
+def download_shard(index, base_url, data_dir, stop):
+    """Download one shard whole or not at all, retrying connection trouble, 5xx/429 and broken bodies with backoff
+    until GIVE_UP_S after the mirror's last byte (a dead mirror fails in a minute); PrepareError names the URL."""
+    dest = Path(data_dir) / shard_name(index)
+    url, tmp = f"{base_url.rstrip('/')}/{dest.name}", dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    last_byte = time.monotonic()
+    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        try:
+            with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
+                              headers={"Accept-Encoding": "identity"}) as r:
+                if 400 <= r.status_code < 500 and r.status_code != 429:
+                    raise PrepareError(f"{url} answered HTTP {r.status_code}")
+                r.raise_for_status()
+                with open(tmp, "wb") as f:
                     for chunk in r.iter_content(chunk_size=1 << 20):
                         if stop.is_set():
                             raise PrepareError(f"download of {url} cancelled")
                         f.write(chunk)
-                        written += len(chunk)
-                        on_bytes(len(chunk))
-                    f.flush()
-                    os.fsync(f.fileno())  # whole on disk before the rename makes it a shard
-            except requests.RequestException as e:
-                raise _Retryable(type(e).__name__) from e
-        if expected is not None and written != int(expected):
-            raise _Retryable(f"body cut short: {written} of {expected} bytes")
-        try:
-            check_shard(tmp)
-        except ValueError as e:
-            raise _Retryable(f"not a parquet shard with a text column: {e}") from e
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep a shared cache from other users
-        os.replace(tmp, dest)
-    except OSError as e:  # disk full, permissions: not worth a retry
-        raise PrepareError(f"could not write {dest} ({e.strerror or e}): free space or fix permissions "
-                           f"under {dest.parent}, then re-run `uv run prepare.py`") from e
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def download_shard(index, base_url, data_dir, stop, on_bytes, backoff_s):
-    """Download one shard with retries and exponential backoff; raise PrepareError naming the URL.
-    Retries stop after DOWNLOAD_ATTEMPTS, or once GIVE_UP_S have passed without a byte from the mirror,
-    so a dead or stalled mirror fails in about a minute however many addresses its name resolves to."""
-    dest = Path(data_dir) / shard_name(index)
-    url = f"{base_url.rstrip('/')}/{dest.name}"
-    last_byte = [time.monotonic()]
-
-    def on_shard_bytes(n):
-        last_byte[0] = time.monotonic()
-        on_bytes(n)
-
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        try:
-            _download_once(url, dest, stop, on_shard_bytes)
+                        last_byte = time.monotonic()
+            for _ in _row_groups(tmp):  # a body cut short or an HTML error page is no shard
+                pass
+            os.replace(tmp, dest)
             return
-        except _Retryable as e:
-            reason = str(e)
-        wait = backoff_s * 2 ** (attempt - 1)
-        if attempt == DOWNLOAD_ATTEMPTS or time.monotonic() + wait - last_byte[0] > GIVE_UP_S or stop.wait(wait):
+        except requests.RequestException as e:
+            reason = type(e).__name__ if e.response is None else f"HTTP {e.response.status_code}"
+        except ValueError as e:
+            reason = f"not a parquet shard with a text column: {e}"
+        except OSError as e:  # disk full, permissions: not worth a retry
+            raise PrepareError(f"could not write {tmp} ({e.strerror or e}): free space or fix permissions "
+                               f"under {data_dir}, then re-run `uv run prepare.py`") from e
+        finally:
+            tmp.unlink(missing_ok=True)
+        wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
+        if attempt == DOWNLOAD_ATTEMPTS or time.monotonic() + wait - last_byte > GIVE_UP_S or stop.wait(wait):
             break
     raise PrepareError(f"could not download {url} ({reason}, {attempt} attempts)")
 
 
-def download_data(num_shards, download_workers=8, base_url=None, data_dir=None, backoff_s=None):
-    """Download training shards 0..num_shards-1 plus the pinned validation and held-out shards, in parallel.
+def download_data(num_shards, download_workers=8, base_url=None, data_dir=None):
+    """Download training shards 0..num_shards-1 plus the pinned held-out and validation shards, in parallel.
     The held-out shard is the last before the validation shard, so it is never among the training ones."""
     base_url, data_dir = base_url or BASE_URL, Path(data_dir or DATA_DIR)
-    backoff_s = RETRY_BACKOFF_S if backoff_s is None else backoff_s
     data_dir.mkdir(parents=True, exist_ok=True)
-    for stale in data_dir.glob(".shard_*.part"):  # left by a killed run
-        stale.unlink()
     ids = list(range(min(num_shards, HELDOUT_SHARD))) + [HELDOUT_SHARD, VAL_SHARD]
     todo = [i for i in ids if not (data_dir / shard_name(i)).exists()]
     if not todo:
         print(f"Data: all {len(ids)} shards already at {data_dir}")
         return
     print(f"Data: downloading {len(todo)} shards from {base_url} ({len(ids) - len(todo)} already there)")
-    stop, lock, nbytes = threading.Event(), threading.Lock(), [0]
-
-    def on_bytes(n):
-        with lock:
-            nbytes[0] += n
-
-    progress, t0, done = ProgressLine(every_s=10.0), time.time(), 0
-    with concurrent.futures.ThreadPoolExecutor(max(1, min(download_workers, len(todo)))) as pool:
-        pending = {pool.submit(download_shard, i, base_url, data_dir, stop, on_bytes, backoff_s) for i in todo}
+    stop, progress, t0, mb = threading.Event(), ProgressLine(every_s=10.0), time.time(), 0.0
+    with concurrent.futures.ThreadPoolExecutor(max(1, download_workers)) as pool:
+        futures = {pool.submit(download_shard, i, base_url, data_dir, stop): i for i in todo}
         try:
-            while pending:
-                finished, pending = concurrent.futures.wait(pending, timeout=0.5, return_when="FIRST_COMPLETED")
-                for fut in finished:
-                    fut.result()  # the first failure stops every other download
-                    done += 1
-                mb = nbytes[0] / 1e6
-                progress.update(f"Data: {done}/{len(todo)} shards | {mb:,.1f} MB | "
-                                f"{mb / max(time.time() - t0, 1e-9):.1f} MB/s")
+            for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
+                future.result()  # the first failure stops every other download
+                mb += (data_dir / shard_name(futures[future])).stat().st_size / 1e6
+                progress.update(f"Data: {done}/{len(todo)} shards | {mb:,.1f} MB | {mb / (time.time() - t0):.1f} MB/s")
         except BaseException:
             stop.set()
-            for fut in pending:
-                fut.cancel()
+            pool.shutdown(cancel_futures=True)
             raise
-    progress.done(f"Data: {len(ids)} shards ready at {data_dir} ({nbytes[0] / 1e6:,.1f} MB in {time.time() - t0:.0f}s)")
+    progress.done(f"Data: {len(ids)} shards ready at {data_dir} ({mb:,.1f} MB in {time.time() - t0:.0f}s)")
 
-# ---------------------------------------------------------------------------
-# Standard-library shards (cpu profile: real English text, no network)
-# ---------------------------------------------------------------------------
 
-def _stdlib_sources():
-    """Every pure-Python module of the standard library, test suites and installed packages excluded."""
+def _module_prose(path):
+    """A module's comments and triple-quoted strings in source order; a blank line where the source had a gap."""
+    text, last = "", 0
+    with tokenize.open(path) as f:
+        for tok in tokenize.generate_tokens(f.readline):
+            docstring = tok.type == tokenize.STRING and tok.string.endswith('"""')
+            if docstring or tok.type == tokenize.COMMENT:
+                piece = tok.string.lstrip("rbfuRBFU")[3:-3] if docstring else tok.string.lstrip("#")
+                text += ("\n\n" if tok.start[0] > last + 1 else "\n") + piece
+                last = tok.end[0]
+    return text
+
+
+def _group_paragraphs(text, max_chars=CPU_DOC_CHARS):
+    """Paragraphs that read like prose (80% letters and spaces), joined in order into documents of max_chars."""
+    docs = [""]
+    for para in re.split(r"\n\s*\n", re.sub(r"(?m)^[ \t]+", "", text)):
+        para = para.strip()
+        if not para or sum(c.isalpha() or c.isspace() for c in para) < 0.8 * len(para):
+            continue
+        if docs[-1] and len(docs[-1]) + 2 + len(para) > max_chars:
+            docs.append("")
+        docs[-1] = f"{docs[-1]}\n\n{para}" if docs[-1] else para
+    return [doc for doc in docs if doc]
+
+
+def stdlib_documents():
+    """{source name: [documents]}: the standard library's docstrings and comments (tests excluded), pydoc topics."""
+    from pydoc_data.topics import topics
     root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-    return root, sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    texts = {p.relative_to(root).as_posix(): _module_prose(p) for p in sorted(root.rglob("*.py"))
+             if not skip & set(p.relative_to(root).parts)}
+    texts.update({f"pydoc_data/topics/{key}": topics[key] for key in sorted(topics)})
+    return {name: docs for name, text in texts.items() if (docs := _group_paragraphs(text))}
 
 
-def _comment_blocks(source):
-    """(line, text) of each block of consecutive comment lines that reads like prose."""
-    blocks, lines, start = [], [], 0
-    for i, line in enumerate(source.splitlines() + [""], start=1):
-        s = line.strip()
-        if s.startswith("#") and not s.startswith("#!"):
-            start = start or i
-            lines.append(s.lstrip("#").strip())
-            continue
-        text = " ".join(t for t in lines if t)
-        letters = sum(c.isalpha() or c == " " for c in text)
-        if len(text) >= 40 and letters >= 0.8 * len(text) and "coding" not in text[:30]:
-            blocks.append((start, text))
-        lines, start = [], 0
-    return blocks
-
-
-def _module_units(path):
-    """Docstrings and comment blocks of one module, in source order."""
-    source = path.read_text(encoding="utf-8", errors="replace")
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return []
-    units = _comment_blocks(source)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            doc = ast.get_docstring(node)
-            if doc and doc.strip():
-                units.append((getattr(node, "lineno", 0), doc.strip()))
-    return [text for _, text in sorted(units)]
-
-
-def _group_paragraphs(units, max_chars):
-    """Join paragraphs, in order, into documents of at most max_chars (a longer paragraph stands alone)."""
-    docs, cur = [], ""
-    for para in (p.strip() for u in units for p in u.split("\n\n")):
-        if not para:
-            continue
-        if cur and len(cur) + 2 + len(para) > max_chars:
-            docs.append(cur)
-            cur = ""
-        cur = f"{cur}\n\n{para}" if cur else para
-    return docs + [cur] if cur else docs
-
-
-def stdlib_documents(paths=None):
-    """{source name: [documents]} from the standard library's docstrings, comments and pydoc topics."""
-    root, default_paths = _stdlib_sources()
-    groups = {}
-    for path in default_paths if paths is None else paths:
-        docs = _group_paragraphs(_module_units(path), CPU_DOC_CHARS)
-        if docs:
-            groups[path.relative_to(root).as_posix() if path.is_relative_to(root) else path.name] = docs
-    if paths is None:
-        from pydoc_data.topics import topics  # the language reference's prose, shipped with pydoc
-        for key in sorted(topics):
-            groups[f"pydoc_data/topics/{key}"] = _group_paragraphs([topics[key]], CPU_DOC_CHARS)
-    return groups
-
-
-def split_documents(groups, num_train_shards=CPU_TRAIN_SHARDS, val_fraction=CPU_VAL_FRACTION,
-                    heldout_fraction=CPU_HELDOUT_FRACTION, seed=CPU_SEED):
-    """Deterministic split into (training shards, val, heldout): whole modules go to validation until it
-    holds val_fraction of the text, the next ones to the held-out set until it holds heldout_fraction;
-    duplicate documents are dropped; each split is shuffled; training is cut into equal shards. The
-    held-out modules come out of training's share, so validation is the same whatever heldout_fraction."""
-    rng = random.Random(seed)
+def split_documents(groups, num_train_shards=CPU_TRAIN_SHARDS):
+    """Deterministic (training shards, val, heldout): whole sources in a seeded shuffle fill val, then heldout, to
+    their fractions of the text, the rest is training; duplicate documents are dropped; each split is shuffled."""
+    rng = random.Random(CPU_SEED)
     names = sorted(groups)
     rng.shuffle(names)
     total = sum(len(d) for docs in groups.values() for d in docs)
-    seen, val, heldout, train, val_chars, heldout_chars = set(), [], [], [], 0, 0
+    seen, val, heldout, train = set(), [], [], []
     for name in names:
-        fresh = [d for d in groups[name] if d not in seen]
+        fresh = [d for d in dict.fromkeys(groups[name]) if d not in seen]  # each document once
         seen.update(fresh)
-        if val_chars < val_fraction * total:
+        if sum(map(len, val)) < CPU_VAL_FRACTION * total:
             val.extend(fresh)
-            val_chars += sum(map(len, fresh))
-        elif heldout_chars < heldout_fraction * total:
+        elif sum(map(len, heldout)) < CPU_HELDOUT_FRACTION * total:
             heldout.extend(fresh)
-            heldout_chars += sum(map(len, fresh))
         else:
             train.extend(fresh)
-    for split in (val, train, heldout):  # val first: its order is the one it had before the held-out split
+    for split in (val, train, heldout):
         rng.shuffle(split)
     bounds = np.linspace(0, len(train), num_train_shards + 1).astype(int)
     return [train[a:b] for a, b in zip(bounds[:-1], bounds[1:])], val, heldout
@@ -412,80 +300,56 @@ def _write_shard(texts, dest):
     os.replace(tmp, dest)
 
 
-def build_cpu_shards(data_dir=None, paths=None, tokenizer_dir=None):
-    """Write the cpu profile's shards (shard_00000.., the validation and the held-out shard) from
-    standard-library text. A cache built before the held-out shard existed is rebuilt: its training shards
-    hold the held-out text. New training shards make a tokenizer in tokenizer_dir stale (it stands for the
-    data it was trained on), so it is removed before the held-out shard, written last, completes the set."""
-    data_dir = Path(data_dir or DATA_DIR)
+def build_cpu_shards():
+    """Write the cpu profile's shards (shard_00000.., the validation and the held-out shard) unless all are
+    there. A tokenizer trained on earlier shards is removed first: it stands for the data it was trained on."""
     names = [shard_name(i) for i in range(CPU_TRAIN_SHARDS)] + [VAL_FILENAME, HELDOUT_FILENAME]
-    if all((data_dir / n).exists() for n in names):
-        print(f"Data: all {len(names)} cpu shards already at {data_dir}")
+    if all((DATA_DIR / n).exists() for n in names):
+        print(f"Data: all {len(names)} cpu shards already at {DATA_DIR}")
         return
     t0 = time.time()
-    train, val, heldout = split_documents(stdlib_documents(paths))
-    data_dir.mkdir(parents=True, exist_ok=True)
-    for name, texts in zip(names[:-1], train + [val]):
-        _write_shard(texts, data_dir / name)
-    stale = tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.pkl").exists()
-    if stale:
-        (Path(tokenizer_dir) / "tokenizer.pkl").unlink()  # "trained" no more; token_bytes.pt is rewritten with it
-    _write_shard(heldout, data_dir / HELDOUT_FILENAME)
-    mchars = [sum(map(len, t)) / 1e6 for t in (sum(train, []), val, heldout)]
+    (TOKENIZER_DIR / "tokenizer.pkl").unlink(missing_ok=True)
+    train, val, heldout = split_documents(stdlib_documents())
+    DATA_DIR.mkdir(parents=True, exist_ok=True)
+    for name, texts in zip(names, train + [val, heldout]):
+        _write_shard(texts, DATA_DIR / name)
     print(f"Data: built {len(names)} cpu shards from the standard library of Python {platform.python_version()} "
-          f"in {time.time() - t0:.1f}s: train {mchars[0]:.2f}M chars, val {mchars[1]:.2f}M, held-out {mchars[2]:.2f}M")
-    if stale:
-        print("Tokenizer: the one in the cache was trained on the earlier training shards; it is trained again")
+          f"in {time.time() - t0:.1f}s")
 
 # ---------------------------------------------------------------------------
 # Tokenizer training
 # ---------------------------------------------------------------------------
 
 def shard_paths(split, data_dir=None):
-    """The shards of a split. train and val check there is at least one training shard plus the validation
-    shard; heldout and dev, that their file is there. Neither pinned shard is ever a training shard."""
-    assert split in SPLITS, split
+    """The shards of a split, or PrepareError when they are missing. A pinned shard is never a training shard."""
     data_dir = Path(data_dir or DATA_DIR)
-    if split in ("heldout", "dev"):
-        name, what = (HELDOUT_FILENAME, "held-out shard") if split == "heldout" else (DEV_FILENAME, "dev slice")
-        if not (data_dir / name).exists():
-            raise PrepareError(f"no {what} {name} in {data_dir}: run `uv run prepare.py`")
-        return [data_dir / name]
-    val = data_dir / VAL_FILENAME
-    train = sorted(p for p in data_dir.glob("shard_*.parquet") if p.name not in (VAL_FILENAME, HELDOUT_FILENAME))
-    if not train or not val.exists():
-        raise PrepareError(f"need at least 1 training shard plus the validation shard {VAL_FILENAME} in "
-                           f"{data_dir}, found {len(train)} training shard(s) and "
-                           f"{'the' if val.exists() else 'no'} validation shard: run `uv run prepare.py`")
-    return train if split == "train" else [val]
+    pinned = {"val": VAL_FILENAME, "heldout": HELDOUT_FILENAME, "dev": DEV_FILENAME}
+    if split == "train":
+        paths = sorted(p for p in data_dir.glob("shard_*.parquet") if p.name not in pinned.values())
+    else:
+        paths = [data_dir / pinned[split]] if (data_dir / pinned[split]).exists() else []
+    if not paths:
+        what = {"train": "training shard", "val": "validation shard", "heldout": "held-out shard", "dev": "dev slice"}
+        raise PrepareError(f"no {what[split]} in {data_dir}: run `uv run prepare.py`")
+    return paths
 
 
 def read_texts(path):
     """Yield the `text` column of a shard one row group at a time; a broken file is a clear error."""
     try:
-        pf = pq.ParquetFile(path)
-        _check_text_column(pf)
-        for rg in range(pf.num_row_groups):
-            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise _corrupt_shard(path, e) from e
-
-
-def _corrupt_shard(path, error):
-    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
-                        f"delete it and re-run `uv run prepare.py`")
+        yield from _row_groups(path)
+    except ValueError as e:
+        raise PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({e}): "
+                           "delete it and re-run `uv run prepare.py`") from e
 
 
 def _training_text(paths, max_chars, doc_cap):
     nchars = 0
-    for path in paths:
-        for texts in read_texts(path):
-            for text in texts:
-                yield text[:doc_cap]
-                nchars += min(len(text), doc_cap)
-                if nchars >= max_chars:
-                    return
+    for text in itertools.chain.from_iterable(texts for path in paths for texts in read_texts(path)):
+        yield text[:doc_cap]
+        nchars += min(len(text), doc_cap)
+        if nchars >= max_chars:
+            return
 
 
 def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
@@ -505,8 +369,9 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
     enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
                             special_tokens=specials)
+    test = "Hello world! Numbers: 123456. Unicode: 你好 naïve café 🦀\n\t tabs and\r\nnewlines"
+    assert enc.decode(enc.encode_ordinary(test)) == test, "tokenizer round-trip failed"
     token_bytes = metric_token_bytes(enc)
-    _sanity_check(enc, token_bytes)
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     _save(tokenizer_dir / "token_bytes.pt", lambda f: torch.save(token_bytes, f))
     _save(tokenizer_dir / "tokenizer.pkl", lambda f: pickle.dump(enc, f))  # last: it means "trained"
@@ -525,54 +390,29 @@ def _save(path, write):
 
 
 def metric_token_bytes(enc):
-    """int32 (vocab_size,): the bytes each token counts for in bits per byte, by karpathy/autoresearch's
-    rule: the UTF-8 length of the token decoded alone. A token holding part of a multi-byte character
-    decodes to U+FFFD and counts 3; special tokens count 0 and so drop out of the metric."""
+    """int32 (vocab_size,): each token's bytes in bits per byte, by karpathy/autoresearch's rule: the UTF-8 length
+    of the token decoded alone (part of a multi-byte character decodes to U+FFFD: 3); special tokens count 0."""
     texts = (enc.decode([i]) for i in range(enc.n_vocab))
     specials = enc.special_tokens_set
     return torch.tensor([0 if t in specials else len(t.encode("utf-8")) for t in texts], dtype=torch.int32)
 
-
-def _sanity_check(enc, token_bytes):
-    """Round-trips text in several scripts; where every token is whole characters (ASCII) the counts
-    must add up to the UTF-8 length, and special tokens must count 0."""
-    for text in ["Hello world! Numbers: 123456. Unicode: 你好 naïve café 🦀", "\n\t  tabs and\r\nnewlines"]:
-        ids = enc.encode_ordinary(text)
-        if enc.decode(ids) != text:
-            raise PrepareError(f"tokenizer round-trip failed: {text!r} -> {enc.decode(ids)!r}; "
-                               "this is a bug in tokenizer training, please report it")
-    for text in ["Hello world! Numbers: 123456.", "\n\t  tabs and\r\nnewlines"]:
-        nbytes = int(token_bytes[enc.encode_ordinary(text)].sum())
-        if nbytes != len(text):
-            raise PrepareError(f"token bytes {nbytes} != {len(text)} bytes for {text!r}; "
-                               "this is a bug in tokenizer training, please report it")
-    specials = [enc.encode_single_token(name) for name in SPECIAL_TOKENS]
-    if token_bytes[specials].any():
-        raise PrepareError(f"special tokens count {token_bytes[specials].tolist()} bytes, not 0; "
-                           "this is a bug in tokenizer training, please report it")
-
 # ---------------------------------------------------------------------------
-# Runtime utilities (imported by train.py)
+# Runtime: tokenizer, token cache and packed dataloader (imported by train.py)
 # ---------------------------------------------------------------------------
 
 class Tokenizer:
-    """A tiktoken encoding trained above, plus the byte tables the metric needs."""
+    """The tiktoken encoding trained above; `fingerprint` names its token cache."""
 
     def __init__(self, enc, directory=None, fingerprint=""):
-        self.enc = enc
-        self.directory = directory
-        self.fingerprint = fingerprint  # names this tokenizer's token cache
+        self.enc, self.directory, self.fingerprint = enc, directory, fingerprint
         self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
-        self._token_bytes = {}          # device -> the metric's byte table, from the encoding itself
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
         tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
-        pkl = tokenizer_dir / "tokenizer.pkl"
-        if not pkl.exists():
-            raise PrepareError(f"no tokenizer at {tokenizer_dir}: run `uv run prepare.py` first "
-                               f"(profile {PROFILE})")
-        blob = pkl.read_bytes()
+        if not (tokenizer_dir / "tokenizer.pkl").exists():
+            raise PrepareError(f"no tokenizer at {tokenizer_dir}: run `uv run prepare.py` first (profile {PROFILE})")
+        blob = (tokenizer_dir / "tokenizer.pkl").read_bytes()
         return cls(pickle.loads(blob), tokenizer_dir, hashlib.sha256(blob).hexdigest()[:16])
 
     def get_vocab_size(self):
@@ -589,24 +429,16 @@ class Tokenizer:
         if isinstance(text, str):
             ids = self.enc.encode_ordinary(text)
             return ids if prepend is None else [prepend] + ids
-        if isinstance(text, list):
-            rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
-            return rows if prepend is None else [[prepend] + row for row in rows]
-        raise TypeError(f"encode takes a str or a list of str, got {type(text).__name__}")
+        rows = self.enc.encode_ordinary_batch(text, num_threads=num_threads)
+        return rows if prepend is None else [[prepend] + row for row in rows]
 
     def decode(self, ids):
         return self.enc.decode(ids)
 
     def token_bytes(self, device="cpu"):
-        """int32 (vocab_size,): the bytes each token counts for in the metric (see metric_token_bytes),
-        computed from the encoding (token_bytes.pt is written for other readers, never read back)."""
-        if str(device) not in self._token_bytes:
-            self._token_bytes[str(device)] = metric_token_bytes(self.enc).to(device)
-        return self._token_bytes[str(device)]
+        """The metric's byte table (metric_token_bytes), from the encoding: token_bytes.pt is never read back."""
+        return metric_token_bytes(self.enc).to(device)
 
-# ---------------------------------------------------------------------------
-# Token cache: every shard is tokenized once, then the loader only slices arrays
-# ---------------------------------------------------------------------------
 
 def _token_cache_paths(tokenizer, shard):
     cache = shard.parent / "tokens" / tokenizer.fingerprint
@@ -620,19 +452,14 @@ def cache_tokens(tokenizer, shard):
     if off_path.exists() and off_path.stat().st_mtime_ns >= shard.stat().st_mtime_ns:
         return
     dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32
-    pieces, lengths = [], []
+    pieces, lengths = [np.zeros(0, dtype)], [0]
     for texts in read_texts(shard):
         rows = tokenizer.encode(texts, num_threads=os.cpu_count() or 1)
-        lengths.extend(map(len, rows))
+        lengths += map(len, rows)
         pieces.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=sum(map(len, rows))))
-    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=offsets[1:])
     tok_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, array in ((tok_path, np.concatenate(pieces) if pieces else np.zeros(0, dtype)), (off_path, offsets)):
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
-        with open(tmp, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
+    for path, array in ((tok_path, np.concatenate(pieces)), (off_path, np.cumsum(lengths, dtype=np.int64))):
+        _save(path, lambda f: np.save(f, array))
 
 
 def load_tokens(tokenizer, shard):
@@ -642,30 +469,16 @@ def load_tokens(tokenizer, shard):
     return np.load(tok_path, mmap_mode="r"), np.load(off_path)
 
 
-def _row_group_sizes(path):
-    try:
-        metadata = pq.ParquetFile(path).metadata
-        return [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)]
-    except (pa.ArrowException, OSError) as e:
-        raise _corrupt_shard(path, e) from e
-
-
 def _document_batches(tokenizer, paths, batch_docs=LOADER_BATCH_DOCS):
-    """Infinite stream of (tokens, offsets, epoch): runs of up to batch_docs consecutive documents of one
-    parquet row group, shard after shard, epoch after epoch. These are the batches karpathy/autoresearch's
-    loader tokenizes and adds to its buffer at once, so the buffer holds what his holds, document for
-    document; here they are slices of the token cache."""
+    """Infinite (tokens, offsets, epoch): up to batch_docs documents of one row group at a time, epoch after epoch,
+    as karpathy/autoresearch's loader tokenizes and buffers them; here slices of the token cache."""
     for epoch in itertools.count(1):
         ndocs = 0
         for path in paths:
             tokens, offsets = load_tokens(tokenizer, path)
-            sizes = _row_group_sizes(path)
-            if sum(sizes) != len(offsets) - 1:
-                raise PrepareError(f"the token cache of {path} holds {len(offsets) - 1} documents, the shard "
-                                   f"{sum(sizes)}: delete {_token_cache_paths(tokenizer, path)[0].parent} "
-                                   "and re-run `uv run prepare.py`")
+            metadata = pq.ParquetFile(path).metadata
             first = 0  # the row group's first document
-            for size in sizes:
+            for size in (metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)):
                 for a in range(first, first + size, batch_docs):
                     yield tokens, offsets[a:min(a + batch_docs, first + size) + 1], epoch
                 first += size
@@ -674,23 +487,34 @@ def _document_batches(tokenizer, paths, batch_docs=LOADER_BATCH_DOCS):
             raise PrepareError(f"no documents in {', '.join(map(str, paths))}: re-run `uv run prepare.py`")
 
 
-class _BestFitPacker:
-    """BOS-aligned best-fit packing: each row is filled with the largest buffered document that fits;
-    when none fits, the shortest is cropped to fill the row exactly. No padding. Ties go to the document
-    that entered the buffer first. The buffer is kept sorted by length, so a placement is a bisect
-    instead of a scan; the choices are karpathy/autoresearch's, row for row."""
+class _DataLoader:
+    """Iterator of (inputs, targets, epoch), int64 (B, T), over BOS-aligned best-fit packed rows: each row takes
+    the largest buffered document that fits (ties: the oldest); when none fits, the shortest is cropped to fill
+    the row exactly. No padding. The buffer is kept sorted by length, so a placement is a bisect, not a scan; the
+    choices are karpathy/autoresearch's, row for row. On CUDA a batch is staged in one of PINNED_SLOTS pinned host
+    buffers and copied without blocking; a slot is refilled only once the event behind its last copy completed."""
 
-    def __init__(self, batches, bos, buffer_size):
-        self.batches, self.bos, self.buffer_size = batches, bos, buffer_size
+    def __init__(self, batches, bos, B, T, device, buffer_size=LOADER_BUFFER_DOCS):
+        self.batches, self.bos, self.buffer_size, self.device = batches, bos, buffer_size, torch.device(device)
         self.lens, self.refs = [], []  # parallel lists sorted by length (BOS included); ties oldest first
         self.epoch = 1                 # epoch of the last batch of documents read
-        self.taken_tokens = 0          # tokens drawn from documents, BOS included
-        self.cropped_tokens = 0        # of those, dropped from the tail of cropped documents
+        self.loaded_docs = 0           # documents read into the buffer so far
+        self.taken_tokens = self.cropped_tokens = 0  # tokens drawn from documents (BOS included); of those, cropped
+        self.rows = np.empty((B, T + 1), dtype=np.int64)
+        if self.device.type == "cuda":
+            self.slots = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(PINNED_SLOTS)]
+            self.events, self.step = [None] * PINNED_SLOTS, 0
+
+    @property
+    def crop_fraction(self):
+        """Share of document tokens dropped by cropping so far."""
+        return self.cropped_tokens / max(self.taken_tokens, 1)
 
     def _refill(self):
         while len(self.lens) < self.buffer_size:
             tokens, offsets, self.epoch = next(self.batches)
             bounds = offsets.tolist()
+            self.loaded_docs += len(bounds) - 1
             for start, end in zip(bounds[:-1], bounds[1:]):
                 i = bisect.bisect_right(self.lens, end - start + 1)
                 self.lens.insert(i, end - start + 1)
@@ -716,138 +540,75 @@ class _BestFitPacker:
                 self.cropped_tokens += n - take
         return self.epoch
 
-
-class _DataLoader:
-    """Iterator of (inputs, targets, epoch), inputs/targets int64 (B, T). On CUDA each batch is staged in
-    one of PINNED_SLOTS pinned host buffers and copied without blocking into a fresh device tensor; a
-    slot is refilled only after the CUDA event recorded behind its last copy has completed, so a copy in
-    flight is never overwritten. On CPU: plain fresh tensors."""
-
-    def __init__(self, packer, B, T, device):
-        self.packer, self.B, self.T, self.device = packer, B, T, device
-        self.rows = np.empty((B, T + 1), dtype=np.int64)
-        self.cuda = device.type == "cuda"
-        if self.cuda:
-            self.slots = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(PINNED_SLOTS)]
-            self.events = [None] * PINNED_SLOTS
-            self.step = 0
-
-    @property
-    def crop_fraction(self):
-        """Share of document tokens dropped by cropping so far."""
-        return self.packer.cropped_tokens / max(self.packer.taken_tokens, 1)
-
     def __iter__(self):
         return self
 
     def __next__(self):
-        epoch = self.packer.fill(self.rows)
-        if not self.cuda:
-            batch = torch.empty((2, self.B, self.T), dtype=torch.long)
-            self._split(batch.numpy())
+        epoch = self.fill(self.rows)
+        inputs_targets = [self.rows[:, :-1], self.rows[:, 1:]]  # targets: the same rows shifted by one
+        if self.device.type != "cuda":
+            batch = torch.from_numpy(np.stack(inputs_targets))
             return batch[0], batch[1], epoch
         k = self.step % PINNED_SLOTS
         self.step += 1
         if self.events[k] is not None:
             self.events[k].synchronize()  # the slot's previous copy has landed on the device
-        self._split(self.slots[k].numpy())
-        batch = torch.empty((2, self.B, self.T), dtype=torch.long, device=self.device)
+        np.stack(inputs_targets, out=self.slots[k].numpy())
+        batch = torch.empty_like(self.slots[k], device=self.device)
         batch.copy_(self.slots[k], non_blocking=True)
         self.events[k] = torch.cuda.Event()
         self.events[k].record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
         return batch[0], batch[1], epoch
 
-    def _split(self, out):
-        out[0] = self.rows[:, :-1]  # inputs
-        out[1] = self.rows[:, 1:]   # targets: the same rows shifted by one
-
 
 def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFFER_DOCS, data_dir=None):
     """Infinite iterator of (inputs, targets, epoch) over BOS-aligned, best-fit packed rows of T+1 tokens.
     The row sequence depends only on the split and T: the same for every B, every time."""
-    assert split in SPLITS, split
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    paths = shard_paths(split, data_dir)
-    packer = _BestFitPacker(_document_batches(tokenizer, paths), tokenizer.get_bos_token_id(), buffer_size)
-    return _DataLoader(packer, B, T, torch.device(device))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    batches = _document_batches(tokenizer, shard_paths(split, data_dir))
+    return _DataLoader(batches, tokenizer.get_bos_token_id(), B, T, device, buffer_size)
 
 
 def pinned_documents(tokenizer, data_dir=None):
-    """The indices of the validation shard's documents that the pinned rows (the first EVAL_TOKENS //
-    MAX_SEQ_LEN) hold, whole or cropped: the packer's choices replayed. The documents still in its buffer when
-    the last pinned row is full were loaded but are in no pinned row."""
-    path, loaded, n_rows = shard_paths("val", data_dir)[0], [0], EVAL_TOKENS // MAX_SEQ_LEN
-
-    def counted(batches):
-        for tokens, offsets, epoch in batches:
-            if epoch > 1:
-                raise PrepareError(f"the validation shard {path.name} is too small for its pinned rows ({n_rows} rows of "
-                                  f"{MAX_SEQ_LEN} tokens, and a dev slice beside them): is the mirror climbmix's?")
-            loaded[0] += len(offsets) - 1
-            yield tokens, offsets, epoch
-
-    packer = _BestFitPacker(counted(_document_batches(tokenizer, [path])), tokenizer.get_bos_token_id(),
-                            LOADER_BUFFER_DOCS)
-    rows = np.empty((64, MAX_SEQ_LEN + 1), dtype=np.int64)
-    for first in range(0, n_rows, len(rows)):
-        packer.fill(rows[:n_rows - first])
+    """Indices of the validation shard's documents that the pinned rows (the first EVAL_TOKENS // MAX_SEQ_LEN)
+    hold, whole or cropped: the packer replayed, less what is still in its buffer after the last pinned row."""
+    path, n_rows = shard_paths("val", data_dir)[0], EVAL_TOKENS // MAX_SEQ_LEN
+    packer = _DataLoader(_document_batches(tokenizer, [path]), tokenizer.get_bos_token_id(), 1, MAX_SEQ_LEN, "cpu")
+    for _ in range(n_rows):
+        if packer.fill(packer.rows) > 1:
+            raise PrepareError(f"the validation shard {path.name} is too small for its pinned rows ({n_rows} rows of "
+                               f"{MAX_SEQ_LEN} tokens, and a dev slice beside them): is the mirror climbmix's?")
     offsets = load_tokens(tokenizer, path)[1]
     buffered = {int(np.searchsorted(offsets, start)) for _, start in packer.refs}
-    return set(range(loaded[0])) - buffered
+    return set(range(packer.loaded_docs)) - buffered
 
 
 def build_dev_slice(tokenizer, data_dir=None):
-    """Write DEV_FILENAME: the validation shard's documents that no pinned row holds (pinned_documents), for the
-    curve train.py draws during training (evaluate_bpb_sample), so that a sandbox can serve it without the
-    validation shard. Rebuilt when the shard or the tokenizer (which decides the packing) is newer."""
+    """Write DEV_FILENAME, the validation documents no pinned row holds, for train.py's curve (evaluate_bpb_sample)
+    without the validation shard. Rebuilt when the shard or the tokenizer (which decides the packing) is newer."""
     data_dir = Path(data_dir or DATA_DIR)
     val, dest = data_dir / VAL_FILENAME, data_dir / DEV_FILENAME
-    tokenizer_file = Path(tokenizer.directory or TOKENIZER_DIR) / "tokenizer.pkl"
-    newest = max(val.stat().st_mtime_ns, tokenizer_file.stat().st_mtime_ns if tokenizer_file.exists() else 0)
+    newest = max(val.stat().st_mtime_ns, (Path(tokenizer.directory) / "tokenizer.pkl").stat().st_mtime_ns)
     if dest.exists() and dest.stat().st_mtime_ns >= newest:
         return
-    pinned = pinned_documents(tokenizer, data_dir)
+    pinned = pinned_documents(tokenizer, data_dir)  # leaves at least the packer's buffer outside
     texts = [t for i, t in enumerate(itertools.chain.from_iterable(read_texts(val))) if i not in pinned]
-    if not texts:
-        raise PrepareError(f"the validation shard {VAL_FILENAME} has no document outside its pinned rows")
     _write_shard(texts, dest)
-    tokens, _ = load_tokens(tokenizer, dest)
-    print(f"Dev slice: {len(texts)} validation documents ({len(tokens) / 1e3:.0f}k tokens) that no pinned row "
-          f"holds, in {dest.name}")
+    print(f"Dev slice: {len(texts)} validation documents that no pinned row holds, in {dest.name}")
 
 # ---------------------------------------------------------------------------
 # Evaluation (DO NOT CHANGE: this is the fixed metric)
 # ---------------------------------------------------------------------------
 
-def _model_device(model):
-    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
-    if param is not None:
-        return param.device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def evaluate_bpb(model, tokenizer, batch_size):
     """
     Bits per byte on the pinned validation shard: THE number every experiment is judged by.
 
-    Loss per token depends on the vocabulary: a bigger vocabulary packs more text into each token, so
-    its per-token loss is higher for the same model quality. Bytes of text do not depend on the
-    tokenizer, so we sum the cross-entropy (nats) over all target tokens, divide by the number of bytes
-    those tokens spell, and convert nats to bits (/ ln 2). The result is the cost of encoding the
-    validation text, per byte, and stays comparable when the vocabulary or tokenizer changes. Bytes are
-    counted as karpathy/autoresearch counts them (metric_token_bytes), so the numbers compare with his.
-    Special tokens (0 bytes, e.g. BOS) are excluded from both sums.
-
-    Fixed MAX_SEQ_LEN and EVAL_TOKENS: the first EVAL_TOKENS // MAX_SEQ_LEN packed val rows, the same
-    rows every time and for every batch_size (when batch_size does not divide them, the rows past the
-    end of the last batch are computed but not counted, so every batch has one shape). These are his
-    rows whenever batch_size * MAX_SEQ_LEN divides EVAL_TOKENS; otherwise he scores fewer, the
-    EVAL_TOKENS // (batch_size * MAX_SEQ_LEN) whole batches, and his number depends on batch_size.
-    `model(x, y, reduction='none')` must return per-token nats shaped like y (or flat).
-
-    Under `analyze.py run` (AUTORESEARCH_HANDOFF set) the model is handed off instead and None returned: the
-    harness measures it once, itself, in a process of its own (harness/evaluate.py), and writes the number.
+    Loss per token depends on the vocabulary (a bigger one packs more text into each token); bytes of text do
+    not. So we sum the cross-entropy (nats) of `model(x, y, reduction='none')` over the target tokens, divide by
+    the bytes they spell (as karpathy/autoresearch counts them; special tokens count 0) and convert to bits, on
+    the first EVAL_TOKENS // MAX_SEQ_LEN packed val rows for every batch_size. Under `analyze.py run`
+    (AUTORESEARCH_HANDOFF set) the model is handed off instead: harness/evaluate.py measures it; None here.
     """
     if os.environ.get("AUTORESEARCH_HANDOFF"):
         save_handoff(model, batch_size, os.environ["AUTORESEARCH_HANDOFF"])
@@ -856,23 +617,22 @@ def evaluate_bpb(model, tokenizer, batch_size):
 
 
 def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
-    """The same computation on the first eval_tokens of the dev slice (validation text that the pinned rows
-    never read, build_dev_slice): for validation curves during training, so that watching the curve never
-    reads the metric's rows. Not the metric: a final val_bpb must come from evaluate_bpb."""
+    """The same on the first eval_tokens of the dev slice (build_dev_slice): a validation curve during training
+    that never reads the metric's rows. Not the metric: a final val_bpb must come from evaluate_bpb."""
     return _bits_per_byte(model, tokenizer, batch_size, eval_tokens // MAX_SEQ_LEN, "dev")
 
 
 def _bits_per_byte(model, tokenizer, batch_size, n_rows, split="val"):
     """Bits per byte over the first n_rows packed rows of a split, with the model's own loss."""
-    return bits_per_byte(lambda x, y: model(x, y, reduction="none"), tokenizer, batch_size, n_rows,
-                         _model_device(model), split)
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    device = param.device if param is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return bits_per_byte(lambda x, y: model(x, y, reduction="none"), tokenizer, batch_size, n_rows, device, split)
 
 
 @torch.no_grad()
 def bits_per_byte(token_nats, tokenizer, batch_size, n_rows, device, split="val"):
-    """Bits per byte over the first n_rows packed rows of a split, where
-    token_nats(x, y) gives each target's nats: the metric's one implementation, for train.py's loss and the
-    harness's alike (harness/evaluate.py computes nats from the logits)."""
+    """Bits per byte over the first n_rows packed rows of a split, token_nats(x, y) giving each target's nats:
+    the metric's one implementation, for train.py's loss and the harness's (which computes nats from logits)."""
     if n_rows < 1:
         raise ValueError(f"an eval set of less than one row of {MAX_SEQ_LEN} tokens")
     token_bytes = tokenizer.token_bytes(device)
@@ -890,9 +650,8 @@ def bits_per_byte(token_nats, tokenizer, batch_size, n_rows, device, split="val"
 
 
 def save_handoff(model, batch_size, path):
-    """Save the trained model for the harness (harness/evaluate.py rebuilds it from the committed train.py
-    and scores it with a loss it computes itself), whole or not at all. raw: without torch.compile's wrapper."""
-    raw = getattr(model, "_orig_mod", model)
+    """Save the trained model whole for harness/evaluate.py, which rebuilds it from the committed train.py."""
+    raw = getattr(model, "_orig_mod", model)  # without torch.compile's wrapper
     config = getattr(raw, "config", None)
     if not dataclasses.is_dataclass(config):
         raise PrepareError(f"cannot hand the model to the harness: {type(raw).__name__} needs a dataclass "
@@ -947,26 +706,23 @@ def nvidia_driver():
 
 
 def _compile_probe():
-    """"" when a tiny torch.compile'd function (a cuBLAS matmul, a Triton reduction) runs on the GPU and
-    matches eager, else the error's first telling line (dynamo puts "backend='inductor' raised:" first)."""
+    """"" when a tiny torch.compile'd matmul and reduction matches eager on the GPU, else the error's first line."""
     def tiny(a, b):
         return (a @ b).float().relu().sum(dim=-1)
     print("....       compiling a tiny function on the GPU (cold caches take up to a minute)", flush=True)
     try:
         a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
-        torch.testing.assert_close(torch.compile(tiny, dynamic=False, fullgraph=True)(a, a), tiny(a, a),
-                                   rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(torch.compile(tiny, fullgraph=True)(a, a), tiny(a, a), rtol=1e-2, atol=1e-2)
+        return ""
     except Exception as e:  # whatever Inductor, Triton or the C compiler raised is the finding
-        lines = [line.strip() for line in str(e).splitlines()]
-        return next((line for line in lines if line and not line.startswith("backend=")), type(e).__name__)[:300]
-    return ""
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        return next((line for line in lines if not line.startswith("backend=")), type(e).__name__)[:300]
 
 
 def gpu_problem(probe=False):
     """(exit code, one line: what is missing and what to do) for the first thing that keeps this machine from
-    running the gpu profile, or None. Without bf16 or Triton the five minutes would time a different, slower
-    program than every other run's: one line serves better than a run that looks valid and is not. probe (for
-    --check): also compile a tiny function and check there is free memory for one row of the baseline."""
+    running the gpu profile, or None: without bf16 or Triton a run would time a different, slower program.
+    probe (--check): also compile a tiny function and check there is free memory for one row of the baseline."""
     if not torch.cuda.is_available():
         driver, cuda = nvidia_driver(), torch.version.cuda
         floor = MIN_DRIVER.get((cuda or "").split(".")[0])
@@ -974,7 +730,7 @@ def gpu_problem(probe=False):
             return 3, (f"NVIDIA driver {driver} is too old for torch's CUDA {cuda} (needs >= "
                        f"{'.'.join(map(str, floor))}): update the NVIDIA driver")
         if cuda is None:  # e.g. Linux aarch64, where PyPI's torch has no CUDA
-            return 2, f"this torch ({torch.__version__}) has no CUDA, which uv.lock installs on Linux x86_64 only: {CPU_HINT}"
+            return 2, f"this torch ({torch.__version__}) has no CUDA: uv.lock installs it on Linux x86_64; {CPU_HINT}"
         return 2, f"torch sees no CUDA GPU (see nvidia-smi, and CUDA_VISIBLE_DEVICES if set): {CPU_HINT}"
     try:
         name, (major, minor) = torch.cuda.get_device_name(), torch.cuda.get_device_capability()
@@ -1000,39 +756,31 @@ def gpu_problem(probe=False):
 
 
 def check():
-    """`uv run prepare.py --check`: what this machine has for the profile, a line each, the verdict last.
-    Changes nothing (the compile probe leaves kernels in torch's caches). Exit status: 0 a run can start;
-    1 data or tokenizer missing; 2 no usable GPU (none, torch without CUDA, no bf16); 3 the driver is too old
-    for torch's CUDA; 4 torch.compile cannot build GPU kernels; 5 no free GPU memory for one row. In the cpu
-    profile only 1 applies: what it finds of a GPU is information."""
+    """`uv run prepare.py --check`: what this machine has for the profile, the verdict last; changes nothing. Exit
+    0: a run can start; 1 data or tokenizer missing; 2 no usable GPU (none, no CUDA, no bf16); 3 driver too old
+    for torch's CUDA; 4 torch.compile cannot build GPU kernels; 5 no GPU memory for one row (cpu profile: 0/1)."""
     settings = ", ".join(f"{k} {v}" for k, v in HARNESS.items() if k != "profile" and (k != "overrides" or v))
     print(f"profile    {PROFILE} ({settings})", flush=True)
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
     print(f"torch      {torch.__version__}, {cuda}; NVIDIA driver {nvidia_driver() or 'unknown'}")
-    rows = 0
     if torch.cuda.is_available():
         name, free = torch.cuda.get_device_name(), torch.cuda.mem_get_info()[0] / 2**30
         peak = peak_bf16_flops(name)
-        rows = next((r for r in (128, 64, 32, 16, 8, 4, 2, 1) if baseline_gib(r) <= free), 0)
         print(f"gpu        {name}, compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}, "
               f"{free:.1f} GiB free (the baseline's 128 rows need ~{baseline_gib(128):.0f} GiB), "
               + (f"dense bf16 peak {peak / 1e12:g} TFLOP/s" if peak else "bf16 peak unknown: MFU will be null"))
     blocker = gpu_problem(probe=True) if PROFILE == "gpu" else None
-    prepare_cmd = "uv run prepare.py" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} uv run prepare.py"
+    env = "" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} "
     try:
-        shard_paths("heldout"), shard_paths("dev")  # the harness scores the one, train.py's curve reads the other
-        print(f"data       {len(shard_paths('train'))} training shard(s), the validation and the held-out shard "
-              f"in {DATA_DIR}")
-        if not (TOKENIZER_DIR / "tokenizer.pkl").exists():
-            raise PrepareError(f"no tokenizer in {TOKENIZER_DIR}: run `uv run prepare.py`")
+        paths = {split: shard_paths(split) for split in SPLITS}
+        print(f"data       {len(paths['train'])} training shard(s), validation, held-out and dev in {DATA_DIR}")
+        Tokenizer.from_directory()
     except PrepareError as e:
-        blocker = blocker or (1, str(e).replace("`uv run prepare.py`", f"`{prepare_cmd}`"))
+        blocker = blocker or (1, str(e).replace("`uv run prepare.py`", f"`{env}uv run prepare.py`"))
     if blocker:
         print(f"verdict: not ready: {blocker[1]}")
         return blocker[0]
-    command = "uv run train.py" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} uv run train.py"
-    fitted = f", fitting about {rows} rows a micro-step by gradient accumulation" if 0 < rows < 128 and PROFILE == "gpu" else ""
-    print(f"verdict: ready: `{command}` can start{fitted}")
+    print(f"verdict: ready: `{env}uv run train.py` can start")
     return 0
 
 # ---------------------------------------------------------------------------
@@ -1041,11 +789,9 @@ def check():
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Prepare data and tokenizer for auto-log-research")
-    parser.add_argument("--num-shards", type=int, default=10, help="training shards to download (-1 = all); "
-                        "the validation and held-out shards always come too")
+    parser.add_argument("--num-shards", type=int, default=10, help="training shards (-1 = all), plus val and held-out")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads")
-    parser.add_argument("--check", action="store_true",
-                        help="check, changing nothing, whether this machine can run the current profile (exit 0 if so)")
+    parser.add_argument("--check", action="store_true", help="can this machine run the profile? (changes nothing)")
     args = parser.parse_args(argv)
     if args.check:
         raise SystemExit(check())
@@ -1055,13 +801,13 @@ def main(argv=None):
             raise PrepareError(f"--num-shards must be at least 1 (or -1 for all), got {args.num_shards}")
         print(f"Profile: {PROFILE} | cache: {DATA_DIR.parent}")
         if PROFILE == "cpu":
-            build_cpu_shards(DATA_DIR, tokenizer_dir=TOKENIZER_DIR)
+            build_cpu_shards()
         else:
             download_data(num_shards, args.download_workers)
-        train_tokenizer(DATA_DIR, TOKENIZER_DIR, VOCAB_SIZE)
-        tokenizer = Tokenizer.from_directory(TOKENIZER_DIR)
-        build_dev_slice(tokenizer, DATA_DIR)
-        t0, shards = time.time(), [p for split in SPLITS for p in shard_paths(split, DATA_DIR)]
+        train_tokenizer()
+        tokenizer = Tokenizer.from_directory()
+        build_dev_slice(tokenizer)
+        t0, shards = time.time(), [p for split in SPLITS for p in shard_paths(split)]
         for shard in shards:
             cache_tokens(tokenizer, shard)
         print(f"Tokens: {len(shards)} shards tokenized into {DATA_DIR / 'tokens'} ({time.time() - t0:.1f}s)")
