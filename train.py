@@ -1,10 +1,7 @@
 """
 Autoresearch pretraining script. Single-GPU, single-file: the one file the agent edits.
 karpathy/autoresearch's GPT and MuonAdamW; what a run records is harness/recorder.py's job.
-
-Usage:
-    uv run train.py                             # the H100 harness (gpu profile)
-    AUTORESEARCH_PROFILE=cpu uv run train.py    # a tiny model that runs the whole loop on a CPU
+Usage: uv run train.py    (AUTORESEARCH_PROFILE=cpu: a tiny model that runs the whole loop on a CPU)
 """
 
 import os
@@ -53,12 +50,7 @@ def apply_rotary_emb(x, cos, sin):
     assert x.ndim == 4  # (B, T, H, D)
     d = x.shape[3] // 2
     x1, x2 = x[..., :d], x[..., d:]
-    y1 = x1 * cos + x2 * sin
-    y2 = x1 * (-sin) + x2 * cos
-    return torch.cat([y1, y2], 3)
-
-# Attention: a layer with window w lets query i see keys i-w..i (FA3's window_size=(w, 0)). Full-context
-# layers use SDPA's causal kernel, sliding-window ones flex_attention (CUDA) or SDPA with a bool mask (CPU).
+    return torch.cat([x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos], 3)
 
 def cuda_compile(fn):
     """fn under torch.compile where CUDA is present; elsewhere fn itself (no compiler start-up on a CPU)."""
@@ -66,24 +58,18 @@ def cuda_compile(fn):
 
 flex_attention_compiled = cuda_compile(flex_attention)
 
-def sliding_window_block_mask(T, window, device):
-    """flex_attention's block mask: skips the key blocks a query can never see."""
-    def sliding_window_causal(b, h, q_idx, kv_idx):
-        return (q_idx >= kv_idx) & (q_idx - kv_idx <= window)
-    return create_block_mask(sliding_window_causal, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
-
-def sliding_window_bool_mask(T, window, device):
-    """SDPA's boolean mask (True = attend), (T, T)."""
+def sliding_window_mask(T, window, device, flex):
+    """flex_attention's BlockMask (it skips the key blocks a query never sees), or SDPA's (T, T) bool mask."""
+    if flex:
+        in_window = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window)  # noqa: E731
+        return create_block_mask(in_window, B=None, H=None, Q_LEN=T, KV_LEN=T, device=device)
     pos = torch.arange(T, device=device)
     dist = pos[:, None] - pos[None, :]  # query position minus key position
     return (dist >= 0) & (dist <= window)
 
-def sliding_window_mask(T, window, device):
-    build = sliding_window_block_mask if torch.device(device).type == "cuda" else sliding_window_bool_mask
-    return build(T, window, device)
-
 def attention(q, k, v, mask):
-    """Causal attention, (B, H, T, D) in and out. mask: None (full context), a BlockMask or a bool mask."""
+    """Causal attention, (B, H, T, D) in and out; with window w query i sees keys i-w..i (FA3's window_size=(w, 0)).
+    mask: None (full context: SDPA's causal kernel), a BlockMask (flex_attention, CUDA) or a bool mask (SDPA, CPU)."""
     gqa = k.size(1) != q.size(1)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -121,10 +107,8 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(self.ve_gate(x[..., :self.ve_gate_channels]))  # (B, T, n_kv_head)
             v = v + gate.unsqueeze(-1) * ve
 
-        cos, sin = cos_sin
-        q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
+        q, k = apply_rotary_emb(q, *cos_sin), apply_rotary_emb(k, *cos_sin)
         q, k = norm(q), norm(k)
-
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
         y = attention(q, k, v, mask)
         y = y.transpose(1, 2).contiguous().view(B, T, -1)
@@ -138,9 +122,7 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=False)
 
     def forward(self, x):
-        x = self.c_fc(x)
-        x = F.relu(x).square()
-        return self.c_proj(x)
+        return self.c_proj(F.relu(self.c_fc(x)).square())
 
 
 class Block(nn.Module):
@@ -167,14 +149,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))
         self.x0_lambdas = nn.Parameter(torch.zeros(config.n_layer))
-        # Value embeddings
         head_dim = config.n_embd // config.n_head
         kv_dim = config.n_kv_head * head_dim
-        self.value_embeds = nn.ModuleDict({
-            str(i): nn.Embedding(config.vocab_size, kv_dim)
-            for i in range(config.n_layer) if has_ve(i, config.n_layer)
-        })
-        # Rotary embeddings
+        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(config.vocab_size, kv_dim)
+                                           for i in range(config.n_layer) if has_ve(i, config.n_layer)})
         self.rotary_seq_len = config.sequence_len * 10
         cos, sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
         self.register_buffer("cos", cos, persistent=False)
@@ -183,12 +161,10 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        # Embedding and unembedding
         torch.nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         torch.nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
         # Transformer blocks: uniform with the std of N(0, 1/d); output projections start at zero
-        n_embd = self.config.n_embd
-        s = 3**0.5 * n_embd**-0.5
+        s = 3**0.5 * self.config.n_embd**-0.5
         for block in self.transformer.h:
             torch.nn.init.uniform_(block.attn.c_q.weight, -s, s)
             torch.nn.init.uniform_(block.attn.c_k.weight, -s, s)
@@ -196,17 +172,12 @@ class GPT(nn.Module):
             torch.nn.init.zeros_(block.attn.c_proj.weight)
             torch.nn.init.uniform_(block.mlp.c_fc.weight, -s, s)
             torch.nn.init.zeros_(block.mlp.c_proj.weight)
-        # Per-layer scalars
+            if block.attn.ve_gate is not None:  # sigmoid(0) = 0.5, scaled by 2: a neutral gate of 1.0
+                torch.nn.init.zeros_(block.attn.ve_gate.weight)
         self.resid_lambdas.fill_(1.0)
         self.x0_lambdas.fill_(0.1)
-        # Value embeddings
         for ve in self.value_embeds.values():
             torch.nn.init.uniform_(ve.weight, -s, s)
-        # Gate weights init to zero (sigmoid(0)=0.5, scaled by 2 -> 1.0 = neutral)
-        for block in self.transformer.h:
-            if block.attn.ve_gate is not None:
-                torch.nn.init.zeros_(block.attn.ve_gate.weight)
-        # Rotary embeddings
         head_dim = self.config.n_embd // self.config.n_head
         self.cos, self.sin = self._precompute_rotary_embeddings(self.rotary_seq_len, head_dim)
         # Embeddings in bf16 on the GPU (autocast computes in bf16 there anyway); the CPU path stays fp32
@@ -215,13 +186,11 @@ class GPT(nn.Module):
             for ve in self.value_embeds.values():
                 ve.to(dtype=torch.bfloat16)
 
-    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000, device=None):
-        if device is None:
-            device = self.transformer.wte.weight.device
+    def _precompute_rotary_embeddings(self, seq_len, head_dim, base=10000):
+        device = self.transformer.wte.weight.device
         channel_range = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device)
         inv_freq = 1.0 / (base ** (channel_range / head_dim))
-        t = torch.arange(seq_len, dtype=torch.float32, device=device)
-        freqs = torch.outer(t, inv_freq)
+        freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
         cos, sin = freqs.cos().bfloat16(), freqs.sin().bfloat16()
         return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
 
@@ -236,23 +205,21 @@ class GPT(nn.Module):
         return window_sizes
 
     def attention_masks(self, T, device):
-        """Per-layer masks for length T, built once per (T, window): call before torch.compile, which only reads them."""
+        """Per-layer masks for length T (None: full context), built once: call it before torch.compile."""
         key = (T, str(device))
         if key not in self._masks:
-            assert not torch.compiler.is_compiling(), "build the masks before torch.compile: model.attention_masks(T, device)"
-            by_window = {w: None if w >= T - 1 else sliding_window_mask(T, w, device) for w in set(self.window_sizes)}
-            self._masks[key] = [by_window[w] for w in self.window_sizes]
+            assert not torch.compiler.is_compiling(), "build the masks before torch.compile: model.attention_masks()"
+            flex = torch.device(device).type == "cuda"
+            masks = {w: sliding_window_mask(T, w, device, flex) for w in set(self.window_sizes) if w < T - 1}
+            self._masks[key] = [masks.get(w) for w in self.window_sizes]
         return self._masks[key]
 
     def estimate_flops(self):
         """Estimated FLOPs per token (forward + backward)."""
         nparams = sum(p.numel() for p in self.parameters())
-        value_embeds_numel = sum(ve.weight.numel() for ve in self.value_embeds.values())
-        nparams_exclude = (self.transformer.wte.weight.numel() + value_embeds_numel +
-                           self.resid_lambdas.numel() + self.x0_lambdas.numel())
-        h = self.config.n_head
-        q = self.config.n_embd // self.config.n_head
-        t = self.config.sequence_len
+        counts = self.num_scaling_params()
+        nparams_exclude = counts["wte"] + counts["value_embeds"] + counts["scalars"]
+        h, q, t = self.config.n_head, self.config.n_embd // self.config.n_head, self.config.sequence_len
         attn_flops = sum(12 * h * q * min(window, t) for window in self.window_sizes)
         return 6 * (nparams - nparams_exclude) + attn_flops
 
@@ -267,30 +234,21 @@ class GPT(nn.Module):
                         weight_decay=0.0, adam_betas=(0.8, 0.95), scalar_lr=0.5):
         model_dim = self.config.n_embd
         matrix_params = list(self.transformer.h.parameters())
-        value_embeds_params = list(self.value_embeds.parameters())
-        embedding_params = list(self.transformer.wte.parameters())
-        lm_head_params = list(self.lm_head.parameters())
-        resid_params = [self.resid_lambdas]
-        x0_params = [self.x0_lambdas]
-        assert len(list(self.parameters())) == (len(matrix_params) + len(embedding_params) +
-            len(lm_head_params) + len(value_embeds_params) + len(resid_params) + len(x0_params))
         # Scale the AdamW LRs by 1/sqrt(dmodel) (tuned at 768 dim)
         dmodel_lr_scale = (model_dim / 768) ** -0.5
         print(f"Scaling AdamW LRs by 1/sqrt({model_dim}/768) = {dmodel_lr_scale:.6f}")
         adamw = dict(kind="adamw", betas=adam_betas, eps=1e-10, weight_decay=0.0)
         param_groups = [
-            dict(adamw, params=lm_head_params, lr=unembedding_lr * dmodel_lr_scale),
-            dict(adamw, params=embedding_params, lr=embedding_lr * dmodel_lr_scale),
-            dict(adamw, params=value_embeds_params, lr=embedding_lr * dmodel_lr_scale),
-            dict(adamw, params=resid_params, lr=scalar_lr * 0.01),
-            dict(adamw, params=x0_params, lr=scalar_lr, betas=(0.96, 0.95)),
+            dict(adamw, params=list(self.lm_head.parameters()), lr=unembedding_lr * dmodel_lr_scale),
+            dict(adamw, params=list(self.transformer.wte.parameters()), lr=embedding_lr * dmodel_lr_scale),
+            dict(adamw, params=list(self.value_embeds.parameters()), lr=embedding_lr * dmodel_lr_scale),
+            dict(adamw, params=[self.resid_lambdas], lr=scalar_lr * 0.01),
+            dict(adamw, params=[self.x0_lambdas], lr=scalar_lr, betas=(0.96, 0.95)),
         ]
         for shape in sorted({p.shape for p in matrix_params}):
-            group_params = [p for p in matrix_params if p.shape == shape]
-            param_groups.append(dict(
-                kind="muon", params=group_params, lr=matrix_lr,
-                momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay,
-            ))
+            param_groups.append(dict(kind="muon", params=[p for p in matrix_params if p.shape == shape], lr=matrix_lr,
+                                     momentum=0.95, ns_steps=5, beta2=0.95, weight_decay=weight_decay))
+        assert sum(len(g["params"]) for g in param_groups) == len(list(self.parameters())), "a parameter in no group"
         optimizer = MuonAdamW(param_groups)
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
@@ -302,9 +260,7 @@ class GPT(nn.Module):
         cos_sin = self.cos[:, :T], self.sin[:, :T]
         masks = self.attention_masks(T, idx.device)
 
-        x = self.transformer.wte(idx)
-        x = norm(x)
-        x0 = x
+        x = x0 = norm(self.transformer.wte(idx))
         act_rms = []  # RMS of each block's output, for the per-layer health log
         for i, block in enumerate(self.transformer.h):
             x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
@@ -315,14 +271,12 @@ class GPT(nn.Module):
         x = norm(x)
 
         softcap = 15
-        logits = self.lm_head(x)
-        logits = logits.float()
+        logits = self.lm_head(x).float()
         logits = softcap * torch.tanh(logits / softcap)
 
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1),
-                               ignore_index=-1, reduction=reduction)
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1, reduction=reduction)
         return (loss, torch.stack(act_rms)) if return_act_rms else loss
 
 # ---------------------------------------------------------------------------
@@ -338,23 +292,6 @@ polar_express_coeffs = [
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 ]
-
-
-def polar_express(G, ns_steps):
-    """The orthogonal polar factor U V^T of G = U S V^T, approximately, in bf16. G: (..., m, n)."""
-    X = G.bfloat16()
-    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
-    if G.size(-2) > G.size(-1):
-        for a, b, c in polar_express_coeffs[:ns_steps]:
-            A = X.mT @ X  # the smaller Gram matrix
-            B = b * A + c * (A @ A)
-            X = a * X + X @ B
-    else:
-        for a, b, c in polar_express_coeffs[:ns_steps]:
-            A = X @ X.mT
-            B = b * A + c * (A @ A)
-            X = a * X + B @ X
-    return X
 
 
 def adamw_step(p, grad, exp_avg, exp_avg_sq, step_t, lr_t, beta1_t, beta2_t, eps_t, wd_t):
@@ -374,7 +311,20 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     momentum = momentum_t.to(stacked_grads.dtype)
     momentum_buffer.lerp_(stacked_grads, 1 - momentum)
     g = stacked_grads.lerp_(momentum_buffer, momentum)
-    g = polar_express(g, ns_steps)
+    # Polar express: the orthogonal polar factor U V^T of g = U S V^T, approximately, in bf16
+    X = g.bfloat16()
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)  # spectral norm <= 1
+    if g.size(-2) > g.size(-1):
+        for a, b, c in polar_express_coeffs[:ns_steps]:
+            A = X.mT @ X  # the smaller Gram matrix
+            B = b * A + c * (A @ A)
+            X = a * X + X @ B
+    else:
+        for a, b, c in polar_express_coeffs[:ns_steps]:
+            A = X @ X.mT
+            B = b * A + c * (A @ A)
+            X = a * X + B @ X
+    g = X
     # NorMuon: per-row (or per-column) second moment evens out the update's neuron scales,
     # then the whole update is rescaled back to the norm it had after orthogonalization
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
@@ -386,8 +336,7 @@ def muon_step(stacked_grads, stacked_params, momentum_buffer, second_momentum_bu
     v_norm_new = ((v_mean * red_dim_size) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
     g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
     # Cautious weight decay: only where the update and the weight agree in sign
-    lr = lr_t.to(g.dtype)
-    wd = wd_t.to(g.dtype)
+    lr, wd = lr_t.to(g.dtype), wd_t.to(g.dtype)
     mask = (g * stacked_params) >= 0
     stacked_params.sub_(lr * g + lr * wd * stacked_params * mask)
 
@@ -402,10 +351,8 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
-        # 0-D CPU tensors to avoid torch.compile recompilation when values change
-        (self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t, self._adamw_beta2_t, self._adamw_eps_t,
-         self._adamw_wd_t, self._muon_momentum_t, self._muon_lr_t, self._muon_wd_t, self._muon_beta2_t) = (
-            torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in range(10))
+        self._adamw_t = [torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in range(6)]  # step lr b1 b2 eps wd
+        self._muon_t = [torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in range(4)]  # momentum lr wd beta2
 
     def _step_adamw(self, group):
         for p in group["params"]:
@@ -413,20 +360,13 @@ class MuonAdamW(torch.optim.Optimizer):
                 continue
             state = self.state[p]
             if not state:
-                state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p)
-                state["exp_avg_sq"] = torch.zeros_like(p)
+                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
             state["step"] += 1
-            self._adamw_step_t.fill_(state["step"])
-            self._adamw_lr_t.fill_(group["lr"])
-            self._adamw_beta1_t.fill_(group["betas"][0])
-            self._adamw_beta2_t.fill_(group["betas"][1])
-            self._adamw_eps_t.fill_(group["eps"])
-            self._adamw_wd_t.fill_(group["weight_decay"])
+            values = (state["step"], group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+            for t, value in zip(self._adamw_t, values):
+                t.fill_(value)
             kernel = adamw_step_fused if p.is_cuda else adamw_step
-            kernel(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                   self._adamw_step_t, self._adamw_lr_t, self._adamw_beta1_t,
-                   self._adamw_beta2_t, self._adamw_eps_t, self._adamw_wd_t)
+            kernel(p, p.grad, state["exp_avg"], state["exp_avg_sq"], *self._adamw_t)
 
     def _step_muon(self, group):
         params = group["params"]
@@ -442,14 +382,12 @@ class MuonAdamW(torch.optim.Optimizer):
         red_dim = -1 if shape[-2] >= shape[-1] else -2
         stacked_grads = torch.stack([p.grad for p in params])  # one kernel call for all same-shape matrices
         stacked_params = torch.stack(params)
-        self._muon_momentum_t.fill_(group["momentum"])
-        self._muon_beta2_t.fill_(group["beta2"])
-        self._muon_lr_t.fill_(group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5)
-        self._muon_wd_t.fill_(group["weight_decay"])
+        lr = group["lr"] * max(1.0, shape[-2] / shape[-1]) ** 0.5
+        for t, value in zip(self._muon_t, (group["momentum"], lr, group["weight_decay"], group["beta2"])):
+            t.fill_(value)
         kernel = muon_step_fused if p.is_cuda else muon_step
         kernel(stacked_grads, stacked_params, state["momentum_buffer"], state["second_momentum_buffer"],
-               self._muon_momentum_t, self._muon_lr_t, self._muon_wd_t, self._muon_beta2_t,
-               group["ns_steps"], red_dim)
+               *self._muon_t, group["ns_steps"], red_dim)
         torch._foreach_copy_(params, list(stacked_params.unbind(0)))
 
     @torch.no_grad()
@@ -495,25 +433,20 @@ TIMING_SKIP_STEPS = 10 if gpu_profile else 0   # steps 0..TIMING_SKIP_STEPS are 
 
 
 def build_model_config(depth):
-    base_dim = depth * ASPECT_RATIO
-    model_dim = ((base_dim + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
+    model_dim = ((depth * ASPECT_RATIO + HEAD_DIM - 1) // HEAD_DIM) * HEAD_DIM
     num_heads = model_dim // HEAD_DIM
-    return GPTConfig(
-        sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size,
-        n_layer=depth, n_head=num_heads, n_kv_head=num_heads, n_embd=model_dim,
-        window_pattern=WINDOW_PATTERN,
-    )
+    return GPTConfig(sequence_len=MAX_SEQ_LEN, vocab_size=vocab_size, n_layer=depth, n_head=num_heads,
+                     n_kv_head=num_heads, n_embd=model_dim, window_pattern=WINDOW_PATTERN)
 
 # Schedules (all based on progress = training_time / TIME_BUDGET)
 
 def get_lr_multiplier(progress):
     if progress < WARMUP_RATIO:
         return progress / WARMUP_RATIO if WARMUP_RATIO > 0 else 1.0
-    elif progress < 1.0 - WARMDOWN_RATIO:
+    if progress < 1.0 - WARMDOWN_RATIO:
         return 1.0
-    else:
-        cooldown = (1.0 - progress) / WARMDOWN_RATIO
-        return cooldown * 1.0 + (1 - cooldown) * FINAL_LR_FRAC
+    cooldown = (1.0 - progress) / WARMDOWN_RATIO
+    return cooldown * 1.0 + (1 - cooldown) * FINAL_LR_FRAC
 
 def get_muon_momentum(step):
     frac = min(step / 300, 1)
@@ -534,24 +467,21 @@ def trial_step(B, model, optimizer, health, autocast_ctx):
             loss, act_rms = model(x, y, return_act_rms=True)
         loss.backward()
         health.before_step()
-        optimizer.step()  # its state is created at the first: the second step runs beside it
-        health.after_step(act_rms)
+        optimizer.step()
+        health.fetch(loss, act_rms)
 
 
 if __name__ == "__main__":
     run = RunRecorder(collect_config(globals())).start()  # run_summary.json is written however the run ends
 
-    # -----------------------------------------------------------------------
     # Setup: tokenizer, model, optimizer, dataloader
-    # -----------------------------------------------------------------------
-
     t_start = time.time()
     torch.manual_seed(42)
     torch.cuda.manual_seed(42)
     torch.set_float32_matmul_precision("high")
     device = torch.device("cuda" if gpu_profile else "cpu")
     if gpu_profile and (problem := gpu_problem()):
-        raise RunStopped(problem[1])  # no GPU, no bf16, no compiler: say what to do rather than time a different program
+        raise RunStopped(problem[1])  # no GPU, bf16 or compiler: say what to do, rather than time another program
     autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16) if gpu_profile else nullcontext()
     synchronize = torch.cuda.synchronize if gpu_profile else lambda: None
     peak_flops = peak_bf16_flops(torch.cuda.get_device_name()) if gpu_profile else None  # None: MFU unknown
@@ -559,16 +489,13 @@ if __name__ == "__main__":
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
     print(f"Vocab size: {vocab_size:,}")
-
     config = build_model_config(DEPTH)
     print(f"Model config: {asdict(config)}")
-
     with torch.device("meta"):
         model = GPT(config)
     model.to_empty(device=device)
     model.init_weights()
     model.attention_masks(MAX_SEQ_LEN, model.cos.device)  # before torch.compile, keyed as forward asks ("cuda:0")
-
     param_counts = model.num_scaling_params()
     print("Parameter counts:\n" + "\n".join(f"  {key:24s}: {value:,}" for key, value in param_counts.items()))
     num_params, num_flops_per_token = param_counts["total"], model.estimate_flops()
@@ -578,11 +505,8 @@ if __name__ == "__main__":
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
                                       adam_betas=ADAM_BETAS, matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY)
     health = LayerHealth(model.transformer.h.named_parameters())
-
     if gpu_profile:
         model = torch.compile(model, dynamic=False)
-
-    # before the clock starts; parameters and optimizer state are put back after every try
     fit = fit_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN,
                     lambda B: trial_step(B, model, optimizer, health, autocast_ctx), model, optimizer)
     run.record_fit(fit)
@@ -590,20 +514,15 @@ if __name__ == "__main__":
 
     train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device.type)
     x, y, epoch = next(train_loader)  # prefetch first batch
-
     print(f"Time budget: {TIME_BUDGET}s\nGradient accumulation steps: {grad_accum_steps}")
-
     # in-training val/bpb, each in its own row; no model.eval(): no dropout, and the mode flip would recompile
     val_curve = ValCurve(run, lambda: evaluate_bpb_sample(model, tokenizer, device_batch_size, VAL_TOKENS),
                          VAL_POINTS, autocast_ctx)
     progress_line = ProgressLine(every_s=10)
 
-    # -----------------------------------------------------------------------
     # Training loop
-    # -----------------------------------------------------------------------
     run.timing("startup_s", time.time() - t_process_start)
-    smooth_train_loss, total_training_time, warmup_time, step = 0, 0, 0, 0
-
+    smooth_train_loss, total_training_time, step = 0, 0, 0
     while True:
         progress = min(total_training_time / TIME_BUDGET, 1.0)
         val_curve.update(step, progress, total_training_time)
@@ -633,32 +552,31 @@ if __name__ == "__main__":
         if want_stats:
             health.before_step()
         optimizer.step()
-        layer_stats = health.after_step(act_rms) if want_stats else None
+        train_loss_f, layer_metrics = health.fetch(train_loss, act_rms if want_stats else None)  # one transfer
         model.zero_grad(set_to_none=True)
-        train_loss_f, layer_metrics = health.fetch(train_loss, layer_stats)  # one device-to-host transfer
         synchronize()
         t1 = time.time()
         dt = t1 - t0
-
         if step > TIMING_SKIP_STEPS:
             total_training_time += dt
         else:
-            warmup_time += dt
+            run.timing("warmup_s", dt)
 
+        # Logging
         ema_beta = 0.9
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
         debiased_smooth_loss = smooth_train_loss / (1 - ema_beta**(step + 1))
         tok_per_sec = int(TOTAL_BATCH_SIZE / dt)
         mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops if peak_flops else None
-
         run.log(step, elapsed_s=total_training_time, **{
             "train/loss": train_loss_f, "train/loss_smooth": debiased_smooth_loss, "train/lr_multiplier": lrm,
             "train/muon_momentum": muon_momentum, "train/weight_decay": muon_weight_decay,
             "train/progress": min(total_training_time / TIME_BUDGET, 1.0), "perf/step_time_ms": dt * 1000,
             "perf/tokens_per_sec": tok_per_sec, "perf/mfu_percent": mfu, **layer_metrics})
         run.check_divergence(step, train_loss_f)  # fast fail, once the step is on record: NaN or > 100 is 'diverged'
-        progress_line.update(f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_smooth_loss:.6f} | lrm: {lrm:.2f} | "
-                             f"dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {f'{mfu:.1f}%' if mfu else 'n/a'} | "
+        mfu_text = f"{mfu:.1f}%" if mfu else "n/a"
+        progress_line.update(f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_smooth_loss:.6f} | "
+                             f"lrm: {lrm:.2f} | dt: {dt*1000:.0f}ms | tok/sec: {tok_per_sec:,} | mfu: {mfu_text} | "
                              f"epoch: {epoch} | remaining: {max(0, TIME_BUDGET - total_training_time):.0f}s")
 
         # GC management (Python's GC causes ~500ms stalls)
@@ -668,9 +586,7 @@ if __name__ == "__main__":
             gc.disable()
         elif (step + 1) % 5000 == 0:
             gc.collect()
-
         step += 1
-
         # Time's up, but only stop after the warm-up steps so we don't count compilation
         if step > TIMING_SKIP_STEPS and total_training_time >= TIME_BUDGET:
             break
@@ -678,20 +594,16 @@ if __name__ == "__main__":
     progress_line.done(f"step {step:05d} (100.0%) | loss: {debiased_smooth_loss:.6f} | "
                        f"training done in {total_training_time:.1f}s")
     val_curve.finish(step, total_training_time)  # the curve's end point
-    run.timing("warmup_s", warmup_time)
 
     # Final eval: the fixed metric (under `analyze.py run`: the model handed to the harness, val_bpb None)
     t0 = time.time()
     with autocast_ctx:
         val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
     run.timing("final_eval_s", time.time() - t0)
-
-    t_end = time.time()
     timed_steps = step - TIMING_SKIP_STEPS - 1  # the steps in total_training_time (AR's step - 10 counts one more)
     steady_state_mfu = (100 * num_flops_per_token * TOTAL_BATCH_SIZE * timed_steps / total_training_time / peak_flops
                         if peak_flops and total_training_time > 0 else None)
     peak_vram_mb = torch.cuda.max_memory_allocated() / 1024 / 1024 if gpu_profile else None
-
-    run.finish(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=t_end - t_start,
+    run.finish(val_bpb=val_bpb, training_seconds=total_training_time, total_seconds=time.time() - t_start,
                peak_vram_mb=peak_vram_mb, mfu_percent=steady_state_mfu, total_tokens_M=step * TOTAL_BATCH_SIZE / 1e6,
                num_steps=step, num_params_M=num_params / 1e6, depth=DEPTH)

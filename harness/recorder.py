@@ -1,17 +1,14 @@
-"""What a training run writes about itself, so that a broken train.py can never lose it.
-
-train.py calls it in a handful of lines:
+"""What a training run writes about itself, so that a broken train.py can never lose it. train.py calls:
 
     run = RunRecorder(collect_config(globals())).start()   # metrics.jsonl now; run_summary.json at any exit
-    fit = fit_batch(DEVICE_BATCH_SIZE, ...); run.record_fit(fit)   # the device batch that fits, before the clock
+    run.record_fit(fit_batch(DEVICE_BATCH_SIZE, ...))       # the device batch that fits, before the clock
     run.log(step, **metrics)                                # a metrics row (buffered, flushed every 2 s)
     run.check_divergence(step, loss)                        # NaN or > 100: the run ends as 'diverged'
     run.finish(val_bpb=..., ...)                            # the greppable block, status 'ok'
 
-run_summary.json is written on every exit path: ok, crash (an uncaught exception, or the script ended
-without finish()), diverged, timeout (the hard cap or SIGTERM: exit code 3) and interrupted (Ctrl-C or
-SIGINT: KeyboardInterrupt, exit code 130). The hard cap is prepare.hard_cap_s; under `analyze.py run`
-(AUTORESEARCH_HANDOFF set) the parent enforces it and the watchdog here is off.
+run_summary.json is written on every exit path, and the exit code says which (EXIT_CODES): crash is an uncaught
+exception or no finish(), timeout the hard cap (prepare.hard_cap_s; under `analyze.py run` the parent keeps it)
+or SIGTERM, interrupted Ctrl-C or SIGINT.
 """
 import atexit
 import contextlib
@@ -38,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FINAL_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": ".1f", "peak_vram_mb": ".1f",
                  "mfu_percent": ".2f", "total_tokens_M": ".1f", "num_steps": "d", "num_params_M": ".1f", "depth": "d"}
 FINAL_KEYS = tuple(FINAL_FORMATS)           # karpathy/autoresearch's greppable block, in his order
-EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}  # the process's exit code
+EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}
 DIVERGED_LOSS = 100.0                      # a training loss above this has diverged
 TEST_MAX_ROWS_ENV = "AUTORESEARCH_FIT_TEST_MAX_ROWS"  # tests only: batches above this many rows "run out of memory"
 OOM_TEXTS = ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")  # Triton's, cuBLAS's
@@ -49,8 +46,7 @@ class Diverged(Exception):
 
 
 class RunStopped(Exception):
-    """This machine cannot run train.py as it stands (no bf16, no compiler, not one row fits): the run ends as
-    a crash whose error, and whose only output, is the message's one line saying what to do."""
+    """This machine cannot run train.py as it stands: a crash whose only output is the one line of what to do."""
 
 
 def is_out_of_memory(exc):
@@ -58,7 +54,8 @@ def is_out_of_memory(exc):
     a kernel and cuBLAS creating a handle run out of memory with plain RuntimeErrors."""
     seen = set()
     while exc is not None and id(exc) not in seen:
-        if isinstance(exc, torch.OutOfMemoryError) or (type(exc) is RuntimeError and any(t in str(exc) for t in OOM_TEXTS)):
+        runtime_oom = type(exc) is RuntimeError and any(text in str(exc) for text in OOM_TEXTS)
+        if isinstance(exc, torch.OutOfMemoryError) or runtime_oom:
             return True
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
@@ -75,36 +72,27 @@ class DeviceBatch:
     seconds: float          # spent trying, before the clock starts
 
 
-def grad_accum_steps(device_batch, total_batch_size, seq_len):
-    if total_batch_size % (device_batch * seq_len):
-        raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a whole number of micro-batches of "
-                         f"DEVICE_BATCH_SIZE {device_batch} x MAX_SEQ_LEN {seq_len} tokens: make DEVICE_BATCH_SIZE "
-                         f"a power of two that divides TOTAL_BATCH_SIZE // {seq_len}")
-    return total_batch_size // (device_batch * seq_len)
-
-
 def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
     """DEVICE_BATCH_SIZE if try_step(size) (the loop's heaviest step) runs on it, else the first of its halvings
     that does, with TOTAL_BATCH_SIZE kept by gradient accumulation. After each try the parameters and optimizer
     state are put back exactly. Nothing is tried on the CPU (no device memory to run out of) unless
     AUTORESEARCH_FIT_TEST_MAX_ROWS (tests only) is set. RunStopped when not even one row fits."""
-    t0, on_gpu = time.time(), next(model.parameters()).is_cuda
-    accum = grad_accum_steps(requested, total_batch_size, seq_len)  # a request that does not divide: before any try
-    max_rows = int(os.environ.get(TEST_MAX_ROWS_ENV) or 0)
+    if total_batch_size % (requested * seq_len):  # said before any try
+        raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a whole number of micro-batches of "
+                         f"DEVICE_BATCH_SIZE {requested} x MAX_SEQ_LEN {seq_len} tokens: make DEVICE_BATCH_SIZE "
+                         f"a power of two that divides TOTAL_BATCH_SIZE // {seq_len}")
+    t0, on_gpu, max_rows = time.time(), next(model.parameters()).is_cuda, os.environ.get(TEST_MAX_ROWS_ENV)
     if not (on_gpu or max_rows):
-        return DeviceBatch(requested, requested, accum, [], 0.0)
-    sizes = [requested]
-    while sizes[-1] > 1:
-        sizes.append(sizes[-1] // 2 if sizes[-1] % 2 == 0 else 1)
+        return DeviceBatch(requested, requested, total_batch_size // (requested * seq_len), [], 0.0)
     if on_gpu:  # each size tried compiles the model once more (dynamic=False): leave training its own graphs
-        torch._dynamo.config.recompile_limit += len(sizes)
+        torch._dynamo.config.recompile_limit += requested.bit_length()
     params = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     state = copy.deepcopy(optimizer.state_dict())  # empty before the first step
-    used, too_big = None, []
-    for size in sizes:
+    size, used, too_big = requested, None, []
+    while used is None:
         try:
             try_step(size)
-            if max_rows and size > max_rows:  # after the step ran, as a real failure may come late
+            if max_rows and size > int(max_rows):  # after the step ran, as a real failure may come late
                 raise torch.OutOfMemoryError(f"{TEST_MAX_ROWS_ENV}={max_rows}: {size} rows do not fit")
             used = size
         except Exception as e:
@@ -114,17 +102,16 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
         model.load_state_dict(params)  # first: a failed try's gradients and optimizer state go, and their memory
         model.zero_grad(set_to_none=True)
         optimizer.load_state_dict(state)
-        if used is not None:
-            break
-        gc.collect()  # out here the failed step's frames, and the activations they held, are gone
-        if on_gpu:
-            torch.cuda.empty_cache()
-    if used is None:
-        raise RunStopped(f"not even one row of {seq_len} tokens (DEVICE_BATCH_SIZE 1) fits in GPU memory with this "
-                         "model: make it smaller (DEPTH, ASPECT_RATIO) or use AUTORESEARCH_PROFILE=cpu")
+        if used is None:
+            if size == 1:
+                raise RunStopped(f"not even one row of {seq_len} tokens (DEVICE_BATCH_SIZE 1) fits in GPU memory with "
+                                 "this model: make it smaller (DEPTH, ASPECT_RATIO) or use AUTORESEARCH_PROFILE=cpu")
+            size = size // 2 if size % 2 == 0 else 1
+            gc.collect()  # out here the failed step's frames, and the activations they held, are gone
+            torch.cuda.empty_cache()  # a no-op where CUDA was never started
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # peak_vram_mb: the training's, not a failed try's
-    fit = DeviceBatch(requested, used, grad_accum_steps(used, total_batch_size, seq_len), too_big, time.time() - t0)
+    fit = DeviceBatch(requested, used, total_batch_size // (used * seq_len), too_big, time.time() - t0)
     if too_big:
         print(f"DEVICE_BATCH_SIZE {requested} does not fit: using {used} with {fit.grad_accum_steps} accumulation "
               f"steps, same TOTAL_BATCH_SIZE {total_batch_size} ({fit.seconds:.1f}s)")
@@ -132,8 +119,7 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
 
 
 def collect_config(namespace):
-    """Every UPPER_CASE global of train.py whose value is JSON-serialisable (tuples become lists), except the
-    harness constants it imported from prepare.py."""
+    """train.py's UPPER_CASE globals that JSON can hold (tuples become lists), but for those of prepare.py."""
     config = {}
     for name, value in namespace.items():
         if name.isupper() and not name.startswith("_") and vars(prepare).get(name, object()) is not value:
@@ -150,82 +136,65 @@ def _json_default(value):
 
 
 def provenance():
-    """(git, env) blocks of run_summary.json: the commit and the sha256 of the scripts and harness files as
-    they ran, and the software and hardware the run ran on."""
+    """run_summary.json's git block (the commit; the scripts and harness files as they ran) and env block."""
     commit = (git("rev-parse", "HEAD", cwd=ROOT) or "").strip() or None
     status = git("status", "--porcelain", "--untracked-files=no", cwd=ROOT) if commit else None
-    git_block = {"commit": commit, "dirty": None if status is None else bool(status.strip())}
-    git_block.update({f"{n}_py_sha256": sha256_file(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")})
+    git_block = {"commit": commit, "dirty": None if status is None else bool(status.strip()),
+                 **{f"{n}_py_sha256": sha256_file(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")}}
     tracked = (git("ls-files", "-z", "--", "prepare.py", "analyze.py", "harness", cwd=ROOT) or "").split("\0")
     git_block["harness_sha256"] = {p: sha256_file(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}
     cuda = torch.cuda.is_available()
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
-           "gpu_name": torch.cuda.get_device_name() if cuda else None,
-           "driver": prepare.nvidia_driver() if cuda else None}
-    return git_block, env
+    return git_block, {"python": platform.python_version(), "torch": torch.__version__,
+                       "cuda": torch.version.cuda if cuda else None,
+                       "gpu_name": torch.cuda.get_device_name() if cuda else None,
+                       "driver": prepare.nvidia_driver() if cuda else None}
 
 
 class LayerHealth:
-    """Gradient norm and update-to-weight ratio of every block matrix, plus the RMS of every block's output
-    (which the model's forward returns, from inside the compiled graph): LayerHealth(model.transformer.h
-    .named_parameters()). Computed on the device, fetched with the step's loss in one transfer."""
+    """Gradient norm and update-to-weight ratio of every block matrix, and the RMS of every block's output (the
+    model's forward returns it, from inside the compiled graph), fetched with the step's loss in one transfer."""
 
-    def __init__(self, named_params):
+    def __init__(self, named_params):  # model.transformer.h.named_parameters()
         self.names, self.params = zip(*((name.removesuffix(".weight"), p) for name, p in named_params))  # "0.attn.c_q"
-        self.grad_norms = self.before = None
+        self.before = None
 
-    @torch.no_grad()
-    def before_step(self):
-        """Call after backward, before optimizer.step()."""
-        self.grad_norms = torch.stack(torch._foreach_norm([p.grad for p in self.params]))
+    def before_step(self):  # after backward, before optimizer.step(): the weights the step will change
         self.before = [p.detach().clone() for p in self.params]
 
-    def forget(self):
-        """Drop what before_step() keeps: a step that failed halfway must not hold its snapshot's memory."""
-        self.grad_norms = self.before = None
+    def forget(self):  # a step that failed halfway must not hold its snapshot's memory
+        self.before = None
 
     @torch.no_grad()
-    def after_step(self, act_rms):
-        """All statistics as one flat device tensor (nothing is transferred here)."""
-        weight_norms = torch.stack(torch._foreach_norm(self.before))
-        update_norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self.params, self.before)))
-        self.before = None
-        return torch.cat([self.grad_norms.float(), update_norms.float(), weight_norms.float(), act_rms.float()])
-
-    def unpack(self, values):
-        """The flat list from after_step(), fetched to the host, as metrics.jsonl keys."""
+    def fetch(self, loss, act_rms=None):
+        """After optimizer.step(), before zero_grad(): (loss as a float, metrics.jsonl's layer/ keys) in one
+        device-to-host transfer. act_rms None: a step without layer stats."""
+        if act_rms is None:
+            return loss.item(), {}
+        tensors = ([p.grad for p in self.params], torch._foreach_sub(self.params, self.before), self.before)
+        norms = [torch.stack(torch._foreach_norm(ts)) for ts in tensors]  # gradient, update, weight
+        self.forget()
+        loss, *values = torch.cat([t.float().view(-1) for t in (loss, *norms, act_rms)]).tolist()
         n, metrics = len(self.names), {}
         for name, g, u, w in zip(self.names, values[:n], values[n:2 * n], values[2 * n:3 * n]):
             metrics[f"layer/{name}/grad_norm"] = g
             metrics[f"layer/{name}/update_ratio"] = u / w if w > 0 else None  # zero-init weights have no ratio yet
-        return metrics | {f"layer/{i}/act_rms": rms for i, rms in enumerate(values[3 * n:])}
-
-    def fetch(self, loss, stats):
-        """(loss as a float, layer metrics) in one device-to-host transfer; stats from after_step or None."""
-        if stats is None:
-            return loss.item(), {}
-        values = torch.cat([loss.float().view(1), stats]).tolist()
-        return values[0], self.unpack(values[1:])
+        return loss, metrics | {f"layer/{i}/act_rms": rms for i, rms in enumerate(values[3 * n:])}
 
 
 class ValCurve:
-    """In-training val/bpb at `points` evenly spaced progress values, and once more at the end. Each value gets
-    its own metrics row, at the progress where it was measured, and its seconds count as eval_s, outside the
-    training time."""
+    """In-training val/bpb at `points` evenly spaced progress values, and once more at finish(). Each value gets
+    its own metrics row, at the progress where it was measured; its seconds count as eval_s, not training time."""
 
-    def __init__(self, run, measure, points, autocast_ctx=None):
-        self.run, self.measure, self.autocast_ctx = run, measure, autocast_ctx or contextlib.nullcontext()
+    def __init__(self, run, measure, points, autocast_ctx):
+        self.run, self.measure, self.autocast_ctx = run, measure, autocast_ctx
         self.due = [i / points for i in range(points)]  # progress values still to measure at
 
     def update(self, step, progress, elapsed_s):
         if self.due and progress >= self.due[0]:
-            self._measure(step, progress, elapsed_s)
+            self.finish(step, elapsed_s, progress)
             self.due = [p for p in self.due if p > progress]
 
-    def finish(self, step, elapsed_s):
-        self._measure(step, 1.0, elapsed_s)
-
-    def _measure(self, step, progress, elapsed_s):
+    def finish(self, step, elapsed_s, progress=1.0):
         t0 = time.time()
         with self.autocast_ctx:
             val_bpb = self.measure()
@@ -234,19 +203,19 @@ class ValCurve:
 
 
 class RunRecorder:
-    """Owns a run's outputs (metrics.jsonl, run_summary.json). Either `run = RunRecorder(config).start()` at
-    the top of a script (uncaught exceptions and an exit without finish() are recorded through sys.excepthook
-    and atexit), or `with RunRecorder(config) as run:` around the work. hard_cap_s: None for the watchdog's
-    prepare.hard_cap_s(TIME_BUDGET), 0 for none (the default under `analyze.py run`, whose parent keeps it)."""
+    """Owns a run's outputs (metrics.jsonl, run_summary.json): `run = RunRecorder(config).start()` at the top of a
+    script (sys.excepthook and atexit record how it ends), or `with RunRecorder(config) as run:` around the work.
+    hard_cap_s: 0 for no watchdog; None for prepare.hard_cap_s(TIME_BUDGET), or 0 under `analyze.py run`."""
 
     def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
         if hard_cap_s is None:
             hard_cap_s = 0 if os.environ.get("AUTORESEARCH_HANDOFF") else prepare.hard_cap_s(prepare.TIME_BUDGET)
-        self.config, self.out_dir, self.hard_cap_s, self.flush_every_s = config, Path(out_dir), hard_cap_s, flush_every_s
+        self.config, self.out_dir, self.hard_cap_s = config, Path(out_dir), hard_cap_s
+        self.flush_every_s = flush_every_s
         self.final, self.device_batch, self.timings, self.exit_code = dict.fromkeys(FINAL_KEYS), None, {}, None
         self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
         self._finished = self._closed = False
-        self._lock, self._stop, self._old_handlers = threading.RLock(), threading.Event(), None
+        self._lock, self._stop, self._old_handlers = threading.RLock(), threading.Event(), ()
 
     def __enter__(self):
         for name in ("metrics.jsonl", "run_summary.json"):  # never let a previous run's outputs pass as ours
@@ -256,10 +225,7 @@ class RunRecorder:
         # the tokenizer stands for the data it was trained on: runs on another tokenizer are another harness
         tokenizer_sha = sha256_file(prepare.TOKENIZER_DIR / "tokenizer.pkl")
         self.harness = {**prepare.HARNESS, "tokenizer": tokenizer_sha and tokenizer_sha[:16]}
-        try:
-            self._file = open(self.out_dir / "metrics.jsonl", "w")
-        except OSError as e:
-            self._warn_once("io", f"metrics.jsonl: {e}")
+        self._file = open(self.out_dir / "metrics.jsonl", "w")  # a directory that takes no file ends the run here
         if self.hard_cap_s:
             threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
         if threading.current_thread() is threading.main_thread():
@@ -270,7 +236,7 @@ class RunRecorder:
 
     def __exit__(self, exc_type, exc, tb):
         self._stop.set()
-        for signum, handler in zip((signal.SIGTERM, signal.SIGINT), self._old_handlers or ()):
+        for signum, handler in zip((signal.SIGTERM, signal.SIGINT), self._old_handlers):
             signal.signal(signum, handler)
         trace = "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else ""
         if exc_type is None:
@@ -292,20 +258,14 @@ class RunRecorder:
         return True
 
     def start(self):
-        """Begin the run for a whole script: its end, however it comes, writes the summary and sets the
-        process's exit code (0 ok, 1 crash, 2 diverged, 3 timeout, 130 interrupted)."""
+        """Begin the run for a whole script: its end, however it comes, writes the summary and sets the exit code."""
         self.__enter__()
-        sys.excepthook = self._excepthook
-        atexit.register(self._at_exit)
+        sys.excepthook = self._end
+        atexit.register(self._end, None, None, None)
         return self
 
-    def _excepthook(self, exc_type, exc, tb):
-        self.__exit__(exc_type, exc, tb)
-        self._exit_now()
-
-    def _at_exit(self):
-        if not self._closed:
-            self.__exit__(None, None, None)
+    def _end(self, *exc_info):  # sys.excepthook (an uncaught exception) and atexit
+        self.__exit__(*exc_info)
         if self.exit_code:
             self._exit_now()
 
@@ -319,8 +279,7 @@ class RunRecorder:
             self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
 
     def _timeout(self, reason):
-        frame = sys._current_frames().get(threading.main_thread().ident)
-        stack = "".join(traceback.format_stack(frame)) if frame is not None else ""
+        stack = "".join(traceback.format_stack(sys._current_frames().get(threading.main_thread().ident)))
         if self._close("timeout", _tail(f"{reason}; main thread was at:\n{stack}")):
             print(f"\nRunRecorder: {reason}, wrote run_summary.json (status timeout)", file=sys.stderr)
             self._exit_now()
@@ -331,19 +290,18 @@ class RunRecorder:
             if self._closed:
                 return False
             self._closed, self.exit_code = True, EXIT_CODES[status]
-            if not self._finished and self._last_step is not None:
-                # how far a run got before it died: the last logged step, unless train.py said more
+            if not self._finished and self._last_step is not None:  # how far it got, unless train.py said more
                 self.final["num_steps"] = self.final["num_steps"] or self._last_step + 1
                 self.final["training_seconds"] = self.final["training_seconds"] or self._last_elapsed
             self.flush()
-            if self._file is not None:
-                self._file.close()
+            self._file.close()
             summary = {"status": status, **self.final, "device_batch": self.device_batch, "config": self.config,
                        "harness": self.harness, "git": self.git, "env": self.env,
                        "timings": {**self.timings, "started_at": self.started_at, "finished_at": time.time()},
                        "error": error}
+            text = json.dumps(summary, indent=2, default=_json_default) + "\n"
             try:
-                write_atomic(self.out_dir / "run_summary.json", json.dumps(summary, indent=2, default=_json_default) + "\n")
+                write_atomic(self.out_dir / "run_summary.json", text)
             except OSError as e:
                 print(f"RunRecorder: could not write run_summary.json: {e}", file=sys.stderr)
             return True
@@ -354,8 +312,7 @@ class RunRecorder:
             if self._last_step is not None and step < self._last_step:
                 self._warn_once("order", f"log(step={step}) after step {self._last_step}: row dropped")
                 return
-            self._last_step = step
-            self._last_elapsed = metrics.get("elapsed_s", self._last_elapsed)
+            self._last_step, self._last_elapsed = step, metrics.get("elapsed_s", self._last_elapsed)
             self._rows.append({"step": step, "time": time.time(), **metrics})
             if time.time() - self._last_flush >= self.flush_every_s:
                 self.flush()
@@ -363,7 +320,7 @@ class RunRecorder:
     def flush(self):
         with self._lock:
             rows, self._rows, self._last_flush = self._rows, [], time.time()
-            if self._file is None or self._file.closed or not rows:
+            if self._file.closed or not rows:
                 return
             try:
                 self._file.write("".join(json.dumps(r, default=_json_default) + "\n" for r in rows))
@@ -376,40 +333,33 @@ class RunRecorder:
             self._warned.add(kind)
             print(f"RunRecorder: warning: {message} (further warnings of this kind suppressed)", file=sys.stderr)
 
-    def set(self, **values):
-        """Record final-block values known so far; they reach the summary whatever the exit path."""
-        if unknown := set(values) - set(FINAL_KEYS):
-            raise KeyError(f"not final-block keys: {sorted(unknown)}; known: {FINAL_KEYS}")
+    def set(self, **values):  # final-block values known so far: they reach the summary whatever the exit path
         self.final.update(values)
 
-    def timing(self, name, seconds):
-        """Add seconds to a named timing of run_summary.json's timings block."""
+    def timing(self, name, seconds):  # adds to run_summary.json's timings[name]
         self.timings[name] = self.timings.get(name, 0.0) + float(seconds)
 
-    def record_fit(self, fit):
-        """run_summary.json's device_batch block and fit_s timing, from fit_batch's DeviceBatch."""
+    def record_fit(self, fit):  # fit_batch's DeviceBatch: run_summary.json's device_batch block and fit_s
         self.device_batch = asdict(fit)
         self.timing("fit_s", fit.seconds)
 
-    def _out_of_memory_line(self):
-        """What to do about an out-of-memory crash, in one line that names the device batch."""
+    def _out_of_memory_line(self):  # what to do, in one line that names the device batch
         if self.device_batch is None and self._last_step is None:
             return "out of GPU memory before any batch ran: make the model smaller (DEPTH, ASPECT_RATIO)"
         requested = self.config.get("DEVICE_BATCH_SIZE")
         used = (self.device_batch or {}).get("used", requested)
         at = f"DEVICE_BATCH_SIZE {used}" + (f" (fitted down from {requested})" if used != requested else "")
-        lower = f"lower DEVICE_BATCH_SIZE, e.g. to {used // 2} (TOTAL_BATCH_SIZE is kept by accumulation), or " if used > 1 else ""
-        return f"out of GPU memory at {at}: {lower}make the model smaller (DEPTH, ASPECT_RATIO)"
+        lower = f"lower DEVICE_BATCH_SIZE, e.g. to {used // 2} (TOTAL_BATCH_SIZE is kept by accumulation), or "
+        return f"out of GPU memory at {at}: {lower if used > 1 else ''}make the model smaller (DEPTH, ASPECT_RATIO)"
 
     def check_divergence(self, step, loss):
         if not math.isfinite(loss) or loss > DIVERGED_LOSS:
             raise Diverged(f"training loss {loss} at step {step}")
 
     def finish(self, **final):
-        """Set the final-block values, print karpathy/autoresearch's greppable block, end the run 'ok'. Under
-        `analyze.py run` val_bpb is None (prepare.evaluate_bpb handed the model off): the block has no val_bpb
-        line, and the harness adds its own measured one to run.log."""
-        self.set(**final)
+        """Print karpathy/autoresearch's greppable block and end the run 'ok'. Under `analyze.py run` val_bpb is
+        None (prepare.evaluate_bpb handed the model off) and left out: the harness adds its own measured one."""
+        self.final.update(final)
         self._finished = True
         lines = ["---"]
         for key, fmt in FINAL_FORMATS.items():

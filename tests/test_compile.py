@@ -1,11 +1,8 @@
-"""The compiled GPU path, exercised on the CPU as far as torch 2.9 allows. On CUDA train.py compiles the
-model (around FlexAttention and its cached block masks) and the two optimizer kernels. The CPU compiler
-cannot compile FlexAttention with gradients, but dynamo can trace it: so the training graph is traced
-with fullgraph and run through AOT autograd, the evaluation graph and the kernels through inductor.
-A change that adds a graph break, or makes the model or a kernel recompile as the schedules move step
-to step, fails here."""
+"""train.py's compiled GPU path (the model around FlexAttention and its cached block masks, the two optimizer
+kernels) on the CPU: inductor cannot compile FlexAttention with gradients there, so the training graph is traced
+with fullgraph and run through AOT autograd, the evaluation graph and the kernels through inductor. A change
+that adds a graph break, or a recompilation as the schedules move step to step, fails here."""
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,30 +17,30 @@ B, T, VOCAB = 2, 256, 64  # two of flex's 128-token blocks: full, partial and sk
 CALL_KINDS = 3            # what the loop compiles: a train step, a train step with layer stats, no-grad eval
 
 
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+
+
 @pytest.fixture(autouse=True)
 def flex_masks(monkeypatch):
     """CUDA's attention on the CPU: block masks and flex_attention, a fresh dynamo state per test."""
-    monkeypatch.setattr(train, "sliding_window_mask", train.sliding_window_block_mask)
+    mask = train.sliding_window_mask
+    monkeypatch.setattr(train, "sliding_window_mask", lambda T, window, device, flex: mask(T, window, device, True))
     torch._dynamo.reset()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        yield
+    yield
     torch._dynamo.reset()
 
 
-def small_model(n_layer=2, pattern="SL"):
+def small_model(n_layer=2, pattern="SL", masks=True):
     torch.manual_seed(0)
-    config = train.GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=n_layer, n_head=2, n_kv_head=2,
-                             n_embd=64, window_pattern=pattern)
-    model = train.GPT(config)
+    model = train.GPT(train.GPTConfig(T, VOCAB, n_layer, n_head=2, n_kv_head=2, n_embd=64, window_pattern=pattern))
     model.init_weights()
-    model.attention_masks(T, torch.device("cpu"))  # as build_model does, before compiling
+    if masks:
+        model.attention_masks(T, torch.device("cpu"))  # as train.py does, before compiling
     return model
 
 
 def batch(seed):
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randint(0, VOCAB, (B, T + 1), generator=gen)
+    rows = torch.randint(0, VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(seed))
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
@@ -56,12 +53,12 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
     compiled, the schedules moving every step) on the model compiled with fullgraph, so a graph break fails:
     the model keeps its three graphs, the kernels one per shape group, and attention sees one dtype."""
     model = small_model()
-    model.transformer.wte.to(dtype=torch.bfloat16)
-    for ve in model.value_embeds.values():
-        ve.to(dtype=torch.bfloat16)
+    for embedding in (model.transformer.wte, *model.value_embeds.values()):
+        embedding.to(dtype=torch.bfloat16)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731  (stands in for CUDA's)
     dtypes, attention = set(), train.attention
-    monkeypatch.setattr(train, "attention", lambda q, k, v, mask: dtypes.add((q.dtype, k.dtype, v.dtype)) or attention(q, k, v, mask))
+    spy = lambda q, k, v, mask: dtypes.add((q.dtype, k.dtype, v.dtype)) or attention(q, k, v, mask)  # noqa: E731
+    monkeypatch.setattr(train, "attention", spy)
     with autocast():
         model(*batch(4))
     assert dtypes == {(torch.bfloat16,) * 3}, f"q, k, v dtypes under autocast: {dtypes}"
@@ -89,53 +86,44 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
         with torch.no_grad(), autocast():
             compiled(x, y, reduction="none")
         kernel_compiles.append(kernel_counter.frame_count)
-    assert model_counter.frame_count == CALL_KINDS, f"{model_counter.frame_count} model graphs for {CALL_KINDS} kinds of call"
+    assert model_counter.frame_count == CALL_KINDS, f"{model_counter.frame_count} graphs for {CALL_KINDS} kinds of call"
     assert kernel_compiles[1:] == kernel_compiles[:1] * 3, f"kernel compilations after each step: {kernel_compiles}"
 
 
 def test_a_model_compiled_before_its_masks_are_built_is_refused():
-    torch.manual_seed(0)
-    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=VOCAB, n_layer=2, n_head=2, n_kv_head=2, n_embd=64,
-                                      window_pattern="SL"))  # no attention_masks() before compiling
-    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(small_model(masks=False), dynamic=False, fullgraph=True, backend="aot_eager")
     with pytest.raises(Exception, match="build the masks before torch.compile"):
         compiled(*batch(5))  # a mask built inside the graph would be rebuilt every step
 
 
-def test_compiled_training_graph_equals_eager():
+def test_compiled_training_and_evaluation_graphs_equal_eager():
     model = small_model(n_layer=4, pattern="SSSL")
     x, y = batch(1)
     eager_loss, eager_rms = model(x, y, return_act_rms=True)
     eager_loss.backward()
     eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager_decomp_partition")
-    loss, act_rms = compiled(x, y, return_act_rms=True)
+    loss, act_rms = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager_decomp_partition")(
+        x, y, return_act_rms=True)
     loss.backward()
     assert max_error(loss, eager_loss) < 1e-5, f"loss: compiled {loss.item():.6f} vs eager {eager_loss.item():.6f}"
     assert max_error(act_rms, eager_rms) < 1e-5, f"act_rms: {act_rms.tolist()} vs {eager_rms.tolist()}"
     for name, p in model.named_parameters():
         err = max_error(p.grad, eager_grads[name])
         assert err < 1e-5, f"grad of {name}: compiled vs eager differ by {err:.2e}"
-
-
-def test_inductor_evaluation_graph_equals_eager():
-    model = small_model()
-    x, y = batch(2)
-    compiled = torch.compile(model, dynamic=False, fullgraph=True)
-    with torch.no_grad():
-        eager, nats = model(x, y, reduction="none"), compiled(x, y, reduction="none")
+    torch._dynamo.reset()
+    with torch.no_grad():  # the evaluation graph, through inductor
+        eager, nats = model(x, y, reduction="none"), torch.compile(model, dynamic=False, fullgraph=True)(
+            x, y, reduction="none")
     err = max_error(nats, eager)
     assert nats.shape == (B * T,) and err < 1e-5, f"per-token nats: compiled vs eager differ by {err:.2e}"
 
 
 def test_inductor_optimizer_kernels_equal_eager_and_compile_once():
-    """Both kernels compiled by inductor update their arguments in place as eager does, and compile
-    once while every hyperparameter moves. AdamW is fp32 throughout and agrees to rounding. Muon's
-    polar express runs in bf16 with coefficients up to 22, whose cancellations magnify rounding:
-    inductor keeps fused intermediates in fp32 where eager rounds every op, and the two
-    orthogonalizations differ by ~7% of their norm (AR's compiled kernel against eager alike), so
-    only a gross departure (no update, a wrong branch, a lost in-place write) fails there."""
+    """Both kernels compiled by inductor update their arguments in place as eager does, and compile once while
+    every hyperparameter moves. AdamW agrees to rounding. Muon's bf16 polar express magnifies rounding (inductor
+    keeps fused intermediates in fp32) to ~7% of the update's norm, AR's kernel alike: only a gross departure
+    (no update, a wrong branch, a lost in-place write) fails there."""
     counter = CompileCounterWithBackend("inductor")
     adamw = torch.compile(train.adamw_step, dynamic=False, fullgraph=True, backend=counter)
     muon = torch.compile(train.muon_step, dynamic=False, fullgraph=True, backend=counter)

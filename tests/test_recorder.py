@@ -1,7 +1,5 @@
-"""harness/recorder.py: the run recorder writes its outputs on every exit path (ok, crash, diverged, timeout,
-interrupted), prints AR's block, or under the harness the block without val_bpb; and the device batch that
-fits, on the CPU with the memory limit injected: a try_step that takes train.py's real trial step on a tiny
-model and then runs out of memory above a number of rows."""
+"""harness/recorder.py: a run's outputs on every exit path, AR's block (no val_bpb under the harness), and the device
+batch that fits, found on the CPU by train.py's real trial step with a memory limit injected."""
 import contextlib
 import json
 import math
@@ -9,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,6 +19,10 @@ import train  # noqa: E402  (imports prepare; trains nothing)
 from harness import recorder  # noqa: E402
 from harness.recorder import LayerHealth, RunRecorder, RunStopped  # noqa: E402
 
+FINISHED = dict(training_seconds=60.04, total_seconds=70.0, peak_vram_mb=None, mfu_percent=None, total_tokens_M=1.25,
+                num_steps=3, num_params_M=1.234, depth=4)
+OOM = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
 
 def summary(out_dir):
     return json.loads((out_dir / "run_summary.json").read_text())
@@ -31,13 +32,15 @@ def metrics(out_dir):
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-FINISHED = dict(training_seconds=60.04, total_seconds=70.0, peak_vram_mb=None, mfu_percent=None, total_tokens_M=1.25,
-                num_steps=3, num_params_M=1.234, depth=4)
-
-
 @pytest.mark.quick
 @pytest.mark.parametrize("handed_off", [False, True], ids=["manual", "under_the_harness"])
-def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys, handed_off):
+def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, capsys, monkeypatch, handed_off):
+    if handed_off:
+        monkeypatch.setenv("AUTORESEARCH_HANDOFF", "/tmp/handoff.pt")
+    else:
+        monkeypatch.delenv("AUTORESEARCH_HANDOFF", raising=False)
+    cap = 0 if handed_off else prepare.hard_cap_s(prepare.TIME_BUDGET)
+    assert RunRecorder({}).hard_cap_s == cap, "the watchdog keeps prepare's hard cap; under the harness, the parent"
     (tmp_path / "run_summary.json").write_text('{"status": "ok", "val_bpb": 0.5}')  # a previous run's leftovers
     with RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
         assert not (tmp_path / "run_summary.json").exists(), "a stale summary survived the start"
@@ -47,42 +50,42 @@ def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, 
         run.finish(val_bpb=None if handed_off else 1.2345678, **FINISHED)
     s = summary(tmp_path)
     assert (run.exit_code, s["status"], s["error"], s["config"]) == (0, "ok", None, {"DEPTH": 4})
-    assert {k for k in s if k not in recorder.FINAL_KEYS} == {"status", "device_batch", "config", "harness", "git",
-                                                               "env", "timings", "error"}
+    assert set(s) - set(recorder.FINAL_KEYS) == {"status", "device_batch", "config", "harness", "git", "env",
+                                                 "timings", "error"}
     assert {k: v for k, v in s["harness"].items() if k != "tokenizer"} == prepare.HARNESS
     assert {"commit", "dirty", "train_py_sha256", "prepare_py_sha256", "analyze_py_sha256"} <= set(s["git"])
     assert set(s["env"]) == {"python", "torch", "cuda", "gpu_name", "driver"} and s["timings"]["startup_s"] == 1.5
     assert [r["step"] for r in metrics(tmp_path)] == [0, 1, 2]
     block = capsys.readouterr().out.split("---\n")[-1].splitlines()
-    assert block[-8:] == ["training_seconds: 60.0", "total_seconds:    70.0", "peak_vram_mb:     n/a",
-                          "mfu_percent:      n/a", "total_tokens_M:   1.2", "num_steps:        3",
-                          "num_params_M:     1.2", "depth:            4"], block
     # the harness appends its own measured val_bpb: train.py's block must not carry one
-    assert block[:-8] == ([] if handed_off else ["val_bpb:          1.234568"]), block
+    assert block == ([] if handed_off else ["val_bpb:          1.234568"]) + [
+        "training_seconds: 60.0", "total_seconds:    70.0", "peak_vram_mb:     n/a", "mfu_percent:      n/a",
+        "total_tokens_M:   1.2", "num_steps:        3", "num_params_M:     1.2", "depth:            4"], block
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
 
 
 @pytest.mark.quick
-def test_a_crash_keeps_the_traceback_and_how_far_the_run_got(tmp_path, capsys):
-    with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
+@pytest.mark.parametrize("raised", [RuntimeError("boom in the model"), OOM,
+                                    RunStopped("Tesla V100 has no bf16: use a newer GPU or AUTORESEARCH_PROFILE=cpu")])
+def test_a_crash_keeps_the_traceback_how_far_the_run_got_and_what_to_do(tmp_path, capsys, raised):
+    with RunRecorder({"DEVICE_BATCH_SIZE": 128}, out_dir=tmp_path, hard_cap_s=60) as run:
         run.set(num_params_M=2.5)
+        run.record_fit(recorder.DeviceBatch(128, 32, 8, [128, 64], 2.0))
         for step in range(3):
             run.log(step, **{"train/loss": 9.0 - step, "elapsed_s": 1.5 * step})
-        raise RuntimeError("boom in the model")
-    s = summary(tmp_path)
+        raise raised
+    s, err = summary(tmp_path), capsys.readouterr().err.strip()
     assert (run.exit_code, s["status"], s["num_params_M"], s["val_bpb"]) == (1, "crash", 2.5, None)
     assert (s["num_steps"], s["training_seconds"]) == (3, 3.0), "how far it got: from the last logged row"
-    assert "Traceback" in s["error"] and "RuntimeError: boom in the model" in s["error"], s["error"]
-    assert "boom in the model" in capsys.readouterr().err and metrics(tmp_path)[0]["train/loss"] == 9.0
-
-
-@pytest.mark.quick
-def test_a_stopped_run_is_a_crash_with_its_one_line_and_no_traceback(tmp_path, capsys):
-    with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60) as run:
-        raise RunStopped("Tesla V100 has no bf16: use a newer GPU or AUTORESEARCH_PROFILE=cpu")
-    s = summary(tmp_path)
-    assert (run.exit_code, s["status"]) == (1, "crash") and s["error"].startswith("Tesla V100 has no bf16")
-    assert capsys.readouterr().err.strip() == "train.py stopped: " + s["error"]
+    assert s["device_batch"]["used"] == 32 and s["timings"]["fit_s"] == 2.0 and metrics(tmp_path)[0]["train/loss"] == 9
+    first = s["error"].split("\n")[0]
+    if isinstance(raised, RunStopped):  # what to do, and nothing else
+        assert s["error"] == str(raised) and err == "train.py stopped: " + s["error"]
+    elif raised is OOM:  # what to do first, naming the device batch, then the traceback's tail
+        assert "DEVICE_BATCH_SIZE 32 (fitted down from 128)" in first and "to 16" in first, first
+        assert "Tried to allocate 2.00 GiB" in s["error"] and err.splitlines()[-1] == "train.py: " + first
+    else:
+        assert first.startswith("Traceback") and "RuntimeError: boom in the model" in s["error"] and "boom" in err
 
 
 @pytest.mark.quick
@@ -122,24 +125,19 @@ ENDINGS = {  # name -> (the script's last line, exit code, status, a part of the
 def endings(tmp_path_factory):
     """name -> (exit code, run_summary.json, metrics rows, stderr) of a script that ends that way."""
     procs = {}
-    for name, (line, _, _, _, signum) in ENDINGS.items():
+    for name, (line, *_, signum) in ENDINGS.items():
         cwd = tmp_path_factory.mktemp(name)
-        (cwd / "script.py").write_text(textwrap.dedent(f"""
-            import sys, time
-            from harness.recorder import RunRecorder
-            run = RunRecorder({{}}, hard_cap_s={300 if signum else 1}, flush_every_s=1e9).start()
-            run.log(0, loss=3.0)
-            print("ready", flush=True)
-            {line}
-        """))
+        (cwd / "script.py").write_text(f"import time\nfrom harness.recorder import RunRecorder\n"
+                                       f"run = RunRecorder({{}}, hard_cap_s={300 if signum else 1}, flush_every_s=1e9)"
+                                       f".start()\nrun.log(0, loss=3.0)\nprint('ready', flush=True)\n{line}\n")
         pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if signum else None
         procs[name] = cwd, subprocess.Popen([sys.executable, "script.py"], cwd=cwd, stdout=subprocess.PIPE,
                                             stderr=subprocess.PIPE, text=True, preexec_fn=pre,
                                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     for name, (cwd, proc) in procs.items():
-        if ENDINGS[name][4]:
+        if signum := ENDINGS[name][-1]:
             assert proc.stdout.readline().strip() == "ready"
-            proc.send_signal(ENDINGS[name][4])
+            proc.send_signal(signum)
     return {name: (proc.wait(timeout=120), summary(cwd), metrics(cwd), proc.communicate()[1])
             for name, (cwd, proc) in procs.items()}
 
@@ -152,13 +150,6 @@ def test_a_started_script_records_how_it_ended_and_exits_with_its_code(endings, 
     assert rows == [dict(rows[0], loss=3.0)], "the buffered row was lost"
 
 
-@pytest.mark.quick
-def test_the_watchdog_keeps_prepares_hard_cap_and_is_off_under_the_harness(monkeypatch):
-    monkeypatch.delenv("AUTORESEARCH_HANDOFF", raising=False)
-    assert RunRecorder({}).hard_cap_s == prepare.hard_cap_s(prepare.TIME_BUDGET)
-    monkeypatch.setenv("AUTORESEARCH_HANDOFF", "/tmp/handoff.pt")
-    assert RunRecorder({}).hard_cap_s == 0, "under analyze.py run the parent enforces the cap"
-
 # ---------------------------------------------------------------------------
 # The device batch that fits
 # ---------------------------------------------------------------------------
@@ -167,46 +158,42 @@ T = 64                 # tokens per row of the tiny model
 TOTAL = 16 * T * 2     # TOTAL_BATCH_SIZE: two micro-batches of the requested 16 rows
 
 
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
+def tiny_model():
+    torch.manual_seed(0)
     model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
     return model, model.setup_optimizer()
 
 
-@pytest.fixture
-def fit(monkeypatch):
-    """fit(max_rows, requested=16) -> (DeviceBatch, sizes tried, model, optimizer): train.py's trial_step on a tiny
-    model, whose optimizer step runs out of memory above max_rows, halfway through the step as a real failure may."""
+def fit(monkeypatch, max_rows, requested=16):
+    """(DeviceBatch, sizes tried, model, optimizer): fit_batch on train.py's trial_step and a tiny model, on a
+    "device" where more than max_rows rows run out of memory."""
     monkeypatch.setattr(train, "MAX_SEQ_LEN", T)  # the row length trial_step uses
-    monkeypatch.delenv(recorder.TEST_MAX_ROWS_ENV, raising=False)
-
-    def run_fit(max_rows, requested=16):
-        model, optimizer = tiny_model()
-        health, tried = LayerHealth(model.transformer.h.named_parameters()), []
-
-        def step():
-            type(optimizer).step(optimizer)
-            if tried[-1] > max_rows:
-                raise torch.OutOfMemoryError("CUDA out of memory in the optimizer step")
-        optimizer.step = step
-        monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "1000")  # try sizes on the CPU; this limit never binds
-        result = recorder.fit_batch(requested, TOTAL, T, lambda B: tried.append(B) or train.trial_step(
-            B, model, optimizer, health, contextlib.nullcontext()), model, optimizer)
-        del optimizer.step  # the real step again
-        return result, tried, model, optimizer
-    return run_fit
+    monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, str(max_rows))
+    (model, optimizer), tried = tiny_model(), []
+    health = LayerHealth(model.transformer.h.named_parameters())
+    return recorder.fit_batch(requested, TOTAL, T, lambda B: tried.append(B) or train.trial_step(
+        B, model, optimizer, health, contextlib.nullcontext()), model, optimizer), tried, model, optimizer
 
 
 @pytest.mark.quick
-def test_the_largest_halving_that_fits_is_used_with_accumulation_for_the_same_total(fit, capsys):
-    result, tried, _, _ = fit(max_rows=5)
+def test_the_largest_halving_that_fits_is_used_and_the_trials_leave_no_trace(monkeypatch, capsys):
+    """Two trials that ran out of memory and one that fit: the total is kept by accumulation, and the run then
+    trains one step bit for bit as a run that never tried anything."""
+    result, tried, *fitted = fit(monkeypatch, max_rows=5)
     assert tried == [16, 8, 4] and (result.used, result.grad_accum_steps, result.too_big) == (4, 8, [16, 8])
     assert "DEVICE_BATCH_SIZE 16 does not fit: using 4 with 8 accumulation steps" in capsys.readouterr().out
-    result, tried, _, _ = fit(max_rows=16)
+    assert all(p.grad is None for p in fitted[0].parameters()) and not fitted[1].state
+    rows, fresh = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(99)), tiny_model()
+    for model, optimizer in (fitted, fresh):
+        model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()).backward()
+        optimizer.step()
+    for (name, a), b in zip(fitted[0].named_parameters(), fresh[0].parameters()):
+        assert torch.equal(a, b), f"{name} differs after one step: the trials left a trace"
+    result, tried, _, _ = fit(monkeypatch, max_rows=16)
     assert tried == [16] and (result.used, result.grad_accum_steps) == (16, 2), "a size that fits is never changed"
     with pytest.raises(RunStopped, match=r"DEVICE_BATCH_SIZE 1\) fits .*DEPTH"):
-        fit(max_rows=0, requested=2)
+        fit(monkeypatch, max_rows=0, requested=2)
 
 
 @pytest.mark.quick
@@ -220,23 +207,8 @@ def test_on_the_cpu_nothing_is_tried_and_a_request_that_does_not_divide_is_one_e
 
 
 @pytest.mark.quick
-def test_trial_steps_leave_parameters_and_optimizer_exactly_as_they_were(fit):
-    """A run that fitted (two failed trials and one that fit) then trains one step bit for bit as a run that
-    never tried anything."""
-    _, tried, *fitted = fit(max_rows=1, requested=4)
-    assert tried == [4, 2, 1] and all(p.grad is None for p in fitted[0].parameters()) and not fitted[1].state
-    fresh = tiny_model()
-    for model, optimizer in (fitted, fresh):
-        rows = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(99))
-        model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()).backward()
-        optimizer.step()
-    for (name, a), b in zip(fitted[0].named_parameters(), fresh[0].parameters()):
-        assert torch.equal(a, b), f"{name} differs after one step: the trials left a trace"
-
-
-@pytest.mark.quick
 @pytest.mark.parametrize("exc, oom", [
-    (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (OOM, True),
     (RuntimeError("Triton Error [CUDA]: out of memory"), True),  # the compiled backward loading its kernels
     (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
     (RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x8 and 16x8)"), False),
@@ -247,24 +219,11 @@ def test_out_of_memory_is_recognised_and_only_it_is_taken_for_a_size_that_does_n
     wrapped.__cause__ = exc
     assert (recorder.is_out_of_memory(exc), recorder.is_out_of_memory(wrapped)) == (oom, oom), repr(exc)
     monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "1000")
-    model, optimizer = tiny_model()
 
     def raising(B):
         raise wrapped
     with pytest.raises(RunStopped if oom else RuntimeError):
-        recorder.fit_batch(2, 2 * T, T, raising, model, optimizer)
-
-
-@pytest.mark.quick
-def test_an_out_of_memory_crash_says_what_to_do_first_naming_the_device_batch(tmp_path, capsys):
-    with RunRecorder({"DEVICE_BATCH_SIZE": 128}, out_dir=tmp_path, hard_cap_s=60) as run:
-        run.record_fit(recorder.DeviceBatch(128, 32, 8, [128, 64], 2.0))
-        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    s = summary(tmp_path)
-    first, rest = s["error"].split("\n", 1)
-    assert "DEVICE_BATCH_SIZE 32 (fitted down from 128)" in first and "to 16" in first, first
-    assert "Tried to allocate 2.00 GiB" in rest and s["device_batch"]["used"] == 32 and s["timings"]["fit_s"] == 2.0
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "train.py: " + first, "run.log ends with the line"
+        recorder.fit_batch(2, 2 * T, T, raising, *tiny_model())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real out-of-memory errors")
@@ -275,18 +234,16 @@ def test_on_a_gpu_real_out_of_memory_errors_halve_to_a_size_that_fits(monkeypatc
     monkeypatch.delenv(recorder.TEST_MAX_ROWS_ENV, raising=False)
     torch.manual_seed(0)
     with torch.device("meta"):  # full-context layers only: SDPA, no flex_attention to compile
-        model = train.GPT(train.GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=2, n_head=2, n_kv_head=2,
-                                          n_embd=128, window_pattern="L"))
+        model = train.GPT(train.GPTConfig(2048, 8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L"))
     model.to_empty(device="cuda")
     model.init_weights()
     optimizer, health = model.setup_optimizer(), LayerHealth(model.transformer.h.named_parameters())
-    autocast = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)
-    before = [p.detach().clone() for p in model.parameters()]
+    before, autocast = [p.detach().clone() for p in model.parameters()], torch.autocast("cuda", torch.bfloat16)
+    trial = lambda B: train.trial_step(B, model, optimizer, health, autocast)  # noqa: E731
     torch.cuda.empty_cache()
     cap = torch.cuda.memory_allocated() + 1.5 * 2**30
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     try:
-        trial = lambda B: train.trial_step(B, model, optimizer, health, autocast)  # noqa: E731
         result = recorder.fit_batch(64, 64 * 2048, 2048, trial, model, optimizer)
         assert 1 <= result.used < 64 and result.too_big[-1] == 2 * result.used, result
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)), "the trials left a trace"

@@ -6,7 +6,6 @@ import os
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,9 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (imports prepare; trains nothing)
 from harness.recorder import FINAL_KEYS, LayerHealth  # noqa: E402
 
-# small shapes: three of flex's 128-token blocks (so full, partial and skipped blocks all occur),
-# small enough for 2 CPU cores
-B, H, T, D = 2, 4, 384, 16
+# eager flex_attention on the CPU warns that it is unfused; here that is the point
+pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
+B, H, T, D = 2, 4, 384, 16  # three of flex's 128-token blocks: full, partial and skipped blocks all occur
 CONTRACT_STEP_KEYS = {"step", "time", "elapsed_s", "train/loss", "train/loss_smooth", "train/lr_multiplier",
                       "train/muon_momentum", "train/weight_decay", "train/progress", "perf/step_time_ms",
                       "perf/tokens_per_sec", "perf/mfu_percent"}
@@ -27,9 +26,8 @@ CONTRACT_STEP_KEYS = {"step", "time", "elapsed_s", "train/loss", "train/loss_smo
 
 def reference_attention(q, k, v, window):
     """Causal attention written out: query i sees keys i-window..i."""
-    q_pos = torch.arange(q.size(2))[:, None]
-    k_pos = torch.arange(k.size(2))[None, :]
-    visible = (k_pos <= q_pos) & (q_pos - k_pos <= window)
+    dist = torch.arange(q.size(2))[:, None] - torch.arange(k.size(2))[None, :]  # query position - key position
+    visible = (dist >= 0) & (dist <= window)
     reps = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(reps, dim=1), v.repeat_interleave(reps, dim=1)
     scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
@@ -39,39 +37,17 @@ def reference_attention(q, k, v, window):
 def attention_with_grads(fn, q, k, v):
     q, k, v = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
     y = fn(q, k, v)
-    y.backward(torch.cos(torch.arange(y.numel(), device=y.device).float()).to(y.dtype).view_as(y))  # a fixed, uneven upstream gradient
+    y.backward(torch.arange(y.numel(), device=y.device).float().cos().to(y.dtype).view_as(y))  # fixed, uneven
     return y.detach(), q.grad, k.grad, v.grad
 
 
-def tiny_config(**overrides):
-    config = dict(sequence_len=T, vocab_size=64, n_layer=4, n_head=2, n_kv_head=2, n_embd=64, window_pattern="SSSL")
-    config.update(overrides)
-    return train.GPTConfig(**config)
-
-
-def tiny_model(seed=0, **overrides):
-    torch.manual_seed(seed)
-    model = train.GPT(tiny_config(**overrides))
+def tiny_model_and_batch():
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=64, n_layer=4, n_head=2, n_kv_head=2, n_embd=64))
     model.init_weights()
-    return model
+    rows = torch.randint(0, 64, (2, T + 1))
+    return model, rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # contiguous, as the loader gives them
 
-
-def tiny_batch(seed=0, batch=2, vocab=64):
-    g = torch.Generator().manual_seed(seed)
-    rows = torch.randint(0, vocab, (batch, T + 1), generator=g)
-    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # contiguous, as the loader gives them
-
-
-@pytest.fixture(autouse=True)
-def quiet_flex_warning():
-    # eager flex_attention on the CPU warns that it is unfused; here that is the point
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile.*")
-        yield
-
-# ---------------------------------------------------------------------------
-# Attention
-# ---------------------------------------------------------------------------
 
 @pytest.mark.quick
 @pytest.mark.parametrize("n_kv_head", [H, H // 2])
@@ -80,17 +56,14 @@ def test_attention_paths_agree_with_reference(window, n_kv_head):
     g = torch.Generator().manual_seed(window)
     q = torch.randn(B, H, T, D, generator=g)
     k, v = torch.randn(2, B, n_kv_head, T, D, generator=g)
-    full_context = window >= T - 1
-    paths = {
-        "sdpa_causal" if full_context else "sdpa_bool": lambda q, k, v: train.attention(
-            q, k, v, None if full_context else train.sliding_window_bool_mask(T, window, "cpu")),
-        "flex": lambda q, k, v: train.attention(q, k, v, train.sliding_window_block_mask(T, window, "cpu")),
-    }
+    masks = {"flex": train.sliding_window_mask(T, window, "cpu", flex=True),
+             "sdpa": None if window >= T - 1 else train.sliding_window_mask(T, window, "cpu", flex=False)}
+    paths = {name: lambda q, k, v, mask=mask: train.attention(q, k, v, mask) for name, mask in masks.items()}
     expected = attention_with_grads(lambda q, k, v: reference_attention(q, k, v, window), q, k, v)
     for path, fn in paths.items():
         for name, got, want in zip(("out", "dq", "dk", "dv"), attention_with_grads(fn, q, k, v), expected):
             err = (got - want).abs().max().item()
-            assert err < 1e-5, f"{path} {name} differs from reference (window={window}, kv_heads={n_kv_head}): {err:.2e}"
+            assert err < 1e-5, f"{path} {name} off the reference (window {window}, {n_kv_head} kv heads): {err:.2e}"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the compiled, block-sparse flex kernel")
@@ -99,8 +72,7 @@ def test_compiled_flex_matches_sdpa_in_bf16_on_cuda(window):
     T_gpu = 2048
     g = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = torch.randn(3, 2, 4, T_gpu, 128, generator=g, device="cuda", dtype=torch.bfloat16)
-    flex = train.sliding_window_block_mask(T_gpu, window, "cuda")
-    sdpa = train.sliding_window_bool_mask(T_gpu, window, "cuda")
+    flex, sdpa = (train.sliding_window_mask(T_gpu, window, "cuda", use_flex) for use_flex in (True, False))
     got = attention_with_grads(lambda q, k, v: train.attention(q, k, v, flex), q, k, v)
     want = attention_with_grads(lambda q, k, v: train.attention(q, k, v, sdpa), q, k, v)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -113,26 +85,15 @@ def test_compiled_flex_matches_sdpa_in_bf16_on_cuda(window):
 # ---------------------------------------------------------------------------
 
 @pytest.mark.quick
-def test_act_rms_is_the_rms_of_each_block_output():
-    model = tiny_model()
-    x, y = tiny_batch()
-    seen = []
-    for block in model.transformer.h:
-        block.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().pow(2).mean().sqrt()))
-    _, act_rms = model(x, y, return_act_rms=True)
-    assert torch.allclose(act_rms, torch.stack(seen), rtol=1e-5), f"{act_rms.tolist()} vs {seen}"
-
-
-@pytest.mark.quick
 def test_adamw_path_matches_torch_adamw():
     torch.manual_seed(0)
     p_ours = torch.nn.Parameter(torch.randn(8, 5))
     p_ref = torch.nn.Parameter(p_ours.detach().clone())
-    ours = train.MuonAdamW([dict(kind="adamw", params=[p_ours], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)])
-    ref = torch.optim.AdamW([p_ref], lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    settings = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    ours = train.MuonAdamW([dict(kind="adamw", params=[p_ours], **settings)])
+    ref = torch.optim.AdamW([p_ref], **settings)
     for step in range(20):
-        lr = 0.01 * (1 - step / 20)  # a schedule, as in training
-        ours.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = lr
+        ours.param_groups[0]["lr"] = ref.param_groups[0]["lr"] = 0.01 * (1 - step / 20)  # a schedule, as in training
         grad = torch.randn(8, 5)
         p_ours.grad, p_ref.grad = grad.clone(), grad.clone()
         ours.step()
@@ -142,19 +103,20 @@ def test_adamw_path_matches_torch_adamw():
 
 
 @pytest.mark.quick
-def test_layer_health_reports_grad_norm_update_ratio_and_act_rms():
-    model = tiny_model()
-    opt = model.setup_optimizer()
-    health = LayerHealth(model.transformer.h.named_parameters())
-    x, y = tiny_batch()
+def test_layer_health_reports_grad_norm_update_ratio_and_the_rms_of_each_block_output():
+    model, x, y = tiny_model_and_batch()
+    opt, health, seen = model.setup_optimizer(), LayerHealth(model.transformer.h.named_parameters()), []
+    for block in model.transformer.h:
+        block.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().pow(2).mean().sqrt()))
     loss, act_rms = model(x, y, return_act_rms=True)
+    assert torch.allclose(act_rms, torch.stack(seen), rtol=1e-5), f"{act_rms.tolist()} vs {seen}"
     loss.backward()
     q = model.transformer.h[0].attn.c_q.weight
     q_before, q_grad = q.detach().clone(), q.grad.norm().item()
     health.before_step()
     opt.step()
-    metrics = health.unpack(health.after_step(act_rms).tolist())
-    assert metrics["layer/0.attn.c_q/grad_norm"] == pytest.approx(q_grad, rel=1e-5)
+    loss_f, metrics = health.fetch(loss, act_rms)
+    assert loss_f == loss.item() and metrics["layer/0.attn.c_q/grad_norm"] == pytest.approx(q_grad, rel=1e-5)
     ratio = ((q.detach() - q_before).norm() / q_before.norm()).item()
     assert metrics["layer/0.attn.c_q/update_ratio"] == pytest.approx(ratio, rel=1e-4)
     assert metrics["layer/3.mlp.c_proj/update_ratio"] is None, "zero-init weights have no ratio at step 0"
@@ -173,7 +135,7 @@ PLANTS = {  # run name -> (anchor in train.py, what replaces it, extra environme
     # the fit on a device with room for 4 rows, the batch the loop got printed, then a loss that diverges
     "fit_then_diverge": ("            train_loss = loss.detach()\n",
                          "            train_loss = loss.detach() * (1e3 if step == 2 else 1.0)\n"
-                         "            print(f'planted: micro-batch {tuple(x.shape)}, {grad_accum_steps} micro-steps')\n",
+                         "            print(f'planted: micro-batch {tuple(x.shape)}, {grad_accum_steps} steps')\n",
                          {"AUTORESEARCH_FIT_TEST_MAX_ROWS": "4"}),
 }
 
@@ -185,30 +147,25 @@ def runs(cpu_prepared, tmp_path_factory):
     assert out.returncode == 0, f"prepare.py failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}"
     env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cache),
            "AUTORESEARCH_TIME_BUDGET": "30", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    procs = {}
+    procs, source = {}, (ROOT / "train.py").read_text()
     for name, (anchor, replacement, extra) in PLANTS.items():
         cwd = tmp_path_factory.mktemp(name)
-        script = ROOT / "train.py"
-        if anchor:
-            source = script.read_text()
-            assert source.count(anchor) == 1, f"anchor not found once in train.py: {anchor!r}"
-            script = cwd / "train.py"
-            script.write_text(source.replace(anchor, replacement))
-        procs[name] = cwd, subprocess.Popen([sys.executable, str(script)], cwd=cwd, env={**env, **extra, "PYTHONPATH": str(ROOT)},
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    results = {}
+        assert anchor is None or source.count(anchor) == 1, f"anchor not found once in train.py: {anchor!r}"
+        (cwd / "train.py").write_text(source.replace(anchor, replacement) if anchor else source)
+        procs[name] = cwd, subprocess.Popen([sys.executable, "train.py"], cwd=cwd, stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True,
+                                            env={**env, **extra, "PYTHONPATH": str(ROOT)})
     for name, (cwd, proc) in procs.items():
-        stdout, stderr = proc.communicate(timeout=300)
-        proc.stdout, proc.stderr = stdout, stderr
-        results[name] = proc, cwd, json.loads((cwd / "run_summary.json").read_text())
-    return results
+        proc.stdout, proc.stderr = proc.communicate(timeout=300)
+        procs[name] = proc, cwd, json.loads((cwd / "run_summary.json").read_text())
+    return procs
 
 
 def read_metrics(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_a_cpu_run_ends_ok_with_ars_block_and_its_config_collected_from_globals(runs):
+def test_a_cpu_run_ends_ok_with_ars_block_its_config_and_the_contract_metrics(runs):
     proc, cwd, summary = runs["ok"]
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     block = proc.stdout.split("\n---\n")[-1].strip().splitlines()
@@ -218,25 +175,23 @@ def test_a_cpu_run_ends_ok_with_ars_block_and_its_config_collected_from_globals(
     assert 0 < summary["val_bpb"] < 8 and summary["training_seconds"] >= 8 and summary["depth"] == 4
     assert {"startup_s", "warmup_s", "eval_s", "final_eval_s", "fit_s"} <= set(summary["timings"])
     assert "\r" not in proc.stdout and re.search(r"^step \d{5} \(\d+\.\d%\) \| loss: ", proc.stdout, re.M)
-    upper = {name for name, value in vars(train).items()
-             if name.isupper() and isinstance(value, (int, float, str, tuple))} - {"MAX_SEQ_LEN", "TIME_BUDGET", "PROFILE"}
-    assert set(summary["config"]) == upper, f"config keys differ from train.py's globals: {set(summary['config']) ^ upper}"
+    upper = {name for name, value in vars(train).items() if name.isupper()
+             and isinstance(value, (int, float, str, tuple))} - {"MAX_SEQ_LEN", "TIME_BUDGET", "PROFILE"}
+    assert set(summary["config"]) == upper, f"config keys not train.py's globals: {set(summary['config']) ^ upper}"
     assert summary["config"]["DEPTH"] == 4 and summary["config"]["TIMING_SKIP_STEPS"] == 0, "the cpu block was in force"
-
-
-def test_a_cpu_run_streams_the_contract_metrics(runs):
-    _, cwd, summary = runs["ok"]
+    # metrics.jsonl: the contract's keys on every step row, in step order
     rows = read_metrics(cwd / "metrics.jsonl")
-    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
     train_rows = [r for r in rows if "train/loss" in r]
+    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
+    assert [r["step"] for r in train_rows] == list(range(len(train_rows)))
     for r in train_rows:
         assert not CONTRACT_STEP_KEYS - set(r), f"step {r['step']} lacks {CONTRACT_STEP_KEYS - set(r)}"
-    assert [r["step"] for r in train_rows] == list(range(len(train_rows)))
     progress = [r["train/progress"] for r in rows]
     assert progress == sorted(progress) and progress[-1] == 1.0, progress[-3:]
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
     val = [r for r in rows if "val/bpb" in r]
-    assert val[0]["step"] == 0 and val[-1]["step"] == len(train_rows) and 2 <= len(val) <= summary["config"]["VAL_POINTS"] + 1
+    assert (val[0]["step"], val[-1]["step"]) == (0, len(train_rows)), "the curve starts at step 0, ends after the last"
+    assert 2 <= len(val) <= 1 + summary["config"]["VAL_POINTS"]
     assert all("train/loss" not in r for r in val), "val/bpb shares a row with a step measured after it"
     assert val[-1]["val/bpb"] < val[0]["val/bpb"], "the model learned nothing on the val slice"
     layer_rows = [r for r in train_rows if any(k.startswith("layer/") for k in r)]
@@ -258,7 +213,7 @@ def test_a_small_device_trains_with_the_fitted_batch_and_a_loss_over_100_is_dive
     assert (proc.returncode, summary["status"]) == (2, "diverged") and "step 2" in summary["error"], proc.stderr[-3000:]
     accum = summary["config"]["TOTAL_BATCH_SIZE"] // (4 * summary["harness"]["MAX_SEQ_LEN"])
     assert summary["device_batch"]["used"] == 4 and summary["device_batch"]["grad_accum_steps"] == accum
-    assert f"planted: micro-batch (4, {summary['harness']['MAX_SEQ_LEN']}), {accum} micro-steps" in proc.stdout
+    assert f"planted: micro-batch (4, {summary['harness']['MAX_SEQ_LEN']}), {accum} steps" in proc.stdout
     assert f"DEVICE_BATCH_SIZE {summary['config']['DEVICE_BATCH_SIZE']} does not fit" in proc.stdout
     assert summary["num_params_M"] > 0 and summary["num_steps"] == 3, "how far it got is on record"
     last = read_metrics(cwd / "metrics.jsonl")[-1]
