@@ -1,27 +1,22 @@
 """
-What the harness says about runs, in words and pictures: analysis.md and its plots, progress.png, the
-lines `analyze.py run` prints, and the texts of `analyze.py list | show | compare | best`.
+What the harness says about runs, in words and pictures: analysis.md (one function per section) and its plots,
+progress.png, the lines `analyze.py run` prints, and the texts of `analyze.py list | show | compare | best`.
 
-    from harness.report import write_analysis, run_lines
     text = write_analysis(run, archive.runs(), archive)   # analysis.md + PNGs in archive.run_dir(run.id)
-    print("\n".join(run_lines(run, best, runs=runs, archive=archive)))
 
-analysis.md is one function per section, each returning its text, joined once under the decision's line.
-Every figure in it is harness.stats' (the noise band, the machine's speed, the gap at equal steps, the
-spreads of repeats) and the verdict is harness.decide's: this module only words them. A difference from the
-best is named as a cause (learning per step, speed, the machine, a clock-driven schedule) only beyond the
-spread of the same quantity over the best's repeats; otherwise it is named as noise, with both numbers.
+Every figure is harness.stats' and the verdict harness.decide's: this module only words them. A difference from
+the best is named as a cause (learning per step, speed, the machine, a clock-driven schedule) only beyond the
+spread of that quantity over the best's repeats; otherwise it is named as noise, with both numbers.
 """
 import io
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from harness import stats
 from harness.decide import best_of
-from harness.record import Run, git, write_atomic
+from harness.record import UNCOMMITTED, git, write_atomic
 
 MAX_LINES = 15             # what `analyze.py run` prints, the decision line first
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
@@ -50,26 +45,6 @@ def fmt(x, spec=".4f", unit=""):
     return "n/a" if x is None or not np.isfinite(x) else format(x, spec) + unit
 
 
-# What one analysis.md is written from
-
-@dataclass
-class View:
-    run: Run
-    dir: Path                   # the run's directory
-    best: Run | None            # the best it is measured against (decide.best_of, or the one recorded)
-    ref: list                   # the best code's comparable runs, as the decision counts them
-    curves: object              # stats.Metrics of this run, or None
-    best_curves: object         # ... of the best
-    noise: object               # stats.noise(runs, run): the one band
-    machine: object             # stats.machine(run, ref)
-    notes: list                 # what reading metrics.jsonl found wrong
-    gap_spread: float | None    # stats.equal_step_spread over the best's repeats
-
-    @property
-    def same_code(self):
-        return self.best is not None and self.best.code_sha == self.run.code_sha
-
-
 def best_and_ref(runs, run, best=None):
     """(the best, its code's comparable runs up to `run`): what the decision set this run against."""
     history = stats.as_of(runs, run)
@@ -77,36 +52,47 @@ def best_and_ref(runs, run, best=None):
     return best, stats.code_runs(stats.comparable(history, run), best.code_sha) if best else []
 
 
-def build_view(run, runs, archive):
-    recorded = next((r for r in runs if run.best_id and r.id == run.best_id), None)
-    best, ref = best_and_ref(runs, run, recorded)
-    curves, notes = stats.read_metrics(archive.run_dir(run.id) / "metrics.jsonl")
-    ref_curves = {r.id: stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0] for r in ref if r.id != run.id}
-    return View(run, archive.run_dir(run.id), best, ref, curves, ref_curves.get(best.id) if best else None,
-                stats.noise(runs, run), stats.machine(run, ref), notes,
-                stats.equal_step_spread([m for m in ref_curves.values() if m is not None]))
+class View:
+    """What one analysis.md is written from: the run, the best it is measured against (the one recorded, else
+    decide.best_of), the best code's comparable runs (ref), both runs' curves, and stats' figures."""
+
+    def __init__(self, run, runs, archive):
+        recorded = next((r for r in runs if run.best_id and r.id == run.best_id), None)
+        self.run, self.dir, (self.best, self.ref) = run, archive.run_dir(run.id), best_and_ref(runs, run, recorded)
+        self.curves, self.notes = stats.read_metrics(self.dir / "metrics.jsonl")
+        ref_curves = {r.id: stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0]
+                      for r in self.ref if r.id != run.id}
+        self.best_curves = ref_curves.get(self.best.id) if self.best else None
+        self.noise, self.machine = stats.noise(runs, run), stats.machine(run, self.ref)
+        self.gap_spread = stats.equal_step_spread([m for m in ref_curves.values() if m is not None])
+        self.same_code = self.best is not None and self.best.code_sha == run.code_sha
 
 
 # The sections, in the order analysis.md has them
-
 def section_headline(v):
-    run, vram = v.run, v.run.trained.peak_vram_mb
+    run, best, band, vram = v.run, v.best, v.noise.band, v.run.trained.peak_vram_mb
+    if best is None or run.val_bpb is None:  # this run's val_bpb against the best's, one run against one
+        against = f"- vs best {best.id}: this run has no number" if best else "- vs best: no earlier comparable run"
+    else:
+        delta = run.val_bpb - best.val_bpb
+        where = ("noise band unknown" if band is None else
+                 f"{'within' if abs(delta) <= band else 'beyond'} the noise band" + (f" ±{band:.6f}" if band else ""))
+        against = f"- vs best {best.id} ({best.val_bpb:.6f}): {delta:+.6f}, {where}"
     lines = ["# Run " + run.id, "", "## Headline", *("- " + line for line in uncontained(run)), number_line(run),
              f"- commit {run.commit[:7]}: {run.description or '(no subject)'}; harness {run.harness_key} on "
-             f"{run.gpu}; {time_line(run)}; peak VRAM {fmt(vram and vram / 1024, '.1f', ' GiB')}"]
-    lines += [against_line(v)] + [f"- caught: {c.case}: {c.detail}" for c in run.caught]
-    lines += equal_steps_lines(v) + machine_line(v.machine, v.best)
-    lines += [f"- harness changed since it was pinned: {c}" for c in run.harness_changes]
-    if run.description.endswith("[uncommitted changes]"):
+             f"{run.gpu}; {time_line(run)}; peak VRAM {fmt(vram and vram / 1024, '.1f', ' GiB')}", against]
+    lines += [f"- caught: {c.case}: {c.detail}" for c in run.caught] + equal_steps_lines(v)
+    lines += machine_line(v.machine, best) + [f"- harness changed since it was pinned: {change}"
+                                              for change in run.harness_changes]
+    if run.description.endswith(UNCOMMITTED):
         lines.append("- train.py ran with uncommitted changes: no commit holds the code measured")
     return "\n".join(lines + [f"- note: {n}" for n in v.notes])
 
 
 def uncontained(run):
-    """The line said first of a run that train.py made outside the sandbox: nothing kept it from the pinned
-    rows or from the harness's files."""
-    return [next((n for n in run.notes if n.startswith("uncontained")), "uncontained: train.py ran without a sandbox")] \
-        if run.contained is False else []
+    """Said first of a run made outside the sandbox: nothing kept train.py from the pinned rows or the harness."""
+    why = next((n for n in run.notes if n.startswith("uncontained")), "uncontained: train.py ran without a sandbox")
+    return [why] if run.contained is False else []
 
 
 def number_line(run):
@@ -123,39 +109,24 @@ def number_line(run):
 
 def time_line(run):
     """Steps, training and wall seconds, and the seconds outside the budget, never negative."""
-    wall = run.measured.wall_s if run.measured else run.trained.total_seconds
-    walled = ("" if wall is None else f", wall {wall:.1f} s") + ("" if run.outside_s is None else
-              f", {run.outside_s:.1f} s outside the {fmt(run.harness.get('TIME_BUDGET'), 'g')} s budget")
-    trained = run.trained.training_seconds
-    return fmt(run.steps, ".0f") + " steps; " + (f"{trained:.1f} s training" if trained else
-                                                  "did not train (no counted training second)") + walled
-
-
-def against_line(v):
-    """This run's val_bpb against the best's, one run against one, inside the one noise band."""
-    run, best, band = v.run, v.best, v.noise.band
-    if best is None:
-        return "- vs best: no earlier comparable run"
-    if run.val_bpb is None:
-        return f"- vs best {best.id}: this run has no number"
-    delta = run.val_bpb - best.val_bpb
-    where = "noise band unknown" if band is None else f"{'within' if abs(delta) <= band else 'beyond'} the noise band"
-    return f"- vs best {best.id} ({best.val_bpb:.6f}): {delta:+.6f}, {where}" + (f" ±{band:.6f}" if band else "")
+    wall, trained = run.measured.wall_s if run.measured else run.trained.total_seconds, run.trained.training_seconds
+    return (fmt(run.steps, ".0f") + " steps; " + (f"{trained:.1f} s training" if trained else
+                                                   "did not train (no counted training second)")
+            + ("" if wall is None else f", wall {wall:.1f} s") + ("" if run.outside_s is None else
+               f", {run.outside_s:.1f} s outside the {fmt(run.harness.get('TIME_BUDGET'), 'g')} s budget"))
 
 
 def equal_steps_lines(v):
     """The smoothed train loss at equal steps (CONTRACT), then what tells this run from the best: each
-    difference set against the spread of the same quantity over the best's repeats, named as a cause only
-    beyond it."""
-    run, best = v.run, v.best
-    g = stats.equal_steps(v.curves, v.best_curves) if v.curves and v.best_curves and run.val_bpb else None
+    difference set against the spread of the same quantity over the best's repeats, a cause only beyond it."""
+    g = stats.equal_steps(v.curves, v.best_curves) if v.curves and v.best_curves and v.run.val_bpb else None
     if g is None:
         return []
-    lines = [f"- at equal steps {g.gap:+.4f} smoothed train loss against the best (step {g.step}, the last both "
-             f"reached); at equal progress {g.progress_gap:+.4f}; steps {fmt(run.steps, '.0f')} vs "
-             f"{fmt(best.steps, '.0f')}"]
+    lines = [f"- at equal steps {g.gaps[-1]:+.4f} smoothed train loss against the best (step {g.steps[-1]:.0f}, the "
+             f"last both reached); at equal progress {g.progress_gap:+.4f}; steps {fmt(v.run.steps, '.0f')} vs "
+             f"{fmt(v.best.steps, '.0f')}"]
     if v.same_code:
-        lines.append(f"- identical code: train.py's code is the best's (code_sha {run.code_sha[:8]}, comments and "
+        lines.append(f"- identical code: train.py's code is the best's (code_sha {v.run.code_sha[:8]}, comments and "
                      "blank lines aside): a difference is noise, the machine or the clock")
     limit = max(v.gap_spread or 0.0, g.threshold)  # the best's repeats' largest gap, at least the losses' noise
     found = [x for x in (learning(v, g, limit), schedule(v, g, limit), speed(v)) if x]
@@ -166,30 +137,28 @@ def equal_steps_lines(v):
 
 def learning(v, g, limit):
     """(name, beyond noise?, text): the gap at equal steps, where the LR schedules still agree."""
-    if v.same_code:
-        return None
-    at = f"{g.judged_gap:+.4f} at step {g.judged_step}" + (
-        ", the last where the LR schedules agree" if g.judged_step != g.step else "")
+    gap, beyond = g.gaps[g.judged], abs(g.gaps[g.judged]) > limit
+    at = f"{gap:+.4f} at step {g.steps[g.judged]:.0f}" + (
+        ", the last where the LR schedules agree" if g.judged < len(g.steps) - 1 else "")
     of = ("the largest gap between the best's repeats" if (v.gap_spread or 0.0) >= g.threshold else
           "the losses' own noise" + (" (the best ran once)" if v.gap_spread is None else
                                      f" (the best's repeats differ by up to {v.gap_spread:.4f})"))
-    if abs(g.judged_gap) <= limit:
-        return "learning per step", False, f"within noise: {at}, within {limit:.4f}, {of}"
-    ahead = "ahead of" if g.judged_gap < 0 else "behind"
-    return "learning per step", True, f"{ahead} the best at equal steps: {at}, beyond {limit:.4f}, {of}"
+    said = (f"{'ahead of' if gap < 0 else 'behind'} the best at equal steps: {at}, beyond" if beyond else
+            f"within noise: {at}, within")
+    return None if v.same_code else ("learning per step", beyond, f"{said} {limit:.4f}, {of}")
 
 
 def schedule(v, g, limit):
     """A schedule on the clock (training progress) puts two runs at different LRs at one step when their step
     counts differ: named only when the LRs part and the loss gap there is beyond noise, with no per-step
     learning before the schedules parted to explain it."""
-    if not g.lr or abs(g.lr[0] - g.lr[1]) <= stats.LR_APART or abs(g.gap) <= limit or (
-            not v.same_code and abs(g.judged_gap) > limit):
+    if not g.lr or abs(g.lr[0] - g.lr[1]) <= stats.LR_APART or abs(g.gaps[-1]) <= limit or (
+            not v.same_code and abs(g.gaps[g.judged]) > limit):
         return None
     return "the clock-driven schedule", True, (
-        f"at step {g.step} the LR multiplier is {g.lr[0]:.2f} here and {g.lr[1]:.2f} in the best (more than "
-        f"{stats.LR_APART:g} apart, the step counts differ and the schedule runs on training time): the loss gap "
-        f"there, {g.gap:+.4f}, beyond {limit:.4f}, comes with it")
+        f"at step {g.steps[-1]:.0f} the LR multiplier is {g.lr[0]:.2f} here and {g.lr[1]:.2f} in the best (more "
+        f"than {stats.LR_APART:g} apart, the step counts differ and the schedule runs on training time): the loss "
+        f"gap there, {g.gaps[-1]:+.4f}, beyond {limit:.4f}, comes with it")
 
 
 def speed(v):
@@ -199,10 +168,9 @@ def speed(v):
         return None
     counts = f"{v.run.steps} steps vs {s.usual:.0f}, the mean of the best's {s.runs} run(s) ({s.change:+.0%})"
     name = "the machine" if v.same_code else "speed"
-    if s.spread is None:
-        return name, False, f"{counts}; the best ran once, so no spread to tell noise from a cause"
     if not s.beyond:
-        return name, False, f"within noise: {counts}, within the {s.spread:.0%} spread of the best's runs"
+        return name, False, (f"{counts}; the best ran once, so no spread to tell noise from a cause" if s.spread is None
+                             else f"within noise: {counts}, within the {s.spread:.0%} spread of the best's runs")
     moved = v.machine.moved()
     whose = (f"the machine was {'slower' if s.change < 0 else 'faster'}, since the code is the best's"
              if v.same_code else
@@ -213,7 +181,6 @@ def speed(v):
 
 
 def machine_line(m, best):
-    """The machine's speed during this run against the best's runs: stats.machine's one definition."""
     if m.speed is None:
         return []
     line = f"- machine speed {m.speed:,.0f} GFLOP/s"
@@ -227,12 +194,11 @@ def machine_line(m, best):
 
 def section_crash(v):
     run = v.run
-    finished = run.status != "crash" and run.trained.outcome == "ok" and run.val_bpb is not None
-    error, source = (None, None) if finished else error_text(run, v.dir / "run.log")
-    if not error:
+    if run.status != "crash" and run.trained.outcome == "ok" and run.val_bpb is not None:
         return ""
+    error, source = error_text(run, v.dir / "run.log")
     return "\n".join(["## Crash", f"- outcome `{run.trained.outcome}`; {exception_line(error)}; the error's tail "
-                      f"(from {source}):", "```", error.rstrip(), "```"])
+                      f"(from {source}):", "```", error.rstrip(), "```"]) if error else ""
 
 
 def error_text(run, log_path=None):
@@ -250,10 +216,8 @@ def error_text(run, log_path=None):
 def exception_line(error):
     """The exception's last line (its type and message); an out-of-memory error named as such."""
     lines = [line for line in error.rstrip().splitlines() if line.strip()]
-    top = [line for line in lines if not line[0].isspace()]
-    last = (top or lines or ["(no error text)"])[-1].strip()
-    oom = re.search(r"OutOfMemoryError|out of memory", last, re.I)
-    return ("out of memory: " if oom else "error: ") + last
+    last = ([line for line in lines if not line[0].isspace()] or lines or ["(no error text)"])[-1].strip()
+    return ("out of memory: " if re.search(r"OutOfMemoryError|out of memory", last, re.I) else "error: ") + last
 
 
 def section_changes(v):
@@ -264,7 +228,8 @@ def section_changes(v):
 
 
 def what_changed(old, new, patch, label):
-    """The config's changes, then the code's: identical (comments and blank lines aside), or the patch's."""
+    """The config's changes, then the code's: identical (comments and blank lines aside), or the patch's counts
+    and the first changed lines of its first hunks."""
     a, b = old.trained.config, new.trained.config
     lines = [f"  - {k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and a[k] != b[k]]
     lines += [f"  - {k} = {b[k]!r} (new)" for k in b if k not in a]
@@ -273,11 +238,8 @@ def what_changed(old, new, patch, label):
     if old.code_sha == new.code_sha:
         return lines + [f"- code: identical (code_sha {new.code_sha[:8]})" + (
             ", train.py differs only in comments and blank lines" if patch and patch.strip() else "")]
-    return lines + (diff_summary(patch, label) if patch is not None else [f"- {label}: not available"])
-
-
-def diff_summary(patch, label):
-    """Counts, then the first changed lines of the first hunks."""
+    if patch is None:
+        return lines + [f"- {label}: not available"]
     hunks = []
     for line in patch.splitlines():
         if line.startswith("@@"):
@@ -286,19 +248,19 @@ def diff_summary(patch, label):
             hunks[-1].append(line[:DIFF_LINE_CHARS])
     changed = [x for h in hunks for x in h[1:]]
     if not changed:
-        return [f"- {label}: no changed line in train.py"]
+        return lines + [f"- {label}: no changed line in train.py"]
     shown = [x for h in hunks[:DIFF_HUNKS] for x in [f"@@ {h[0]} @@", *h[1:DIFF_HUNK_LINES + 1]]
              + ([f"  ({len(h) - 1 - DIFF_HUNK_LINES} more changed lines)"] if len(h) > DIFF_HUNK_LINES + 1 else [])]
     added = sum(x[0] == "+" for x in changed)
-    return [f"- {label}: +{added} -{len(changed) - added} lines in train.py, {len(hunks)} hunk(s)"
-            + (f", the first {DIFF_HUNKS} shown" if len(hunks) > DIFF_HUNKS else ""), "```diff", *shown, "```"]
+    return lines + [f"- {label}: +{added} -{len(changed) - added} lines in train.py, {len(hunks)} hunk(s)"
+                    + (f", the first {DIFF_HUNKS} shown" if len(hunks) > DIFF_HUNKS else ""), "```diff", *shown, "```"]
 
 
 def section_trajectory(v):
     m = v.curves
     if m is None or "train/loss_smooth" not in m:
         return "## Trajectory\n- no training loss recorded"
-    p, step, smooth = m.smooth_loss
+    p, step, smooth = m.series("train/loss_smooth")
     ok = np.flatnonzero(np.isfinite(smooth))
     if not len(ok):
         return "## Trajectory\n- every smoothed loss value is NaN or inf"
@@ -307,8 +269,11 @@ def section_trajectory(v):
              f"{smooth[last]:.4f} (step {step[last]:.0f}, progress {p[last]:.2f}), minimum {smooth[low]:.4f} "
              f"(step {step[low]:.0f}, progress {p[low]:.2f})"]
     trend = stats.last_tenth_trend(m)
-    if "slope" in trend:  # too few steps in the last tenth tell no trend
-        limit = plateau_limit(m.loss_noise, trend["steps"], smooth[last])
+    if "change" in trend:  # too few steps in the last tenth tell no trend
+        # still a plateau: under PLATEAU_DROP of the loss, or under the fit's own noise if larger (a line
+        # through n losses of noise s spread over a tenth moves by s x sqrt(12 / n))
+        limit = max(stats.DEPARTURE_SIGMAS * (m.loss_noise or 0.0) * np.sqrt(12 / trend["steps"]),
+                    PLATEAU_DROP * abs(smooth[last]))
         state = (f"flat within {limit:.4f} (the larger of {PLATEAU_DROP:.1%} of the loss and the fit's noise)"
                  if abs(trend["change"]) <= limit else "rising at the end" if trend["change"] > 0 else
                  "still falling " + ("when time ran out" if v.run.trained.outcome == "ok" else "when it stopped"))
@@ -317,17 +282,11 @@ def section_trajectory(v):
     return "\n".join(lines)
 
 
-def plateau_limit(noise, steps, loss):
-    """The fitted change over the last tenth that is still a plateau: PLATEAU_DROP of the loss, or the fit's
-    own noise if larger (a line through n losses of noise s spread over a tenth moves by s x sqrt(12 / n))."""
-    return max(stats.DEPARTURE_SIGMAS * (noise or 0.0) * np.sqrt(12 / steps), PLATEAU_DROP * abs(loss))
-
-
 def section_departure(v):
     if v.best is None or v.curves is None or v.best_curves is None:
         return ""
     return "\n".join([f"## Where it departs from the best ({v.best.id}), on training progress and at equal steps"]
-                      + departure_lines(v.curves, v.best_curves, v.noise.band, "this run", "the best"))
+                     + departure_lines(v.curves, v.best_curves, v.noise.band, "this run", "the best"))
 
 
 def departure_lines(a, b, band, this, other):
@@ -346,24 +305,23 @@ def departure_lines(a, b, band, this, other):
             f"at progress {x[peak]:.2f})" if start is None else
             f"departs from {other} at progress {x[start]:.2f} (gap {g0:+.4f}, threshold {limit[start]:.4f}); the gap "
             f"{trend}, to {g1:+.4f} at the end: {this} is {'ahead' if g1 < 0 else 'behind'}"))
-    if (found := stats.compare_steps(a, b)) is not None:
-        steps, gap, start, threshold, parted = found
-        lr = f"; the LR schedules part at step {steps[parted]:.0f}" if parted is not None else ""
+    if (g := stats.equal_steps(a, b)) is not None:
+        steps, gap, start = g.steps, g.gaps, g.departs
+        lr = f"; the LR schedules part at step {steps[g.parted]:.0f}" if g.parted is not None else ""
         lines.append(f"- train loss (smoothed) at equal steps, steps {steps[0]:.0f}-{steps[-1]:.0f}: " + (
-            f"within {threshold:.4f} of {other} at every step (final gap {gap[-1]:+.4f}){lr}" if start is None else
-            f"departs from {other} at step {steps[start]:.0f} (gap {gap[start]:+.4f}, threshold {threshold:.4f}){lr}; "
-            f"gap at step {steps[-1]:.0f} {gap[-1]:+.4f}"))
+            f"within {g.threshold:.4f} of {other} at every step (final gap {gap[-1]:+.4f}){lr}" if start is None else
+            f"departs from {other} at step {steps[start]:.0f} (gap {gap[start]:+.4f}, threshold {g.threshold:.4f})"
+            f"{lr}; gap at step {steps[-1]:.0f} {gap[-1]:+.4f}"))
     return lines or ["- no curves in common"]
 
 
 def section_stability(v):
     m = v.curves
-    if m is None or "train/loss" not in m.columns:
+    if m is None or "train/loss" not in m:
         return ""
-    bad = [f"{key} from step {m.step[idx[~np.isfinite(x)][0]]:.0f} ({(~np.isfinite(x)).sum()} rows)"
-           for key, (idx, x) in m.columns.items() if not np.isfinite(x).all()]
-    p, step, loss = m.series("train/loss")
-    spikes = stats.loss_spikes(step, p, loss)
+    bad = [f"{key} from step {step[~np.isfinite(x)][0]:.0f} ({(~np.isfinite(x)).sum()} rows)"
+           for key, (_, step, x) in m.columns.items() if not np.isfinite(x).all()]
+    spikes = stats.loss_spikes(m)
     lines = ["## Stability", f"- loss spikes: {len(spikes) or 'none'}; NaN/inf: {'; '.join(bad[:8]) or 'none'}"]
     lines += [f"  - spike at step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs "
               f"{e['baseline']:.4f} typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})" for e in spikes[:10]]
@@ -376,34 +334,30 @@ def section_throughput(v):
         f"- counted steps: step time median {own['step_ms']:.1f} ms (p90 {own['p90_ms']:.1f}); tokens/s median "
         f"{fmt(own['tokens_per_sec'], ',.0f')}; MFU median {fmt(own['mfu'], '.2f', '%')}; stalls (> "
         f"{stats.STALL_FACTOR:g}x the median step): {len(own['stalls']) or 'none'}"
-        + "".join(f", step {s} ({ms:.0f} ms)" for s, _, ms in own["stalls"][:8])] if own else [])
+        + "".join(f", step {s} ({ms:.0f} ms)" for s, ms in own["stalls"][:8])] if own else [])
     spent = [f"{k} {x:.1f} s" for k, x in v.run.trained.timings.items()
              if isinstance(x, (int, float)) and k.endswith("_s") and x]  # seconds, not the start and end times
-    lines.append("- time: " + (", ".join(spent) or "no timings"))
-    return "\n".join(lines)
+    return "\n".join(lines + ["- time: " + (", ".join(spent) or "no timings")])
 
 
 def section_layers(v):
     """Each layer against the best's same layer: layers differ by design, so only a change is news. Left out
     without a best's layers, for an unfinished run, and for identical code (whose layers differ by noise)."""
-    m, b = v.curves, v.best_curves
-    if m is None or b is None or v.run.val_bpb is None or v.same_code or not m.layer_keys() or not b.layer_keys():
+    mine, best = (stats.layer_medians(m) if m is not None else {} for m in (v.curves, v.best_curves))
+    if not mine or not best or v.run.val_bpb is None or v.same_code:
         return ""
-    lines = [f"## Per-layer health (median over the second half of training, against best {v.best.id}'s same "
-             "layer)"]
-    for stat, names in sorted(m.layer_keys().items()):
-        x, base = stats.layer_medians(m, names), stats.layer_medians(b, b.layer_keys().get(stat, {}))
+    lines = [f"## Per-layer health (median over the second half of training, against best {v.best.id}'s same layer)"]
+    for stat, x in sorted(mine.items()):
+        base = best.get(stat, {})
         far = {n: abs(np.log(x[n] / base[n])) for n in x if np.isfinite(x[n]) and base.get(n, 0) > 0}
         found = [f"{n} is NaN/inf" for n in x if not np.isfinite(x[n])] + [
             f"{n} at {x[n] / base[n]:.2f}x ({x[n]:.3g} vs {base[n]:.3g})"
             for n in sorted(far, key=far.get, reverse=True) if far[n] > np.log(LAYER_RATIO)]
-        shown = "; ".join(found[:LAYER_SHOWN]) or f"none beyond {LAYER_RATIO:g}x"
-        lines.append(f"- {stat} ({len(x)} layers): {shown}")
+        lines.append(f"- {stat} ({len(x)} layers): {'; '.join(found[:LAYER_SHOWN]) or f'none beyond {LAYER_RATIO:g}x'}")
     return "\n".join(lines)
 
 
 def section_noise(v):
-    """The one noise band (stats.noise), and this code's repeats when it has any."""
     n, own = v.noise, v.noise.groups.get(v.run.code_sha, [])
     lines = ["## Noise"]
     if len(own) >= 2:
@@ -426,7 +380,7 @@ SECTIONS = (section_headline, section_crash, section_changes, section_trajectory
 def write_analysis(run, runs, archive):
     """analysis.md and the plots of one archived run, in its directory; returns the text. Callers hold the
     archive's lock. The decision's line comes first (a run archived by hand has none), the Agent notes last."""
-    v = build_view(run, runs, archive)
+    v = View(run, runs, archive)
     head = [run.decision.line()] if run.decision is not None else []
     text = "\n\n".join(head + [s for s in (section(v) for section in SECTIONS) if s] + ["## Agent notes\n"])
     write_atomic(v.dir / "analysis.md", text)
@@ -446,7 +400,6 @@ def set_headline_status(run, archive):
 
 
 # The lines `analyze.py run` prints, and the other commands' texts
-
 def run_lines(run, best, note=None, runs=(), archive=None):
     """At most MAX_LINES lines: the decision first (none for a run it did not decide), the number, the
     time, the machine (stats.machine, as analysis.md), what was caught, a crash's exception."""
@@ -522,34 +475,22 @@ def compare_text(a, b, archive):
 
 
 # The PNGs: PLOTS drawn by one overlay helper, and progress.png
-
-def figure(**kw):
-    from matplotlib.figure import Figure  # imported when drawing only: the other commands start quickly
-    return Figure(**kw)
-
-
-def thin(p, y):
-    """At most PLOT_POINTS bin medians: a noisy 5000-step line would make a PNG of megabytes."""
-    k = -(-len(y) // PLOT_POINTS)
-    return [np.array([np.median(a[j:j + k]) for j in range(0, len(a), k)]) for a in (p, y)] if k > 1 else (p, y)
-
-
 def draw_overlays(out_dir, curves):
     """One PNG per file of PLOTS, a panel per key some run holds, each run in its own style against training
-    progress; the y range leaves out the first tenth, so that the initial loss does not flatten the part that
-    matters. Returns the files written."""
-    curves = [(label, m) for label, m in curves if m is not None]
-    written = []
+    progress (the y range leaves out the first tenth: the initial loss would flatten the rest); returns the files."""
+    from matplotlib.figure import Figure  # imported when drawing only: the other commands start quickly
+    curves, written = [(label, m) for label, m in curves if m is not None], []
     for file in dict.fromkeys(row[2] for row in PLOTS):
         panels = [(key, title) for key, title, f in PLOTS if f == file and any(key in m for _, m in curves)]
         if not panels:
             continue
-        axes = figure(figsize=(7, 2.6 * len(panels))).subplots(len(panels), 1, squeeze=False)[:, 0]
+        axes = Figure(figsize=(7, 2.6 * len(panels))).subplots(len(panels), 1, squeeze=False)[:, 0]
         for ax, (key, title) in zip(axes, panels):
             lo, hi = [], []
             for (label, m), style in zip(curves, STYLES):
-                p, _, y = stats.finite(m.series(key))
-                p, y = thin(p, y)
+                p, _, y = m.finite(key)
+                if (k := -(-len(y) // PLOT_POINTS)) > 1:  # bin medians: a 5000-step noisy line makes a PNG of MBs
+                    p, y = (np.array([np.median(a[j:j + k]) for j in range(0, len(a), k)]) for a in (p, y))
                 if len(y):
                     ax.plot(p, y, label=label, marker="o" if len(y) < 30 else None, ms=3, **style)
                     lo, hi = lo + [y.min()], hi + [(y[p >= 0.1] if (p >= 0.1).any() else y).max()]
@@ -577,13 +518,14 @@ def save(fig, path):
 def draw_progress(runs, path):
     """val_bpb of every comparable run of the latest run's harness and GPU, in order; each worker's best after
     each run as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept runs labelled."""
+    from matplotlib.figure import Figure
     latest = next((r for r in reversed(runs) if r.val_bpb is not None), None)
     if latest is None:
         return
     pool = {r.id for r in stats.comparable(runs, latest)} | {latest.id}
     points = [(i, r) for i, r in enumerate(runs) if r.id in pool]
     band, workers = stats.noise(runs, latest).band, list(dict.fromkeys(r.worker for _, r in points))
-    ax = figure(figsize=(12, 5)).subplots()
+    ax = Figure(figsize=(12, 5)).subplots()
     ax.scatter([i for i, _ in points], [r.val_bpb for _, r in points], s=12, color="0.6", label="not kept")
     for n, worker in enumerate(workers):
         color, who = ("C2", "C0", "C3", "C4", "C1", "C5", "C6", "C8", "C9")[n % 9], f" of {worker}" * (len(workers) > 1)

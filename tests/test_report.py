@@ -1,7 +1,5 @@
-"""analysis.md names what was planted, with its number, and nothing else: synthetic runs with known features
-(a late departure, a loss spike, a gain inside the band, a loss still falling, a faster code, the same code on
-a slower machine, a better learner, a schedule shifted by the clock) set against a best run three times.
-Then the lines `analyze.py run` prints, and the other commands' texts."""
+"""analysis.md names what was planted, with its number, and nothing else: runs with one known feature each (NAMES,
+and a gain inside the band) set against a best run three times. Then the printed lines and the commands' texts."""
 import json
 import re
 
@@ -16,6 +14,7 @@ from harness.report import (best_text, compare_text, draw_progress, list_text, r
 from tests.factory import make_run, metrics_rows
 
 NOISE = np.random.default_rng(0).normal(0.0, 1.0, 5000)  # the same draw at the same step: one seed
+pytestmark = pytest.mark.quick
 
 
 def plateau(s):
@@ -31,20 +30,18 @@ def planted(archive, val_bpb, steps=400, loss=plateau, lr=None, speed=25.0, code
     return run
 
 
-def best_repeats(archive, steps=(400, 396, 404), **kw):
-    """The best (kept) and two repeats of its code: val_bpb 1.000 ± 0.002, machine 25 ± 0.5 GFLOP/s."""
-    return [planted(archive, bpb, steps=n, speed=speed, code_sha="base", status="keep" if i == 0 else "discard", **kw)
+def best_repeats(archive, steps=(400, 396, 404), shape=lambda n: {}, **kw):
+    """The best (kept) and two repeats: val_bpb 1.000 ± 0.002, 25 ± 0.5 GFLOP/s; planted(**shape(steps), **kw)."""
+    return [planted(archive, bpb, steps=n, speed=speed, code_sha="base", status="keep" if i == 0 else "discard",
+                    **shape(n), **kw)
             for i, (bpb, n, speed) in enumerate(zip((1.000, 1.002, 0.998), steps, (25.0, 25.5, 24.5)))]
 
 
-def analysis(archive, runs):
-    run = runs[-1]
-    run.decision = decide(run, runs)
-    return write_analysis(run, runs, archive)
-
-
-def section(text, title):
-    return next(s for s in text.split("\n## ") if s.startswith(title))
+def challenged(archive, val_bpb, best=None, **kw):
+    """analysis.md of a planted run, decided against the best and its two repeats (best_repeats(**best))."""
+    runs = best_repeats(archive, **(best or {})) + [planted(archive, val_bpb, **kw)]
+    runs[-1].decision = decide(runs[-1], runs)
+    return write_analysis(runs[-1], runs, archive)
 
 
 def explained(text):
@@ -52,10 +49,9 @@ def explained(text):
 
 
 # features, and the phrase that names each: a planted run names its own and none of the others
-NAMES = {"departure": "departs from the best at progress", "spike": "spike at step",
-         "falling": "still falling", "speed": "  - speed: 4", "machine": "the machine ran",
-         "learning": "learning per step: ahead", "schedule": "the clock-driven schedule",
-         "identical": "identical code"}
+NAMES = {"departure": "departs from the best at progress", "spike": "spike at step", "falling": "still falling",
+         "speed": "  - speed: 4", "machine": "the machine ran", "learning": "learning per step: ahead",
+         "schedule": "the clock-driven schedule", "identical": "identical code"}
 
 
 def named(text):
@@ -67,11 +63,8 @@ def archive(tmp_path):
     return Archive(tmp_path / "archive")
 
 
-@pytest.mark.quick
 def test_a_late_departure_is_found_near_60_percent(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 0.950, loss=lambda s: plateau(s) - 0.1 * (s >= 240)))
-    text = analysis(archive, runs)
+    text = challenged(archive, 0.950, loss=lambda s: plateau(s) - 0.1 * (s >= 240))
     where = float(re.search(r"train loss \(smoothed\), progress [\d.-]+: departs from the best at progress "
                             r"(\d\.\d\d)", text).group(1))
     assert 0.59 <= where <= 0.63, f"planted at progress 0.60, found at {where}"
@@ -79,45 +72,32 @@ def test_a_late_departure_is_found_near_60_percent(archive):
     assert "learning per step: ahead of the best at equal steps: -0.1000 at step 399" in text, explained(text)
 
 
-@pytest.mark.quick
 def test_a_loss_spike_is_named_with_its_step(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 1.001, loss=lambda s: plateau(s) + 2.0 * (s == 250)))
-    text = analysis(archive, runs)
-    assert "- loss spikes: 1;" in text and "spike at step 250 (progress 0.63): loss 5." in text, section(text, "Stab")
+    text = challenged(archive, 1.001, loss=lambda s: plateau(s) + 2.0 * (s == 250))
+    assert "- loss spikes: 1;" in text and "spike at step 250 (progress 0.63): loss 5." in text, text
     assert named(text) - {"departure"} == {"spike"}, named(text)  # the smoothed loss carries the spike a while
     assert explained(text) == "- explained by: nothing beyond the noise of repeats"
 
 
-@pytest.mark.quick
 def test_a_gain_inside_the_band_is_noise(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 0.999))
-    text = analysis(archive, runs)
-    assert f"-0.001000, within the noise band ±{difference_band(0.002):.6f}" in text, section(text, "Headline")
+    text = challenged(archive, 0.999)
+    assert f"-0.001000, within the noise band ±{difference_band(0.002):.6f}" in text, text
     assert named(text) == set(), named(text)
     assert explained(text) == "- explained by: nothing beyond the noise of repeats"
     assert "learning per step: within noise: +0.0000 at step 399, within 0.0" in text
     assert "speed: within noise: 400 steps vs 400, the mean of the best's 3 run(s) (+0%), within the 2% spread" in text
 
 
-@pytest.mark.quick
 def test_a_loss_still_falling_at_the_end(archive):
-    def falling(s):
-        return 4.0 - 0.002 * s + 0.01 * NOISE[s]
-    runs = best_repeats(archive, loss=falling)
-    runs.append(planted(archive, 0.999, loss=falling))
-    text = analysis(archive, runs)
+    falling = lambda s: 4.0 - 0.002 * s + 0.01 * NOISE[s]  # noqa: E731
+    text = challenged(archive, 0.999, loss=falling, best={"loss": falling})
     assert re.search(r"last tenth of training: fitted change -0\.0[78]\d\d over 4\d steps \(-\d\.\d\d% of the loss\): "
-                     r"still falling when time ran out", text), section(text, "Trajectory")
+                     r"still falling when time ran out", text), text
     assert named(text) == {"falling"}, named(text)
 
 
-@pytest.mark.quick
 def test_a_faster_code_at_equal_loss_per_step_is_speed(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 0.990, steps=480))
-    text = analysis(archive, runs)
+    text = challenged(archive, 0.990, steps=480)
     assert explained(text) == "- explained by: speed", explained(text)
     assert ("speed: 480 steps vs 400, the mean of the best's 3 run(s) (+20%), beyond the 2% spread of the best's runs: "
             "the code's") in text, text
@@ -125,11 +105,8 @@ def test_a_faster_code_at_equal_loss_per_step_is_speed(archive):
     assert named(text) - {"departure"} == {"speed"}, named(text)  # ahead on progress: true, and from speed
 
 
-@pytest.mark.quick
 def test_identical_code_on_a_slower_machine_is_the_machine(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 1.060, steps=300, speed=18.0, code_sha="base"))
-    text = analysis(archive, runs)
+    text = challenged(archive, 1.060, steps=300, speed=18.0, code_sha="base")
     assert "- identical code: train.py's code is the best's (code_sha base" in text
     assert explained(text) == "- explained by: the machine", explained(text)
     assert ("the machine: 300 steps vs 400, the mean of the best's 3 run(s) (-25%), beyond the 2% spread of the best's "
@@ -139,11 +116,8 @@ def test_identical_code_on_a_slower_machine_is_the_machine(archive):
     assert named(text) - {"departure"} == {"identical", "machine"}, named(text)
 
 
-@pytest.mark.quick
 def test_a_better_learner_at_equal_steps_is_learning(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 0.950, loss=lambda s: plateau(s) - 0.1 * (1 - np.exp(-s / 100.0))))
-    text = analysis(archive, runs)
+    text = challenged(archive, 0.950, loss=lambda s: plateau(s) - 0.1 * (1 - np.exp(-s / 100.0)))
     assert explained(text) == "- explained by: learning per step", explained(text)
     assert re.search(r"learning per step: ahead of the best at equal steps: -0\.09\d\d at step 399, beyond 0\.0\d\d\d",
                      text), text
@@ -151,31 +125,22 @@ def test_a_better_learner_at_equal_steps_is_learning(archive):
     assert named(text) - {"departure"} == {"learning"}, named(text)
 
 
-@pytest.mark.quick
 def test_a_schedule_shifted_by_the_clock_is_named_for_identical_code(archive):
-    def lr_of(steps):
-        return lambda s: min(1.0, 10.0 * (1 - (s + 1) / steps))  # a warmdown over the last tenth of training
-
-    def loss_of(steps):
-        return lambda s: plateau(s) + 0.5 * lr_of(steps)(s)
-    runs = [planted(archive, bpb, steps=n, loss=loss_of(n), lr=lr_of(n), code_sha="base", speed=speed,
-                    status="keep" if i == 0 else "discard")
-            for i, (bpb, n, speed) in enumerate(((1.0, 300, 25.0), (1.002, 294, 25.5), (0.998, 306, 24.5)))]
-    runs.append(planted(archive, 0.996, steps=294, loss=loss_of(294), lr=lr_of(294), code_sha="base"))
-    text = analysis(archive, runs)
+    def shape(steps):  # a warmdown over the last tenth of training, and a loss that follows the LR
+        lr = lambda s: min(1.0, 10.0 * (1 - (s + 1) / steps))  # noqa: E731
+        return {"lr": lr, "loss": lambda s: plateau(s) + 0.5 * lr(s)}
+    text = challenged(archive, 0.996, steps=294, code_sha="base", best={"steps": (300, 294, 306), "shape": shape},
+                      **shape(294))
     assert explained(text) == "- explained by: the clock-driven schedule", explained(text)
     assert re.search(r"at step 293 the LR multiplier is 0\.00 here and 0\.20 in the best", text), text
     assert "the machine: within noise: 294 steps vs 300, the mean of the best's 3 run(s) (-2%)" in text, text
     assert named(text) - {"departure"} == {"identical", "schedule", "falling"}, named(text)  # falling: the warmdown
 
 
-@pytest.mark.quick
 def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(archive):
-    best = best_repeats(archive)[:1]
-    run = planted(archive, 0.990, measured=None)
-    text = write_analysis(run, best + [run], archive)
-    assert not text.startswith("decision:") and "decision:" not in text
-    assert "train.py's own number (archived by hand" in text
+    best, run = best_repeats(archive)[0], planted(archive, 0.990, measured=None)  # in this order: archived after
+    text = write_analysis(run, [best, run], archive)
+    assert "decision:" not in text and "train.py's own number (archived by hand" in text
     path = archive.run_dir(run.id) / "analysis.md"
     path.write_text(path.read_text() + "tried a wider MLP\n")
     run.statuses[-1].status = "discard"
@@ -184,16 +149,13 @@ def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(arch
     assert show_text(run, archive) == path.read_text()
 
 
-# ---------------------------------------------------------------------------
-# What `analyze.py run` prints
-
+# What `analyze.py run` prints, and the other commands' texts
 OOM = """Traceback (most recent call last):
   File "train.py", line 500, in <module>
     loss = model(x, y)
 torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB"""
 
 
-@pytest.mark.quick
 def test_run_lines_of_a_crash_name_the_exception_and_never_a_negative_time(archive):
     best = make_run(1.0, status="keep")
     oom = make_run(None, training_seconds=0.0, total_seconds=24.5, wall_s=24.5, outcome="crash", error=OOM,
@@ -213,24 +175,11 @@ def test_run_lines_of_a_crash_name_the_exception_and_never_a_negative_time(archi
     assert lines[-1].startswith("analysis: ") and lines[-1].endswith("analysis.md"), lines
 
 
-@pytest.mark.quick
-def test_run_lines_and_analysis_read_one_machine_speed(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 0.990, speed=16.0))
-    text = analysis(archive, runs)
-    printed = next(x for x in run_lines(runs[-1], runs[0], runs=runs) if x.startswith("machine speed"))
-    assert "- " + printed in text, (printed, section(text, "Headline"))
-    assert "16 GFLOP/s vs 25, the median of the best's 3 run(s): -36%" in printed, printed
-
-
-@pytest.mark.quick
 def test_caught_cases_and_the_list_and_best_texts(archive):
     best = make_run(1.0, status="keep", worker="a")
-    caught = make_run(0.5, status="invalid", worker="a",
-                      caught=[Caught("trained on validation data", "held-out bpb 1.2 vs val 0.5")])
+    caught = make_run(0.5, status="invalid", worker="a", caught=[Caught("trained on validation data", "held-out 1.2")])
     other = make_run(0.98, status="keep", worker="b")
-    text = "\n".join(run_lines(caught, best, runs=[best, caught]))
-    assert "caught: trained on validation data: held-out bpb 1.2 vs val 0.5" in text
+    assert "caught: trained on validation data: held-out 1.2" in run_lines(caught, best, runs=[best, caught])
     listing = list_text([best, caught, other]).splitlines()
     assert len(listing) == 4 and re.match(rf"{best.id} +\* +1\.000000", listing[1]), listing
     assert list_text([best], worker="z").startswith("no runs of worker 'z'")
@@ -238,13 +187,11 @@ def test_caught_cases_and_the_list_and_best_texts(archive):
     assert best_text([best, caught, other], worker="a").startswith(f"{best.id}\t")
 
 
-# ---------------------------------------------------------------------------
-# The plots (matplotlib: a few tests only)
-
-def test_plots_progress_and_compare(archive):
-    runs = best_repeats(archive)
-    runs.append(planted(archive, 0.990, steps=480))
-    analysis(archive, runs)
+def test_run_lines_and_analysis_read_one_machine_speed_and_the_plots_are_drawn(archive):
+    runs = best_repeats(archive) + [planted(archive, 0.990, steps=480, speed=16.0)]
+    text = write_analysis(runs[-1], runs, archive)
+    printed = next(x for x in run_lines(runs[-1], runs[0], runs=runs) if x.startswith("machine speed"))
+    assert "- " + printed in text and "16 GFLOP/s vs 25, the median of the best's 3 run(s): -36%" in printed, printed
     assert {"loss.png", "schedules.png", "throughput.png"} <= {p.name for p in archive.run_dir(runs[-1].id).iterdir()}
     draw_progress(runs, archive.progress)
     assert archive.progress.stat().st_size > 1000
