@@ -1,21 +1,13 @@
-"""Claude Code's permission rules, matched as Claude Code matches them, so tests can ask of
-.claude/settings.json what Claude Code would decide for one tool call: decide(settings, tool, arg) is
-'deny', 'allow' or 'ask' (which `claude -p --permission-mode dontAsk` refuses too).
+"""Claude Code's permission rules, matched as Claude Code matches them: decide(settings, tool, arg) is what
+.claude/settings.json decides for one tool call, 'deny', 'allow' or 'ask' (which `claude -p` refuses too).
 
-The matcher follows Claude Code's documented permission semantics (code.claude.com/docs/en/permissions):
-- rules are `Tool` or `Tool(specifier)`; deny is checked before allow, and a deny always wins;
-- Bash: `Bash(cmd)` matches exactly; `*` matches any characters, spaces included; a single
-  trailing ` *` also matches the bare command (`Bash(ls *)` matches `ls` and `ls -la`, not `lsof`);
-  the legacy `Bash(cmd:*)` means the same as `Bash(cmd *)`; compound commands (`&&`, `||`, `;`,
-  `|`, `&`) are split and every part must be allowed, while a deny on any part denies the whole;
-  output redirections are not part of the matched command;
-- Edit/Read: gitignore-style paths (`//abs`, `~/home`, `/from-project-root`, otherwise relative to the
-  working directory, where a pattern without a slash matches at any depth); Edit rules govern every
-  tool that writes files (Edit, Write, NotebookEdit).
-Where Claude Code's behaviour is not documented the matcher errs towards refusing: a redirection to a
-file that an Edit rule denies denies the command, one to a file outside the project needs an Edit allow
-rule (a redirection inside the project, such as `> run.log`, is part of the allowed command), and
-command substitution or heredocs are never auto-allowed.
+As documented (code.claude.com/docs/en/permissions): a deny always wins; `Bash(cmd)` matches exactly, `*` any
+characters, a single trailing ` *` the bare command too (`Bash(ls *)` matches `ls`, `ls -la`, not `lsof`); a
+compound command is split, every part must be allowed and a denied part denies the whole; redirections are not
+matched. Edit rules (every tool that writes) and Read rules are gitignore-style paths: `//abs`, `/from-root`, else
+relative to the working directory, a pattern without a slash at any depth. Where the documentation is silent,
+the matcher refuses: a redirection to a file that an Edit rule denies is denied, one outside the project needs
+an Edit allow rule, and command substitution or heredocs are never allowed.
 """
 import os
 import re
@@ -23,6 +15,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REDIRECT = re.compile(r"^(\d*|&)(>>|>\||>|<)(.*)$")
+GLOB = {r"\*\*/": "(?:.*/)?", r"\*\*": ".*", r"\*": "[^/]*", r"\?": "[^/]"}  # on re.escape's output
+# a shell line's pieces: quoted strings, escapes, operators (`&>` and `>&` are redirections), other text
+TOKEN = re.compile(r"""'[^']*'|"(?:\\.|[^"\\])*"|\\.|&&|\|\||>&|&>|[^\s'"\\;|&>]+|.""", re.S)
 
 
 def parse_rule(rule):
@@ -33,25 +28,11 @@ def parse_rule(rule):
 
 def bash_rule_matches(spec, command):
     """Does one Bash rule specifier match one simple command (no operators, no redirections)?"""
-    if spec is None or spec == "*":
+    if spec is None:
         return True
-    if spec.endswith(":*"):  # legacy prefix syntax, same as a trailing " *"
-        spec = spec[:-2] + " *"
-    stars = [i for i, c in enumerate(spec) if c == "*" and (i == 0 or spec[i - 1] != "\\")]
-    if not stars:
-        return command == spec.replace("\\*", "*")
-    if len(stars) == 1 and spec.endswith(" *"):  # trailing " *" also matches the bare command
-        return re.fullmatch(re.escape(spec[:-2].replace("\\*", "*")) + r"(?: .*)?", command, re.S) is not None
-    parts = re.split(r"(?<!\\)\*", spec)
-    regex = ".*".join(re.escape(p.replace("\\*", "*")) for p in parts)
-    return re.fullmatch(regex, command, re.S) is not None
-
-
-GLOB = {r"\*\*/": "(?:.*/)?", r"\*\*": ".*", r"\*": "[^/]*", r"\?": "[^/]"}  # on re.escape's output
-
-
-def glob_to_regex(pattern):
-    return re.sub(r"\\\*\\\*/|\\\*\\\*|\\\*|\\\?", lambda m: GLOB[m.group()], re.escape(pattern))
+    if spec.endswith(" *") and spec.count("*") == 1:  # a trailing " *" also matches the bare command
+        return re.fullmatch(re.escape(spec[:-2]) + r"(?: .*)?", command, re.S) is not None
+    return re.fullmatch(".*".join(map(re.escape, spec.split("*"))), command, re.S) is not None
 
 
 def path_rule_matches(spec, path, cwd=ROOT):
@@ -59,128 +40,91 @@ def path_rule_matches(spec, path, cwd=ROOT):
     if spec is None:
         return True
     target = Path(os.path.normpath(Path(cwd) / path))
-    if spec.startswith("//"):
-        pattern = spec[1:]
-    elif spec.startswith("~/"):
-        pattern = str(Path.home()) + spec[1:]
-    elif spec.startswith("/"):
-        pattern = str(ROOT) + spec
+    if spec.startswith("/"):
+        pattern = spec[1:] if spec.startswith("//") else str(ROOT) + spec
     else:
-        rel = spec[2:] if spec.startswith("./") else spec
-        anywhere = "/" not in rel.rstrip("/")  # a pattern without a slash matches at any depth
-        pattern = str(cwd) + "/" + ("**/" if anywhere else "") + rel
-    regex = re.compile(glob_to_regex(pattern.rstrip("/")))
+        rel = spec.removeprefix("./")
+        pattern = f"{cwd}/{'' if '/' in rel.rstrip('/') else '**/'}{rel}"  # no slash: at any depth
+    regex = re.compile(re.sub(r"\\\*\\\*/|\\\*\\\*|\\\*|\\\?", lambda m: GLOB[m.group()],
+                              re.escape(pattern.rstrip("/"))))
     # as in gitignore, a pattern that matches a directory covers everything below it
     return any(regex.fullmatch(str(p)) for p in [target, *target.parents])
 
 
 def lex(line):
     """Words of each simple command in a shell line, quotes kept; None if a quote is left open."""
-    commands, words, word, quote, i = [], [], "", None, 0
-    while i < len(line):
-        c = line[i]
-        if quote:
-            word += c
-            if c == "\\" and quote == '"' and i + 1 < len(line):
-                word += line[i + 1]
-                i += 1
-            elif c == quote:
-                quote = None
-        elif c in "'\"":
-            quote, word = c, word + c
-        elif c == "\\" and i + 1 < len(line):
-            word += line[i:i + 2]
-            i += 1
-        elif c == "#" and not word:
+    commands, words, word = [], [], ""
+    for token in TOKEN.findall(line):
+        if token in ("'", '"'):
+            return None
+        if token.startswith("#") and not word:
             break  # a comment runs to the end of the line
-        elif c == "&" and (line[i + 1:i + 2] == ">" or word.endswith(">")):
-            word += c  # &> and >& are redirections, not the background operator
-        elif c.isspace() or c in ";|&":
+        if token.isspace() or token in ("&&", "||", ";", "|", "&"):
             words, word = words + [word] if word else words, ""
-            if c != " " and c != "\t":  # an operator (&&, ||, ;, |, &, newline) ends the command
+            if token not in (" ", "\t"):  # an operator or a newline ends the command
                 commands, words = commands + [words] if words else commands, []
-                i += line.startswith(("&&", "||"), i)
         else:
-            word += c
-        i += 1
-    if quote:
-        return None
+            word += token
     words = words + [word] if word else words
     return commands + [words] if words else commands
 
 
-def split_redirections(words):
-    """(words without redirections, [(operator, target file)]); fd duplications like 2>&1 dropped."""
-    kept, targets, j = [], [], 0
-    while j < len(words):
-        m = REDIRECT.match(words[j])
-        if not m:
-            kept.append(words[j])
-        else:
-            target = m.group(3)
-            if not target and j + 1 < len(words):
-                target, j = words[j + 1], j + 1
-            if not re.fullmatch(r"&\d+|&-", target or ""):
-                targets.append((m.group(2), target.strip("'\"")))
-        j += 1
-    return kept, targets
-
-
 def split_command(line):
-    """Split a shell line into simple commands: a list of (words, redirection targets).
-    Returns None for constructs Claude Code would not auto-allow (substitution, heredocs)."""
-    if "<<" in line or "$(" in line or "`" in line:
+    """[(words without redirections, [(operator, target file)])] per simple command; None for what Claude Code
+    would not auto-allow (substitution, heredocs). fd duplications like 2>&1 are dropped."""
+    if "<<" in line or "$(" in line or "`" in line or (commands := lex(line)) is None:
         return None
-    commands = lex(line)
-    return None if commands is None else [split_redirections(words) for words in commands]
-
-
-def rules(settings, kind, tool):
-    return [spec for t, spec in map(parse_rule, settings["permissions"].get(kind, [])) if t == tool]
-
-
-def any_match(matcher, specs, value):
-    return any(matcher(spec, value) for spec in specs)
+    parts = []
+    for words in commands:
+        kept, targets, j = [], [], 0
+        while j < len(words):
+            m = REDIRECT.match(words[j])
+            if not m:
+                kept.append(words[j])
+            else:
+                target = m.group(3)
+                if not target and j + 1 < len(words):
+                    target, j = words[j + 1], j + 1
+                if not re.fullmatch(r"&\d+|&-", target or ""):
+                    targets.append((m.group(2), target.strip("'\"")))
+            j += 1
+        parts.append((kept, targets))
+    return parts
 
 
 def decide(settings, tool, arg):
     """'deny', 'allow' or 'ask' for one tool call, as Claude Code's rules would decide it."""
+    perms = settings["permissions"]
+
+    def matches(kind, rule_tool, value):
+        matcher = bash_rule_matches if rule_tool == "Bash" else path_rule_matches
+        return any(matcher(spec, value) for t, spec in map(parse_rule, perms.get(kind, [])) if t == rule_tool)
+
     def path_decision(rule_tool, path):
-        if any_match(path_rule_matches, rules(settings, "deny", rule_tool), path):
-            return "deny"
-        return "allow" if any_match(path_rule_matches, rules(settings, "allow", rule_tool), path) else "ask"
+        return "deny" if matches("deny", rule_tool, path) else "allow" if matches("allow", rule_tool, path) else "ask"
 
     if tool in ("Edit", "Write", "NotebookEdit"):
         return path_decision("Edit", arg)
     if tool in ("Read", "Glob", "Grep"):
         verdict = path_decision("Read", arg)
-        if verdict == "ask" and tool != "Read" and tool in settings["permissions"].get("allow", []):
-            verdict = "allow"
-        return verdict
+        return "allow" if verdict == "ask" and tool in perms.get("allow", []) else verdict
     assert tool == "Bash", tool
-    deny, allow = rules(settings, "deny", "Bash"), rules(settings, "allow", "Bash")
-    if any_match(bash_rule_matches, deny, arg.strip()):
+    if matches("deny", "Bash", arg.strip()):
         return "deny"
     parts = split_command(arg)
     if parts is None:
         return "ask"
     verdicts = []
     for words, targets in parts:
-        command = " ".join(words)
-        if any_match(bash_rule_matches, deny, command):
+        if matches("deny", "Bash", " ".join(words)):
             return "deny"
-        verdicts.append("allow" if any_match(bash_rule_matches, allow, command) else "ask")
+        verdicts.append("allow" if matches("allow", "Bash", " ".join(words)) else "ask")
         for op, target in targets:
             if op == "<" or target == "/dev/null":
                 continue
-            verdict = path_decision("Edit", target)
+            verdict, path = path_decision("Edit", target), Path(os.path.normpath(ROOT / target))
             if verdict == "deny":
                 return "deny"
-            if not inside_project(target):
+            if path != ROOT and ROOT not in path.parents:  # outside the project: the target must be writable
                 verdicts.append(verdict)
     return "allow" if verdicts and all(v == "allow" for v in verdicts) else "ask"
-
-
-def inside_project(path, cwd=ROOT):
-    target = Path(os.path.normpath(Path(cwd) / path))
-    return target == ROOT or ROOT in target.parents

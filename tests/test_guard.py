@@ -1,48 +1,37 @@
-""".claude/hooks/guard.py, fed the hook protocol's JSON as Claude Code sends it: every command
-program.md gives is allowed (exit 0), and the spellings that a text-matching rule lets through are
-refused (exit 2, one line on stderr) once the command is read as bash and git read it; and the words
-the guard checks are the words bash passes, for commands quoted every way the guard lets through.
+""".claude/hooks/guard.py, fed the hook protocol's JSON: every command program.md gives is allowed (exit 0),
+the spellings that a text-matching rule lets through are refused (exit 2, one line on stderr) once the command is
+read as bash and git read it, and the words the guard checks are the words bash passes, however quoted.
 """
-import functools
+import contextlib
 import importlib.util
+import io
 import json
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from unittest import mock
 
 import pytest
-from test_program import agent_commands, fill_placeholders, forbidden_items
+from test_program import PROGRAM, agent_commands, forbidden_items
 
 pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parent.parent
 GUARD = ROOT / ".claude" / "hooks" / "guard.py"
-PROGRAM = (ROOT / "program.md").read_text()
+SPEC = importlib.util.spec_from_file_location("guard", GUARD)
+MODULE = importlib.util.module_from_spec(SPEC)
+SPEC.loader.exec_module(MODULE)
 
-# commands program.md's loop leads to beyond its literal code spans
-ALSO_ALLOWED = [
-    "git status --short",
-    "git status -sb",  # a cluster of two allowed options
-    "git log --oneline -n 20",
-    "git log --oneline -5 -- train.py",
-    "git diff HEAD~1 -- train.py",
-    "git show HEAD:train.py | head -n 40",
-    "git branch --show-current",
-    "git add train.py && git commit -m 'MATRIX_LR 0.04 -> 0.05' -- train.py",
-    'uv run analyze.py run "MATRIX_LR 0.04 -> 0.05; DEPTH 8"',
-    "uv run analyze.py curve val/bpb a1 b2 --at=0.5,1",
-    "tail -n 50 .auto-log-research/x1/run.log 2>&1",
-    "grep -n val_bpb .auto-log-research/*/analysis.md | wc -l",
-    "cat .auto-log-research/insights.md",
-    "printenv AUTORESEARCH_WORKER",
-    "sleep 60",
+ALSO_ALLOWED = [  # commands that program.md's loop leads to beyond its literal code spans
+    "git status --short", "git status -sb",  # -sb: a cluster of two allowed options
+    "git log --oneline -n 20", "git log --oneline -5 -- train.py", "git diff HEAD~1 -- train.py", "sleep 60",
+    "git show HEAD:train.py | head -n 40", "git branch --show-current", "git log --format='%h %s' -- train.py",
+    "git add train.py && git commit -m 'MATRIX_LR 0.04 -> 0.05' -- train.py", "uv run analyze.py list;",
+    'uv run analyze.py run "MATRIX_LR 0.04 -> 0.05; DEPTH 8"', "uv run analyze.py curve val/bpb a1 b2 --at=0.5,1",
+    "tail -n 50 .auto-log-research/x1/run.log 2>&1", "git diff HEAD~1 -- train.py 2>&1 | head -n 40",
+    "grep -n val_bpb .auto-log-research/*/analysis.md | wc -l", 'git commit -m "a; b && c > d" -- train.py',
     "ls \"a\"b'c'",  # the shell's `abc`, and shlex's
-    "git log --format='%h %s' -- train.py",
     "grep -n 'val_bpb$' .auto-log-research/x1/run.log",  # single quotes: nothing expands
-    'git commit -m "a; b && c > d" -- train.py',
-    "uv run analyze.py list;",
-    "git diff HEAD~1 -- train.py 2>&1 | head -n 40",
 ]
 
 REFUSED = {
@@ -53,28 +42,19 @@ REFUSED = {
     "git commit -m --amend": "value of -m",
     "uv run analyze.py curve val/bpb a1 --at --out x": "value of --at",
     "uv run analyze.py status x1 k'ee'p": "analyze.py status",       # the shell makes it `keep`
-    "uv run analyze.py status x1 keep": "analyze.py status",
-    "uv run analyze.py repin": "analyze.py repin",
     "cat x > .venv/lib/python3.11/site-packages/evil.pth": "redirect",
-    "cat x >> insights.md": "redirect",
     "ls 2>/dev/null": "redirect",
     "cat <<EOF\n$(id)\nEOF": "'\\n'",
     "git status; rm -rf /": "rm -rf",
-    "git status && rm -rf .": "rm -rf",
-    "ls $(touch x)": "'$'",
     'cat "$(touch x)"': "'$'",  # double quotes do not stop an expansion
-    'ls "$HOME"': "'$'",
-    "ls `touch x`": "'`'",
-    "ls <(id)": "'<('",
-    "ls >(id)": "'>('",
+    "ls `touch x`": "'`'", "ls $(touch x)": "'$'",
+    "ls <(id)": "'<('", "ls >(id)": "'>('",
     "ls a\\ b": "'\\\\'",
     "git log x#;rm -rf /": "'#'",  # shlex would read a comment where bash reads `x#`, then `rm`
     "ls # x": "'#'",
     "cat x 2>&1 > y": "`>`",
     "git add train.py 2 >&1": "`>&`",  # `2` is a word here: only `2>&1` written together passes
-    "ls x&>y": "`&>`",
-    "git status |& cat": "`|&`",
-    "ls ;; ls": "`;;`",
+    "ls x&>y": "`&>`", "git status |& cat": "`|&`", "ls ;; ls": "`;;`",
     "ls 'x": "could not check",  # an unclosed quote
     "cat train.py | sh": "sh",
     "(git status)": "subshell",
@@ -84,78 +64,61 @@ REFUSED = {
     "uv run train.py": "uv run train.py",
     "uv run --with requests analyze.py list": "uv run --with",
     "AUTORESEARCH_TIME_BUDGET=600 uv run analyze.py run x": "not a command",
-    "git update-ref refs/heads/x HEAD": "git update-ref",
-    "git reset --hard HEAD~1": "git reset",
     "git -c core.pager=sh log": "git -c",
-    "git log --output=x": "--output",
     "git log --pretty --output=x": "--output",  # --pretty takes no next word, so --output is an option
     "git diff --outp=x": "--outp",
     "git branch --list -D autoresearch/x": "-D",
     "git branch --list autoresearch/*": "quote the glob",
-    "git add -f harness/decide.py": "-f",
-    "git add .": "does not take",
-    "printenv": "printenv",
-    "ls ~": "tilde",
+    "git add -f harness/decide.py": "-f", "git add .": "does not take", "printenv": "printenv",
     "ls x ~/y": "tilde",
     "uv run analyze.py curve x --at=~": "tilde",  # bash expands `a=~` in any word
 }
 
 
-def guard(command=None, payload=None):
-    payload = payload or json.dumps({"session_id": "s", "hook_event_name": "PreToolUse", "tool_name": "Bash",
-                                     "tool_input": {"command": command, "description": "test"}})
-    p = subprocess.run([sys.executable, "-I", "-S", str(GUARD)], input=payload, capture_output=True, text=True,
-                       cwd=ROOT, timeout=30, check=False)
-    return p.returncode, p.stderr
-
-
-@functools.cache
-def verdicts():
-    """(exit code, stderr) for every listed command, the processes run side by side (each takes most
-    of its time starting Python)."""
-    commands = agent_commands(PROGRAM) + ALSO_ALLOWED + list(REFUSED)
-    with ThreadPoolExecutor(8) as pool:
-        return dict(zip(commands, pool.map(guard, commands)))
+def guard(command):
+    """(exit code, stderr) of the guard's main() for one Bash call, run in-process (test_program runs the hook)."""
+    call, err = {"tool_name": "Bash", "tool_input": {"command": command, "description": "test"}}, io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(json.dumps(call))), contextlib.redirect_stderr(err):
+        return MODULE.main(), err.getvalue()
 
 
 @pytest.mark.parametrize("command", agent_commands(PROGRAM) + ALSO_ALLOWED)
 def test_allows_what_program_md_gives(command):
-    rc, err = verdicts()[command]
+    rc, err = guard(command)
     assert rc == 0, f"{command!r} refused: {err}"
 
 
 @pytest.mark.parametrize("command,why", REFUSED.items())
 def test_refuses_with_one_line(command, why):
-    rc, err = verdicts()[command]
+    rc, err = guard(command)
     assert rc == 2, f"{command!r} allowed (exit {rc}, stderr {err!r})"
     assert err.endswith("\n") and err.count("\n") == 1 and err.startswith("guard.py refused"), err
     assert why in err, f"{command!r}: the reason does not name {why!r}: {err}"
 
 
 def test_refuses_what_program_md_forbids():
-    commands, _ = forbidden_items(PROGRAM)
-    assert len(commands) >= 10, commands
-    allowed = [c for c in map(fill_placeholders, commands) if guard(c)[0] != 2]
+    allowed = [c for c in forbidden_items(PROGRAM)[0] if guard(c)[0] != 2]
     assert not allowed, f"program.md forbids these, the guard allows them: {allowed}"
 
 
 def test_other_tools_pass_and_bad_input_is_refused():
-    assert guard(payload=json.dumps({"tool_name": "Read", "tool_input": {"file_path": "x"}}))[0] == 0
-    rc, err = guard(payload="not json")
-    assert rc == 2 and "could not check" in err, err
+    """As Claude Code runs it: a process of the standard library alone."""
+    def run(payload):
+        return subprocess.run([sys.executable, "-I", "-S", str(GUARD)], input=payload, capture_output=True, text=True,
+                              timeout=30, check=False)
+    assert run(json.dumps({"tool_name": "Read", "tool_input": {"file_path": "x"}})).returncode == 0
+    refused = run("not json")
+    assert refused.returncode == 2 and "could not check" in refused.stderr, refused
 
 
 def test_the_words_checked_are_the_words_bash_passes(tmp_path):
     """Each program is a bash function that writes its argv to fd 3 (in one write, as a pipeline's run
     side by side), so bash itself shows the words; in an empty folder, where no glob matches."""
-    spec = importlib.util.spec_from_file_location("guard", GUARD)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     shim = "exec 3>&2; for f in git uv ls cat head tail grep wc sleep printenv; do " \
            "eval \"$f() { printf '%s\\0' $f \\\"\\$@\\\" $'\\1' >&3; }\"; done\n"
     quoted = ["ls a'b'\"c d\"e '' \"\" 'x\"y' \"p'q\" f'*' '$x' \"a#\"", "ls \tx\r"]
     for command in ALSO_ALLOWED + agent_commands(PROGRAM) + quoted:
-        ours = sorted(argv for argv, _ in module.simple_commands(command))
+        ours = sorted(argv for argv, _ in MODULE.simple_commands(command))
         out = subprocess.run(["bash", "-c", shim + command], capture_output=True, cwd=tmp_path, timeout=30,
                              check=False)
         bash = sorted(argv.split("\0")[:-1] for argv in out.stderr.decode().split("\1\0")[:-1])

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from permissions import decide
 
-tomllib = pytest.importorskip("tomllib")  # Python >= 3.11; .python-version pins 3.11
 pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parent.parent
+SETTINGS = json.loads((ROOT / ".claude" / "settings.json").read_text())
 SHARED = "/srv/alr/.auto-log-research"  # an archive that workers.py's agents share, outside their worktrees
 RUN_OUTPUTS = ["run.log", "metrics.jsonl", "run_summary.json", "results.tsv",
                ".auto-log-research/results.tsv", ".auto-log-research/abc1234/analysis.md"]
@@ -19,62 +19,50 @@ RUN_OUTPUTS = ["run.log", "metrics.jsonl", "run_summary.json", "results.tsv",
 
 def test_run_outputs_are_never_committed():
     # the agent commits with `git add train.py`, but a stray `git add -A` must not sweep run outputs in
-    out = subprocess.run(["git", "check-ignore", "--no-index", *RUN_OUTPUTS],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(["git", "check-ignore", "--no-index", *RUN_OUTPUTS], cwd=ROOT, capture_output=True, text=True)
     ignored = set(out.stdout.split())
     assert ignored == set(RUN_OUTPUTS), f"not ignored: {sorted(set(RUN_OUTPUTS) - ignored)}"
 
 
-# ---------------------------------------------------------------------------
 # .claude/settings.json: the agent writes train.py and its notes, and nothing that audit checks
-
-@pytest.fixture(scope="module")
-def settings():
-    return json.loads((ROOT / ".claude" / "settings.json").read_text())
-
-
 AGENT_WRITES = ["train.py", ".auto-log-research/insights.md", ".auto-log-research/ideas_queue.md",
                 ".auto-log-research/a1b2c3d/analysis.md", ".auto-log-research/a1b2c3d-2/analysis.md",
                 f"{SHARED}/a1b2c3d/analysis.md"]
 RUN_FILES = ("run.json", "run.log", "metrics.jsonl", "diff.patch")  # a run directory's record and evidence
-EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.torn",
-            ".auto-log-research/claims.tsv", ".auto-log-research/workers/node7%3A0/insights.md",
-            *(f"{archive}/{run}/{name}" for archive in (".auto-log-research", SHARED) for run in ("a1b2c3d", "a1b2c3d-2")
-              for name in RUN_FILES),
+EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.torn", ".auto-log-research/claims.tsv",
+            ".auto-log-research/workers/node7%3A0/insights.md", f"{SHARED}/results.tsv", ".git/packed-refs",
+            *(f"{archive}/{run}/{name}" for archive in (".auto-log-research", SHARED)
+              for run in ("a1b2c3d", "a1b2c3d-2") for name in RUN_FILES),
             "run.json", "run_summary.json", "metrics.jsonl",  # train.py's outputs before they are archived
-            "prepare.py", "analyze.py", "harness/record.py", "harness/loop.py", "harness/evaluate.py",
-            ".git/refs/auto-log-research/pins/autoresearch/mar5", ".git/logs/refs/auto-log-research/pins/x",
-            ".git/packed-refs", "program.md", ".claude/settings.json", f"{SHARED}/results.tsv"]
-# written by analyze.py but rebuilt from the evidence, so not denied outright: Claude Code only asks,
-# and `claude -p --permission-mode dontAsk` refuses whatever it would ask
-NOT_THE_AGENTS = ["run.log", ".auto-log-research/progress.png", ".auto-log-research/a1b2c3d/loss.png",
+            "prepare.py", "analyze.py", "harness/record.py", "harness/loop.py", "program.md", ".claude/settings.json",
+            ".git/refs/auto-log-research/pins/autoresearch/mar5", ".git/logs/refs/auto-log-research/pins/x"]
+# analyze.py writes these, rebuilt from the evidence: not denied, but Claude Code asks and `claude -p` refuses
+NOT_THE_AGENTS = ["run.log", "results.tsv", "README.md", "tests/test_setup.py", "../outside.txt", "/srv/alr/train.py",
+                  ".auto-log-research/progress.png", ".auto-log-research/a1b2c3d/loss.png",
                   ".auto-log-research/compare_a_b/loss.png", ".auto-log-research/harness.json",
-                  ".auto-log-research/.lock", ".auto-log-research/notes.txt", "README.md", "tests/test_setup.py",
-                  f"{SHARED}/progress.png", f"{SHARED}/insights.md", f"{SHARED}/a1b2c3d/loss.png", "/srv/alr/train.py"]
+                  ".auto-log-research/.lock", ".auto-log-research/notes.txt", f"{SHARED}/progress.png",
+                  f"{SHARED}/insights.md", f"{SHARED}/a1b2c3d/loss.png"]
 
 
 @pytest.mark.parametrize("path", AGENT_WRITES)
-def test_the_agent_may_write_train_py_and_its_notes(settings, path):
-    for tool in ("Edit", "Write"):
-        assert decide(settings, tool, path) == "allow", f"{tool}({path}) is {decide(settings, tool, path)}"
+def test_the_agent_may_write_train_py_and_its_notes(path):
+    assert [decide(SETTINGS, tool, path) for tool in ("Edit", "Write")] == ["allow", "allow"], path
 
 
 @pytest.mark.parametrize("path", EVIDENCE)
-def test_the_evidence_and_the_harness_are_denied_to_every_tool_that_writes(settings, path):
-    verdicts = {tool: decide(settings, tool, path) for tool in ("Edit", "Write", "NotebookEdit")}
-    verdicts["cat redirect"] = decide(settings, "Bash", f"cat .auto-log-research/scratch/x.txt > {path}")
-    verdicts["tail append"] = decide(settings, "Bash", f"tail -n 1 run.log >> {path}")
-    verdicts["git diff --output"] = decide(settings, "Bash", f"git diff --output={path}")
+def test_the_evidence_and_the_harness_are_denied_to_every_tool_that_writes(path):
+    calls = [(tool, path) for tool in ("Edit", "Write", "NotebookEdit")] + [("Bash", command) for command in (
+        f"cat .auto-log-research/scratch/x.txt > {path}", f"tail -n 1 run.log >> {path}", f"git diff --output={path}")]
+    verdicts = {call: decide(SETTINGS, *call) for call in calls}
     assert set(verdicts.values()) == {"deny"}, f"{path}: {verdicts}"
 
 
 @pytest.mark.parametrize("path", NOT_THE_AGENTS)
-def test_nothing_else_is_writable_by_the_agents_tools(settings, path):
-    assert decide(settings, "Edit", path) != "allow", f"Edit({path}) is allowed"
-    assert decide(settings, "Write", path) != "allow", f"Write({path}) is allowed"
+def test_nothing_else_is_writable_by_the_agents_tools(path):
+    assert "allow" not in [decide(SETTINGS, tool, path) for tool in ("Edit", "Write")], path
 
 
-def test_the_agent_runs_no_code_of_its_own_lists_branches_and_reads_only_its_own_variables(settings):
+def test_the_agent_runs_no_code_of_its_own_lists_branches_and_reads_only_its_own_variables():
     """train.py runs only under the harness; the agent's own scripts not at all; no secrets reach it."""
     refused = ["uv run train.py > run.log 2>&1", "uv run python x.py", "python3 -c 'print(1)'", "printenv", "env",
                "printenv ANTHROPIC_API_KEY", "printenv AUTORESEARCH_WORKER ANTHROPIC_API_KEY",
@@ -82,35 +70,26 @@ def test_the_agent_runs_no_code_of_its_own_lists_branches_and_reads_only_its_own
                "git worktree remove ../alr-workers/t-1", "git push . HEAD:autoresearch/t-1"]
     allowed = ['git branch --list "autoresearch/*"', "git branch --show-current", "printenv AUTORESEARCH_WORKER",
                "printenv AUTORESEARCH_ARCHIVE"]
-    assert [c for c in refused if decide(settings, "Bash", c) == "allow"] == []
-    assert [c for c in allowed if decide(settings, "Bash", c) != "allow"] == []
+    assert [c for c in refused if decide(SETTINGS, "Bash", c) == "allow"] == []
+    assert [c for c in allowed if decide(SETTINGS, "Bash", c) != "allow"] == []
 
 
 @pytest.mark.parametrize("command", [
-    "git update-ref refs/auto-log-research/pins/autoresearch/mar5 HEAD",
-    "git update-ref -d refs/auto-log-research/pins/autoresearch/mar5",
-    "git tag alr-pin HEAD", "git tag -d alr-pin", "git replace 1a2b3c4 5d6e7f8",
-    "git reflog expire --expire=now --all", "git reflog delete refs/auto-log-research/pins/x@{0}",
-    "git gc --prune=now", "git prune", "git symbolic-ref HEAD refs/heads/other",
-    "git config core.logAllRefUpdates false", "git filter-branch --force HEAD",
-    "git branch -m autoresearch/mar5 autoresearch/mar6", "git branch -M autoresearch/mar6",
-    "git branch --move autoresearch/mar6", "git branch -c autoresearch/mar7", "git branch -f main HEAD",
-    "git branch -D autoresearch/mar5", "git reset --hard HEAD~1", "git rebase -i HEAD~3",
-    "git commit --amend -m x", "uv run analyze.py repin", "uv run analyze.py repin HEAD",
+    "git update-ref refs/auto-log-research/pins/autoresearch/mar5 HEAD", "git tag -d alr-pin", "git gc --prune=now",
+    "git replace 1a2b3c4 5d6e7f8", "git reflog expire --expire=now --all", "git prune", "git rebase -i HEAD~3",
+    "git symbolic-ref HEAD refs/heads/x", "git config core.logAllRefUpdates false", "git filter-branch --force HEAD",
+    "git branch -m autoresearch/mar5 x", "git branch -M x", "git branch --move x", "git branch -c x", "git branch -f x",
+    "git branch -D autoresearch/mar5", "git reset --hard HEAD~1", "git commit --amend -m x", "uv run analyze.py repin",
     "uv run python analyze.py repin", "uv run analyze.py list && uv run analyze.py repin",
 ])
-def test_the_agent_cannot_move_or_remove_the_pin(settings, command):
-    assert decide(settings, "Bash", command) == "deny", f"{command!r} is {decide(settings, 'Bash', command)}"
+def test_the_agent_cannot_move_or_remove_the_pin(command):
+    assert decide(SETTINGS, "Bash", command) == "deny", f"{command!r} is {decide(SETTINGS, 'Bash', command)}"
 
 
-def test_skypilot_is_an_optional_group_that_the_default_install_leaves_out():
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert any(d.startswith("skypilot") for d in project["dependency-groups"]["skypilot"])
-    assert "skypilot" not in project.get("tool", {}).get("uv", {}).get("default-groups", ["dev"])
+def test_the_default_install_leaves_skypilot_out():
     if not shutil.which("uv"):
         pytest.skip("uv is not on PATH")
-    default = subprocess.run(["uv", "export", "--frozen", "--no-hashes", "--quiet"], cwd=ROOT, capture_output=True,
-                             text=True)
-    assert default.returncode == 0, default.stderr
-    pulled_in = [line for line in default.stdout.splitlines() if line.startswith(("skypilot", "kubernetes"))]
+    out = subprocess.run(["uv", "export", "--frozen", "--no-hashes", "-q"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    pulled_in = [line for line in out.stdout.splitlines() if line.startswith(("skypilot", "kubernetes"))]
     assert not pulled_in, f"`uv sync` would install SkyPilot: {pulled_in}"

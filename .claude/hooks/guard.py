@@ -1,20 +1,15 @@
 """A Claude Code PreToolUse hook: the agent's Bash commands are exactly the ones program.md gives.
 
-Permission rules match a command as text, and the shell does not read it as text: git takes `git commit
---amen` as --amend, the shell turns `status ID k'ee'p` into `keep`, and `cat x > .venv/.../evil.pth`
-writes a file. So the command is read as bash reads it, by the standard library: shlex (POSIX,
-punctuation_chars) splits words where bash does, on blanks and on `;&|()<>`, gives those operators as
-tokens of their own, and removes quotes as bash does. That is enough because all else that bash would
-read differently is refused in the raw text first: `$` (in double quotes too), backticks, backslashes,
-newlines, `<(`, unquoted `#`, unquoted `~` at a word's start, and unquoted globs outside the read-only
-tools. Nothing is left to expand, so the words shlex gives are the words the program gets. Commands may
-be joined by `;` `&&` `||` `|`; every other operator (a redirect, a subshell, `&`) is refused, except
-`2>&1`. Each simple command must match a row of COMMANDS; options are read one letter of a cluster at a
-time (-qB is -q -B) and only in full, as git and argparse would expand a unique prefix (`--amen`).
+Permission rules match a command as text, which bash and git do not: git takes `git commit --amen` as --amend,
+bash turns `status ID k'ee'p` into `keep`, and `cat x > .venv/.../evil.pth` writes a file. So the command is
+read as bash reads it: shlex (POSIX, punctuation_chars) splits words and operators where bash does and removes
+quotes, and all else that bash would read differently is refused in the raw text first (`$`, backticks,
+backslashes, newlines, `<(`, an unquoted `#`, `~` or glob), so nothing is left to expand. Commands may be joined
+by `;` `&&` `||` `|`; any other operator is refused, except `2>&1`. Each must match a row of COMMANDS, its
+options read as git and argparse read them: -qB is -q -B, and only in full (both would expand `--amen`).
 
-Claude Code sends {"tool_name": "Bash", "tool_input": {"command": ...}} on stdin. Exit 2 refuses the
-call and shows the line on stderr to the agent; exit 0 hands it on to settings.json's rules. Any
-failure exits 2: a guard that crashes must not let the command through.
+Claude Code sends {"tool_name": "Bash", "tool_input": {"command": ...}} on stdin. Exit 2 refuses the call and
+shows the line on stderr to the agent; exit 0 hands it on to settings.json. Any failure exits 2.
 
 Usage:  python3 -I -S .claude/hooks/guard.py < hook.json   (the standard library only: no site-packages)
 """
@@ -23,10 +18,9 @@ import re
 import shlex
 import sys
 
-# -----------------------------------------------------------------------------
-# The commands program.md gives. Options: `-m=` takes a value (attached or the next word),
-# `--format=?` only an attached one, `-<n>` is a count (-5); ANY: every option, and unquoted globs
-# (these tools only read). Every other word must match the pattern; "most" caps how many there are.
+# The commands program.md gives. Options: `-m=` takes a value (attached or the next word), `--format=?` only an
+# attached one, `-<n>` is a count (-5); ANY: every option, and unquoted globs (these tools only read). Every
+# other word must match the pattern; "most" caps how many there are.
 
 ANY = "*"
 WORD = r"[^-].*"  # a revision, a path, a run id
@@ -63,45 +57,32 @@ COMMANDS = [  # words it starts with,       options,                        othe
 SEPARATORS = {";", "&&", "||", "|"}  # not "&": nothing the agent starts may outlive the call
 
 
-def options_of(spec):
-    """{spelling: 0 no value, 1 a value, 2 an attached value only}, or None for ANY."""
-    return None if spec == ANY else {o.split("=")[0]: 2 if o.endswith("=?") else int(o.endswith("="))
-                                     for o in spec.split()}
-
-
-ROWS = [(tuple(lead.split()), options_of(spec), pattern, most) for lead, spec, pattern, most in COMMANDS]
-
-
 class Refused(Exception):
     pass
 
 
 def scan(command):
-    """The command with `2>&1` blanked out, and a copy in which each quoted character is `_`: the two
-    split alike, and the copy shows which characters of a word no quote protects."""
-    plain, masked, quote, i = [], [], None, 0
-    while i < len(command):
-        c = command[i]
+    """A copy of the command in which each quoted character is `_` and `2>&1` is blanked out, and the command
+    blanked alike: the two split alike, and the copy shows which characters of a word no quote protects."""
+    masked, quote = [], None
+    for i, c in enumerate(command):
         if quote != "'" and (c in "$`\\\n" or command.startswith(("<(", ">("), i)):
             raise Refused(f"no {command[i:i + 2] if c in '<>' else c!r} outside single quotes: it expands")
         if quote is None and c == "#":
             raise Refused("quote the '#' (the shell may read a comment)")
-        if quote is None and command[i - 1:i] in " \t" and re.match(r"2>&1($|[ \t;|&])", command[i:]):
-            plain.append("    "), masked.append("    ")  # stderr into stdout: no file is opened
-            i += 4
-            continue
-        masked.append("_" if quote and c != quote else c), plain.append(c)
-        quote, i = (None if quote else c) if c in "'\"" and quote in (None, c) else quote, i + 1
-    return "".join(plain), "".join(masked)
+        masked.append("_" if quote and c != quote else c)
+        quote = (None if quote else c) if c in "'\"" and quote in (None, c) else quote
+    masked = re.sub(r"(?<![^ \t])2>&1(?=$|[ \t;|&])", "    ", "".join(masked))  # stderr into stdout: opens no file
+    return "".join(" " if m == " " else c for c, m in zip(command, masked)), masked
 
 
 def simple_commands(command):
     """[(argv after quote removal, the same words with quoted characters `_`)], one per command."""
-    tokens, masks = [], []
-    for text, out in zip(scan(command), (tokens, masks)):
+    def split(text):
         lexer = shlex.shlex(text, posix=True, punctuation_chars=True)
         lexer.whitespace_split, lexer.whitespace, lexer.commenters = True, " \t", ""  # bash's blanks
-        out += list(lexer) + [";"]
+        return list(lexer) + [";"]
+    tokens, masks = map(split, scan(command))
     if len(tokens) != len(masks):
         raise Refused("quoting too intricate to check")
     commands, argv, mask = [], [], []
@@ -116,15 +97,20 @@ def simple_commands(command):
     return commands
 
 
-def take_value(option, rest):
-    """The next word is the option's value. git takes any word, argparse none that starts with '-':
-    refused then, so that both read the command alike."""
-    if rest and rest.pop(0).startswith("-"):
-        raise Refused(f"the value of {option} may not start with '-'")
-
-
-def check_words(argv, lead, options, pattern, most):
-    name, rest, words = " ".join(lead), list(argv[len(lead):]), []
+def check(argv, mask):
+    """One simple command: a row of COMMANDS, its words read as git and argparse read them."""
+    if any(re.search(r"(^|[=:])~", m) for m in mask):
+        raise Refused(f"no unquoted tilde (~ is the home folder): `{' '.join(argv)}`")
+    rows = [row for row in COMMANDS if argv[:len(row[0].split())] == row[0].split()]
+    if not rows:
+        raise Refused(f"`{' '.join(argv[:3])}` is not a command program.md gives")
+    name, spec, pattern, most = max(rows, key=lambda row: len(row[0]))
+    if spec != ANY and any(set(m) & set("*?[{") for m in mask):
+        raise Refused(f"quote the glob or brace characters in `{' '.join(argv)}`")
+    # {spelling: 0 no value, 1 a value, 2 an attached value only}, or None for ANY
+    options = None if spec == ANY else {o.split("=")[0]: 2 if o.endswith("=?") else int(o.endswith("="))
+                                        for o in spec.split()}
+    rest, words = argv[len(name.split()):], []
     while rest:
         w = rest.pop(0)
         if w == "--":
@@ -132,42 +118,24 @@ def check_words(argv, lead, options, pattern, most):
             break
         if options is None or not w.startswith("-") or w == "-":
             words.append(w)
-        elif w.startswith("--"):
-            option, eq, _ = w.partition("=")
-            takes = options.get(option)
-            if takes is None or (eq and not takes):
-                raise Refused(f"option {w} is not allowed in `{name}` (options must be written in full)")
-            if takes == 1 and not eq:
-                take_value(w, rest)
         elif not (re.fullmatch(r"-\d+", w) and "-<n>" in options):
-            for i, letter in enumerate(w[1:], 1):  # -qB is -q -B; -mmsg is -m with its value
-                takes = options.get("-" + letter)
-                if takes is None:
-                    raise Refused(f"option -{letter} (in {w}) is not allowed in `{name}`")
+            long = w.startswith("--")  # --opt[=value]; else a cluster: -qB is -q -B, -mmsg is -m with its value
+            flags = [w.partition("=")[:2]] if long else [("-" + c, w[i + 1:]) for i, c in enumerate(w[1:], 1)]
+            for option, attached in flags:
+                takes = options.get(option)
+                if takes is None or (long and attached and not takes):
+                    raise Refused(f"option {option} (in {w}) is not allowed in `{name}` (write options in full)")
+                if takes == 1 and not attached and rest and rest.pop(0).startswith("-"):
+                    # git takes any next word as the value, argparse none that starts with '-': both read it alike
+                    raise Refused(f"the value of {option} may not start with '-'")
                 if takes:
-                    if i == len(w) - 1:
-                        take_value(w, rest)
                     break
-    if most == 0 and words:
-        raise Refused(f"`{' '.join(argv[:len(lead) + 1])}` is not a command program.md gives")
     if most is not None and len(words) > most:
-        raise Refused(f"`{name}` takes at most {most} argument(s), got {words}")
+        raise Refused(f"`{name}` takes at most {most} argument(s), got {words}" if most else
+                      f"`{name} {words[0]}` is not a command program.md gives")
     for w in words:
         if not re.fullmatch(pattern, w, re.DOTALL):
             raise Refused(f"`{name}` does not take {w!r}")
-
-
-def check(argv, mask):
-    """One simple command: a row of COMMANDS, its words read as git and argparse read them."""
-    if any(re.search(r"(^|[=:])~", m) for m in mask):
-        raise Refused(f"no unquoted tilde (~ is the home folder): `{' '.join(argv)}`")
-    rows = [row for row in ROWS if tuple(argv[:len(row[0])]) == row[0]]
-    if not rows:
-        raise Refused(f"`{' '.join(argv[:3])}` is not a command program.md gives")
-    lead, options, pattern, most = max(rows, key=lambda row: len(row[0]))
-    if options is not None and any(set(m) & set("*?[{") for m in mask):
-        raise Refused(f"quote the glob or brace characters in `{' '.join(argv)}`")
-    check_words(argv, lead, options, pattern, most)
 
 
 def main():
@@ -175,8 +143,7 @@ def main():
         call = json.load(sys.stdin)
         if call.get("tool_name") != "Bash":
             return 0
-        command = call["tool_input"]["command"]
-        for argv, mask in simple_commands(command):
+        for argv, mask in simple_commands(call["tool_input"]["command"]):
             check(argv, mask)
         return 0
     except Refused as e:
