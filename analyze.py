@@ -1,7 +1,6 @@
 """
-Everything that happens after a run, from the command line: one experiment, the archive of runs and what
-it says. The work is done by harness/: loop.py (one experiment), record.py (run.json, the archive, the pin,
-audit), report.py (analysis.md, plots and the texts below), stats.py and decide.py.
+Everything that happens after a run, from the command line. The work is done by harness/: loop.py (one
+experiment), record.py (run.json, the archive, the pin, audit), report.py (analysis.md, plots, the texts below).
 
 Usage:
     uv run analyze.py run ["DESCRIPTION"]        # one experiment: commit train.py, train, measure, archive, decide
@@ -16,14 +15,19 @@ Usage:
     uv run analyze.py rebuild                    # results.tsv and progress.png, from the run directories
     uv run analyze.py pin                        # set-up: pin the branch's harness at HEAD (once; never moves it)
     uv run analyze.py repin [COMMIT]             # humans only, at a terminal: move the branch's pin
-
-An archive of the previous version converts once with `uv run contrib/convert.py`.
 """
 import sys
 
 sys.path.append(sys.path.pop(0))  # the repository root last: a root-level argparse.py cannot stand in for the stdlib's
 import argparse  # noqa: E402
 import os  # noqa: E402
+import shutil  # noqa: E402
+
+# The harness runs only code that git pins: none of this repository's bytecode is read (a train.py run without a
+# sandbox could have written some) and none is written (compiling harness/ from source takes milliseconds)
+sys.dont_write_bytecode = True
+for _cache in ("__pycache__", "harness/__pycache__"):
+    shutil.rmtree(os.path.join(os.path.dirname(os.path.abspath(__file__)), _cache), ignore_errors=True)
 
 from harness import loop, report  # noqa: E402
 from harness.decide import best_of
@@ -42,8 +46,7 @@ def parser():
     sub.add_parser("list", help="every archived run, one line each").add_argument("--worker", metavar="NAME")
     sub.add_parser("show", help="print a run's analysis.md").add_argument("id")
     compare = sub.add_parser("compare", help="two runs side by side, plus overlay plots")
-    compare.add_argument("a")
-    compare.add_argument("b")
+    compare.add_argument("ids", nargs=2, metavar="ID")
     sub.add_parser("best", help="the best run: the one most recently kept")
     status = sub.add_parser("status", help="mark a run keep, discard or crash")
     status.add_argument("id")
@@ -61,32 +64,18 @@ def parser():
     return p
 
 
-def cmd_list(archive, worker=None):
-    print(report.list_text(archive.runs(), worker))
-    return 0
-
-
 def cmd_show(archive, run_id):
     run = archive.find(run_id)
     with archive.lock():  # analysis.md is written again when a killed archive never wrote it
         print(report.show_text(run, archive))
-    return 0
-
-
-def cmd_compare(archive, a, b):
-    print(report.compare_text(archive.find(a), archive.find(b), archive))
-    return 0
 
 
 def cmd_best(archive):
     runs, me = archive.runs(), worker_name()
     print(report.best_text(runs, me if any(r.worker == me for r in runs) else None))
-    return 0
 
 
 def cmd_status(archive, run_id, status):
-    """A status by hand: through Archive.set_status, whose rules refuse what may not be (a keep without
-    val_bpb, any change to an invalid run)."""
     me = worker_name()
     with archive.lock():
         run = archive.find(run_id)
@@ -97,7 +86,6 @@ def cmd_status(archive, run_id, status):
         report.set_headline_status(run, archive)
         report.draw_progress(archive.runs(), archive.progress)
     print(f"{run.id}: {status}")
-    return 0
 
 
 def cmd_curve(archive, key, ids, at):
@@ -109,11 +97,9 @@ def cmd_curve(archive, key, ids, at):
     runs = [archive.find(i) for i in ids]
     if not runs:
         every = archive.runs()
-        latest = every[-1] if every else None
-        best = best_of(every, latest) if latest else None
-        runs = [r for r in (best, latest) if r is not None]
-    if not runs:
-        raise RecordError(f"no runs archived yet in {archive.dir}")
+        if not every:
+            raise RecordError(f"no runs archived yet in {archive.dir}")
+        runs = [r for r in (best_of(every, every[-1]), every[-1]) if r is not None]
     print(f"{key} at progress " + " ".join(f"{p:>9g}" for p in points))
     for run in runs:
         metrics = read_metrics(archive.run_dir(run.id) / "metrics.jsonl")[0]
@@ -122,15 +108,12 @@ def cmd_curve(archive, key, ids, at):
                       f"{'n/a':>9}") for point in points]
         label = f"{run.id} ({run.status})"
         print(f"{label:<{len(key) + 13}}" + " ".join(cells) + ("" if values else f"  ({key} not logged)"))
-    return 0
 
 
 def cmd_audit(archive):
     with archive.lock():  # a snapshot: no archive or status is half-way through while it reads
         lines = audit(archive)
-    for line in lines:
-        print(line)
-    print(f"audit: {len(archive.runs())} runs, " + (f"{len(lines)} problems" if lines else "clean"))
+    print(*lines, f"audit: {len(archive.runs())} runs, " + (f"{len(lines)} problems" if lines else "clean"), sep="\n")
     return 1 if lines else 0
 
 
@@ -141,7 +124,6 @@ def cmd_rebuild(archive):
         report.draw_progress(runs, archive.progress)
     skipped = f"; {len(archive.problems())} run directories unreadable (named above)" if archive.problems() else ""
     print(f"{archive.results}: rebuilt from {len(runs)} runs{skipped}")
-    return 0
 
 
 def cmd_pin(archive):
@@ -155,11 +137,9 @@ def cmd_pin(archive):
         raise RecordError(problem)
     files = pinned_blobs(pin)
     print(f"{branch} is pinned at {pin[:7]}: {len(files)} harness files ({', '.join(sorted(files))})")
-    return 0
 
 
 def cmd_repin(commit):
-    """Move the current branch's pin: a human confirms at a terminal by typing the branch's name."""
     branch = current_branch()
     if branch is None:
         raise RecordError("HEAD is detached: check out the branch whose pin you mean to move")
@@ -176,7 +156,6 @@ def cmd_repin(commit):
     if not move_pin(branch, commit):
         raise RecordError(f"the pin of {branch} did not move: {commit!r} is no commit, or the pin moved meanwhile")
     print(f"{branch} is pinned at {read_pin(branch)[:7]}")
-    return 0
 
 
 def main(argv=None):
@@ -184,15 +163,15 @@ def main(argv=None):
     archive = Archive.here()
     try:
         worker_name()  # a bad AUTORESEARCH_WORKER stops every command with one line, before anything is read
-        commands = {
-            None: lambda: loop.archive_here(), "run": lambda: loop.cmd_run(args.description),
-            "list": lambda: cmd_list(archive, args.worker), "show": lambda: cmd_show(archive, args.id),
-            "compare": lambda: cmd_compare(archive, args.a, args.b), "best": lambda: cmd_best(archive),
-            "status": lambda: cmd_status(archive, args.id, args.status),
-            "curve": lambda: cmd_curve(archive, args.key, args.ids, args.at), "audit": lambda: cmd_audit(archive),
-            "rebuild": lambda: cmd_rebuild(archive),
+        commands = {  # each returns its exit status, or None for 0
+            None: loop.archive_here, "run": lambda: loop.cmd_run(args.description),
+            "list": lambda: print(report.list_text(archive.runs(), args.worker)),
+            "show": lambda: cmd_show(archive, args.id), "best": lambda: cmd_best(archive),
+            "compare": lambda: print(report.compare_text(*map(archive.find, args.ids), archive)),
+            "status": lambda: cmd_status(archive, args.id, args.status), "audit": lambda: cmd_audit(archive),
+            "curve": lambda: cmd_curve(archive, args.key, args.ids, args.at), "rebuild": lambda: cmd_rebuild(archive),
             "pin": lambda: cmd_pin(archive), "repin": lambda: cmd_repin(args.commit)}
-        status = commands[args.command]()
+        status = commands[args.command]() or 0
         sys.stdout.flush()
     except RecordError as e:
         if str(e) not in archive.problems():  # a run.json that runs() already named on stderr is named once

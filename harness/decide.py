@@ -1,30 +1,21 @@
-"""
-The harness's verdict on one run: the best it is judged against, the ways a number can be bought outside
-the rules (the caught cases), and the decision: keep, rerun, discard or crash.
+"""The harness's verdict on one run: the best it is judged against, the caught cases (ways a number can be
+bought outside the rules), and the decision: keep, rerun, discard or crash.
 
-    from harness.decide import best_of, caught, decide
     best = best_of(runs, run)                 # the run the branch stands on, or None
-    run.caught = caught(run, best, runs)      # [Caught]: each case a pure function of (run, best, runs)
+    run.caught = caught(run, best, runs)      # [Caught]: each case a pure function of (run, best's runs)
     decision = decide(run, runs)              # the first rule of RULES that applies
-    print(decision.line())                    # decision: keep — delta -0.004321 vs best 1a2b3c4 (band ...
 
-On a fixed time budget val_bpb is a draw: the same code scores differently each run. So a code is judged
-by the mean of its runs against the mean of the best code's runs (never the best's luckiest draw), beyond
-the noise band of that difference, and every run counts alike for both, whatever the machine did.
-A change is rerun only while one more run could decide it; simulate() shows what these rules cost and buy
-over a night of experiments (tests/bench.py prints it).
+val_bpb on a fixed time budget is a draw, so a code is judged by the mean of its runs against the mean of the
+best code's runs (never the best's luckiest draw), beyond the noise band of that difference. simulate() shows
+what these rules cost and buy over a night of experiments (tests/bench.py prints it).
 """
 from dataclasses import dataclass
-from functools import cached_property, lru_cache
+from functools import lru_cache
 
 import numpy as np
 
-from harness.record import Caught, Decision, Measured, Run, StatusChange, Trained, code_size, train_py_at
+from harness.record import Caught, Decision, Measured, Run, StatusChange, Trained, code_size, number, train_py_at
 from harness.stats import NOISE_SIGMAS, as_of, code_runs, comparable, difference_band, machine, noise
-
-BEST_REPEATS = 3           # runs of the best's code (comments aside) that measure the noise band
-ENOUGH_RUNS = 6            # runs of a change after which its mean is decided on, whatever the machine did
-PROMISING_SIGMAS = 1.0     # inside the band, a mean lower by more than this many std of the difference is rerun
 
 # The caught cases: fixed names (analysis.md, audit and the tests use them), and their limits
 TRAINED_ON_VAL = "trained on validation data"
@@ -39,17 +30,16 @@ REPORTED_TOLERANCE = 1e-3                    # |train.py's val_bpb - the measure
 FUTURE_TOLERANCE = 1e-2                      # logits that move by more when only later tokens change: not causal
 CLOCK_SLACK_S, CLOCK_SLACK_REL = 5.0, 0.05   # the harness's clock beyond train.py's timings by 5 s + 5%
 OUTSIDE_SLACK_S, OUTSIDE_SLACK_BUDGET = 5.0, 0.10   # outside time beyond the best's by 5 s + 10% of the budget
-LOOP_TIMINGS = ("warmup_s", "eval_s", "final_eval_s")  # train.py's timings after its first metrics row ...
-START_TIMINGS = ("startup_s",)                        # ... and before it (batch fitting happens inside startup_s)
+LOOP_TIMINGS = ("warmup_s", "eval_s", "final_eval_s")  # train.py's timings after its first row; startup_s before it
 
 
 @dataclass(frozen=True)
 class Rules:
-    """The decision's knobs, for simulate()'s trade-off curve; decide() uses the defaults."""
-    sigmas: float = NOISE_SIGMAS        # keep or discard beyond ±sigmas std of the difference of means
-    promising: float = PROMISING_SIGMAS  # rerun while lower by more than this many std of the difference
-    enough: int = ENOUGH_RUNS
-    repeats: int = BEST_REPEATS
+    """The decision's knobs: decide() uses the defaults, simulate() shows what others cost and buy."""
+    sigmas: float = NOISE_SIGMAS  # keep or discard beyond ±sigmas std of the difference of means
+    promising: float = 1.0        # inside the band, rerun while lower by more than this many std of the difference
+    enough: int = 6               # runs of a change after which its mean is decided on, whatever the machine did
+    repeats: int = 3              # runs of the best's code (comments aside) that measure the noise band
 
 
 # The best
@@ -65,8 +55,7 @@ def best_of(runs, run):
 
 # The caught cases: pure functions of (run, best, runs)
 def best_code_runs(runs, run, best):
-    """The runs of the best's code that `run` is measured against (comparable, archived before it, itself left
-    out): the reference of the caught cases and of the hard cap."""
+    """The best code's runs that `run` is checked against (comparable, archived before it, itself left out)."""
     return [r for r in code_runs(comparable(as_of(runs, run), run), best.code_sha) if r.id != run.id] if best else []
 
 
@@ -84,16 +73,14 @@ def trained_on_val(run, ref):
     val, heldout = run.measured.val_bpb, run.measured.heldout_bpb
     if heldout is None:
         return None
-    gap = heldout - val
+    gap, said = heldout - val, f"held-out bpb {heldout:.4f} minus val_bpb {val:.4f} is {heldout - val:+.4f}"
     gaps = [r.measured.heldout_bpb - r.val_bpb for r in ref if r.measured and r.measured.heldout_bpb is not None]
     if gaps:
         limit, usual = max(LEAK_ABS, LEAK_REL * val), float(np.mean(gaps))
         if gap - usual > limit:
-            return (f"held-out bpb {heldout:.4f} minus val_bpb {val:.4f} is {gap:+.4f}, {gap - usual:+.4f} beyond "
-                    f"the best's {usual:+.4f} (limit {limit:.4f})")
+            return f"{said}, {gap - usual:+.4f} beyond the best's {usual:+.4f} (limit {limit:.4f})"
     elif gap > (limit := LEAK_ALONE_ABS + LEAK_ALONE_REL * val):
-        return (f"held-out bpb {heldout:.4f} minus val_bpb {val:.4f} is {gap:+.4f}, beyond {limit:.4f} "
-                "(no best to compare with)")
+        return f"{said}, beyond {limit:.4f} (no best to compare with)"
 
 
 def not_the_models(run, ref):
@@ -104,20 +91,15 @@ def not_the_models(run, ref):
                 f"({reported - val:+.6f}, tolerance {REPORTED_TOLERANCE:g})")
 
 
-def claimed(run, keys):
-    t = run.trained.timings or {}
-    return sum(float(t[k]) for k in keys if isinstance(t.get(k), (int, float)))
-
-
 def slowed_clock(run, ref):
     """The process took longer on the harness's clock than train.py's own timings of it say: from its first
     metrics row to its exit, or from its spawn to its exit (a slowed clock slows the first row too)."""
-    m, train = run.measured, run.trained.training_seconds
+    m, train, timings = run.measured, run.trained.training_seconds, run.trained.timings
     if m.wall_s is None or train is None:
         return None
-    loop = train + claimed(run, LOOP_TIMINGS)
+    loop = train + sum(number(timings.get(k)) or 0.0 for k in LOOP_TIMINGS)
     spans = (("from the first metrics row to the exit", None if m.first_row_s is None else m.wall_s - m.first_row_s,
-              loop), ("from the spawn to the exit", m.wall_s, loop + claimed(run, START_TIMINGS)))
+              loop), ("from the spawn to the exit", m.wall_s, loop + (number(timings.get("startup_s")) or 0.0)))
     for span, took, said in spans:
         limit = said * (1 + CLOCK_SLACK_REL) + CLOCK_SLACK_S
         if took is not None and took > limit:
@@ -126,22 +108,23 @@ def slowed_clock(run, ref):
 
 
 def untimed_work(run, ref):
-    """More time outside the budget than the best code's slowest run took. Never switched off: on a faster or
-    slower machine each run's outside seconds are scaled by its speed probe to the best's runs' usual speed."""
-    outside, refs = run.outside_s, [r for r in ref if r.outside_s is not None]
-    if outside is None or not refs:
-        return None
-    usual = machine(run, ref).usual
+    """More work outside the budget than the best code's runs did, counted so that a busy machine adds none:
+    train.py's CPU seconds before its first metrics row and after its hand-off (the kernel's count, read by the
+    harness), plus the loop's own seconds outside the budget (its curve, warm-up; slowed_clock holds them to
+    the harness's clock). Never switched off; runs archived without a CPU count are not compared."""
+    def work(r):
+        cpu = r.measured.outside_cpu_s if r.measured else None
+        return None if cpu is None else cpu + sum(number(r.trained.timings.get(k)) or 0.0 for k in LOOP_TIMINGS)
 
-    def scaled(r):
-        s = r.measured.speed if r.measured else None
-        return r.outside_s * (s / usual if s and usual else 1.0)
+    refs = [w for w in map(work, ref) if w is not None]
+    if work(run) is None or not refs:
+        return None
     budget = float(run.harness.get("TIME_BUDGET") or run.trained.training_seconds)
-    ref_s = max(map(scaled, refs))
-    limit = ref_s + OUTSIDE_SLACK_S + OUTSIDE_SLACK_BUDGET * budget
-    if scaled(run) > limit:
-        return (f"{outside:.1f} s outside the {budget:g} s budget ({scaled(run):.1f} s at the best's machine speed), "
-                f"against the best code's {ref_s:.1f} s (limit {limit:.1f} s)")
+    limit = max(refs) + OUTSIDE_SLACK_S + OUTSIDE_SLACK_BUDGET * budget
+    if work(run) > limit:
+        return (f"{work(run):.1f} s of work outside the {budget:g} s budget (CPU seconds before the first metrics row "
+                f"and after the hand-off, plus the loop's timings), against the best code's {max(refs):.1f} s "
+                f"(limit {limit:.1f} s)")
 
 
 def sees_ahead(run, ref):
@@ -161,63 +144,33 @@ def interrupted(run):
     return run.trained.outcome == "interrupted" or (run.measured is not None and run.measured.stopped == "interrupted")
 
 
-@dataclass
 class Standing:
-    """Everything a decision reads: `own` and `ref` are every comparable run of this code and of the best's."""
-    run: Run
-    best: Run | None
-    history: list
-    rules: Rules
-    size: object             # commit -> tokens of code of its train.py, or None
+    """Everything a decision reads: `own` and `ref` are every comparable run of this code and of the best's, `sd`
+    the std of the difference of their means, `peeked` this code's runs stopped unmeasured once their curve showed."""
 
-    @cached_property
-    def noise(self):
-        return noise(self.history, self.run)
-
-    @cached_property
-    def own(self):
-        return code_runs(comparable(self.history, self.run), self.run.code_sha)
-
-    @cached_property
-    def ref(self):
-        return code_runs(comparable(self.history, self.run), self.best.code_sha) if self.best else []
-
-    @cached_property
-    def machine(self):
-        return machine(self.run, self.ref)
-
-    @property
-    def delta(self):
-        if self.own and self.ref:
-            return float(np.mean([r.val_bpb for r in self.own]) - np.mean([r.val_bpb for r in self.ref]))
-
-    @property
-    def band(self):
-        return difference_band(self.noise.pooled_std, len(self.own), len(self.ref), self.rules.sigmas)
-
-    @property
-    def sd(self):
-        """Std of the difference of the two means."""
-        return difference_band(self.noise.pooled_std, len(self.own), len(self.ref), 1.0)
-
-    @property
-    def peeked(self):
-        """This code's runs interrupted, unmeasured, after their curve was visible: choosing which runs count."""
-        return [r for r in self.history if r.code_sha == self.run.code_sha and interrupted(r) and r.val_bpb is None
-                and r.measured is not None and r.measured.first_row_s is not None]
+    def __init__(self, run, history, rules, size):
+        self.run, self.rules, self.size = run, rules, size  # size: commit -> tokens of code of its train.py
+        self.best = best_of(history, run)
+        pool = comparable(history, run)
+        self.own = code_runs(pool, run.code_sha)
+        self.ref = code_runs(pool, self.best.code_sha) if self.best else []
+        self.machine = machine(run, self.ref)
+        self.delta = (float(np.mean([r.val_bpb for r in self.own]) - np.mean([r.val_bpb for r in self.ref]))
+                      if self.own and self.ref else None)
+        std = noise(history, run).pooled_std
+        self.band, self.sd = (difference_band(std, len(self.own), len(self.ref), k) for k in (rules.sigmas, 1.0))
+        self.peeked = [r for r in history if r.code_sha == run.code_sha and interrupted(r) and r.val_bpb is None
+                       and r.measured is not None and r.measured.first_row_s is not None]
 
 
 # The rules, in order: the first that applies decides
 def did_not_finish(s):
-    if s.run.val_bpb is None and not interrupted(s.run):
+    if s.run.val_bpb is None and interrupted(s.run):
+        return "rerun", "the run was interrupted before its number was measured"
+    if s.run.val_bpb is None:
         m, outcome = s.run.measured, s.run.trained.outcome
         why = (m.error if m and m.error else f"outcome {outcome}" if outcome != "ok" else "no val_bpb was measured")
         return "crash", f"the run did not finish ({why})"
-
-
-def was_interrupted(s):
-    if interrupted(s.run) and s.run.val_bpb is None:
-        return "rerun", "the run was interrupted before its number was measured"
 
 
 def was_caught(s):
@@ -240,12 +193,9 @@ def repeats_best(s):
         return "discard", "a repeat of the best's code (comments aside)"
 
 
-def no_band_yet(s):
+def too_soon(s):
     if s.band is None:
         return "rerun", "no noise band yet: no code has two runs, and a rerun of this one measures it"
-
-
-def machine_moved(s):
     why = s.machine.moved()
     if why and len(s.own) < s.rules.enough:
         return "rerun", f"{why}, so val_bpb measures the machine as much as the code"
@@ -272,18 +222,14 @@ def keep_unless_peeked(s, reason):
     return "keep", reason
 
 
-def promising(s):
+def inside_band(s):
     if s.delta < -s.rules.promising * s.sd and len(s.own) < s.rules.enough:
         return "rerun", (f"lower but inside the noise band, on {len(s.own)} run(s): another run of this code "
                          "firms up its mean")
-
-
-def inside_band(s):
     return "discard", "inside the noise band: no better than the best"
 
 
-RULES = (did_not_finish, was_interrupted, was_caught, is_baseline, repeats_best, no_band_yet, machine_moved,
-         beyond_band, simpler, promising, inside_band)
+RULES = (did_not_finish, was_caught, is_baseline, repeats_best, too_soon, beyond_band, simpler, inside_band)
 
 
 @lru_cache(maxsize=256)
@@ -296,14 +242,11 @@ def size_at(commit):
 def decide(run, runs, rules=Rules(), size=size_at):
     """The Decision of the first rule of RULES that applies to `run`, against best_of(runs, run), on the runs
     archived up to it. A run decided although its machine moved (its code has enough runs) says so."""
-    history = as_of(runs, run)
-    s = Standing(run, best_of(history, run), history, rules, size)
+    s = Standing(run, as_of(runs, run), rules, size)
     index, (kind, reason) = next((i, found) for i, rule in enumerate(RULES) if (found := rule(s)))
-    why = s.machine.moved() if index > RULES.index(machine_moved) else None
-    if why:
+    if index > RULES.index(too_soon) and (why := s.machine.moved()):
         reason += f" (decided on the means of this code's {len(s.own)} runs, although {why})"
-    return Decision(kind, reason, s.delta, s.band if s.best else None, len(s.own), len(s.ref),
-                    s.best.id if s.best else None)
+    return Decision(kind, reason, s.delta, s.band, len(s.own), len(s.ref), s.best.id if s.best else None)
 
 
 # What the rules cost and buy: a night of experiments, simulated through decide()
@@ -318,8 +261,8 @@ def night(rules, sigma, effect, experiments, rng):
             i, bpb = len(runs), mean + sigma * rng.standard_normal()
             runs.append(run := Run(
                 id=f"s{i}", commit=f"{i:040x}", description="", branch="sim", worker="sim", started_at=None,
-                archived_at=float(i), harness={}, gpu="sim", code_sha=code, pin=None, harness_changes=[],
-                trained=Trained("ok", None), measured=Measured(bpb), caught=[], decision=None, statuses=[], evidence={}))
+                archived_at=float(i), harness={}, gpu="sim", code_sha=code, pin=None, harness_changes=[], caught=[],
+                trained=Trained("ok", None), measured=Measured(bpb), decision=None, statuses=[], evidence={}))
             d = decide(run, runs, rules, size=lambda commit: None)
             run.statuses.append(StatusChange("pending" if d.kind == "rerun" else d.kind, "", "simulate"))
             if d.kind != "rerun":
@@ -336,10 +279,8 @@ def simulate(rules=Rules(), sigma=0.01, effect=0.0, experiments=80, trials=100, 
     """Nights of a baseline, its repeats and `experiments` changes, each truly better than the best it starts
     from by `effect` σ (0: no-ops), σ being one run's val_bpb std over repeats of one code. The figures:
     p_any_kept (a night kept one or more), p_kept (per change), best_below (the best's number below its code's
-    true mean at the night's end, in σ; best_below_if_kept: over the nights that kept one), runs_per_experiment
-    (1: deciding on one run)."""
+    true mean at the night's end, in σ), runs_per_experiment (1: deciding on one run)."""
     rng = np.random.default_rng(seed)
     kept, took, below = map(np.array, zip(*(night(rules, sigma, effect, experiments, rng) for _ in range(trials))))
     return {"p_any_kept": float(np.mean(kept > 0)), "p_kept": float(kept.sum() / (trials * experiments)),
-            "best_below": float(below.mean()), "runs_per_experiment": float(np.mean(took)),
-            "best_below_if_kept": float(below[kept > 0].mean()) if kept.any() else None}
+            "best_below": float(below.mean()), "runs_per_experiment": float(np.mean(took))}

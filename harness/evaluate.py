@@ -1,38 +1,19 @@
 """
 The harness's own measurement of a trained model, its only evaluation under `analyze.py run`: val_bpb on the
-pinned validation rows, heldout_bpb on the held-out shard, how far logits move when later tokens change, and
-the machine's speed before and after. harness/loop.py runs it after train.py exits, in a process of its own,
-on the model prepare.evaluate_bpb handed off (AUTORESEARCH_HANDOFF), rebuilt from the committed train.py.
+pinned validation rows, heldout_bpb on the held-out shard, future_leak (how far logits move when only later
+tokens change) and the machine's speed, of the model prepare.evaluate_bpb handed off, rebuilt from the committed
+train.py, in train.py's sandbox. Writes --out as JSON (RESULT's keys); exits 0, or 1 with "error".
 
 Usage (loop.py's command line; main() refuses to run without these flags):
-    python -I -B -X pycache_prefix=DIR harness/evaluate.py --handoff model.pt --train-py COPY.py --out eval.json
+    python -I -B harness/evaluate.py --handoff model.pt --train-py COPY.py --out eval.json
 
-Weights rebuilt from source, not a graph: with a torch.export graph no code of train.py would run here, but
-torch 2.9's torch.export.save cannot serialize FlexAttention's BlockMask arguments, which the gpu profile's
-sliding-window layers (WINDOW_PATTERN "SSSL") pass on CUDA. So train.py's code runs here, and one rule
-answers it, Guard: the attributes of the modules and classes the number is computed with (torch,
-torch.nn.functional, torch.Tensor, prepare, this module, ...) and torch's modes and settings, taken before
-train.py is imported, must be the same after the import, after the model is built and after every call of
-it; a patched loss or reassigned rows (prepare.EVAL_TOKENS) refuse the measurement, naming what changed. The
-loss is cross_entropy as bound at this module's import. loop.py runs this process in train.py's sandbox
-(the shards it scores visible, only its own folder writable), and it ends with os._exit, so no thread that
-train.py started outlives the result. Beyond the rule: a forward that reaches this process's objects
-through the heap (gc) and changes them in place; only a graph hand-off closes that.
-
-Other defences, one per threat:
-- A module shadowing one the harness imports (an untracked argparse.py at the root): `python -I`, the root
-  appended LAST to sys.path, and check_sources(). Forged bytecode: -B -X pycache_prefix=DIR, made after
-  train.py ended (~4 s a run of recompiling).
-- A loss path that lies: the loss is computed here, in fp32, from the logits model(x) returns. Weights of
-  another model: rebuilt from the committed train.py, loaded strictly.
-- A model that sees later tokens: Probe, mixed into the scoring batches; one trained on the validation rows:
-  heldout_bpb. decide.py's caught cases read both, and name a printed number that is not the model's.
-
-On CUDA the model runs eagerly under bf16 autocast (train.py's own compiled kernels hit the profile's
-inductor cache, set by loop.py): gpu profile, paper figures, 72 MFLOP an evaluated token, 26.2M tokens plus
-25% of val's for the probes, ~10-12 s with the speed probes. On CPU eagerly in fp32. Rows, byte rule and
-batch size are prepare.evaluate_bpb's (prepare.bits_per_byte), so an honest model scores what a manual run
-prints. Writes --out as JSON (RESULT's keys; speeds in GFLOP/s); exits 0, or 1 with "error" one line.
+train.py's code runs here (torch.export cannot save FlexAttention's BlockMask): Guard refuses a train.py that
+changes what the number is computed with (attributes of modules and classes, torch's modes and settings) at its
+import, while the model is built or when it runs; a forward that edits objects it reaches through gc escapes it.
+-I, the root last on sys.path and check_sources() keep out planted modules; -B and a pycache_prefix naming no
+folder, set once the libraries are imported (from the venv's bytecode, which a contained run cannot write), any
+bytecode a run left for the repository's code; the loss computed here from the logits, a lying loss; Probe, a
+model that reads later tokens; heldout_bpb, one trained on the validation rows.
 """
 import argparse
 import builtins
@@ -43,31 +24,37 @@ import json
 import math
 import os
 import sys
+import tempfile
 import time
 import traceback
 import types
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))  # last: the standard library and site-packages win over anything in the root
+sys.path.append(str(ROOT))  # last: the standard library and site-packages win over anything in the root
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch._dynamo  # noqa: E402, F401  (imported by torch.compile and by a first forward, it rebinds torch.manual_seed: before Guard)
+# before any Guard, so neither is train.py's: importing torch._dynamo rebinds torch.manual_seed, and its first
+# compile (train.py's flex kernel on CUDA) patches nn.Module.__init__ and __setstate__ as this call does
+import torch._dynamo  # noqa: E402, F401
 from torch._dynamo.mutation_guard import install_generation_tagging_init  # noqa: E402
 
-install_generation_tagging_init()  # what torch.compile's first call (train.py's flex kernel on CUDA) patches into
-#                                    nn.Module.__init__ and __setstate__: done before any Guard, so not train.py's
+install_generation_tagging_init()
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.functional import cross_entropy  # noqa: E402  (the loss, bound before train.py can rebind it)
 
+import torch.nn.attention.flex_attention  # noqa: E402, F401  (train.py's import, from the venv's bytecode too)
+
+sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"no-bytecode-{uuid.uuid4().hex}")  # never made (-B)
 import prepare  # noqa: E402
 
 SPEED_WORKLOADS = {"cpu": (1024, 16, torch.float32), "cuda": (8192, 200, torch.bfloat16)}  # (n, matmuls, dtype): ~0.3 s
-HANDOFF_KEYS = ("model_class", "config_class", "config", "state_dict", "batch_size")  # prepare.save_handoff's
 ERROR_CHARS = 300           # an error line is cut to this length
 PROBE_EVERY = 4             # one probe batch after every this many validation batches
+RESULT = {"val_bpb": None, "heldout_bpb": None, "eval_s": None, "future_leak": None, "speed_before": None,
+          "speed_after": None, "error": None}
 
 
 class EvalError(Exception):
@@ -81,9 +68,7 @@ def one_line(error):
 
 
 def machine_speed(device):
-    """GFLOP/s of a fixed matmul workload: the same work every time, so a lower figure means a slower or
-    busier machine, not different code."""
-    device = torch.device(device)
+    """GFLOP/s of a fixed matmul workload: a lower figure means a slower or busier machine, not different code."""
     n, reps, dtype = SPEED_WORKLOADS[device.type]
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -95,8 +80,6 @@ def machine_speed(device):
     sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
-# ---------------------------------------------------------------------------
-# The model: the hand-off rebuilt from the committed train.py
 
 def load_handoff(path):
     """The dict prepare.save_handoff wrote. weights_only: tensors and plain values, never pickled code."""
@@ -104,16 +87,12 @@ def load_handoff(path):
         handoff = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, or not a torch file: all say the same to loop.py
         raise EvalError(f"cannot read the hand-off {path}: {one_line(e)}") from e
-    missing = [k for k in HANDOFF_KEYS if k not in handoff] if isinstance(handoff, dict) else list(HANDOFF_KEYS)
-    if missing:
-        raise EvalError(f"the hand-off {path} lacks {', '.join(missing)}")
     return handoff
 
 
 class Guard:
-    """The state the number is computed with, taken before train.py is imported (see the module docstring):
-    the attributes of namespaces(), a function with its code and defaults (swappable under the same object),
-    and settings(). check(when) refuses the measurement with one line naming the changes."""
+    """The state the number is computed with, taken before train.py is imported: the attributes of namespaces()
+    (a function with its code and defaults) and settings(). check(when) refuses with one line naming changes."""
 
     def __init__(self):
         self.attributes = {name: attributes(ns) for name, ns in namespaces().items()}
@@ -159,8 +138,8 @@ def settings():
 
 
 def import_train(path, guard=None):
-    """The committed train.py (a copy) imported as module `train`, never as __main__: its definitions run,
-    its training does not; then guard.check(). An in-process caller's own `train` module is put back afterwards."""
+    """The committed train.py imported as module `train`, not __main__ (its training does not run), then checked;
+    an in-process caller's own `train` module is put back."""
     guard = guard or Guard()
     spec = importlib.util.spec_from_file_location("train", path)
     module = importlib.util.module_from_spec(spec)
@@ -179,8 +158,7 @@ def import_train(path, guard=None):
 
 
 def check_sources():
-    """prepare and harness.* must be the repository's own .py files (a compiled prepare.*.so beside
-    prepare.py would win over it in the import system's order)."""
+    """prepare and harness.* must be the repository's own .py files (a prepare.*.so beside prepare.py would win)."""
     for name, module in list(sys.modules.items()):
         if name == "prepare" or name == "harness" or name.startswith("harness."):
             want = ROOT / "harness" / "__init__.py" if name == "harness" else ROOT / (name.replace(".", "/") + ".py")
@@ -190,8 +168,8 @@ def check_sources():
 
 
 def rebuild_model(train, handoff, device):
-    """train.<model_class>(train.<config_class>(**config)) on the meta device, materialised on device,
-    init_weights() for the non-persistent buffers (rotary tables), then the handed-off weights, strictly."""
+    """train.<model_class>(<config_class>(**config)) built on meta, materialised on device, init_weights() for the
+    non-persistent buffers (rotary tables), then the handed-off weights, strictly."""
     for name in (handoff["model_class"], handoff["config_class"]):
         if not isinstance(getattr(train, name, None), type):
             raise EvalError(f"cannot rebuild the model: train.py has no class {name}")
@@ -206,16 +184,12 @@ def rebuild_model(train, handoff, device):
         raise EvalError(f"cannot rebuild the model: {one_line(e)}") from e
     return model.eval()
 
-# ---------------------------------------------------------------------------
-# The measurement
 
 class Probe:
     """future_leak: the largest change of a logit at a position whose inputs did not change. After every
-    PROBE_EVERY-th scoring batch x, one more batch of the same shape: half its rows are rows of x as they are,
-    half are rows of x whose suffix from a random cut on is replaced by as many random tokens, shuffled
-    together. Rows kept must give the same logits at every position, probe rows at every position before
-    their cut. A model that reads later tokens, or behaves otherwise in a batch that holds probes, moves
-    them; a causal one moves none (0, up to the kernels' rounding). Cut points and tokens are fresh each run."""
+    PROBE_EVERY-th scoring batch x, a batch of x's rows, half as they are and half with random tokens from a
+    random cut on, shuffled: a causal model moves no logit before a cut (0 up to rounding); one that reads later
+    tokens, or behaves otherwise in a batch holding probes, does. Cuts and tokens are fresh each run."""
 
     def __init__(self, model, vocab_size, every=PROBE_EVERY):
         self.model, self.vocab_size, self.every, self.batches, self.leak = model, vocab_size, every, 0, 0.0
@@ -238,9 +212,8 @@ class Probe:
 
 
 def logits_loss(model, vocab_size, probe=None, guard=None):
-    """token_nats(x, y) for prepare.bits_per_byte: the cross-entropy, in fp32 and in nats, of the logits
-    model(x) returns. The targets never reach the model. probe: called with (x, logits) after each batch;
-    guard: checked after the model's calls, so a patch its forward installs is never computed with."""
+    """token_nats(x, y) for prepare.bits_per_byte: fp32 cross-entropy in nats of the logits model(x) returns (the
+    targets never reach the model); probe(x, logits) after each batch, guard checked after each model call."""
     def token_nats(x, y):
         logits = model(x)
         if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == y.shape
@@ -258,12 +231,10 @@ def logits_loss(model, vocab_size, probe=None, guard=None):
 
 @torch.no_grad()
 def measure(model, tokenizer, batch_size, device, guard=None):
-    """(val_bpb, heldout_bpb, future_leak): val on prepare.evaluate_bpb's rows (EVAL_TOKENS) with the probe
-    batches mixed in, heldout on the first HELDOUT_TOKENS of the held-out split, the loss from the logits.
-    On CUDA under bf16 autocast, as train.py evaluates; on CPU in fp32."""
+    """(val_bpb, heldout_bpb, future_leak): val on prepare.evaluate_bpb's rows with the probe batches mixed in,
+    heldout on the first HELDOUT_TOKENS of the held-out split. On CUDA under bf16 autocast as train.py evaluates."""
     probe, result = Probe(model, tokenizer.get_vocab_size()), []
-    cuda = device.type == "cuda"
-    with torch.amp.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext():
+    with torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
         for split, tokens in (("val", prepare.EVAL_TOKENS), ("heldout", prepare.HELDOUT_TOKENS)):
             token_nats = logits_loss(model, tokenizer.get_vocab_size(), probe if split == "val" else None, guard)
             bpb = prepare.bits_per_byte(token_nats, tokenizer, batch_size, tokens // prepare.MAX_SEQ_LEN, device, split)
@@ -274,35 +245,20 @@ def measure(model, tokenizer, batch_size, device, guard=None):
 
 
 def evaluate(handoff_path, train_py, device=None, result=None):
-    """Measure the handed-off model; fill and return result (RESULT's keys). On an error what was measured so
-    far stays in result. device: the profile's (cuda for gpu, cpu for cpu) unless given."""
+    """Measure the handed-off model into result (RESULT's keys; on an error what was measured so far stays)."""
     result = dict(RESULT) if result is None else result
-    device = torch.device(device or ("cuda" if prepare.PROFILE == "gpu" else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError("the gpu profile evaluates on CUDA, and torch sees no GPU")
+    device = torch.device(device or ("cuda" if prepare.PROFILE == "gpu" else "cpu"))  # train.py trained on it
     prepare.shard_paths("heldout")  # a missing shard fails before any work
     result["speed_before"] = machine_speed(device)
     t0 = time.perf_counter()
     handoff, guard = load_handoff(handoff_path), Guard()
     model = rebuild_model(import_train(train_py, guard), handoff, device)
     guard.check("when its model is built")
-    tokenizer = prepare.Tokenizer.from_directory()
-    result["val_bpb"], result["heldout_bpb"], result["future_leak"] = measure(model, tokenizer, handoff["batch_size"],
-                                                                             device, guard)
+    scores = measure(model, prepare.Tokenizer.from_directory(), handoff["batch_size"], device, guard)
+    result["val_bpb"], result["heldout_bpb"], result["future_leak"] = scores
     result["eval_s"] = time.perf_counter() - t0
     result["speed_after"] = machine_speed(device)
     return result
-
-
-RESULT = {"val_bpb": None, "heldout_bpb": None, "eval_s": None, "future_leak": None, "speed_before": None,
-          "speed_after": None, "error": None}
-
-# ---------------------------------------------------------------------------
-# Main
-
-def isolated():
-    """True when run with -I -B -X pycache_prefix=DIR (see the module docstring)."""
-    return bool(sys.flags.isolated and sys.flags.dont_write_bytecode and sys.pycache_prefix)
 
 
 def main(argv=None):
@@ -313,8 +269,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     result = dict(RESULT)
     try:
-        if not isolated():
-            raise EvalError("run as `python -I -B -X pycache_prefix=DIR harness/evaluate.py ...`: "
+        if not (sys.flags.isolated and sys.flags.dont_write_bytecode):
+            raise EvalError("run as `python -I -B harness/evaluate.py ...`: "
                             "without these flags files in the repository could change what is measured")
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # as train.py sets it
@@ -324,10 +280,7 @@ def main(argv=None):
     except Exception as e:  # a harness bug or the machine (out of memory): the traceback helps, the line decides
         traceback.print_exc()
         result["error"] = f"evaluation failed: {one_line(e)}"
-    out = Path(args.out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.part")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)  # whole or not at all: loop.py never reads half a result
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # half of it (killed) is no JSON to loop.py
     if result["error"]:
         print(f"evaluate.py: error: {result['error']}", file=sys.stderr)
         return 1

@@ -1,27 +1,22 @@
 """
-One experiment, `analyze.py run ["DESCRIPTION"]`, and the bare `analyze.py` that archives the run in the
-working directory. The harness, not train.py, owns the clock, the number and the decision:
+One experiment, `analyze.py run ["DESCRIPTION"]`, and the bare `analyze.py` that archives a run made by hand.
+The harness, not train.py, owns the clock, the number and the decision. Under `run`:
 
 1. preflight refuses, in one line, a run that could not be trusted or recorded (nothing runs);
 2. a changed train.py is committed with DESCRIPTION as its message; an unchanged one is a rerun of HEAD;
-3. train.py trains as a child, contained (sandbox(); without bwrap the run says `uncontained` first), on
-   this process's clock (spawn, first row of metrics.jsonl, hand-off, exit), stopped at prepare.hard_cap_s
-   (the one rule) or by Ctrl-C / SIGTERM; a stop names its phase and how long each phase took;
-4. the model train.py handed off is measured ONCE, by harness/evaluate.py in an isolated interpreter, and
-   its number is appended to run.log's final block as `val_bpb:` and `measured_by: harness` (also when
-   the run was interrupted after the hand-off);
-5. the run is archived as one run.json (harness.record), with the caught cases and the decision of
-   harness.decide, which is then applied: keep, rerun (stays pending), discard or crash (train.py restored
-   from the best's commit in a commit of its own).
-
-Exit status of `run`: 0 archived and decided, 2 refused, 130 stopped by Ctrl-C or SIGTERM (archived).
+3. train.py trains as a child in a bwrap sandbox (the run says `uncontained` without one), on this process's
+   clock, stopped at prepare.hard_cap_s or by Ctrl-C / SIGTERM; a stop names its phase;
+4. harness/evaluate.py measures the handed-off model once, isolated, and run.log gets its `val_bpb:`;
+5. the run is archived as one run.json, and harness.decide's decision applied: keep, rerun (stays pending),
+   discard or crash (train.py restored from the best's commit, in a commit of its own).
+Exit status: 0 archived and decided, 2 refused, 130 stopped by Ctrl-C or SIGTERM (archived).
 """
-import dataclasses
 import fcntl
 import importlib.metadata
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import stat
@@ -30,8 +25,8 @@ import sys
 import sysconfig
 import tempfile
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from harness.decide import best_code_runs, best_of, caught, decide
@@ -45,12 +40,11 @@ GRACE_S = 15.0               # after SIGTERM or SIGINT to a process group, befor
 EVALUATOR_CAP_S = {"gpu": 300.0, "cpu": 600.0}  # generous: a finished run is not lost for want of time
 HANDOFF_GRACE_S = 120.0      # once the model is handed off, train.py has this long past the cap to exit
 STALE_SLACK_S = 30.0         # run.log written this long after the summary finished: the summary is older
-# train.py's bytecode and torch's compile caches: folders of its own, which no harness process reads (fresh ones
-# per run would recompile torch's Python files each time, ~4 s on a laptop CPU, and its kernels on a GPU)
+# train.py's compile caches (inductor, triton): its own, read by no harness process, kept across runs (a fresh one
+# costs a full compile). It gets no bytecode folder: it reads the venv's and writes none (contained: it cannot)
 CHILD_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auto-log-research" / "train"
 OUTPUTS = ("metrics.jsonl", "run_summary.json")  # train.py's files: in its run directory, then the worktree's
-# the sandbox: the whole filesystem read-only, fresh /dev, /proc and /tmp, every namespace bwrap can unshare
-# (network and PIDs included), a session of its own (no terminal to type into), gone when its parent is
+# the sandbox: all read-only, fresh /dev, /proc, /tmp, no network, own PIDs and session, gone with its parent
 BWRAP = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--unshare-all",
          "--die-with-parent", "--new-session"]
 
@@ -64,8 +58,7 @@ class Plan:
     branch: str
     pin: str
     profile: str
-    budget: float            # TIME_BUDGET, seconds of training
-    cap_s: float             # prepare.hard_cap_s(budget, the best's runs' largest outside_s)
+    cap_s: float             # prepare.hard_cap_s(TIME_BUDGET, the best's runs' largest outside_s)
     changed: bool            # train.py differs from HEAD: it is committed first
     uncontained: str | None = None  # why train.py cannot run in a sandbox here; None: it does
 
@@ -78,30 +71,36 @@ class Child:
     first_row_s: float | None = None   # metrics.jsonl held a row: start-up is over
     handoff_s: float | None = None     # the model was handed off: training is over
     stopped: str | None = None         # "timeout" (the hard cap) or "interrupted" (Ctrl-C / SIGTERM here)
+    cpu_s: dict = field(default_factory=dict)  # CPU seconds of its process tree at "first row", "hand-off", "exit"
 
     @property
     def phase(self):
         return "start-up" if self.first_row_s is None else "training" if self.handoff_s is None else "hand-off"
 
     def phases(self):
-        """How long each phase took, in one phrase."""
         bounds = [0.0, *(t for t in (self.first_row_s, self.handoff_s) if t is not None), self.wall_s]
         names = ("start-up", "training", "hand-off")
         return ", ".join(f"{name} {b - a:.1f} s" for name, a, b in zip(names, bounds, bounds[1:]))
 
+    def outside_cpu_s(self):
+        """CPU seconds before the first metrics row and after the hand-off: work outside the budget, counted so
+        that a busy machine adds none (None unless the run got that far)."""
+        cpu = self.cpu_s
+        if not {"first row", "hand-off", "exit"} <= set(cpu):
+            return None
+        return round(cpu["first row"] + max(0.0, cpu["exit"] - cpu["hand-off"]), 3)
+
 
 def prepare_module():
-    """prepare.py, imported once preflight has checked it against the pin (it is a harness file, and
-    importing it runs it); and only by the commands that need it, since it imports torch."""
+    """prepare.py, imported only once preflight has checked it against the pin (and only when needed: torch)."""
     import prepare
     return prepare
 
 
-# ---------------------------------------------------------------------------
-# `analyze.py run`
-
 def cmd_run(description):
-    """`analyze.py run`: the exit status (0 decided, 2 refused, 130 interrupted)."""
+    """`analyze.py run`. Ctrl-C and SIGTERM stop the child or the evaluator while they run; at any other moment
+    they wait until the run is archived (a half-applied decision is worse than a late exit)."""
+    came = []
     try:
         top = git("rev-parse", "--show-toplevel")
         if not top:
@@ -111,22 +110,16 @@ def cmd_run(description):
         with run_lock(archive):
             plan = preflight(archive, description)
             commit, note = commit_train_py(description, plan.changed)
-            return experiment(archive, plan, commit, note)
+            with on_interrupt(lambda signum, frame: came.append(signum)), \
+                    tempfile.TemporaryDirectory(prefix="auto-log-research-run-") as tmp:
+                child = train(plan, Path(tmp))
+                summary = read_json(Path("run_summary.json"))
+                printed = number(final_block(Path("run.log")).get("val_bpb"))
+                measured = measure(plan, commit, child, summary, Path(tmp), came)
+                run, best, after, runs = archive_and_decide(archive, plan, commit, summary, printed, measured)
     except Refused as e:
         print(f"analyze.py run: refused: {e}", file=sys.stderr)
         return 2
-
-
-def experiment(archive, plan, commit, note):
-    """Train, measure, archive, decide. Ctrl-C and SIGTERM stop the child or the evaluator while they run; at
-    any other moment they wait until the run is archived (a half-applied decision is worse than a late exit)."""
-    came = []
-    with on_interrupt(lambda signum, frame: came.append(signum)), \
-            tempfile.TemporaryDirectory(prefix="auto-log-research-run-") as tmp:
-        child = train(plan, Path(tmp))
-        summary, printed = read_json(Path("run_summary.json")), number(final_block(Path("run.log")).get("val_bpb"))
-        measured = measure(plan, commit, child, summary, Path(tmp), came)
-        run, best, after, runs = archive_and_decide(archive, plan, commit, summary, printed, measured)
     print("\n".join(run_lines(run, best, "; ".join(filter(None, [note, after])), runs, archive)))
     return 130 if measured.stopped == "interrupted" or came else 0
 
@@ -143,12 +136,9 @@ def run_lock(archive):
             raise Refused(f"another `analyze.py run` is in progress in this worktree (pid {f.read().strip() or '?'}); "
                           "wait for it to end") from None
         f.truncate(0)
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        print(os.getpid(), file=f, flush=True)
         yield
 
-# ---------------------------------------------------------------------------
-# Preflight
 
 def preflight(archive, description):
     refuse_untracked_modules()
@@ -156,10 +146,9 @@ def preflight(archive, description):
     branch = current_branch()
     if branch is None:
         raise Refused("HEAD is detached: check out the experiment's branch (`git checkout autoresearch/<tag>`)")
-    worker = worker_name()
     with archive.lock():  # the pin is made on first use, as archiving does
         runs = archive.runs()
-        own = [r for r in runs if r.branch == branch and r.worker == worker]
+        own = [r for r in runs if r.branch == branch and r.worker == worker_name()]
         pin, problem = ensure_pin(branch, [r.id for r in own])
     if problem:
         raise Refused(problem)
@@ -176,8 +165,7 @@ def preflight(archive, description):
     if changed and not description:
         raise Refused('train.py differs from HEAD: say what changed, `uv run analyze.py run "DESCRIPTION"` '
                       "(it becomes the commit message)")
-    head = git("rev-parse", "HEAD").strip()
-    latest = next((r for r in reversed(own) if r.commit == head), None)
+    latest = next((r for r in reversed(own) if r.commit == git("rev-parse", "HEAD").strip()), None)
     if changed and latest and latest.status == "pending" and latest.decision and latest.decision.kind == "rerun":
         raise Refused(f"run {latest.id} of HEAD is a pending rerun: rerun HEAD's train.py first (set your edit aside, "
                       "`git checkout -- train.py`, `uv run analyze.py run`), or give up on HEAD's code with "
@@ -190,14 +178,15 @@ def preflight(archive, description):
         raise Refused(str(e)) from None
     if not (prepare.TOKENIZER_DIR / "tokenizer.pkl").exists():
         raise Refused(f"no tokenizer in {prepare.TOKENIZER_DIR}: run `uv run prepare.py`")
-    budget = float(prepare.TIME_BUDGET)
-    cap = prepare.hard_cap_s(budget, outside_ref(runs, own))
-    return Plan(branch, pin, prepare.PROFILE, budget, cap, changed, sandbox_problem())
+    upcoming = replace(own[-1], id="", archived_at=time.time()) if own else None  # the next run
+    ref = best_code_runs(runs, upcoming, best_of(runs, upcoming)) if own else []
+    outside = max((r.outside_s for r in ref if r.outside_s is not None), default=None)  # the hard cap's reference
+    cap = prepare.hard_cap_s(float(prepare.TIME_BUDGET), outside)
+    return Plan(branch, pin, prepare.PROFILE, cap, changed, sandbox_problem())
 
 
 def refuse_untracked_modules():
-    """A module at the repository root that git does not track: train.py runs with the root first on
-    sys.path, so an argparse.py there would stand in for the standard library's in the child."""
+    """An untracked module at the repository root: first on train.py's sys.path, an argparse.py there would win."""
     tracked = {p.split("/")[0] for p in (git("ls-files", "-z") or "").split("\0") if p}
     for entry in sorted(Path(".").iterdir()):
         found = re.fullmatch(r"([A-Za-z_]\w*)(\.[\w-]+)?\.(py|pyc|pyw|so|pyd)", entry.name) if entry.is_file() else None
@@ -208,9 +197,8 @@ def refuse_untracked_modules():
 
 
 def refuse_startup_files():
-    """A .pth, sitecustomize or usercustomize file in the venv's site-packages runs in every Python process of
-    the venv, the evaluator's included: one that no installed distribution's RECORD lists is code git does not
-    pin (the lock explains the others)."""
+    """A .pth, sitecustomize or usercustomize file in site-packages runs in every Python process, the evaluator's
+    included: one that no installed distribution's RECORD lists is code that neither git nor the lock pins."""
     for site in sorted({sysconfig.get_path("purelib"), sysconfig.get_path("platlib")}):
         listed = {str(f).split("/")[0] for d in importlib.metadata.distributions(path=[site]) for f in d.files or ()}
         for entry in sorted(Path(site).iterdir()):
@@ -218,15 +206,6 @@ def refuse_startup_files():
                     and entry.name not in listed:
                 raise Refused(f"{entry} is in no installed package's RECORD, and Python runs it at every start, the "
                               "evaluator's included: remove it (or `uv sync --reinstall`)")
-
-
-def outside_ref(runs, own):
-    """The largest outside_s of the runs of the best's code (the reference of the hard cap), or None."""
-    if not own:
-        return None
-    upcoming = dataclasses.replace(own[-1], id="", archived_at=time.time())  # the next run, as the latest was made
-    ref = best_code_runs(runs, upcoming, best_of(runs, upcoming))
-    return max((r.outside_s for r in ref if r.outside_s is not None), default=None)
 
 
 def commit_train_py(description, changed):
@@ -241,12 +220,11 @@ def commit_train_py(description, changed):
     return git("rev-parse", "HEAD").strip(), None
 
 # ---------------------------------------------------------------------------
-# Train.py and the evaluator, as children on the parent's clock
+# train.py and the evaluator, as children on the parent's clock; the number
 
 def train(plan, tmp):
-    """train.py in tmp/child, its run directory: the only place it can write when contained, where it writes its
-    outputs and hands off its model. They show in the worktree, where train.py run by hand writes them: as links
-    while it runs, copied once it has ended. stdout and stderr go to run.log."""
+    """train.py in tmp/child, its run directory (the one place it can write, contained), its output to run.log.
+    Its files show in the worktree as train.py run by hand leaves them: links, then copies."""
     work = tmp / "child"
     work.mkdir()
     for name in OUTPUTS:  # an earlier run's files must not pass as this one's
@@ -254,22 +232,24 @@ def train(plan, tmp):
         Path(name).symlink_to(work / name)
     handoff, metrics, child = work / "model.pt", work / "metrics.jsonl", Child(0, 0.0)
 
-    def look(now):
-        """Notes the phases; returns the cap: a run whose training finished is not stopped for want of time."""
+    def look(now, pid):
+        """Notes the phases; returns the cap (a run whose training finished is not stopped for want of time)."""
         if child.first_row_s is None and b"\n" in (read_regular(metrics, 1 << 16) or b""):
-            child.first_row_s = now
+            child.first_row_s, child.cpu_s["first row"] = now, tree_cpu_s(pid)
         if child.handoff_s is None and handoff.exists():
-            child.handoff_s = now
+            child.handoff_s, child.cpu_s["hand-off"] = now, tree_cpu_s(pid)
         return plan.cap_s if child.handoff_s is None else max(plan.cap_s, child.handoff_s + HANDOFF_GRACE_S)
 
-    caches = {"PYTHONPYCACHEPREFIX": "pycache", "TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
-    env = {**os.environ, "AUTORESEARCH_HANDOFF": str(handoff), **{k: str(CHILD_CACHE / v) for k, v in caches.items()}}
+    caches = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}, "PYTHONDONTWRITEBYTECODE": "1",
+           "AUTORESEARCH_HANDOFF": str(handoff), **{k: str(CHILD_CACHE / v) for k, v in caches.items()}}
     for folder in caches.values():
         (CHILD_CACHE / folder).mkdir(parents=True, exist_ok=True)
     box = [] if plan.uncontained else sandbox(prepare_module(), [work, CHILD_CACHE])
-    child.exit_code, child.stopped, child.wall_s = supervise([*box, sys.executable, str(Path("train.py").resolve())],
+    child.exit_code, child.stopped, child.wall_s, child.cpu_s["exit"] = supervise([*box, sys.executable, str(Path("train.py").resolve())],
                                                              Path("run.log"), env, plan.cap_s, look, work)
-    for name, data in ((name, read_regular(work / name)) for name in OUTPUTS):
+    for name in OUTPUTS:
+        data = read_regular(work / name)
         Path(name).unlink(missing_ok=True)
         if data is not None:
             Path(name).write_bytes(data)
@@ -277,8 +257,7 @@ def train(plan, tmp):
 
 
 def sandbox_problem():
-    """Why train.py cannot run contained here, or None: no bwrap, or one that cannot make namespaces (a
-    container that allows none)."""
+    """Why train.py cannot run contained here, or None: no bwrap, or one that cannot make namespaces."""
     if shutil.which("bwrap") is None:
         return "no bwrap on PATH (install the package bubblewrap)"
     out = subprocess.run([*BWRAP, "--", "true"], capture_output=True, text=True)
@@ -286,9 +265,8 @@ def sandbox_problem():
 
 
 def sandbox(prepare, writable, scores=False):
-    """bwrap's arguments for train.py: BWRAP, the GPUs, the paths it reads put back over the private /tmp, the
-    validation and held-out shards and their token caches replaced by empty files (unless scores: the
-    evaluator, which imports train.py, reads them), `writable` writable, the first of them the working directory."""
+    """bwrap's arguments: BWRAP, the GPUs, the paths it reads, the validation and held-out shards and their token
+    caches replaced by empty files (unless scores: the evaluator), `writable` writable, the first the cwd."""
     hidden = () if scores else tuple(Path(name).stem for name in (prepare.VAL_FILENAME, prepare.HELDOUT_FILENAME))
     common = git("rev-parse", "--path-format=absolute", "--git-common-dir")
     seen = [Path.cwd(), Path(sys.prefix), Path(sys.base_prefix), prepare.DATA_DIR, prepare.TOKENIZER_DIR,
@@ -301,23 +279,27 @@ def sandbox(prepare, writable, scores=False):
     return args + ["--chdir", str(writable[0])]
 
 
-def supervise(cmd, log_path, env, cap_s, look=None, cwd=None):
-    """(exit code, None | "timeout" | "interrupted", seconds) of `cmd` run in a session of its own, output to
-    log_path, stopped at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), then SIGKILL after
-    GRACE_S. look(seconds) is called as it runs and may return a new cap. Whatever is left of its process group
-    at the end is killed. A command in bwrap is signalled in the sandbox (bwrap --info-fd names its first
-    process, whose group train.py is in), and a code 128 + N from it is signal N's."""
+def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
+    """(exit code, None | "timeout" | "interrupted", seconds, CPU seconds) of `cmd` in a session of its own, stopped
+    at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), SIGKILL GRACE_S later, its process group killed
+    at the end; look(seconds, pid) may return a new cap. In bwrap, signalled inside (--info-fd); 128 + N from it is
+    signal N. The CPU seconds are the kernel's count for its whole tree (bwrap reaps every process inside)."""
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     info = os.pipe() if cmd[0] == "bwrap" else None
     cmd = [cmd[0], "--info-fd", str(info[1]), *cmd[1:]] if info else cmd
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True, pass_fds=info[1:] if info else ())
-    group = sandbox_pid(info, proc.pid) if info else proc.pid
+    group = proc.pid
+    if info:
+        os.close(info[1])
+        with os.fdopen(info[0], "rb") as f, suppress(ValueError, KeyError, TypeError):  # bwrap closes it once written
+            group = int(json.loads(f.read())["child-pid"])
     spawn, stopped = time.monotonic(), None
     try:
-        with on_interrupt(raise_interrupt):
+        with on_interrupt(signal.default_int_handler):  # raises KeyboardInterrupt
             while not exited(proc, POLL_S):
-                cap_s = (look or (lambda now: None))(time.monotonic() - spawn) or cap_s
+                cap_s = look(time.monotonic() - spawn, proc.pid) or cap_s
                 if time.monotonic() - spawn > cap_s and stopped is None:
                     stopped = "timeout"
                     stop(proc, group, signal.SIGTERM)
@@ -325,48 +307,47 @@ def supervise(cmd, log_path, env, cap_s, look=None, cwd=None):
         stopped = "interrupted"
         stop(proc, group, signal.SIGINT)
     seconds = time.monotonic() - spawn
-    (look or (lambda now: None))(seconds)
+    look(seconds, proc.pid)
     for pgid in {group, proc.pid}:
-        kill_group(pgid, signal.SIGKILL)
-    code = proc.returncode
-    return (128 - code if info and code > 128 else code), stopped, seconds
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, signal.SIGKILL)
+    code, cpu_after = proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = sum(getattr(cpu_after, k) - getattr(cpu_before, k) for k in ("ru_utime", "ru_stime"))
+    return (128 - code if info and code > 128 else code), stopped, seconds, cpu_s
 
 
-def sandbox_pid(info, fallback):
-    """The host pid of the sandbox's first process, from bwrap's --info-fd JSON (fallback when there is none)."""
-    os.close(info[1])
-    with os.fdopen(info[0], "rb") as f:  # bwrap closes it once written
-        try:
-            return int(json.loads(f.read())["child-pid"])
-        except (ValueError, KeyError, TypeError):
-            return fallback
+def tree_cpu_s(root):
+    """CPU seconds so far of process `root` and its descendants, the reaped ones included (/proc's utime, stime,
+    cutime and cstime); 0.0 once it is gone."""
+    parent, cpu = {}, {}
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError, ValueError, IndexError):
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+            pid = int(stat_file.parent.name)
+            parent[pid], cpu[pid] = int(fields[1]), sum(map(int, fields[11:15]))
+    tree, grown = {root}, True
+    while grown:
+        grown = {pid for pid, ppid in parent.items() if ppid in tree} - tree
+        tree |= grown
+    return sum(cpu.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
 def exited(proc, timeout):
-    try:
+    with suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
-        return True
-    except subprocess.TimeoutExpired:
-        return False
+    return proc.returncode is not None
 
 
 def stop(proc, group, sig):
     for s in (sig, signal.SIGKILL):
-        kill_group(group, s)
+        with suppress(ProcessLookupError, PermissionError):  # the group is gone already
+            os.killpg(group, s)
         if exited(proc, GRACE_S):
             return
 
 
-def kill_group(pgid, sig):
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):  # the group is gone already
-        pass
-
-
 def read_regular(path, size=-1):
-    """The bytes of a file train.py wrote, or None when it is missing or no regular file (a link, or a FIFO
-    that would block the harness)."""
+    """The bytes of a file train.py wrote, or None when missing or no regular file (a link, or a blocking FIFO)."""
     try:
         with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW), "rb") as f:
             return f.read(size) if stat.S_ISREG(os.fstat(f.fileno()).st_mode) else None
@@ -374,15 +355,10 @@ def read_regular(path, size=-1):
         return None
 
 
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 @contextmanager
 def on_interrupt(handler):
     """Ctrl-C and SIGTERM handled by handler(signum, frame) inside. A child started inside gets them at their
-    default (a handler, unlike SIG_IGN, is not inherited), even when this process was started with SIGINT
-    ignored, in the background of a script."""
+    default (a handler, unlike SIG_IGN, is not inherited), even when this process was started ignoring SIGINT."""
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -390,55 +366,56 @@ def on_interrupt(handler):
         for s, h in old.items():
             signal.signal(s, h)
 
-# ---------------------------------------------------------------------------
-# The number: what the parent saw, and the model measured by the evaluator
 
 def measure(plan, commit, child, summary, tmp, came=()):
-    """The harness's Measured of this run; the model is evaluated only when train.py ended as it should, or was
-    interrupted once it had handed the model off (so that stopping a run cannot choose which runs count)."""
-    m = Measured(val_bpb=None, wall_s=round(child.wall_s, 3),
-                 first_row_s=None if child.first_row_s is None else round(child.first_row_s, 3))
-    handoff = tmp / "child" / "model.pt"
-    if child.stopped and not (child.stopped == "interrupted" and handoff.exists()):
-        why = "the hard cap of {:.0f} s".format(plan.cap_s) if child.stopped == "timeout" else "Ctrl-C or SIGTERM"
-        m.stopped, m.phase = child.stopped, child.phase
-        m.error = f"train.py was stopped by {why} in {child.phase} after {child.wall_s:.0f} s ({child.phases()})"
+    """The harness's Measured of this run; the model is evaluated only when train.py ended as it should, or once
+    it had handed the model off (so that stopping a run cannot choose which runs count)."""
+    m = Measured(val_bpb=None, wall_s=round(child.wall_s, 3), stopped=child.stopped,
+                 phase=child.phase if child.stopped else None,
+                 first_row_s=None if child.first_row_s is None else round(child.first_row_s, 3),
+                 outside_cpu_s=child.outside_cpu_s())
+    m.error = unmeasurable(plan, child, summary, tmp / "child" / "model.pt")
+    if m.error is None and came:
+        m.stopped, m.phase = "interrupted", "evaluation"
+        m.error = "stopped by Ctrl-C or SIGTERM before the model was measured"
+    if m.error is not None:
         return m
     if child.stopped:
-        m.stopped, m.phase = child.stopped, child.phase
         print("analyze.py run: interrupted after the hand-off: measuring the model (Ctrl-C again stops that)",
               file=sys.stderr, flush=True)
-    error = None if child.stopped else unmeasurable(plan, child, summary, handoff)
-    if error is None and came:
-        m.stopped, m.phase, error = "interrupted", "evaluation", "stopped by Ctrl-C or SIGTERM before the model was measured"
-    if error is not None:
-        m.error = error
-        return m
-    out, stopped, eval_s = evaluate(commit, tmp, EVALUATOR_CAP_S[plan.profile], not plan.uncontained)
+    cap_s = EVALUATOR_CAP_S[plan.profile]
+    out, stopped, eval_s = evaluate(commit, tmp, cap_s, not plan.uncontained)
     m.eval_s = round(eval_s, 3)
     if stopped:
+        why = f"its cap of {cap_s:.0f} s" if stopped == "timeout" else "Ctrl-C or SIGTERM"
         m.stopped, m.phase = stopped, "evaluation"
-        why = f"its cap of {EVALUATOR_CAP_S[plan.profile]:.0f} s" if stopped == "timeout" else "Ctrl-C or SIGTERM"
         m.error = f"the evaluator was stopped by {why} ({child.phases()}, evaluation {eval_s:.1f} s)"
         return m
     for key in ("val_bpb", "heldout_bpb", "future_leak", "speed_before", "speed_after"):
         setattr(m, key, number(out.get(key)))
-    m.error = None if m.val_bpb is not None else f"the evaluator failed: {out.get('error') or 'no number'}"
-    if m.val_bpb is not None:
+    if m.val_bpb is None:
+        m.error = f"the evaluator failed: {out.get('error') or 'no number'}"
+    else:
         with open("run.log", "a") as log:  # the final block is the last thing train.py printed
             log.write(f"val_bpb:          {m.val_bpb:.6f}\nmeasured_by:      harness\n")
     return m
 
 
 def unmeasurable(plan, child, summary, handoff):
-    """Why the run cannot be measured, or None: train.py must exit 0 with its summary and its final block,
-    hand off its model, and leave the harness as it found it."""
+    """Why the model cannot be measured, or None: train.py must exit 0 with its summary and its final block, hand
+    off its model and leave the harness as it found it (or be interrupted after the hand-off)."""
+    if child.stopped == "interrupted" and handoff.exists():
+        return None
+    if child.stopped:
+        why = f"the hard cap of {plan.cap_s:.0f} s" if child.stopped == "timeout" else "Ctrl-C or SIGTERM"
+        return f"train.py was stopped by {why} in {child.phase} after {child.wall_s:.0f} s ({child.phases()})"
     if child.exit_code != 0:
         how = (f"was killed by signal {signal.Signals(-child.exit_code).name}" if child.exit_code < 0
                else f"exited with code {child.exit_code}")
         return f"train.py {how} (its traceback, if any, is in run.log)"
     if (summary or {}).get("status") != "ok":
-        return f"train.py exited 0, but run_summary.json {'says ' + repr(summary.get('status')) if summary else 'is missing'}"
+        said = f"says {summary.get('status')!r}" if summary else "is missing"
+        return f"train.py exited 0, but run_summary.json {said}"
     if not final_block(Path("run.log")):
         return "train.py exited 0 without its final `---` block in run.log"
     if not handoff.exists():
@@ -448,19 +425,18 @@ def unmeasurable(plan, child, summary, handoff):
 
 
 def evaluate(commit, tmp, cap_s, contained):
-    """(the evaluator's JSON, None | "timeout" | "interrupted", seconds). It reads the committed train.py and a
-    bytecode folder made after train.py ended; the inductor cache is the profile's own (harness/evaluate.py).
-    Contained as train.py is (it imports train.py), with the shards it scores, writing only tmp and that cache."""
+    """(the evaluator's JSON, None | "timeout" | "interrupted", seconds): harness/evaluate.py on the committed
+    train.py, contained as train.py is but with the shards it scores, writing only tmp and the inductor cache."""
     (tmp / "train.py").write_text(train_py_at(commit) or "")
     prepare = prepare_module()
     inductor = prepare.TOKENIZER_DIR.parent / "inductor"
     inductor.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
     box = sandbox(prepare, [tmp, inductor], scores=True) if contained else []
-    cmd = box + [sys.executable, "-I", "-B", "-X", f"pycache_prefix={tmp / 'eval-pycache'}",
+    cmd = box + [sys.executable, "-I", "-B",
            str(Path(__file__).resolve().parent / "evaluate.py"), "--handoff", str(tmp / "child" / "model.pt"),
            "--train-py", str(tmp / "train.py"), "--out", str(tmp / "eval.json")]
-    code, stopped, seconds = supervise(cmd, tmp / "evaluator.log", env, cap_s)
+    _, stopped, seconds, _ = supervise(cmd, tmp / "evaluator.log", env, cap_s)
     out = read_json(tmp / "eval.json") or {"error": last_line((tmp / "evaluator.log").read_text(errors="replace"))}
     return out, stopped, seconds
 
@@ -468,40 +444,22 @@ def evaluate(commit, tmp, cap_s, contained):
 # The run record, archived; the decision, applied
 
 def archive_and_decide(archive, plan, commit, summary, printed, measured):
-    """(the archived Run, the best it was judged against, what happened to train.py). `printed`: a val_bpb
-    train.py's final block held before the harness appended its own (under the harness it prints none)."""
+    """(the archived Run, the best it was judged against, what happened to train.py, all runs). `printed`: a
+    val_bpb in train.py's final block before the harness appended its own (under the harness it prints none)."""
     with archive.lock():
         runs = archive.runs()
-        run = new_run(archive, commit, summary, measured, plan.branch, plan.pin, plan.profile, runs)
+        run = new_run(archive, commit, summary, measured, plan.branch, plan.pin, runs)
         run.contained = plan.uncontained is None
         run.notes += [f"uncontained: train.py ran outside a sandbox: {plan.uncontained}"] if plan.uncontained else []
         if measured.stopped:  # stopped by the harness: that is how train.py ended
             run.trained.outcome = measured.stopped
         if run.trained.reported_val_bpb is None:
             run.trained.reported_val_bpb = printed
-        best = store(archive, run, runs, train_py_at(commit) or "", ran_tree=False, metrics=True)
-        if run.val_bpb is not None:
-            run.caught = caught(run, best, runs)
-        run.statuses = [StatusChange(first_status(run), now_utc(), "archive")]
-        run.decision = decide(run, runs)
-        archive.save(run)
-        after = apply(archive, run, best, runs)
-        everything = publish(archive, run, runs)
-    return run, best, after, everything
+        return (run, *file_run(archive, run, runs, train_py_at(commit) or "", ran_tree=False, metrics=True))
 
 
-def publish(archive, run, runs):
-    """analysis.md and plots of the run, progress.png and results.tsv of all: derived, rebuilt whole."""
-    everything = runs + [run]
-    write_analysis(run, everything, archive)
-    draw_progress(everything, archive.progress)
-    archive.rebuild(everything)
-    return everything
-
-
-def apply(archive, run, best, runs):
-    """The decision's status (keep, discard, crash; a rerun stays pending, an invalid run stays invalid) and
-    what happened to train.py, in one line."""
+def apply(archive, run, best):
+    """The decision's status applied (a rerun stays pending, an invalid run invalid); what became of train.py."""
     kind = run.decision.kind
     if kind in ("keep", "discard", "crash") and run.status == "pending":
         try:
@@ -512,31 +470,28 @@ def apply(archive, run, best, runs):
         return f"train.py: kept; commit {run.commit[:7]} is the branch's best now"
     if kind == "rerun":
         return "train.py: unchanged; rerun it as it is with `uv run analyze.py run`"
-    target = next((r for r in runs if r.id == run.decision.best_id), best)
-    return restore_train_py(target) if target else "train.py: unchanged, there is no best to restore it from"
-
-
-def restore_train_py(best):
-    """After a discard or a crash: train.py back to the best's, in a commit of its own."""
+    if best is None:
+        return "train.py: unchanged, there is no best to restore it from"
     if git("rev-parse", "HEAD:train.py") == git("rev-parse", f"{best.commit}:train.py"):
         return f"train.py: unchanged, it is the best's ({best.id})"
     for args in (["checkout", best.commit, "--", "train.py"],
                  ["commit", "-q", "-m", f"Restore train.py from {best.commit[:7]}", "--", "train.py"]):
         out = subprocess.run(["git", *args], capture_output=True, text=True)
         if out.returncode != 0:
-            return f"train.py: restoring the best's failed (`git {args[0]}`: {last_line(out.stderr)}); restore it by hand"
+            why = f"`git {args[0]}`: {last_line(out.stderr)}"
+            return f"train.py: restoring the best's failed ({why}); restore it by hand"
     return f"train.py: restored from the best {best.id} in commit {git('rev-parse', '--short=7', 'HEAD').strip()}"
 
 
-def new_run(archive, commit, summary, measured, branch, pin, profile, runs):
+def new_run(archive, commit, summary, measured, branch, pin, runs):
     """The Run of this commit from run_summary.json (train.py's word) and the harness's Measured (or None)."""
     s = summary or {}
     worker = worker_name()
     latest = next((r for r in reversed(runs) if r.worker == worker), None)
-    harness = s.get("harness") if isinstance(s.get("harness"), dict) else (latest.harness if latest else {"profile": profile})
-    description = (git("log", "-1", "--format=%s", commit) or "").strip()
-    if (s.get("git") or {}).get("dirty"):
-        description += UNCOMMITTED
+    harness = s.get("harness") if isinstance(s.get("harness"), dict) else \
+        latest.harness if latest else {"profile": prepare_module().PROFILE}
+    dirty = UNCOMMITTED if (s.get("git") or {}).get("dirty") else ""
+    description = (git("log", "-1", "--format=%s", commit) or "").strip() + dirty
     return Run(id=archive.new_id(commit), commit=commit, description=description, branch=branch, worker=worker,
                started_at=number((s.get("timings") or {}).get("started_at")), archived_at=time.time(),
                harness=harness, gpu=gpu_class({**s, "harness": harness}), code_sha="", pin=pin,
@@ -544,19 +499,30 @@ def new_run(archive, commit, summary, measured, branch, pin, profile, runs):
                trained=trained_of(s), measured=measured, caught=[], decision=None, statuses=[], evidence={})
 
 
-def store(archive, run, runs, source, ran_tree, metrics):
-    """The evidence beside run.json (run.log, metrics.jsonl when it is this run's, diff.patch of train.py as
-    it ran against the best) with their sha256, and the run's code_sha and best_id; returns the best or None."""
+def file_run(archive, run, runs, source, ran_tree, metrics):
+    """Saves run with its evidence (run.log, metrics.jsonl when it is this run's, diff.patch against the best), and
+    if the harness measured it its caught cases and decision, applied; rebuilds analysis.md, progress.png and
+    results.tsv. (the best, what happened to train.py, all runs)"""
     best = best_of(runs + [run], run)
     run.best_id, run.code_sha = (best.id if best else None), code_sha(source)
     run_dir = archive.run_dir(run.id)
     for name in ("run.log", "metrics.jsonl") if metrics else ("run.log",):
         if Path(name).exists():
             shutil.copyfile(name, run_dir / name)
-    against = [] if best is None else [best.commit] if ran_tree else [best.commit, run.commit]
-    (run_dir / "diff.patch").write_text((git("diff", "--no-color", *against, "--", "train.py") or "") if best else "")
+    diff = git("diff", "--no-color", best.commit, *([] if ran_tree else [run.commit]), "--", "train.py") if best else ""
+    (run_dir / "diff.patch").write_text(diff or "")
     run.evidence = evidence(run_dir)
-    return best
+    if run.measured and run.val_bpb is not None:
+        run.caught = caught(run, best, runs)
+    run.statuses = [StatusChange(first_status(run), now_utc(), "archive")]
+    run.decision = decide(run, runs) if run.measured else None
+    archive.save(run)
+    after = apply(archive, run, best) if run.decision else None
+    everything = runs + [run]
+    write_analysis(run, everything, archive)
+    draw_progress(everything, archive.progress)
+    archive.rebuild(everything)
+    return best, after, everything
 
 
 def first_status(run):
@@ -570,80 +536,71 @@ def first_status(run):
 # The bare `analyze.py`: the run in the working directory, train.py's word only, never decided
 
 def archive_here():
-    """Archive the run that run_summary.json, metrics.jsonl and run.log in this directory describe; 0 once
-    archived (or already), 1 when there is nothing to archive."""
+    """Archive the run that run_summary.json, metrics.jsonl and run.log here describe; 0 archived (or already)."""
     log, summary_path = Path("run.log"), Path("run_summary.json")
     if not log.exists() and not summary_path.exists():
         print("analyze.py: nothing to archive here: no run_summary.json and no run.log; run "
               "`uv run train.py > run.log 2>&1` first", file=sys.stderr)
         return 1
-    archive = Archive.here()
-    head = (git("rev-parse", "HEAD") or "").strip()
+    archive, head = Archive.here(), (git("rev-parse", "HEAD") or "").strip()
     with archive.lock():
         runs = archive.runs()
         summary, error, stale = read_summary(summary_path, log, runs)
-        commit = ((summary or {}).get("git") or {}).get("commit") or head
-        started = number(((summary or {}).get("timings") or {}).get("started_at"))
+        s = summary or {}
+        commit = (s.get("git") or {}).get("commit") or head
+        started = number((s.get("timings") or {}).get("started_at"))
         done = next((r for r in runs if r.commit == commit and same_run(r, started, log)), None)
         if done:
             print(f"analyze.py: this run is archived already, as {done.id}")
             return 0
-        branch, worker = current_branch(), worker_name()
-        own = [r.id for r in runs if r.branch == branch and r.worker == worker]
+        branch = current_branch()
+        own = [r.id for r in runs if r.branch == branch and r.worker == worker_name()]
         pin, problem = ensure_pin(branch, own) if branch else (None, None)  # made on first use, as by `run`
-        profile = ((summary or {}).get("harness") or {}).get("profile") or prepare_module().PROFILE
-        run = new_run(archive, commit, summary, None, branch, pin, profile, runs)
+        run = new_run(archive, commit, summary, None, branch, pin, runs)
         run.notes += [problem] if problem else []
-        run.notes += [f"HEAD has moved to {head[:7]} since this run: archived under the commit it ran"] \
-            if head and commit != head else []
+        if head and commit != head:
+            run.notes.append(f"HEAD has moved to {head[:7]} since this run: archived under the commit it ran")
         if error:
             run.trained.outcome, run.trained.error = "crash", error
-        ran = Path("train.py").read_text() if Path("train.py").exists() else ""
-        expected = ((summary or {}).get("git") or {}).get("train_py_sha256")
-        ran_tree = expected in (None, sha256_file("train.py"))
-        best = store(archive, run, runs, ran if ran_tree else train_py_at(commit) or "", ran_tree, metrics=not stale)
-        run.statuses = [StatusChange(first_status(run), now_utc(), "archive")]
-        archive.save(run)
-        everything = publish(archive, run, runs)
+        ran_tree = (s.get("git") or {}).get("train_py_sha256") in (None, sha256_file("train.py"))
+        source = Path("train.py").read_text() if ran_tree and Path("train.py").exists() else train_py_at(commit)
+        best, _, everything = file_run(archive, run, runs, source or "", ran_tree, metrics=not stale)
     note = f"archived by hand: val_bpb is train.py's own number, not measured by the harness; {error or 'not decided'}"
     print("\n".join(run_lines(run, best, note, everything, archive)))
     return 0
 
 
 def read_summary(path, log, runs):
-    """(this run's summary or None, why the run is a crash or None, whether the summary is stale): missing,
-    corrupt, stale (left by an earlier run: this one died before RunRecorder wrote its own), or claiming ok
-    without run.log's final block of the same val_bpb (train.py prints it last)."""
-    if not path.exists():
-        return None, "no run_summary.json: the process ended before writing it (killed, e.g. out of memory)", False
+    """(this run's summary or None, why the run is a crash or None, whether the summary is an earlier run's): the
+    summary missing, unreadable, stale, or claiming ok without run.log's final block to back it."""
     summary = read_json(path)
     if summary is None:
-        return None, "run_summary.json is unreadable: recorded as a crash of HEAD from run.log", False
+        why = ("run_summary.json is unreadable: recorded as a crash of HEAD from run.log" if path.exists() else
+               "no run_summary.json: the process ended before writing it (killed, e.g. out of memory)")
+        return None, why, False
     timings = summary.get("timings") or {}
     started, finished = number(timings.get("started_at")), number(timings.get("finished_at")) or path.stat().st_mtime
     archived = next((r for r in runs if started is not None and r.started_at == started
                      and r.commit == (summary.get("git") or {}).get("commit")), None)
     if log.exists() and (archived.evidence.get("run.log") != sha256_file(log) if archived
                          else log.stat().st_mtime - finished > STALE_SLACK_S):
-        return None, "run_summary.json was left by an earlier run (run.log is newer): this run crashed before writing one", True
-    said = number(summary.get("val_bpb"))
-    block = final_block(log).get("val_bpb")
+        why = "run_summary.json was left by an earlier run (run.log is newer): this run crashed before writing one"
+        return None, why, True
+    said, block = number(summary.get("val_bpb")), final_block(log).get("val_bpb")
     if summary.get("status") == "ok" and said is not None and block != f"{said:.6f}":
         where = f"its final block says val_bpb {block}" if block else "it has no final `---` block"
-        return summary, f"run_summary.json claims ok with val_bpb {said:.6f}, but run.log does not back it ({where})", False
+        why = f"run_summary.json claims ok with val_bpb {said:.6f}, but run.log does not back it ({where})"
+        return summary, why, False
     return summary, None, False
 
 
 def same_run(r, started, log):
-    """r is the run in this directory: the same start, or for a run with no summary the same run.log, archived
-    after it was last written."""
+    """r is the run here: the same start, or with no summary the same run.log, archived after it was written."""
     if started is not None:
         return r.started_at == started
     return r.started_at is None and log.exists() and r.evidence.get("run.log") == sha256_file(log) \
         and r.archived_at >= log.stat().st_mtime
 
-# ---------------------------------------------------------------------------
-# Small readers
 
 def read_json(path):
     """A JSON object from a file, or None when it is missing or unreadable."""

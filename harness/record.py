@@ -3,18 +3,17 @@ The record of a run: one typed `run.json` per run directory, and the archive of 
 
 A run.json holds what ran (commit, code, harness, machine), what train.py said about itself (Trained), what
 the harness measured (Measured; None for a run archived by hand), the cases it caught, its decision, its
-status history, and the sha256 of each evidence file beside it. results.tsv is derived from the run
+status history and the sha256 of each evidence file beside it. results.tsv is derived from the run
 directories, rebuilt whole under the archive lock: no number is stored twice.
 
-    from harness.record import Archive
     archive = Archive.here()            # AUTORESEARCH_ARCHIVE, or .auto-log-research at the repository root
     runs = archive.runs()               # every Run, oldest first
     run.val_bpb, run.status, run.code_sha, run.outside_s
 
-The harness pin, `refs/auto-log-research/pins/<branch>`, names the commit where the branch began; the
-pinned harness is every tracked .py file but train.py, tests/ and contrib/. The agent's git commands never
-move a ref outside refs/heads; only `analyze.py repin` (a human at a terminal) moves a pin, and the reflog
-keeps every earlier one. Every git call passes --no-replace-objects: a `git replace` cannot swap a pin.
+The harness pin, `refs/auto-log-research/pins/<branch>`, names the commit where the branch began; the pinned
+harness is every tracked .py file but train.py, tests/ and contrib/. The agent's git commands never move a ref
+outside refs/heads; only `analyze.py repin` (a human at a terminal) moves a pin, and the reflog keeps every
+earlier one. Every git call passes --no-replace-objects: a `git replace` cannot swap a pin.
 """
 import dataclasses
 import fcntl
@@ -29,10 +28,10 @@ import subprocess
 import sys
 import time
 import tokenize
-import typing
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 SCHEMA = "auto-log-research run 2"
 STATUSES = ("pending", "keep", "discard", "crash", "invalid")
@@ -48,6 +47,7 @@ COLUMNS = ("commit", "val_bpb", "memory_gb", "status", "description",   # karpat
 PIN_REFS = "refs/auto-log-research/pins/"
 WORKER_MAX_CHARS = 80      # a worker's name is a results.tsv field and a directory name
 LOG_TAIL_BYTES = 8192      # run.log's final block is in its last few lines
+LAYOUT = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)  # tokens of layout, not code
 FIX = "restore it from a backup, or move the run directory aside (`uv run analyze.py audit` lists every problem)"
 CONVERT = "`uv run contrib/convert.py` converts the previous version's runs"
 
@@ -57,14 +57,12 @@ class RecordError(Exception):
 
 
 def number(value):
-    """A finite float from a JSON number, a numeric string or None; None for anything else (NaN, '', 'n/a')."""
-    if isinstance(value, bool) or value is None:
-        return None
+    """A finite float from a JSON number or a numeric string; None for anything else (None, a bool, NaN, 'n/a')."""
     try:
         x = float(value)
     except (TypeError, ValueError):
         return None
-    return x if math.isfinite(x) else None
+    return x if math.isfinite(x) and not isinstance(value, bool) else None
 
 
 def now_utc():
@@ -77,7 +75,7 @@ def now_utc():
 @dataclass
 class Trained:
     """What train.py said about itself (its run_summary.json): train.py's word, not checked here."""
-    outcome: str                       # how train.py ended: one of OUTCOMES
+    outcome: Literal[OUTCOMES]         # how train.py ended
     reported_val_bpb: float | None     # the val_bpb train.py printed; None under `analyze.py run` (it hands off)
     training_seconds: float | None = None
     total_seconds: float | None = None
@@ -96,8 +94,7 @@ class Trained:
 
 @dataclass
 class Measured:
-    """What the harness measured itself: train.py's process on the harness's clock, and the handed-off model
-    scored by harness/evaluate.py in a process of its own."""
+    """What the harness measured: train.py's process on its clock, the handed-off model by harness/evaluate.py."""
     val_bpb: float | None              # THE number of the run
     heldout_bpb: float | None = None
     future_leak: float | None = None   # how far logits moved when only later tokens changed (0 when causal)
@@ -106,6 +103,7 @@ class Measured:
     eval_s: float | None = None        # the evaluator's seconds
     wall_s: float | None = None        # train.py's process, spawn to exit
     first_row_s: float | None = None   # spawn to the first row of metrics.jsonl
+    outside_cpu_s: float | None = None  # CPU seconds of train.py's processes before that row and after the hand-off
     stopped: str | None = None         # "timeout" or "interrupted" when the harness stopped a process
     phase: str | None = None           # where: "start-up", "training", "hand-off" or "evaluation"
     error: str | None = None           # why there is no number, one line
@@ -125,7 +123,7 @@ class Caught:
 
 @dataclass
 class Decision:
-    kind: str                # keep | rerun | discard | crash
+    kind: Literal[KINDS]
     reason: str              # one phrase
     delta: float | None      # mean val_bpb of this code's runs minus the mean of the best code's
     band: float | None       # noise band for that difference of means
@@ -135,20 +133,16 @@ class Decision:
 
     def line(self):
         """One line, the first of analysis.md and of what `analyze.py run` prints."""
-        if self.best_id is None:
-            facts = f"no best yet (n {self.n})"
-        elif self.n == 0:
-            facts = f"vs best {self.best_id}"
-        else:
-            delta = "n/a" if self.delta is None else f"{self.delta:+.6f}"
-            band = "unknown" if self.band is None else f"±{self.band:.6f}"
-            facts = f"delta {delta} vs best {self.best_id} (band {band}, n {self.n} vs {self.m})"
+        delta = "n/a" if self.delta is None else f"{self.delta:+.6f}"
+        band = "unknown" if self.band is None else f"±{self.band:.6f}"
+        facts = (f"no best yet (n {self.n})" if self.best_id is None else f"vs best {self.best_id}" if self.n == 0
+                 else f"delta {delta} vs best {self.best_id} (band {band}, n {self.n} vs {self.m})")
         return f"decision: {self.kind} — {facts}: {self.reason}"
 
 
 @dataclass
 class StatusChange:
-    status: str     # one of STATUSES
+    status: Literal[STATUSES]
     at: str         # UTC, ISO 8601 (now_utc())
     by: str         # "archive" (first status), "harness" (its decision), "analyze.py status" (by hand)
 
@@ -185,8 +179,7 @@ class Run:
 
     @property
     def val_bpb(self):
-        """The harness's measurement, or for a run archived by hand train.py's own; None when the run did not
-        finish. A caught run keeps its number, but its status is invalid."""
+        """The harness's measurement, or train.py's own for a run archived by hand; None when it did not finish."""
         if self.measured is not None:
             return self.measured.val_bpb
         return self.trained.reported_val_bpb if self.trained.outcome == "ok" else None
@@ -197,8 +190,7 @@ class Run:
 
     @property
     def outside_s(self):
-        """Wall-clock seconds of train.py's process outside its training budget, never negative; None when it
-        trained for no counted second (nothing is outside a budget it never entered)."""
+        """Seconds of train.py's process outside its training budget (>= 0); None when it trained no counted second."""
         wall = self.measured.wall_s if self.measured else self.trained.total_seconds
         train = self.trained.training_seconds
         return None if wall is None or not train else max(0.0, wall - train)
@@ -218,8 +210,7 @@ class Run:
 
     @classmethod
     def from_dict(cls, d):
-        """Typed and validated: RecordError on a missing or unknown field, a wrong type or a value outside its
-        set (callers name the file)."""
+        """Typed and validated, or RecordError naming the field (callers name the file)."""
         if not isinstance(d, dict):
             raise RecordError(f"holds a JSON {type(d).__name__}, not an object")
         if d.get("schema", SCHEMA) != SCHEMA:
@@ -227,38 +218,34 @@ class Run:
         return _typed(d, cls, "run")
 
 
-_hints = functools.cache(typing.get_type_hints)
-ALLOWED = {(Trained, "outcome"): OUTCOMES, (StatusChange, "status"): STATUSES, (Decision, "kind"): KINDS}
-
-
 def _typed(value, hint, where):
     """`value` as the annotation `hint` wants it (an int where a float is wanted becomes one), or RecordError."""
-    args = typing.get_args(hint)
+    args, origin = get_args(hint), get_origin(hint) or hint
     if type(None) in args:      # `X | None`, the only union used
         return None if value is None else _typed(value, args[0], where)
-    origin = typing.get_origin(hint) or hint
+    if origin is Literal:
+        if value in args:
+            return value
+        raise RecordError(f"{where} is {value!r}, not one of {', '.join(args)}")
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        hints = _hints(hint)
-        unknown = sorted(set(value) - set(hints))
+        fields = {f.name: f for f in dataclasses.fields(hint)}
+        unknown = sorted(set(value) - set(fields))
         if unknown:
             raise RecordError(f"{where} has unknown field(s) {', '.join(unknown)}")
-        missing = [f.name for f in dataclasses.fields(hint) if f.name not in value
+        missing = [name for name, f in fields.items() if name not in value
                    and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
         if missing:
             raise RecordError(f"{where}.{missing[0]} is missing")
-        for k, allowed in ((k, ALLOWED.get((hint, k))) for k in value):
-            if allowed and value[k] not in allowed:
-                raise RecordError(f"{where}.{k} is {value[k]!r}, not one of {', '.join(allowed)}")
-        return hint(**{k: _typed(v, hints[k], f"{where}.{k}") for k, v in value.items()})
+        return hint(**{k: _typed(v, fields[k].type, f"{where}.{k}") for k, v in value.items()})
     if origin is list and isinstance(value, list):
-        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+        return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict and isinstance(value, dict):
         return {k: _typed(v, args[1], f"{where}[{k!r}]") for k, v in value.items()} if args else value
-    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+    if hint is float and type(value) in (int, float):   # JSON's types: a bool is no number
         if not math.isfinite(value):
             raise RecordError(f"{where} is {value}, not a finite number")
         return float(value)
-    if hint in (int, str, bool) and isinstance(value, hint) and (hint is bool or not isinstance(value, bool)):
+    if hint in (int, str, bool) and type(value) is hint:
         return value
     name = getattr(origin, "__name__", str(origin))
     raise RecordError(f"{where} is {json.dumps(value)[:40]}, not {'an object' if name[0].isupper() else name}")
@@ -277,6 +264,7 @@ def load_run(path):
         raise RecordError(f"{path}: not readable JSON ({str(e).splitlines()[0]}); {FIX}") from None
     except RecordError as e:
         raise RecordError(f"{path}: {e}; {FIX}") from None
+
 
 def trained_of(s):
     """Trained from a run_summary.json's dict ({}: a crash that wrote none): the one reading of train.py's word."""
@@ -298,7 +286,6 @@ def gpu_class(s):
     if (s.get("harness") or {}).get("profile") == "cpu" or not name:
         return "cpu"
     return re.sub(r"^NVIDIA\s+", "", " ".join(str(name).split()))
-
 
 # ---------------------------------------------------------------------------
 # Files, git and code
@@ -330,13 +317,12 @@ def git(*args, cwd=None, stdin=None, raw=False):
                              input=None if stdin is None else stdin.encode())
     except OSError:  # no git at all
         return None
-    if out.returncode != 0:
+    if out.returncode:
         return None
     return out.stdout if raw else out.stdout.decode("utf-8", errors="replace")
 
 
 def train_py_at(commit):
-    """train.py as `commit` holds it, or None (no such commit, or no train.py in it)."""
     return git("show", f"{commit}:train.py")
 
 
@@ -353,12 +339,8 @@ def final_block(path):
     return {k.strip(): v.strip() for k, v in pairs}
 
 
-LAYOUT = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)
-
-
 def _tokens(source):
-    """(type, text) of train.py's tokens but comments and blank lines; for a file that does not tokenize (a
-    syntax error), each word of its lines that are no comment."""
+    """(type, text) of the code's tokens; for a file that does not tokenize, each word of its non-comment lines."""
     try:
         return [(t.type, "" if t.type in LAYOUT else t.string) for t in tokenize.generate_tokens(
             io.StringIO(source).readline) if t.type not in (tokenize.COMMENT, tokenize.NL, tokenize.ENCODING)]
@@ -368,14 +350,12 @@ def _tokens(source):
 
 
 def code_sha(source):
-    """First 12 hex digits of the sha256 of train.py's code: equal for two train.py that differ only in
-    comments, blank lines, spacing and line endings, so a comment-only change repeats the code before it."""
+    """12 hex digits of train.py's code: a change to comments, blank lines or spacing only repeats the code."""
     return hashlib.sha256("\n".join(f"{t} {s}" for t, s in _tokens(source)).encode()).hexdigest()[:12]
 
 
 def code_size(source):
-    """Tokens of code, layout aside (comments, line breaks, indentation): what "simpler" counts, so joining
-    two lines with `;` adds a token rather than removing a line."""
+    """Tokens of code, layout aside: what "simpler" counts, so joining two lines with `;` adds a token."""
     return sum(t not in LAYOUT for t, _ in _tokens(source))
 
 
@@ -416,7 +396,6 @@ def rev_parse(rev):
 
 
 def read_pin(branch):
-    """Full sha of the commit pinned for `branch`, or None."""
     return rev_parse(PIN_REFS + branch)
 
 
@@ -435,9 +414,8 @@ def pinned_blobs(commit):
 
 
 def harness_changes(pin, recorded=None):
-    """The working tree's harness files against `pin`, one phrase per file that differs; with `recorded`
-    ({path: sha256} of the harness files as train.py saw them when it started), also a file edited while
-    it trained and restored before it was archived."""
+    """The working tree's harness files against `pin`, one phrase per file that differs; with `recorded` ({path:
+    sha256} as train.py saw them at its start), also a file edited while it trained and restored since."""
     root, pinned = _root(), pinned_blobs(pin)
     tracked = [p for p in (git("ls-files", "-z", "--full-name", cwd=root) or "").split("\0") if p and _pinned(p)]
     present = [p for p in sorted(set(pinned) | set(tracked)) if (root / p).is_file()]
@@ -454,8 +432,8 @@ def harness_changes(pin, recorded=None):
 
 
 def ensure_pin(branch, earlier_run_ids):
-    """(pin, None), pinning HEAD first when `branch` has none and no run was archived on it yet (the set-up
-    of an experiment); (None, why) when the branch cannot be pinned without a human."""
+    """(pin, None), pinning HEAD first when `branch` has none and no run was archived on it yet (an experiment's
+    set-up); (None, why) when only a human can pin it."""
     pin = read_pin(branch)
     if pin:
         return pin, None
@@ -475,8 +453,7 @@ def ensure_pin(branch, earlier_run_ids):
 
 
 def move_pin(branch, commit):
-    """Re-pin `branch` at `commit` (humans only, `analyze.py repin`); the reflog keeps the earlier pins. False
-    when the ref moved meanwhile or `commit` is none."""
+    """Re-pin `branch` at `commit` (humans only); False when `commit` is none or the pin moved meanwhile."""
     old, new = read_pin(branch), rev_parse(commit)
     message = f"repin: from {old[:7] if old else 'none'} to {(new or '')[:7]}"
     return new is not None and git("update-ref", "--create-reflog", "-m", message, PIN_REFS + branch, new,
@@ -486,44 +463,32 @@ def move_pin(branch, commit):
 # The archive
 
 
-_held = {}   # archive directory -> how deep this process holds its lock (flock is per open file, not per process)
-
-
-def _shown(path):
-    """`path` relative to the working directory when inside it (prints as .auto-log-research/...), else absolute."""
-    path = Path(os.path.normpath(Path(path).absolute()))
-    return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-
-
 def evidence(run_dir):
     """{file name: sha256} of the evidence files present in a run directory: what run.json keeps."""
     return {name: sha256_file(Path(run_dir) / name) for name in EVIDENCE if (Path(run_dir) / name).is_file()}
 
 
-def _tsv(value, spec=""):
-    return " ".join(("" if value is None else format(value, spec)).split())  # a tab or newline would tear the row
-
-
 def results_row(run):
-    """The run's results.tsv fields, in COLUMNS order; val_bpb 0.000000 and memory_gb 0.0 where
-    karpathy/autoresearch writes them for a crash."""
+    """The run's results.tsv fields; a crash has val_bpb 0.000000 and memory_gb 0.0, as karpathy/autoresearch's."""
+    def tsv(value, spec=""):
+        return " ".join(("" if value is None else format(value, spec)).split())  # a tab or newline would tear the row
+
     vram, val, m = run.trained.peak_vram_mb, run.val_bpb, run.measured
     return [run.commit[:7], f"{val or 0.0:.6f}", f"{(vram or 0.0) / 1024 if run.status != 'crash' else 0.0:.1f}",
-            run.status, _tsv(run.description), run.id, _tsv(run.branch), _tsv(run.worker), _tsv(run.gpu),
-            run.harness_key, run.code_sha, run.trained.outcome, _tsv(run.trained.num_steps),
-            _tsv(m and m.heldout_bpb, ".6f"), _tsv(m and m.speed, ".1f"), _tsv(run.outside_s, ".1f"),
-            _tsv(run.cases), run.decision.kind if run.decision else ""]
+            run.status, tsv(run.description), run.id, tsv(run.branch), tsv(run.worker), tsv(run.gpu),
+            run.harness_key, run.code_sha, run.trained.outcome, tsv(run.trained.num_steps),
+            tsv(m and m.heldout_bpb, ".6f"), tsv(m and m.speed, ".1f"), tsv(run.outside_s, ".1f"),
+            tsv(run.cases), run.decision.kind if run.decision else ""]
 
 
 def results_text(runs):
-    """results.tsv, derived: a header of COLUMNS and one row per run, oldest first."""
     return "".join("\t".join(row) + "\n" for row in [list(COLUMNS)] + [results_row(r) for r in runs])
 
 
 class Archive:
-    """The run directories, results.tsv derived from them, and the lock every writer holds. `dir` may be shared
-    by many worktrees and machines (AUTORESEARCH_ARCHIVE); `local` is this worktree's own notes
-    (insights.md, ideas_queue.md) and run.lock."""
+    """The run directories, results.tsv derived from them, and the lock every writer holds. `dir` may be shared by
+    worktrees and machines (AUTORESEARCH_ARCHIVE); `local` is this worktree's own (insights.md, run.lock)."""
+    held = {}   # archive directory -> how deep this process holds its lock (flock is per open file, not per process)
 
     def __init__(self, dir, local=None):
         self.dir = Path(dir)
@@ -533,27 +498,32 @@ class Archive:
 
     @classmethod
     def here(cls):
+        """This repository's archive, relative to the working directory when inside it (.auto-log-research/...)."""
+        def shown(path):
+            path = Path(os.path.normpath(path.absolute()))
+            return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
+
         root, chosen = _root(), os.environ.get("AUTORESEARCH_ARCHIVE")
-        local = _shown(root / ARCHIVE_NAME)
-        return cls(_shown(root / os.path.expanduser(chosen)) if chosen else local, local)
+        local = shown(root / ARCHIVE_NAME)
+        return cls(shown(root / os.path.expanduser(chosen)) if chosen else local, local)
 
     def run_dir(self, run_id):
         return self.dir / run_id
 
     @contextmanager
     def lock(self):
-        """Serialises every writer, from any worktree or machine sharing the archive; the kernel drops the lock
-        if the holder is killed. Re-entrant within one process."""
+        """Serialises every writer, from any worktree or machine sharing the archive; the kernel drops the lock if
+        the holder is killed. Re-entrant within one process."""
         self.dir.mkdir(parents=True, exist_ok=True)
         key = str(self.dir.resolve())
-        with ExitStack() as stack:
-            if not _held.get(key):
-                fcntl.flock(stack.enter_context(open(self.dir / ".lock", "a")), fcntl.LOCK_EX)
-            _held[key] = _held.get(key, 0) + 1
+        with open(self.dir / ".lock", "a") as f:
+            if not self.held.get(key):
+                fcntl.flock(f, fcntl.LOCK_EX)
+            self.held[key] = self.held.get(key, 0) + 1
             try:
                 yield
             finally:
-                _held[key] -= 1
+                self.held[key] -= 1
 
     def run_dirs(self):
         """Directories holding a run.json, or named like a run id (<commit7>[-n]), by name."""
@@ -562,9 +532,8 @@ class Archive:
                       and ((p / RUN_JSON).exists() or re.fullmatch(r"[0-9a-f]{7}(-\d+)?", p.name)))
 
     def runs(self):
-        """Every readable run.json, oldest first; each unreadable one is named once on stderr and skipped (its
-        directory left as it is), those of the previous version in one line. An empty directory is an id
-        reserved by a writer: skipped quietly."""
+        """Every readable run.json, oldest first; each unreadable one is named once on stderr and skipped, those of
+        the previous version in one line. An empty directory is an id reserved by a writer: skipped quietly."""
         runs, old = [], []
         for path in self.run_dirs():
             try:
@@ -598,15 +567,14 @@ class Archive:
             return hits[0]
         if hits:
             raise RecordError(f"{prefix!r} matches several runs ({' '.join(r.id for r in hits)}); give the full run id")
-        skipped = [line for run_id, line in self._problems.items() if run_id.startswith(prefix)]
-        if skipped:
-            raise RecordError(skipped[0])
+        for run_id, line in self._problems.items():
+            if run_id.startswith(prefix):
+                raise RecordError(line)
         latest = " ".join(r.id for r in runs[-8:]) or "none yet"
         raise RecordError(f"no run {prefix!r} in {self.dir} (latest: {latest}); `uv run analyze.py list` lists them")
 
     def new_id(self, commit):
-        """<commit7>, else <commit7>-2, -3, ...: the first id whose directory this process creates (mkdir is
-        atomic, so two writers never get one id)."""
+        """<commit7>, else <commit7>-2, -3, ...: the first whose directory this process creates (mkdir is atomic)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         n = 1
         while True:
@@ -633,35 +601,29 @@ class Archive:
         write_atomic(self.results, results_text(self.runs() if runs is None else runs))
 
     def set_status(self, run, status, by):
-        """Give `run` a status, appended to its history (callers hold the lock); RecordError when the rules
-        refuse it, with nothing changed. The same status again changes nothing."""
-        refusal = status_refusal(self, run, status)
-        if refusal:
-            raise RecordError(refusal)
+        """Append `status` to the run's history and rebuild (callers hold the lock); the same status again changes
+        nothing. RecordError, with nothing changed, when the rules refuse it."""
+        if status not in STATUSES:
+            raise RecordError(f"{status!r} is no status ({', '.join(STATUSES)})")
+        if run.status == "invalid" and status != "invalid":
+            why = run.cases or "; ".join(run.harness_changes) or "see its analysis.md"
+            raise RecordError(f"run {run.id} is invalid ({why}), so its status cannot change")
+        if status == "keep":
+            if run.val_bpb is None:
+                raise RecordError(f"run {run.id} has no val_bpb (outcome {run.trained.outcome}): it cannot be kept")
+            if run.caught:
+                raise RecordError(f"run {run.id} was caught ({run.cases}): it cannot be kept")
+            if run.description.endswith(UNCOMMITTED):
+                raise RecordError(f"run {run.id} ran train.py with uncommitted changes, so keeping it would make the "
+                                  "best a commit whose train.py was never measured; commit the change and rerun, or "
+                                  "discard it")
+            problems = evidence_problems(self.run_dir(run.id), run)
+            if problems:
+                raise RecordError(f"run {run.id} cannot be kept: {problems[0]} (`uv run analyze.py audit` lists all)")
         if status != run.status:
             run.statuses.append(StatusChange(status, now_utc(), by))
             self.save(run)
             self.rebuild()
-
-
-def status_refusal(archive, run, status):
-    """Why `run` cannot be given `status`, in one line; None when it can."""
-    if status not in STATUSES:
-        return f"{status!r} is no status ({', '.join(STATUSES)})"
-    if run.status == "invalid" and status != "invalid":
-        why = run.cases or "; ".join(run.harness_changes) or "see its analysis.md"
-        return f"run {run.id} is invalid ({why}), so its status cannot change"
-    if status != "keep":
-        return None
-    if run.val_bpb is None:
-        return f"run {run.id} has no val_bpb (outcome {run.trained.outcome}): it cannot be kept"
-    if run.caught:
-        return f"run {run.id} was caught ({run.cases}): it cannot be kept"
-    if run.description.endswith(UNCOMMITTED):
-        return (f"run {run.id} ran train.py with uncommitted changes, so keeping it would make the best a commit whose "
-                "train.py was never measured; commit the change and rerun, or discard it")
-    problems = evidence_problems(archive.run_dir(run.id), run)
-    return f"run {run.id} cannot be kept: {problems[0]} (`uv run analyze.py audit` lists all)" if problems else None
 
 # ---------------------------------------------------------------------------
 # Audit: each run against its evidence, itself and its pin; results.tsv against its derivation
@@ -692,24 +654,18 @@ def record_problems(run):
     return [problem for failed, problem in checks if failed]
 
 
-def _branch_commits(branch):
-    out = git("rev-list", f"refs/heads/{branch}", "--")
-    return None if out is None else set(out.split())
-
-
 def pin_problems(run, pins, commits, me):
     """The run's pin: still one of its branch's pins, on the branch; a kept run's commit on its branch. Another
     worker's run whose branch and pin this clone does not hold lives in another clone: not checked here."""
     branch, pin = run.branch, run.pin
     if not branch or (not pin and run.harness_changes):  # detached HEAD, or no pin: already its harness_changes
         return []
-    history, commits = pins(branch), commits(branch)
+    history, commits = pins(branch), commits(branch)   # commits: None when the branch no longer exists
     if run.worker != me and commits is None and pin not in history:
         return []
     if not pin:
         return ["run.json names no pin"]
-    kept = run.status == "keep"
-    known = ", ".join(p[:7] for p in history) or "none"
+    known, kept = ", ".join(p[:7] for p in history) or "none", run.status == "keep"
     checks = [(pin not in history,
                f"archived under pin {pin[:7]}, which is not one of branch {branch}'s pins (now: {known})"),
               (pin in history and commits is not None and pin not in commits,
@@ -728,31 +684,30 @@ def results_problems(archive, runs):
         return [f"{archive.results}: missing; `uv run analyze.py rebuild` writes it"] if runs else []
     if have == results_text(runs):
         return []
-    rows = [line.split("\t") for line in have.splitlines()]
-    header, lines = rows[0] if rows else [], []
+    fix = (f"{archive.results}: differs from the run directories (edited by hand?); `uv run analyze.py rebuild` "
+           "rewrites it from them")
+    header, *rows = [line.split("\t") for line in have.splitlines()] or [[]]
     if header != list(COLUMNS):
-        lines.append(f"{archive.results}: its header is not the archive's ({' '.join(header[:6])} ...)")
-    else:
-        have_rows = {row[5]: row for row in rows[1:] if len(row) > 5}
-        for run in runs:
-            row, expected = have_rows.pop(run.id, None), results_row(run)
-            diff = [f"{c} {a!r} (run.json: {b!r})" for c, a, b in zip(COLUMNS, (row or []) + [""] * len(COLUMNS),
-                                                                       expected) if a != b]
-            if row is None or diff:
-                lines.append(f"{run.id}: " + ("results.tsv has no row for it" if row is None else
-                                              f"results.tsv says {', '.join(diff)}"))
-        lines += [f"{run_id}: results.tsv lists it, but no run directory holds it" for run_id in have_rows]
-    return lines + [f"{archive.results}: differs from the run directories (edited by hand?); `uv run analyze.py "
-                    "rebuild` rewrites it from them"]
+        return [f"{archive.results}: its header is not the archive's ({' '.join(header[:6])} ...)", fix]
+    by_id, lines = {row[5]: row for row in rows if len(row) > 5}, []
+    for run in runs:
+        row = by_id.pop(run.id, None)
+        said = [f"{c} {a!r} (run.json: {b!r})" for c, a, b in zip(COLUMNS, (row or []) + [""] * len(COLUMNS),
+                                                                  results_row(run)) if a != b]
+        if row is None or said:
+            lines.append(f"{run.id}: results.tsv " + (f"says {', '.join(said)}" if row else "has no row for it"))
+    return lines + [f"{run_id}: results.tsv lists it, but no run directory holds it" for run_id in by_id] + [fix]
 
 
 def audit(archive):
-    """Every problem of the archive, one line each `<run id>: <problem>`: each run's evidence against its
-    sha256, its harness against its branch's pin, its record's consistency, run directories without a
-    readable run.json, results.tsv against its derivation, and the working tree's harness against the pin
-    the next run will be checked against. Callers hold the lock."""
-    runs, me = archive.runs(), worker_name()
-    pins, commits = functools.cache(pin_history), functools.cache(_branch_commits)
+    """Every problem of the archive, one line each `<run id>: <problem>` (callers hold the lock): each run against
+    its evidence, itself and its pin, unreadable run directories, results.tsv, and the working tree's harness."""
+    @functools.cache
+    def commits(branch):
+        out = git("rev-list", f"refs/heads/{branch}", "--")
+        return None if out is None else set(out.split())
+
+    runs, me, pins = archive.runs(), worker_name(), functools.cache(pin_history)
     lines = [f"{name}: {line}" for name, line in archive._problems.items()]
     lines += [f"{path.name}: an empty run directory (an archive killed before it wrote); remove it"
               for path in archive.run_dirs() if not any(path.iterdir())]

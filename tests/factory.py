@@ -40,7 +40,8 @@ def make_run(val_bpb=2.43, *, status="pending", steps=30, speed=25.0, outside_s=
                    num_steps=steps, peak_vram_mb=0.0, num_params_M=3.4, depth=4, config={"DEPTH": 4},
                    timings={"startup_s": STARTUP_S, "warmup_s": 0.0, "eval_s": CURVE_S, "final_eval_s": HANDOFF_S})
     meas = dict(val_bpb=val_bpb, heldout_bpb=None if val_bpb is None else val_bpb + 0.04, future_leak=0.0,
-                speed_before=speed, speed_after=speed, eval_s=8.0, wall_s=BUDGET + outside, first_row_s=STARTUP_S)
+                speed_before=speed, speed_after=speed, eval_s=8.0, wall_s=BUDGET + outside, first_row_s=STARTUP_S,
+                outside_cpu_s=STARTUP_S)
     run = dict(id=f"r{n:06d}", commit=f"{n:040x}", description=f"run {n}", branch="autoresearch/test",
                worker="w", started_at=1000.0 * n, archived_at=1000.0 * n + 90, harness=CPU_HARNESS, gpu="cpu",
                code_sha="base", pin="p" * 40, harness_changes=[], caught=[], decision=None,
