@@ -16,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 for _name in [name for name in os.environ if name.startswith("AUTORESEARCH_")]:
     del os.environ[_name]
 
+# One torch thread per test process: the suite runs in as many processes as there are cores (pyproject's addopts),
+# and threads that outnumber the cores spin-wait (a cpu experiment ran 2.6x slower for it on a busy 2-core box)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Inductor's cache of its own, per session: the suite neither reads nor fills the user's. Seen here: after a
 # suite run under OMP_NUM_THREADS=1 had filled the shared /tmp/torchinductor_<user>, test_compile aborted
 # inside a cached CPU kernel when run with two threads; with a fresh cache it passes either way
