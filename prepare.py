@@ -1,8 +1,7 @@
 """
-One-time data preparation, and the fixed data runtime every experiment's number comes out of: downloads the
-data shards (the cpu profile builds them from the standard library's prose), trains the BPE tokenizer and
-tokenizes every shard once. train.py imports the tokenizer, the packed dataloader and the fixed bits-per-byte
-metric. A held-out shard, never trained on, is scored by the harness alone (harness/evaluate.py).
+One-time data preparation, and the fixed data runtime every experiment's number comes out of: downloads the data
+shards (the cpu profile builds them from the standard library's prose), trains the BPE tokenizer, tokenizes every
+shard once. train.py imports the tokenizer, the packed dataloader and the fixed bits-per-byte metric.
 
 Usage:
     uv run prepare.py                              # 10 training shards + the validation and held-out shards, tokenizer
@@ -16,6 +15,7 @@ Data and tokenizer live in $AUTORESEARCH_CACHE (default ~/.cache/autoresearch; t
 
 import argparse
 import bisect
+import collections.abc
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -116,8 +116,7 @@ CPU_SEED = 1337             # fixed shuffle: the same standard library always gi
 DOWNLOAD_ATTEMPTS = 5       # tries per shard before giving up
 RETRY_BACKOFF_S = 1.0       # sleep before retry k is RETRY_BACKOFF_S * 2**(k-1): 1+2+4+8 s at most
 CONNECT_TIMEOUT_S = 5.0     # per address: a host name with several addresses takes a multiple of it
-READ_TIMEOUT_S = 30.0       # a stalled transfer is retried
-GIVE_UP_S = 55.0            # no retry starts this long after a shard's last received byte
+READ_TIMEOUT_S = 20.0       # a stalled transfer is retried
 PINNED_SLOTS = 3            # host staging buffers in flight per CUDA loader
 
 
@@ -139,11 +138,10 @@ class ProgressLine:
     """One live line on a terminal; in a log file, a whole line every `every_s` s at most (not a megabyte of \r)."""
 
     def __init__(self, every_s=5.0, stream=None):
-        self.every_s, self.stream = every_s, stream or sys.stdout
-        self.live, self.last = self.stream.isatty(), -math.inf
+        self.every_s, self.stream, self.last = every_s, stream or sys.stdout, -math.inf
 
     def update(self, text, end=""):
-        if self.live:
+        if self.stream.isatty():
             self.stream.write("\r\033[K" + text + end)  # \033[K: erase the rest of the old line
         elif end or time.monotonic() - self.last >= self.every_s:
             self.stream.write(text + "\n")
@@ -157,53 +155,31 @@ class ProgressLine:
 # Data: climbmix shards downloaded (gpu profile) or built from standard-library prose (cpu profile)
 # ---------------------------------------------------------------------------
 
-def _row_groups(path):
-    """The `text` column of a shard, a row group at a time; ValueError unless all of it reads as strings."""
-    try:
-        pf = pq.ParquetFile(path)
-        columns = dict(zip(pf.schema_arrow.names, map(str, pf.schema_arrow.types)))
-        if columns.get("text") not in ("string", "large_string"):
-            raise ValueError(f"no 'text' column of strings (columns: {columns})")
-        for rg in range(pf.num_row_groups):
-            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
-    except (pa.ArrowException, OSError) as e:
-        raise ValueError(str(e).splitlines()[0] if str(e) else type(e).__name__) from e
-
-
 def download_shard(index, base_url, data_dir, stop):
-    """Download one shard whole or not at all, retrying connection trouble, 5xx/429 and broken bodies with backoff
-    until GIVE_UP_S after the mirror's last byte (a dead mirror fails in a minute); PrepareError names the URL."""
+    """Download one shard whole or not at all; its size in MB. Connection trouble, a 5xx/429 and a broken body are
+    retried with backoff, DOWNLOAD_ATTEMPTS tries in all; then a PrepareError names the URL and the last reason."""
     dest = Path(data_dir) / shard_name(index)
     url, tmp = f"{base_url.rstrip('/')}/{dest.name}", dest.with_name(f".{dest.name}.{os.getpid()}.part")
-    last_byte = time.monotonic()
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
         try:
-            with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S),
-                              headers={"Accept-Encoding": "identity"}) as r:
-                if 400 <= r.status_code < 500 and r.status_code != 429:
-                    raise PrepareError(f"{url} answered HTTP {r.status_code}")
+            with requests.get(url, stream=True, timeout=(CONNECT_TIMEOUT_S, READ_TIMEOUT_S)) as r:
                 r.raise_for_status()
                 with open(tmp, "wb") as f:
                     for chunk in r.iter_content(chunk_size=1 << 20):
-                        if stop.is_set():
-                            raise PrepareError(f"download of {url} cancelled")
+                        if stop.is_set():  # another shard failed
+                            return 0.0
                         f.write(chunk)
-                        last_byte = time.monotonic()
-            for _ in _row_groups(tmp):  # a body cut short or an HTML error page is no shard
+            for _ in read_texts(tmp):  # a body cut short or an HTML error page is no shard
                 pass
             os.replace(tmp, dest)
-            return
+            return dest.stat().st_size / 1e6
         except requests.RequestException as e:
             reason = type(e).__name__ if e.response is None else f"HTTP {e.response.status_code}"
-        except ValueError as e:
-            reason = f"not a parquet shard with a text column: {e}"
-        except OSError as e:  # disk full, permissions: not worth a retry
-            raise PrepareError(f"could not write {tmp} ({e.strerror or e}): free space or fix permissions "
-                               f"under {data_dir}, then re-run `uv run prepare.py`") from e
+        except PrepareError:
+            reason = "not a parquet shard with a text column"
         finally:
             tmp.unlink(missing_ok=True)
-        wait = RETRY_BACKOFF_S * 2 ** (attempt - 1)
-        if attempt == DOWNLOAD_ATTEMPTS or time.monotonic() + wait - last_byte > GIVE_UP_S or stop.wait(wait):
+        if attempt == DOWNLOAD_ATTEMPTS or stop.wait(RETRY_BACKOFF_S * 2 ** (attempt - 1)):
             break
     raise PrepareError(f"could not download {url} ({reason}, {attempt} attempts)")
 
@@ -215,23 +191,17 @@ def download_data(num_shards, download_workers=8, base_url=None, data_dir=None):
     data_dir.mkdir(parents=True, exist_ok=True)
     ids = list(range(min(num_shards, HELDOUT_SHARD))) + [HELDOUT_SHARD, VAL_SHARD]
     todo = [i for i in ids if not (data_dir / shard_name(i)).exists()]
-    if not todo:
-        print(f"Data: all {len(ids)} shards already at {data_dir}")
-        return
-    print(f"Data: downloading {len(todo)} shards from {base_url} ({len(ids) - len(todo)} already there)")
-    stop, progress, t0, mb = threading.Event(), ProgressLine(every_s=10.0), time.time(), 0.0
+    print(f"Data: {len(ids) - len(todo)} of {len(ids)} shards at {data_dir}, {len(todo)} to fetch from {base_url}")
+    stop = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(max(1, download_workers)) as pool:
         futures = {pool.submit(download_shard, i, base_url, data_dir, stop): i for i in todo}
         try:
             for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-                future.result()  # the first failure stops every other download
-                mb += (data_dir / shard_name(futures[future])).stat().st_size / 1e6
-                progress.update(f"Data: {done}/{len(todo)} shards | {mb:,.1f} MB | {mb / (time.time() - t0):.1f} MB/s")
-        except BaseException:
+                mb = future.result()  # the first failure stops every other download
+                print(f"Data: {done}/{len(todo)} {shard_name(futures[future])} ({mb:,.1f} MB)", flush=True)
+        finally:  # after a failure, or Ctrl-C, nothing else starts and every transfer stops
             stop.set()
             pool.shutdown(cancel_futures=True)
-            raise
-    progress.done(f"Data: {len(ids)} shards ready at {data_dir} ({mb:,.1f} MB in {time.time() - t0:.0f}s)")
 
 
 def _module_prose(path):
@@ -249,15 +219,16 @@ def _module_prose(path):
 
 def _group_paragraphs(text, max_chars=CPU_DOC_CHARS):
     """Paragraphs that read like prose (80% letters and spaces), joined in order into documents of max_chars."""
-    docs = [""]
+    docs = []
     for para in re.split(r"\n\s*\n", re.sub(r"(?m)^[ \t]+", "", text)):
         para = para.strip()
         if not para or sum(c.isalpha() or c.isspace() for c in para) < 0.8 * len(para):
             continue
-        if docs[-1] and len(docs[-1]) + 2 + len(para) > max_chars:
-            docs.append("")
-        docs[-1] = f"{docs[-1]}\n\n{para}" if docs[-1] else para
-    return [doc for doc in docs if doc]
+        if docs and len(docs[-1]) + 2 + len(para) <= max_chars:
+            docs[-1] += "\n\n" + para
+        else:
+            docs.append(para)
+    return docs
 
 
 def stdlib_documents():
@@ -279,15 +250,11 @@ def split_documents(groups, num_train_shards=CPU_TRAIN_SHARDS):
     rng.shuffle(names)
     total = sum(len(d) for docs in groups.values() for d in docs)
     seen, val, heldout, train = set(), [], [], []
+    shares = ((val, CPU_VAL_FRACTION), (heldout, CPU_HELDOUT_FRACTION))
     for name in names:
         fresh = [d for d in dict.fromkeys(groups[name]) if d not in seen]  # each document once
         seen.update(fresh)
-        if sum(map(len, val)) < CPU_VAL_FRACTION * total:
-            val.extend(fresh)
-        elif sum(map(len, heldout)) < CPU_HELDOUT_FRACTION * total:
-            heldout.extend(fresh)
-        else:
-            train.extend(fresh)
+        next((split for split, share in shares if sum(map(len, split)) < share * total), train).extend(fresh)
     for split in (val, train, heldout):
         rng.shuffle(split)
     bounds = np.linspace(0, len(train), num_train_shards + 1).astype(int)
@@ -295,9 +262,7 @@ def split_documents(groups, num_train_shards=CPU_TRAIN_SHARDS):
 
 
 def _write_shard(texts, dest):
-    tmp = dest.with_name(f".{dest.name}.part")
-    pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), tmp, row_group_size=1024)
-    os.replace(tmp, dest)
+    _save(dest, lambda f: pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), f, row_group_size=1024))
 
 
 def build_cpu_shards():
@@ -310,7 +275,6 @@ def build_cpu_shards():
     t0 = time.time()
     (TOKENIZER_DIR / "tokenizer.pkl").unlink(missing_ok=True)
     train, val, heldout = split_documents(stdlib_documents())
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
     for name, texts in zip(names, train + [val, heldout]):
         _write_shard(texts, DATA_DIR / name)
     print(f"Data: built {len(names)} cpu shards from the standard library of Python {platform.python_version()} "
@@ -329,17 +293,22 @@ def shard_paths(split, data_dir=None):
     else:
         paths = [data_dir / pinned[split]] if (data_dir / pinned[split]).exists() else []
     if not paths:
-        what = {"train": "training shard", "val": "validation shard", "heldout": "held-out shard", "dev": "dev slice"}
-        raise PrepareError(f"no {what[split]} in {data_dir}: run `uv run prepare.py`")
+        raise PrepareError(f"no {pinned.get(split, 'training shard')} in {data_dir}: run `uv run prepare.py`")
     return paths
 
 
 def read_texts(path):
-    """Yield the `text` column of a shard one row group at a time; a broken file is a clear error."""
+    """Yield the `text` column of a shard one row group at a time; a broken file is a one-line PrepareError."""
     try:
-        yield from _row_groups(path)
-    except ValueError as e:
-        raise PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({e}): "
+        pf = pq.ParquetFile(path)
+        columns = dict(zip(pf.schema_arrow.names, map(str, pf.schema_arrow.types)))
+        if columns.get("text") not in ("string", "large_string"):
+            raise ValueError(f"no 'text' column of strings (columns: {columns})")
+        for rg in range(pf.num_row_groups):
+            yield pf.read_row_group(rg, columns=["text"]).column("text").to_pylist()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PrepareError(f"{path} is corrupt or not a parquet shard with a text column ({reason}): "
                            "delete it and re-run `uv run prepare.py`") from e
 
 
@@ -354,8 +323,7 @@ def _training_text(paths, max_chars, doc_cap):
 
 def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
     """Train BPE with rustbpe on the training shards only; save a tiktoken encoding and the byte table."""
-    tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
-    vocab_size = vocab_size or VOCAB_SIZE
+    tokenizer_dir, vocab_size = Path(tokenizer_dir or TOKENIZER_DIR), vocab_size or VOCAB_SIZE
     if (tokenizer_dir / "tokenizer.pkl").exists() and (tokenizer_dir / "token_bytes.pt").exists():
         print(f"Tokenizer: already trained at {tokenizer_dir}")
         return
@@ -371,30 +339,21 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
                             special_tokens=specials)
     test = "Hello world! Numbers: 123456. Unicode: 你好 naïve café 🦀\n\t tabs and\r\nnewlines"
     assert enc.decode(enc.encode_ordinary(test)) == test, "tokenizer round-trip failed"
-    token_bytes = metric_token_bytes(enc)
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    _save(tokenizer_dir / "token_bytes.pt", lambda f: torch.save(token_bytes, f))
+    _save(tokenizer_dir / "token_bytes.pt", lambda f: torch.save(Tokenizer(enc).token_bytes(), f))
     _save(tokenizer_dir / "tokenizer.pkl", lambda f: pickle.dump(enc, f))  # last: it means "trained"
     print(f"Tokenizer: trained in {time.time() - t0:.1f}s (vocab_size={enc.n_vocab}), saved to {tokenizer_dir}")
 
 
 def _save(path, write):
-    """Write a file whole or not at all."""
+    """Write a file whole or not at all, making its folder."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def metric_token_bytes(enc):
-    """int32 (vocab_size,): each token's bytes in bits per byte, by karpathy/autoresearch's rule: the UTF-8 length
-    of the token decoded alone (part of a multi-byte character decodes to U+FFFD: 3); special tokens count 0."""
-    texts = (enc.decode([i]) for i in range(enc.n_vocab))
-    specials = enc.special_tokens_set
-    return torch.tensor([0 if t in specials else len(t.encode("utf-8")) for t in texts], dtype=torch.int32)
 
 # ---------------------------------------------------------------------------
 # Runtime: tokenizer, token cache and packed dataloader (imported by train.py)
@@ -422,8 +381,7 @@ class Tokenizer:
         return self.bos_token_id
 
     def encode(self, text, prepend=None, num_threads=8):
-        """Token ids of a string (list) or of a list of strings (list of lists); `prepend` is a
-        special-token string or id put in front of each."""
+        """Token ids of a string, or of each string of a list; `prepend`: a special token (string or id) put first."""
         if isinstance(prepend, str):
             prepend = self.enc.encode_single_token(prepend)
         if isinstance(text, str):
@@ -436,42 +394,33 @@ class Tokenizer:
         return self.enc.decode(ids)
 
     def token_bytes(self, device="cpu"):
-        """The metric's byte table (metric_token_bytes), from the encoding: token_bytes.pt is never read back."""
-        return metric_token_bytes(self.enc).to(device)
-
-
-def _token_cache_paths(tokenizer, shard):
-    cache = shard.parent / "tokens" / tokenizer.fingerprint
-    return cache / f"{shard.stem}.tokens.npy", cache / f"{shard.stem}.offsets.npy"
-
-
-def cache_tokens(tokenizer, shard):
-    """Tokenize one shard into (tokens: uint16/int32 flat array, offsets: int64 document boundaries)."""
-    tok_path, off_path = _token_cache_paths(tokenizer, shard)
-    # offsets are written last, so their presence means the pair is whole; a shard rebuilt since is redone
-    if off_path.exists() and off_path.stat().st_mtime_ns >= shard.stat().st_mtime_ns:
-        return
-    dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32
-    pieces, lengths = [np.zeros(0, dtype)], [0]
-    for texts in read_texts(shard):
-        rows = tokenizer.encode(texts, num_threads=os.cpu_count() or 1)
-        lengths += map(len, rows)
-        pieces.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=sum(map(len, rows))))
-    tok_path.parent.mkdir(parents=True, exist_ok=True)
-    for path, array in ((tok_path, np.concatenate(pieces)), (off_path, np.cumsum(lengths, dtype=np.int64))):
-        _save(path, lambda f: np.save(f, array))
+        """int32 (vocab_size,), the metric's bytes per token, AR's rule: the UTF-8 length of the token decoded alone
+        (part of a multi-byte character decodes to U+FFFD: 3), special tokens 0. token_bytes.pt is never read back."""
+        texts = (self.enc.decode([i]) for i in range(self.enc.n_vocab))
+        specials = self.enc.special_tokens_set
+        return torch.tensor([0 if t in specials else len(t.encode()) for t in texts], dtype=torch.int32).to(device)
 
 
 def load_tokens(tokenizer, shard):
-    """The cached (tokens, offsets) of a shard, building the cache first if needed."""
-    cache_tokens(tokenizer, shard)
-    tok_path, off_path = _token_cache_paths(tokenizer, shard)
+    """A shard's (tokens: uint16/int32 flat array, memory-mapped; offsets: int64 document boundaries), tokenized
+    once into .npy files named by the tokenizer's fingerprint."""
+    cache = shard.parent / "tokens" / tokenizer.fingerprint
+    tok_path, off_path = cache / f"{shard.stem}.tokens.npy", cache / f"{shard.stem}.offsets.npy"
+    # offsets are written last, so their presence means the pair is whole; a shard rebuilt since is redone
+    if not (off_path.exists() and off_path.stat().st_mtime_ns >= shard.stat().st_mtime_ns):
+        dtype = np.uint16 if tokenizer.get_vocab_size() <= 2**16 else np.int32
+        pieces, lengths = [np.zeros(0, dtype)], [0]
+        for texts in read_texts(shard):
+            rows = tokenizer.encode(texts, num_threads=os.cpu_count() or 1)
+            lengths += map(len, rows)
+            pieces.append(np.fromiter(itertools.chain.from_iterable(rows), dtype=dtype, count=sum(map(len, rows))))
+        _save(tok_path, lambda f: np.save(f, np.concatenate(pieces)))
+        _save(off_path, lambda f: np.save(f, np.cumsum(lengths, dtype=np.int64)))
     return np.load(tok_path, mmap_mode="r"), np.load(off_path)
 
 
 def _document_batches(tokenizer, paths, batch_docs=LOADER_BATCH_DOCS):
-    """Infinite (tokens, offsets, epoch): up to batch_docs documents of one row group at a time, epoch after epoch,
-    as karpathy/autoresearch's loader tokenizes and buffers them; here slices of the token cache."""
+    """(tokens, offsets, epoch) forever: up to batch_docs documents of one row group at a time, as AR's loader reads."""
     for epoch in itertools.count(1):
         ndocs = 0
         for path in paths:
@@ -487,12 +436,11 @@ def _document_batches(tokenizer, paths, batch_docs=LOADER_BATCH_DOCS):
             raise PrepareError(f"no documents in {', '.join(map(str, paths))}: re-run `uv run prepare.py`")
 
 
-class _DataLoader:
-    """Iterator of (inputs, targets, epoch), int64 (B, T), over BOS-aligned best-fit packed rows: each row takes
-    the largest buffered document that fits (ties: the oldest); when none fits, the shortest is cropped to fill
-    the row exactly. No padding. The buffer is kept sorted by length, so a placement is a bisect, not a scan; the
-    choices are karpathy/autoresearch's, row for row. On CUDA a batch is staged in one of PINNED_SLOTS pinned host
-    buffers and copied without blocking; a slot is refilled only once the event behind its last copy completed."""
+class _DataLoader(collections.abc.Iterator):
+    """(inputs, targets, epoch), int64 (B, T), over BOS-aligned best-fit packed rows, karpathy/autoresearch's row for
+    row: each row takes the largest buffered document that fits (ties: the oldest), else crops the shortest to fill
+    the row exactly. The buffer is kept sorted by length: a placement is a bisect, not a scan. On CUDA a batch is
+    staged in one of PINNED_SLOTS pinned host buffers, refilled once the event behind its last copy completed."""
 
     def __init__(self, batches, bos, B, T, device, buffer_size=LOADER_BUFFER_DOCS):
         self.batches, self.bos, self.buffer_size, self.device = batches, bos, buffer_size, torch.device(device)
@@ -503,7 +451,7 @@ class _DataLoader:
         self.rows = np.empty((B, T + 1), dtype=np.int64)
         if self.device.type == "cuda":
             self.slots = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(PINNED_SLOTS)]
-            self.events, self.step = [None] * PINNED_SLOTS, 0
+            self.events, self.slot_ids = [None] * PINNED_SLOTS, itertools.cycle(range(PINNED_SLOTS))
 
     @property
     def crop_fraction(self):
@@ -540,17 +488,13 @@ class _DataLoader:
                 self.cropped_tokens += n - take
         return self.epoch
 
-    def __iter__(self):
-        return self
-
     def __next__(self):
         epoch = self.fill(self.rows)
         inputs_targets = [self.rows[:, :-1], self.rows[:, 1:]]  # targets: the same rows shifted by one
         if self.device.type != "cuda":
             batch = torch.from_numpy(np.stack(inputs_targets))
             return batch[0], batch[1], epoch
-        k = self.step % PINNED_SLOTS
-        self.step += 1
+        k = next(self.slot_ids)
         if self.events[k] is not None:
             self.events[k].synchronize()  # the slot's previous copy has landed on the device
         np.stack(inputs_targets, out=self.slots[k].numpy())
@@ -569,29 +513,21 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFF
     return _DataLoader(batches, tokenizer.get_bos_token_id(), B, T, device, buffer_size)
 
 
-def pinned_documents(tokenizer, data_dir=None):
-    """Indices of the validation shard's documents that the pinned rows (the first EVAL_TOKENS // MAX_SEQ_LEN)
-    hold, whole or cropped: the packer replayed, less what is still in its buffer after the last pinned row."""
-    path, n_rows = shard_paths("val", data_dir)[0], EVAL_TOKENS // MAX_SEQ_LEN
-    packer = _DataLoader(_document_batches(tokenizer, [path]), tokenizer.get_bos_token_id(), 1, MAX_SEQ_LEN, "cpu")
-    for _ in range(n_rows):
-        if packer.fill(packer.rows) > 1:
-            raise PrepareError(f"the validation shard {path.name} is too small for its pinned rows ({n_rows} rows of "
-                               f"{MAX_SEQ_LEN} tokens, and a dev slice beside them): is the mirror climbmix's?")
-    offsets = load_tokens(tokenizer, path)[1]
-    buffered = {int(np.searchsorted(offsets, start)) for _, start in packer.refs}
-    return set(range(packer.loaded_docs)) - buffered
-
-
 def build_dev_slice(tokenizer, data_dir=None):
-    """Write DEV_FILENAME, the validation documents no pinned row holds, for train.py's curve (evaluate_bpb_sample)
-    without the validation shard. Rebuilt when the shard or the tokenizer (which decides the packing) is newer."""
+    """Write DEV_FILENAME for train.py's curve: the validation documents that no pinned row holds, whole or cropped
+    (the packer replayed). Rebuilt when the shard or the tokenizer (which decides the packing) is newer."""
     data_dir = Path(data_dir or DATA_DIR)
-    val, dest = data_dir / VAL_FILENAME, data_dir / DEV_FILENAME
+    val, dest, n_rows = data_dir / VAL_FILENAME, data_dir / DEV_FILENAME, EVAL_TOKENS // MAX_SEQ_LEN
     newest = max(val.stat().st_mtime_ns, (Path(tokenizer.directory) / "tokenizer.pkl").stat().st_mtime_ns)
     if dest.exists() and dest.stat().st_mtime_ns >= newest:
         return
-    pinned = pinned_documents(tokenizer, data_dir)  # leaves at least the packer's buffer outside
+    packer = _DataLoader(_document_batches(tokenizer, [val]), tokenizer.get_bos_token_id(), 1, MAX_SEQ_LEN, "cpu")
+    for _ in range(n_rows):
+        if packer.fill(packer.rows) > 1:
+            raise PrepareError(f"the validation shard {val.name} is too small for its pinned rows ({n_rows} rows of "
+                               f"{MAX_SEQ_LEN} tokens, and a dev slice beside them): is the mirror climbmix's?")
+    offsets = load_tokens(tokenizer, val)[1]
+    pinned = set(range(packer.loaded_docs)) - {int(np.searchsorted(offsets, start)) for _, start in packer.refs}
     texts = [t for i, t in enumerate(itertools.chain.from_iterable(read_texts(val))) if i not in pinned]
     _write_shard(texts, dest)
     print(f"Dev slice: {len(texts)} validation documents that no pinned row holds, in {dest.name}")
@@ -601,15 +537,10 @@ def build_dev_slice(tokenizer, data_dir=None):
 # ---------------------------------------------------------------------------
 
 def evaluate_bpb(model, tokenizer, batch_size):
-    """
-    Bits per byte on the pinned validation shard: THE number every experiment is judged by.
-
-    Loss per token depends on the vocabulary (a bigger one packs more text into each token); bytes of text do
-    not. So we sum the cross-entropy (nats) of `model(x, y, reduction='none')` over the target tokens, divide by
-    the bytes they spell (as karpathy/autoresearch counts them; special tokens count 0) and convert to bits, on
-    the first EVAL_TOKENS // MAX_SEQ_LEN packed val rows for every batch_size. Under `analyze.py run`
-    (AUTORESEARCH_HANDOFF set) the model is handed off instead: harness/evaluate.py measures it; None here.
-    """
+    """THE number every experiment is judged by: bits per byte on the first EVAL_TOKENS // MAX_SEQ_LEN packed rows of
+    the pinned validation shard, for any batch_size. Loss per token depends on the vocabulary, bytes of text do not:
+    the summed nats of model(x, y, reduction='none') over the bytes the targets spell, as karpathy/autoresearch
+    counts them. Under `analyze.py run` (AUTORESEARCH_HANDOFF set) harness/evaluate.py measures it: None here."""
     if os.environ.get("AUTORESEARCH_HANDOFF"):
         save_handoff(model, batch_size, os.environ["AUTORESEARCH_HANDOFF"])
         return None
@@ -658,9 +589,7 @@ def save_handoff(model, batch_size, path):
                            f".config (train.py's model is rebuilt as Model(Config(**config)))")
     handoff = {"model_class": type(raw).__name__, "config_class": type(config).__name__,
                "config": dataclasses.asdict(config), "state_dict": raw.state_dict(), "batch_size": batch_size}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _save(path, lambda f: torch.save(handoff, f))
+    _save(Path(path), lambda f: torch.save(handoff, f))
 
 # ---------------------------------------------------------------------------
 # Can this machine run the profile? (`uv run prepare.py --check`; train.py asks gpu_problem() first)
@@ -679,6 +608,9 @@ PEAK_BF16_FLOPS = {
 }
 _NAME_NOISE = re.compile(r"NVIDIA|GEFORCE|\d+GB?|HBM\d*E?|SXM\d*")  # words of a device name that keep its peak
 MIN_DRIVER = {"12": (525, 60, 13), "13": (580, 65, 6)}  # torch's CUDA major -> oldest Linux driver that runs it
+# GPU memory of AR's baseline: ~1 GiB of weights and optimizer state, ~0.34 GiB of activations a 2048-token row
+# (his peak: 45,060 MiB at 128 rows), 10% allocator slack; --check wants room for one row
+ONE_ROW_GIB, BASELINE_GIB = (1.0 + 0.336) * 1.1, (1.0 + 128 * 0.336) * 1.1
 CPU_HINT = "for a small CPU run use AUTORESEARCH_PROFILE=cpu (after `AUTORESEARCH_PROFILE=cpu uv run prepare.py`)"
 
 
@@ -687,12 +619,6 @@ def peak_bf16_flops(device_name):
     null, never wrong): "NVIDIA A100-SXM4-80GB" and "NVIDIA A100 80GB PCIe" are both an A100."""
     words = re.split(r"[\s\-_]+", (device_name or "").upper())
     return PEAK_BF16_FLOPS.get(" ".join(w for w in words if w and not _NAME_NOISE.fullmatch(w)))
-
-
-def baseline_gib(rows):
-    """GPU memory AR's baseline needs at `rows` rows a micro-step: ~1 GiB of weights and optimizer state plus
-    ~0.34 GiB of activations a 2048-token row (his peak: 45,060 MiB at 128 rows), and 10% allocator slack."""
-    return (1.0 + rows * 0.336) * 1.1
 
 
 def nvidia_driver():
@@ -705,24 +631,9 @@ def nvidia_driver():
     return next((v.strip() for v in out.splitlines() if re.fullmatch(r"\d+(\.\d+)+", v.strip())), None)
 
 
-def _compile_probe():
-    """"" when a tiny torch.compile'd matmul and reduction matches eager on the GPU, else the error's first line."""
-    def tiny(a, b):
-        return (a @ b).float().relu().sum(dim=-1)
-    print("....       compiling a tiny function on the GPU (cold caches take up to a minute)", flush=True)
-    try:
-        a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
-        torch.testing.assert_close(torch.compile(tiny, fullgraph=True)(a, a), tiny(a, a), rtol=1e-2, atol=1e-2)
-        return ""
-    except Exception as e:  # whatever Inductor, Triton or the C compiler raised is the finding
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        return next((line for line in lines if not line.startswith("backend=")), type(e).__name__)[:300]
-
-
 def gpu_problem(probe=False):
-    """(exit code, one line: what is missing and what to do) for the first thing that keeps this machine from
-    running the gpu profile, or None: without bf16 or Triton a run would time a different, slower program.
-    probe (--check): also compile a tiny function and check there is free memory for one row of the baseline."""
+    """(exit code, one line saying what to do) for the first thing that keeps this machine from the gpu profile, or
+    None: without bf16 or Triton a run times a slower program. probe (--check): also room for one row, a compile."""
     if not torch.cuda.is_available():
         driver, cuda = nvidia_driver(), torch.version.cuda
         floor = MIN_DRIVER.get((cuda or "").split(".")[0])
@@ -746,12 +657,21 @@ def gpu_problem(probe=False):
     if not (os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang")):
         return 4, ("no C compiler ($CC, gcc or clang), which Triton needs to build its kernel launchers: "
                    "install gcc (e.g. `apt-get install gcc`) or set CC")
-    if probe and (error := _compile_probe()):
-        return 4, (f"a tiny torch.compile'd function failed on the GPU ({error}): fix the torch/Triton install "
-                   "(`uv sync --locked`) or the C compiler it names")
-    if probe and free_gib < baseline_gib(1):
-        return 5, (f"{free_gib:.1f} GiB free on {name}, below the ~{baseline_gib(1):.1f} GiB one row of the "
+    if probe and free_gib < ONE_ROW_GIB:
+        return 5, (f"{free_gib:.1f} GiB free on {name}, below the ~{ONE_ROW_GIB:.1f} GiB one row of the "
                    "baseline needs: stop what holds the GPU (nvidia-smi lists it) or use a larger GPU")
+    if probe:  # a tiny matmul and reduction, compiled, must match eager
+        def tiny(a):
+            return (a @ a).float().relu().sum(dim=-1)
+        print("....       compiling a tiny function on the GPU (cold caches take up to a minute)", flush=True)
+        try:
+            a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+            torch.testing.assert_close(torch.compile(tiny, fullgraph=True)(a), tiny(a), rtol=1e-2, atol=1e-2)
+        except Exception as e:  # whatever Inductor, Triton or the C compiler raised is the finding
+            lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+            error = next((line for line in lines if not line.startswith("backend=")), type(e).__name__)[:300]
+            return 4, (f"a tiny torch.compile'd function failed on the GPU ({error}): fix the torch/Triton install "
+                       "(`uv sync --locked`) or the C compiler it names")
     return None
 
 
@@ -767,7 +687,7 @@ def check():
         name, free = torch.cuda.get_device_name(), torch.cuda.mem_get_info()[0] / 2**30
         peak = peak_bf16_flops(name)
         print(f"gpu        {name}, compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}, "
-              f"{free:.1f} GiB free (the baseline's 128 rows need ~{baseline_gib(128):.0f} GiB), "
+              f"{free:.1f} GiB free (the baseline's 128 rows need ~{BASELINE_GIB:.0f} GiB), "
               + (f"dense bf16 peak {peak / 1e12:g} TFLOP/s" if peak else "bf16 peak unknown: MFU will be null"))
     blocker = gpu_problem(probe=True) if PROFILE == "gpu" else None
     env = "" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} "
@@ -809,9 +729,9 @@ def main(argv=None):
         build_dev_slice(tokenizer)
         t0, shards = time.time(), [p for split in SPLITS for p in shard_paths(split)]
         for shard in shards:
-            cache_tokens(tokenizer, shard)
+            load_tokens(tokenizer, shard)
         print(f"Tokens: {len(shards)} shards tokenized into {DATA_DIR / 'tokens'} ({time.time() - t0:.1f}s)")
-    except PrepareError as e:
+    except (PrepareError, OSError) as e:  # OSError: a full disk, a folder we may not write
         raise SystemExit(f"prepare.py: error: {e}") from None
     print("Done! Ready to train.")
 
