@@ -37,22 +37,18 @@ from harness.stats import read_metrics
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Run experiments and explain them (no subcommand: archive the run in "
-                                            "the working directory).")
+    p = argparse.ArgumentParser(description="Run experiments and explain them (no subcommand: archive the run here).")
     sub = p.add_subparsers(dest="command")
     sub.add_parser("run", help="one experiment: commit train.py, train, measure, archive and decide (exit 2: refused, "
-                   "130: interrupted)").add_argument("description", nargs="?",
-                                                     help="the commit message for a changed train.py")
+                   "130: interrupted)").add_argument("description", nargs="?", help="the commit message for train.py")
     sub.add_parser("list", help="every archived run, one line each").add_argument("--worker", metavar="NAME")
     sub.add_parser("show", help="print a run's analysis.md").add_argument("id")
-    compare = sub.add_parser("compare", help="two runs side by side, plus overlay plots")
-    compare.add_argument("ids", nargs=2, metavar="ID")
+    sub.add_parser("compare", help="two runs side by side and overlay plots").add_argument("ids", nargs=2, metavar="ID")
     sub.add_parser("best", help="the best run: the one most recently kept")
     status = sub.add_parser("status", help="mark a run keep, discard or crash")
     status.add_argument("id")
     status.add_argument("status", choices=("keep", "discard", "crash"))
-    curve = sub.add_parser("curve", help="a metrics.jsonl key of runs (the latest and its best by default) at "
-                                         "points of training progress")
+    curve = sub.add_parser("curve", help="a metrics.jsonl key at progress points (default: the latest run, its best)")
     curve.add_argument("key", help="e.g. train/loss_smooth, val/bpb, perf/tokens_per_sec")
     curve.add_argument("ids", nargs="*")
     curve.add_argument("--at", default="0.25,0.5,0.75,1", help="progress points, comma-separated (default %(default)s)")
@@ -65,9 +61,8 @@ def parser():
 
 
 def cmd_show(archive, run_id):
-    run = archive.find(run_id)
     with archive.lock():  # analysis.md is written again when a killed archive never wrote it
-        print(report.show_text(run, archive))
+        print(report.show_text(archive.find(run_id), archive))
 
 
 def cmd_best(archive):
@@ -91,23 +86,20 @@ def cmd_status(archive, run_id, status):
 def cmd_curve(archive, key, ids, at):
     """KEY of each run at each progress point: the last value logged at or before it."""
     try:
-        points = [float(x) for x in at.split(",")]
+        points = [float(x) + 1e-9 for x in at.split(",")]  # a value logged at a point itself counts
     except ValueError:
         raise RecordError(f"--at {at!r} is not comma-separated numbers (e.g. 0.25,0.5,0.75,1)") from None
-    runs = [archive.find(i) for i in ids]
+    every = archive.runs()
+    runs = [archive.find(i) for i in ids] or ([r for r in (best_of(every, every[-1]), every[-1]) if r] if every else [])
     if not runs:
-        every = archive.runs()
-        if not every:
-            raise RecordError(f"no runs archived yet in {archive.dir}")
-        runs = [r for r in (best_of(every, every[-1]), every[-1]) if r is not None]
+        raise RecordError(f"no runs archived yet in {archive.dir}")
     print(f"{key} at progress " + " ".join(f"{p:>9g}" for p in points))
     for run in runs:
         metrics = read_metrics(archive.run_dir(run.id) / "metrics.jsonl")[0]
         values = [] if metrics is None or key not in metrics else list(zip(*metrics.series(key)))
-        cells = [next((f"{v:9.4f}" for p, _, v in reversed(values) if p <= point + 1e-9),
-                      f"{'n/a':>9}") for point in points]
-        label = f"{run.id} ({run.status})"
-        print(f"{label:<{len(key) + 13}}" + " ".join(cells) + ("" if values else f"  ({key} not logged)"))
+        cells = (next((f"{v:9.4f}" for p, _, v in reversed(values) if p <= point), "      n/a") for point in points)
+        missing = "" if values else f"  ({key} not logged)"
+        print(f"{run.id} ({run.status})".ljust(len(key) + 13) + " ".join(cells) + missing)
 
 
 def cmd_audit(archive):
@@ -127,10 +119,7 @@ def cmd_rebuild(archive):
 
 
 def cmd_pin(archive):
-    branch = current_branch()
-    if branch is None:
-        raise RecordError("HEAD is detached: check out the experiment's branch, then pin it")
-    me = worker_name()
+    branch, me = current_branch(), worker_name()
     with archive.lock():  # another clone's runs may be on a branch of the same name: only this worker's count
         pin, problem = ensure_pin(branch, [r.id for r in archive.runs() if r.branch == branch and r.worker == me])
     if problem:
@@ -141,8 +130,6 @@ def cmd_pin(archive):
 
 def cmd_repin(commit):
     branch = current_branch()
-    if branch is None:
-        raise RecordError("HEAD is detached: check out the branch whose pin you mean to move")
     if not sys.stdin.isatty():
         raise RecordError("repin moves the harness pin every run is checked against, so a human confirms it at a "
                           "terminal; stdin is not one here")
@@ -163,6 +150,8 @@ def main(argv=None):
     archive = Archive.here()
     try:
         worker_name()  # a bad AUTORESEARCH_WORKER stops every command with one line, before anything is read
+        if args.command in ("pin", "repin") and current_branch() is None:
+            raise RecordError("HEAD is detached: check out the experiment's branch, then (re)pin it")
         commands = {  # each returns its exit status, or None for 0
             None: loop.archive_here, "run": lambda: loop.cmd_run(args.description),
             "list": lambda: print(report.list_text(archive.runs(), args.worker)),
@@ -174,8 +163,7 @@ def main(argv=None):
         status = commands[args.command]() or 0
         sys.stdout.flush()
     except RecordError as e:
-        if str(e) not in archive.problems():  # a run.json that runs() already named on stderr is named once
-            print(f"analyze.py: {e}", file=sys.stderr)
+        print(f"analyze.py: {e}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `show ID | head` closed stdout: what it wanted was printed
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush has somewhere to go

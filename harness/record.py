@@ -20,6 +20,7 @@ import fcntl
 import functools
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -28,7 +29,7 @@ import subprocess
 import sys
 import time
 import tokenize
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -49,7 +50,6 @@ WORKER_MAX_CHARS = 80      # a worker's name is a results.tsv field and a direct
 LOG_TAIL_BYTES = 8192      # run.log's final block is in its last few lines
 LAYOUT = (tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER)  # tokens of layout, not code
 FIX = "restore it from a backup, or move the run directory aside (`uv run analyze.py audit` lists every problem)"
-CONVERT = "`uv run contrib/convert.py` converts the previous version's runs"
 
 
 class RecordError(Exception):
@@ -211,9 +211,7 @@ class Run:
     @classmethod
     def from_dict(cls, d):
         """Typed and validated, or RecordError naming the field (callers name the file)."""
-        if not isinstance(d, dict):
-            raise RecordError(f"holds a JSON {type(d).__name__}, not an object")
-        if d.get("schema", SCHEMA) != SCHEMA:
+        if isinstance(d, dict) and d.get("schema", SCHEMA) != SCHEMA:
             raise RecordError(f"schema {d.get('schema')!r}, not {SCHEMA!r}")
         return _typed(d, cls, "run")
 
@@ -223,58 +221,46 @@ def _typed(value, hint, where):
     args, origin = get_args(hint), get_origin(hint) or hint
     if type(None) in args:      # `X | None`, the only union used
         return None if value is None else _typed(value, args[0], where)
-    if origin is Literal:
-        if value in args:
-            return value
-        raise RecordError(f"{where} is {value!r}, not one of {', '.join(args)}")
     if dataclasses.is_dataclass(hint) and isinstance(value, dict):
         fields = {f.name: f for f in dataclasses.fields(hint)}
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise RecordError(f"{where} has unknown field(s) {', '.join(unknown)}")
-        missing = [name for name, f in fields.items() if name not in value
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        if missing:
-            raise RecordError(f"{where}.{missing[0]} is missing")
+        wrong = [f"{where}.{name} is missing" for name, f in fields.items() if name not in value
+                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        wrong += [f"{where} has an unknown field {name}" for name in value if name not in fields]
+        if wrong:
+            raise RecordError(wrong[0])
         return hint(**{k: _typed(v, fields[k].type, f"{where}.{k}") for k, v in value.items()})
     if origin is list and isinstance(value, list):
         return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict and isinstance(value, dict):
         return {k: _typed(v, args[1], f"{where}[{k!r}]") for k, v in value.items()} if args else value
-    if hint is float and type(value) in (int, float):   # JSON's types: a bool is no number
-        if not math.isfinite(value):
-            raise RecordError(f"{where} is {value}, not a finite number")
-        return float(value)
-    if hint in (int, str, bool) and type(value) is hint:
+    if (origin is Literal and value in args) or (hint in (int, str, bool) and type(value) is hint):
         return value
-    name = getattr(origin, "__name__", str(origin))
-    raise RecordError(f"{where} is {json.dumps(value)[:40]}, not {'an object' if name[0].isupper() else name}")
+    if hint is float and type(value) in (int, float) and math.isfinite(value):  # JSON's types: a bool is no number
+        return float(value)
+    wanted = ("one of " + ", ".join(args) if origin is Literal else "a finite number" if hint is float
+              else "an object" if dataclasses.is_dataclass(hint) else origin.__name__)
+    raise RecordError(f"{where} is {value!r:.40}, not {wanted}")
 
 
 def load_run(path):
     """The Run of a run.json, or RecordError("<path>: <what is wrong>; <what to do>")."""
-    path = Path(path)
     try:
-        return Run.from_dict(json.loads(path.read_text()))
+        return Run.from_dict(json.loads(Path(path).read_text()))
     except FileNotFoundError:
-        old = (path.parent / "record.json").exists()  # the previous version's record
-        raise RecordError(f"{path}: missing; " + (f"its record.json is the previous version's: {CONVERT}" if old
-                                                  else FIX)) from None
+        why = "missing"
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RecordError(f"{path}: not readable JSON ({str(e).splitlines()[0]}); {FIX}") from None
+        why = f"not readable JSON ({str(e).splitlines()[0]})"
     except RecordError as e:
-        raise RecordError(f"{path}: {e}; {FIX}") from None
+        why = str(e)
+    raise RecordError(f"{path}: {why}; {FIX}")
 
 
 def trained_of(s):
     """Trained from a run_summary.json's dict ({}: a crash that wrote none): the one reading of train.py's word."""
-    def integer(key):
-        return int(number(s.get(key))) if number(s.get(key)) is not None else None
-
+    counts = {k: None if number(s.get(k)) is None else int(number(s.get(k))) for k in ("num_steps", "depth")}
     return Trained(s.get("status") if s.get("status") in OUTCOMES else "crash", number(s.get("val_bpb")),
                    **{k: number(s.get(k)) for k in ("training_seconds", "total_seconds", "peak_vram_mb", "mfu_percent",
-                                                    "total_tokens_M", "num_params_M")},
-                   num_steps=integer("num_steps"), depth=integer("depth"),
+                                                    "total_tokens_M", "num_params_M")}, **counts,
                    **{k: s[k] if isinstance(s.get(k), dict) else {} for k in ("timings", "config", "env")},
                    device_batch=s.get("device_batch") if isinstance(s.get("device_batch"), dict) else None,
                    error=None if s.get("error") is None else str(s["error"]))
@@ -317,9 +303,7 @@ def git(*args, cwd=None, stdin=None, raw=False):
                              input=None if stdin is None else stdin.encode())
     except OSError:  # no git at all
         return None
-    if out.returncode:
-        return None
-    return out.stdout if raw else out.stdout.decode("utf-8", errors="replace")
+    return None if out.returncode else out.stdout if raw else out.stdout.decode("utf-8", errors="replace")
 
 
 def train_py_at(commit):
@@ -364,8 +348,7 @@ def worker_name():
     name = os.environ.get("AUTORESEARCH_WORKER")
     if name is None:
         return f"{os.uname().nodename}:{os.environ.get('CUDA_VISIBLE_DEVICES') or 'cpu'}"
-    if not name.strip() or len(name) > WORKER_MAX_CHARS or any(ord(c) < 32 or ord(c) == 127 for c in name) \
-            or set(name) <= {"."} or "/" in name:
+    if not name.strip() or set(name) <= {"."} or not re.fullmatch(rf"[^\x00-\x1f\x7f/]{{1,{WORKER_MAX_CHARS}}}", name):
         raise RecordError(f"AUTORESEARCH_WORKER={name!r} is not a worker name: give 1-{WORKER_MAX_CHARS} printable "
                           "characters without tabs, newlines or '/' (e.g. node1:gpu0), or unset it")
     return name
@@ -439,8 +422,7 @@ def ensure_pin(branch, earlier_run_ids):
         return pin, None
     if earlier_run_ids:
         return None, (f"branch {branch} has no pin although {len(earlier_run_ids)} run(s) ({earlier_run_ids[0]} to "
-                      f"{earlier_run_ids[-1]}) were archived on it: a pin is only created at set-up, so this one was "
-                      "removed; a human restores it with `uv run analyze.py repin <commit>`")
+                      f"{earlier_run_ids[-1]}) ran on it: it was removed; a human restores it (`analyze.py repin`)")
     head = rev_parse("HEAD")
     if head is None:
         return None, "the repository has no commit to pin; commit the harness first"
@@ -532,9 +514,9 @@ class Archive:
                       and ((p / RUN_JSON).exists() or re.fullmatch(r"[0-9a-f]{7}(-\d+)?", p.name)))
 
     def runs(self):
-        """Every readable run.json, oldest first; each unreadable one is named once on stderr and skipped, those of
-        the previous version in one line. An empty directory is an id reserved by a writer: skipped quietly."""
-        runs, old = [], []
+        """Every readable run.json, oldest first; each unreadable one is named once on stderr and skipped (the previous
+        version's, with a record.json, in one line). An empty directory is an id a writer reserved: skipped quietly."""
+        runs, old = [], 0
         for path in self.run_dirs():
             try:
                 run = load_run(path / RUN_JSON)
@@ -545,13 +527,13 @@ class Archive:
             except RecordError as e:
                 if any(path.iterdir()) and path.name not in self._problems:
                     self._problems[path.name] = str(e)
-                    if CONVERT in str(e):
-                        old.append(path.name)
+                    if (path / "record.json").exists():  # the previous version's run: one line for all, below
+                        old += 1
                     else:
                         print(e, file=sys.stderr)
         if old:
-            print(f"{self.dir}: {len(old)} run directories of the previous version ({', '.join(old[:3])}"
-                  f"{', ...' if len(old) > 3 else ''}) have no run.json: {CONVERT}", file=sys.stderr)
+            print(f"{self.dir}: {old} run directories of the previous version have no run.json: "
+                  "`uv run contrib/convert.py` converts them", file=sys.stderr)
         return sorted(runs, key=lambda r: (r.archived_at, r.id))
 
     def problems(self):
@@ -563,27 +545,20 @@ class Archive:
         runs = self.runs()
         hits = [r for r in runs if r.id == prefix] or [r for r in runs if r.id.startswith(prefix)
                                                       or len(prefix) > 7 and r.commit.startswith(prefix)]
-        if len(hits) == 1:
-            return hits[0]
-        if hits:
+        if len(hits) > 1:
             raise RecordError(f"{prefix!r} matches several runs ({' '.join(r.id for r in hits)}); give the full run id")
-        for run_id, line in self._problems.items():
-            if run_id.startswith(prefix):
-                raise RecordError(line)
-        latest = " ".join(r.id for r in runs[-8:]) or "none yet"
-        raise RecordError(f"no run {prefix!r} in {self.dir} (latest: {latest}); `uv run analyze.py list` lists them")
+        if not hits:
+            raise RecordError(f"no run {prefix!r} in {self.dir}; `uv run analyze.py list` lists them")
+        return hits[0]
 
     def new_id(self, commit):
         """<commit7>, else <commit7>-2, -3, ...: the first whose directory this process creates (mkdir is atomic)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        n = 1
-        while True:
+        for n in itertools.count(1):
             run_id = commit[:7] if n == 1 else f"{commit[:7]}-{n}"
-            try:
+            with suppress(FileExistsError):
                 self.run_dir(run_id).mkdir()
                 return run_id
-            except FileExistsError:
-                n += 1
 
     def save(self, run):
         """Write run.json atomically (callers hold the lock)."""
@@ -614,9 +589,8 @@ class Archive:
             if run.caught:
                 raise RecordError(f"run {run.id} was caught ({run.cases}): it cannot be kept")
             if run.description.endswith(UNCOMMITTED):
-                raise RecordError(f"run {run.id} ran train.py with uncommitted changes, so keeping it would make the "
-                                  "best a commit whose train.py was never measured; commit the change and rerun, or "
-                                  "discard it")
+                raise RecordError(f"run {run.id} ran train.py with uncommitted changes, so no commit holds the code it "
+                                  "measured: commit the change and rerun, or discard it")
             problems = evidence_problems(self.run_dir(run.id), run)
             if problems:
                 raise RecordError(f"run {run.id} cannot be kept: {problems[0]} (`uv run analyze.py audit` lists all)")
@@ -656,28 +630,28 @@ def record_problems(run):
 
 def pin_problems(run, pins, commits, me):
     """The run's pin: still one of its branch's pins, on the branch; a kept run's commit on its branch. Another
-    worker's run whose branch and pin this clone does not hold lives in another clone: not checked here."""
+    worker's run on a branch this clone does not hold was made in another clone: not checked here."""
     branch, pin = run.branch, run.pin
     if not branch or (not pin and run.harness_changes):  # detached HEAD, or no pin: already its harness_changes
         return []
-    history, commits = pins(branch), commits(branch)   # commits: None when the branch no longer exists
-    if run.worker != me and commits is None and pin not in history:
+    history, on_branch = pins(branch), commits(branch)   # on_branch: None when the branch does not exist here
+    if on_branch is None and run.worker != me:
         return []
     if not pin:
         return ["run.json names no pin"]
     known, kept = ", ".join(p[:7] for p in history) or "none", run.status == "keep"
     checks = [(pin not in history,
                f"archived under pin {pin[:7]}, which is not one of branch {branch}'s pins (now: {known})"),
-              (pin in history and commits is not None and pin not in commits,
+              (pin in history and on_branch is not None and pin not in on_branch,
                f"its pin {pin[:7]} is no longer on branch {branch}"),
-              (kept and commits is None, f"kept, but its branch {branch} no longer exists"),
-              (kept and commits is not None and run.commit not in commits,
+              (kept and on_branch is None, f"kept, but its branch {branch} no longer exists"),
+              (kept and on_branch is not None and run.commit not in on_branch,
                f"kept, but its commit {run.commit[:7]} is not on branch {branch}")]
     return [problem for failed, problem in checks if failed]
 
 
 def results_problems(archive, runs):
-    """results.tsv against its derivation from the runs: each row that differs, named by its run."""
+    """results.tsv against its derivation from the runs: each run whose row differs or is missing, each extra row."""
     try:
         have = archive.results.read_text(errors="replace")
     except FileNotFoundError:
@@ -689,14 +663,11 @@ def results_problems(archive, runs):
     header, *rows = [line.split("\t") for line in have.splitlines()] or [[]]
     if header != list(COLUMNS):
         return [f"{archive.results}: its header is not the archive's ({' '.join(header[:6])} ...)", fix]
-    by_id, lines = {row[5]: row for row in rows if len(row) > 5}, []
-    for run in runs:
-        row = by_id.pop(run.id, None)
-        said = [f"{c} {a!r} (run.json: {b!r})" for c, a, b in zip(COLUMNS, (row or []) + [""] * len(COLUMNS),
-                                                                  results_row(run)) if a != b]
-        if row is None or said:
-            lines.append(f"{run.id}: results.tsv " + (f"says {', '.join(said)}" if row else "has no row for it"))
-    return lines + [f"{run_id}: results.tsv lists it, but no run directory holds it" for run_id in by_id] + [fix]
+    by_id = {row[5]: row for row in rows if len(row) > 5}
+    lines = [f"{run.id}: results.tsv " + ("differs from its run.json" if run.id in by_id else "has no row for it")
+             for run in runs if by_id.get(run.id) != results_row(run)]
+    extra = sorted(by_id.keys() - {run.id for run in runs})
+    return lines + [f"{run_id}: results.tsv lists it, but no run directory holds it" for run_id in extra] + [fix]
 
 
 def audit(archive):
