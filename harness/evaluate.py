@@ -7,13 +7,13 @@ train.py, in train.py's sandbox. Writes --out as JSON (RESULT's keys); exits 0, 
 Usage (loop.py's command line; main() refuses to run without these flags):
     python -I -B harness/evaluate.py --handoff model.pt --train-py COPY.py --out eval.json
 
-train.py's code runs here (torch.export cannot save FlexAttention's BlockMask): Guard refuses a train.py that
+train.py's code runs here (torch.export cannot save FlexAttention's BlockMask). Guard refuses a train.py that
 changes what the number is computed with (attributes of modules and classes, torch's modes and settings) at its
 import, while the model is built or when it runs; a forward that edits objects it reaches through gc escapes it.
--I, the root last on sys.path and check_sources() keep out planted modules; -B and a pycache_prefix naming no
-folder, set once the libraries are imported (from the venv's bytecode, which a contained run cannot write), any
-bytecode a run left for the repository's code; the loss computed here from the logits, a lying loss; Probe, a
-model that reads later tokens; heldout_bpb, one trained on the validation rows.
+-I, the root last on sys.path and import_train's source check keep out planted modules; -B and a pycache_prefix
+naming no folder, set once the libraries are imported from the venv's bytecode (which a contained run cannot
+write), any bytecode a run left for the repository's code; the loss computed here from the logits, a lying loss;
+Probe, a model that reads later tokens; heldout_bpb, one trained on the validation rows.
 """
 import argparse
 import builtins
@@ -24,11 +24,9 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 import traceback
 import types
-import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,23 +36,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 # before any Guard, so neither is train.py's: importing torch._dynamo rebinds torch.manual_seed, and its first
 # compile (train.py's flex kernel on CUDA) patches nn.Module.__init__ and __setstate__ as this call does
-import torch._dynamo  # noqa: E402, F401
 from torch._dynamo.mutation_guard import install_generation_tagging_init  # noqa: E402
 
 install_generation_tagging_init()
 import torch.nn.functional as F  # noqa: E402
 from torch.nn.functional import cross_entropy  # noqa: E402  (the loss, bound before train.py can rebind it)
-
 import torch.nn.attention.flex_attention  # noqa: E402, F401  (train.py's import, from the venv's bytecode too)
 
-sys.pycache_prefix = os.path.join(tempfile.gettempdir(), f"no-bytecode-{uuid.uuid4().hex}")  # never made (-B)
+sys.pycache_prefix = os.path.join(os.devnull, "no-bytecode")  # a folder that cannot exist: no .pyc read or written
 import prepare  # noqa: E402
 
 SPEED_WORKLOADS = {"cpu": (1024, 16, torch.float32), "cuda": (8192, 200, torch.bfloat16)}  # (n, matmuls, dtype): ~0.3 s
 ERROR_CHARS = 300           # an error line is cut to this length
 PROBE_EVERY = 4             # one probe batch after every this many validation batches
-RESULT = {"val_bpb": None, "heldout_bpb": None, "eval_s": None, "future_leak": None, "speed_before": None,
-          "speed_after": None, "error": None}
+RESULT = dict.fromkeys(("val_bpb", "heldout_bpb", "eval_s", "future_leak", "speed_before", "speed_after", "error"))
 
 
 class EvalError(Exception):
@@ -79,15 +74,6 @@ def machine_speed(device):
         a @ b
     sync()
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
-
-
-def load_handoff(path):
-    """The dict prepare.save_handoff wrote. weights_only: tensors and plain values, never pickled code."""
-    try:
-        handoff = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, or not a torch file: all say the same to loop.py
-        raise EvalError(f"cannot read the hand-off {path}: {one_line(e)}") from e
-    return handoff
 
 
 class Guard:
@@ -138,41 +124,33 @@ def settings():
 
 
 def import_train(path, guard=None):
-    """The committed train.py imported as module `train`, not __main__ (its training does not run), then checked;
-    an in-process caller's own `train` module is put back."""
+    """The committed train.py imported as module `train`, not __main__ (its training does not run), then checked
+    (Guard, and prepare and harness.* imported from their sources); an in-process caller's `train` is put back."""
     guard = guard or Guard()
     spec = importlib.util.spec_from_file_location("train", path)
-    module = importlib.util.module_from_spec(spec)
+    train = importlib.util.module_from_spec(spec)
     previous = sys.modules.get("train")
-    sys.modules["train"] = module  # as a plain import does: dataclasses and inspect look the module up there
+    sys.modules["train"] = train  # as a plain import does: dataclasses and inspect look the module up there
     try:
-        spec.loader.exec_module(module)
+        spec.loader.exec_module(train)
     except (Exception, SystemExit) as e:
         raise EvalError(f"cannot import train.py: {one_line(e)}") from e
     finally:
         if previous is not None:
             sys.modules["train"] = previous
     guard.check("at import")
-    check_sources()
-    return module
-
-
-def check_sources():
-    """prepare and harness.* must be the repository's own .py files (a prepare.*.so beside prepare.py would win)."""
-    for name, module in list(sys.modules.items()):
+    for name, module in list(sys.modules.items()):  # the repository's own .py (a prepare.*.so beside it would win)
         if name == "prepare" or name == "harness" or name.startswith("harness."):
             want = ROOT / "harness" / "__init__.py" if name == "harness" else ROOT / (name.replace(".", "/") + ".py")
             got = Path(getattr(module, "__file__", None) or "?").resolve()
             if got != want:
                 raise EvalError(f"module {name} was imported from {got}, not from {want}: remove {got.name}")
+    return train
 
 
 def rebuild_model(train, handoff, device):
     """train.<model_class>(<config_class>(**config)) built on meta, materialised on device, init_weights() for the
     non-persistent buffers (rotary tables), then the handed-off weights, strictly."""
-    for name in (handoff["model_class"], handoff["config_class"]):
-        if not isinstance(getattr(train, name, None), type):
-            raise EvalError(f"cannot rebuild the model: train.py has no class {name}")
     try:
         with torch.device("meta"):
             model = getattr(train, handoff["model_class"])(getattr(train, handoff["config_class"])(**handoff["config"]))
@@ -229,35 +207,34 @@ def logits_loss(model, vocab_size, probe=None, guard=None):
     return token_nats
 
 
-@torch.no_grad()
-def measure(model, tokenizer, batch_size, device, guard=None):
-    """(val_bpb, heldout_bpb, future_leak): val on prepare.evaluate_bpb's rows with the probe batches mixed in,
-    heldout on the first HELDOUT_TOKENS of the held-out split. On CUDA under bf16 autocast as train.py evaluates."""
-    probe, result = Probe(model, tokenizer.get_vocab_size()), []
-    with torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext():
-        for split, tokens in (("val", prepare.EVAL_TOKENS), ("heldout", prepare.HELDOUT_TOKENS)):
-            token_nats = logits_loss(model, tokenizer.get_vocab_size(), probe if split == "val" else None, guard)
-            bpb = prepare.bits_per_byte(token_nats, tokenizer, batch_size, tokens // prepare.MAX_SEQ_LEN, device, split)
-            if not math.isfinite(bpb):
-                raise EvalError(f"the model's logits are not finite on the {split} rows (bpb {bpb})")
-            result.append(bpb)
-    return (*result, probe.leak)
-
-
 def evaluate(handoff_path, train_py, device=None, result=None):
-    """Measure the handed-off model into result (RESULT's keys; on an error what was measured so far stays)."""
+    """The handed-off model measured into result (RESULT's keys; an error while scoring leaves them None): val_bpb on
+    evaluate_bpb's rows with probe batches mixed in, heldout_bpb on HELDOUT_TOKENS; on CUDA under bf16 autocast."""
     result = dict(RESULT) if result is None else result
     device = torch.device(device or ("cuda" if prepare.PROFILE == "gpu" else "cpu"))  # train.py trained on it
     prepare.shard_paths("heldout")  # a missing shard fails before any work
     result["speed_before"] = machine_speed(device)
     t0 = time.perf_counter()
-    handoff, guard = load_handoff(handoff_path), Guard()
+    try:  # weights_only: the dict prepare.save_handoff wrote, tensors and plain values, never pickled code
+        handoff = torch.load(handoff_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, or not a torch file: all say the same to loop.py
+        raise EvalError(f"cannot read the hand-off {handoff_path}: {one_line(e)}") from e
+    guard = Guard()
     model = rebuild_model(import_train(train_py, guard), handoff, device)
     guard.check("when its model is built")
-    scores = measure(model, prepare.Tokenizer.from_directory(), handoff["batch_size"], device, guard)
-    result["val_bpb"], result["heldout_bpb"], result["future_leak"] = scores
-    result["eval_s"] = time.perf_counter() - t0
-    result["speed_after"] = machine_speed(device)
+    tokenizer = prepare.Tokenizer.from_directory()
+    probe, scores = Probe(model, tokenizer.get_vocab_size()), {}
+    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    with torch.no_grad(), autocast:
+        for split, tokens in (("val", prepare.EVAL_TOKENS), ("heldout", prepare.HELDOUT_TOKENS)):
+            token_nats = logits_loss(model, tokenizer.get_vocab_size(), probe if split == "val" else None, guard)
+            bpb = prepare.bits_per_byte(token_nats, tokenizer, handoff["batch_size"], tokens // prepare.MAX_SEQ_LEN,
+                                        device, split)
+            if not math.isfinite(bpb):
+                raise EvalError(f"the model's logits are not finite on the {split} rows (bpb {bpb})")
+            scores[f"{split}_bpb"] = bpb
+    result.update(scores, future_leak=probe.leak, eval_s=time.perf_counter() - t0)
+    result["speed_after"] = machine_speed(device)  # a failure here keeps the scores
     return result
 
 
@@ -283,10 +260,7 @@ def main(argv=None):
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")  # half of it (killed) is no JSON to loop.py
     if result["error"]:
         print(f"evaluate.py: error: {result['error']}", file=sys.stderr)
-        return 1
-    print(f"val_bpb {result['val_bpb']:.6f} | heldout_bpb {result['heldout_bpb']:.6f} | eval {result['eval_s']:.1f}s | "
-          f"machine {result['speed_before']:.0f} -> {result['speed_after']:.0f} GFLOP/s")
-    return 0
+    return 1 if result["error"] else 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import importlib.metadata
 import json
 import os
 import re
-import resource
 import shutil
 import signal
 import stat
@@ -210,18 +209,16 @@ def refuse_startup_files():
 
 def commit_train_py(description, changed):
     """(the commit that runs, a note or None): a changed train.py committed with DESCRIPTION as the message."""
-    if not changed:
-        note = (f"train.py is HEAD's: this run measures HEAD as it is (the DESCRIPTION {description!r} is not used)"
-                if description else None)
-        return git("rev-parse", "HEAD").strip(), note
-    out = subprocess.run(["git", "commit", "-q", "-m", description, "--", "train.py"], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise Refused(f"`git commit -- train.py` failed: {last_line(out.stderr or out.stdout)}")
-    return git("rev-parse", "HEAD").strip(), None
+    if changed:
+        out = subprocess.run(["git", "commit", "-qm", description, "--", "train.py"], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise Refused(f"`git commit -- train.py` failed: {last_line(out.stderr or out.stdout)}")
+    note = (f"train.py is HEAD's: this run measures HEAD as it is (the DESCRIPTION {description!r} is not used)"
+            if description and not changed else None)
+    return git("rev-parse", "HEAD").strip(), note
 
-# ---------------------------------------------------------------------------
+
 # train.py and the evaluator, as children on the parent's clock; the number
-
 def train(plan, tmp):
     """train.py in tmp/child, its run directory (the one place it can write, contained), its output to run.log.
     Its files show in the worktree as train.py run by hand leaves them: links, then copies."""
@@ -246,8 +243,8 @@ def train(plan, tmp):
     for folder in caches.values():
         (CHILD_CACHE / folder).mkdir(parents=True, exist_ok=True)
     box = [] if plan.uncontained else sandbox(prepare_module(), [work, CHILD_CACHE])
-    child.exit_code, child.stopped, child.wall_s, child.cpu_s["exit"] = supervise([*box, sys.executable, str(Path("train.py").resolve())],
-                                                             Path("run.log"), env, plan.cap_s, look, work)
+    child.exit_code, child.stopped, child.wall_s, child.cpu_s["exit"] = supervise(
+        [*box, sys.executable, str(Path("train.py").resolve())], Path("run.log"), env, plan.cap_s, look, work)
     for name in OUTPUTS:
         data = read_regular(work / name)
         Path(name).unlink(missing_ok=True)
@@ -284,7 +281,7 @@ def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
     at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), SIGKILL GRACE_S later, its process group killed
     at the end; look(seconds, pid) may return a new cap. In bwrap, signalled inside (--info-fd); 128 + N from it is
     signal N. The CPU seconds are the kernel's count for its whole tree (bwrap reaps every process inside)."""
-    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    before = os.times()
     info = os.pipe() if cmd[0] == "bwrap" else None
     cmd = [cmd[0], "--info-fd", str(info[1]), *cmd[1:]] if info else cmd
     with open(log_path, "wb") as log:
@@ -311,8 +308,8 @@ def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
     for pgid in {group, proc.pid}:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)
-    code, cpu_after = proc.returncode, resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu_s = sum(getattr(cpu_after, k) - getattr(cpu_before, k) for k in ("ru_utime", "ru_stime"))
+    code, after = proc.returncode, os.times()
+    cpu_s = after.children_user + after.children_system - before.children_user - before.children_system
     return (128 - code if info and code > 128 else code), stopped, seconds, cpu_s
 
 
@@ -440,9 +437,8 @@ def evaluate(commit, tmp, cap_s, contained):
     out = read_json(tmp / "eval.json") or {"error": last_line((tmp / "evaluator.log").read_text(errors="replace"))}
     return out, stopped, seconds
 
-# ---------------------------------------------------------------------------
-# The run record, archived; the decision, applied
 
+# The run record, archived; the decision, applied
 def archive_and_decide(archive, plan, commit, summary, printed, measured):
     """(the archived Run, the best it was judged against, what happened to train.py, all runs). `printed`: a
     val_bpb in train.py's final block before the harness appended its own (under the harness it prints none)."""
@@ -451,8 +447,7 @@ def archive_and_decide(archive, plan, commit, summary, printed, measured):
         run = new_run(archive, commit, summary, measured, plan.branch, plan.pin, runs)
         run.contained = plan.uncontained is None
         run.notes += [f"uncontained: train.py ran outside a sandbox: {plan.uncontained}"] if plan.uncontained else []
-        if measured.stopped:  # stopped by the harness: that is how train.py ended
-            run.trained.outcome = measured.stopped
+        run.trained.outcome = measured.stopped or run.trained.outcome  # stopped by the harness: how train.py ended
         if run.trained.reported_val_bpb is None:
             run.trained.reported_val_bpb = printed
         return (run, *file_run(archive, run, runs, train_py_at(commit) or "", ran_tree=False, metrics=True))
@@ -478,8 +473,7 @@ def apply(archive, run, best):
                  ["commit", "-q", "-m", f"Restore train.py from {best.commit[:7]}", "--", "train.py"]):
         out = subprocess.run(["git", *args], capture_output=True, text=True)
         if out.returncode != 0:
-            why = f"`git {args[0]}`: {last_line(out.stderr)}"
-            return f"train.py: restoring the best's failed ({why}); restore it by hand"
+            return f"train.py: restoring the best's failed (`git {args[0]}`: {last_line(out.stderr)}); do it by hand"
     return f"train.py: restored from the best {best.id} in commit {git('rev-parse', '--short=7', 'HEAD').strip()}"
 
 
@@ -512,8 +506,7 @@ def file_run(archive, run, runs, source, ran_tree, metrics):
     diff = git("diff", "--no-color", best.commit, *([] if ran_tree else [run.commit]), "--", "train.py") if best else ""
     (run_dir / "diff.patch").write_text(diff or "")
     run.evidence = evidence(run_dir)
-    if run.measured and run.val_bpb is not None:
-        run.caught = caught(run, best, runs)
+    run.caught = caught(run, best, runs)
     run.statuses = [StatusChange(first_status(run), now_utc(), "archive")]
     run.decision = decide(run, runs) if run.measured else None
     archive.save(run)
@@ -532,9 +525,8 @@ def first_status(run):
         return "crash"
     return "invalid" if run.caught or run.harness_changes else "pending"
 
-# ---------------------------------------------------------------------------
-# The bare `analyze.py`: the run in the working directory, train.py's word only, never decided
 
+# The bare `analyze.py`: the run in the working directory, train.py's word only, never decided
 def archive_here():
     """Archive the run that run_summary.json, metrics.jsonl and run.log here describe; 0 archived (or already)."""
     log, summary_path = Path("run.log"), Path("run_summary.json")
@@ -548,8 +540,7 @@ def archive_here():
         summary, error, stale = read_summary(summary_path, log, runs)
         s = summary or {}
         commit = (s.get("git") or {}).get("commit") or head
-        started = number((s.get("timings") or {}).get("started_at"))
-        done = next((r for r in runs if r.commit == commit and same_run(r, started, log)), None)
+        done = archived_as(runs, commit, number((s.get("timings") or {}).get("started_at")), log)
         if done:
             print(f"analyze.py: this run is archived already, as {done.id}")
             return 0
@@ -580,8 +571,7 @@ def read_summary(path, log, runs):
         return None, why, False
     timings = summary.get("timings") or {}
     started, finished = number(timings.get("started_at")), number(timings.get("finished_at")) or path.stat().st_mtime
-    archived = next((r for r in runs if started is not None and r.started_at == started
-                     and r.commit == (summary.get("git") or {}).get("commit")), None)
+    archived = started is not None and archived_as(runs, (summary.get("git") or {}).get("commit"), started, log)
     if log.exists() and (archived.evidence.get("run.log") != sha256_file(log) if archived
                          else log.stat().st_mtime - finished > STALE_SLACK_S):
         why = "run_summary.json was left by an earlier run (run.log is newer): this run crashed before writing one"
@@ -594,12 +584,14 @@ def read_summary(path, log, runs):
     return summary, None, False
 
 
-def same_run(r, started, log):
-    """r is the run here: the same start, or with no summary the same run.log, archived after it was written."""
+def archived_as(runs, commit, started, log):
+    """The run of `commit` archived already from these files: the same start or, with none (no summary), the same
+    run.log archived after it was written. None when there is none."""
     if started is not None:
-        return r.started_at == started
-    return r.started_at is None and log.exists() and r.evidence.get("run.log") == sha256_file(log) \
-        and r.archived_at >= log.stat().st_mtime
+        return next((r for r in runs if (r.commit, r.started_at) == (commit, started)), None)
+    logged = sha256_file(log) if log.exists() else None
+    return next((r for r in runs if r.commit == commit and r.started_at is None and logged is not None
+                 and r.evidence.get("run.log") == logged and r.archived_at >= log.stat().st_mtime), None)
 
 
 def read_json(path):

@@ -1,5 +1,5 @@
-"""harness/evaluate.py on handed-off tiny models and the cpu profile's real data: evaluate_bpb's number for an honest
-model, the honest one for a lying loss path; later tokens read, what the number is computed with changed, refused."""
+"""harness/evaluate.py on handed-off tiny models and the cpu profile's real data: evaluate_bpb's number for the
+honest logits of a lying loss path; later tokens read, what the number is computed with changed, refused."""
 import importlib.util
 import json
 import marshal
@@ -19,15 +19,14 @@ from harness import evaluate
 from harness.decide import FUTURE_TOLERANCE
 
 ROOT = Path(__file__).resolve().parent.parent
-
 CPU = prepare.PROFILES["cpu"]
 T = CPU["MAX_SEQ_LEN"]
 TINY = dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=32)  # a GPTConfig small enough to score fast
 CHEAT = '''
-class ScaledLossGPT(GPT):  # honest logits from model(x), a loss scaled by 0.9 from model(x, y)
+class HalvedLossGPT(GPT):  # honest logits from model(x), a loss halved (exactly, in floating point) from model(x, y)
     def forward(self, idx, targets=None, **kwargs):
         out = super().forward(idx, targets, **kwargs)
-        return out if targets is None else 0.9 * out
+        return out if targets is None else 0.5 * out
 '''
 
 
@@ -58,22 +57,14 @@ def tiny_model(train, tokenizer, cls="GPT"):
     return model
 
 
-def run_evaluator(root, handoff, train_py, env, tmp_path):
-    """loop.py's command line, cwd = root: (the process, its JSON)."""
-    cmd = [sys.executable, "-I", "-B", root / "harness" / "evaluate.py",
-           "--handoff", handoff, "--train-py", train_py, "--out", tmp_path / "eval.json"]
-    out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    return out, json.loads((tmp_path / "eval.json").read_text())
-
-
-def test_the_isolated_evaluator_gives_evaluate_bpbs_number_and_never_runs_planted_files(cpu_prepared, monkeypatch,
-                                                                                           tmp_path):
-    """A tiny model scored by prepare.evaluate_bpb, then handed off by it, measured in a copy of the root with an
-    untracked argparse.py and a forged prepare .pyc that, run, write a marker."""
-    import train
+def test_the_isolated_evaluator_measures_the_logits_and_never_runs_planted_files(cpu_prepared, monkeypatch, tmp_path):
+    """A tiny model whose loss path halves its loss, handed off by prepare.evaluate_bpb and measured as loop.py runs
+    the evaluator, in a copy of the root where an untracked argparse.py and a forged prepare .pyc write a marker."""
     env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cpu_prepared[1])}
     tokenizer = set_cpu_profile(monkeypatch, cpu_prepared[1])
-    model, handoff = tiny_model(train, tokenizer), tmp_path / "model.pt"
+    train_py, handoff = tmp_path / "train.py", tmp_path / "model.pt"
+    train_py.write_text((ROOT / "train.py").read_text() + CHEAT)
+    model = tiny_model(evaluate.import_train(train_py), tokenizer, cls="HalvedLossGPT")
     reported = prepare.evaluate_bpb(model, tokenizer, 8)
     monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(handoff))
     assert prepare.evaluate_bpb(model, tokenizer, 8) is None, "under the harness train.py evaluates nothing"
@@ -93,11 +84,14 @@ def test_the_isolated_evaluator_gives_evaluate_bpbs_number_and_never_runs_plante
         subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, timeout=120)
     assert marker.read_text().splitlines() == ["argparse.py", "forged prepare .pyc"], "the planted files are not live"
     marker.unlink()
-    out, result = run_evaluator(root, handoff, ROOT / "train.py", env, tmp_path)
+    out = subprocess.run([sys.executable, "-I", "-B", root / "harness" / "evaluate.py", "--handoff", handoff,
+                          "--train-py", train_py, "--out", tmp_path / "eval.json"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = json.loads((tmp_path / "eval.json").read_text())
     assert out.returncode == 0 and not marker.exists(), (out.stderr, marker.exists() and marker.read_text())
     assert set(result) == set(evaluate.RESULT) and result["error"] is None, result
     assert result["future_leak"] == 0.0, "train.py's model is causal: no logit moved in the probe batches"
-    assert result["val_bpb"] == pytest.approx(reported, rel=1e-9, abs=0), (result["val_bpb"], reported)
+    assert result["val_bpb"] == pytest.approx(2 * reported, rel=1e-9, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
     assert result["speed_before"] > 0 and result["speed_after"] > 0 and result["eval_s"] > 0, result
 
@@ -109,24 +103,14 @@ def test_the_evaluator_refuses_to_run_without_its_isolation_flags(tmp_path, caps
     assert capsys.readouterr().err == f"evaluate.py: error: {error}\n"
 
 
-def test_a_loss_path_that_scales_the_loss_is_measured_honestly(cpu_profile, tmp_path):
-    train_py = tmp_path / "train.py"
-    train_py.write_text((ROOT / "train.py").read_text() + CHEAT)
-    model = tiny_model(evaluate.import_train(train_py), cpu_profile, cls="ScaledLossGPT")
-    reported = prepare.evaluate_bpb(model, cpu_profile, 4)
-    prepare.save_handoff(model, 4, tmp_path / "model.pt")
-    measured = evaluate.evaluate(tmp_path / "model.pt", train_py, device="cpu")
-    assert measured["val_bpb"] == pytest.approx(reported / 0.9, rel=1e-6), (reported, measured["val_bpb"])
-
-
 def test_a_hand_off_that_does_not_fit_the_committed_model_is_a_one_line_error(cpu_profile):
     import train
+    model = tiny_model(train, cpu_profile)
     handoff = {"model_class": "GPT", "config_class": "GPTConfig", "batch_size": 4,
-               "config": {**vars(tiny_model(train, cpu_profile).config), "n_layer": 2},
-               "state_dict": tiny_model(train, cpu_profile).state_dict()}
+               "config": {**vars(model.config), "n_layer": 2}, "state_dict": model.state_dict()}
     with pytest.raises(evaluate.EvalError, match=r"^cannot rebuild the model: RuntimeError: .*Missing key"):
         evaluate.rebuild_model(train, handoff, torch.device("cpu"))
-    with pytest.raises(evaluate.EvalError, match=r"^cannot rebuild the model: train.py has no class Transformer$"):
+    with pytest.raises(evaluate.EvalError, match=r"^cannot rebuild the model: AttributeError: .* 'Transformer'$"):
         evaluate.rebuild_model(train, {**handoff, "model_class": "Transformer"}, torch.device("cpu"))
 
 
@@ -162,15 +146,15 @@ def test_a_train_py_that_changes_what_the_number_is_computed_with_is_refused(cpu
 
 
 def test_a_forward_that_patches_the_loss_is_refused(cpu_profile, monkeypatch):
-    import torch.nn.functional as F
     import train
-    guard, model = evaluate.Guard(), tiny_model(train, cpu_profile)
+    guard, model, F = evaluate.Guard(), tiny_model(train, cpu_profile), torch.nn.functional
     monkeypatch.setattr(F, "cross_entropy", F.cross_entropy)
     def patches(idx):  # a forward that rebinds the loss the first time it runs
         F.cross_entropy = lambda *a, **k: torch.zeros(())
         return model(idx)
+    x = torch.zeros(2, T, dtype=torch.long)
     with pytest.raises(evaluate.EvalError, match=r"^train.py changes torch.nn.functional.cross_entropy when its model"):
-        evaluate.measure(patches, cpu_profile, 4, torch.device("cpu"), guard)
+        evaluate.logits_loss(patches, cpu_profile.get_vocab_size(), guard=guard)(x, x)
 
 
 def probe_leak(model, tokenizer, batches=4):
