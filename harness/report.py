@@ -10,21 +10,18 @@ spread of that quantity over the best's repeats; otherwise it is named as noise,
 """
 import io
 import re
+from itertools import dropwhile
 from pathlib import Path
 
 import numpy as np
 
 from harness import stats
-from harness.decide import best_of
+from harness.decide import best_code_runs, best_of
 from harness.record import UNCOMMITTED, git, write_atomic
 
-MAX_LINES = 15             # what `analyze.py run` prints, the decision line first
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
 LAYER_RATIO = 2.0          # a layer this many times above/below the best's same layer is listed ...
 LAYER_SHOWN = 5            # ... at most this many per stat, the most extreme first
-DIFF_HUNKS = 6             # What changed: at most this many hunks of a diff, ...
-DIFF_HUNK_LINES = 4        # ... this many changed lines each, ...
-DIFF_LINE_CHARS = 100      # ... cut at this many characters
 PLOT_DPI = 80              # with PLOT_POINTS, keeps each PNG well under 200 KB
 PLOT_POINTS = 500          # longer curves are drawn as bin medians (stalls and spikes are in the text)
 PROGRESS_LABELS = 40       # progress.png labels at most the last 40 kept runs, ...
@@ -45,23 +42,16 @@ def fmt(x, spec=".4f", unit=""):
     return "n/a" if x is None or not np.isfinite(x) else format(x, spec) + unit
 
 
-def best_and_ref(runs, run, best=None):
-    """(the best, its code's comparable runs up to `run`): what the decision set this run against."""
-    history = stats.as_of(runs, run)
-    best = best or best_of(history, run)
-    return best, stats.code_runs(stats.comparable(history, run), best.code_sha) if best else []
-
-
 class View:
     """What one analysis.md is written from: the run, the best it is measured against (the one recorded, else
-    decide.best_of), the best code's comparable runs (ref), both runs' curves, and stats' figures."""
+    decide.best_of), the best code's other runs (ref, as the decision's), both runs' curves, stats' figures."""
 
     def __init__(self, run, runs, archive):
-        recorded = next((r for r in runs if run.best_id and r.id == run.best_id), None)
-        self.run, self.dir, (self.best, self.ref) = run, archive.run_dir(run.id), best_and_ref(runs, run, recorded)
+        self.run, self.dir = run, archive.run_dir(run.id)
+        self.best = next((r for r in runs if run.best_id and r.id == run.best_id), None) or best_of(runs, run)
+        self.ref = best_code_runs(runs, run, self.best)
         self.curves, self.notes = stats.read_metrics(self.dir / "metrics.jsonl")
-        ref_curves = {r.id: stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0]
-                      for r in self.ref if r.id != run.id}
+        ref_curves = {r.id: stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0] for r in self.ref}
         self.best_curves = ref_curves.get(self.best.id) if self.best else None
         self.noise, self.machine = stats.noise(runs, run), stats.machine(run, self.ref)
         self.gap_spread = stats.equal_step_spread([m for m in ref_curves.values() if m is not None])
@@ -193,11 +183,10 @@ def machine_line(m, best):
 
 
 def section_crash(v):
-    run = v.run
-    if run.status != "crash" and run.trained.outcome == "ok" and run.val_bpb is not None:
+    if v.run.status != "crash" and v.run.trained.outcome == "ok" and v.run.val_bpb is not None:
         return ""
-    error, source = error_text(run, v.dir / "run.log")
-    return "\n".join(["## Crash", f"- outcome `{run.trained.outcome}`; {exception_line(error)}; the error's tail "
+    error, source = error_text(v.run, v.dir / "run.log")
+    return "\n".join(["## Crash", f"- outcome `{v.run.trained.outcome}`; {exception_line(error)}; the error's tail "
                       f"(from {source}):", "```", error.rstrip(), "```"]) if error else ""
 
 
@@ -227,9 +216,9 @@ def section_changes(v):
     return "\n".join([f"## What changed (against best {v.best.id})"] + what_changed(v.best, v.run, patch, "diff.patch"))
 
 
-def what_changed(old, new, patch, label):
+def what_changed(old, new, patch, where):
     """The config's changes, then the code's: identical (comments and blank lines aside), or the patch's counts
-    and the first changed lines of its first hunks."""
+    (its lines are in `where`)."""
     a, b = old.trained.config, new.trained.config
     lines = [f"  - {k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and a[k] != b[k]]
     lines += [f"  - {k} = {b[k]!r} (new)" for k in b if k not in a]
@@ -239,41 +228,28 @@ def what_changed(old, new, patch, label):
         return lines + [f"- code: identical (code_sha {new.code_sha[:8]})" + (
             ", train.py differs only in comments and blank lines" if patch and patch.strip() else "")]
     if patch is None:
-        return lines + [f"- {label}: not available"]
-    hunks = []
-    for line in patch.splitlines():
-        if line.startswith("@@"):
-            hunks.append([line.split("@@")[1].strip()])
-        elif hunks and line[:1] in "+-" and line[1:].strip():
-            hunks[-1].append(line[:DIFF_LINE_CHARS])
-    changed = [x for h in hunks for x in h[1:]]
-    if not changed:
-        return lines + [f"- {label}: no changed line in train.py"]
-    shown = [x for h in hunks[:DIFF_HUNKS] for x in [f"@@ {h[0]} @@", *h[1:DIFF_HUNK_LINES + 1]]
-             + ([f"  ({len(h) - 1 - DIFF_HUNK_LINES} more changed lines)"] if len(h) > DIFF_HUNK_LINES + 1 else [])]
-    added = sum(x[0] == "+" for x in changed)
-    return lines + [f"- {label}: +{added} -{len(changed) - added} lines in train.py, {len(hunks)} hunk(s)"
-                    + (f", the first {DIFF_HUNKS} shown" if len(hunks) > DIFF_HUNKS else ""), "```diff", *shown, "```"]
+        return lines + [f"- code: {where} not available"]
+    body = list(dropwhile(lambda line: not line.startswith("@@"), patch.splitlines()))  # past the file header
+    changed = [line[0] for line in body if line[:1] in "+-" and line[1:].strip()]
+    return lines + [f"- code: +{changed.count('+')} -{changed.count('-')} lines in train.py, "
+                    f"{sum(line.startswith('@@') for line in body)} hunk(s): the lines are in {where}"]
 
 
 def section_trajectory(v):
     m = v.curves
-    if m is None or "train/loss_smooth" not in m:
-        return "## Trajectory\n- no training loss recorded"
-    p, step, smooth = m.series("train/loss_smooth")
-    ok = np.flatnonzero(np.isfinite(smooth))
-    if not len(ok):
-        return "## Trajectory\n- every smoothed loss value is NaN or inf"
-    low, last = ok[np.argmin(smooth[ok])], ok[-1]
-    lines = ["## Trajectory", f"- smoothed loss: first {smooth[ok[0]]:.4f} (step {step[ok[0]]:.0f}), final "
-             f"{smooth[last]:.4f} (step {step[last]:.0f}, progress {p[last]:.2f}), minimum {smooth[low]:.4f} "
-             f"(step {step[low]:.0f}, progress {p[low]:.2f})"]
+    p, step, smooth = m.finite("train/loss_smooth") if m is not None else [np.zeros(0)] * 3
+    if not len(smooth):
+        return "## Trajectory\n- no training loss recorded (or every value NaN or inf)"
+    low = np.argmin(smooth)
+    lines = ["## Trajectory", f"- smoothed loss: first {smooth[0]:.4f} (step {step[0]:.0f}), final {smooth[-1]:.4f} "
+             f"(step {step[-1]:.0f}, progress {p[-1]:.2f}), minimum {smooth[low]:.4f} (step {step[low]:.0f}, "
+             f"progress {p[low]:.2f})"]
     trend = stats.last_tenth_trend(m)
     if "change" in trend:  # too few steps in the last tenth tell no trend
         # still a plateau: under PLATEAU_DROP of the loss, or under the fit's own noise if larger (a line
         # through n losses of noise s spread over a tenth moves by s x sqrt(12 / n))
         limit = max(stats.DEPARTURE_SIGMAS * (m.loss_noise or 0.0) * np.sqrt(12 / trend["steps"]),
-                    PLATEAU_DROP * abs(smooth[last]))
+                    PLATEAU_DROP * abs(smooth[-1]))
         state = (f"flat within {limit:.4f} (the larger of {PLATEAU_DROP:.1%} of the loss and the fit's noise)"
                  if abs(trend["change"]) <= limit else "rising at the end" if trend["change"] > 0 else
                  "still falling " + ("when time ran out" if v.run.trained.outcome == "ok" else "when it stopped"))
@@ -290,47 +266,39 @@ def section_departure(v):
 
 
 def departure_lines(a, b, band, this, other):
-    """Where a's curves leave b's: smoothed loss and in-training val/bpb on progress, the loss at equal steps."""
-    lines = []
-    for key, name, threshold in (("train/loss_smooth", "train loss (smoothed)", None),
-                                 ("val/bpb", "in-training val/bpb", band)):
-        if (found := stats.compare_curves(a, b, key, threshold)) is None:
-            continue
-        x, gap, start, limit = found
-        peak, g0, g1 = int(np.argmax(np.abs(gap))), gap[start or 0], gap[-1]
-        trend = ("reverses" if np.sign(g0) != np.sign(g1) else "grows" if abs(g1) > 1.25 * abs(g0) else
-                 "closes" if abs(g1) < 0.8 * abs(g0) else "holds")
-        lines.append(f"- {name}, progress {x[0]:.2f}-{x[-1]:.2f}: " + (
-            f"within the threshold of {other} at all {len(x)} points (final gap {g1:+.4f}, largest {gap[peak]:+.4f} "
-            f"at progress {x[peak]:.2f})" if start is None else
-            f"departs from {other} at progress {x[start]:.2f} (gap {g0:+.4f}, threshold {limit[start]:.4f}); the gap "
-            f"{trend}, to {g1:+.4f} at the end: {this} is {'ahead' if g1 < 0 else 'behind'}"))
+    """Where a's curves leave b's, each worded alike: the smoothed loss and in-training val/bpb on training
+    progress, and the smoothed loss at equal steps (with the step where the LR schedules part, if they do)."""
+    found = [(name, "progress", ".2f", curve, "") for key, name, threshold in
+             (("train/loss_smooth", "train loss (smoothed)", None), ("val/bpb", "in-training val/bpb", band))
+             if (curve := stats.compare_curves(a, b, key, threshold)) is not None]
     if (g := stats.equal_steps(a, b)) is not None:
-        steps, gap, start = g.steps, g.gaps, g.departs
-        lr = f"; the LR schedules part at step {steps[g.parted]:.0f}" if g.parted is not None else ""
-        lines.append(f"- train loss (smoothed) at equal steps, steps {steps[0]:.0f}-{steps[-1]:.0f}: " + (
-            f"within {g.threshold:.4f} of {other} at every step (final gap {gap[-1]:+.4f}){lr}" if start is None else
-            f"departs from {other} at step {steps[start]:.0f} (gap {gap[start]:+.4f}, threshold {g.threshold:.4f})"
-            f"{lr}; gap at step {steps[-1]:.0f} {gap[-1]:+.4f}"))
+        lr = f"; the LR schedules part at step {g.steps[g.parted]:.0f}" if g.parted is not None else ""
+        found.append(("train loss (smoothed) at equal steps", "step", ".0f",
+                      (g.steps, g.gaps, g.departs, np.full(len(g.gaps), g.threshold)), lr))
+    lines = []
+    for name, axis, spec, (x, gap, start, limit), lr in found:
+        peak = int(np.argmax(np.abs(gap)))
+        lines.append(f"- {name}, {axis} {x[0]:{spec}}-{x[-1]:{spec}}: " + (
+            f"within the threshold of {other} at all {len(x)} points (final gap {gap[-1]:+.4f}, largest "
+            f"{gap[peak]:+.4f} at {axis} {x[peak]:{spec}}){lr}" if start is None else
+            f"departs from {other} at {axis} {x[start]:{spec}} (gap {gap[start]:+.4f}, threshold {limit[start]:.4f})"
+            f"{lr}; gap at the end {gap[-1]:+.4f}: {this} is {'ahead' if gap[-1] < 0 else 'behind'}"))
     return lines or ["- no curves in common"]
 
 
-def section_stability(v):
-    m = v.curves
-    if m is None or "train/loss" not in m:
-        return ""
-    bad = [f"{key} from step {step[~np.isfinite(x)][0]:.0f} ({(~np.isfinite(x)).sum()} rows)"
-           for key, (_, step, x) in m.columns.items() if not np.isfinite(x).all()]
-    spikes = stats.loss_spikes(m)
-    lines = ["## Stability", f"- loss spikes: {len(spikes) or 'none'}; NaN/inf: {'; '.join(bad[:8]) or 'none'}"]
-    lines += [f"  - spike at step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs "
-              f"{e['baseline']:.4f} typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})" for e in spikes[:10]]
-    return "\n".join(lines)
-
-
-def section_throughput(v):
-    own = stats.throughput_stats(v.curves) if v.curves is not None else {}
-    lines = ["## Throughput"] + ([
+def section_stability_throughput(v):
+    """Spikes and NaN/inf in the run's own curves, then its speed: stalls, and where the seconds went."""
+    m, lines = v.curves, ["## Stability and throughput"]
+    if m is not None and "train/loss" in m:
+        bad = [f"{key} from step {step[~np.isfinite(x)][0]:.0f} ({(~np.isfinite(x)).sum()} rows)"
+               for key, (_, step, x) in m.columns.items() if not np.isfinite(x).all()]
+        spikes = stats.loss_spikes(m)
+        lines.append(f"- loss spikes: {len(spikes) or 'none'}; NaN/inf: {'; '.join(bad[:8]) or 'none'}")
+        lines += [f"  - spike at step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs "
+                  f"{e['baseline']:.4f} typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})"
+                  for e in spikes[:10]]
+    own = stats.throughput_stats(m) if m is not None else {}
+    lines += ([
         f"- counted steps: step time median {own['step_ms']:.1f} ms (p90 {own['p90_ms']:.1f}); tokens/s median "
         f"{fmt(own['tokens_per_sec'], ',.0f')}; MFU median {fmt(own['mfu'], '.2f', '%')}; stalls (> "
         f"{stats.STALL_FACTOR:g}x the median step): {len(own['stalls']) or 'none'}"
@@ -367,14 +335,11 @@ def section_noise(v):
     lines.append("- noise band: unknown: no code has two comparable runs; rerunning an unchanged commit measures it"
                  if n.band is None else f"- noise band: ±{n.band:.6f} (one run against one: {stats.NOISE_SIGMAS:g} x "
                  f"sqrt(2) x pooled std {n.pooled_std:.6f}, from {n.runs} runs, {n.dof} degrees of freedom)")
-    d = v.run.decision
-    if d is not None and d.band is not None and (d.n, d.m) != (1, 1):
-        lines.append(f"- for the decision's means of {d.n} vs {d.m} runs: ±{d.band:.6f}")
     return "\n".join(lines)
 
 
 SECTIONS = (section_headline, section_crash, section_changes, section_trajectory, section_departure,
-            section_stability, section_throughput, section_layers, section_noise)
+            section_stability_throughput, section_layers, section_noise)
 
 
 def write_analysis(run, runs, archive):
@@ -401,14 +366,14 @@ def set_headline_status(run, archive):
 
 # The lines `analyze.py run` prints, and the other commands' texts
 def run_lines(run, best, note=None, runs=(), archive=None):
-    """At most MAX_LINES lines: the decision first (none for a run it did not decide), the number, the
-    time, the machine (stats.machine, as analysis.md), what was caught, a crash's exception."""
+    """The decision first (none for a run it did not decide), the number, the time, the machine (stats.machine,
+    as analysis.md), what was caught, a crash's exception."""
     lines = uncontained(run) + ([run.decision.line()] if run.decision is not None else [])
     lines += [f"run {run.id}: commit {run.commit[:7]} {run.description}"] + ([note] if note else [])
     lines += [number_line(run)[2:].replace("**", "").replace("`", "") if run.val_bpb is not None else
               f"status {run.status}, outcome {run.trained.outcome}", time_line(run)]
     if best is not None:
-        ref = best_and_ref(list(runs) or [best, run], run, best)[1]
+        ref = best_code_runs(list(runs) or [best, run], run, best)
         lines += [line[2:] for line in machine_line(stats.machine(run, ref), best)]
     lines += [f"caught: {c.case}: {c.detail}" for c in run.caught]
     if run.val_bpb is None:
@@ -416,7 +381,7 @@ def run_lines(run, best, note=None, runs=(), archive=None):
         lines += [exception_line(error)] if error else []
     if archive is not None:
         lines.append(f"analysis: {archive.run_dir(run.id) / 'analysis.md'}")
-    return lines if len(lines) <= MAX_LINES else lines[:MAX_LINES - 1] + lines[-1:]
+    return lines
 
 
 def list_text(runs, worker=None):
@@ -426,12 +391,10 @@ def list_text(runs, worker=None):
         return ("no runs archived yet" if not runs else
                 f"no runs of worker {worker!r} (workers: {', '.join(sorted({r.worker for r in runs}))})")
     bests = {b.id for b in (current_best(runs, w) for w in {r.worker for r in runs}) if b is not None}
-    width = max(len(r.worker) for r in shown)
-    return "\n".join([f"{'run':<12} {'val_bpb':>9} {'steps':>6}  {'status':<8} {'outcome':<11} {'worker':<{width}} "
-                      f"{'gpu':<14} description"] + [
-        f"{r.id:<11}{'*' if r.id in bests else ' '} {fmt(r.val_bpb, '.6f'):>9} "
-        f"{r.steps if r.steps is not None else '':>6}  {r.status:<8} {r.trained.outcome:<11} "
-        f"{r.worker:<{width}} {r.gpu:<14} {r.description}" for r in shown])
+    row = "{:<11}{:1} {:>9} {:>6}  {:<8} {:<11} {:<%d} {:<14} {}" % max(len(r.worker) for r in shown)
+    return "\n".join([row.format("run", "", "val_bpb", "steps", "status", "outcome", "worker", "gpu", "description")]
+                     + [row.format(r.id, "*" if r.id in bests else "", fmt(r.val_bpb, ".6f"), fmt(r.steps, ".0f"),
+                                   r.status, r.trained.outcome, r.worker, r.gpu, r.description) for r in shown])
 
 
 def current_best(runs, worker):
@@ -465,7 +428,7 @@ def compare_text(a, b, archive):
     if a.harness_key != b.harness_key or a.gpu != b.gpu:
         lines.append("- different harness settings or devices: their numbers are not comparable")
     patch = "" if a.code_sha == b.code_sha else git("diff", "--no-color", a.commit, b.commit, "--", "train.py")
-    lines += what_changed(a, b, patch, f"code (git diff {a.commit[:7]} {b.commit[:7]})")
+    lines += what_changed(a, b, patch, f"`git diff {a.commit[:7]} {b.commit[:7]} -- train.py`")
     ma, mb = (stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0] for r in (a, b))
     if ma is not None and mb is not None:
         lines += departure_lines(mb, ma, stats.noise(archive.runs(), b).band, "B", "A")
@@ -499,15 +462,16 @@ def draw_overlays(out_dir, curves):
                 ax.set_ylim(min(lo) - pad, max(hi) + pad)
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("training progress (fraction of the time budget)", fontsize=8)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
         save(axes[0].figure, Path(out_dir) / file)
         written.append(file)
     return written
 
 
 def save(fig, path):
-    """Drawn in memory, then written atomically: two writers of one file leave one whole PNG."""
+    """Every panel gridded, with its legend; written atomically: two writers of one file leave one whole PNG."""
+    for ax in fig.axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, dpi=PLOT_DPI, format="png")
@@ -516,35 +480,28 @@ def save(fig, path):
 
 
 def draw_progress(runs, path):
-    """val_bpb of every comparable run of the latest run's harness and GPU, in order; each worker's best after
-    each run as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept runs labelled."""
+    """val_bpb of every comparable run of the latest run's harness and GPU, in order; the lowest kept so far (any
+    worker's) as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept runs labelled."""
     from matplotlib.figure import Figure
     latest = next((r for r in reversed(runs) if r.val_bpb is not None), None)
     if latest is None:
         return
     pool = {r.id for r in stats.comparable(runs, latest)} | {latest.id}
     points = [(i, r) for i, r in enumerate(runs) if r.id in pool]
-    band, workers = stats.noise(runs, latest).band, list(dict.fromkeys(r.worker for _, r in points))
+    kept, band = [(i, r) for i, r in points if r.status == "keep"], stats.noise(runs, latest).band
+    best = np.fmin.accumulate([r.val_bpb if r.status == "keep" else np.nan for _, r in points])
+    xs, ys = [i for i, _ in points] + [len(runs) - 1], np.append(best, best[-1])  # the line runs to the last run
     ax = Figure(figsize=(12, 5)).subplots()
     ax.scatter([i for i, _ in points], [r.val_bpb for _, r in points], s=12, color="0.6", label="not kept")
-    for n, worker in enumerate(workers):
-        color, who = ("C2", "C0", "C3", "C4", "C1", "C5", "C6", "C8", "C9")[n % 9], f" of {worker}" * (len(workers) > 1)
-        mine = [(i, r) for i, r in points if r.worker == worker]
-        after = [r if r.status == "keep" else best_of(runs, r) for _, r in mine]
-        xs, ys = [i for i, _ in mine] + [len(runs) - 1], np.array([np.nan if b is None else b.val_bpb for b in after])
-        ys = np.append(ys, ys[-1])
-        ax.step(xs, ys, where="post", color=color, lw=1, label=f"current best{who}")
-        if band is not None:
-            ax.fill_between(xs, ys - band, ys + band, step="post", color=color, alpha=0.15, lw=0,
-                            label=f"noise band{who} (±{band:.4f})")
-        kept = [(i, r) for i, r in mine if r.status == "keep"]
-        ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=30, color=color, zorder=3, label=f"kept{who}")
-    for i, r in [(i, r) for i, r in points if r.status == "keep"][-PROGRESS_LABELS:]:
+    ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=30, color="C2", zorder=3, label="kept")
+    ax.step(xs, ys, where="post", color="C2", lw=1, label="best kept so far")
+    if band is not None:
+        ax.fill_between(xs, ys - band, ys + band, step="post", color="C2", alpha=0.15, lw=0,
+                        label=f"noise band (±{band:.4f})")
+    for i, r in kept[-PROGRESS_LABELS:]:
         ax.annotate(r.description[:LABEL_CHARS], (i, r.val_bpb), fontsize=6, rotation=30, xytext=(3, 3),
                     textcoords="offset points", color="0.3")
     ax.set(xlabel="run (order archived)", ylabel="val_bpb")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"val_bpb per run, harness {latest.harness_key}, {latest.gpu}", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
     save(ax.figure, Path(path))

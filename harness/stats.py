@@ -36,19 +36,16 @@ def read_metrics(path):
     raw = path.read_bytes()
     rows, bad, notes = [], [], []
     for i, line in enumerate(raw.split(b"\n"), 1):
-        if not line.strip():
-            continue
         try:
             row = json.loads(line)
-        except ValueError:  # not JSON, or not UTF-8
+        except ValueError:  # not JSON, not UTF-8, or blank
             row = None
         if isinstance(row, dict) and isinstance(row.get("step"), (int, float)):
             rows.append(row)
-        else:
+        elif line.strip():
             bad.append(i)
     if bad and bad[-1] == raw.count(b"\n") + 1:  # a bad line after the last newline: cut off mid-write
-        notes.append(f"{path}: the last line (line {bad.pop()}) is half-written, the process stopped mid-write; "
-                     "skipped")
+        notes.append(f"{path}: the last line (line {bad.pop()}) is half-written (stopped mid-write): skipped")
     if bad:
         notes.append(f"{path}: {len(bad)} unreadable line(s) skipped (lines {', '.join(map(str, bad[:5]))})")
     if not rows:

@@ -139,8 +139,11 @@ def test_a_schedule_shifted_by_the_clock_is_named_for_identical_code(archive):
 
 def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(archive):
     best, run = best_repeats(archive)[0], planted(archive, 0.990, measured=None)  # in this order: archived after
+    patch = "--- a/train.py\n+++ b/train.py\n@@ -1 +1,2 @@\n-A = 1\n+A = 2\n+B = 3\n"  # the file header counts no line
+    (archive.run_dir(run.id) / "diff.patch").write_text(patch)
     text = write_analysis(run, [best, run], archive)
     assert "decision:" not in text and "train.py's own number (archived by hand" in text
+    assert "- code: +2 -1 lines in train.py, 1 hunk(s): the lines are in diff.patch" in text, text
     path = archive.run_dir(run.id) / "analysis.md"
     path.write_text(path.read_text() + "tried a wider MLP\n")
     run.statuses[-1].status = "discard"
@@ -161,7 +164,7 @@ def test_run_lines_of_a_crash_name_the_exception_and_never_a_negative_time(archi
     oom = make_run(None, training_seconds=0.0, total_seconds=24.5, wall_s=24.5, outcome="crash", error=OOM,
                    decision=Decision("crash", "the run did not finish (outcome crash)", None, None, 0, 1, best.id))
     lines = run_lines(oom, best, runs=[best, oom])
-    assert lines[0].startswith("decision: crash") and len(lines) <= 15, lines
+    assert lines[0].startswith("decision: crash"), lines
     assert "out of memory: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB." in lines[-1], lines
     assert any("did not train (no counted training second), wall 24.5 s" in x for x in lines), lines
     assert not any(re.search(r"-\d+(\.\d+)? s outside", x) for x in lines), lines
@@ -196,5 +199,5 @@ def test_run_lines_and_analysis_read_one_machine_speed_and_the_plots_are_drawn(a
     draw_progress(runs, archive.progress)
     assert archive.progress.stat().st_size > 1000
     text = compare_text(runs[0], runs[-1], archive)
-    assert "- val_bpb B - A: -0.010000" in text and "train loss (smoothed) at equal steps, steps 0-399: within" in text
+    assert "- val_bpb B - A: -0.010000" in text and "train loss (smoothed) at equal steps, step 0-399: within" in text
     assert "loss.png" in text.splitlines()[-1]

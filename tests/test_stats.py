@@ -17,7 +17,7 @@ def test_read_metrics_skips_bad_lines_and_names_a_half_written_last_one(tmp_path
     path.write_text('{"step": 1, "train/loss": 3.0}\nnot json\n{"step": 0, "train/loss": 4.0}\n{"step": 2, "tr')
     m, notes = read_metrics(path)
     assert [list(x) for x in m.series("train/loss")[1:]] == [[0, 1], [4.0, 3.0]]
-    assert notes == [f"{path}: the last line (line 4) is half-written, the process stopped mid-write; skipped",
+    assert notes == [f"{path}: the last line (line 4) is half-written (stopped mid-write): skipped",
                      f"{path}: 1 unreadable line(s) skipped (lines 2)"], notes
 
 
