@@ -509,8 +509,7 @@ if __name__ == "__main__":
         model = torch.compile(model, dynamic=False)
     fit = fit_batch(DEVICE_BATCH_SIZE, TOTAL_BATCH_SIZE, MAX_SEQ_LEN,
                     lambda B: trial_step(B, model, optimizer, health, autocast_ctx), model, optimizer)
-    run.record_fit(fit)
-    device_batch_size, grad_accum_steps = fit.used, fit.grad_accum_steps
+    device_batch_size, grad_accum_steps = run.record_fit(fit)
 
     train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train", device=device.type)
     x, y, epoch = next(train_loader)  # prefetch first batch
@@ -555,8 +554,7 @@ if __name__ == "__main__":
         train_loss_f, layer_metrics = health.fetch(train_loss, act_rms if want_stats else None)  # one transfer
         model.zero_grad(set_to_none=True)
         synchronize()
-        t1 = time.time()
-        dt = t1 - t0
+        dt = time.time() - t0
         if step > TIMING_SKIP_STEPS:
             total_training_time += dt
         else:

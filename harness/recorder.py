@@ -1,7 +1,7 @@
 """What a training run writes about itself, so that a broken train.py can never lose it. train.py calls:
 
     run = RunRecorder(collect_config(globals())).start()   # metrics.jsonl now; run_summary.json at any exit
-    run.record_fit(fit_batch(DEVICE_BATCH_SIZE, ...))       # the device batch that fits, before the clock
+    run.record_fit(fit_batch(DEVICE_BATCH_SIZE, ...))       # (device batch, accumulation steps) that fit
     run.log(step, **metrics)                                # a metrics row (buffered, flushed every 2 s)
     run.check_divergence(step, loss)                        # NaN or > 100: the run ends as 'diverged'
     run.finish(val_bpb=..., ...)                            # the greppable block, status 'ok'
@@ -33,7 +33,8 @@ from harness.record import git, sha256_file, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": ".1f", "peak_vram_mb": ".1f",
-                 "mfu_percent": ".2f", "total_tokens_M": ".1f", "num_steps": "d", "num_params_M": ".1f", "depth": "d"}
+                 "mfu_percent": ".2f", "total_tokens_M": ".1f", "num_steps": ".0f", "num_params_M": ".1f",
+                 "depth": ".0f"}
 FINAL_KEYS = tuple(FINAL_FORMATS)           # karpathy/autoresearch's greppable block, in his order
 EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}
 DIVERGED_LOSS = 100.0                      # a training loss above this has diverged
@@ -78,9 +79,8 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
     state are put back exactly. Nothing is tried on the CPU (no device memory to run out of) unless
     AUTORESEARCH_FIT_TEST_MAX_ROWS (tests only) is set. RunStopped when not even one row fits."""
     if total_batch_size % (requested * seq_len):  # said before any try
-        raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a whole number of micro-batches of "
-                         f"DEVICE_BATCH_SIZE {requested} x MAX_SEQ_LEN {seq_len} tokens: make DEVICE_BATCH_SIZE "
-                         f"a power of two that divides TOTAL_BATCH_SIZE // {seq_len}")
+        raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a multiple of DEVICE_BATCH_SIZE {requested} x "
+                         f"MAX_SEQ_LEN {seq_len}: make it a power of two that divides {total_batch_size // seq_len}")
     t0, on_gpu, max_rows = time.time(), next(model.parameters()).is_cuda, os.environ.get(TEST_MAX_ROWS_ENV)
     if not (on_gpu or max_rows):
         return DeviceBatch(requested, requested, total_batch_size // (requested * seq_len), [], 0.0)
@@ -119,13 +119,10 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
 
 
 def collect_config(namespace):
-    """train.py's UPPER_CASE globals that JSON can hold (tuples become lists), but for those of prepare.py."""
-    config = {}
-    for name, value in namespace.items():
-        if name.isupper() and not name.startswith("_") and vars(prepare).get(name, object()) is not value:
-            with contextlib.suppress(TypeError, ValueError):
-                config[name] = json.loads(json.dumps(value))
-    return config
+    """train.py's UPPER_CASE globals of JSON's types (a tuple is written as a list), but for those of prepare.py."""
+    return {name: value for name, value in namespace.items()
+            if name.isupper() and not name.startswith("_") and isinstance(value, (int, float, str, tuple, list, dict))
+            and vars(prepare).get(name, object()) is not value}
 
 
 def _json_default(value):
@@ -204,18 +201,19 @@ class ValCurve:
 
 class RunRecorder:
     """Owns a run's outputs (metrics.jsonl, run_summary.json): `run = RunRecorder(config).start()` at the top of a
-    script (sys.excepthook and atexit record how it ends), or `with RunRecorder(config) as run:` around the work.
+    script (sys.excepthook, atexit, SIGTERM and SIGINT record how it ends), or `with RunRecorder(config) as run:`.
     hard_cap_s: 0 for no watchdog; None for prepare.hard_cap_s(TIME_BUDGET), or 0 under `analyze.py run`."""
 
     def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
         if hard_cap_s is None:
             hard_cap_s = 0 if os.environ.get("AUTORESEARCH_HANDOFF") else prepare.hard_cap_s(prepare.TIME_BUDGET)
         self.config, self.out_dir, self.hard_cap_s = config, Path(out_dir), hard_cap_s
-        self.flush_every_s = flush_every_s
         self.final, self.device_batch, self.timings, self.exit_code = dict.fromkeys(FINAL_KEYS), None, {}, None
         self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
         self._finished = self._closed = False
-        self._lock, self._stop, self._old_handlers = threading.RLock(), threading.Event(), ()
+        self.flush_every_s, self._lock = flush_every_s, threading.RLock()
+        self._watchdog = threading.Timer(hard_cap_s, self._timeout, [f"hard cap of {hard_cap_s:.0f}s reached"])
+        self._watchdog.daemon = True  # started only when hard_cap_s > 0; it waits on the monotonic clock
 
     def __enter__(self):
         for name in ("metrics.jsonl", "run_summary.json"):  # never let a previous run's outputs pass as ours
@@ -227,33 +225,27 @@ class RunRecorder:
         self.harness = {**prepare.HARNESS, "tokenizer": tokenizer_sha and tokenizer_sha[:16]}
         self._file = open(self.out_dir / "metrics.jsonl", "w")  # a directory that takes no file ends the run here
         if self.hard_cap_s:
-            threading.Thread(target=self._watchdog, name="run-hard-cap", daemon=True).start()
-        if threading.current_thread() is threading.main_thread():
-            # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup)
-            self._old_handlers = (signal.signal(signal.SIGTERM, lambda *_: self._timeout("SIGTERM received")),
-                                  signal.signal(signal.SIGINT, signal.default_int_handler))
+            self._watchdog.start()
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        self._stop.set()
-        for signum, handler in zip((signal.SIGTERM, signal.SIGINT), self._old_handlers):
-            signal.signal(signum, handler)
-        trace = "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else ""
+        self._watchdog.cancel()
+        trace = "".join(traceback.format_exception(exc_type, exc, tb)) if exc_type else ""  # stderr gets it, or a line
         if exc_type is None:
             status, error = ("ok", None) if self._finished else ("crash", "train.py ended without calling run.finish()")
-        elif issubclass(exc_type, RunStopped):
-            print(f"train.py stopped: {exc}", file=sys.stderr)
-            status, error = "crash", str(exc)
+        elif issubclass(exc_type, RunStopped):  # what to do, and nothing else
+            status, error, trace = "crash", str(exc), f"train.py stopped: {exc}\n"
         elif issubclass(exc_type, KeyboardInterrupt):  # someone stopped it: not the code's failure, and no number
-            print("\ntrain.py interrupted (Ctrl-C or SIGINT)", file=sys.stderr)
             status, error = "interrupted", _tail(trace, max_lines=12)
+            trace = "\ntrain.py interrupted (Ctrl-C or SIGINT)\n"
+        elif is_out_of_memory(exc):  # what to do first, naming the device batch; the traceback's tail after it
+            used = (self.device_batch or {}).get("used", self.config.get("DEVICE_BATCH_SIZE"))
+            line = (f"out of GPU memory at a device batch of {used} rows: set DEVICE_BATCH_SIZE below {used} "
+                    "(TOTAL_BATCH_SIZE is kept by accumulation) or make the model smaller (DEPTH, ASPECT_RATIO)")
+            status, error, trace = "crash", f"{line}\n{_tail(trace, max_lines=30)}", f"{trace}train.py: {line}\n"
         else:
-            print(trace, end="", file=sys.stderr)
             status, error = ("diverged" if issubclass(exc_type, Diverged) else "crash"), _tail(trace)
-            if is_out_of_memory(exc):  # the line that says what to do first, the traceback's tail after it
-                line = self._out_of_memory_line()
-                print(f"train.py: {line}", file=sys.stderr)
-                error = f"{line}\n{_tail(trace, max_lines=30)}"
+        sys.stderr.write(trace)
         self._close(status, error)
         return True
 
@@ -262,27 +254,24 @@ class RunRecorder:
         self.__enter__()
         sys.excepthook = self._end
         atexit.register(self._end, None, None, None)
+        signal.signal(signal.SIGTERM, lambda *_: self._timeout("SIGTERM received"))
+        # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         return self
 
-    def _end(self, *exc_info):  # sys.excepthook (an uncaught exception) and atexit
-        self.__exit__(*exc_info)
+    def _end(self, *exc_info):  # sys.excepthook (an uncaught exception) and atexit; no exc_info: closed already
+        if exc_info:
+            self.__exit__(*exc_info)
         if self.exit_code:
-            self._exit_now()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(self.exit_code)
 
-    def _exit_now(self):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(self.exit_code)
-
-    def _watchdog(self):
-        if not self._stop.wait(max(0.0, self.started_at + self.hard_cap_s - time.time())):
-            self._timeout(f"hard cap of {self.hard_cap_s:.0f}s wall-clock reached")
-
-    def _timeout(self, reason):
+    def _timeout(self, reason):  # the watchdog and SIGTERM: where the main thread hung goes into the error
         stack = "".join(traceback.format_stack(sys._current_frames().get(threading.main_thread().ident)))
         if self._close("timeout", _tail(f"{reason}; main thread was at:\n{stack}")):
             print(f"\nRunRecorder: {reason}, wrote run_summary.json (status timeout)", file=sys.stderr)
-            self._exit_now()
+            self._end()
 
     def _close(self, status, error):
         """Flush metrics and write the summary, once; False if another path already did."""
@@ -339,18 +328,11 @@ class RunRecorder:
     def timing(self, name, seconds):  # adds to run_summary.json's timings[name]
         self.timings[name] = self.timings.get(name, 0.0) + float(seconds)
 
-    def record_fit(self, fit):  # fit_batch's DeviceBatch: run_summary.json's device_batch block and fit_s
+    def record_fit(self, fit):
+        """fit_batch's DeviceBatch into run_summary.json (device_batch, timings' fit_s): (used, grad_accum_steps)."""
         self.device_batch = asdict(fit)
         self.timing("fit_s", fit.seconds)
-
-    def _out_of_memory_line(self):  # what to do, in one line that names the device batch
-        if self.device_batch is None and self._last_step is None:
-            return "out of GPU memory before any batch ran: make the model smaller (DEPTH, ASPECT_RATIO)"
-        requested = self.config.get("DEVICE_BATCH_SIZE")
-        used = (self.device_batch or {}).get("used", requested)
-        at = f"DEVICE_BATCH_SIZE {used}" + (f" (fitted down from {requested})" if used != requested else "")
-        lower = f"lower DEVICE_BATCH_SIZE, e.g. to {used // 2} (TOTAL_BATCH_SIZE is kept by accumulation), or "
-        return f"out of GPU memory at {at}: {lower if used > 1 else ''}make the model smaller (DEPTH, ASPECT_RATIO)"
+        return fit.used, fit.grad_accum_steps
 
     def check_divergence(self, step, loss):
         if not math.isfinite(loss) or loss > DIVERGED_LOSS:
@@ -361,13 +343,11 @@ class RunRecorder:
         None (prepare.evaluate_bpb handed the model off) and left out: the harness adds its own measured one."""
         self.final.update(final)
         self._finished = True
-        lines = ["---"]
+        print("---")
         for key, fmt in FINAL_FORMATS.items():
             value = self.final[key]
             if key != "val_bpb" or value is not None:
-                text = "n/a" if value is None else format(int(value) if fmt == "d" else float(value), fmt)
-                lines.append(f"{key + ':':<18}{text}")
-        print("\n".join(lines), flush=True)
+                print(f"{key + ':':<18}{'n/a' if value is None else format(float(value), fmt)}", flush=True)
 
 
 def _tail(text, max_lines=40, max_chars=4000):

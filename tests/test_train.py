@@ -41,14 +41,6 @@ def attention_with_grads(fn, q, k, v):
     return y.detach(), q.grad, k.grad, v.grad
 
 
-def tiny_model_and_batch():
-    torch.manual_seed(0)
-    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=64, n_layer=4, n_head=2, n_kv_head=2, n_embd=64))
-    model.init_weights()
-    rows = torch.randint(0, 64, (2, T + 1))
-    return model, rows[:, :-1].contiguous(), rows[:, 1:].contiguous()  # contiguous, as the loader gives them
-
-
 @pytest.mark.quick
 @pytest.mark.parametrize("n_kv_head", [H, H // 2])
 @pytest.mark.parametrize("window", [0, 5, 128, 200, T - 2, T])
@@ -58,10 +50,10 @@ def test_attention_paths_agree_with_reference(window, n_kv_head):
     k, v = torch.randn(2, B, n_kv_head, T, D, generator=g)
     masks = {"flex": train.sliding_window_mask(T, window, "cpu", flex=True),
              "sdpa": None if window >= T - 1 else train.sliding_window_mask(T, window, "cpu", flex=False)}
-    paths = {name: lambda q, k, v, mask=mask: train.attention(q, k, v, mask) for name, mask in masks.items()}
     expected = attention_with_grads(lambda q, k, v: reference_attention(q, k, v, window), q, k, v)
-    for path, fn in paths.items():
-        for name, got, want in zip(("out", "dq", "dk", "dv"), attention_with_grads(fn, q, k, v), expected):
+    for path, mask in masks.items():
+        outputs = attention_with_grads(lambda q, k, v: train.attention(q, k, v, mask), q, k, v)
+        for name, got, want in zip(("out", "dq", "dk", "dv"), outputs, expected):
             err = (got - want).abs().max().item()
             assert err < 1e-5, f"{path} {name} off the reference (window {window}, {n_kv_head} kv heads): {err:.2e}"
 
@@ -104,7 +96,10 @@ def test_adamw_path_matches_torch_adamw():
 
 @pytest.mark.quick
 def test_layer_health_reports_grad_norm_update_ratio_and_the_rms_of_each_block_output():
-    model, x, y = tiny_model_and_batch()
+    torch.manual_seed(0)
+    model = train.GPT(train.GPTConfig(sequence_len=T, vocab_size=64, n_layer=4, n_head=2, n_kv_head=2, n_embd=64))
+    model.init_weights()
+    x, y = torch.randint(0, 64, (2, 2, T))
     opt, health, seen = model.setup_optimizer(), LayerHealth(model.transformer.h.named_parameters()), []
     for block in model.transformer.h:
         block.register_forward_hook(lambda mod, inp, out: seen.append(out.detach().pow(2).mean().sqrt()))
@@ -214,7 +209,8 @@ def test_a_small_device_trains_with_the_fitted_batch_and_a_loss_over_100_is_dive
     accum = summary["config"]["TOTAL_BATCH_SIZE"] // (4 * summary["harness"]["MAX_SEQ_LEN"])
     assert summary["device_batch"]["used"] == 4 and summary["device_batch"]["grad_accum_steps"] == accum
     assert f"planted: micro-batch (4, {summary['harness']['MAX_SEQ_LEN']}), {accum} steps" in proc.stdout
-    assert f"DEVICE_BATCH_SIZE {summary['config']['DEVICE_BATCH_SIZE']} does not fit" in proc.stdout
+    requested = summary["config"]["DEVICE_BATCH_SIZE"]
+    assert f"DEVICE_BATCH_SIZE {requested} does not fit: using 4 with {accum} accumulation steps" in proc.stdout
     assert summary["num_params_M"] > 0 and summary["num_steps"] == 3, "how far it got is on record"
     last = read_metrics(cwd / "metrics.jsonl")[-1]
     assert last["step"] == 2 and last["train/loss"] > 100, f"the diverging step is not on record: {last}"
