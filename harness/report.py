@@ -51,7 +51,8 @@ class View:
         self.best = next((r for r in runs if run.best_id and r.id == run.best_id), None) or best_of(runs, run)
         self.ref = best_code_runs(runs, run, self.best)
         self.curves, self.notes = stats.read_metrics(self.dir / "metrics.jsonl")
-        ref_curves = {r.id: stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0] for r in self.ref}
+        wanted = [r.id for r in self.ref[-stats.SPREAD_REPEATS:]] + ([self.best.id] if self.best else [])
+        ref_curves = {i: stats.read_metrics(archive.run_dir(i) / "metrics.jsonl")[0] for i in dict.fromkeys(wanted)}
         self.best_curves = ref_curves.get(self.best.id) if self.best else None
         self.noise, self.machine = stats.noise(runs, run), stats.machine(run, self.ref)
         self.gap_spread = stats.equal_step_spread([m for m in ref_curves.values() if m is not None])

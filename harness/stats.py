@@ -27,6 +27,7 @@ GRID_POINTS = 200          # common training-progress grid on which two runs are
 DEPARTURE_SIGMAS = 3.0     # smoothed losses "differ" beyond this many sigmas of their combined noise
 DEPARTURE_HOLD = 5         # ... for this many consecutive points (one blip is not a departure)
 LR_APART = 0.1             # LR multipliers further apart than this at one step: the schedules have parted
+SPREAD_REPEATS = 8         # the best's most recent repeats whose equal-step gaps, pair by pair, make the spread
 
 
 def read_metrics(path):
@@ -303,8 +304,9 @@ def equal_steps(a, b):
 
 
 def equal_step_spread(ref_metrics):
-    """The largest |judged gap| at equal steps between two of the best's repeats, or None under two: a gap
-    of a challenger within it is noise (the same code, bit-identical early on, parts by its schedule)."""
+    """The largest |judged gap| at equal steps between two of the best's repeats (callers pass at most
+    SPREAD_REPEATS: the pairs grow as their square), or None under two: a gap of a challenger within it is noise
+    (the same code, bit-identical early on, parts by its schedule)."""
     gaps = [g.gaps[g.judged] for a, b in combinations(ref_metrics, 2) if (g := equal_steps(a, b))]
     return max(map(abs, gaps)) if gaps else None
 
