@@ -304,10 +304,10 @@ def equal_steps(a, b):
 
 
 def equal_step_spread(ref_metrics):
-    """The largest |judged gap| at equal steps between two of the best's repeats (callers pass at most
-    SPREAD_REPEATS: the pairs grow as their square), or None under two: a gap of a challenger within it is noise
-    (the same code, bit-identical early on, parts by its schedule)."""
-    gaps = [g.gaps[g.judged] for a, b in combinations(ref_metrics, 2) if (g := equal_steps(a, b))]
+    """The largest |judged gap| at equal steps between two of the best's repeats (the last SPREAD_REPEATS given:
+    the pairs grow as their square), or None under two: a gap of a challenger within it is noise (the same code,
+    bit-identical early on, parts by its schedule)."""
+    gaps = [g.gaps[g.judged] for a, b in combinations(ref_metrics[-SPREAD_REPEATS:], 2) if (g := equal_steps(a, b))]
     return max(map(abs, gaps)) if gaps else None
 
 

@@ -31,6 +31,7 @@ from harness import loop  # noqa: E402
 from harness.decide import (FUTURE_TOLERANCE, NOT_THE_MODELS, SEES_AHEAD, SLOWED_CLOCK, TRAINED_ON_VAL,  # noqa: E402
                             UNTIMED_WORK)
 from harness.record import load_run  # noqa: E402
+from harness.stats import read_metrics  # noqa: E402
 from tests.test_loop import running  # noqa: E402
 
 BUDGET_S = "3"               # AUTORESEARCH_TIME_BUDGET of every run here
@@ -394,8 +395,7 @@ def test_ctrl_c_after_the_curve_showed_then_a_finished_run_never_keeps_that_code
     proc = subprocess.Popen([sys.executable, "analyze.py", "run", "no docstring"], cwd=lab.path, env=lab.env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + RUN_TIMEOUT_S
-    while proc.poll() is None and time.time() < deadline and not any(
-            "val/bpb" in row for row in metrics_rows(lab.path / "metrics.jsonl")):
+    while proc.poll() is None and time.time() < deadline and not curve_shown(lab.path / "metrics.jsonl"):
         time.sleep(0.05)  # the curve's first point is in metrics.jsonl: the agent could have read it
     proc.send_signal(signal.SIGINT)  # what Ctrl-C at a terminal sends to the foreground process
     out, err = proc.communicate(timeout=RUN_TIMEOUT_S)
@@ -418,12 +418,10 @@ def test_ctrl_c_after_the_curve_showed_then_a_finished_run_never_keeps_that_code
     assert lab.git("log", "-1", "--format=%s").startswith("Restore train.py from"), lab.git("log", "-3")
 
 
-def metrics_rows(path):
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return []
-    return [json.loads(line) for line in lines if line.endswith("}")]
+def curve_shown(path):
+    """metrics.jsonl holds a val/bpb point, read as analyze.py reads it."""
+    metrics, _ = read_metrics(path)
+    return metrics is not None and len(metrics.finite("val/bpb")[0]) > 0
 
 
 def test_a_pth_file_no_installed_package_lists_is_refused(tmp_path, monkeypatch):

@@ -83,6 +83,8 @@ def test_a_better_learner_is_ahead_at_equal_steps_beyond_the_spread_of_the_bests
     assert gap.steps[-1] == 199 and gap.lr == pytest.approx((0.01, 0.01)) and gap.parted is None, gap
     assert spread < 0.03 and gap.gaps[gap.judged] == pytest.approx(-0.1, abs=0.02), (spread, gap)  # beyond the spread
     assert gap.steps[gap.departs] < 20, gap
+    outlier = make_metrics(200, loss=lambda s: curve(s) + 0.5)  # an old repeat far off: it no longer widens the spread
+    assert equal_step_spread([outlier] + repeats * 3) == pytest.approx(spread), "the last SPREAD_REPEATS decide"
 
 
 def test_identical_code_on_a_slower_machine_learns_alike_per_step():
