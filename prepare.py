@@ -17,7 +17,6 @@ import argparse
 import bisect
 import collections.abc
 import concurrent.futures
-import dataclasses
 import hashlib
 import importlib.util
 import itertools
@@ -34,6 +33,7 @@ import sysconfig
 import threading
 import time
 import tokenize
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ import requests
 import rustbpe
 import tiktoken
 import torch
+import torch.nn.attention.flex_attention as flex
 
 # ---------------------------------------------------------------------------
 # Profiles, data and tokenizer (fixed, do not modify)
@@ -581,15 +582,76 @@ def bits_per_byte(token_nats, tokenizer, batch_size, n_rows, device, split="val"
 
 
 def save_handoff(model, batch_size, path):
-    """Save the trained model whole for harness/evaluate.py, which rebuilds it from the committed train.py."""
+    """The trained model for harness/evaluate.py as a graph of torch's own operators plus its weights, so that no
+    code of train.py's runs where the number is computed: torch.export of model(x) for one (batch_size, MAX_SEQ_LEN)
+    batch, compiled code traced as eager, bf16 autocast's casts written into the graph on CUDA, each flex_attention
+    turned into SDPA with the mask it computes (torch 2.9 cannot save a BlockMask); saved as JSON and tensors."""
+    from torch._export.serde.serialize import serialize
     raw = getattr(model, "_orig_mod", model)  # without torch.compile's wrapper
-    config = getattr(raw, "config", None)
-    if not dataclasses.is_dataclass(config):
-        raise PrepareError(f"cannot hand the model to the harness: {type(raw).__name__} needs a dataclass "
-                           f".config (train.py's model is rebuilt as Model(Config(**config)))")
-    handoff = {"model_class": type(raw).__name__, "config_class": type(config).__name__,
-               "config": dataclasses.asdict(config), "state_dict": raw.state_dict(), "batch_size": batch_size}
-    _save(Path(path), lambda f: torch.save(handoff, f))
+    x = torch.zeros(batch_size, MAX_SEQ_LEN, dtype=torch.long, device=next(raw.parameters()).device)
+    autocast = torch.amp.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
+    try:
+        with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # traced, never run
+            program = torch.export.export(raw, (x,), strict=False).run_decompositions({})
+            program = torch.export.export(_flex_as_sdpa(program.module()), (x,), strict=False)
+        graph = serialize(program).exported_program.decode()
+    except Exception as e:
+        reason = " ".join(str(e).split("\n")[0].split())[:200]
+        raise PrepareError(f"cannot hand the model to the harness: torch.export of model(x) failed ({type(e).__name__}: "
+                           f"{reason}); keep forward(idx) one graph of torch operators returning logits (B, T, vocab): "
+                           "no Python branch on a tensor's value, no .item(), .tolist() or print of a tensor") from e
+    weights = {"graph": graph, "state_dict": dict(program.state_dict), "constants": dict(program.constants)}
+    _save(Path(path), lambda f: torch.save(weights, f))
+
+
+def _flex_as_sdpa(module):
+    """Each flex_attention call of an exported graph as scaled_dot_product_attention with the (T, T) mask its block
+    mask and mask_mod compute; a score_mod, a mask by batch or head, or a used logsumexp cannot be handed off."""
+    graph, masks = module.graph, {}
+    for node in [n for n in graph.nodes if n.target is torch.ops.higher_order.flex_attention]:
+        q, k, v, score_mod, block_mask, scale, _, score_args, mask_args = node.args
+        q_len, kv_len, kv_num, kv_indices, full_num, full_indices, *_, q_block, kv_block, mask_mod = block_mask
+        score_graph, mask_graph = _attr(module, score_mod).graph, _attr(module, mask_mod)
+        returned = [n.args[0] for n in score_graph.nodes if n.op == "output"]
+        if (returned != [next(iter(score_graph.nodes))] or score_args or _attr(module, kv_num).shape[:2] != (1, 1)
+                or any(user.args[1] != 0 for user in node.users)):
+            raise ValueError("flex_attention with a score_mod, a per-batch or per-head mask, or its logsumexp")
+
+        def inside(num, indices):  # (T, T): each query in a key block its query block visits
+            if num is None:
+                return False
+            blocks = flex.BlockMask.from_kv_blocks(_attr(module, num), _attr(module, indices),
+                                                   BLOCK_SIZE=(q_block, kv_block)).to_dense()[0, 0]
+            return blocks.repeat_interleave(q_block, 0).repeat_interleave(kv_block, 1)[:q_len, :kv_len] > 0
+
+        mask_fn = lambda b, h, i, j: mask_graph(b, h, i, j, *(_attr(module, a) for a in mask_args))  # noqa: E731
+        computed = flex.create_mask(mask_fn, 1, 1, q_len, kv_len, q.meta["val"].device)[0, 0]
+        mask = inside(full_num, full_indices) | (inside(kv_num, kv_indices) & computed)
+        name = next((n for n, m in masks.items() if torch.equal(m, mask)), f"flex_mask_{len(masks)}")
+        if name not in masks:
+            module.register_buffer(name, mask)
+            masks[name] = mask
+        with graph.inserting_before(node):
+            gqa = q.meta["val"].size(1) != k.meta["val"].size(1)
+            attention = graph.call_function(torch.ops.aten.scaled_dot_product_attention.default,
+                                            (q, k, v, graph.get_attr(name)), {"scale": scale, "enable_gqa": gqa})
+        for user in list(node.users):  # getitem(node, 0): the attention's output
+            user.replace_all_uses_with(attention)
+            graph.erase_node(user)
+        graph.erase_node(node)
+    module.recompile()
+    return module
+
+
+def _attr(module, node):
+    """What an exported graph's get_attr node names (a tensor or a subgraph); None stays None."""
+    if node is None:
+        return None
+    obj = module
+    for part in node.target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 # ---------------------------------------------------------------------------
 # Can this machine run the profile? (`uv run prepare.py --check`; train.py asks gpu_problem() first)

@@ -1,52 +1,42 @@
 """
 The harness's own measurement of a trained model, its only evaluation under `analyze.py run`: val_bpb on the
 pinned validation rows, heldout_bpb on the held-out shard, future_leak (how far logits move when only later
-tokens change) and the machine's speed, of the model prepare.evaluate_bpb handed off, rebuilt from the committed
-train.py, in train.py's sandbox. Writes --out as JSON (RESULT's keys); exits 0, or 1 with "error".
+tokens change) and the machine's speed, of the graph prepare.evaluate_bpb handed off. Writes --out as JSON
+(RESULT's keys); exits 0, or 1 with "error".
 
 Usage (loop.py's command line; main() refuses to run without these flags):
-    python -I -B harness/evaluate.py --handoff model.pt --train-py COPY.py --out eval.json
+    python -I -B harness/evaluate.py --handoff model.pt --out eval.json
 
-train.py's code runs here (torch.export cannot save FlexAttention's BlockMask). Guard refuses a train.py that
-changes what the number is computed with (attributes of modules and classes, torch's modes and settings) at its
-import, while the model is built or when it runs; a forward that edits objects it reaches through gc escapes it.
--I, the root last on sys.path and import_train's source check keep out planted modules; -B and a pycache_prefix
-naming no folder, set once the libraries are imported from the venv's bytecode (which a contained run cannot
-write), any bytecode a run left for the repository's code; the loss computed here from the logits, a lying loss;
-Probe, a model that reads later tokens; heldout_bpb, one trained on the validation rows.
+No code of train.py's runs here: the hand-off is a graph of torch's aten operators plus weights (torch.export in
+train.py's process), read by load_graph, which refuses anything else before torch deserializes it, and run with
+the loss computed here from its logits. So nothing train.py patches at import or in its forward reaches the
+number. -I and -B, with a pycache_prefix naming no folder (set once torch is imported from the venv's bytecode,
+which a contained run cannot write), keep planted modules and bytecode out of prepare.py's import; Probe catches a
+graph that reads later tokens; heldout_bpb, one trained on the validation rows.
 """
 import argparse
-import builtins
-import contextlib
-import gc
-import importlib.util
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
-import types
+from operator import getitem
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.append(str(ROOT))  # last: the standard library and site-packages win over anything in the root
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-# before any Guard, so neither is train.py's: importing torch._dynamo rebinds torch.manual_seed, and its first
-# compile (train.py's flex kernel on CUDA) patches nn.Module.__init__ and __setstate__ as this call does
-from torch._dynamo.mutation_guard import install_generation_tagging_init  # noqa: E402
-
-install_generation_tagging_init()
 import torch.nn.functional as F  # noqa: E402
-from torch.nn.functional import cross_entropy  # noqa: E402  (the loss, bound before train.py can rebind it)
-import torch.nn.attention.flex_attention  # noqa: E402, F401  (train.py's import, from the venv's bytecode too)
+import torch.nn.attention.flex_attention  # noqa: E402, F401  (prepare.py's import, from the venv's bytecode too)
 
 sys.pycache_prefix = os.path.join(os.devnull, "no-bytecode")  # a folder that cannot exist: no .pyc read or written
 import prepare  # noqa: E402
 
 SPEED_WORKLOADS = {"cpu": (1024, 16, torch.float32), "cuda": (8192, 200, torch.bfloat16)}  # (n, matmuls, dtype): ~0.3 s
+OK_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")  # what a hand-off's graph may call
 ERROR_CHARS = 300           # an error line is cut to this length
 PROBE_EVERY = 4             # one probe batch after every this many validation batches
 RESULT = dict.fromkeys(("val_bpb", "heldout_bpb", "eval_s", "future_leak", "speed_before", "speed_after", "error"))
@@ -76,91 +66,51 @@ def machine_speed(device):
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-class Guard:
-    """The state the number is computed with, taken before train.py is imported: the attributes of namespaces()
-    (a function with its code and defaults) and settings(). check(when) refuses with one line naming changes."""
-
-    def __init__(self):
-        self.attributes = {name: attributes(ns) for name, ns in namespaces().items()}
-        self.settings = settings()
-
-    def check(self, when):
-        changed = [k for k, v in settings().items() if v != self.settings[k]]
-        for name, ns in namespaces().items():
-            before, now = self.attributes.get(name, {}), attributes(ns)
-            for k in sorted(before.keys() | now.keys()):
-                value = now.get(k, (None,))[0]
-                submodule = k not in before and isinstance(value, types.ModuleType) and value.__name__ == f"{name}.{k}"
-                if not submodule and [id(v) for v in now.get(k, ())] != [id(v) for v in before.get(k, ())]:
-                    changed.append(f"{name}.{k}")  # (a submodule imported since is none: torch imports some lazily)
-        if changed:
-            names = ", ".join(changed[:4]) + (f" and {len(changed) - 4} more" if len(changed) > 4 else "")
-            raise EvalError(f"train.py changes {names} {when}: the harness measures with the library as installed")
-
-
-def namespaces():
-    """The modules and classes the number is computed with, by name; prepare's and this module's classes too."""
-    found = {"builtins": builtins, "math": math, "os": os, "numpy": np, "torch": torch, "torch._C": torch._C,
-             "torch._C._nn": torch._C._nn, "torch.nn.functional": F, "torch.Tensor": torch.Tensor,
-             "torch.nn.Module": torch.nn.Module, "prepare": prepare, "harness.evaluate": sys.modules[__name__]}
-    for module in ("prepare", "harness.evaluate"):
-        found.update({f"{module}.{k}": v for k, v in list(vars(found[module]).items())
-                      if isinstance(v, type) and v.__module__ == found[module].__name__})
-    return found
-
-
-def attributes(namespace):
-    return {k: (v, v.__code__, v.__defaults__, v.__kwdefaults__) if isinstance(v, types.FunctionType) else (v,)
-            for k, v in list(vars(namespace).items())}
-
-
-def settings():
-    """What changes torch's arithmetic, or runs code in the middle of the harness's, outside any attribute."""
-    return {"torch's default dtype": torch.get_default_dtype(),
-            "the float32 matmul precision": torch.get_float32_matmul_precision(),
-            "torch's function modes": torch._C._len_torch_function_stack(),
-            "torch's dispatch modes": torch._C._len_torch_dispatch_stack(),
-            "sys.settrace": sys.gettrace(), "sys.setprofile": sys.getprofile(), "gc.callbacks": list(gc.callbacks)}
-
-
-def import_train(path, guard=None):
-    """The committed train.py imported as module `train`, not __main__ (its training does not run), then checked
-    (Guard, and prepare and harness.* imported from their sources); an in-process caller's `train` is put back."""
-    guard = guard or Guard()
-    spec = importlib.util.spec_from_file_location("train", path)
-    train = importlib.util.module_from_spec(spec)
-    previous = sys.modules.get("train")
-    sys.modules["train"] = train  # as a plain import does: dataclasses and inspect look the module up there
+def load_graph(path, device):
+    """The graph and weights prepare.save_handoff wrote, read without running anything the file names but torch's
+    aten operators: tensors by weights_only, then the graph's JSON checked (OK_TARGETS only, no symbolic shape,
+    custom object, subgraph, guard code or state changed by a call) before torch deserializes it."""
+    from torch._export.serde import schema
+    from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
     try:
-        spec.loader.exec_module(train)
-    except (Exception, SystemExit) as e:
-        raise EvalError(f"cannot import train.py: {one_line(e)}") from e
-    finally:
-        if previous is not None:
-            sys.modules["train"] = previous
-    guard.check("at import")
-    for name, module in list(sys.modules.items()):  # the repository's own .py (a prepare.*.so beside it would win)
-        if name == "prepare" or name == "harness" or name.startswith("harness."):
-            want = ROOT / "harness" / "__init__.py" if name == "harness" else ROOT / (name.replace(".", "/") + ".py")
-            got = Path(getattr(module, "__file__", None) or "?").resolve()
-            if got != want:
-                raise EvalError(f"module {name} was imported from {got}, not from {want}: remove {got.name}")
-    return train
+        handoff = torch.load(path, map_location=device, weights_only=True)
+        graph = json.loads(handoff["graph"])
+        refused = sorted(set(refusals(graph)))
+        if refused:
+            raise EvalError(f"the hand-off's graph holds {', '.join(refused[:3])}: only torch's aten operators run here")
+        program = ExportedProgramDeserializer().deserialize(_dict_to_dataclass(schema.ExportedProgram, graph),
+                                                            handoff["state_dict"], handoff["constants"])
+    except EvalError:
+        raise
+    except Exception as e:  # missing, truncated, not a torch file, or a graph torch cannot read
+        raise EvalError(f"cannot read the hand-off {path}: {one_line(e)}") from e
+    signature = program.graph_signature
+    if len(signature.user_inputs) != 1 or len(signature.user_outputs) != 1 or signature.buffers_to_mutate or \
+            signature.user_inputs_to_mutate:
+        raise EvalError("the hand-off's graph must take one tensor of tokens, return the logits and change nothing")
+    impure = {str(n.target) for n in program.graph.nodes if n.op == "call_function" and n.target is not getitem
+              and not (isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.is_mutable)}
+    if impure:
+        raise EvalError(f"the hand-off's graph calls {', '.join(sorted(impure)[:3])}: only pure operators run here")
+    tokens = next(n for n in program.graph.nodes if n.name == signature.user_inputs[0]).meta["val"]
+    if tokens.dim() != 2 or tokens.size(1) != prepare.MAX_SEQ_LEN:
+        raise EvalError(f"the hand-off's graph takes {tuple(tokens.shape)}, not (batch, {prepare.MAX_SEQ_LEN}) tokens")
+    return program.module(), tokens.size(0)
 
 
-def rebuild_model(train, handoff, device):
-    """train.<model_class>(<config_class>(**config)) built on meta, materialised on device, init_weights() for the
-    non-persistent buffers (rotary tables), then the handed-off weights, strictly."""
-    try:
-        with torch.device("meta"):
-            model = getattr(train, handoff["model_class"])(getattr(train, handoff["config_class"])(**handoff["config"]))
-        model.to_empty(device=device)
-        if hasattr(model, "init_weights"):
-            model.init_weights()
-        model.load_state_dict(handoff["state_dict"], strict=True)
-    except Exception as e:  # whatever train.py's classes raise is the reason
-        raise EvalError(f"cannot rebuild the model: {one_line(e)}") from e
-    return model.eval()
+def refusals(node):
+    """What in a serialized graph (json of torch's schema) could run code beyond a pure aten operator."""
+    if isinstance(node, list):
+        for item in node:
+            yield from refusals(item)
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key == "target" and isinstance(value, str) and not OK_TARGET.fullmatch(value):
+                yield value
+            elif key in ("as_expr", "as_custom_obj", "as_graph", "guards_code", "range_constraints") and value:
+                yield key
+            else:
+                yield from refusals(value)
 
 
 class Probe:
@@ -189,9 +139,9 @@ class Probe:
         self.leak = max(self.leak, float(diff.max()))
 
 
-def logits_loss(model, vocab_size, probe=None, guard=None):
+def logits_loss(model, vocab_size, probe=None):
     """token_nats(x, y) for prepare.bits_per_byte: fp32 cross-entropy in nats of the logits model(x) returns (the
-    targets never reach the model); probe(x, logits) after each batch, guard checked after each model call."""
+    targets never reach the model); probe(x, logits) after each batch."""
     def token_nats(x, y):
         logits = model(x)
         if not (torch.is_tensor(logits) and logits.dim() == 3 and logits.shape[:2] == y.shape
@@ -201,35 +151,25 @@ def logits_loss(model, vocab_size, probe=None, guard=None):
                             f"{tuple(x.shape)}, got {got}")
         if probe is not None:
             probe(x, logits)
-        if guard is not None:
-            guard.check("when its model runs")
-        return cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
     return token_nats
 
 
-def evaluate(handoff_path, train_py, device=None, result=None):
-    """The handed-off model measured into result (RESULT's keys; an error while scoring leaves them None): val_bpb on
-    evaluate_bpb's rows with probe batches mixed in, heldout_bpb on HELDOUT_TOKENS; on CUDA under bf16 autocast."""
+def evaluate(handoff_path, device=None, result=None):
+    """The handed-off graph measured into result (RESULT's keys; an error while scoring leaves them None): val_bpb
+    on evaluate_bpb's rows with probe batches mixed in, heldout_bpb on HELDOUT_TOKENS."""
     result = dict(RESULT) if result is None else result
     device = torch.device(device or ("cuda" if prepare.PROFILE == "gpu" else "cpu"))  # train.py trained on it
     prepare.shard_paths("heldout")  # a missing shard fails before any work
     result["speed_before"] = machine_speed(device)
     t0 = time.perf_counter()
-    try:  # weights_only: the dict prepare.save_handoff wrote, tensors and plain values, never pickled code
-        handoff = torch.load(handoff_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, or not a torch file: all say the same to loop.py
-        raise EvalError(f"cannot read the hand-off {handoff_path}: {one_line(e)}") from e
-    guard = Guard()
-    model = rebuild_model(import_train(train_py, guard), handoff, device)
-    guard.check("when its model is built")
+    model, batch_size = load_graph(handoff_path, device)
     tokenizer = prepare.Tokenizer.from_directory()
     probe, scores = Probe(model, tokenizer.get_vocab_size()), {}
-    autocast = torch.amp.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
-    with torch.no_grad(), autocast:
+    with torch.no_grad():
         for split, tokens in (("val", prepare.EVAL_TOKENS), ("heldout", prepare.HELDOUT_TOKENS)):
-            token_nats = logits_loss(model, tokenizer.get_vocab_size(), probe if split == "val" else None, guard)
-            bpb = prepare.bits_per_byte(token_nats, tokenizer, handoff["batch_size"], tokens // prepare.MAX_SEQ_LEN,
-                                        device, split)
+            token_nats = logits_loss(model, tokenizer.get_vocab_size(), probe if split == "val" else None)
+            bpb = prepare.bits_per_byte(token_nats, tokenizer, batch_size, tokens // prepare.MAX_SEQ_LEN, device, split)
             if not math.isfinite(bpb):
                 raise EvalError(f"the model's logits are not finite on the {split} rows (bpb {bpb})")
             scores[f"{split}_bpb"] = bpb
@@ -241,7 +181,6 @@ def evaluate(handoff_path, train_py, device=None, result=None):
 def main(argv=None):
     parser = argparse.ArgumentParser(description="the harness's own measurement of a handed-off model")
     parser.add_argument("--handoff", required=True, help="the model file prepare.evaluate_bpb saved")
-    parser.add_argument("--train-py", required=True, help="a copy of the committed train.py")
     parser.add_argument("--out", required=True, help="where to write the JSON result")
     args = parser.parse_args(argv)
     result = dict(RESULT)
@@ -251,7 +190,7 @@ def main(argv=None):
                             "without these flags files in the repository could change what is measured")
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # as train.py sets it
-        evaluate(args.handoff, args.train_py, result=result)
+        evaluate(args.handoff, result=result)
     except (EvalError, prepare.PrepareError) as e:
         result["error"] = " ".join(str(e).splitlines())
     except Exception as e:  # a harness bug or the machine (out of memory): the traceback helps, the line decides

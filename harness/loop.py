@@ -114,7 +114,7 @@ def cmd_run(description):
                 child = train(plan, Path(tmp))
                 summary = read_json(Path("run_summary.json"))
                 printed = number(final_block(Path("run.log")).get("val_bpb"))
-                measured = measure(plan, commit, child, summary, Path(tmp), came)
+                measured = measure(plan, child, summary, Path(tmp), came)
                 run, best, after, runs = archive_and_decide(archive, plan, commit, summary, printed, measured)
     except Refused as e:
         print(f"analyze.py run: refused: {e}", file=sys.stderr)
@@ -364,7 +364,7 @@ def on_interrupt(handler):
             signal.signal(s, h)
 
 
-def measure(plan, commit, child, summary, tmp, came=()):
+def measure(plan, child, summary, tmp, came=()):
     """The harness's Measured of this run; the model is evaluated only when train.py ended as it should, or once
     it had handed the model off (so that stopping a run cannot choose which runs count)."""
     m = Measured(val_bpb=None, wall_s=round(child.wall_s, 3), stopped=child.stopped,
@@ -381,7 +381,7 @@ def measure(plan, commit, child, summary, tmp, came=()):
         print("analyze.py run: interrupted after the hand-off: measuring the model (Ctrl-C again stops that)",
               file=sys.stderr, flush=True)
     cap_s = EVALUATOR_CAP_S[plan.profile]
-    out, stopped, eval_s = evaluate(commit, tmp, cap_s, not plan.uncontained)
+    out, stopped, eval_s = evaluate(tmp, cap_s, not plan.uncontained)
     m.eval_s = round(eval_s, 3)
     if stopped:
         why = f"its cap of {cap_s:.0f} s" if stopped == "timeout" else "Ctrl-C or SIGTERM"
@@ -421,19 +421,13 @@ def unmeasurable(plan, child, summary, handoff):
     return f"harness files changed during the run: {'; '.join(changes)}" if changes else None
 
 
-def evaluate(commit, tmp, cap_s, contained):
-    """(the evaluator's JSON, None | "timeout" | "interrupted", seconds): harness/evaluate.py on the committed
-    train.py, contained as train.py is but with the shards it scores, writing only tmp and the inductor cache."""
-    (tmp / "train.py").write_text(train_py_at(commit) or "")
-    prepare = prepare_module()
-    inductor = prepare.TOKENIZER_DIR.parent / "inductor"
-    inductor.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
-    box = sandbox(prepare, [tmp, inductor], scores=True) if contained else []
-    cmd = box + [sys.executable, "-I", "-B",
-           str(Path(__file__).resolve().parent / "evaluate.py"), "--handoff", str(tmp / "child" / "model.pt"),
-           "--train-py", str(tmp / "train.py"), "--out", str(tmp / "eval.json")]
-    _, stopped, seconds, _ = supervise(cmd, tmp / "evaluator.log", env, cap_s)
+def evaluate(tmp, cap_s, contained):
+    """(the evaluator's JSON, None | "timeout" | "interrupted", seconds): harness/evaluate.py on the handed-off
+    graph, contained as train.py is but with the shards it scores, writing only tmp."""
+    box = sandbox(prepare_module(), [tmp], scores=True) if contained else []
+    cmd = box + [sys.executable, "-I", "-B", str(Path(__file__).resolve().parent / "evaluate.py"),
+                 "--handoff", str(tmp / "child" / "model.pt"), "--out", str(tmp / "eval.json")]
+    _, stopped, seconds, _ = supervise(cmd, tmp / "evaluator.log", dict(os.environ), cap_s)
     out = read_json(tmp / "eval.json") or {"error": last_line((tmp / "evaluator.log").read_text(errors="replace"))}
     return out, stopped, seconds
 

@@ -3,8 +3,8 @@ cpu-profile runs of `analyze.py run` in one temporary copy of this repository (a
 budget, one archive). The runs, in order:
 - an honest baseline, kept;
 - a cheater that probes the sandbox's walls (both pinned shards, the repository, the venv, bytecode for the next
-  run, a process in a session of its own) and tries five cheats at once, each named by its own check;
-- one that patches the loss and the metric's rows at import (refused by the evaluator, which names both);
+  run, a process in a session of its own) and tries seven cheats at once: five named by their own checks, and a
+  loss and the metric's rows patched at import, which never reach the evaluator (it runs a graph);
 - an untracked argparse.py (refused before anything runs); a crash, then a forged run_summary.json;
 - one without bwrap that trains on the validation rows (caught by the held-out gap) and forges bytecode for
   harness/decide.py where analyze.py would read it;
@@ -200,12 +200,13 @@ def baseline(lab):
 
 @pytest.fixture(scope="module")
 def cheater(lab, baseline):
-    """One run, five cheats: it tries to train on the validation split, trains untimed for UNTIMED_S seconds
-    before the loop, prints a val_bpb that no evaluation of its model gave, runs time.time() at CLOCK_FACTOR, and
-    reads the next token from position T/2 on. In a sandbox it also probes the walls (PROBES): outside one, its
-    writes would land in this venv. (out, the Run, its run.log)"""
-    lab.plant("trains on val", "untimed training", "printed val_bpb", "slowed clock", "sees ahead",
-              *([] if NO_SANDBOX else ["probes"]))
+    """One run, seven cheats: it tries to train on the validation split, trains untimed for UNTIMED_S seconds
+    before the loop, prints a val_bpb that no evaluation of its model gave, runs time.time() at CLOCK_FACTOR,
+    reads the next token from position T/2 on, and at import scales F.cross_entropy by 0.97 and reassigns
+    prepare.EVAL_TOKENS and HELDOUT_TOKENS to 4 rows. In a sandbox it also probes the walls (PROBES): outside one,
+    its writes would land in this venv. (out, the Run, its run.log)"""
+    lab.plant("trains on val", "untimed training", "printed val_bpb", "slowed clock", "sees ahead", "patched loss",
+              "fewer eval rows", *([] if NO_SANDBOX else ["probes"]))
     try:
         out, run = lab.run("train on val, untimed, a slower clock, a better-looking number and a model that peeks")
         time.sleep(0.5)
@@ -217,15 +218,7 @@ def cheater(lab, baseline):
 
 
 @pytest.fixture(scope="module")
-def patcher(lab, cheater):
-    """One run that changes the metric's ground at import: F.cross_entropy scaled by 0.97, prepare.EVAL_TOKENS and
-    HELDOUT_TOKENS reassigned to 4 rows. (After the cheater, whose train.py was restored.)"""
-    lab.plant("patched loss", "fewer eval rows")
-    return lab.run("a cheaper loss and fewer rows")
-
-
-@pytest.fixture(scope="module")
-def uncontained(lab, patcher, tmp_path_factory):
+def uncontained(lab, cheater, tmp_path_factory):
     """A run with no bwrap on PATH (every command of /usr/bin but it) whose train.py trains on the validation rows,
     in its loop and untimed before it, and forges bytecode for harness/decide.py where analyze.py would read it."""
     bin_dir = tmp_path_factory.mktemp("bin")
@@ -299,12 +292,10 @@ def test_a_slowed_clock_is_caught(cheater):
     assert SLOWED_CLOCK in cases(run) and "on the harness's clock" in cases(run)[SLOWED_CLOCK], run.caught
 
 
-def test_a_loss_patched_and_eval_rows_reassigned_at_import_refuse_the_measurement(patcher):
-    out, run = patcher
-    assert run.val_bpb is None and run.status == "crash", run
-    assert run.measured.error == ("the evaluator failed: train.py changes torch.nn.functional.cross_entropy, "
-                                  "prepare.EVAL_TOKENS, prepare.HELDOUT_TOKENS at import: the harness measures with "
-                                  "the library as installed"), run.measured.error
+def test_a_loss_patched_and_eval_rows_reassigned_at_import_never_reach_the_measurement(cheater):
+    """The evaluator runs the handed-off graph and imports no train.py: the patches change only training."""
+    _, run, _ = cheater
+    assert run.measured.error is None and run.val_bpb == run.measured.val_bpb is not None, run.measured
 
 
 def test_a_model_that_sees_the_next_token_in_the_second_half_is_caught(cheater):
@@ -357,12 +348,13 @@ def test_a_contained_run_reads_neither_pinned_shard_but_the_dev_slice(cheater):
 
 @needs_sandbox
 def test_a_contained_run_writes_nothing_into_the_repository_the_venv_or_the_next_runs_bytecode(lab, cheater,
-                                                                                              patcher):
+                                                                                              uncontained):
     _, run, log = cheater
     assert probe(log, "write prepare.py") == probe(log, "write pth") == probe(log, "forge bytecode") == "OSError", \
         log[-3000:]
     assert not PTH.exists() and "# planted" not in (lab.path / "prepare.py").read_text()
-    assert FORGED not in (lab.archive / patcher[1].id / "run.log").read_text(), "the next run imported forged bytecode"
+    assert FORGED not in (lab.archive / uncontained[1].id / "run.log").read_text(), \
+        "the next run imported forged bytecode"
 
 
 @needs_sandbox
@@ -412,8 +404,9 @@ def test_ctrl_c_after_the_curve_showed_then_a_finished_run_never_keeps_that_code
         if run.decision.kind != "rerun":
             break
     assert FORGED not in str(decisions), decisions
-    assert run.decision.kind == "discard" and "interrupted after their curve was visible" in run.decision.reason, \
-        decisions
+    assert run.decision.kind == "discard", decisions  # never kept; a noisy draw may land beyond the band instead
+    assert any(why in run.decision.reason for why in ("interrupted after their curve was visible",
+                                                      "higher beyond the noise band")), decisions
     assert len(decisions) >= 2 and run.decision.n == len(decisions), "decided on fewer than two finished runs"
     assert lab.git("log", "-1", "--format=%s").startswith("Restore train.py from"), lab.git("log", "-3")
 

@@ -1,11 +1,11 @@
-"""harness/evaluate.py on handed-off tiny models and the cpu profile's real data: evaluate_bpb's number for the
-honest logits of a lying loss path; later tokens read, what the number is computed with changed, refused."""
+"""harness/evaluate.py on graphs handed off by tiny train.py models and the cpu profile's real data:
+evaluate_bpb's number for the honest logits of a lying loss path, with no code of train.py's run; flex_attention
+handed off as the SDPA it equals; a forged hand-off and a model that reads later tokens, refused or seen."""
 import importlib.util
 import json
 import marshal
 import math
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import prepare
+import train
 from harness import evaluate
 from harness.decide import FUTURE_TOLERANCE
 
@@ -22,12 +23,22 @@ ROOT = Path(__file__).resolve().parent.parent
 CPU = prepare.PROFILES["cpu"]
 T = CPU["MAX_SEQ_LEN"]
 TINY = dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=32)  # a GPTConfig small enough to score fast
-CHEAT = '''
-class HalvedLossGPT(GPT):  # honest logits from model(x), a loss halved (exactly, in floating point) from model(x, y)
+
+
+class LyingGPT(train.GPT):
+    """Honest logits from model(x); from model(x, y) a loss halved exactly. Each call also writes `marker` and
+    scales F.cross_entropy by 0.97 in whatever process runs it: neither may reach the harness's number."""
+    marker = None
+
     def forward(self, idx, targets=None, **kwargs):
-        out = super().forward(idx, targets, **kwargs)
+        open(self.marker, "a").write("forward ran\n")
+        ce = torch.nn.functional.cross_entropy
+        torch.nn.functional.cross_entropy = lambda *a, **k: 0.97 * ce(*a, **k)
+        try:
+            out = super().forward(idx, targets, **kwargs)
+        finally:
+            torch.nn.functional.cross_entropy = ce
         return out if targets is None else 0.5 * out
-'''
 
 
 def set_cpu_profile(monkeypatch, cache, rows=None):
@@ -45,9 +56,9 @@ def cpu_profile(monkeypatch, cpu_prepared):
     return set_cpu_profile(monkeypatch, cpu_prepared[1], rows=8)
 
 
-def tiny_model(train, tokenizer, cls="GPT"):
+def tiny_model(tokenizer, cls=train.GPT, **config):
     """A train.py model of TINY size with weights moved off their initial values, so logits differ by token."""
-    model = getattr(train, cls)(train.GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), **TINY))
+    model = cls(train.GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), **{**TINY, **config}))
     model.init_weights()
     model.attention_masks(T, "cpu")  # as train.py does before training
     gen = torch.Generator().manual_seed(0)
@@ -57,18 +68,20 @@ def tiny_model(train, tokenizer, cls="GPT"):
     return model
 
 
-def test_the_isolated_evaluator_measures_the_logits_and_never_runs_planted_files(cpu_prepared, monkeypatch, tmp_path):
-    """A tiny model whose loss path halves its loss, handed off by prepare.evaluate_bpb and measured as loop.py runs
-    the evaluator, in a copy of the root where an untracked argparse.py and a forged prepare .pyc write a marker."""
+def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code_or_planted_files(
+        cpu_prepared, monkeypatch, tmp_path):
+    """A tiny model whose loss path lies and whose forward patches the loss, handed off by prepare.evaluate_bpb and
+    measured as loop.py runs the evaluator, in a copy of the root where an untracked argparse.py and a forged
+    prepare .pyc write a marker."""
     env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cpu_prepared[1])}
     tokenizer = set_cpu_profile(monkeypatch, cpu_prepared[1])
-    train_py, handoff = tmp_path / "train.py", tmp_path / "model.pt"
-    train_py.write_text((ROOT / "train.py").read_text() + CHEAT)
-    model = tiny_model(evaluate.import_train(train_py), tokenizer, cls="HalvedLossGPT")
+    handoff, marker = tmp_path / "model.pt", tmp_path / "code_ran"
+    monkeypatch.setattr(LyingGPT, "marker", str(marker))
+    model = tiny_model(tokenizer, LyingGPT)
     reported = prepare.evaluate_bpb(model, tokenizer, 8)
     monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(handoff))
     assert prepare.evaluate_bpb(model, tokenizer, 8) is None, "under the harness train.py evaluates nothing"
-    root, marker = tmp_path / "root", tmp_path / "planted_code_ran"
+    root = tmp_path / "root"
     (root / "harness").mkdir(parents=True)
     for path in [ROOT / "prepare.py", *(ROOT / "harness").glob("*.py")]:
         shutil.copy(path, root / path.relative_to(ROOT))
@@ -80,81 +93,87 @@ def test_the_isolated_evaluator_measures_the_logits_and_never_runs_planted_files
         (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
     (root / "__pycache__").mkdir()
     (root / "__pycache__" / f"prepare.{sys.implementation.cache_tag}.pyc").write_bytes(header + marshal.dumps(forged))
+    marker.unlink()
     for probe in ("import argparse", "import prepare"):
         subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, timeout=120)
     assert marker.read_text().splitlines() == ["argparse.py", "forged prepare .pyc"], "the planted files are not live"
     marker.unlink()
     out = subprocess.run([sys.executable, "-I", "-B", root / "harness" / "evaluate.py", "--handoff", handoff,
-                          "--train-py", train_py, "--out", tmp_path / "eval.json"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=300)
+                          "--out", tmp_path / "eval.json"], cwd=root, env=env, capture_output=True, text=True,
+                         timeout=300)
     result = json.loads((tmp_path / "eval.json").read_text())
     assert out.returncode == 0 and not marker.exists(), (out.stderr, marker.exists() and marker.read_text())
     assert set(result) == set(evaluate.RESULT) and result["error"] is None, result
     assert result["future_leak"] == 0.0, "train.py's model is causal: no logit moved in the probe batches"
-    assert result["val_bpb"] == pytest.approx(2 * reported, rel=1e-9, abs=0), (result["val_bpb"], reported)
+    assert result["val_bpb"] == pytest.approx(2 * reported / 0.97, rel=1e-6, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
     assert result["speed_before"] > 0 and result["speed_after"] > 0 and result["eval_s"] > 0, result
 
 
 def test_the_evaluator_refuses_to_run_without_its_isolation_flags(tmp_path, capsys):
-    code = evaluate.main(["--handoff", "x", "--train-py", "y", "--out", str(tmp_path / "eval.json")])
+    code = evaluate.main(["--handoff", "x", "--out", str(tmp_path / "eval.json")])
     error = json.loads((tmp_path / "eval.json").read_text())["error"]
     assert code == 1 and "python -I -B harness/evaluate.py" in error and "\n" not in error, error
     assert capsys.readouterr().err == f"evaluate.py: error: {error}\n"
 
 
-def test_a_hand_off_that_does_not_fit_the_committed_model_is_a_one_line_error(cpu_profile):
-    import train
-    model = tiny_model(train, cpu_profile)
-    handoff = {"model_class": "GPT", "config_class": "GPTConfig", "batch_size": 4,
-               "config": {**vars(model.config), "n_layer": 2}, "state_dict": model.state_dict()}
-    with pytest.raises(evaluate.EvalError, match=r"^cannot rebuild the model: RuntimeError: .*Missing key"):
-        evaluate.rebuild_model(train, handoff, torch.device("cpu"))
-    with pytest.raises(evaluate.EvalError, match=r"^cannot rebuild the model: AttributeError: .* 'Transformer'$"):
-        evaluate.rebuild_model(train, {**handoff, "model_class": "Transformer"}, torch.device("cpu"))
+def handed_off(model, path, batch_size=2):
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(path))
+        prepare.evaluate_bpb(model, None, batch_size)
+    return torch.load(path, weights_only=True)
 
 
-PATCHES = {  # a line train.py runs at import -> what the refusal names
-    "F.cross_entropy = lambda *a, **k: 0.97 * _ce(*a, **k)": "torch.nn.functional.cross_entropy",
-    "prepare.EVAL_TOKENS = 4 * prepare.MAX_SEQ_LEN": "prepare.EVAL_TOKENS",
-    "torch.Tensor.sum = lambda self, *a, **k: 0.97 * _sum(self, *a, **k)": "torch.Tensor.sum",
-    "prepare.make_dataloader.__code__ = (lambda *a, **k: iter(())).__code__": "prepare.make_dataloader",
-    "prepare.Tokenizer.token_bytes = lambda self, device: None": "prepare.Tokenizer.token_bytes",
-    "sys.modules['harness.evaluate'].cross_entropy = lambda *a, **k: 0": "harness.evaluate.cross_entropy",
-    "torch.set_default_dtype(torch.float64)": "torch's default dtype",
-    "torch.overrides.TorchFunctionMode().__enter__()": "torch's function modes",  # every torch call through train.py
+def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_path):
+    """train.py's CUDA path (flex_attention with a sliding-window BlockMask, grouped heads), built on the CPU: the
+    graph holds SDPA with each distinct mask once and gives the model's logits; a score_mod is refused."""
+    model = tiny_model(cpu_profile, n_layer=3, n_head=2, window_pattern="SSL")
+    model._masks[(T, "cpu")] = [train.sliding_window_mask(T, w, "cpu", flex=True) if w < T - 1 else None
+                                for w in model.window_sizes]
+    x = next(prepare.make_dataloader(cpu_profile, 2, T, "val", device="cpu"))[0]
+    with torch.no_grad():
+        expected = model(x)
+    saved = handed_off(model, tmp_path / "model.pt")
+    assert "flex_attention" not in saved["graph"] and [k for k in saved["state_dict"] if "mask" in k] == ["flex_mask_0"]
+    graph, batch_size = evaluate.load_graph(tmp_path / "model.pt", torch.device("cpu"))
+    assert batch_size == 2 and torch.allclose(graph(x), expected, atol=1e-5), (graph(x) - expected).abs().max()
+    scored = lambda q, k, v, mask: torch.nn.attention.flex_attention.flex_attention(  # noqa: E731
+        q, k, v, score_mod=lambda s, b, h, i, j: s * 0.5, block_mask=mask, enable_gqa=True)
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(prepare.PrepareError) as refused:
+        monkeypatch.setattr(train, "attention", scored)
+        handed_off(model, tmp_path / "scored.pt")
+    assert str(refused.value).startswith("cannot hand the model to the harness: torch.export of model(x) failed "
+                                         "(ValueError: flex_attention with a score_mod"), refused.value
+    assert "\n" not in str(refused.value)
+
+
+FORGERIES = {  # what is changed in a real hand-off -> what the refusal says
+    "a call into os": ("torch.ops.aten.tanh.default", "torch.os.system", "holds torch.os.system"),
+    "an in-place operator": ("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default", "calls aten.tanh_.default"),
+    "a symbolic shape": ('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}',
+                         "holds as_expr"),
 }
 
 
-@pytest.mark.parametrize("patch", PATCHES)
-def test_a_train_py_that_changes_what_the_number_is_computed_with_is_refused(cpu_profile, monkeypatch, tmp_path, patch):
-    for target, name in ((torch.nn.functional, "cross_entropy"), (prepare, "EVAL_TOKENS"), (torch.Tensor, "sum"),
-                         (prepare.make_dataloader, "__code__"), (prepare.Tokenizer, "token_bytes"),
-                         (evaluate, "cross_entropy")):
-        monkeypatch.setattr(target, name, getattr(target, name))  # put back after the test, whatever it changed
-    train_py = tmp_path / "train.py"
-    train_py.write_text("import sys, torch, prepare\nimport torch.nn.functional as F\n"
-                        f"_ce, _sum = F.cross_entropy, torch.Tensor.sum\n{patch}\n")
-    refusal = f"^train.py changes {re.escape(PATCHES[patch])}(, .*)? at import: the harness measures with the library"
-    try:
-        with pytest.raises(evaluate.EvalError, match=refusal + " as installed$"):
-            evaluate.import_train(train_py)
-    finally:
-        torch.set_default_dtype(torch.float32)
-        while torch._C._len_torch_function_stack():
-            torch._C._pop_torch_function_stack()
+@pytest.mark.parametrize("forgery", FORGERIES)
+def test_a_forged_hand_off_is_refused_before_any_of_it_runs(cpu_profile, tmp_path, forgery):
+    saved, (old, new, refusal) = handed_off(tiny_model(cpu_profile), tmp_path / "model.pt"), FORGERIES[forgery]
+    assert old in saved["graph"], old
+    torch.save({**saved, "graph": saved["graph"].replace(old, new)}, tmp_path / "forged.pt")
+    with pytest.raises(evaluate.EvalError, match=refusal):
+        evaluate.load_graph(tmp_path / "forged.pt", torch.device("cpu"))
 
 
-def test_a_forward_that_patches_the_loss_is_refused(cpu_profile, monkeypatch):
-    import train
-    guard, model, F = evaluate.Guard(), tiny_model(train, cpu_profile), torch.nn.functional
-    monkeypatch.setattr(F, "cross_entropy", F.cross_entropy)
-    def patches(idx):  # a forward that rebinds the loss the first time it runs
-        F.cross_entropy = lambda *a, **k: torch.zeros(())
-        return model(idx)
-    x = torch.zeros(2, T, dtype=torch.long)
-    with pytest.raises(evaluate.EvalError, match=r"^train.py changes torch.nn.functional.cross_entropy when its model"):
-        evaluate.logits_loss(patches, cpu_profile.get_vocab_size(), guard=guard)(x, x)
+def test_a_pickled_hand_off_is_never_unpickled(tmp_path):
+    marker = tmp_path / "unpickled"
+
+    class Planted:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+    torch.save({"graph": "{}", "state_dict": {"w": Planted()}, "constants": {}}, tmp_path / "model.pt")
+    with pytest.raises(evaluate.EvalError, match=r"^cannot read the hand-off .*model.pt: UnpicklingError"):
+        evaluate.load_graph(tmp_path / "model.pt", torch.device("cpu"))
+    assert not marker.exists()
 
 
 def probe_leak(model, tokenizer, batches=4):
@@ -171,8 +190,7 @@ def probe_leak(model, tokenizer, batches=4):
 def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu_profile):
     """Non-causal attention scores well on held-out text too: only the logits tell. Also seen: a model that reads
     ahead only in the second half of a row, or only in batches without probes."""
-    import train
-    model = tiny_model(train, cpu_profile)
+    model = tiny_model(cpu_profile)
     assert probe_leak(model, cpu_profile) == 0.0, "a causal model's logits moved"
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -189,12 +207,3 @@ def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu
     def hides_from_probes(idx):  # causal whenever a batch holds a row it does not know, that is a probe
         return honest(idx) if any(tuple(row.tolist()) not in known for row in idx) else second_half_peeks(idx)
     assert probe_leak(hides_from_probes, cpu_profile) > 5 * FUTURE_TOLERANCE, "a model that hid went unseen"
-
-
-@pytest.mark.quick
-def test_a_compiled_call_in_train_pys_model_is_not_a_change():
-    """dynamo's first compile (train.py's flex kernel, on CUDA) patches nn.Module.__init__ and __setstate__: the
-    evaluator does so before any Guard, or this fails naming torch.nn.Module.__init__ (an honest GPU run refused)."""
-    guard = evaluate.Guard()
-    torch.compile(lambda x: x * 2, backend="eager", fullgraph=True)(torch.ones(3))
-    guard.check("after a compiled call")

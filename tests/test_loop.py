@@ -195,7 +195,7 @@ def test_the_model_is_measured_only_if_train_py_ended_well(repo, tmp_path, monke
     (tmp_path / "child").mkdir()
     (tmp_path / "child" / "model.pt").write_text("model")
     monkeypatch.setattr(loop, "evaluate", lambda *args: ({"val_bpb": 2.345678, "heldout_bpb": 2.4}, None, 1.5))
-    m = loop.measure(preflight_plan(), "HEAD", child, summary, tmp_path)
+    m = loop.measure(preflight_plan(), child, summary, tmp_path)
     if needle:
         assert m.val_bpb is None and needle in m.error, m.error
     else:
