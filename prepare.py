@@ -594,7 +594,8 @@ def save_handoff(model, batch_size, path):
         with torch.no_grad(), autocast, torch.compiler.set_stance("force_eager"), warnings.catch_warnings():
             warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # traced, never run
             program = torch.export.export(raw, (x,), strict=False).run_decompositions({})
-            program = torch.export.export(_flex_as_sdpa(program.module()), (x,), strict=False)
+            if any(node.target is torch.ops.higher_order.flex_attention for node in program.graph.nodes):
+                program = torch.export.export(_flex_as_sdpa(program.module()), (x,), strict=False)
         graph = serialize(program).exported_program.decode()
     except Exception as e:
         reason = " ".join(str(e).split("\n")[0].split())[:200]

@@ -149,7 +149,8 @@ def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_pat
 
 FORGERIES = {  # what is changed in a real hand-off -> what the refusal says
     "a call into os": ("torch.ops.aten.tanh.default", "torch.os.system", "holds torch.os.system"),
-    "an in-place operator": ("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default", "calls aten.tanh_.default"),
+    "an in-place operator": ("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default",
+                             r"aten.tanh_.default.* (is not functional|run here)"),  # torch's verifier or ours
     "a symbolic shape": ('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}',
                          "holds as_expr"),
 }
