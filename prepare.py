@@ -21,6 +21,7 @@ import hashlib
 import importlib.util
 import itertools
 import math
+import operator
 import os
 import pickle
 import platform
@@ -79,8 +80,7 @@ if os.environ.get("AUTORESEARCH_DATA_URL") and PROFILE == "gpu":  # the cpu prof
     _overrides["AUTORESEARCH_DATA_URL"] = os.environ["AUTORESEARCH_DATA_URL"]
 
 # two runs are comparable only if their HARNESS dicts are equal
-HARNESS = {"profile": PROFILE, "MAX_SEQ_LEN": MAX_SEQ_LEN, "TIME_BUDGET": TIME_BUDGET,
-           "EVAL_TOKENS": EVAL_TOKENS, "VOCAB_SIZE": VOCAB_SIZE, "overrides": _overrides}
+HARNESS = {"profile": PROFILE, **PROFILES[PROFILE], "TIME_BUDGET": TIME_BUDGET, "overrides": _overrides}
 
 if PROFILE == "cpu" and "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(1)  # a tiny model: on a busy 2-core machine torch's extra threads spin (2.6x slower)
@@ -153,12 +153,11 @@ class ProgressLine:
         self.update(text, end="\n")
 
 # ---------------------------------------------------------------------------
-# Data: climbmix shards downloaded (gpu profile) or built from standard-library prose (cpu profile)
+# Data and tokenizer: climbmix shards downloaded (gpu profile) or built from standard-library prose (cpu profile)
 # ---------------------------------------------------------------------------
 
 def download_shard(index, base_url, data_dir, stop):
-    """Download one shard whole or not at all; its size in MB. Connection trouble, a 5xx/429 and a broken body are
-    retried with backoff, DOWNLOAD_ATTEMPTS tries in all; then a PrepareError names the URL and the last reason."""
+    """Download one shard whole or not at all, retrying a failed request or a broken body with backoff; size in MB."""
     dest = Path(data_dir) / shard_name(index)
     url, tmp = f"{base_url.rstrip('/')}/{dest.name}", dest.with_name(f".{dest.name}.{os.getpid()}.part")
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
@@ -186,8 +185,7 @@ def download_shard(index, base_url, data_dir, stop):
 
 
 def download_data(num_shards, download_workers=8, base_url=None, data_dir=None):
-    """Download training shards 0..num_shards-1 plus the pinned held-out and validation shards, in parallel.
-    The held-out shard is the last before the validation shard, so it is never among the training ones."""
+    """Download training shards 0..num_shards-1 (never the held-out one) and the pinned shards, in parallel."""
     base_url, data_dir = base_url or BASE_URL, Path(data_dir or DATA_DIR)
     data_dir.mkdir(parents=True, exist_ok=True)
     ids = list(range(min(num_shards, HELDOUT_SHARD))) + [HELDOUT_SHARD, VAL_SHARD]
@@ -267,8 +265,7 @@ def _write_shard(texts, dest):
 
 
 def build_cpu_shards():
-    """Write the cpu profile's shards (shard_00000.., the validation and the held-out shard) unless all are
-    there. A tokenizer trained on earlier shards is removed first: it stands for the data it was trained on."""
+    """Build the cpu profile's shards unless all are there; a tokenizer trained on older ones is removed first."""
     names = [shard_name(i) for i in range(CPU_TRAIN_SHARDS)] + [VAL_FILENAME, HELDOUT_FILENAME]
     if all((DATA_DIR / n).exists() for n in names):
         print(f"Data: all {len(names)} cpu shards already at {DATA_DIR}")
@@ -281,9 +278,6 @@ def build_cpu_shards():
     print(f"Data: built {len(names)} cpu shards from the standard library of Python {platform.python_version()} "
           f"in {time.time() - t0:.1f}s")
 
-# ---------------------------------------------------------------------------
-# Tokenizer training
-# ---------------------------------------------------------------------------
 
 def shard_paths(split, data_dir=None):
     """The shards of a split, or PrepareError when they are missing. A pinned shard is never a training shard."""
@@ -313,12 +307,12 @@ def read_texts(path):
                            "delete it and re-run `uv run prepare.py`") from e
 
 
-def _training_text(paths, max_chars, doc_cap):
+def _training_text(paths):
     nchars = 0
     for text in itertools.chain.from_iterable(texts for path in paths for texts in read_texts(path)):
-        yield text[:doc_cap]
-        nchars += min(len(text), doc_cap)
-        if nchars >= max_chars:
+        yield text[:TOKENIZER_DOC_CAP]
+        nchars += min(len(text), TOKENIZER_DOC_CAP)
+        if nchars >= TOKENIZER_MAX_CHARS:
             return
 
 
@@ -332,12 +326,10 @@ def train_tokenizer(data_dir=None, tokenizer_dir=None, vocab_size=None):
     print(f"Tokenizer: training a {vocab_size}-token BPE on {len(paths)} training shard(s)...")
     t0 = time.time()
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(_training_text(paths, TOKENIZER_MAX_CHARS, TOKENIZER_DOC_CAP),
-                            vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    bpe.train_from_iterator(_training_text(paths), vocab_size - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
     specials = {name: len(ranks) + i for i, name in enumerate(SPECIAL_TOKENS)}
-    enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks,
-                            special_tokens=specials)
+    enc = tiktoken.Encoding(name="rustbpe", pat_str=bpe.get_pattern(), mergeable_ranks=ranks, special_tokens=specials)
     test = "Hello world! Numbers: 123456. Unicode: 你好 naïve café 🦀\n\t tabs and\r\nnewlines"
     assert enc.decode(enc.encode_ordinary(test)) == test, "tokenizer round-trip failed"
     _save(tokenizer_dir / "token_bytes.pt", lambda f: torch.save(Tokenizer(enc).token_bytes(), f))
@@ -365,7 +357,6 @@ class Tokenizer:
 
     def __init__(self, enc, directory=None, fingerprint=""):
         self.enc, self.directory, self.fingerprint = enc, directory, fingerprint
-        self.bos_token_id = enc.encode_single_token(BOS_TOKEN)
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
@@ -379,7 +370,7 @@ class Tokenizer:
         return self.enc.n_vocab
 
     def get_bos_token_id(self):
-        return self.bos_token_id
+        return self.enc.encode_single_token(BOS_TOKEN)
 
     def encode(self, text, prepend=None, num_threads=8):
         """Token ids of a string, or of each string of a list; `prepend`: a special token (string or id) put first."""
@@ -403,8 +394,7 @@ class Tokenizer:
 
 
 def load_tokens(tokenizer, shard):
-    """A shard's (tokens: uint16/int32 flat array, memory-mapped; offsets: int64 document boundaries), tokenized
-    once into .npy files named by the tokenizer's fingerprint."""
+    """A shard's (tokens, memory-mapped; document offsets), tokenized once into .npy files by tokenizer fingerprint."""
     cache = shard.parent / "tokens" / tokenizer.fingerprint
     tok_path, off_path = cache / f"{shard.stem}.tokens.npy", cache / f"{shard.stem}.offsets.npy"
     # offsets are written last, so their presence means the pair is whole; a shard rebuilt since is redone
@@ -456,7 +446,6 @@ class _DataLoader(collections.abc.Iterator):
 
     @property
     def crop_fraction(self):
-        """Share of document tokens dropped by cropping so far."""
         return self.cropped_tokens / max(self.taken_tokens, 1)
 
     def _refill(self):
@@ -499,10 +488,8 @@ class _DataLoader(collections.abc.Iterator):
         if self.events[k] is not None:
             self.events[k].synchronize()  # the slot's previous copy has landed on the device
         np.stack(inputs_targets, out=self.slots[k].numpy())
-        batch = torch.empty_like(self.slots[k], device=self.device)
-        batch.copy_(self.slots[k], non_blocking=True)
-        self.events[k] = torch.cuda.Event()
-        self.events[k].record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
+        batch = self.slots[k].to(self.device, non_blocking=True)
+        self.events[k] = torch.cuda.current_stream(self.device).record_event()  # the stream the copy was queued on
         return batch[0], batch[1], epoch
 
 
@@ -555,9 +542,8 @@ def evaluate_bpb_sample(model, tokenizer, batch_size, eval_tokens):
 
 
 def _bits_per_byte(model, tokenizer, batch_size, n_rows, split="val"):
-    """Bits per byte over the first n_rows packed rows of a split, with the model's own loss."""
-    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
-    device = param.device if param is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Bits per byte over the first n_rows packed rows of a split, with the model's own loss, on its weights' device."""
+    device = next((p.device for p in model.parameters()), torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     return bits_per_byte(lambda x, y: model(x, y, reduction="none"), tokenizer, batch_size, n_rows, device, split)
 
 
@@ -583,9 +569,8 @@ def bits_per_byte(token_nats, tokenizer, batch_size, n_rows, device, split="val"
 
 def save_handoff(model, batch_size, path):
     """The trained model for harness/evaluate.py as a graph of torch's own operators plus its weights, so that no
-    code of train.py's runs where the number is computed: torch.export of model(x) for one (batch_size, MAX_SEQ_LEN)
-    batch, compiled code traced as eager, bf16 autocast's casts written into the graph on CUDA, each flex_attention
-    turned into SDPA with the mask it computes (torch 2.9 cannot save a BlockMask); saved as JSON and tensors."""
+    code of train.py's runs where the number is computed: model(x) for one (batch_size, MAX_SEQ_LEN) batch exported
+    as eager with bf16 autocast's casts on CUDA, flex_attention as the SDPA it equals (a BlockMask cannot be saved)."""
     from torch._export.serde.serialize import serialize
     raw = getattr(model, "_orig_mod", model)  # without torch.compile's wrapper
     x = torch.zeros(batch_size, MAX_SEQ_LEN, dtype=torch.long, device=next(raw.parameters()).device)
@@ -599,9 +584,10 @@ def save_handoff(model, batch_size, path):
         graph = serialize(program).exported_program.decode()
     except Exception as e:
         reason = " ".join(str(e).split("\n")[0].split())[:200]
-        raise PrepareError(f"cannot hand the model to the harness: torch.export of model(x) failed ({type(e).__name__}: "
-                           f"{reason}); keep forward(idx) one graph of torch operators returning logits (B, T, vocab): "
-                           "no Python branch on a tensor's value, no .item(), .tolist() or print of a tensor") from e
+        raise PrepareError("cannot hand the model to the harness: torch.export of model(x) failed "
+                           f"({type(e).__name__}: {reason}); keep forward(idx) one graph of torch operators returning "
+                           "logits (B, T, vocab): no Python branch on a tensor's value, no .item(), .tolist() or print "
+                           "of a tensor") from e
     weights = {"graph": graph, "state_dict": dict(program.state_dict), "constants": dict(program.constants)}
     _save(Path(path), lambda f: torch.save(weights, f))
 
@@ -647,12 +633,7 @@ def _flex_as_sdpa(module):
 
 def _attr(module, node):
     """What an exported graph's get_attr node names (a tensor or a subgraph); None stays None."""
-    if node is None:
-        return None
-    obj = module
-    for part in node.target.split("."):
-        obj = getattr(obj, part)
-    return obj
+    return None if node is None else operator.attrgetter(node.target)(module)
 
 # ---------------------------------------------------------------------------
 # Can this machine run the profile? (`uv run prepare.py --check`; train.py asks gpu_problem() first)

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("make_data_figures", ROOT / "tests" / "reference" / "make_data_figures.py")
+_spec = importlib.util.spec_from_file_location("make_data_figures", ROOT / "tests/reference/make_data_figures.py")
 ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ref)
 HIS = json.loads(ref.FIGURES.read_text())
@@ -28,20 +28,19 @@ def ours(tmp_path_factory):
     """Our prepare.py on the figures' corpus: the shards, and the tokenizer trained on them."""
     root = tmp_path_factory.mktemp("reference_data")
     corpus = ref.build_shards(root / "data")
-    assert corpus == HIS["corpus"], \
-        "the rebuilt corpus differs from the one the figures were made from: " + \
-        ", ".join(f"{name} ({corpus[name]['documents']} documents, {HIS['corpus'][name]['documents']} in the figures)"
-                  for name in corpus if corpus[name] != HIS["corpus"].get(name))
+    differ = {name: (corpus[name]["documents"], HIS["corpus"][name]["documents"])
+              for name in corpus if corpus[name] != HIS["corpus"].get(name)}
+    assert not differ, f"the rebuilt corpus is not the figures' (shard: ours, their documents): {differ}"
     prepare.train_tokenizer(root / "data", root / "tokenizer", vocab_size=HIS["settings"]["VOCAB_SIZE"])
-    return SimpleNamespace(root=root, data=root / "data", tokenizer=prepare.Tokenizer.from_directory(root / "tokenizer"))
+    tokenizer = prepare.Tokenizer.from_directory(root / "tokenizer")
+    return SimpleNamespace(root=root, data=root / "data", tokenizer=tokenizer)
 
 
 def first_difference(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+    """The first index where lists a and b differ, or None when they are equal."""
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if a == b else i
 
-# ---------------------------------------------------------------------------
-# Tokenizer and byte table
-# ---------------------------------------------------------------------------
 
 def test_data_path_constants_are_his():
     his = HIS["constants"]
@@ -74,30 +73,24 @@ def test_tokenizer_stops_at_his_character_cap(ours, monkeypatch):
 
 
 def test_token_bytes_are_his_partial_characters_included(ours):
-    his = HIS["token_bytes"]
+    his, table = HIS["token_bytes"]["table"], ours.tokenizer.token_bytes().tolist()
+    i = first_difference(table, his)
+    assert i is None, (f"token {i} ({ours.tokenizer.enc.decode_single_token_bytes(i)!r}) counts {table[i]} bytes, "
+                       f"his {his[i]}; {sum(a != b for a, b in zip(table, his))} tokens differ")
     saved = torch.load(ours.root / "tokenizer" / "token_bytes.pt")
-    for name, table in (("Tokenizer.token_bytes()", ours.tokenizer.token_bytes().tolist()),
-                        ("token_bytes.pt", saved.tolist())):
-        i = first_difference(table, his["table"])
-        assert i is None, (f"{name}: token {i} ({ours.tokenizer.enc.decode_single_token_bytes(i)!r}) counts "
-                           f"{table[i]} bytes, his {his['table'][i]}; "
-                           f"{sum(a != b for a, b in zip(table, his['table']))} tokens differ")
-        assert ref.table_digest(table) == his["sha256"]
-    assert saved.dtype == torch.int32
+    assert saved.dtype == torch.int32 and saved.tolist() == table, "token_bytes.pt is not Tokenizer.token_bytes()"
 
-# ---------------------------------------------------------------------------
-# Packed rows
-# ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("his", HIS["loader"], ids=lambda s: f"{s['split']}-B{s['B']}-T{s['T']}")
 def test_loader_rows_and_epochs_are_his(ours, his):
     split, B, T = his["split"], his["B"], his["T"]
-    make_loader = lambda split, B, T: prepare.make_dataloader(ours.tokenizer, B, T, split, device="cpu",
-                                                              data_dir=ours.data)
+
+    def make_loader(split, B, T):
+        return prepare.make_dataloader(ours.tokenizer, B, T, split, device="cpu", data_dir=ours.data)
     got = ref.loader_figures(make_loader, split, B, T, len(his["batch_sha256_16"]))
     for r, (row, want) in enumerate(zip(got["first_rows"], his["first_rows"])):
         t = first_difference(row, want)
-        assert t is None, f"{split} B={B} T={T}: row {r} differs first at token {t}: ours {row[t:t + 8]}, his {want[t:t + 8]}"
+        assert t is None, f"{split} B={B} T={T}: row {r} differs at token {t}: ours {row[t:t + 8]}, his {want[t:t + 8]}"
     ours_d, his_d = got["batch_sha256_16"], his["batch_sha256_16"]
     k = first_difference(ours_d, his_d)
     assert k is None, (f"{split} B={B} T={T}: batch {k} (rows {k * B}..{k * B + B - 1}) is the first that differs "
@@ -105,9 +98,6 @@ def test_loader_rows_and_epochs_are_his(ours, his):
     k = first_difference(got["epochs"], his["epochs"])
     assert k is None, f"{split} B={B} T={T}: batch {k} has epoch {got['epochs'][k]}, his {his['epochs'][k]}"
 
-# ---------------------------------------------------------------------------
-# The metric
-# ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("batch_size", [4, 8, 7])
 def test_evaluate_bpb_is_his(ours, monkeypatch, batch_size):
