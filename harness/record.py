@@ -1,10 +1,6 @@
 """
-The record of a run: one typed `run.json` per run directory, and the archive of run directories.
-
-A run.json holds what ran (commit, code, harness, machine), what train.py said about itself (Trained), what
-the harness measured (Measured; None for a run archived by hand), the cases it caught, its decision, its
-status history and the sha256 of each evidence file beside it. results.tsv is derived from the run
-directories, rebuilt whole under the archive lock: no number is stored twice.
+The record of a run: one typed `run.json` per run directory (Run, below), and the archive of run directories.
+results.tsv is derived from the run directories, rebuilt whole under the archive lock: no number is stored twice.
 
     archive = Archive.here()            # AUTORESEARCH_ARCHIVE, or .auto-log-research at the repository root
     runs = archive.runs()               # every Run, oldest first
@@ -296,14 +292,13 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
-def git(*args, cwd=None, stdin=None, raw=False):
-    """stdout of a git command (--no-replace-objects; bytes when `raw`), or None when it fails."""
+def git(*args, cwd=None):
+    """stdout of a git command (--no-replace-objects), or None when it fails."""
     try:
-        out = subprocess.run(["git", "--no-replace-objects", *args], cwd=cwd, capture_output=True,
-                             input=None if stdin is None else stdin.encode())
+        out = subprocess.run(["git", "--no-replace-objects", *args], cwd=cwd, capture_output=True)
     except OSError:  # no git at all
         return None
-    return None if out.returncode else out.stdout if raw else out.stdout.decode("utf-8", errors="replace")
+    return None if out.returncode else out.stdout.decode("utf-8", errors="replace")
 
 
 def train_py_at(commit):
@@ -356,16 +351,14 @@ def worker_name():
 
 def current_branch():
     """The branch HEAD is on, or None when HEAD is detached (or there is no repository)."""
-    out = git("symbolic-ref", "--quiet", "--short", "HEAD")
-    return out.strip() if out else None
+    return (git("symbolic-ref", "--quiet", "--short", "HEAD") or "").strip() or None
 
 # ---------------------------------------------------------------------------
 # The harness pin
 
 
 def _root():
-    top = git("rev-parse", "--show-toplevel")
-    return Path(top.strip()) if top else Path.cwd()
+    return Path((git("rev-parse", "--show-toplevel") or "").strip() or Path.cwd())
 
 
 def _pinned(path):
@@ -374,8 +367,7 @@ def _pinned(path):
 
 def rev_parse(rev):
     """The full sha of the commit `rev` names, or None."""
-    out = git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    return out.strip() if out else None
+    return (git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}") or "").strip() or None
 
 
 def read_pin(branch):
@@ -384,9 +376,8 @@ def read_pin(branch):
 
 def pin_history(branch):
     """Every commit `branch` has been pinned to, newest first (the current one, then the reflog's)."""
-    current = read_pin(branch)
     logged = (git("reflog", "show", "--format=%H", PIN_REFS + branch, "--") or "").split()
-    return list(dict.fromkeys(([current] if current else []) + logged))
+    return list(dict.fromkeys(filter(None, [read_pin(branch), *logged])))
 
 
 def pinned_blobs(commit):
@@ -402,23 +393,19 @@ def harness_changes(pin, recorded=None):
     root, pinned = _root(), pinned_blobs(pin)
     tracked = [p for p in (git("ls-files", "-z", "--full-name", cwd=root) or "").split("\0") if p and _pinned(p)]
     present = [p for p in sorted(set(pinned) | set(tracked)) if (root / p).is_file()]
-    hashed = git("hash-object", "--stdin-paths", cwd=root, stdin="".join(p + "\n" for p in present)) if present else ""
+    hashed = git("hash-object", "--", *present, cwd=root) if present else ""
     found = dict(zip(present, (hashed or "").split()))  # blob ids, as git would store the working tree's files
     changes = {p: "deleted" if p not in found else "changed" for p in pinned if found.get(p) != pinned[p]}
     changes.update({p: "added" for p in found if p not in pinned})
-    for path, sha in (recorded or {}).items():
-        if path in pinned and path not in changes:
-            content = git("show", f"{pin}:{path}", raw=True)
-            if content is not None and hashlib.sha256(content).hexdigest() != sha:
-                changes[path] = "differed while train.py ran"
+    changes.update({p: "differed while train.py ran" for p, sha in (recorded or {}).items()
+                    if p in pinned and p not in changes and sha256_file(root / p) != sha})
     return [f"{p} ({what}) against the pin {pin[:7]}" for p, what in sorted(changes.items())]
 
 
 def ensure_pin(branch, earlier_run_ids):
     """(pin, None), pinning HEAD first when `branch` has none and no run was archived on it yet (an experiment's
     set-up); (None, why) when only a human can pin it."""
-    pin = read_pin(branch)
-    if pin:
+    if pin := read_pin(branch):
         return pin, None
     if earlier_run_ids:
         return None, (f"branch {branch} has no pin although {len(earlier_run_ids)} run(s) ({earlier_run_ids[0]} to "
@@ -426,8 +413,7 @@ def ensure_pin(branch, earlier_run_ids):
     head = rev_parse("HEAD")
     if head is None:
         return None, "the repository has no commit to pin; commit the harness first"
-    changes = harness_changes(head)
-    if changes:
+    if changes := harness_changes(head):
         return None, (f"the working tree's harness differs from HEAD ({'; '.join(changes)}), so {branch} cannot be "
                       "pinned at HEAD; restore those files, or commit a human's change to the harness first")
     git("update-ref", "--create-reflog", "-m", f"pin: {branch} begins at {head[:7]}", PIN_REFS + branch, head, "")
@@ -572,14 +558,11 @@ class Archive:
         self._problems.pop(run.id, None)
 
     def rebuild(self, runs=None):
-        """results.tsv rewritten whole from the runs (all of them unless given), atomically."""
         write_atomic(self.results, results_text(self.runs() if runs is None else runs))
 
     def set_status(self, run, status, by):
         """Append `status` to the run's history and rebuild (callers hold the lock); the same status again changes
         nothing. RecordError, with nothing changed, when the rules refuse it."""
-        if status not in STATUSES:
-            raise RecordError(f"{status!r} is no status ({', '.join(STATUSES)})")
         if run.status == "invalid" and status != "invalid":
             why = run.cases or "; ".join(run.harness_changes) or "see its analysis.md"
             raise RecordError(f"run {run.id} is invalid ({why}), so its status cannot change")
@@ -591,8 +574,7 @@ class Archive:
             if run.description.endswith(UNCOMMITTED):
                 raise RecordError(f"run {run.id} ran train.py with uncommitted changes, so no commit holds the code it "
                                   "measured: commit the change and rerun, or discard it")
-            problems = evidence_problems(self.run_dir(run.id), run)
-            if problems:
+            if problems := evidence_problems(self.run_dir(run.id), run):
                 raise RecordError(f"run {run.id} cannot be kept: {problems[0]} (`uv run analyze.py audit` lists all)")
         if status != run.status:
             run.statuses.append(StatusChange(status, now_utc(), by))
