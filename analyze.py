@@ -96,7 +96,7 @@ def cmd_curve(archive, key, ids, at):
     print(f"{key} at progress " + " ".join(f"{p:>9g}" for p in points))
     for run in runs:
         metrics = read_metrics(archive.run_dir(run.id) / "metrics.jsonl")[0]
-        values = [] if metrics is None or key not in metrics else list(zip(*metrics.series(key)))
+        values = list(zip(*metrics.series(key))) if metrics else []  # [] when the key was never logged
         cells = (next((f"{v:9.4f}" for p, _, v in reversed(values) if p <= point), "      n/a") for point in points)
         missing = "" if values else f"  ({key} not logged)"
         print(f"{run.id} ({run.status})".ljust(len(key) + 13) + " ".join(cells) + missing)

@@ -13,9 +13,9 @@ Exit status: 0 archived and decided, 2 refused, 130 stopped by Ctrl-C or SIGTERM
 """
 import fcntl
 import importlib.metadata
+import inspect
 import json
 import os
-import re
 import shutil
 import signal
 import stat
@@ -39,8 +39,7 @@ GRACE_S = 15.0               # after SIGTERM or SIGINT to a process group, befor
 EVALUATOR_CAP_S = {"gpu": 300.0, "cpu": 600.0}  # generous: a finished run is not lost for want of time
 HANDOFF_GRACE_S = 120.0      # once the model is handed off, train.py has this long past the cap to exit
 STALE_SLACK_S = 30.0         # run.log written this long after the summary finished: the summary is older
-# train.py's compile caches (inductor, triton): its own, read by no harness process, kept across runs (a fresh one
-# costs a full compile). It gets no bytecode folder: it reads the venv's and writes none (contained: it cannot)
+# train.py's compile caches (inductor, triton): its own, kept across runs (a fresh one costs a full compile)
 CHILD_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auto-log-research" / "train"
 OUTPUTS = ("metrics.jsonl", "run_summary.json")  # train.py's files: in its run directory, then the worktree's
 # the sandbox: all read-only, fresh /dev, /proc, /tmp, no network, own PIDs and session, gone with its parent
@@ -85,9 +84,8 @@ class Child:
         """CPU seconds before the first metrics row and after the hand-off: work outside the budget, counted so
         that a busy machine adds none (None unless the run got that far)."""
         cpu = self.cpu_s
-        if not {"first row", "hand-off", "exit"} <= set(cpu):
-            return None
-        return round(cpu["first row"] + max(0.0, cpu["exit"] - cpu["hand-off"]), 3)
+        if {"first row", "hand-off", "exit"} <= set(cpu):
+            return round(cpu["first row"] + max(0.0, cpu["exit"] - cpu["hand-off"]), 3)
 
 
 def prepare_module():
@@ -155,12 +153,12 @@ def preflight(archive, description):
     if changes:
         raise Refused(f"harness files differ from the branch's pin: {'; '.join(changes)}; restore them "
                       f"(`git checkout {pin[:7]} -- FILE`): only train.py is the experiment's")
-    status = git("status", "--porcelain", "-z", "--untracked-files=no") or ""
-    others = sorted({e[3:] for e in status.split("\0") if len(e) > 3 and e[3:] != "train.py"})
+    modified = set((git("diff", "--name-only", "-z", "HEAD") or "").split("\0")) - {""}
+    others = sorted(modified - {"train.py"})
     if others:
         raise Refused(f"tracked files other than train.py are modified ({', '.join(others[:5])}): an experiment "
                       "changes train.py alone; restore them (`git checkout -- FILE`) or commit them first")
-    changed = bool((git("diff", "--name-only", "HEAD", "--", "train.py") or "").strip())
+    changed = "train.py" in modified
     if changed and not description:
         raise Refused('train.py differs from HEAD: say what changed, `uv run analyze.py run "DESCRIPTION"` '
                       "(it becomes the commit message)")
@@ -188,9 +186,9 @@ def refuse_untracked_modules():
     """An untracked module at the repository root: first on train.py's sys.path, an argparse.py there would win."""
     tracked = {p.split("/")[0] for p in (git("ls-files", "-z") or "").split("\0") if p}
     for entry in sorted(Path(".").iterdir()):
-        found = re.fullmatch(r"([A-Za-z_]\w*)(\.[\w-]+)?\.(py|pyc|pyw|so|pyd)", entry.name) if entry.is_file() else None
-        module = found.group(1) if found else entry.name if (entry / "__init__.py").exists() else None
-        if module and entry.name not in tracked:
+        package = (entry / "__init__.py").exists()
+        module = entry.name if package else inspect.getmodulename(entry) if entry.is_file() else None
+        if module and module.isidentifier() and entry.name not in tracked:
             raise Refused(f"{entry.name} at the repository root is not tracked by git and would be imported as the "
                           f"module `{module}` ahead of any other: move it out of the repository root")
 
@@ -237,11 +235,10 @@ def train(plan, tmp):
             child.handoff_s, child.cpu_s["hand-off"] = now, tree_cpu_s(pid)
         return plan.cap_s if child.handoff_s is None else max(plan.cap_s, child.handoff_s + HANDOFF_GRACE_S)
 
-    caches = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}, "PYTHONDONTWRITEBYTECODE": "1",
-           "AUTORESEARCH_HANDOFF": str(handoff), **{k: str(CHILD_CACHE / v) for k, v in caches.items()}}
-    for folder in caches.values():
-        (CHILD_CACHE / folder).mkdir(parents=True, exist_ok=True)
+           "AUTORESEARCH_HANDOFF": str(handoff), "TORCHINDUCTOR_CACHE_DIR": str(CHILD_CACHE / "inductor"),
+           "TRITON_CACHE_DIR": str(CHILD_CACHE / "triton")}  # each makes its own folder
+    CHILD_CACHE.mkdir(parents=True, exist_ok=True)  # bwrap binds only what exists
     box = [] if plan.uncontained else sandbox(prepare_module(), [work, CHILD_CACHE])
     child.exit_code, child.stopped, child.wall_s, child.cpu_s["exit"] = supervise(
         [*box, sys.executable, str(Path("train.py").resolve())], Path("run.log"), env, plan.cap_s, look, work)
@@ -314,8 +311,7 @@ def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
 
 
 def tree_cpu_s(root):
-    """CPU seconds so far of process `root` and its descendants, the reaped ones included (/proc's utime, stime,
-    cutime and cstime); 0.0 once it is gone."""
+    """CPU seconds so far of process `root` and its descendants, the reaped ones included; 0.0 once it is gone."""
     parent, cpu = {}, {}
     for stat_file in Path("/proc").glob("[0-9]*/stat"):
         with suppress(OSError, ValueError, IndexError):
@@ -427,7 +423,7 @@ def evaluate(tmp, cap_s, contained):
     box = sandbox(prepare_module(), [tmp], scores=True) if contained else []
     cmd = box + [sys.executable, "-I", "-B", str(Path(__file__).resolve().parent / "evaluate.py"),
                  "--handoff", str(tmp / "child" / "model.pt"), "--out", str(tmp / "eval.json")]
-    _, stopped, seconds, _ = supervise(cmd, tmp / "evaluator.log", dict(os.environ), cap_s)
+    _, stopped, seconds, _ = supervise(cmd, tmp / "evaluator.log", None, cap_s)
     out = read_json(tmp / "eval.json") or {"error": last_line((tmp / "evaluator.log").read_text(errors="replace"))}
     return out, stopped, seconds
 
@@ -444,7 +440,7 @@ def archive_and_decide(archive, plan, commit, summary, printed, measured):
         run.trained.outcome = measured.stopped or run.trained.outcome  # stopped by the harness: how train.py ended
         if run.trained.reported_val_bpb is None:
             run.trained.reported_val_bpb = printed
-        return (run, *file_run(archive, run, runs, train_py_at(commit) or "", ran_tree=False, metrics=True))
+        return (run, *file_run(archive, run, runs, ran_tree=False, metrics=True))
 
 
 def apply(archive, run, best):
@@ -487,12 +483,13 @@ def new_run(archive, commit, summary, measured, branch, pin, runs):
                trained=trained_of(s), measured=measured, caught=[], decision=None, statuses=[], evidence={})
 
 
-def file_run(archive, run, runs, source, ran_tree, metrics):
-    """Saves run with its evidence (run.log, metrics.jsonl when it is this run's, diff.patch against the best), and
-    if the harness measured it its caught cases and decision, applied; rebuilds analysis.md, progress.png and
-    results.tsv. (the best, what happened to train.py, all runs)"""
+def file_run(archive, run, runs, ran_tree, metrics):
+    """Saves run with its evidence (run.log, metrics.jsonl when it is this run's, diff.patch of the train.py that ran,
+    the worktree's when ran_tree, against the best's), its caught cases and, when measured, its decision, applied;
+    rebuilds analysis.md, progress.png and results.tsv. (the best, what happened to train.py, all runs)"""
+    source = Path("train.py").read_text() if ran_tree and Path("train.py").exists() else train_py_at(run.commit)
     best = best_of(runs + [run], run)
-    run.best_id, run.code_sha = (best.id if best else None), code_sha(source)
+    run.best_id, run.code_sha = (best.id if best else None), code_sha(source or "")
     run_dir = archive.run_dir(run.id)
     for name in ("run.log", "metrics.jsonl") if metrics else ("run.log",):
         if Path(name).exists():
@@ -513,7 +510,7 @@ def file_run(archive, run, runs, source, ran_tree, metrics):
 
 
 def first_status(run):
-    if run.trained.outcome == "interrupted" or (run.measured and run.measured.stopped == "interrupted"):
+    if run.trained.outcome == "interrupted":  # by the harness too: archive_and_decide sets the outcome
         return "pending"
     if run.val_bpb is None:
         return "crash"
@@ -548,8 +545,7 @@ def archive_here():
         if error:
             run.trained.outcome, run.trained.error = "crash", error
         ran_tree = (s.get("git") or {}).get("train_py_sha256") in (None, sha256_file("train.py"))
-        source = Path("train.py").read_text() if ran_tree and Path("train.py").exists() else train_py_at(commit)
-        best, _, everything = file_run(archive, run, runs, source or "", ran_tree, metrics=not stale)
+        best, _, everything = file_run(archive, run, runs, ran_tree, metrics=not stale)
     note = f"archived by hand: val_bpb is train.py's own number, not measured by the harness; {error or 'not decided'}"
     print("\n".join(run_lines(run, best, note, everything, archive)))
     return 0
@@ -583,18 +579,16 @@ def archived_as(runs, commit, started, log):
     run.log archived after it was written. None when there is none."""
     if started is not None:
         return next((r for r in runs if (r.commit, r.started_at) == (commit, started)), None)
-    logged = sha256_file(log) if log.exists() else None
+    logged = sha256_file(log)
     return next((r for r in runs if r.commit == commit and r.started_at is None and logged is not None
                  and r.evidence.get("run.log") == logged and r.archived_at >= log.stat().st_mtime), None)
 
 
 def read_json(path):
     """A JSON object from a file, or None when it is missing or unreadable."""
-    try:
+    with suppress(OSError, ValueError):
         value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
+        return value if isinstance(value, dict) else None
 
 
 def last_line(text):

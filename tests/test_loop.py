@@ -84,7 +84,6 @@ def test_the_hard_cap_stops_the_child_and_all_it_started(tmp_path, monkeypatch, 
     assert (child.stopped, child.exit_code, child.phase) == ("timeout", -15, "hand-off" if handoff else "training")
     assert 0.6 <= child.first_row_s <= child.wall_s and 2.5 <= child.wall_s < 12, child
     assert not handoff or child.wall_s >= child.handoff_s + 2.0, f"stopped before its grace: {child}"
-    assert child.phases().startswith(f"start-up {child.first_row_s:.1f} s, training "), child.phases()
     assert Path("run.log").read_text().split() == [f"{tmp_path}/child/model.pt", "None", "True", f"{tmp_path}/child"]
     deadline = time.time() + 5  # on a loaded machine a killed process may wait a while for a core to die on
     while running("sleep", "611.5") and time.time() < deadline:
@@ -164,9 +163,8 @@ def test_the_first_run_is_kept_then_a_caught_one_or_one_stopped_at_the_hard_cap_
     plan = loop.preflight(Archive.here(), None)  # the pin is made on first use; no best yet: the hard cap's floor
     pins = sh("git", "rev-parse", "refs/auto-log-research/pins/autoresearch/t", "HEAD").split()
     assert pins == [plan.pin] * 2 and plan.cap_s == prepare.hard_cap_s(3.0, None), plan
-    base, best, after, _ = archived(2.4)
+    base, best, _, _ = archived(2.4)
     assert (base.decision.kind, base.status, best, base.val_bpb, base.caught) == ("keep", "keep", None, 2.4, []), base
-    assert after == f"train.py: kept; commit {base.commit[:7]} is the branch's best now"
     assert set(base.evidence) == {"run.log", "metrics.jsonl", "diff.patch"} and base.outside_s == pytest.approx(5.5)
     Path("train.py").write_text(BASE + "SCALE = 0.97\n")
     sh("git", "commit", "-qam", "a better-looking number")

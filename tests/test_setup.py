@@ -44,9 +44,10 @@ NOT_THE_AGENTS = ["run.log", "results.tsv", "README.md", "tests/test_setup.py", 
                   f"{SHARED}/insights.md", f"{SHARED}/a1b2c3d/loss.png"]
 
 
-@pytest.mark.parametrize("path", AGENT_WRITES)
-def test_the_agent_may_write_train_py_and_its_notes(path):
-    assert [decide(SETTINGS, tool, path) for tool in ("Edit", "Write")] == ["allow", "allow"], path
+@pytest.mark.parametrize("path", AGENT_WRITES + NOT_THE_AGENTS)
+def test_the_agent_may_write_train_py_and_its_notes_and_nothing_else(path):
+    verdicts = [decide(SETTINGS, tool, path) for tool in ("Edit", "Write")]
+    assert verdicts == ["allow"] * 2 if path in AGENT_WRITES else "allow" not in verdicts, (path, verdicts)
 
 
 @pytest.mark.parametrize("path", EVIDENCE)
@@ -55,11 +56,6 @@ def test_the_evidence_and_the_harness_are_denied_to_every_tool_that_writes(path)
         f"cat .auto-log-research/scratch/x.txt > {path}", f"tail -n 1 run.log >> {path}", f"git diff --output={path}")]
     verdicts = {call: decide(SETTINGS, *call) for call in calls}
     assert set(verdicts.values()) == {"deny"}, f"{path}: {verdicts}"
-
-
-@pytest.mark.parametrize("path", NOT_THE_AGENTS)
-def test_nothing_else_is_writable_by_the_agents_tools(path):
-    assert "allow" not in [decide(SETTINGS, tool, path) for tool in ("Edit", "Write")], path
 
 
 def test_the_agent_runs_no_code_of_its_own_lists_branches_and_reads_only_its_own_variables():
