@@ -457,8 +457,7 @@ def get_weight_decay(progress):
 
 
 def trial_step(B, model, optimizer, health, autocast_ctx):
-    """The loop's heaviest step (with layer stats) on B rows, twice: the second runs beside the optimizer
-    state and the first's gradients, as every later step does. fit_batch tries it, then undoes it."""
+    """The loop's heaviest step on B rows, twice (the second meets the first's optimizer state and gradients)."""
     health.forget()  # a try that ran out of memory halfway left its parameter snapshot behind
     # two views of one tensor, as the loader gives: the same tensor twice would be another compiled graph
     x, y = torch.zeros((2, B, MAX_SEQ_LEN), dtype=torch.long, device=health.params[0].device)

@@ -6,9 +6,8 @@
     run.check_divergence(step, loss)                        # NaN or > 100: the run ends as 'diverged'
     run.finish(val_bpb=..., ...)                            # the greppable block, status 'ok'
 
-run_summary.json is written on every exit path, and the exit code says which (EXIT_CODES): crash is an uncaught
-exception or no finish(), timeout the hard cap (prepare.hard_cap_s; under `analyze.py run` the parent keeps it)
-or SIGTERM, interrupted Ctrl-C or SIGINT.
+run_summary.json is written on every exit path, and the exit code says which (EXIT_CODES): crash (an exception,
+or no finish()), timeout (the hard cap or SIGTERM; under `analyze.py run` the parent keeps the cap), interrupted.
 """
 import atexit
 import contextlib
@@ -34,8 +33,7 @@ from harness.record import git, sha256_file, write_atomic
 ROOT = Path(__file__).resolve().parent.parent
 FINAL_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": ".1f", "peak_vram_mb": ".1f",
                  "mfu_percent": ".2f", "total_tokens_M": ".1f", "num_steps": ".0f", "num_params_M": ".1f",
-                 "depth": ".0f"}
-FINAL_KEYS = tuple(FINAL_FORMATS)           # karpathy/autoresearch's greppable block, in his order
+                 "depth": ".0f"}  # karpathy/autoresearch's greppable block, in his order
 EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}
 DIVERGED_LOSS = 100.0                      # a training loss above this has diverged
 TEST_MAX_ROWS_ENV = "AUTORESEARCH_FIT_TEST_MAX_ROWS"  # tests only: batches above this many rows "run out of memory"
@@ -75,9 +73,8 @@ class DeviceBatch:
 
 def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
     """DEVICE_BATCH_SIZE if try_step(size) (the loop's heaviest step) runs on it, else the first of its halvings
-    that does, with TOTAL_BATCH_SIZE kept by gradient accumulation. After each try the parameters and optimizer
-    state are put back exactly. Nothing is tried on the CPU (no device memory to run out of) unless
-    AUTORESEARCH_FIT_TEST_MAX_ROWS (tests only) is set. RunStopped when not even one row fits."""
+    that does, TOTAL_BATCH_SIZE kept by accumulation; parameters and optimizer state are put back exactly after each
+    try. Nothing is tried on the CPU (no device memory) unless TEST_MAX_ROWS_ENV is set. RunStopped: not one row."""
     if total_batch_size % (requested * seq_len):  # said before any try
         raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a multiple of DEVICE_BATCH_SIZE {requested} x "
                          f"MAX_SEQ_LEN {seq_len}: make it a power of two that divides {total_batch_size // seq_len}")
@@ -88,13 +85,12 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
         torch._dynamo.config.recompile_limit += requested.bit_length()
     params = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     state = copy.deepcopy(optimizer.state_dict())  # empty before the first step
-    size, used, too_big = requested, None, []
-    while used is None:
+    size, too_big = requested, []
+    while True:
         try:
             try_step(size)
             if max_rows and size > int(max_rows):  # after the step ran, as a real failure may come late
                 raise torch.OutOfMemoryError(f"{TEST_MAX_ROWS_ENV}={max_rows}: {size} rows do not fit")
-            used = size
         except Exception as e:
             if not is_out_of_memory(e):
                 raise
@@ -102,18 +98,19 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
         model.load_state_dict(params)  # first: a failed try's gradients and optimizer state go, and their memory
         model.zero_grad(set_to_none=True)
         optimizer.load_state_dict(state)
-        if used is None:
-            if size == 1:
-                raise RunStopped(f"not even one row of {seq_len} tokens (DEVICE_BATCH_SIZE 1) fits in GPU memory with "
-                                 "this model: make it smaller (DEPTH, ASPECT_RATIO) or use AUTORESEARCH_PROFILE=cpu")
-            size = size // 2 if size % 2 == 0 else 1
-            gc.collect()  # out here the failed step's frames, and the activations they held, are gone
-            torch.cuda.empty_cache()  # a no-op where CUDA was never started
+        if size not in too_big:
+            break
+        if size == 1:
+            raise RunStopped(f"not even one row of {seq_len} tokens (DEVICE_BATCH_SIZE 1) fits in GPU memory with "
+                             "this model: make it smaller (DEPTH, ASPECT_RATIO) or use AUTORESEARCH_PROFILE=cpu")
+        size = size // 2 if size % 2 == 0 else 1
+        gc.collect()  # out here the failed step's frames, and the activations they held, are gone
+        torch.cuda.empty_cache()  # a no-op where CUDA was never started
     if on_gpu:
         torch.cuda.reset_peak_memory_stats()  # peak_vram_mb: the training's, not a failed try's
-    fit = DeviceBatch(requested, used, total_batch_size // (used * seq_len), too_big, time.time() - t0)
+    fit = DeviceBatch(requested, size, total_batch_size // (size * seq_len), too_big, time.time() - t0)
     if too_big:
-        print(f"DEVICE_BATCH_SIZE {requested} does not fit: using {used} with {fit.grad_accum_steps} accumulation "
+        print(f"DEVICE_BATCH_SIZE {requested} does not fit: using {size} with {fit.grad_accum_steps} accumulation "
               f"steps, same TOTAL_BATCH_SIZE {total_batch_size} ({fit.seconds:.1f}s)")
     return fit
 
@@ -140,11 +137,10 @@ def provenance():
                  **{f"{n}_py_sha256": sha256_file(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")}}
     tracked = (git("ls-files", "-z", "--", "prepare.py", "analyze.py", "harness", cwd=ROOT) or "").split("\0")
     git_block["harness_sha256"] = {p: sha256_file(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}
-    cuda = torch.cuda.is_available()
-    return git_block, {"python": platform.python_version(), "torch": torch.__version__,
-                       "cuda": torch.version.cuda if cuda else None,
-                       "gpu_name": torch.cuda.get_device_name() if cuda else None,
-                       "driver": prepare.nvidia_driver() if cuda else None}
+    env = dict(python=platform.python_version(), torch=torch.__version__, cuda=None, gpu_name=None, driver=None)
+    if torch.cuda.is_available():
+        env.update(cuda=torch.version.cuda, gpu_name=torch.cuda.get_device_name(), driver=prepare.nvidia_driver())
+    return git_block, env
 
 
 class LayerHealth:
@@ -163,8 +159,7 @@ class LayerHealth:
 
     @torch.no_grad()
     def fetch(self, loss, act_rms=None):
-        """After optimizer.step(), before zero_grad(): (loss as a float, metrics.jsonl's layer/ keys) in one
-        device-to-host transfer. act_rms None: a step without layer stats."""
+        """After optimizer.step(), before zero_grad(): (loss, layer/ metrics or {} without act_rms) in one transfer."""
         if act_rms is None:
             return loss.item(), {}
         tensors = ([p.grad for p in self.params], torch._foreach_sub(self.params, self.before), self.before)
@@ -200,15 +195,14 @@ class ValCurve:
 
 
 class RunRecorder:
-    """Owns a run's outputs (metrics.jsonl, run_summary.json): `run = RunRecorder(config).start()` at the top of a
-    script (sys.excepthook, atexit, SIGTERM and SIGINT record how it ends), or `with RunRecorder(config) as run:`.
-    hard_cap_s: 0 for no watchdog; None for prepare.hard_cap_s(TIME_BUDGET), or 0 under `analyze.py run`."""
+    """A run's metrics.jsonl and run_summary.json: `RunRecorder(config).start()` for a whole script, or `with
+    RunRecorder(config) as run:`. hard_cap_s 0: no watchdog; None: prepare's cap, or 0 under `analyze.py run`."""
 
     def __init__(self, config, out_dir=".", hard_cap_s=None, flush_every_s=2.0):
         if hard_cap_s is None:
             hard_cap_s = 0 if os.environ.get("AUTORESEARCH_HANDOFF") else prepare.hard_cap_s(prepare.TIME_BUDGET)
         self.config, self.out_dir, self.hard_cap_s = config, Path(out_dir), hard_cap_s
-        self.final, self.device_batch, self.timings, self.exit_code = dict.fromkeys(FINAL_KEYS), None, {}, None
+        self.final, self.device_batch, self.timings, self.exit_code = dict.fromkeys(FINAL_FORMATS), None, {}, None
         self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
         self._finished = self._closed = False
         self.flush_every_s, self._lock = flush_every_s, threading.RLock()
@@ -220,8 +214,7 @@ class RunRecorder:
             (self.out_dir / name).unlink(missing_ok=True)
         self.started_at = self._last_flush = time.time()
         self.git, self.env = provenance()
-        # the tokenizer stands for the data it was trained on: runs on another tokenizer are another harness
-        tokenizer_sha = sha256_file(prepare.TOKENIZER_DIR / "tokenizer.pkl")
+        tokenizer_sha = sha256_file(prepare.TOKENIZER_DIR / "tokenizer.pkl")  # stands for the data it was trained on
         self.harness = {**prepare.HARNESS, "tokenizer": tokenizer_sha and tokenizer_sha[:16]}
         self._file = open(self.out_dir / "metrics.jsonl", "w")  # a directory that takes no file ends the run here
         if self.hard_cap_s:
@@ -255,8 +248,7 @@ class RunRecorder:
         sys.excepthook = self._end
         atexit.register(self._end, None, None, None)
         signal.signal(signal.SIGTERM, lambda *_: self._timeout("SIGTERM received"))
-        # Ctrl-C is KeyboardInterrupt even when SIGINT was ignored at start-up (a background job, nohup)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even where SIGINT was ignored (nohup, a job)
         return self
 
     def _end(self, *exc_info):  # sys.excepthook (an uncaught exception) and atexit; no exc_info: closed already
@@ -328,8 +320,7 @@ class RunRecorder:
     def timing(self, name, seconds):  # adds to run_summary.json's timings[name]
         self.timings[name] = self.timings.get(name, 0.0) + float(seconds)
 
-    def record_fit(self, fit):
-        """fit_batch's DeviceBatch into run_summary.json (device_batch, timings' fit_s): (used, grad_accum_steps)."""
+    def record_fit(self, fit):  # fit_batch's DeviceBatch into device_batch and fit_s: (used, grad_accum_steps)
         self.device_batch = asdict(fit)
         self.timing("fit_s", fit.seconds)
         return fit.used, fit.grad_accum_steps

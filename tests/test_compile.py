@@ -119,14 +119,12 @@ def test_compiled_training_and_evaluation_graphs_equal_eager():
     assert nats.shape == (B * T,) and err < 1e-5, f"per-token nats: compiled vs eager differ by {err:.2e}"
 
 
-def test_inductor_optimizer_kernels_equal_eager_and_compile_once():
-    """Both kernels compiled by inductor update their arguments in place as eager does, and compile once while
-    every hyperparameter moves. AdamW agrees to rounding. Muon's bf16 polar express magnifies rounding (inductor
-    keeps fused intermediates in fp32) to ~7% of the update's norm, AR's kernel alike: only a gross departure
-    (no update, a wrong branch, a lost in-place write) fails there."""
-    counter = CompileCounterWithBackend("inductor")
-    adamw = torch.compile(train.adamw_step, dynamic=False, fullgraph=True, backend=counter)
-    muon = torch.compile(train.muon_step, dynamic=False, fullgraph=True, backend=counter)
+def test_inductor_optimizer_kernels_equal_eager():
+    """Both kernels compiled by inductor update their arguments in place as eager does, every hyperparameter moving
+    (that none recompiles them: the loop test). AdamW agrees to rounding. Muon's bf16 polar express magnifies
+    rounding (inductor keeps fused intermediates in fp32) to ~7% of the update's norm, AR's kernel alike: only a
+    gross departure (no update, a wrong branch, a lost in-place write) fails there."""
+    adamw, muon = (torch.compile(f, dynamic=False, fullgraph=True) for f in (train.adamw_step, train.muon_step))
     gen = torch.Generator().manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=gen)
     t = lambda value: torch.tensor(float(value))
@@ -141,7 +139,6 @@ def test_inductor_optimizer_kernels_equal_eager_and_compile_once():
         for kernels, state in (((train.adamw_step, train.muon_step), eager), ((adamw, muon), compiled)):
             kernels[0](state["adamw"][0], grad, *state["adamw"][1:], *hyper)
             kernels[1](grads.clone(), state["muon"][0], *state["muon"][1:], *muon_hyper)
-    assert counter.frame_count == 2, f"{counter.frame_count} compilations for 2 kernels: a schedule recompiled"
     checks = [("adamw update", eager["adamw"][0] - adamw_start, compiled["adamw"][0] - adamw_start, 1e-5),
               ("adamw second moment", eager["adamw"][2], compiled["adamw"][2], 1e-5),
               ("muon momentum", eager["muon"][1], compiled["muon"][1], 1e-5),

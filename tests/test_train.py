@@ -1,5 +1,6 @@
-"""train.py on the CPU: attention paths agree, the optimizer is what it claims, and real cpu-profile runs
-(manual, under the harness, on a small device that then diverges) leave the outputs analyze.py reads."""
+"""train.py on the CPU: attention paths agree, the optimizer is what it claims, and real cpu-profile runs (one
+that ends ok, one on a small device that then diverges) leave the outputs analyze.py reads. Under the harness a
+run hands its model off: test_cheats.py's baseline runs it end to end."""
 import json
 import math
 import os
@@ -14,7 +15,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (imports prepare; trains nothing)
-from harness.recorder import FINAL_KEYS, LayerHealth  # noqa: E402
+from harness.recorder import FINAL_FORMATS, LayerHealth  # noqa: E402
+from tests.reference.common import explicit_attention  # noqa: E402
 
 # eager flex_attention on the CPU warns that it is unfused; here that is the point
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
@@ -24,14 +26,8 @@ CONTRACT_STEP_KEYS = {"step", "time", "elapsed_s", "train/loss", "train/loss_smo
                       "perf/tokens_per_sec", "perf/mfu_percent"}
 
 
-def reference_attention(q, k, v, window):
-    """Causal attention written out: query i sees keys i-window..i."""
-    dist = torch.arange(q.size(2))[:, None] - torch.arange(k.size(2))[None, :]  # query position - key position
-    visible = (dist >= 0) & (dist <= window)
-    reps = q.size(1) // k.size(1)
-    k, v = k.repeat_interleave(reps, dim=1), v.repeat_interleave(reps, dim=1)
-    scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.size(-1))
-    return scores.masked_fill(~visible, float("-inf")).softmax(dim=-1) @ v
+def reference_attention(q, k, v, window):  # softmax attention written out, in train.attention's (B, H, T, D)
+    return explicit_attention(*(t.transpose(1, 2) for t in (q, k, v)), (window, 0)).transpose(1, 2)
 
 
 def attention_with_grads(fn, q, k, v):
@@ -126,7 +122,6 @@ def test_layer_health_reports_grad_norm_update_ratio_and_the_rms_of_each_block_o
 
 PLANTS = {  # run name -> (anchor in train.py, what replaces it, extra environment); a planted fault ends its run
     "ok": (None, None, {"AUTORESEARCH_TIME_BUDGET": "8"}),
-    "handoff": (None, None, {"AUTORESEARCH_HANDOFF": "handoff/model.pt", "AUTORESEARCH_TIME_BUDGET": "2"}),
     # the fit on a device with room for 4 rows, the batch the loop got printed, then a loss that diverges
     "fit_then_diverge": ("            train_loss = loss.detach()\n",
                          "            train_loss = loss.detach() * (1e3 if step == 2 else 1.0)\n"
@@ -164,7 +159,7 @@ def test_a_cpu_run_ends_ok_with_ars_block_its_config_and_the_contract_metrics(ru
     proc, cwd, summary = runs["ok"]
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     block = proc.stdout.split("\n---\n")[-1].strip().splitlines()
-    assert [line.split(":")[0] for line in block] == list(FINAL_KEYS), block
+    assert [line.split(":")[0] for line in block] == list(FINAL_FORMATS), block
     printed = dict(re.match(r"(\w+):\s+(\S+)", line).groups() for line in block)
     assert summary["status"] == "ok" and float(printed["val_bpb"]) == pytest.approx(summary["val_bpb"], abs=1e-6)
     assert 0 < summary["val_bpb"] < 8 and summary["training_seconds"] >= 8 and summary["depth"] == 4
@@ -193,14 +188,6 @@ def test_a_cpu_run_ends_ok_with_ars_block_its_config_and_the_contract_metrics(ru
     keys = {k for k in layer_rows[-1] if k.startswith("layer/")}
     assert layer_rows[0]["step"] == 0 and {"layer/0.attn.c_q/grad_norm", "layer/3/act_rms"} <= keys
     assert all(math.isfinite(layer_rows[-1][k]) for k in keys if layer_rows[-1][k] is not None)  # None: zero-init
-
-
-def test_under_the_harness_the_model_is_handed_off_and_the_block_has_no_val_bpb(runs):
-    proc, cwd, summary = runs["handoff"]
-    assert proc.returncode == 0 and summary["status"] == "ok", proc.stderr[-3000:]
-    block = proc.stdout.split("\n---\n")[-1].strip().splitlines()
-    assert [line.split(":")[0] for line in block] == list(FINAL_KEYS[1:]), block
-    assert summary["val_bpb"] is None and (cwd / "handoff" / "model.pt").stat().st_size > 0
 
 
 def test_a_small_device_trains_with_the_fitted_batch_and_a_loss_over_100_is_diverged(runs):
