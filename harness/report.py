@@ -140,9 +140,8 @@ def learning(v, g, limit):
 
 
 def schedule(v, g, limit):
-    """A schedule on the clock (training progress) puts two runs at different LRs at one step when their step
-    counts differ: named only when the LRs part and the loss gap there is beyond noise, with no per-step
-    learning before the schedules parted to explain it."""
+    """A schedule on the clock puts two runs of different step counts at different LRs at one step: named only when
+    the LRs part and the loss gap there is beyond noise, with no per-step learning before they parted to explain it."""
     if not g.lr or abs(g.lr[0] - g.lr[1]) <= stats.LR_APART or abs(g.gaps[-1]) <= limit or (
             not v.same_code and abs(g.gaps[g.judged]) > limit):
         return None
@@ -191,11 +190,11 @@ def section_crash(v):
                       f"(from {source}):", "```", error.rstrip(), "```"]) if error else ""
 
 
-def error_text(run, log_path=None):
+def error_text(run, log_path):
     """(the traceback's tail, where it came from): train.py's own, the harness's, else run.log's."""
     if run.trained.error:
         return run.trained.error, "train.py's summary"
-    if log_path is not None and log_path.exists():
+    if log_path.exists():
         lines = log_path.read_text(errors="replace").rstrip().splitlines()
         starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
         if starts or run.measured is None or not run.measured.error:
@@ -218,8 +217,7 @@ def section_changes(v):
 
 
 def what_changed(old, new, patch, where):
-    """The config's changes, then the code's: identical (comments and blank lines aside), or the patch's counts
-    (its lines are in `where`)."""
+    """The config's changes, then the code's: identical (comments and blank lines aside), or the patch's counts."""
     a, b = old.trained.config, new.trained.config
     lines = [f"  - {k}: {a[k]!r} -> {b[k]!r}" for k in a if k in b and a[k] != b[k]]
     lines += [f"  - {k} = {b[k]!r} (new)" for k in b if k not in a]
@@ -247,8 +245,7 @@ def section_trajectory(v):
              f"progress {p[low]:.2f})"]
     trend = stats.last_tenth_trend(m)
     if "change" in trend:  # too few steps in the last tenth tell no trend
-        # still a plateau: under PLATEAU_DROP of the loss, or under the fit's own noise if larger (a line
-        # through n losses of noise s spread over a tenth moves by s x sqrt(12 / n))
+        # flat: under PLATEAU_DROP of the loss or the fit's noise (noise s moves the fit over n steps by s x sqrt(12/n))
         limit = max(stats.DEPARTURE_SIGMAS * (m.loss_noise or 0.0) * np.sqrt(12 / trend["steps"]),
                     PLATEAU_DROP * abs(smooth[-1]))
         state = (f"flat within {limit:.4f} (the larger of {PLATEAU_DROP:.1%} of the loss and the fit's noise)"
@@ -260,7 +257,7 @@ def section_trajectory(v):
 
 
 def section_departure(v):
-    if v.best is None or v.curves is None or v.best_curves is None:
+    if v.curves is None or v.best_curves is None:  # None too when there is no best
         return ""
     return "\n".join([f"## Where it departs from the best ({v.best.id}), on training progress and at equal steps"]
                      + departure_lines(v.curves, v.best_curves, v.noise.band, "this run", "the best"))
@@ -366,7 +363,7 @@ def set_headline_status(run, archive):
 
 
 # The lines `analyze.py run` prints, and the other commands' texts
-def run_lines(run, best, note=None, runs=(), archive=None):
+def run_lines(run, best, note, runs, archive):
     """The decision first (none for a run it did not decide), the number, the time, the machine (stats.machine,
     as analysis.md), what was caught, a crash's exception."""
     lines = uncontained(run) + ([run.decision.line()] if run.decision is not None else [])
@@ -374,15 +371,11 @@ def run_lines(run, best, note=None, runs=(), archive=None):
     lines += [number_line(run)[2:].replace("**", "").replace("`", "") if run.val_bpb is not None else
               f"status {run.status}, outcome {run.trained.outcome}", time_line(run)]
     if best is not None:
-        ref = best_code_runs(list(runs) or [best, run], run, best)
-        lines += [line[2:] for line in machine_line(stats.machine(run, ref), best)]
+        lines += [line[2:] for line in machine_line(stats.machine(run, best_code_runs(runs, run, best)), best)]
     lines += [f"caught: {c.case}: {c.detail}" for c in run.caught]
-    if run.val_bpb is None:
-        error = error_text(run, archive.run_dir(run.id) / "run.log" if archive else None)[0]
-        lines += [exception_line(error)] if error else []
-    if archive is not None:
-        lines.append(f"analysis: {archive.run_dir(run.id) / 'analysis.md'}")
-    return lines
+    if run.val_bpb is None and (error := error_text(run, archive.run_dir(run.id) / "run.log")[0]):
+        lines.append(exception_line(error))
+    return lines + [f"analysis: {archive.run_dir(run.id) / 'analysis.md'}"]
 
 
 def list_text(runs, worker=None):

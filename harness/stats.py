@@ -13,8 +13,6 @@ from itertools import accumulate, combinations
 
 import numpy as np
 
-from harness.record import number
-
 SMOOTH_BETA = 0.9          # EMA of train/loss (as train.py's train/loss_smooth) when that key is absent
 STALL_FACTOR = 3.0         # a step slower than this many times the median step is a stall
 SPIKE_WINDOW = 50          # trailing steps that a loss value is compared against
@@ -82,7 +80,6 @@ class Metrics:
         return key in self.columns
 
     def series(self, key):
-        """(progress, step, values) over the rows that hold `key`."""
         return self.columns.get(key, (np.zeros(0), np.zeros(0), np.zeros(0)))
 
     def finite(self, key, counted=False):
@@ -151,7 +148,7 @@ def layer_medians(m):
     for key, (p, _, v) in m.columns.items():
         if key.startswith("layer/") and key.count("/") >= 2:
             name, stat = key.removeprefix("layer/").rsplit("/", 1)
-            v = v[p >= 0.5 * p.max()] if len(p) else v
+            v = v[p >= 0.5 * p.max()]
             out.setdefault(stat, {})[name] = float(np.median(v)) if len(v) and np.isfinite(v).all() else float("nan")
     return out
 
@@ -175,28 +172,24 @@ def code_runs(runs, code_sha):
 
 @dataclass
 class Noise:
-    """val_bpb's run-to-run noise as known when one run was archived: every run of every code run twice or
-    more counts (a run on a busier machine too: the best and the challenger alike)."""
+    """val_bpb's run-to-run noise as known when one run was archived."""
     groups: dict             # code_sha -> its comparable runs, oldest first
     pooled_std: float | None  # std of one run's val_bpb around its code's mean
     runs: int                # runs in the codes with repeats
     dof: int
-
-    @property
-    def band(self):  # one run against one other run
-        return difference_band(self.pooled_std, 1, 1)
+    band: float | None       # one run against one other run
 
 
 def noise(runs, run):
-    """The ONE noise band: pooled std of val_bpb over the repeats of each code, under run's harness and
-    device class, whichever worker made them, among the runs archived up to `run`."""
+    """The ONE noise band: pooled std of val_bpb over the repeats of each code, under run's harness and device
+    class, whichever worker made them (a run on a busier machine too), among the runs archived up to `run`."""
     groups = {}
     for r in comparable(as_of(runs, run), run):
         groups.setdefault(r.code_sha, []).append(r)
     repeated = [np.array([r.val_bpb for r in g]) for g in groups.values() if len(g) >= 2]
     dof = sum(len(g) - 1 for g in repeated)
     std = float(np.sqrt(sum(((g - g.mean()) ** 2).sum() for g in repeated) / dof)) if dof else None
-    return Noise(groups, std, sum(map(len, repeated)), dof)
+    return Noise(groups, std, sum(map(len, repeated)), dof, difference_band(std))
 
 
 def difference_band(std, n=1, m=1, sigmas=NOISE_SIGMAS):
@@ -207,7 +200,6 @@ def difference_band(std, n=1, m=1, sigmas=NOISE_SIGMAS):
 # A run's figures against the best's runs, with their spread over the best's repeats
 @dataclass
 class Versus:
-    """A run's training steps against their mean over the best's runs."""
     usual: float             # mean over the best's runs
     spread: float | None     # (max - min) / usual over the best's runs; None under two of them
     runs: int
@@ -252,7 +244,7 @@ class Machine:
 def machine(run, ref_runs):
     """The ONE definition of this run's machine against the best's runs (itself left out)."""
     speeds = [r.measured.speed for r in ref_runs if r.id != run.id and r.measured and r.measured.speed]
-    probes = (number(run.measured.speed_before), number(run.measured.speed_after)) if run.measured else (None,)
+    probes = (run.measured.speed_before, run.measured.speed_after) if run.measured else (None,)
     usual = float(np.median(speeds)) if speeds else None
     return Machine(run.measured.speed if run.measured else None, usual, len(speeds),
                    probes if all(p and p > 0 for p in probes) else None,
@@ -304,9 +296,8 @@ def equal_steps(a, b):
 
 
 def equal_step_spread(ref_metrics):
-    """The largest |judged gap| at equal steps between two of the best's repeats (the last SPREAD_REPEATS given:
-    the pairs grow as their square), or None under two: a gap of a challenger within it is noise (the same code,
-    bit-identical early on, parts by its schedule)."""
+    """The largest |judged gap| at equal steps between two of the best's last SPREAD_REPEATS repeats (the pairs grow
+    as their square), or None under two: a challenger's gap within it is noise (the same code parts by its schedule)."""
     gaps = [g.gaps[g.judged] for a, b in combinations(ref_metrics[-SPREAD_REPEATS:], 2) if (g := equal_steps(a, b))]
     return max(map(abs, gaps)) if gaps else None
 
@@ -318,7 +309,7 @@ def compare_curves(a, b, key="train/loss_smooth", threshold=None):
     (pa, _, va), (pb, _, vb) = a.finite(key), b.finite(key)
     trained = [m.finite("train/loss", counted=True)[0] for m in (a, b)]  # warm-up steps sit at progress 0
     lo, hi = max(float(p.min()) if len(p) else 0.0 for p in trained), min(pa.max(initial=0.0), pb.max(initial=0.0))
-    if not len(pa) or not len(pb) or hi <= lo:
+    if hi <= lo:  # no curve, or no overlap past the warm-up
         return None
     sparse = key != "train/loss_smooth"
     points = pa[(pa >= lo) & (pa <= hi)] if sparse else np.linspace(lo, hi, GRID_POINTS)
