@@ -108,21 +108,20 @@ def slowed_clock(run, ref):
 
 
 def untimed_work(run, ref):
-    """More work outside the budget than the best code's runs did, counted so that a busy machine adds none:
-    train.py's CPU seconds before its first metrics row and after its hand-off (the kernel's count, read by the
-    harness), plus the loop's own seconds outside the budget (its curve, warm-up; slowed_clock holds them to
-    the harness's clock). Never switched off; runs archived without a CPU count are not compared."""
+    """More work outside the budget than the best code's runs did, counted so that a busy machine adds none: the CPU
+    seconds of train.py before its first metrics row and after its hand-off (the kernel's count), plus the loop's own
+    timings outside the budget (slowed_clock holds them to the harness's clock). Runs without a CPU count: no check."""
     def work(r):
         cpu = r.measured.outside_cpu_s if r.measured else None
         return None if cpu is None else cpu + sum(number(r.trained.timings.get(k)) or 0.0 for k in LOOP_TIMINGS)
 
-    refs = [w for w in map(work, ref) if w is not None]
-    if work(run) is None or not refs:
+    mine, refs = work(run), [w for w in map(work, ref) if w is not None]
+    if mine is None or not refs:
         return None
     budget = float(run.harness.get("TIME_BUDGET") or run.trained.training_seconds)
     limit = max(refs) + OUTSIDE_SLACK_S + OUTSIDE_SLACK_BUDGET * budget
-    if work(run) > limit:
-        return (f"{work(run):.1f} s of work outside the {budget:g} s budget (CPU seconds before the first metrics row "
+    if mine > limit:
+        return (f"{mine:.1f} s of work outside the {budget:g} s budget (CPU seconds before the first metrics row "
                 f"and after the hand-off, plus the loop's timings), against the best code's {max(refs):.1f} s "
                 f"(limit {limit:.1f} s)")
 
@@ -196,8 +195,7 @@ def repeats_best(s):
 def too_soon(s):
     if s.band is None:
         return "rerun", "no noise band yet: no code has two runs, and a rerun of this one measures it"
-    why = s.machine.moved()
-    if why and len(s.own) < s.rules.enough:
+    if (why := s.machine.moved()) and len(s.own) < s.rules.enough:
         return "rerun", f"{why}, so val_bpb measures the machine as much as the code"
 
 
@@ -209,10 +207,10 @@ def beyond_band(s):
 
 
 def simpler(s):
-    sizes = s.size(s.run.commit), s.size(s.best.commit)
-    if None not in sizes and sizes[0] < sizes[1]:
-        return keep_unless_peeked(s, f"simpler at equal val_bpb: {sizes[0]} code tokens where the best's "
-                                     f"train.py has {sizes[1]}")
+    mine, best = s.size(s.run.commit), s.size(s.best.commit)
+    if None not in (mine, best) and mine < best:
+        return keep_unless_peeked(s, f"simpler at equal val_bpb: {mine} code tokens where the best's train.py "
+                                     f"has {best}")
 
 
 def keep_unless_peeked(s, reason):

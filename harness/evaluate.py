@@ -25,8 +25,7 @@ import traceback
 from operator import getitem
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.append(str(ROOT))  # last: the standard library and site-packages win over anything in the root
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: the stdlib and site-packages win over the root
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -67,9 +66,9 @@ def machine_speed(device):
 
 
 def load_graph(path, device):
-    """The graph and weights prepare.save_handoff wrote, read without running anything the file names but torch's
-    aten operators: tensors by weights_only, then the graph's JSON checked (OK_TARGETS only, no symbolic shape,
-    custom object, subgraph, guard code or state changed by a call) before torch deserializes it."""
+    """(the graph prepare.save_handoff wrote, as a module; its batch size), read without running anything the file
+    names but torch's aten operators: tensors by weights_only, the graph's JSON checked (refusals) before torch
+    deserializes it, then refused if an operator or the signature changes state."""
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
     try:
@@ -77,7 +76,7 @@ def load_graph(path, device):
         graph = json.loads(handoff["graph"])
         refused = sorted(set(refusals(graph)))
         if refused:
-            raise EvalError(f"the hand-off's graph holds {', '.join(refused[:3])}: only torch's aten operators run here")
+            raise EvalError(f"the hand-off's graph holds {', '.join(refused[:3])}: only aten operators run here")
         program = ExportedProgramDeserializer().deserialize(_dict_to_dataclass(schema.ExportedProgram, graph),
                                                             handoff["state_dict"], handoff["constants"])
     except EvalError:
@@ -100,17 +99,14 @@ def load_graph(path, device):
 
 def refusals(node):
     """What in a serialized graph (json of torch's schema) could run code beyond a pure aten operator."""
-    if isinstance(node, list):
-        for item in node:
-            yield from refusals(item)
-    elif isinstance(node, dict):
-        for key, value in node.items():
-            if key == "target" and isinstance(value, str) and not OK_TARGET.fullmatch(value):
-                yield value
-            elif key in ("as_expr", "as_custom_obj", "as_graph", "guards_code", "range_constraints") and value:
-                yield key
-            else:
-                yield from refusals(value)
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in children:
+        if key == "target" and isinstance(value, str) and not OK_TARGET.fullmatch(value):
+            yield value
+        elif key in ("as_expr", "as_custom_obj", "as_graph", "guards_code", "range_constraints") and value:
+            yield key
+        else:
+            yield from refusals(value)
 
 
 class Probe:
@@ -155,11 +151,10 @@ def logits_loss(model, vocab_size, probe=None):
     return token_nats
 
 
-def evaluate(handoff_path, device=None, result=None):
+def evaluate(handoff_path, result):
     """The handed-off graph measured into result (RESULT's keys; an error while scoring leaves them None): val_bpb
     on evaluate_bpb's rows with probe batches mixed in, heldout_bpb on HELDOUT_TOKENS."""
-    result = dict(RESULT) if result is None else result
-    device = torch.device(device or ("cuda" if prepare.PROFILE == "gpu" else "cpu"))  # train.py trained on it
+    device = torch.device("cuda" if prepare.PROFILE == "gpu" else "cpu")  # train.py trained on it
     prepare.shard_paths("heldout")  # a missing shard fails before any work
     result["speed_before"] = machine_speed(device)
     t0 = time.perf_counter()
@@ -175,7 +170,6 @@ def evaluate(handoff_path, device=None, result=None):
             scores[f"{split}_bpb"] = bpb
     result.update(scores, future_leak=probe.leak, eval_s=time.perf_counter() - t0)
     result["speed_after"] = machine_speed(device)  # a failure here keeps the scores
-    return result
 
 
 def main(argv=None):
@@ -190,7 +184,7 @@ def main(argv=None):
                             "without these flags files in the repository could change what is measured")
         if torch.cuda.is_available():
             torch.set_float32_matmul_precision("high")  # as train.py sets it
-        evaluate(args.handoff, result=result)
+        evaluate(args.handoff, result)
     except (EvalError, prepare.PrepareError) as e:
         result["error"] = " ".join(str(e).splitlines())
     except Exception as e:  # a harness bug or the machine (out of memory): the traceback helps, the line decides
@@ -203,7 +197,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)  # no thread of train.py's import-time code outlives the result it could rewrite
+    sys.exit(main())

@@ -14,7 +14,6 @@ pytestmark = pytest.mark.quick
 MEAN = np.mean([1.000, 1.004, 0.998])  # the best's code run three times (with_band)
 BAND = NOISE_SIGMAS * np.std([1.000, 1.004, 0.998], ddof=1) * np.sqrt(1 + 1 / 3)  # one run against those three
 REPEATS, ENOUGH = Rules().repeats, Rules().enough
-INSIDE = "inside the noise band: no better than the best"
 
 
 def with_band(**overrides):
@@ -85,12 +84,11 @@ def test_untimed_work_is_cpu_seconds_outside_the_loop_beyond_the_bests(cpu, spee
 
 
 # The rules, in order
-@pytest.mark.parametrize("outcome, kind, reason", [
-    *((o, "crash", f"the run did not finish (outcome {o})") for o in ("crash", "diverged", "timeout")),
-    ("interrupted", "rerun", "the run was interrupted before its number was measured")])
-def test_a_run_that_did_not_finish_is_a_crash_and_an_interrupted_one_rerun(outcome, kind, reason):
+@pytest.mark.parametrize("outcome, kind", [("crash", "crash"), ("diverged", "crash"), ("timeout", "crash"),
+                                           ("interrupted", "rerun")])
+def test_a_run_that_did_not_finish_is_a_crash_and_an_interrupted_one_rerun(outcome, kind):
     d = decided(idea(with_band(), None, outcome=outcome))
-    assert (d.kind, d.reason, d.n) == (kind, reason, 0), d
+    assert (d.kind, d.n) == (kind, 0) and outcome in d.reason, d
     assert decided(idea(with_band(), None, measured=None, outcome=outcome)).kind == kind
 
 
@@ -101,9 +99,11 @@ def test_a_caught_run_is_discarded_naming_the_cases_however_low_its_val_bpb():
     assert decided(runs).kind == "discard" and "harness" in decided(runs).reason
 
 
-def test_the_first_run_is_the_baseline_and_an_undecided_run_before_it_sets_no_bar():
+def test_the_first_run_decided_is_the_baseline_and_a_change_before_there_is_a_noise_band_is_rerun():
     d = decided([make_run(0.9), make_run(1.0, code_sha="idea")])
-    assert (d.kind, d.best_id) == ("keep", None) and d.line().endswith("nothing kept yet: this run is the baseline")
+    assert (d.kind, d.best_id) == ("keep", None) and d.reason.startswith("nothing kept yet"), d
+    d = decided(idea([make_run(1.0, status="keep")], 0.9))
+    assert d.kind == "rerun" and d.reason.startswith("no noise band yet") and d.band is None, d
 
 
 def test_a_repeat_of_the_best_is_rerun_until_it_measured_the_band_then_discarded_whatever_its_val_bpb():
@@ -114,11 +114,6 @@ def test_a_repeat_of_the_best_is_rerun_until_it_measured_the_band_then_discarded
         assert d.kind == ("rerun" if n < REPEATS else "discard"), (n, d)
         assert "the best's code (comments aside)" in d.reason, d
         runs[-1].statuses[-1].status = "discard"
-
-
-def test_a_change_without_a_noise_band_is_rerun():
-    d = decided(idea([make_run(1.0, status="keep")], 0.9))
-    assert d.kind == "rerun" and d.reason.startswith("no noise band yet") and d.band is None, d
 
 
 @pytest.mark.parametrize("speed, kind", [(27.4, "keep"), (27.6, "rerun"), (22.4, "rerun")])
@@ -133,19 +128,17 @@ def test_with_enough_runs_a_code_is_decided_on_its_means_and_says_the_machine_mo
         idea(runs, 0.95 + 0.001 * i, speed=40.0)
     d = decided(runs)
     assert (d.kind, d.n, d.m) == ("keep", ENOUGH, 3), d
-    assert d.reason.startswith(f"lower beyond the noise band (decided on the means of this code's {ENOUGH} runs, "
-                               "although the machine ran 60% faster"), d.reason
+    assert d.reason.startswith("lower beyond") and "although the machine ran 60% faster" in d.reason, d.reason
 
 
 @pytest.mark.parametrize("delta, kind, reason", [
-    (-BAND - 1e-4, "keep", "lower beyond the noise band"), (BAND + 1e-4, "discard", "higher beyond the noise band"),
-    (-BAND + 1e-4, "rerun", "lower but inside the noise band, on 1 run(s): another run of this code firms up its mean"),
-    (-0.0017, "discard", INSIDE), (BAND - 1e-4, "discard", INSIDE)])
+    (-BAND - 1e-4, "keep", "lower beyond"), (BAND + 1e-4, "discard", "higher beyond"),
+    (-BAND + 1e-4, "rerun", "lower but inside"), (-0.0017, "discard", "inside"), (BAND - 1e-4, "discard", "inside")])
 def test_one_run_beyond_the_band_is_decided_and_inside_it_rerun_only_when_lower_by_a_std_of_the_difference(
         delta, kind, reason):
     """Lower by less than one std of the difference (0.0035 here), a rerun could not make it a keep."""
     d = decided(idea(with_band(), MEAN + delta))
-    assert (d.kind, d.reason, d.n, d.m) == (kind, reason, 1, 3), d
+    assert (d.kind, d.n, d.m) == (kind, 1, 3) and d.reason.startswith(reason), d
     assert d.delta == pytest.approx(delta) and d.band == pytest.approx(BAND)
 
 
@@ -163,22 +156,19 @@ def test_inside_the_band_a_simpler_train_py_counted_in_tokens_is_kept():
     assert decided(runs, {runs[0].commit: 120, runs[-1].commit: 120}.get).kind == "discard"
 
 
-def test_a_code_whose_runs_were_interrupted_after_their_curve_was_visible_is_not_kept():
-    runs = idea(with_band(), None, outcome="interrupted", stopped="interrupted")
+@pytest.mark.parametrize("bpb, overrides, kind", [(None, {}, "discard"),
+                                                  (None, {"first_row_s": None}, "keep"),  # stopped before training
+                                                  (0.95, {}, "keep")])  # its handed-off model was measured
+def test_a_code_whose_runs_were_interrupted_after_their_curve_was_visible_is_not_kept(bpb, overrides, kind):
+    runs = idea(with_band(), bpb, outcome="interrupted", stopped="interrupted", **overrides)
     d = decided(idea(runs, 0.95))
-    assert d.kind == "discard" and "interrupted after their curve was visible" in d.reason, d
-    runs = idea(with_band(), None, outcome="interrupted", first_row_s=None)  # stopped before training: no peek
-    assert decided(idea(runs, 0.95)).kind == "keep"
-    runs = idea(with_band(), 0.95, outcome="interrupted", stopped="interrupted")  # its handed-off model was measured
-    assert decided(idea(runs, 0.95)).kind == "keep"
+    assert d.kind == kind and (kind == "keep" or "interrupted after their curve was visible" in d.reason), d
 
 
 def test_a_lower_mean_inside_the_band_is_rerun_until_the_code_has_enough_runs_then_discarded():
     runs = with_band()
-    while len(runs) < 3 + ENOUGH:
-        d = decided(idea(runs, (0.994, 0.998)[(len(runs) + 1) % 2]))
-        assert len(runs) == 3 + ENOUGH or d.reason.startswith("lower but inside the noise band"), d
-    assert (decided(runs).kind, decided(runs).n) == ("discard", ENOUGH)
+    kinds = [decided(idea(runs, (0.994, 0.998)[i % 2])).kind for i in range(ENOUGH)]
+    assert kinds == ["rerun"] * (ENOUGH - 1) + ["discard"], kinds
 
 
 # The odds of a night (tests/bench.py prints them with more trials)

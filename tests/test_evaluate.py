@@ -1,11 +1,10 @@
 """harness/evaluate.py on graphs handed off by tiny train.py models and the cpu profile's real data:
 evaluate_bpb's number for the honest logits of a lying loss path, with no code of train.py's run; flex_attention
 handed off as the SDPA it equals; a forged hand-off and a model that reads later tokens, refused or seen."""
-import importlib.util
 import json
-import marshal
 import math
 import os
+import py_compile
 import shutil
 import subprocess
 import sys
@@ -26,18 +25,13 @@ TINY = dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=32)  # a GPTConfig small en
 
 
 class LyingGPT(train.GPT):
-    """Honest logits from model(x); from model(x, y) a loss halved exactly. Each call also writes `marker` and
-    scales F.cross_entropy by 0.97 in whatever process runs it: neither may reach the harness's number."""
+    """Honest logits from model(x); from model(x, y) a loss halved exactly. Each call also writes `marker`: the
+    harness's number is the logits', and none of train.py's code (a patch of the loss too) runs where it is made."""
     marker = None
 
     def forward(self, idx, targets=None, **kwargs):
         open(self.marker, "a").write("forward ran\n")
-        ce = torch.nn.functional.cross_entropy
-        torch.nn.functional.cross_entropy = lambda *a, **k: 0.97 * ce(*a, **k)
-        try:
-            out = super().forward(idx, targets, **kwargs)
-        finally:
-            torch.nn.functional.cross_entropy = ce
+        out = super().forward(idx, targets, **kwargs)
         return out if targets is None else 0.5 * out
 
 
@@ -70,9 +64,9 @@ def tiny_model(tokenizer, cls=train.GPT, **config):
 
 def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code_or_planted_files(
         cpu_prepared, monkeypatch, tmp_path):
-    """A tiny model whose loss path lies and whose forward patches the loss, handed off by prepare.evaluate_bpb and
+    """A tiny model whose loss path lies and whose forward writes a marker, handed off by prepare.evaluate_bpb and
     measured as loop.py runs the evaluator, in a copy of the root where an untracked argparse.py and a forged
-    prepare .pyc write a marker."""
+    prepare .pyc write the marker too."""
     env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cpu_prepared[1])}
     tokenizer = set_cpu_profile(monkeypatch, cpu_prepared[1])
     handoff, marker = tmp_path / "model.pt", tmp_path / "code_ran"
@@ -82,17 +76,13 @@ def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code
     monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(handoff))
     assert prepare.evaluate_bpb(model, tokenizer, 8) is None, "under the harness train.py evaluates nothing"
     root = tmp_path / "root"
-    (root / "harness").mkdir(parents=True)
-    for path in [ROOT / "prepare.py", *(ROOT / "harness").glob("*.py")]:
-        shutil.copy(path, root / path.relative_to(ROOT))
+    shutil.copytree(ROOT / "harness", root / "harness", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "prepare.py", root)
     plant = "open({marker!r}, 'a').write({name!r} + '\\n')\nraise ImportError('planted')\n"
     (root / "argparse.py").write_text(plant.format(marker=str(marker), name="argparse.py"))
-    forged = compile(plant.format(marker=str(marker), name="forged prepare .pyc"), str(root / "prepare.py"), "exec")
-    st = (root / "prepare.py").stat()  # a header that matches the source: the import system would trust it
-    header = importlib.util.MAGIC_NUMBER + (0).to_bytes(4, "little") + \
-        (int(st.st_mtime) & 0xFFFFFFFF).to_bytes(4, "little") + (st.st_size & 0xFFFFFFFF).to_bytes(4, "little")
-    (root / "__pycache__").mkdir()
-    (root / "__pycache__" / f"prepare.{sys.implementation.cache_tag}.pyc").write_bytes(header + marshal.dumps(forged))
+    (tmp_path / "forged.py").write_text(plant.format(marker=str(marker), name="forged prepare .pyc"))
+    py_compile.compile(tmp_path / "forged.py", root / "__pycache__" / f"prepare.{sys.implementation.cache_tag}.pyc",
+                       doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)  # trusted as is
     marker.unlink()
     for probe in ("import argparse", "import prepare"):
         subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, timeout=120)
@@ -105,7 +95,7 @@ def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code
     assert out.returncode == 0 and not marker.exists(), (out.stderr, marker.exists() and marker.read_text())
     assert set(result) == set(evaluate.RESULT) and result["error"] is None, result
     assert result["future_leak"] == 0.0, "train.py's model is causal: no logit moved in the probe batches"
-    assert result["val_bpb"] == pytest.approx(2 * reported / 0.97, rel=1e-6, abs=0), (result["val_bpb"], reported)
+    assert result["val_bpb"] == pytest.approx(2 * reported, rel=1e-6, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
     assert result["speed_before"] > 0 and result["speed_after"] > 0 and result["eval_s"] > 0, result
 
@@ -137,28 +127,23 @@ def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_pat
     assert "flex_attention" not in saved["graph"] and [k for k in saved["state_dict"] if "mask" in k] == ["flex_mask_0"]
     graph, batch_size = evaluate.load_graph(tmp_path / "model.pt", torch.device("cpu"))
     assert batch_size == 2 and torch.allclose(graph(x), expected, atol=1e-5), (graph(x) - expected).abs().max()
-    scored = lambda q, k, v, mask: torch.nn.attention.flex_attention.flex_attention(  # noqa: E731
-        q, k, v, score_mod=lambda s, b, h, i, j: s * 0.5, block_mask=mask, enable_gqa=True)
-    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(prepare.PrepareError) as refused:
+
+    def scored(q, k, v, mask):  # train.py's attention with a score_mod
+        return train.flex_attention(q, k, v, score_mod=lambda s, b, h, i, j: s * 0.5, block_mask=mask, enable_gqa=True)
+    refusal = r"^cannot hand the model to the harness: [^\n]*\(ValueError: flex_attention with a score_mod[^\n]*$"
+    with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(prepare.PrepareError, match=refusal):
         monkeypatch.setattr(train, "attention", scored)
         handed_off(model, tmp_path / "scored.pt")
-    assert str(refused.value).startswith("cannot hand the model to the harness: torch.export of model(x) failed "
-                                         "(ValueError: flex_attention with a score_mod"), refused.value
-    assert "\n" not in str(refused.value)
 
 
-FORGERIES = {  # what is changed in a real hand-off -> what the refusal says
-    "a call into os": ("torch.ops.aten.tanh.default", "torch.os.system", "holds torch.os.system"),
-    "an in-place operator": ("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default",
-                             r"aten.tanh_.default.* (is not functional|run here)"),  # torch's verifier or ours
-    "a symbolic shape": ('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}',
-                         "holds as_expr"),
-}
-
-
-@pytest.mark.parametrize("forgery", FORGERIES)
-def test_a_forged_hand_off_is_refused_before_any_of_it_runs(cpu_profile, tmp_path, forgery):
-    saved, (old, new, refusal) = handed_off(tiny_model(cpu_profile), tmp_path / "model.pt"), FORGERIES[forgery]
+@pytest.mark.parametrize("old, new, refusal", [  # what is changed in a real hand-off -> what the refusal says
+    ("torch.ops.aten.tanh.default", "torch.os.system", "holds torch.os.system"),
+    ("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default",
+     r"aten.tanh_.default.* (is not functional|run here)"),  # torch's verifier or ours
+    ('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}', "holds as_expr"),
+], ids=["a call into os", "an in-place operator", "a symbolic shape"])
+def test_a_forged_hand_off_is_refused_before_any_of_it_runs(cpu_profile, tmp_path, old, new, refusal):
+    saved = handed_off(tiny_model(cpu_profile), tmp_path / "model.pt")
     assert old in saved["graph"], old
     torch.save({**saved, "graph": saved["graph"].replace(old, new)}, tmp_path / "forged.pt")
     with pytest.raises(evaluate.EvalError, match=refusal):
@@ -177,12 +162,12 @@ def test_a_pickled_hand_off_is_never_unpickled(tmp_path):
     assert not marker.exists()
 
 
-def probe_leak(model, tokenizer, batches=4):
-    """future_leak of model over the first batches of 4 validation rows, every batch probed."""
+def probe_leak(model, tokenizer):
+    """future_leak of model over the first 4 batches of 4 validation rows, every batch probed."""
     probe = evaluate.Probe(model, tokenizer.get_vocab_size(), every=1)
     loader = prepare.make_dataloader(tokenizer, 4, T, "val", device="cpu")
     with torch.no_grad():
-        for _ in range(batches):
+        for _ in range(4):
             x = next(loader)[0]
             probe(x, model(x))
     return probe.leak
@@ -198,6 +183,7 @@ def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu
         monkeypatch.setattr(train, "attention", lambda q, k, v, mask: sdpa(q, k, v))  # no mask: sees everything
         assert probe_leak(model, cpu_profile) > 5 * FUTURE_TOLERANCE, "a non-causal model went unseen"
     honest = model.forward
+
     def second_half_peeks(idx):  # the next token's embedding added to the logits, from T/2 on
         logits = honest(idx)
         ahead = torch.nn.functional.one_hot(idx.roll(-1, 1), logits.size(-1)).float()
@@ -205,6 +191,7 @@ def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu
     assert probe_leak(second_half_peeks, cpu_profile) > 5 * FUTURE_TOLERANCE, "a half-peeking model went unseen"
     rows = prepare.make_dataloader(cpu_profile, 4, T, "val", device="cpu")
     known = {tuple(row.tolist()) for _ in range(4) for row in next(rows)[0]}  # a model that memorised the val rows
+
     def hides_from_probes(idx):  # causal whenever a batch holds a row it does not know, that is a probe
         return honest(idx) if any(tuple(row.tolist()) not in known for row in idx) else second_half_peeks(idx)
     assert probe_leak(hides_from_probes, cpu_profile) > 5 * FUTURE_TOLERANCE, "a model that hid went unseen"
