@@ -136,6 +136,31 @@ def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_pat
         handed_off(model, tmp_path / "scored.pt")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: train.py's compiled model, flex and autocast")
+def test_the_gpu_models_hand_off_gives_its_logits_on_cuda(monkeypatch, tmp_path):
+    """The gpu profile's model as train.py runs it (torch.compile, compiled flex_attention, bf16 autocast and
+    embeddings), handed off and loaded as the evaluator loads it: the graph, run without autocast, gives its logits."""
+    T_gpu = prepare.PROFILES["gpu"]["MAX_SEQ_LEN"]
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", T_gpu)
+    config = train.GPTConfig(sequence_len=T_gpu, vocab_size=8192, n_layer=4, n_head=4, n_kv_head=4, n_embd=512)
+    with torch.device("meta"):
+        model = train.GPT(config)
+    model.to_empty(device="cuda")
+    model.init_weights()
+    model.attention_masks(T_gpu, model.cos.device)  # as train.py builds them, before torch.compile
+    compiled = torch.compile(model, dynamic=False)
+    x = torch.randint(0, 8192, (4, T_gpu), device="cuda")
+    with torch.no_grad(), torch.amp.autocast("cuda", dtype=torch.bfloat16):
+        expected = compiled(x).float()
+        saved = handed_off(compiled, tmp_path / "model.pt", batch_size=4)
+    assert "flex_attention" not in saved["graph"] and "scaled_dot_product_attention" in saved["graph"]
+    graph, batch_size = evaluate.load_graph(tmp_path / "model.pt", torch.device("cuda"))
+    with torch.no_grad():
+        got = graph(x).float()
+    err = ((got - expected).abs().max() / expected.abs().max()).item()
+    assert batch_size == 4 and err < 2e-2, f"the handed-off graph's logits differ by {err:.2e} of the largest"
+
+
 @pytest.mark.parametrize("old, new, refusal", [  # what is changed in a real hand-off -> what the refusal says
     ("torch.ops.aten.tanh.default", "torch.os.system", "holds torch.os.system"),
     ("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default",
