@@ -572,7 +572,7 @@ def save_handoff(model, batch_size, path):
     code of train.py's runs where the number is computed: model(x) for one (batch_size, MAX_SEQ_LEN) batch exported
     as eager with bf16 autocast's casts on CUDA, flex_attention as the SDPA it equals (a BlockMask cannot be saved)."""
     from torch._export.serde.serialize import serialize
-    raw = getattr(model, "_orig_mod", model)  # without torch.compile's wrapper
+    raw = getattr(model, "_orig_mod", model).eval()  # without torch.compile's wrapper; dropout and the like off
     x = torch.zeros(batch_size, MAX_SEQ_LEN, dtype=torch.long, device=next(raw.parameters()).device)
     autocast = torch.amp.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda")
     try:

@@ -136,6 +136,17 @@ def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_pat
         handed_off(model, tmp_path / "scored.pt")
 
 
+def test_the_model_is_handed_off_in_eval_mode(cpu_profile, tmp_path):
+    """As the harness always measured: dropout (a training-mode layer the agent may add) is off in the graph."""
+    model = torch.nn.Sequential(torch.nn.Embedding(cpu_profile.get_vocab_size(), 16), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(16, cpu_profile.get_vocab_size())).train()
+    handed_off(model, tmp_path / "model.pt")
+    graph, _ = evaluate.load_graph(tmp_path / "model.pt", torch.device("cpu"))
+    x = torch.randint(0, cpu_profile.get_vocab_size(), (2, T))
+    with torch.no_grad():
+        assert torch.equal(graph(x), model.eval()(x)), "dropout was traced into the handed-off graph"
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: train.py's compiled model, flex and autocast")
 def test_the_gpu_models_hand_off_gives_its_logits_on_cuda(monkeypatch, tmp_path):
     """The gpu profile's model as train.py runs it (torch.compile, compiled flex_attention, bf16 autocast and
