@@ -176,10 +176,9 @@ def machine_line(m, best):
     line = f"- machine speed {m.speed:,.0f} GFLOP/s"
     if m.usual is None:
         return [line + ("" if best is None else "; the best's runs have no machine speed: not compared")]
-    limit = max(stats.MACHINE_DRIFT, m.spread or 0.0)
     return [line + f" vs {m.usual:,.0f}, the median of the best's {m.runs} run(s): {m.drift:+.0%}; "
-            + (m.moved() or f"within {limit:.0%} (the larger of {stats.MACHINE_DRIFT:.0%} and the spread of the best's "
-               "runs): the same machine")]
+            + (m.moved() or f"within {m.limit:.0%} (the larger of {stats.MACHINE_DRIFT:.0%} and the spread of the "
+               "best's runs): the same machine")]
 
 
 def section_crash(v):

@@ -230,12 +230,16 @@ class Machine:
     def drift(self):
         return None if self.speed is None or self.usual is None else self.speed / self.usual - 1
 
+    @property
+    def limit(self):
+        """The drift beyond which the machine moved: the larger of MACHINE_DRIFT and the best's runs' spread."""
+        return max(MACHINE_DRIFT, self.spread or 0.0)
+
     def moved(self):
         """Why this run's machine was not the best's runs' machine, one phrase; None when nothing says so."""
-        limit = max(MACHINE_DRIFT, self.spread or 0.0)
-        if self.drift is not None and abs(self.drift) > limit:
+        if self.drift is not None and abs(self.drift) > self.limit:
             return (f"the machine ran {abs(self.drift):.0%} {'faster' if self.drift > 0 else 'slower'} than during "
-                    f"the best's runs ({self.speed:,.0f} vs {self.usual:,.0f} GFLOP/s, limit {limit:.0%})")
+                    f"the best's runs ({self.speed:,.0f} vs {self.usual:,.0f} GFLOP/s, limit {self.limit:.0%})")
         if self.probes and abs(change := self.probes[1] / self.probes[0] - 1) > PROBE_SPREAD:
             return (f"the machine's speed changed by {change:+.0%} during the run's evaluation "
                     f"({self.probes[0]:,.0f} -> {self.probes[1]:,.0f} GFLOP/s)")
