@@ -83,8 +83,8 @@ class Child:
     def outside_cpu_s(self):
         """CPU seconds before the first metrics row and after the hand-off: work outside the budget, counted so
         that a busy machine adds none (None unless the run got that far)."""
-        cpu = self.cpu_s
-        if {"first row", "hand-off", "exit"} <= set(cpu):
+        if {"first row", "hand-off", "exit"} <= set(self.cpu_s):  # seen only after the exit (None): the exit's count
+            cpu = {k: self.cpu_s["exit"] if v is None else v for k, v in self.cpu_s.items()}
             return round(cpu["first row"] + max(0.0, cpu["exit"] - cpu["hand-off"]), 3)
 
 
@@ -228,11 +228,12 @@ def train(plan, tmp):
     handoff, metrics, child = work / "model.pt", work / "metrics.jsonl", Child(0, 0.0)
 
     def look(now, pid):
-        """Notes the phases; returns the cap (a run whose training finished is not stopped for want of time)."""
+        """Notes the phases (pid None: it has exited); returns the cap (a run whose training finished is not stopped
+        for want of time)."""
         if child.first_row_s is None and b"\n" in (read_regular(metrics, 1 << 16) or b""):
-            child.first_row_s, child.cpu_s["first row"] = now, tree_cpu_s(pid)
+            child.first_row_s, child.cpu_s["first row"] = now, pid and tree_cpu_s(pid)
         if child.handoff_s is None and handoff.exists():
-            child.handoff_s, child.cpu_s["hand-off"] = now, tree_cpu_s(pid)
+            child.handoff_s, child.cpu_s["hand-off"] = now, pid and tree_cpu_s(pid)
         return plan.cap_s if child.handoff_s is None else max(plan.cap_s, child.handoff_s + HANDOFF_GRACE_S)
 
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}, "PYTHONDONTWRITEBYTECODE": "1",
@@ -276,7 +277,7 @@ def sandbox(prepare, writable, scores=False):
 def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
     """(exit code, None | "timeout" | "interrupted", seconds, CPU seconds) of `cmd` in a session of its own, stopped
     at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), SIGKILL GRACE_S later, its process group killed
-    at the end; look(seconds, pid) may return a new cap. In bwrap, signalled inside (--info-fd); 128 + N from it is
+    at the end; look(seconds, pid) may return a new cap, and is called once more after the exit with pid None. In bwrap, signalled inside (--info-fd); 128 + N from it is
     signal N. The CPU seconds are the kernel's count for its whole tree (bwrap reaps every process inside)."""
     before = os.times()
     info = os.pipe() if cmd[0] == "bwrap" else None
@@ -301,7 +302,7 @@ def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
         stopped = "interrupted"
         stop(proc, group, signal.SIGINT)
     seconds = time.monotonic() - spawn
-    look(seconds, proc.pid)
+    look(seconds, None)  # gone: what it left appeared within the last poll
     for pgid in {group, proc.pid}:
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(pgid, signal.SIGKILL)

@@ -96,13 +96,23 @@ def test_the_cpu_seconds_of_a_process_tree_count_its_children_running_and_reaped
     spin = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1: pass\n"
     script = (f"import subprocess, sys, time\nsubprocess.run([sys.executable, '-c', {spin!r}])\n"
               f"subprocess.Popen([sys.executable, '-c', {spin + 'time.sleep(60)'!r}])\ntime.sleep(60)\n")
-    seen = []
+    seen, pids = [], []
     def look(now, pid):
-        seen.append(loop.tree_cpu_s(pid))
-        return now if seen[-1] >= 2.0 else None  # both have spun: stop it
+        pids.append(pid)
+        seen.append(loop.tree_cpu_s(pid) if pid else None)
+        return now if pid and seen[-1] >= 2.0 else None  # both have spun: stop it
     _, stopped, _, cpu_s = loop.supervise([sys.executable, "-c", script], tmp_path / "log", None, 120.0, look)
-    assert stopped == "timeout" and 2.0 <= max(seen) < 6.0 and 1.0 <= cpu_s < 4.0, (stopped, seen, cpu_s)
-    assert seen[-1] == 0.0, f"a process that is gone has no CPU seconds, not {seen[-1]}"
+    assert stopped == "timeout" and 2.0 <= max(seen[:-1]) < 6.0 and 1.0 <= cpu_s < 4.0, (stopped, seen, cpu_s)
+    assert pids[-1] is None and None not in pids[:-1], "the look after the exit must not sample a process that is gone"
+    assert loop.tree_cpu_s(pids[0]) == 0.0, "a process that is gone has no CPU seconds"
+
+
+@pytest.mark.parametrize("samples, outside", [
+    ({"first row": 3.0, "hand-off": 40.0, "exit": 42.5}, 5.5),
+    ({"first row": 3.0, "hand-off": None, "exit": 42.5}, 3.0),  # the hand-off seen only after the exit: none after it
+])
+def test_cpu_outside_the_budget_never_counts_training_when_the_hand_off_came_in_the_last_poll(samples, outside):
+    assert loop.Child(0, 50.0, 2.0, 45.0, cpu_s=samples).outside_cpu_s() == outside
 
 
 @pytest.mark.parametrize("setup, needle", [
