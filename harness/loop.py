@@ -41,6 +41,7 @@ HANDOFF_GRACE_S = 120.0      # once the model is handed off, train.py has this l
 STALE_SLACK_S = 30.0         # run.log written this long after the summary finished: the summary is older
 # train.py's compile caches (inductor, triton): its own, kept across runs (a fresh one costs a full compile)
 CHILD_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "auto-log-research" / "train"
+SUMMARY_SECTIONS = ("git", "timings", "env", "harness", "config")  # run_summary.json's objects
 OUTPUTS = ("metrics.jsonl", "run_summary.json")  # train.py's files: in its run directory, then the worktree's
 # the sandbox: all read-only, fresh /dev, /proc, /tmp, no network, own PIDs and session, gone with its parent
 BWRAP = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--unshare-all",
@@ -110,7 +111,7 @@ def cmd_run(description):
             with on_interrupt(lambda signum, frame: came.append(signum)), \
                     tempfile.TemporaryDirectory(prefix="auto-log-research-run-") as tmp:
                 child = train(plan, Path(tmp))
-                summary = read_json(Path("run_summary.json"))
+                summary = read_json(Path("run_summary.json"), SUMMARY_SECTIONS)
                 printed = number(final_block(Path("run.log")).get("val_bpb"))
                 measured = measure(plan, child, summary, Path(tmp), came)
                 run, best, after, runs = archive_and_decide(archive, plan, commit, summary, printed, measured)
@@ -555,7 +556,7 @@ def archive_here():
 def read_summary(path, log, runs):
     """(this run's summary or None, why the run is a crash or None, whether the summary is an earlier run's): the
     summary missing, unreadable, stale, or claiming ok without run.log's final block to back it."""
-    summary = read_json(path)
+    summary = read_json(path, SUMMARY_SECTIONS)
     if summary is None:
         why = ("run_summary.json is unreadable: recorded as a crash of HEAD from run.log" if path.exists() else
                "no run_summary.json: the process ended before writing it (killed, e.g. out of memory)")
@@ -585,11 +586,13 @@ def archived_as(runs, commit, started, log):
                  and r.evidence.get("run.log") == logged and r.archived_at >= log.stat().st_mtime), None)
 
 
-def read_json(path):
-    """A JSON object from a file, or None when it is missing or unreadable."""
+def read_json(path, sections=()):
+    """A JSON object from a file, or None when it is missing or unreadable; a key of `sections` whose value is not
+    an object is dropped (run_summary.json's sections, as a broken train.py may write them, must not crash a run)."""
     with suppress(OSError, ValueError):
         value = json.loads(Path(path).read_text())
-        return value if isinstance(value, dict) else None
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if k not in sections or isinstance(v, dict)}
 
 
 def last_line(text):

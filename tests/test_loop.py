@@ -216,6 +216,8 @@ def test_the_model_is_measured_only_if_train_py_ended_well(repo, tmp_path, monke
     (lambda: Path("run.log").write_text("---\nval_bpb:          2.600000\n"), "crash", "final block says val_bpb 2.6"),
     (lambda: Path("run_summary.json").unlink(), "crash", "no run_summary.json"),
     (lambda: write_run(val_bpb=2.5, age=100), "crash", "left by an earlier run"),
+    (lambda: Path("run_summary.json").write_text(  # sections of the wrong type: a broken train.py's
+        json.dumps({**json.loads(Path("run_summary.json").read_text()), "git": 1, "env": []})), "pending", ""),
 ])
 def test_a_bare_archive_is_pending_if_backed_else_a_crash_and_never_twice(repo, capsys, spoil, status, needle):
     write_run(val_bpb=2.5)
