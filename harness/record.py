@@ -612,12 +612,13 @@ def record_problems(run):
 
 def pin_problems(run, pins, commits, me):
     """The run's pin: still one of its branch's pins, on the branch; a kept run's commit on its branch. Another
-    worker's run on a branch this clone does not hold was made in another clone: not checked here."""
+    worker's run whose branch and pin this clone does not hold was made in another clone: not checked here (a
+    sibling worktree shares the refs, so its deleted branch still has its pins and is checked)."""
     branch, pin = run.branch, run.pin
     if not branch or (not pin and run.harness_changes):  # detached HEAD, or no pin: already its harness_changes
         return []
     history, on_branch = pins(branch), commits(branch)   # on_branch: None when the branch does not exist here
-    if on_branch is None and run.worker != me:
+    if on_branch is None and run.worker != me and pin not in history:
         return []
     if not pin:
         return ["run.json names no pin"]

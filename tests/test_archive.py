@@ -166,7 +166,9 @@ def test_results_tsv_is_karpathys_five_columns_first_and_set_status_rebuilds_it_
     assert float(ok["val_bpb"]) == 2.4 and ok["memory_gb"] == "43.9" and ok["description"] == "more heads and lr"
     assert (crashed["val_bpb"], crashed["memory_gb"], crashed["status"]) == ("0.000000", "0.0", "crash")
     assert ok["status"] == "keep" and [s.status for s in archive.find("aaaaaaa").statuses] == ["pending", "keep"]
-    for r, status, said in ((crash, "keep", "has no val_bpb"), (caught, "keep", r"is invalid \(trained on")):
+    refused = ((crash, "keep", "has no val_bpb"), (caught, "keep", r"is invalid \(trained on"),
+               (caught, "discard", r"is invalid \(trained on .*its status cannot change"))
+    for r, status, said in refused:
         with pytest.raises(RecordError, match=said):
             archive.set_status(r, status, "analyze.py status")
     assert archive.find("ccccccc").status == "invalid"
@@ -192,6 +194,10 @@ def test_audit_names_a_hand_edited_results_tsv_an_edited_number_evidence_changed
     lines = audited(archive, keep.id)
     assert any("diff.patch changed after archiving" in line for line in lines), lines
     assert any("metrics.jsonl was archived but is gone" in line for line in lines), lines
+    forged = archived(repo, None, "keep", pin="0" * 40)  # audit reads each record and its pin, not only evidence
+    lines = audited(archive, forged.id)
+    assert f"{forged.id}: kept without a val_bpb" in lines, lines
+    assert any("archived under pin 0000000, which is not one of branch exp's pins" in line for line in lines), lines
     (archive.dir / "2222222").mkdir()
     (archive.dir / "2222222" / "run.json").write_text("{")
     assert any(line.startswith("2222222: ") and "not readable JSON" in line for line in audit(archive))
@@ -204,10 +210,12 @@ def test_audit_names_a_hand_edited_results_tsv_an_edited_number_evidence_changed
     (dict(statuses=[StatusChange("invalid", "t", "harness"), StatusChange("keep", "t", "x")]), "leaves invalid"),
     (dict(pin="0" * 40), "not one of branch exp's pins"),
     (dict(status="keep", commit="f" * 40), "kept, but its commit fffffff is not on branch exp"),
+    (dict(status="keep", worker="w2", branch="exp-w2"),  # a sibling worktree's: its branch gone, its pins shared
+     "kept, but its branch exp-w2 no longer exists"),
     (dict(status="keep", worker="node2:0", branch="exp-node2", pin="0" * 40), None),  # another clone's: not failed
 ])
 def test_an_inconsistent_record_is_named(change, named):
-    pin, head = "a" * 40, "b" * 40   # branch exp holds both; this clone's worker is "w"
+    pin, head = "a" * 40, "b" * 40   # branch exp holds both, every branch has pin; this clone's worker is "w"
     run = make_run(**{"branch": "exp", "pin": pin, "commit": head, **change})
     lines = record_problems(run) + pin_problems(run, lambda branch: [pin], {"exp": {pin, head}}.get, "w")
     assert any(named in line for line in lines) if named else lines == [], lines
