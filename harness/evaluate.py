@@ -73,25 +73,29 @@ def load_graph(path, device):
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
     try:
         handoff = torch.load(path, map_location=device, weights_only=True)
+        if not (isinstance(handoff, dict) and isinstance(handoff.get("graph"), str) and all(
+                isinstance(handoff.get(k), dict) and all(map(torch.is_tensor, handoff[k].values()))
+                for k in ("state_dict", "constants"))):  # torch unpickles anything else it is given (bytes)
+            raise EvalError("the hand-off must be a graph's JSON and dicts of tensors, as prepare.save_handoff saves")
         graph = json.loads(handoff["graph"])
         refused = sorted(set(refusals(graph)))
         if refused:
             raise EvalError(f"the hand-off's graph holds {', '.join(refused[:3])}: only aten operators run here")
         program = ExportedProgramDeserializer().deserialize(_dict_to_dataclass(schema.ExportedProgram, graph),
                                                             handoff["state_dict"], handoff["constants"])
+        signature = program.graph_signature
+        tokens = next((n.meta.get("val") for n in program.graph.nodes if n.name in signature.user_inputs[:1]), None)
     except EvalError:
         raise
     except Exception as e:  # missing, truncated, not a torch file, or a graph torch cannot read
         raise EvalError(f"cannot read the hand-off {path}: {one_line(e)}") from e
-    signature = program.graph_signature
     if len(signature.user_inputs) != 1 or len(signature.user_outputs) != 1 or signature.buffers_to_mutate or \
-            signature.user_inputs_to_mutate:
+            signature.user_inputs_to_mutate or not torch.is_tensor(tokens):
         raise EvalError("the hand-off's graph must take one tensor of tokens, return the logits and change nothing")
     impure = {str(n.target) for n in program.graph.nodes if n.op == "call_function" and n.target is not getitem
               and not (isinstance(n.target, torch._ops.OpOverload) and not n.target._schema.is_mutable)}
     if impure:
         raise EvalError(f"the hand-off's graph calls {', '.join(sorted(impure)[:3])}: only pure operators run here")
-    tokens = next(n for n in program.graph.nodes if n.name == signature.user_inputs[0]).meta["val"]
     if tokens.dim() != 2 or tokens.size(1) != prepare.MAX_SEQ_LEN:
         raise EvalError(f"the hand-off's graph takes {tuple(tokens.shape)}, not (batch, {prepare.MAX_SEQ_LEN}) tokens")
     return program.module(), tokens.size(0)

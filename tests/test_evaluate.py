@@ -4,6 +4,7 @@ handed off as the SDPA it equals; a forged hand-off and a model that reads later
 import json
 import math
 import os
+import pickle
 import py_compile
 import shutil
 import subprocess
@@ -186,16 +187,27 @@ def test_a_forged_hand_off_is_refused_before_any_of_it_runs(cpu_profile, tmp_pat
         evaluate.load_graph(tmp_path / "forged.pt", torch.device("cpu"))
 
 
-def test_a_pickled_hand_off_is_never_unpickled(tmp_path):
-    marker = tmp_path / "unpickled"
+class Planted:
+    """Unpickled, it makes the folder `marker`: proof that the evaluator ran code from the hand-off."""
+    def __init__(self, marker):
+        self.marker = str(marker)
 
-    class Planted:
-        def __reduce__(self):
-            return (os.mkdir, (str(marker),))
-    torch.save({"graph": "{}", "state_dict": {"w": Planted()}, "constants": {}}, tmp_path / "model.pt")
-    with pytest.raises(evaluate.EvalError, match=r"^cannot read the hand-off .*model.pt: UnpicklingError"):
-        evaluate.load_graph(tmp_path / "model.pt", torch.device("cpu"))
-    assert not marker.exists()
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_pickled_hand_off_is_never_unpickled(cpu_profile, tmp_path):
+    """A pickled object where a tensor belongs, and pickle bytes (which weights_only lets through and torch's
+    deserializer would unpickle) beside a real graph: refused in one line, and nothing ran."""
+    marker = tmp_path / "unpickled"
+    saved = handed_off(tiny_model(cpu_profile), tmp_path / "real.pt")
+    forged = {"object": ({**saved, "state_dict": {"w": Planted(marker)}}, r"UnpicklingError"),
+              "bytes": ({**saved, "state_dict": pickle.dumps({"w": Planted(marker)})}, r"dicts of tensors")}
+    for name, (handoff, refusal) in forged.items():
+        torch.save(handoff, tmp_path / f"{name}.pt")
+        with pytest.raises(evaluate.EvalError, match=refusal):
+            evaluate.load_graph(tmp_path / f"{name}.pt", torch.device("cpu"))
+        assert not marker.exists(), f"the {name} hand-off ran code in the evaluator"
 
 
 def probe_leak(model, tokenizer):
