@@ -116,10 +116,15 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
 
 
 def collect_config(namespace):
-    """train.py's UPPER_CASE globals of JSON's types (a tuple is written as a list), but for those of prepare.py."""
-    return {name: value for name, value in namespace.items()
-            if name.isupper() and not name.startswith("_") and isinstance(value, (int, float, str, tuple, list, dict))
-            and vars(prepare).get(name, object()) is not value}
+    """train.py's UPPER_CASE globals that JSON can write, as JSON reads them back (a tuple as a list, frozen against
+    later changes), but for those of prepare.py. A {(0, 1): 2} or a list holding itself is left out: it would cost
+    the run its run_summary.json."""
+    config = {}
+    for name, value in namespace.items():
+        if name.isupper() and not name.startswith("_") and vars(prepare).get(name, object()) is not value:
+            with contextlib.suppress(TypeError, ValueError):
+                config[name] = json.loads(json.dumps(value))
+    return config
 
 
 def _json_default(value):
@@ -315,6 +320,8 @@ class RunRecorder:
             print(f"RunRecorder: warning: {message} (further warnings of this kind suppressed)", file=sys.stderr)
 
     def set(self, **values):  # final-block values known so far: they reach the summary whatever the exit path
+        if unknown := set(values) - set(FINAL_FORMATS):  # a typo (val_bpp) or a "status" would pass unseen
+            raise KeyError(f"not final-block keys: {sorted(unknown)}; known: {list(FINAL_FORMATS)}")
         self.final.update(values)
 
     def timing(self, name, seconds):  # adds to run_summary.json's timings[name]
@@ -332,7 +339,7 @@ class RunRecorder:
     def finish(self, **final):
         """Print karpathy/autoresearch's greppable block and end the run 'ok'. Under `analyze.py run` val_bpb is
         None (prepare.evaluate_bpb handed the model off) and left out: the harness adds its own measured one."""
-        self.final.update(final)
+        self.set(**final)
         self._finished = True
         print("---")
         for key, fmt in FINAL_FORMATS.items():

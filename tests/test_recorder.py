@@ -85,6 +85,20 @@ def test_a_crash_keeps_the_traceback_how_far_the_run_got_and_what_to_do(tmp_path
 
 
 @pytest.mark.quick
+@pytest.mark.quick
+def test_the_config_keeps_what_json_can_write_and_the_block_only_its_keys(tmp_path):
+    """A global JSON cannot write never costs the run its summary; a typo in a final key is refused, not kept."""
+    loop = [1]
+    loop.append(loop)
+    names = {"LR": 0.04, "BETAS": (0.8, 0.95), "W": {(0, 1): 2}, "LOOP": loop, "lower": 1}
+    config = recorder.collect_config({**names, "MAX_SEQ_LEN": prepare.MAX_SEQ_LEN})
+    assert config == {"LR": 0.04, "BETAS": [0.8, 0.95]}, config
+    with RunRecorder(config, out_dir=tmp_path, hard_cap_s=0) as run:
+        with pytest.raises(KeyError, match="val_bpp"):
+            run.set(val_bpp=1.0)
+    assert json.loads((tmp_path / "run_summary.json").read_text())["config"] == config
+
+
 def test_metrics_are_flushed_on_schedule_in_step_order_and_never_raise(tmp_path, capsys):
     with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60, flush_every_s=0) as run:
         run.log(0, a=1.0)
