@@ -140,13 +140,16 @@ class ProgressLine:
 
     def __init__(self, every_s=5.0, stream=None):
         self.every_s, self.stream, self.last = every_s, stream or sys.stdout, -math.inf
+        self.live = self.stream.isatty()  # asked once: update() runs every training step
 
     def update(self, text, end=""):
-        if self.stream.isatty():
+        if self.live:
             self.stream.write("\r\033[K" + text + end)  # \033[K: erase the rest of the old line
         elif end or time.monotonic() - self.last >= self.every_s:
             self.stream.write(text + "\n")
             self.last = time.monotonic()
+        else:
+            return
         self.stream.flush()
 
     def done(self, text):
