@@ -351,6 +351,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def __init__(self, param_groups):
         super().__init__(param_groups, defaults={})
+        # 0-D CPU tensors, filled each step: a changing float would recompile the fused kernels
         self._adamw_t = [torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in range(6)]  # step lr b1 b2 eps wd
         self._muon_t = [torch.tensor(0.0, dtype=torch.float32, device="cpu") for _ in range(4)]  # momentum lr wd beta2
 
