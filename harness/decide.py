@@ -94,17 +94,22 @@ def not_the_models(run, ref):
 def slowed_clock(run, ref):
     """The process took longer on the harness's clock than train.py's own timings of it say: from its first
     metrics row to its exit, or from its spawn to its exit (a slowed clock slows the first row too)."""
-    m, train, timings = run.measured, run.trained.training_seconds, run.trained.timings
+    m, train = run.measured, run.trained.training_seconds
     if m.wall_s is None or train is None:
         return None
-    loop = train + sum(number(timings.get(k)) or 0.0 for k in LOOP_TIMINGS)
+    loop = train + claimed(run, LOOP_TIMINGS)
     spans = (("from the first metrics row to the exit", None if m.first_row_s is None else m.wall_s - m.first_row_s,
-              loop), ("from the spawn to the exit", m.wall_s, loop + (number(timings.get("startup_s")) or 0.0)))
+              loop), ("from the spawn to the exit", m.wall_s, loop + claimed(run, ("startup_s",))))
     for span, took, said in spans:
         limit = said * (1 + CLOCK_SLACK_REL) + CLOCK_SLACK_S
         if took is not None and took > limit:
             return (f"{took:.1f} s {span} on the harness's clock, but train.py's timings of it add up to "
                     f"{said:.1f} s (limit {limit:.1f} s)")
+
+
+def claimed(run, keys):
+    """The seconds train.py's own timings give for `keys` (a missing or broken one counts 0)."""
+    return sum(number(run.trained.timings.get(k)) or 0.0 for k in keys)
 
 
 def untimed_work(run, ref):
@@ -113,7 +118,7 @@ def untimed_work(run, ref):
     timings outside the budget (slowed_clock holds them to the harness's clock). Runs without a CPU count: no check."""
     def work(r):
         cpu = r.measured.outside_cpu_s if r.measured else None
-        return None if cpu is None else cpu + sum(number(r.trained.timings.get(k)) or 0.0 for k in LOOP_TIMINGS)
+        return None if cpu is None else cpu + claimed(r, LOOP_TIMINGS)
 
     mine, refs = work(run), [w for w in map(work, ref) if w is not None]
     if mine is None or not refs:
