@@ -44,7 +44,8 @@ def fmt(x, spec=".4f", unit=""):
 
 class View:
     """What one analysis.md is written from: the run, the best it is measured against (the one recorded, else
-    decide.best_of), the best code's other runs (ref, as the decision's), both runs' curves, stats' figures."""
+    decide.best_of), the best code's other runs (ref, as the decision's), both runs' curves, stats' figures (each
+    computed once: two sections that read one figure read the same)."""
 
     def __init__(self, run, runs, archive):
         self.run, self.dir = run, archive.run_dir(run.id)
@@ -54,6 +55,8 @@ class View:
         wanted = [r.id for r in self.ref[-stats.SPREAD_REPEATS:]] + ([self.best.id] if self.best else [])
         ref_curves = {i: stats.read_metrics(archive.run_dir(i) / "metrics.jsonl")[0] for i in dict.fromkeys(wanted)}
         self.best_curves = ref_curves.get(self.best.id) if self.best else None
+        self.gap = (stats.equal_steps(self.curves, self.best_curves)  # the smoothed losses at equal steps
+                    if self.curves is not None and self.best_curves is not None else None)
         self.noise, self.machine = stats.noise(runs, run), stats.machine(run, self.ref)
         self.gap_spread = stats.equal_step_spread([m for m in ref_curves.values() if m is not None])
         self.same_code = self.best is not None and self.best.code_sha == run.code_sha
@@ -61,23 +64,35 @@ class View:
 
 # The sections, in the order analysis.md has them
 def section_headline(v):
-    run, best, band, vram = v.run, v.best, v.noise.band, v.run.trained.peak_vram_mb
-    if best is None or run.val_bpb is None:  # this run's val_bpb against the best's, one run against one
-        against = f"- vs best {best.id}: this run has no number" if best else "- vs best: no earlier comparable run"
-    else:
-        delta = run.val_bpb - best.val_bpb
-        where = ("noise band unknown" if band is None else
-                 f"{'within' if abs(delta) <= band else 'beyond'} the noise band" + (f" ±{band:.6f}" if band else ""))
-        against = f"- vs best {best.id} ({best.val_bpb:.6f}): {delta:+.6f}, {where}"
+    run, vram = v.run, v.run.trained.peak_vram_mb
     lines = ["# Run " + run.id, "", "## Headline", *("- " + line for line in uncontained(run)), number_line(run),
              f"- commit {run.commit[:7]}: {run.description or '(no subject)'}; harness {run.harness_key} on "
-             f"{run.gpu}; {time_line(run)}; peak VRAM {fmt(vram and vram / 1024, '.1f', ' GiB')}", against]
+             f"{run.gpu}; {time_line(run)}; peak VRAM {fmt(vram and vram / 1024, '.1f', ' GiB')}", against_line(v)]
     lines += [f"- caught: {c.case}: {c.detail}" for c in run.caught] + equal_steps_lines(v)
-    lines += machine_line(v.machine, best) + [f"- harness changed since it was pinned: {change}"
+    lines += machine_line(v.machine, v.best) + [f"- harness changed since it was pinned: {change}"
                                               for change in run.harness_changes]
     if run.description.endswith(UNCOMMITTED):
         lines.append("- train.py ran with uncommitted changes: no commit holds the code measured")
     return "\n".join(lines + [f"- note: {n}" for n in v.notes])
+
+
+def against_line(v):
+    """This run against the best: the decision's figures when it has them (the mean of this code's n runs minus the
+    mean of the best code's m, and the band of that difference), else this run's val_bpb against the best's."""
+    run, best, d = v.run, v.best, v.run.decision
+    if d is not None and d.delta is not None:  # the same numbers as the decision's line, never two verdicts
+        return (f"- vs best {d.best_id}: delta {d.delta:+.6f} (n {d.n} vs {d.m}: the mean of this code's runs minus "
+                f"the best code's, as the decision), {band_words(d.delta, d.band)}")
+    if best is None or run.val_bpb is None:
+        return f"- vs best {best.id}: this run has no number" if best else "- vs best: no earlier comparable run"
+    delta = run.val_bpb - best.val_bpb
+    return f"- vs best {best.id} ({best.val_bpb:.6f}): {delta:+.6f}, {band_words(delta, v.noise.band)}"
+
+
+def band_words(delta, band):
+    if band is None:
+        return "noise band unknown"
+    return f"{'within' if abs(delta) <= band else 'beyond'} the noise band" + (f" ±{band:.6f}" if band else "")
 
 
 def uncontained(run):
@@ -110,7 +125,7 @@ def time_line(run):
 def equal_steps_lines(v):
     """The smoothed train loss at equal steps (CONTRACT), then what tells this run from the best: each
     difference set against the spread of the same quantity over the best's repeats, a cause only beyond it."""
-    g = stats.equal_steps(v.curves, v.best_curves) if v.curves and v.best_curves and v.run.val_bpb else None
+    g = v.gap if v.run.val_bpb else None
     if g is None:
         return []
     lines = [f"- at equal steps {g.gaps[-1]:+.4f} smoothed train loss against the best (step {g.steps[-1]:.0f}, the "
@@ -158,16 +173,18 @@ def speed(v):
         return None
     counts = f"{v.run.steps} steps vs {s.usual:.0f}, the mean of the best's {s.runs} run(s) ({s.change:+.0%})"
     name = "the machine" if v.same_code else "speed"
+    limit = (f"{s.limit:.0%} (the larger of {stats.STEPS_DRIFT:.0%} and the {fmt(s.spread, '.0%')} spread of the "
+             "best's runs)")
     if not s.beyond:
         return name, False, (f"{counts}; the best ran once, so no spread to tell noise from a cause" if s.spread is None
-                             else f"within noise: {counts}, within the {s.spread:.0%} spread of the best's runs")
+                             else f"within noise: {counts}, within {limit}")
     moved = v.machine.moved()
     whose = (f"the machine was {'slower' if s.change < 0 else 'faster'}, since the code is the best's"
              if v.same_code else
              f"the code's or the machine's: {moved}" if moved else
              "the code's: the machine's speed was within noise of the best's runs'" if v.machine.drift is not None
              else "the code's or the machine's: no machine speed tells them apart")
-    return name, True, f"{counts}, beyond the {s.spread:.0%} spread of the best's runs: {whose}"
+    return name, True, f"{counts}, beyond {limit}: {whose}"
 
 
 def machine_line(m, best):
@@ -259,16 +276,17 @@ def section_departure(v):
     if v.curves is None or v.best_curves is None:  # None too when there is no best
         return ""
     return "\n".join([f"## Where it departs from the best ({v.best.id}), on training progress and at equal steps"]
-                     + departure_lines(v.curves, v.best_curves, v.noise.band, "this run", "the best"))
+                     + departure_lines(v.curves, v.best_curves, v.gap, v.noise.band, "this run", "the best"))
 
 
-def departure_lines(a, b, band, this, other):
+def departure_lines(a, b, g, band, this, other):
     """Where a's curves leave b's, each worded alike: the smoothed loss and in-training val/bpb on training
-    progress, and the smoothed loss at equal steps (with the step where the LR schedules part, if they do)."""
+    progress, and the smoothed loss at equal steps, g = stats.equal_steps(a, b) (with the step where the LR
+    schedules part, if they do)."""
     found = [(name, "progress", ".2f", curve, "") for key, name, threshold in
              (("train/loss_smooth", "train loss (smoothed)", None), ("val/bpb", "in-training val/bpb", band))
              if (curve := stats.compare_curves(a, b, key, threshold)) is not None]
-    if (g := stats.equal_steps(a, b)) is not None:
+    if g is not None:
         lr = f"; the LR schedules part at step {g.steps[g.parted]:.0f}" if g.parted is not None else ""
         found.append(("train loss (smoothed) at equal steps", "step", ".0f",
                       (g.steps, g.gaps, g.departs, np.full(len(g.gaps), g.threshold)), lr))
@@ -424,7 +442,7 @@ def compare_text(a, b, archive):
     lines += what_changed(a, b, patch, f"`git diff {a.commit[:7]} {b.commit[:7]} -- train.py`")
     ma, mb = (stats.read_metrics(archive.run_dir(r.id) / "metrics.jsonl")[0] for r in (a, b))
     if ma is not None and mb is not None:
-        lines += departure_lines(mb, ma, stats.noise(archive.runs(), b).band, "B", "A")
+        lines += departure_lines(mb, ma, stats.equal_steps(mb, ma), stats.noise(archive.runs(), b).band, "B", "A")
     out = archive.dir / f"compare_{a.id}_{b.id}"
     files = draw_overlays(out, [(f"A {a.id}", ma), (f"B {b.id}", mb)])
     return "\n".join(lines + [f"- plots: {', '.join(str(out / f) for f in files) or 'none (no metrics)'}"])
@@ -472,9 +490,22 @@ def save(fig, path):
     write_atomic(path, png.getvalue())
 
 
+def best_so_far(runs, latest, points):
+    """At each of `points` (indices into runs, in archive order), the number of the latest run's worker's best as it
+    stood after that run (current_best: the best rule on the runs up to it): the mean val_bpb of the best code's
+    comparable runs so far, as the decision sets a run against, never its luckiest draw. NaN without such a best."""
+    line = []
+    for i in points:
+        best, before = current_best(runs[:i + 1], latest.worker), stats.comparable(runs[:i + 1], latest)
+        ref = stats.code_runs(before, best.code_sha) if best is not None and best.id in {r.id for r in before} else []
+        line.append(np.mean([r.val_bpb for r in ref]) if ref else np.nan)
+    return np.array(line)
+
+
 def draw_progress(runs, path):
-    """val_bpb of every comparable run of the latest run's harness and GPU, in order; the lowest kept so far (any
-    worker's) as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept runs labelled."""
+    """val_bpb of every comparable run of the latest run's harness and GPU, in order; the latest run's worker's
+    best so far (best_so_far) as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept
+    runs labelled."""
     from matplotlib.figure import Figure
     latest = next((r for r in reversed(runs) if r.val_bpb is not None), None)
     if latest is None:
@@ -482,12 +513,12 @@ def draw_progress(runs, path):
     pool = {r.id for r in stats.comparable(runs, latest)} | {latest.id}
     points = [(i, r) for i, r in enumerate(runs) if r.id in pool]
     kept, band = [(i, r) for i, r in points if r.status == "keep"], stats.noise(runs, latest).band
-    best = np.fmin.accumulate([r.val_bpb if r.status == "keep" else np.nan for _, r in points])
+    best = best_so_far(runs, latest, [i for i, _ in points])
     xs, ys = [i for i, _ in points] + [len(runs) - 1], np.append(best, best[-1])  # the line runs to the last run
     ax = Figure(figsize=(12, 5)).subplots()
     ax.scatter([i for i, _ in points], [r.val_bpb for _, r in points], s=12, color="0.6", label="not kept")
     ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=30, color="C2", zorder=3, label="kept")
-    ax.step(xs, ys, where="post", color="C2", lw=1, label="best kept so far")
+    ax.step(xs, ys, where="post", color="C2", lw=1, label=f"{latest.worker}'s best so far (its code's mean)")
     if band is not None:
         ax.fill_between(xs, ys - band, ys + band, step="post", color="C2", alpha=0.15, lw=0,
                         label=f"noise band (±{band:.4f})")

@@ -21,6 +21,7 @@ TREND_MIN_STEPS = 20       # fewer training steps than this in the last tenth: t
 NOISE_SIGMAS = 3.25        # the band: ±3.25 std of a difference of means (decide.py's keep; simulate() shows why)
 MACHINE_DRIFT = 0.10       # a machine off the best's runs' median speed by more than 10% (and their spread) moved
 PROBE_SPREAD = 0.25        # ... as did one whose two probes (before and after the evaluation) are 25% apart
+STEPS_DRIFT = 0.02         # step counts within 2% of the best's runs' mean (or their spread) are reruns' noise
 GRID_POINTS = 200          # common training-progress grid on which two runs are compared
 DEPARTURE_SIGMAS = 3.0     # smoothed losses "differ" beyond this many sigmas of their combined noise
 DEPARTURE_HOLD = 5         # ... for this many consecutive points (one blip is not a departure)
@@ -204,7 +205,17 @@ class Versus:
     spread: float | None     # (max - min) / usual over the best's runs; None under two of them
     runs: int
     change: float            # steps / usual - 1
-    beyond: bool             # |change| exceeds what the best's own repeats showed (never, without a spread)
+
+    @property
+    def limit(self):
+        """The change beyond which it is more than noise: the larger of STEPS_DRIFT and the best's runs' spread
+        (two or three repeats can agree by chance far closer than reruns do)."""
+        return max(STEPS_DRIFT, self.spread or 0.0)
+
+    @property
+    def beyond(self):
+        """|change| beyond the limit; never without a spread (one run of the best shows no noise)."""
+        return self.spread is not None and abs(self.change) > self.limit
 
 
 def steps_vs(run, ref_runs):
@@ -213,8 +224,7 @@ def steps_vs(run, ref_runs):
     if not run.steps or not ref:
         return None
     usual = float(np.mean(ref))
-    change, spread = run.steps / usual - 1, (max(ref) - min(ref)) / usual if len(ref) >= 2 else None
-    return Versus(usual, spread, len(ref), change, spread is not None and abs(change) > spread)
+    return Versus(usual, (max(ref) - min(ref)) / usual if len(ref) >= 2 else None, len(ref), run.steps / usual - 1)
 
 
 @dataclass

@@ -58,6 +58,10 @@ def named(text):
     return {f for f, phrase in NAMES.items() if phrase in text}
 
 
+def headline(text):
+    return text.partition("## Headline\n")[2].partition("\n\n")[0]
+
+
 @pytest.fixture
 def archive(tmp_path):
     return Archive(tmp_path / "archive")
@@ -72,11 +76,29 @@ def test_a_loss_spike_is_named_with_its_step(archive):
 
 def test_a_gain_inside_the_band_is_noise(archive):
     text = challenged(archive, 0.999)
-    assert f"-0.001000, within the noise band ±{difference_band(0.002):.6f}" in text, text
+    said = re.match(r"decision: \w+ — delta (\S+) vs best (\S+) \(band ±(\S+), n (\d+) vs (\d+)\)", text)
+    delta, best, band, n, m = said.groups()
+    assert (delta, band, n, m) == ("-0.001000", f"{difference_band(0.002, 1, 3):.6f}", "1", "3"), said.group(0)
+    assert (f"- vs best {best}: delta {delta} (n {n} vs {m}: the mean of this code's runs minus the best code's, as "
+            f"the decision), within the noise band ±{band}") in headline(text), headline(text)  # one verdict, not two
     assert named(text) == set(), named(text)
     assert explained(text) == "- explained by: nothing beyond the noise of repeats"
     assert "learning per step: within noise: +0.0000 at step 399, within 0.0" in text
-    assert "speed: within noise: 400 steps vs 400, the mean of the best's 3 run(s) (+0%), within the 2% spread" in text
+    assert ("speed: within noise: 400 steps vs 400, the mean of the best's 3 run(s) (+0%), within 2% (the larger of "
+            "2% and the 2% spread of the best's runs)") in text, text
+
+
+def test_the_headline_gives_the_decisions_figures_not_one_run_against_the_best_run(archive):
+    best, run = best_repeats(archive)[0], planted(archive, 0.990)
+    run.decision = Decision("rerun", "lower but inside the noise band", -0.0123, 0.0456, 2, 3, best.id)
+    text = write_analysis(run, [best, run], archive)
+    line = next(x for x in headline(text).splitlines() if x.startswith("- vs best"))
+    assert line == (f"- vs best {best.id}: delta -0.012300 (n 2 vs 3: the mean of this code's runs minus the best "
+                    "code's, as the decision), within the noise band ±0.045600"), line
+    assert "-0.010000" not in headline(text), "one run against the best's one draw is not the headline's figure"
+    run.decision = None  # archived by hand: no decision, so this run against the best run
+    line = next(x for x in headline(write_analysis(run, [best, run], archive)).splitlines() if x.startswith("- vs"))
+    assert line == f"- vs best {best.id} (1.000000): -0.010000, noise band unknown", line
 
 
 def test_a_loss_still_falling_at_the_end(archive):
@@ -90,8 +112,8 @@ def test_a_loss_still_falling_at_the_end(archive):
 def test_a_faster_code_at_equal_loss_per_step_is_speed(archive):
     text = challenged(archive, 0.990, steps=480)
     assert explained(text) == "- explained by: speed", explained(text)
-    assert ("speed: 480 steps vs 400, the mean of the best's 3 run(s) (+20%), beyond the 2% spread of the best's runs: "
-            "the code's") in text, text
+    assert ("speed: 480 steps vs 400, the mean of the best's 3 run(s) (+20%), beyond 2% (the larger of 2% and the 2% "
+            "spread of the best's runs): the code's") in text, text
     assert "learning per step: within noise" in text
     assert named(text) - {"departure"} == {"speed"}, named(text)  # ahead on progress: true, and from speed
 
@@ -99,8 +121,8 @@ def test_a_faster_code_at_equal_loss_per_step_is_speed(archive):
 def test_identical_code_on_a_slower_machine_is_the_machine(archive):
     text = challenged(archive, 1.060, steps=300, speed=18.0, code_sha="base")
     assert explained(text) == "- explained by: the machine", explained(text)
-    assert ("the machine: 300 steps vs 400, the mean of the best's 3 run(s) (-25%), beyond the 2% spread of the best's "
-            "runs: the machine was slower, since the code is the best's") in text, text
+    assert ("the machine: 300 steps vs 400, the mean of the best's 3 run(s) (-25%), beyond 2% (the larger of 2% and "
+            "the 2% spread of the best's runs): the machine was slower, since the code is the best's") in text, text
     assert "learning per step" not in text and "Per-layer" not in text
     assert named(text) - {"departure"} == {"identical", "machine"}, named(text)
 
@@ -177,6 +199,19 @@ def test_caught_cases_and_the_list_and_best_texts(archive):
     assert list_text([best], worker="z").startswith("no runs of worker 'z'")
     assert best_text([best, caught, other]).splitlines()[0].startswith(f"{other.id}\t"), best_text([best, other])
     assert best_text([best, caught, other], worker="a").startswith(f"{best.id}\t")
+
+
+def test_progress_plots_the_workers_best_by_the_best_rule_not_the_luckiest_kept_draw(tmp_path, monkeypatch):
+    figures = []
+    monkeypatch.setattr("harness.report.save", lambda fig, path: figures.append(fig))
+    runs = [make_run(0.950, status="keep", code_sha="lucky"),
+            make_run(0.900, status="keep", code_sha="theirs", worker="other"),  # another worker's experiment
+            make_run(0.970, status="keep", code_sha="later"),  # kept after the lucky draw: the best from here on
+            make_run(0.980, status="discard", code_sha="later"),  # a repeat of the best's code moves its mean
+            make_run(0.960, status="discard", code_sha="idea")]
+    draw_progress(runs, tmp_path / "progress.png")
+    (line,) = figures[0].axes[0].get_lines()  # the best so far; the runs are points, the band an area
+    assert line.get_ydata() == pytest.approx([0.950, 0.950, 0.970, 0.975, 0.975, 0.975]), line.get_ydata()
 
 
 def test_run_lines_and_analysis_read_one_machine_speed_and_the_plots_are_drawn(archive):

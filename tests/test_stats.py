@@ -3,9 +3,9 @@ difference inside the spread of the best's own repeats is called noise."""
 import numpy as np
 import pytest
 
-from harness.stats import (NOISE_SIGMAS, as_of, comparable, compare_curves, difference_band, equal_step_spread,
-                           equal_steps, last_tenth_trend, loss_spikes, machine, noise, read_metrics, steps_vs,
-                           throughput_stats)
+from harness.stats import (NOISE_SIGMAS, STEPS_DRIFT, as_of, comparable, compare_curves, difference_band,
+                           equal_step_spread, equal_steps, last_tenth_trend, loss_spikes, machine, noise, read_metrics,
+                           steps_vs, throughput_stats)
 from tests.factory import history, make_metrics, make_run
 
 pytestmark = pytest.mark.quick
@@ -67,6 +67,15 @@ def test_the_step_count_against_the_best_with_the_spread_of_its_repeats():
     fewer = steps_vs(make_run(steps=24), best)
     assert fewer.change == pytest.approx(-0.2) and fewer.spread == pytest.approx(2 / 30) and fewer.beyond
     assert steps_vs(make_run(steps=24), best[:1]).beyond is False, "no spread from one run: no cause"
+
+
+@pytest.mark.parametrize("steps, beyond", [(985, False), (1015, False), (1020, False), (970, True), (1030, True)])
+def test_reruns_a_step_or_two_percent_apart_are_noise_however_tight_the_bests_repeats(steps, beyond):
+    best = history(1.0, 1.0, 1.0, steps=1000)
+    best[1].trained.num_steps = 1001  # three repeats within 0.1% of each other: a spread far under reruns' noise
+    s = steps_vs(make_run(steps=steps, code_sha="base"), best)
+    assert s.beyond is beyond, f"{steps} steps vs {s.usual:.0f}: {s.change:+.2%}, the best's spread {s.spread:.2%}"
+    assert s.spread == pytest.approx(1 / 1000.33, rel=1e-3) and s.limit == STEPS_DRIFT, s
 
 
 def test_a_better_learner_is_ahead_at_equal_steps_beyond_the_spread_of_the_bests_repeats():
