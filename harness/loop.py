@@ -31,7 +31,7 @@ from pathlib import Path
 from harness.decide import best_code_runs, best_of, caught, decide
 from harness.record import (UNCOMMITTED, Archive, Measured, RecordError, Run, StatusChange, code_sha, current_branch,
                             ensure_pin, evidence, final_block, git, gpu_class, harness_changes, now_utc, number,
-                            sha256_file, train_py_at, trained_of, worker_name)
+                            rev_parse, sha256_file, train_py_at, trained_of, worker_name)
 from harness.report import draw_progress, run_lines, write_analysis
 
 POLL_S = 0.5                 # how often the parent looks at the child, metrics.jsonl and the hand-off
@@ -163,7 +163,8 @@ def preflight(archive, description):
     if changed and not description:
         raise Refused('train.py differs from HEAD: say what changed, `uv run analyze.py run "DESCRIPTION"` '
                       "(it becomes the commit message)")
-    latest = next((r for r in reversed(own) if r.commit == git("rev-parse", "HEAD").strip()), None)
+    head = rev_parse("HEAD")  # once: the loop below would start a git per archived run
+    latest = next((r for r in reversed(own) if r.commit == head), None)
     if changed and latest and latest.status == "pending" and latest.decision and latest.decision.kind == "rerun":
         raise Refused(f"run {latest.id} of HEAD is a pending rerun: rerun HEAD's train.py first (set your edit aside, "
                       "`git checkout -- train.py`, `uv run analyze.py run`), or give up on HEAD's code with "
@@ -214,7 +215,7 @@ def commit_train_py(description, changed):
             raise Refused(f"`git commit -- train.py` failed: {last_line(out.stderr or out.stdout)}")
     note = (f"train.py is HEAD's: this run measures HEAD as it is (the DESCRIPTION {description!r} is not used)"
             if description and not changed else None)
-    return git("rev-parse", "HEAD").strip(), note
+    return rev_parse("HEAD"), note
 
 
 # train.py and the evaluator, as children on the parent's clock; the number
@@ -278,8 +279,8 @@ def sandbox(prepare, writable, scores=False):
 def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
     """(exit code, None | "timeout" | "interrupted", seconds, CPU seconds) of `cmd` in a session of its own, stopped
     at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), SIGKILL GRACE_S later, its process group killed
-    at the end; look(seconds, pid) may return a new cap, and is called once more after the exit with pid None. In bwrap, signalled inside (--info-fd); 128 + N from it is
-    signal N. The CPU seconds are the kernel's count for its whole tree (bwrap reaps every process inside)."""
+    at the end; look(seconds, pid) may return a new cap, and is called once more after the exit with pid None. In
+    bwrap, signalled inside (--info-fd); 128 + N from it is signal N. The CPU seconds are the kernel's count for its whole tree (bwrap reaps every process inside)."""
     before = os.times()
     info = os.pipe() if cmd[0] == "bwrap" else None
     cmd = [cmd[0], "--info-fd", str(info[1]), *cmd[1:]] if info else cmd
@@ -527,7 +528,7 @@ def archive_here():
         print("analyze.py: nothing to archive here: no run_summary.json and no run.log; run "
               "`uv run train.py > run.log 2>&1` first", file=sys.stderr)
         return 1
-    archive, head = Archive.here(), (git("rev-parse", "HEAD") or "").strip()
+    archive, head = Archive.here(), rev_parse("HEAD") or ""
     with archive.lock():
         runs = archive.runs()
         summary, error, stale = read_summary(summary_path, log, runs)
