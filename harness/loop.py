@@ -280,7 +280,8 @@ def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
     """(exit code, None | "timeout" | "interrupted", seconds, CPU seconds) of `cmd` in a session of its own, stopped
     at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), SIGKILL GRACE_S later, its process group killed
     at the end; look(seconds, pid) may return a new cap, and is called once more after the exit with pid None. In
-    bwrap, signalled inside (--info-fd); 128 + N from it is signal N. The CPU seconds are the kernel's count for its whole tree (bwrap reaps every process inside)."""
+    bwrap, signalled inside (--info-fd); 128 + N from it is signal N. The CPU seconds are the kernel's count for
+    its whole tree (bwrap reaps every process inside)."""
     before = os.times()
     info = os.pipe() if cmd[0] == "bwrap" else None
     cmd = [cmd[0], "--info-fd", str(info[1]), *cmd[1:]] if info else cmd
