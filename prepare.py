@@ -604,8 +604,9 @@ def _flex_as_sdpa(module):
         q_len, kv_len, kv_num, kv_indices, full_num, full_indices, *_, q_block, kv_block, mask_mod = block_mask
         score_graph, mask_graph = _attr(module, score_mod).graph, _attr(module, mask_mod)
         returned = [n.args[0] for n in score_graph.nodes if n.op == "output"]
+        by_batch_or_head = any(p.users for p in list(mask_graph.graph.nodes)[:2])  # mask_mod reads b or h
         if (returned != [next(iter(score_graph.nodes))] or score_args or _attr(module, kv_num).shape[:2] != (1, 1)
-                or any(user.args[1] != 0 for user in node.users)):
+                or by_batch_or_head or any(user.args[1] != 0 for user in node.users)):
             raise ValueError("flex_attention with a score_mod, a per-batch or per-head mask, or its logsumexp")
 
         def inside(num, indices):  # (T, T): each query in a key block its query block visits

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.attention.flex_attention as flex
 
 import prepare
 import train
@@ -135,6 +136,10 @@ def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_pat
     with pytest.MonkeyPatch.context() as monkeypatch, pytest.raises(prepare.PrepareError, match=refusal):
         monkeypatch.setattr(train, "attention", scored)
         handed_off(model, tmp_path / "scored.pt")
+    by_head = flex.create_block_mask(lambda b, h, i, j: (i >= j) & (h == 0), None, None, T, T, device="cpu")
+    model._masks[(T, "cpu")] = [by_head if m is not None else None for m in model._masks[(T, "cpu")]]
+    with pytest.raises(prepare.PrepareError, match=refusal):  # a (1, 1) block mask whose mask_mod reads h
+        handed_off(model, tmp_path / "by_head.pt")
 
 
 def test_the_model_is_handed_off_in_eval_mode(cpu_profile, tmp_path):
