@@ -204,13 +204,14 @@ def cheater(lab, baseline):
     before the loop, prints a val_bpb that no evaluation of its model gave, runs time.time() at CLOCK_FACTOR,
     reads the next token from position T/2 on, and at import scales F.cross_entropy by 0.97 and reassigns
     prepare.EVAL_TOKENS and HELDOUT_TOKENS to 4 rows. In a sandbox it also probes the walls (PROBES): outside one,
-    its writes would land in this venv. (out, the Run, its run.log)"""
+    its writes would land in this venv. (out, the Run, its run.log, what it left behind)"""
     lab.plant("trains on val", "untimed training", "printed val_bpb", "slowed clock", "sees ahead", "patched loss",
               "fewer eval rows", *([] if NO_SANDBOX else ["probes"]))
     try:
         out, run = lab.run("train on val, untimed, a slower clock, a better-looking number and a model that peeks")
         time.sleep(0.5)
-        return out, run, (lab.archive / run.id / "run.log").read_text()
+        left = {"strays": running(*STRAY), "pth": PTH.exists()}  # seen before the clean-up below
+        return out, run, (lab.archive / run.id / "run.log").read_text(), left
     finally:
         PTH.unlink(missing_ok=True)
         for pid in running(*STRAY):
@@ -260,7 +261,7 @@ def test_an_honest_baseline_is_measured_once_kept_and_audits_clean(lab, baseline
 
 @needs_sandbox
 def test_the_sandbox_hides_the_validation_rows_from_a_train_py_that_would_train_on_them(cheater):
-    out, run, log = cheater
+    out, run, log, _ = cheater
     assert VAL_HIDDEN in log and run.contained is True, log[-3000:]
     assert TRAINED_ON_VAL not in cases(run), run.caught
     assert (run.status, run.decision.kind) == ("invalid", "discard"), run
@@ -268,19 +269,19 @@ def test_the_sandbox_hides_the_validation_rows_from_a_train_py_that_would_train_
 
 
 def test_untimed_training_before_the_loop_is_caught(baseline, cheater):
-    _, run, _ = cheater
+    _, run, _, _ = cheater
     assert UNTIMED_WORK in cases(run), run.caught
     assert run.outside_s > baseline[1].outside_s + UNTIMED_S / 2, (run.outside_s, baseline[1].outside_s)
 
 
 def test_a_printed_val_bpb_that_is_not_the_models_is_caught(cheater):
-    _, run, _ = cheater
+    _, run, _, _ = cheater
     assert NOT_THE_MODELS in cases(run), run.caught
     assert f"{run.trained.reported_val_bpb:.6f}" in cases(run)[NOT_THE_MODELS]
 
 
 def test_a_caught_run_is_discarded_and_its_train_py_restored(lab, baseline, cheater):
-    out, run, _ = cheater
+    out, run, _, _ = cheater
     assert lab.git("log", "-1", "--format=%s") == f"Restore train.py from {baseline[1].commit[:7]}", lab.git("log", "-3")
     assert lab.git("status", "--porcelain") == "" and "t_cheat" not in (lab.path / "train.py").read_text()
     best = lab.analyze("best")
@@ -288,18 +289,19 @@ def test_a_caught_run_is_discarded_and_its_train_py_restored(lab, baseline, chea
 
 
 def test_a_slowed_clock_is_caught(cheater):
-    _, run, _ = cheater
+    _, run, _, _ = cheater
     assert SLOWED_CLOCK in cases(run) and "on the harness's clock" in cases(run)[SLOWED_CLOCK], run.caught
 
 
-def test_a_loss_patched_and_eval_rows_reassigned_at_import_never_reach_the_measurement(cheater):
-    """The evaluator runs the handed-off graph and imports no train.py: the patches change only training."""
-    _, run, _ = cheater
+def test_a_loss_patched_and_eval_rows_reassigned_at_import_do_not_stop_the_measurement(cheater):
+    """The evaluator runs the handed-off graph and imports no train.py, so the patches cannot refuse or change it
+    (test_evaluate proves the number is the graph's): on the old evaluator this run was refused."""
+    _, run, _, _ = cheater
     assert run.measured.error is None and run.val_bpb == run.measured.val_bpb is not None, run.measured
 
 
 def test_a_model_that_sees_the_next_token_in_the_second_half_is_caught(cheater):
-    _, run, _ = cheater
+    _, run, _, _ = cheater
     assert SEES_AHEAD in cases(run), (run.measured.future_leak, run.caught)
     assert run.measured.future_leak > 5 * FUTURE_TOLERANCE, run.measured.future_leak
 
@@ -339,7 +341,7 @@ def test_a_crash_prints_its_exception_and_a_forged_summary_then_a_bare_analyze_i
 
 @needs_sandbox
 def test_a_contained_run_reads_neither_pinned_shard_but_the_dev_slice(cheater):
-    _, run, log = cheater
+    _, run, log, _ = cheater
     seen = {what: probe(log, what) for what in ("val shard", "held-out shard", "val rows")}
     assert all(s in ("0", "PermissionError") or s.endswith("Error") for s in seen.values()), f"train.py read {seen}"
     assert probe(log, "dev rows") == "8", log[-3000:]
@@ -349,17 +351,17 @@ def test_a_contained_run_reads_neither_pinned_shard_but_the_dev_slice(cheater):
 @needs_sandbox
 def test_a_contained_run_writes_nothing_into_the_repository_the_venv_or_the_next_runs_bytecode(lab, cheater,
                                                                                               uncontained):
-    _, run, log = cheater
+    _, run, log, _ = cheater
     assert probe(log, "write prepare.py") == probe(log, "write pth") == probe(log, "forge bytecode") == "OSError", \
         log[-3000:]
-    assert not PTH.exists() and "# planted" not in (lab.path / "prepare.py").read_text()
+    assert not cheater[3]["pth"] and "# planted" not in (lab.path / "prepare.py").read_text()
     assert FORGED not in (lab.archive / uncontained[1].id / "run.log").read_text(), \
         "the next run imported forged bytecode"
 
 
 @needs_sandbox
 def test_nothing_train_py_started_outlives_its_run(cheater):
-    assert running(*STRAY) == [], "a process train.py started in a session of its own outlived the run"
+    assert cheater[3]["strays"] == [], "a process train.py started in a session of its own outlived the run"
 
 
 def test_without_bwrap_the_run_says_uncontained_first_and_training_on_val_is_still_caught(lab, uncontained):

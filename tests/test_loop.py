@@ -72,7 +72,7 @@ def test_the_hard_cap_stops_the_child_and_all_it_started(tmp_path, monkeypatch, 
     Path("train.py").write_text(textwrap.dedent(f"""\
         import os, subprocess, sys, time
         print(os.environ["AUTORESEARCH_HANDOFF"], sys.pycache_prefix, sys.dont_write_bytecode, os.getcwd(), flush=True)
-        subprocess.Popen(["sleep", "611.5"])
+        subprocess.Popen(["sleep", "611.5"], start_new_session={uncontained is None})  # escaped: bwrap's PID namespace
         time.sleep(0.6)
         open("metrics.jsonl", "w").write('{{"step": 0}}\\n')
         if {handoff}:

@@ -112,11 +112,13 @@ def test_the_settings_hook_runs_the_guard_on_every_bash_command(tmp_path):
                "python3 -c \"open('forged', 'w').write('x')\"", ".venv/bin/python -c \"open('forged', 'w')\"",
                "git update-ref HEAD HEAD~1", "git checkout -qB main HEAD~1",  # the pin or the best moved back
                "uv run analyze.py status a1b2c3d keep"]  # a lucky repeat made the best
+    let_through = []
     for command in attacks:  # as Claude Code gates a Bash call: the command runs only if the hook exits 0
-        if run(command).returncode == 0:
+        if run(command).returncode != 2:
+            let_through.append(command)
             subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, timeout=60)
     after = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout
-    assert not (tmp_path / "forged").exists() and after == head, "an attack got past the hook"
+    assert let_through == [] and not (tmp_path / "forged").exists() and after == head, let_through
 
 
 def test_no_write_rule_names_a_path():
