@@ -1,18 +1,16 @@
 """
-The harness's own measurement of a trained model, its only evaluation under `analyze.py run`: val_bpb on the
-pinned validation rows, heldout_bpb on the held-out shard, future_leak (how far logits move when only later
-tokens change) and the machine's speed, of the graph prepare.evaluate_bpb handed off. Writes --out as JSON
-(RESULT's keys); exits 0, or 1 with "error".
+The harness's own and only measurement of a model under `analyze.py run`, of the graph prepare.evaluate_bpb handed
+off: val_bpb on the pinned validation rows, heldout_bpb on the held-out shard, future_leak (how far logits move when
+only later tokens change) and the machine's speed. Writes --out as JSON (RESULT's keys); exits 0, or 1 with "error".
 
-Usage (loop.py's command line; main() refuses to run without these flags):
+Usage (loop.py's command line; main() refuses to run without -I -B):
     python -I -B harness/evaluate.py --handoff model.pt --out eval.json
 
-No code of train.py's runs here: the hand-off is a graph of torch's aten operators plus weights (torch.export in
-train.py's process), read by load_graph, which refuses anything else before torch deserializes it, and run with
-the loss computed here from its logits. So nothing train.py patches at import or in its forward reaches the
-number. -I and -B, with a pycache_prefix naming no folder (set once torch is imported from the venv's bytecode,
-which a contained run cannot write), keep planted modules and bytecode out of prepare.py's import; Probe catches a
-graph that reads later tokens; heldout_bpb, one trained on the validation rows.
+One defence per threat. train.py's code never runs here: the hand-off is a graph of aten operators plus weights
+(torch.export in train.py's process), which load_graph refuses to deserialize if it holds anything else, and the
+loss is computed here from its logits. Planted modules and bytecode: -I, -B and a pycache_prefix naming no folder
+(set once torch is imported from the venv's bytecode, which a contained run cannot write) keep them out of
+prepare.py's import. A graph that reads later tokens: Probe. One trained on the validation rows: heldout_bpb.
 """
 import argparse
 import json
@@ -28,7 +26,6 @@ from pathlib import Path
 sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: the stdlib and site-packages win over the root
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 import torch.nn.attention.flex_attention  # noqa: E402, F401  (prepare.py's import, from the venv's bytecode too)
 
 sys.pycache_prefix = os.path.join(os.devnull, "no-bytecode")  # a folder that cannot exist: no .pyc read or written
@@ -38,7 +35,7 @@ SPEED_WORKLOADS = {"cpu": (1024, 16, torch.float32), "cuda": (8192, 200, torch.b
 OK_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")  # what a hand-off's graph may call
 ERROR_CHARS = 300           # an error line is cut to this length
 PROBE_EVERY = 4             # one probe batch after every this many validation batches
-RESULT = dict.fromkeys(("val_bpb", "heldout_bpb", "eval_s", "future_leak", "speed_before", "speed_after", "error"))
+RESULT = dict.fromkeys(("val_bpb", "heldout_bpb", "future_leak", "speed_before", "speed_after", "error"))
 
 
 class EvalError(Exception):
@@ -55,20 +52,18 @@ def machine_speed(device):
     """GFLOP/s of a fixed matmul workload: a lower figure means a slower or busier machine, not different code."""
     n, reps, dtype = SPEED_WORKLOADS[device.type]
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    a @ b  # warm-up: kernel choice, threads, allocation
-    sync()
+    (a @ b)[0, 0].item()  # warm-up (kernel choice, threads, allocation); .item() waits for the device
     t0 = time.perf_counter()
     for _ in range(reps):
-        a @ b
-    sync()
+        c = a @ b
+    c[0, 0].item()  # waits for every matmul queued before it
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
 def load_graph(path, device):
-    """(the graph prepare.save_handoff wrote, as a module; its batch size), read without running anything the file
-    names but torch's aten operators: tensors by weights_only, the graph's JSON checked (refusals) before torch
-    deserializes it, then refused if an operator or the signature changes state."""
+    """(the graph prepare.save_handoff wrote, as a module; its batch size). Tensors are read by weights_only and the
+    graph's JSON checked (refusals) before torch deserializes it; then an operator or a signature that changes
+    state is refused."""
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
     try:
@@ -133,8 +128,7 @@ class Probe:
         changed = (torch.arange(T)[None, :] >= cut).to(device)  # (B, T)
         order = torch.randperm(B, generator=gen).to(device)
         noise = torch.randint(0, self.vocab_size, (B, T), generator=gen).to(device)
-        moved = torch.empty_like(logits, dtype=torch.float32)
-        moved[order] = self.model(torch.where(changed, noise, x)[order]).float()  # shuffled, then back in x's order
+        moved = self.model(torch.where(changed, noise, x)[order]).float()[order.argsort()]  # shuffled, then unshuffled
         diff = (moved - logits.float()).abs().amax(-1).masked_fill(changed, 0.0)
         self.leak = max(self.leak, float(diff.max()))
 
@@ -151,7 +145,7 @@ def logits_loss(model, vocab_size, probe=None):
                             f"{tuple(x.shape)}, got {got}")
         if probe is not None:
             probe(x, logits)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
+        return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none")
     return token_nats
 
 
@@ -161,7 +155,6 @@ def evaluate(handoff_path, result):
     device = torch.device("cuda" if prepare.PROFILE == "gpu" else "cpu")  # train.py trained on it
     prepare.shard_paths("heldout")  # a missing shard fails before any work
     result["speed_before"] = machine_speed(device)
-    t0 = time.perf_counter()
     model, batch_size = load_graph(handoff_path, device)
     tokenizer = prepare.Tokenizer.from_directory()
     probe, scores = Probe(model, tokenizer.get_vocab_size()), {}
@@ -172,7 +165,7 @@ def evaluate(handoff_path, result):
             if not math.isfinite(bpb):
                 raise EvalError(f"the model's logits are not finite on the {split} rows (bpb {bpb})")
             scores[f"{split}_bpb"] = bpb
-    result.update(scores, future_leak=probe.leak, eval_s=time.perf_counter() - t0)
+    result.update(scores, future_leak=probe.leak)
     result["speed_after"] = machine_speed(device)  # a failure here keeps the scores
 
 

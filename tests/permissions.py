@@ -75,19 +75,16 @@ def split_command(line):
     if "<<" in line or "$(" in line or "`" in line or (commands := lex(line)) is None:
         return None
     parts = []
-    for words in commands:
-        kept, targets, j = [], [], 0
-        while j < len(words):
-            m = REDIRECT.match(words[j])
+    for words in map(iter, commands):
+        kept, targets = [], []
+        for word in words:
+            m = REDIRECT.match(word)
             if not m:
-                kept.append(words[j])
-            else:
-                target = m.group(3)
-                if not target and j + 1 < len(words):
-                    target, j = words[j + 1], j + 1
-                if not re.fullmatch(r"&\d+|&-", target or ""):
-                    targets.append((m.group(2), target.strip("'\"")))
-            j += 1
+                kept.append(word)
+                continue
+            target = m.group(3) or next(words, "")  # attached, or the next word
+            if not re.fullmatch(r"&\d+|&-", target):
+                targets.append((m.group(2), target.strip("'\"")))
         parts.append((kept, targets))
     return parts
 
@@ -100,14 +97,14 @@ def decide(settings, tool, arg):
         matcher = bash_rule_matches if rule_tool == "Bash" else path_rule_matches
         return any(matcher(spec, value) for t, spec in map(parse_rule, perms.get(kind, [])) if t == rule_tool)
 
-    def path_decision(rule_tool, path):
-        return "deny" if matches("deny", rule_tool, path) else "allow" if matches("allow", rule_tool, path) else "ask"
+    def verdict(rule_tool, value):
+        return "deny" if matches("deny", rule_tool, value) else "allow" if matches("allow", rule_tool, value) else "ask"
 
     if tool in ("Edit", "Write", "NotebookEdit"):
-        return path_decision("Edit", arg)
-    if tool in ("Read", "Glob", "Grep"):
-        verdict = path_decision("Read", arg)
-        return "allow" if verdict == "ask" and tool in perms.get("allow", []) else verdict
+        return verdict("Edit", arg)
+    if tool in ("Read", "Glob", "Grep"):  # a bare tool rule (`Read`) allows what no path rule decides
+        path_verdict = verdict("Read", arg)
+        return "allow" if path_verdict == "ask" and tool in perms.get("allow", []) else path_verdict
     assert tool == "Bash", tool
     if matches("deny", "Bash", arg.strip()):
         return "deny"
@@ -116,15 +113,11 @@ def decide(settings, tool, arg):
         return "ask"
     verdicts = []
     for words, targets in parts:
-        if matches("deny", "Bash", " ".join(words)):
-            return "deny"
-        verdicts.append("allow" if matches("allow", "Bash", " ".join(words)) else "ask")
+        verdicts.append(verdict("Bash", " ".join(words)))
         for op, target in targets:
             if op == "<" or target == "/dev/null":
                 continue
-            verdict, path = path_decision("Edit", target), Path(os.path.normpath(ROOT / target))
-            if verdict == "deny":
-                return "deny"
-            if path != ROOT and ROOT not in path.parents:  # outside the project: the target must be writable
-                verdicts.append(verdict)
-    return "allow" if verdicts and all(v == "allow" for v in verdicts) else "ask"
+            path = Path(os.path.normpath(ROOT / target))
+            if verdict("Edit", target) == "deny" or (path != ROOT and ROOT not in path.parents):
+                verdicts.append(verdict("Edit", target))  # denied, or outside the project: must be writable too
+    return "deny" if "deny" in verdicts else "allow" if set(verdicts) == {"allow"} else "ask"

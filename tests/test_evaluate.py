@@ -99,7 +99,7 @@ def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code
     assert result["future_leak"] == 0.0, "train.py's model is causal: no logit moved in the probe batches"
     assert result["val_bpb"] == pytest.approx(2 * reported, rel=1e-6, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
-    assert result["speed_before"] > 0 and result["speed_after"] > 0 and result["eval_s"] > 0, result
+    assert result["speed_before"] > 0 and result["speed_after"] > 0, result
 
 
 def test_the_evaluator_refuses_to_run_without_its_isolation_flags(tmp_path, capsys):
@@ -178,20 +178,6 @@ def test_the_gpu_models_hand_off_gives_its_logits_on_cuda(monkeypatch, tmp_path)
     assert batch_size == 4 and err < 2e-2, f"the handed-off graph's logits differ by {err:.2e} of the largest"
 
 
-@pytest.mark.parametrize("old, new, refusal", [  # what is changed in a real hand-off -> what the refusal says
-    ("torch.ops.aten.tanh.default", "torch.os.system", "holds torch.os.system"),
-    ("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default",
-     r"aten.tanh_.default.* (is not functional|run here)"),  # torch's verifier or ours
-    ('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}', "holds as_expr"),
-], ids=["a call into os", "an in-place operator", "a symbolic shape"])
-def test_a_forged_hand_off_is_refused_before_any_of_it_runs(cpu_profile, tmp_path, old, new, refusal):
-    saved = handed_off(tiny_model(cpu_profile), tmp_path / "model.pt")
-    assert old in saved["graph"], old
-    torch.save({**saved, "graph": saved["graph"].replace(old, new)}, tmp_path / "forged.pt")
-    with pytest.raises(evaluate.EvalError, match=refusal):
-        evaluate.load_graph(tmp_path / "forged.pt", torch.device("cpu"))
-
-
 class Planted:
     """Unpickled, it makes the folder `marker`: proof that the evaluator ran code from the hand-off."""
     def __init__(self, marker):
@@ -201,18 +187,26 @@ class Planted:
         return (os.mkdir, (self.marker,))
 
 
-def test_a_pickled_hand_off_is_never_unpickled(cpu_profile, tmp_path):
-    """A pickled object where a tensor belongs, and pickle bytes (which weights_only lets through and torch's
-    deserializer would unpickle) beside a real graph: refused in one line, and nothing ran."""
+def in_graph(old, new):
+    """A real hand-off with `new` for `old` in its graph's JSON (without `old`, nothing is refused: the test fails)."""
+    return lambda saved, marker: {**saved, "graph": saved["graph"].replace(old, new)}
+
+
+@pytest.mark.parametrize("forge, refusal", [  # a forgery of a real hand-off -> what the refusal says
+    (in_graph("torch.ops.aten.tanh.default", "torch.os.system"), "holds torch.os.system"),
+    (in_graph("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default"),
+     r"aten.tanh_.default.* (is not functional|run here)"),  # torch's verifier or ours
+    (in_graph('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}'), "holds as_expr"),
+    (lambda saved, marker: {**saved, "state_dict": {"w": Planted(marker)}}, "UnpicklingError"),
+    (lambda saved, marker: {**saved, "state_dict": pickle.dumps({"w": Planted(marker)})}, "dicts of tensors"),
+], ids=["a call into os", "an in-place operator", "a symbolic shape", "a pickled object", "pickle bytes"])
+def test_a_forged_hand_off_is_refused_in_one_line_before_any_of_it_runs(cpu_profile, tmp_path, forge, refusal):
+    """Pickle bytes beside a real graph: weights_only lets them through, and torch's deserializer would unpickle."""
     marker = tmp_path / "unpickled"
-    saved = handed_off(tiny_model(cpu_profile), tmp_path / "real.pt")
-    forged = {"object": ({**saved, "state_dict": {"w": Planted(marker)}}, r"UnpicklingError"),
-              "bytes": ({**saved, "state_dict": pickle.dumps({"w": Planted(marker)})}, r"dicts of tensors")}
-    for name, (handoff, refusal) in forged.items():
-        torch.save(handoff, tmp_path / f"{name}.pt")
-        with pytest.raises(evaluate.EvalError, match=refusal):
-            evaluate.load_graph(tmp_path / f"{name}.pt", torch.device("cpu"))
-        assert not marker.exists(), f"the {name} hand-off ran code in the evaluator"
+    torch.save(forge(handed_off(tiny_model(cpu_profile), tmp_path / "real.pt"), marker), tmp_path / "forged.pt")
+    with pytest.raises(evaluate.EvalError, match=refusal) as refused:
+        evaluate.load_graph(tmp_path / "forged.pt", torch.device("cpu"))
+    assert "\n" not in str(refused.value) and not marker.exists(), "the hand-off ran code in the evaluator"
 
 
 def probe_leak(model, tokenizer):

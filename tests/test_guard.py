@@ -1,24 +1,20 @@
-""".claude/hooks/guard.py, fed the hook protocol's JSON: every command program.md gives is allowed (exit 0),
-the spellings that a text-matching rule lets through are refused (exit 2, one line on stderr) once the command is
-read as bash and git read it, and the words the guard checks are the words bash passes, however quoted.
-"""
+""".claude/hooks/guard.py, fed the hook protocol's JSON: the commands the loop leads to are allowed (exit 0;
+test_program checks program.md's own), the spellings that a text-matching rule lets through are refused (exit 2, one
+line on stderr) once the command is read as bash and git read it, and the words checked are the words bash passes."""
 import contextlib
 import importlib.util
 import io
 import json
 import subprocess
-import sys
 from pathlib import Path
 from unittest import mock
 
 import pytest
-from test_program import PROGRAM, agent_commands, forbidden_items
 
 pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parent.parent
-GUARD = ROOT / ".claude" / "hooks" / "guard.py"
-SPEC = importlib.util.spec_from_file_location("guard", GUARD)
+SPEC = importlib.util.spec_from_file_location("guard", ROOT / ".claude" / "hooks" / "guard.py")
 MODULE = importlib.util.module_from_spec(SPEC)
 SPEC.loader.exec_module(MODULE)
 
@@ -38,52 +34,42 @@ REFUSED = {
     "git commit --amen -m x": "--amen",                              # git expands it to --amend
     "git checkout -qB autoresearch/x HEAD~2": "git checkout -qB",    # -q -B: resets a branch
     "git checkout -b autoresearch/x HEAD~2": "at most 1",            # a start point moves the branch
-    "git commit -qm x": "-q",
-    "git commit -m --amend": "value of -m",
+    "git commit -qm x": "-q", "git commit -m --amend": "value of -m",
     "uv run analyze.py curve val/bpb a1 --at --out x": "value of --at",
     "uv run analyze.py status x1 k'ee'p": "analyze.py status",       # the shell makes it `keep`
     "cat x > .venv/lib/python3.11/site-packages/evil.pth": "redirect",
-    "ls 2>/dev/null": "redirect",
-    "cat <<EOF\n$(id)\nEOF": "'\\n'",
-    "git status; rm -rf /": "rm -rf",
+    "ls 2>/dev/null": "redirect", "cat <<EOF\n$(id)\nEOF": "'\\n'", "git status; rm -rf /": "rm -rf",
     'cat "$(touch x)"': "'$'",  # double quotes do not stop an expansion
-    "ls `touch x`": "'`'", "ls $(touch x)": "'$'",
-    "ls <(id)": "'<('", "ls >(id)": "'>('",
-    "ls a\\ b": "'\\\\'",
-    "git log x#;rm -rf /": "'#'",  # shlex would read a comment where bash reads `x#`, then `rm`
-    "ls # x": "'#'",
-    "cat x 2>&1 > y": "`>`",
+    "ls `touch x`": "'`'", "ls $(touch x)": "'$'", "ls <(id)": "'<('", "ls >(id)": "'>('", "ls a\\ b": "'\\\\'",
+    "git log x#;rm -rf /": "'#'", "ls # x": "'#'",  # shlex would read a comment where bash reads `x#`, then `rm`
     "git add train.py 2 >&1": "`>&`",  # `2` is a word here: only `2>&1` written together passes
-    "ls x&>y": "`&>`", "git status |& cat": "`|&`", "ls ;; ls": "`;;`",
+    "cat x 2>&1 > y": "`>`", "ls x&>y": "`&>`", "git status |& cat": "`|&`", "ls ;; ls": "`;;`",
     "ls 'x": "could not check",  # an unclosed quote
-    "cat train.py | sh": "sh",
-    "(git status)": "subshell",
-    "{ git status; }": "`{ git status`",
-    "uv run analyze.py run x &": "&",
-    "uv run python -c 'print(1)'": "uv run python",
-    "uv run train.py": "uv run train.py",
-    "uv run --with requests analyze.py list": "uv run --with",
-    "AUTORESEARCH_TIME_BUDGET=600 uv run analyze.py run x": "not a command",
-    "git -c core.pager=sh log": "git -c",
+    "cat train.py | sh": "sh", "(git status)": "subshell", "{ git status; }": "`{ git status`",
+    "uv run analyze.py run x &": "&", "uv run python -c 'print(1)'": "uv run python",
+    "uv run train.py": "uv run train.py", "uv run --with requests analyze.py list": "uv run --with",
+    "AUTORESEARCH_TIME_BUDGET=600 uv run analyze.py run x": "not a command", "git -c core.pager=sh log": "git -c",
     "git log --pretty --output=x": "--output",  # --pretty takes no next word, so --output is an option
-    "git diff --outp=x": "--outp",
-    "git branch --list -D autoresearch/x": "-D",
-    "git branch --list autoresearch/*": "quote the glob",
+    "git diff --outp=x": "--outp", "git branch --list -D autoresearch/x": "-D",
+    "git branch --list autoresearch/*": "quote the glob", "ls x ~/y": "tilde",
     "git add -f harness/decide.py": "-f", "git add .": "does not take", "printenv": "printenv",
-    "ls x ~/y": "tilde",
     "uv run analyze.py curve x --at=~": "tilde",  # bash expands `a=~` in any word
 }
 
 
-def guard(command):
-    """(exit code, stderr) of the guard's main() for one Bash call, run in-process (test_program runs the hook)."""
-    call, err = {"tool_name": "Bash", "tool_input": {"command": command, "description": "test"}}, io.StringIO()
-    with mock.patch("sys.stdin", io.StringIO(json.dumps(call))), contextlib.redirect_stderr(err):
+def hook(payload):
+    """(exit code, stderr) of the guard's main() for one hook call, run in-process (test_program runs the hook)."""
+    err = io.StringIO()
+    with mock.patch("sys.stdin", io.StringIO(payload)), contextlib.redirect_stderr(err):
         return MODULE.main(), err.getvalue()
 
 
-@pytest.mark.parametrize("command", agent_commands(PROGRAM) + ALSO_ALLOWED)
-def test_allows_what_program_md_gives(command):
+def guard(command):
+    return hook(json.dumps({"tool_name": "Bash", "tool_input": {"command": command, "description": "test"}}))
+
+
+@pytest.mark.parametrize("command", ALSO_ALLOWED)
+def test_allows_what_the_loop_leads_to(command):
     rc, err = guard(command)
     assert rc == 0, f"{command!r} refused: {err}"
 
@@ -96,19 +82,10 @@ def test_refuses_with_one_line(command, why):
     assert why in err, f"{command!r}: the reason does not name {why!r}: {err}"
 
 
-def test_refuses_what_program_md_forbids():
-    allowed = [c for c in forbidden_items(PROGRAM)[0] if guard(c)[0] != 2]
-    assert not allowed, f"program.md forbids these, the guard allows them: {allowed}"
-
-
 def test_other_tools_pass_and_bad_input_is_refused():
-    """As Claude Code runs it: a process of the standard library alone."""
-    def run(payload):
-        return subprocess.run([sys.executable, "-I", "-S", str(GUARD)], input=payload, capture_output=True, text=True,
-                              timeout=30, check=False)
-    assert run(json.dumps({"tool_name": "Read", "tool_input": {"file_path": "x"}})).returncode == 0
-    refused = run("not json")
-    assert refused.returncode == 2 and "could not check" in refused.stderr, refused
+    assert hook(json.dumps({"tool_name": "Read", "tool_input": {"file_path": "x"}})) == (0, "")
+    rc, err = hook("not json")
+    assert rc == 2 and "could not check" in err, err
 
 
 def test_the_words_checked_are_the_words_bash_passes(tmp_path):
@@ -116,8 +93,9 @@ def test_the_words_checked_are_the_words_bash_passes(tmp_path):
     side by side), so bash itself shows the words; in an empty folder, where no glob matches."""
     shim = "exec 3>&2; for f in git uv ls cat head tail grep wc sleep printenv; do " \
            "eval \"$f() { printf '%s\\0' $f \\\"\\$@\\\" $'\\1' >&3; }\"; done\n"
-    quoted = ["ls a'b'\"c d\"e '' \"\" 'x\"y' \"p'q\" f'*' '$x' \"a#\"", "ls \tx\r"]
-    for command in ALSO_ALLOWED + agent_commands(PROGRAM) + quoted:
+    quoted = ["ls a'b'\"c d\"e '' \"\" 'x\"y' \"p'q\" f'*' '$x' \"a#\"", "ls \tx\r",
+              'git branch --list "autoresearch/*"']
+    for command in ALSO_ALLOWED + quoted:
         ours = sorted(argv for argv, _ in MODULE.simple_commands(command))
         out = subprocess.run(["bash", "-c", shim + command], capture_output=True, cwd=tmp_path, timeout=30,
                              check=False)

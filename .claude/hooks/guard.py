@@ -1,17 +1,15 @@
 """A Claude Code PreToolUse hook: the agent's Bash commands are exactly the ones program.md gives.
 
-Permission rules match a command as text, which bash and git do not: git takes `git commit --amen` as --amend,
-bash turns `status ID k'ee'p` into `keep`, and `cat x > .venv/.../evil.pth` writes a file. So the command is
-read as bash reads it: shlex (POSIX, punctuation_chars) splits words and operators where bash does and removes
-quotes, and all else that bash would read differently is refused in the raw text first (`$`, backticks,
-backslashes, newlines, `<(`, an unquoted `#`, `~` or glob), so nothing is left to expand. Commands may be joined
-by `;` `&&` `||` `|`; any other operator is refused, except `2>&1`. Each must match a row of COMMANDS, its
+Permission rules match a command as text; bash and git do not: git takes `git commit --amen` as --amend, bash
+turns `status ID k'ee'p` into `keep`, and `cat x > .venv/.../evil.pth` writes a file. So the command is read as
+bash reads it: shlex splits words and operators where bash does and removes quotes, and all else that bash would
+read differently (`$`, backticks, backslashes, newlines, `<(`, an unquoted `#`, `~` or glob) is refused first.
+Commands may be joined by `;` `&&` `||` `|`; `2>&1` is the one redirect. Each must match a row of COMMANDS, its
 options read as git and argparse read them: -qB is -q -B, and only in full (both would expand `--amen`).
 
-Claude Code sends {"tool_name": "Bash", "tool_input": {"command": ...}} on stdin. Exit 2 refuses the call and
-shows the line on stderr to the agent; exit 0 hands it on to settings.json. Any failure exits 2.
-
-Usage:  python3 -I -S .claude/hooks/guard.py < hook.json   (the standard library only: no site-packages)
+Usage (Claude Code sends {"tool_name": "Bash", "tool_input": {"command": ...}}; exit 2 refuses the call and shows
+the agent the line on stderr, exit 0 hands it on to settings.json, any failure exits 2):
+    python3 -I -S .claude/hooks/guard.py < hook.json   (the standard library only: no site-packages)
 """
 import json
 import re
@@ -19,10 +17,8 @@ import shlex
 import sys
 
 # The commands program.md gives. Options: `-m=` takes a value (attached or the next word), `--format=?` only an
-# attached one, `-<n>` is a count (-5); ANY: every option, and unquoted globs (these tools only read). Every
-# other word must match the pattern; "most" caps how many there are.
-
-ANY = "*"
+# attached one, `-<n>` is a count (-5). Every other word must match the pattern; "most" caps how many there are.
+ANY = "*"  # every option, and unquoted globs (these tools only read)
 WORD = r"[^-].*"  # a revision, a path, a run id
 GIT_LOG = "--oneline --stat --graph --all --decorate -p --patch --name-only --name-status " \
           "--format=? --pretty=? -n= --max-count= -<n>"
@@ -39,21 +35,18 @@ COMMANDS = [  # words it starts with,       options,                        othe
     ("git checkout -b",                     "",                      r"autoresearch/[\w.-]+", 1),
     ("uv run analyze.py",                   "-h --help",                     WORD,            0),
     ("uv run analyze.py run",               "-h --help",                     r".+",           1),
-    ("uv run analyze.py pin",               "-h --help",                     WORD,            0),
-    ("uv run analyze.py audit",             "-h --help",                     WORD,            0),
-    ("uv run analyze.py list",              "-h --help",                     WORD,            0),
-    ("uv run analyze.py best",              "-h --help",                     WORD,            0),
+    *[(f"uv run analyze.py {sub}", "-h --help", WORD, 0) for sub in ("pin", "audit", "list", "best")],
     ("uv run analyze.py show",              "-h --help",                     WORD,            1),
     ("uv run analyze.py compare",           "-h --help",                     WORD,            2),
     ("uv run analyze.py curve",             "-h --help --at=",               WORD,            None),
     ("uv run contrib/shared.py claims",     "-h --help",                     WORD,            0),
     ("uv run contrib/shared.py insights",   "-h --help",                     WORD,            1),
     ("uv run contrib/shared.py claim",      "-h --help",                     r".+",           1),
-    ("printenv AUTORESEARCH_WORKER",        "",                              WORD,            0),
-    ("printenv AUTORESEARCH_ARCHIVE",       "",                              WORD,            0),
+    *[(f"printenv AUTORESEARCH_{name}", "", WORD, 0) for name in ("WORKER", "ARCHIVE")],
     ("sleep",                               "",                    r"\d+(\.\d+)?[smh]?",      1),
     ("nvidia-smi",                          "",                              WORD,            0),
-] + [(tool, ANY, r".*", None) for tool in ("cat", "head", "tail", "grep", "wc", "ls")]
+    *[(tool, ANY, r".*", None) for tool in ("cat", "head", "tail", "grep", "wc", "ls")],
+]
 SEPARATORS = {";", "&&", "||", "|"}  # not "&": nothing the agent starts may outlive the call
 
 
@@ -141,10 +134,9 @@ def check(argv, mask):
 def main():
     try:
         call = json.load(sys.stdin)
-        if call.get("tool_name") != "Bash":
-            return 0
-        for argv, mask in simple_commands(call["tool_input"]["command"]):
-            check(argv, mask)
+        if call.get("tool_name") == "Bash":
+            for argv, mask in simple_commands(call["tool_input"]["command"]):
+                check(argv, mask)
         return 0
     except Refused as e:
         reason = str(e)
