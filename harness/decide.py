@@ -6,15 +6,15 @@ bought outside the rules), and the decision: keep, rerun, discard or crash.
     decision = decide(run, runs)              # the first rule of RULES that applies
 
 val_bpb on a fixed time budget is a draw, so a code is judged by the mean of its runs against the mean of the
-best code's runs (never the best's luckiest draw), beyond the noise band of that difference. simulate() shows
-what these rules cost and buy over a night of experiments (tests/bench.py prints it).
+best code's runs (never the best's luckiest draw), beyond the noise band of that difference. tests/bench.py
+simulates nights of experiments through decide() to show what these rules cost and buy.
 """
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 
-from harness.record import Caught, Decision, Measured, Run, StatusChange, Trained, code_size, number, train_py_at
+from harness.record import Caught, Decision, code_size, number, train_py_at
 from harness.stats import NOISE_SIGMAS, as_of, code_runs, comparable, difference_band, machine, noise
 
 # The caught cases: fixed names (analysis.md, audit and the tests use them), and their limits
@@ -35,7 +35,7 @@ LOOP_TIMINGS = ("warmup_s", "eval_s", "final_eval_s")  # train.py's timings afte
 
 @dataclass(frozen=True)
 class Rules:
-    """The decision's knobs: decide() uses the defaults, simulate() shows what others cost and buy."""
+    """The decision's knobs: decide() uses the defaults, tests/bench.py shows what others cost and buy."""
     sigmas: float = NOISE_SIGMAS  # keep or discard beyond ±sigmas std of the difference of means
     promising: float = 1.0        # inside the band, rerun while lower by more than this many std of the difference
     enough: int = 6               # runs of a change after which its mean is decided on, whatever the machine did
@@ -44,9 +44,8 @@ class Rules:
 
 # The best
 def best_of(runs, run):
-    """The ONE best rule: the most recently archived kept run, comparable with `run`, of run's worker on run's
-    branch, archived before it. A kept run of another branch is another experiment's; a run nobody decided
-    (pending) sets no bar. Runs without a branch or worker (older archives) belong to every one."""
+    """The ONE best rule: the latest kept run comparable with `run`, of its worker on its branch, archived before it
+    (another branch's keep is another experiment's). Runs without branch or worker (older archives) are everyone's."""
     pool = [r for r in comparable(runs, run) if r.status == "keep" and r.archived_at < run.archived_at
             and r.id != run.id and (not run.branch or r.branch in (run.branch, None))
             and (not r.worker or r.worker == run.worker)]
@@ -68,8 +67,7 @@ def caught(run, best, runs):
 
 
 def trained_on_val(run, ref):
-    """The model does better on the validation rows than on unseen text of the same kind, by more than the
-    best code's models did: it has seen them."""
+    """Better on the validation rows than on unseen text of their kind, beyond the best's gap: it has seen them."""
     val, heldout = run.measured.val_bpb, run.measured.heldout_bpb
     if heldout is None:
         return None
@@ -113,9 +111,8 @@ def claimed(run, keys):
 
 
 def untimed_work(run, ref):
-    """More work outside the budget than the best code's runs did, counted so that a busy machine adds none: the CPU
-    seconds of train.py before its first metrics row and after its hand-off (the kernel's count), plus the loop's own
-    timings outside the budget (slowed_clock holds them to the harness's clock). Runs without a CPU count: no check."""
+    """More work outside the budget than the best code's runs did, in what a busy machine cannot inflate: the CPU
+    seconds before the first metrics row and after the hand-off, plus the loop's timings (slowed_clock checks them)."""
     def work(r):
         cpu = r.measured.outside_cpu_s if r.measured else None
         return None if cpu is None else cpu + claimed(r, LOOP_TIMINGS)
@@ -132,8 +129,7 @@ def untimed_work(run, ref):
 
 
 def sees_ahead(run, ref):
-    """The logits at a position moved when only later tokens changed: the model is not causal, and its
-    val_bpb is not a prediction (harness/evaluate.py's future_leak)."""
+    """Logits moved when only later tokens changed: the model is not causal (harness/evaluate.py's future_leak)."""
     leak = run.measured.future_leak
     if leak is not None and leak > FUTURE_TOLERANCE:
         return f"changing later tokens moved earlier logits by up to {leak:.3g} (tolerance {FUTURE_TOLERANCE:g})"
@@ -251,39 +247,3 @@ def decide(run, runs, rules=Rules(), size=size_at):
         reason += f" (decided on the means of this code's {len(s.own)} runs, although {why})"
     return Decision(kind, reason, s.delta, s.band, len(s.own), len(s.ref), s.best.id if s.best else None)
 
-
-# What the rules cost and buy: a night of experiments, simulated through decide()
-def night(rules, sigma, effect, experiments, rng):
-    """(changes kept, runs each change took, the best's number below its code's true mean in σ) of one
-    night of finished runs that differ only in their code and their val_bpb."""
-    runs, truth = [], {}
-
-    def experiment(code, mean):
-        truth[code] = mean
-        while True:
-            i, bpb = len(runs), mean + sigma * rng.standard_normal()
-            runs.append(run := Run(
-                id=f"s{i}", commit=f"{i:040x}", description="", branch="sim", worker="sim", started_at=None,
-                archived_at=float(i), harness={}, gpu="sim", code_sha=code, pin=None, harness_changes=[], caught=[],
-                trained=Trained("ok", None), measured=Measured(bpb), decision=None, statuses=[], evidence={}))
-            d = decide(run, runs, rules, size=lambda commit: None)
-            run.statuses.append(StatusChange("pending" if d.kind == "rerun" else d.kind, "", "simulate"))
-            if d.kind != "rerun":
-                return d.kind == "keep", len(code_runs(runs, code))
-    experiment("base", 1.0), experiment("base", 1.0)  # the baseline, then its repeats until decide() stops them
-    best, kept, took = "base", 0, []
-    for e in range(experiments):
-        keep, n = experiment(f"e{e}", truth[best] - effect * sigma)
-        best, kept, took = f"e{e}" if keep else best, kept + keep, took + [n]
-    return kept, took, (truth[best] - np.mean([r.val_bpb for r in code_runs(runs, best)])) / sigma
-
-
-def simulate(rules=Rules(), sigma=0.01, effect=0.0, experiments=80, trials=100, seed=0):
-    """Nights of a baseline, its repeats and `experiments` changes, each truly better than the best it starts
-    from by `effect` σ (0: no-ops), σ being one run's val_bpb std over repeats of one code. The figures:
-    p_any_kept (a night kept one or more), p_kept (per change), best_below (the best's number below its code's
-    true mean at the night's end, in σ), runs_per_experiment (1: deciding on one run)."""
-    rng = np.random.default_rng(seed)
-    kept, took, below = map(np.array, zip(*(night(rules, sigma, effect, experiments, rng) for _ in range(trials))))
-    return {"p_any_kept": float(np.mean(kept > 0)), "p_kept": float(kept.sum() / (trials * experiments)),
-            "best_below": float(below.mean()), "runs_per_experiment": float(np.mean(took))}

@@ -29,8 +29,17 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.dont_write_bytecode = True  # importing prepare/train from ROOT must not leave __pycache__ there
+if __name__ == "__main__":  # as a script: the repository importable, and no __pycache__ left in it
+    sys.path.insert(0, str(ROOT))
+    sys.dont_write_bytecode = True
+from harness.decide import NOISE_SIGMAS, Rules, decide  # noqa: E402
+from harness.record import StatusChange, load_run  # noqa: E402
+from harness.stats import code_runs  # noqa: E402
+from tests.factory import make_run  # noqa: E402
+
 SCRIPTS = ("prepare.py", "train.py", "analyze.py", ".gitignore")
 PACKAGE = "harness"  # the modules analyze.py runs on
 
@@ -76,23 +85,18 @@ def make_repo(dest):
     for name in SCRIPTS:
         shutil.copy(ROOT / name, dest / name)
     shutil.copytree(ROOT / PACKAGE, dest / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
-    git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
-    subprocess.run(["git", "init", "-q", "-b", "autoresearch/bench"], cwd=dest, check=True)
-    subprocess.run([*git, "add", "-A"], cwd=dest, check=True)
-    subprocess.run([*git, "commit", "-qm", "baseline"], cwd=dest, check=True)
+    for cmd in (["init", "-q", "-b", "autoresearch/bench"], ["add", "-A"], ["commit", "-qm", "baseline"]):
+        subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *cmd], cwd=dest, check=True)
     return dest
 
 
-def cpu_env(cache, **extra):
+def cpu_env(cache):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AUTORESEARCH_")}
-    env.update(AUTORESEARCH_PROFILE="cpu", AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_WORKER="bench:cpu",
-               PYTHONUNBUFFERED="1", **extra)
-    return env
+    return dict(env, AUTORESEARCH_PROFILE="cpu", AUTORESEARCH_CACHE=str(cache), AUTORESEARCH_WORKER="bench:cpu",
+                PYTHONUNBUFFERED="1")
 
-# ---------------------------------------------------------------------------
+
 # CPU: seconds outside the budget, a manual run against `analyze.py run` (also prepares a cache)
-# ---------------------------------------------------------------------------
-
 def bench_outside(repo, env, section):
     """A manual run (train.py evaluates its own model), its bare archive, then `analyze.py run` (the harness
     evaluates the handed-off model once): the manual run's summary."""
@@ -100,8 +104,6 @@ def bench_outside(repo, env, section):
     manual = json.loads((repo / "run_summary.json").read_text())
     t_bare, _ = run([sys.executable, "analyze.py"], repo, env)
     t_harness, _ = run([sys.executable, "analyze.py", "run"], repo, env)
-    sys.path.insert(0, str(ROOT))
-    from harness.record import load_run
     harness = max((load_run(p) for p in (repo / ".auto-log-research").glob("*/run.json")), key=lambda r: r.archived_at)
     out_manual = t_manual - manual["training_seconds"]
     out_harness = t_harness - harness.trained.training_seconds
@@ -120,18 +122,8 @@ def bench_outside(repo, env, section):
            "goal >= 50% on an idle 2-core machine" if section == "cpu" else "")
     return manual
 
-# ---------------------------------------------------------------------------
+
 # CPU: the packed loader at the gpu profile's batch shape
-# ---------------------------------------------------------------------------
-
-def time_batches(batches, n=LOADER_BATCHES):
-    next(batches)  # warm-up: first shard load, token cache, buffer fill
-    t0 = time.perf_counter()
-    for _ in range(n):
-        next(batches)
-    return (time.perf_counter() - t0) / n
-
-
 def web_length_shards(dest):
     """The cpu profile's text regrouped into documents of log-normally spread sizes around
     LOADER_DOC_CHARS, like the web pages of the gpu profile's data, so that the packer sees a realistic
@@ -154,25 +146,25 @@ def web_length_shards(dest):
 
 def bench_loader(cache, scratch):
     os.environ.update(AUTORESEARCH_PROFILE="cpu", AUTORESEARCH_CACHE=str(cache))
-    sys.path.insert(0, str(ROOT))
-    import prepare
+    import prepare  # after AUTORESEARCH_PROFILE is set: it reads the profile at import
     tokenizer = prepare.Tokenizer.from_directory()
     data_dir = web_length_shards(scratch / "web_length")
     loader = prepare.make_dataloader(tokenizer, LOADER_B, LOADER_T, "train", device="cpu", data_dir=data_dir)
-    ours = time_batches(loader)
+    next(loader)  # warm-up: first shard load, token cache, buffer fill
+    t0 = time.perf_counter()
+    for _ in range(LOADER_BATCHES):
+        next(loader)
+    ours = (time.perf_counter() - t0) / LOADER_BATCHES
     record("loader", f"packed loader B={LOADER_B} T={LOADER_T} (ms/batch)", f"{ours * 1e3:.1f}",
            f"{LOADER_B * LOADER_T / ours / 1e6:.1f} M tok/s; an H100 step takes {GPU_STEP_MS:.0f} ms")
     record("loader", "crop fraction (tokens dropped)", f"{loader.crop_fraction:.2%}")
 
-# ---------------------------------------------------------------------------
-# CPU: the metrics path of one training step
-# ---------------------------------------------------------------------------
 
+# CPU: the metrics path of one training step
 def step_row(step):
     """A row as train.py logs it every step: the CONTRACT's train/ and perf/ keys."""
-    keys = ("train/loss", "train/loss_smooth", "train/lr_multiplier", "train/muon_momentum",
-            "train/weight_decay", "train/progress", "perf/step_time_ms", "perf/tokens_per_sec",
-            "perf/mfu_percent", "elapsed_s")
+    keys = ("train/loss", "train/loss_smooth", "train/lr_multiplier", "train/muon_momentum", "train/weight_decay",
+            "train/progress", "perf/step_time_ms", "perf/tokens_per_sec", "perf/mfu_percent", "elapsed_s")
     return {key: 3.0 + step * 1e-4 + i for i, key in enumerate(keys)}
 
 
@@ -186,8 +178,7 @@ def layer_row(depth=8):
 
 
 def bench_logging(scratch, cpu_step_ms, layer_every=25):
-    sys.path.insert(0, str(ROOT))
-    from harness.recorder import RunRecorder
+    from harness.recorder import RunRecorder  # imports prepare, after bench_loader set the profile
     out_dir = scratch / "logging"
     out_dir.mkdir(exist_ok=True)
     layers = layer_row()
@@ -209,10 +200,8 @@ def bench_logging(scratch, cpu_step_ms, layer_every=25):
     record("logging", "  share of a cpu-profile step", f"{per_step_ms / cpu_step_ms:.3%}",
            f"goal < 1% ({cpu_step_ms:.0f} ms step)")
 
-# ---------------------------------------------------------------------------
-# CPU: the bare analyze.py after a few and after ANALYZE_HISTORY archived runs
-# ---------------------------------------------------------------------------
 
+# CPU: the bare analyze.py after a few and after ANALYZE_HISTORY archived runs
 def next_run(repo, n):
     """The last manual run's files presented as a new run (another start), for a bare analyze.py."""
     summary = json.loads((repo / "run_summary.json").read_text())
@@ -250,23 +239,52 @@ def bench_analyze(repo, env):
            f"{with_many / with_few:.2f}x; goal <= 2x and < 20 s")
     record("analyze", f"analyze.py list, {ANALYZE_HISTORY + 1} runs (s)", f"{listed:.2f}")
 
-# ---------------------------------------------------------------------------
-# CPU: the decision rules over simulated nights (harness/decide.py's simulate)
-# ---------------------------------------------------------------------------
+
+# CPU: the decision rules over simulated nights of experiments, each run decided by harness/decide.py
+def night(rules, sigma, effect, experiments, rng):
+    """(changes kept, runs each change took, the best's number below its code's true mean in σ) of one
+    night of finished runs that differ only in their code and their val_bpb."""
+    runs, truth = [], {}
+
+    def experiment(code, mean):
+        truth[code] = mean
+        while True:
+            runs.append(run := make_run(mean + sigma * rng.standard_normal(), code_sha=code))
+            d = decide(run, runs, rules, size=lambda commit: None)
+            run.statuses.append(StatusChange("pending" if d.kind == "rerun" else d.kind, "", "simulate"))
+            if d.kind != "rerun":
+                return d.kind == "keep", len(code_runs(runs, code))
+    experiment("base", 1.0)
+    experiment("base", 1.0)  # the baseline, then its repeats until decide() stops them
+    best, kept, took = "base", 0, []
+    for e in range(experiments):
+        keep, n = experiment(f"e{e}", truth[best] - effect * sigma)
+        best, kept, took = f"e{e}" if keep else best, kept + keep, took + [n]
+    return kept, took, (truth[best] - np.mean([r.val_bpb for r in code_runs(runs, best)])) / sigma
+
+
+def simulate(rules=Rules(), sigma=0.01, effect=0.0, experiments=80, trials=100, seed=0):
+    """Nights of a baseline, its repeats and `experiments` changes, each truly better than the best it starts
+    from by `effect` σ (0: no-ops), σ being one run's val_bpb std over repeats of one code. The figures:
+    p_any_kept (a night kept one or more), p_kept (per change), best_below (the best's number below its code's
+    true mean at the night's end, in σ), runs_per_experiment (1: deciding on one run)."""
+    rng = np.random.default_rng(seed)
+    kept, took, below = map(np.array, zip(*(night(rules, sigma, effect, experiments, rng) for _ in range(trials))))
+    return {"p_any_kept": float(np.mean(kept > 0)), "p_kept": float(kept.sum() / (trials * experiments)),
+            "best_below": float(below.mean()), "runs_per_experiment": float(np.mean(took))}
+
 
 def bench_decisions():
     """The decision rules over simulated nights (pure functions, no training): for each noise threshold, the odds
     that a night of 80 no-ops keeps one, how far the best then sits below its code's true mean, the odds that a
     change truly better by 3σ is kept, and the runs each costs; the last row decides on one run."""
-    sys.path.insert(0, str(ROOT))
-    from harness import decide
     t0 = time.perf_counter()
-    curve = [(f"±{k:g}σ", decide.Rules(sigmas=k)) for k in (2.5, 3.0, decide.NOISE_SIGMAS, 3.5)]
-    curve.append(("one run", decide.Rules(promising=float("inf"), enough=1)))
+    curve = [(f"±{k:g}σ", Rules(sigmas=k)) for k in (2.5, 3.0, NOISE_SIGMAS, 3.5)]
+    curve.append(("one run", Rules(promising=float("inf"), enough=1)))
     for name, rules in curve:
-        noop = decide.simulate(rules, effect=0.0, trials=SIM_NIGHTS)
-        better = decide.simulate(rules, effect=3.0, experiments=1, trials=SIM_CHANGES)
-        default = " (default)" if rules == decide.Rules() else ""
+        noop = simulate(rules, effect=0.0, trials=SIM_NIGHTS)
+        better = simulate(rules, effect=3.0, experiments=1, trials=SIM_CHANGES)
+        default = " (default)" if rules == Rules() else ""
         record("decide", f"{name}{default}: P(a no-op kept in 80) / best below", f"{noop['p_any_kept']:.0%} / "
                f"{noop['best_below']:.2f}σ", "goals <= 25%, within 0.5σ")
         record("decide", f"{name}{default}: P(3σ kept) / runs per no-op, 3σ", f"{better['p_kept']:.0%} / "
@@ -308,12 +326,9 @@ def main():
 
 
 def cpu_name():
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
 
 
 def print_table(machine):

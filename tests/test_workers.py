@@ -1,7 +1,6 @@
 """contrib/shared.py, what workers sharing one archive tell each other: a claim ends by what the archive
 holds (its worker's next run, or its next claim), each worker's insights.md is copied and read back, many
 processes claim at once and lose nothing, and a view over several archives reads them and writes into none."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -10,21 +9,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from contrib import shared  # noqa: E402
-from harness.record import Archive  # noqa: E402
-from tests.factory import make_run  # noqa: E402
+from contrib import shared
+from harness.record import Archive
+from tests.factory import make_run
 
 pytestmark = pytest.mark.quick
-
-
-def claim(at, worker, idea):
-    return shared.Claim(at, worker, f"autoresearch/{worker}", idea)
-
-
-def ended(claims):
-    return [(c.idea, c.ended, c.run.id if c.run else None) for c in claims]
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_a_claim_is_closed_by_its_workers_next_run_or_replaced_by_its_next_claim():
@@ -32,8 +22,9 @@ def test_a_claim_is_closed_by_its_workers_next_run_or_replaced_by_its_next_claim
             make_run(0.99, id="w2-old", worker="w2", archived_at=15),     # before w2's claim
             make_run(0.98, id="first", worker="w1", archived_at=40),
             make_run(0.97, id="second", worker="w1", archived_at=45)]     # c is closed already
-    claims = [claim(10, "w1", "a"), claim(20, "w2", "b"), claim(30, "w1", "c"), claim(50, "w1", "d")]
-    assert ended(shared.settle(claims, runs)) == [
+    claims = [shared.Claim(at, worker, f"autoresearch/{worker}", idea)
+              for at, worker, idea in ((10, "w1", "a"), (20, "w2", "b"), (30, "w1", "c"), (50, "w1", "d"))]
+    assert [(c.idea, c.ended, c.run and c.run.id) for c in shared.settle(claims, runs)] == [
         ("a", "replaced", None), ("b", "open", None), ("c", "closed", "first"), ("d", "open", None)]
 
 
@@ -41,8 +32,7 @@ def test_a_claim_is_closed_by_its_workers_next_run_or_replaced_by_its_next_claim
 def worktree(tmp_path, monkeypatch):
     """A worker's worktree (a git repository) whose archive is elsewhere, as contrib/workers.py sets it up."""
     tree = tmp_path / "wt"
-    tree.mkdir()
-    subprocess.run(["git", "init", "-q", "-b", "autoresearch/t-0"], cwd=tree, check=True)
+    subprocess.run(["git", "init", "-q", "-b", "autoresearch/t-0", str(tree)], check=True)
     monkeypatch.chdir(tree)
     monkeypatch.setenv("AUTORESEARCH_ARCHIVE", str(tmp_path / "shared" / ".auto-log-research"))
     monkeypatch.setenv("AUTORESEARCH_WORKER", "t-0")
@@ -56,7 +46,6 @@ def out_of(capsys, *argv):
 
 
 def save(archive, run):
-    archive.run_dir(run.id).mkdir(parents=True, exist_ok=True)
     with archive.lock():
         archive.save(run)
 
@@ -134,9 +123,8 @@ def test_many_processes_claiming_at_once_lose_and_tear_nothing(worktree, tmp_pat
     assert (Archive.here().dir / "claims.tsv").read_text().count("opened_at") == 1
 
 
-def digests(*dirs):
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for d in dirs for p in sorted(d.rglob("*"))
-            if p.is_file()}
+def contents(*dirs):
+    return {p: p.read_bytes() for d in dirs for p in d.rglob("*") if p.is_file()}
 
 
 def test_a_view_reads_several_archives_as_one_and_writes_into_none(worktree, tmp_path, monkeypatch, capsys):
@@ -147,7 +135,7 @@ def test_a_view_reads_several_archives_as_one_and_writes_into_none(worktree, tmp
         out_of(capsys, "claim", f"idea of node{n}")
         save(Archive.here(), make_run(1.0 - 0.01 * n, id="abc1234", worker=f"node{n}:0", archived_at=time.time(),
                                       status="keep"))
-    before = digests(*nodes)
+    before = contents(*nodes)
     view = ["--archive", str(nodes[0]), "--archive", str(nodes[1])]
     claims = out_of(capsys, *view, "claims")
     assert "idea of node1  -> run node1:abc1234 val_bpb 0.990000 status keep" in claims, claims
@@ -157,4 +145,4 @@ def test_a_view_reads_several_archives_as_one_and_writes_into_none(worktree, tmp
     assert "best node2:abc1234 val_bpb 0.980000" in workers[1], workers
     with pytest.raises(SystemExit, match="--archive makes a read-only view"):
         shared.main([*view, "claim", "x"])
-    assert digests(*nodes) == before, "a view wrote into an archive"
+    assert contents(*nodes) == before, "a view wrote into an archive"

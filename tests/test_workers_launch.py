@@ -2,7 +2,6 @@
 the environment and the prompt each agent gets, the logs, the restart of an agent that exits, the copies of
 each worker's insights.md, and that one Ctrl-C (or SIGTERM) leaves no process behind, not even one that left
 its session and ignores SIGTERM. And contrib/skypilot/autoresearch.yaml, read by SkyPilot's own parser."""
-import fcntl
 import json
 import os
 import shutil
@@ -14,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from contrib import workers  # noqa: E402
+from contrib import workers
 
+ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"),
                                 reason="the launcher finds strayed processes through Linux's /proc")
 
@@ -52,19 +50,22 @@ TAG = "t"
 GPUS = ["0", "2"]  # no GPU is used: the workers are told which one is theirs, the stand-ins only record it
 
 
+def git(cwd, *args, **env):
+    return subprocess.run(["git", *args], cwd=cwd, env={**os.environ, **env}, capture_output=True, text=True,
+                          check=True).stdout
+
+
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
     """A git repository holding this working tree's files, committed or not, as a user's clone would."""
     repo = tmp_path_factory.mktemp("clone") / "alr"
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                            capture_output=True, text=True, check=True).stdout
-    for name in filter(None, listed.split("\0")):
+    for name in filter(None, git(ROOT, "ls-files", "-z", "--cached", "--others", "--exclude-standard").split("\0")):
         if (ROOT / name).is_file():  # a tracked file deleted in the working tree is listed too
             (repo / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, repo / name)
     for cmd in (["init", "-q", "-b", "main"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"],
                 ["add", "-A"], ["commit", "-q", "-m", "base"]):
-        subprocess.run(["git", *cmd], cwd=repo, check=True)
+        git(repo, *cmd)
     return repo
 
 
@@ -119,8 +120,7 @@ def first(launch):
 
 def test_each_worker_runs_on_its_own_branch_worktree_and_gpu(first, repo):
     _, out, record, _ = first
-    worktrees = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=repo, capture_output=True,
-                               text=True).stdout
+    worktrees = git(repo, "worktree", "list", "--porcelain")
     for gpu in GPUS:
         name = f"{TAG}-{gpu}"
         worktree = repo.parent / "alr-workers" / name
@@ -132,9 +132,7 @@ def test_each_worker_runs_on_its_own_branch_worktree_and_gpu(first, repo):
             assert seen["AUTORESEARCH_ARCHIVE"] == str(repo / ".auto-log-research"), seen
             assert seen["UV_PROJECT_ENVIRONMENT"] == sys.prefix, "the worktrees share the launcher's environment"
             assert seen["prompt"] == (repo / "program.md").read_text().splitlines()[0], "program.md is not its stdin"
-        pin = subprocess.run(["git", "for-each-ref", f"refs/auto-log-research/pins/autoresearch/{name}"],
-                             cwd=repo, capture_output=True, text=True).stdout
-        assert pin, f"{name}'s branch was not pinned:\n{out}"
+        assert git(repo, "for-each-ref", f"refs/auto-log-research/pins/autoresearch/{name}"), f"{name} unpinned:\n{out}"
 
 
 def test_an_agent_that_exits_is_restarted_with_a_new_log_and_its_notes_are_copied(first, repo):
@@ -181,20 +179,18 @@ def test_a_second_launch_refuses_the_same_branches_and_resume_restarts_them_once
 def test_an_agent_left_by_a_killed_launcher_still_holds_its_worktree_lock(tmp_path):
     """A launcher killed outright (SIGKILL, the OOM killer) leaves its agents running in their own sessions;
     they hold the worktree's lock, so a relaunch refuses instead of starting a second agent on the GPU."""
-    lock = tmp_path / "autoresearch-worker.lock"
-    held = open(lock, "a")
-    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    w = workers.Worker(name="t-9", gpu="", worktree=tmp_path, logs=tmp_path / "logs", lock=held)
+    git(tmp_path, "init", "-q")
+    w = workers.Worker(name="t-9", gpu="", worktree=tmp_path, logs=tmp_path / "logs")
+    w.lock = workers.hold_lock(w)
     workers.start_session(w, "sleep 30", dict(os.environ))
-    held.close()  # the launcher is gone; its agent is not
+    w.lock.close()  # the launcher is gone; its agent is not
     try:
-        with open(lock, "a") as again, pytest.raises(BlockingIOError):
-            fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(workers.Refusal, match="worker t-9 is already running"):
+            workers.hold_lock(w)
     finally:
         os.killpg(w.proc.pid, signal.SIGKILL)
         w.proc.wait(timeout=10)
-    with open(lock, "a") as again:
-        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the agent gone, the lock is free
+    workers.hold_lock(w).close()  # the agent gone, the lock is free
 
 
 @pytest.mark.parametrize("args,says", [
@@ -205,14 +201,13 @@ def test_an_agent_left_by_a_killed_launcher_still_holds_its_worktree_lock(tmp_pa
 ])
 def test_bad_input_is_refused_in_one_line_before_anything_is_made(repo, launch, args, says):
     start, _, _ = launch
-    before = subprocess.run(["git", "branch", "--list"], cwd=repo, capture_output=True, text=True).stdout
+    before = git(repo, "branch", "--list")
     proc = start(*args)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 2 and out.count("\n") == 1 and says in out, out
-    assert subprocess.run(["git", "branch", "--list"], cwd=repo, capture_output=True, text=True).stdout == before
+    assert git(repo, "branch", "--list") == before
 
 
-# ---------------------------------------------------------------------------
 # contrib/skypilot/autoresearch.yaml, read by SkyPilot's own parser from the lock's `skypilot` group
 
 SKY_PARSE = r'''
@@ -266,10 +261,6 @@ def run_script(script, envs, home, **extra):
     return made
 
 
-def head(path):
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True).stdout
-
-
 def test_setup_prepares_each_node_and_run_starts_its_workers_with_the_node_rank(sky_task, repo, tmp_path):
     assert "TAG" in sky_task["without_tag"], f"a launch without --env TAG must fail: {sky_task['without_tag']}"
     assert not sky_task["secrets"].get("ANTHROPIC_API_KEY") and "sk-ant" not in TASK.read_text(), \
@@ -279,17 +270,15 @@ def test_setup_prepares_each_node_and_run_starts_its_workers_with_the_node_rank(
     alr, envs = tmp_path / "alr", sky_task["envs"]
     setup = run_script(sky_task["setup"], envs, tmp_path, SKYPILOT_NODE_RANK="1")
     assert setup == [f"{alr}: uv sync --locked", f"{alr}: uv run prepare.py --num-shards 10"], setup
-    assert head(alr) == head(workdir), "the workers' clone does not start from the synced commit"
-    email = subprocess.run(["git", "config", "--global", "user.email"], env={**os.environ, "HOME": str(tmp_path)},
-                           capture_output=True, text=True).stdout
-    assert email.strip(), "on a fresh node git has no identity, and the agents commit"
+    assert git(alr, "rev-parse", "HEAD") == git(workdir, "rev-parse", "HEAD"), "the clone is not of the synced commit"
+    assert git(tmp_path, "config", "--global", "user.email", HOME=str(tmp_path)).strip(), "the agents commit"
     run = run_script(sky_task["run"], envs, tmp_path, SKYPILOT_NODE_RANK="1")
     assert run == [f"{alr}: uv run contrib/workers.py --tag dec2-n1 --num-shards 10"], run  # no more than setup made
     # a later `sky exec` syncs new code and copies .git over the workdir's: the clone follows its HEAD
-    subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", "new code"], cwd=workdir, check=True)
+    git(workdir, "commit", "-q", "--allow-empty", "-m", "new code")
     run = run_script(sky_task["run"], {**envs, "ARGS": "--resume"}, tmp_path, SKYPILOT_NODE_RANK="0")
     assert run == [f"{alr}: uv run contrib/workers.py --tag dec2-n0 --num-shards 10 --resume"], run
-    assert head(alr) == head(workdir)
+    assert git(alr, "rev-parse", "HEAD") == git(workdir, "rev-parse", "HEAD")
 
 
 def runs_prepare_in(proc_dir, repo):
@@ -307,9 +296,7 @@ def test_a_signal_during_set_up_ends_it_without_making_a_branch_or_leaving_prepa
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 130 and "interrupted during set-up; no agent was started" in out, out
-    branches = subprocess.run(["git", "branch", "--list", "autoresearch/s-*"], cwd=repo, capture_output=True,
-                              text=True).stdout
-    assert not branches, branches
+    assert not git(repo, "branch", "--list", "autoresearch/s-*")
     preparing = [p for p in Path("/proc").glob("[0-9]*") if runs_prepare_in(p, repo)]
     assert not preparing, f"prepare.py still running: {preparing}"
 
