@@ -87,10 +87,9 @@ if PROFILE == "cpu" and "OMP_NUM_THREADS" not in os.environ:
 
 BASE_URL = (os.environ.get("AUTORESEARCH_DATA_URL")
             or "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main")
-MAX_SHARD = 6542                                 # the last shard is shard_06542.parquet
-VAL_SHARD = MAX_SHARD                            # pinned validation shard
+VAL_SHARD = 6542                                 # pinned validation shard: the dataset's last
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"  # same name in both profiles
-HELDOUT_SHARD = MAX_SHARD - 1                    # held-out shard: never trained on, never the metric
+HELDOUT_SHARD = VAL_SHARD - 1                    # held-out shard: never trained on, never the metric
 HELDOUT_FILENAME = f"shard_{HELDOUT_SHARD:05d}.parquet"  # same name in both profiles
 DEV_FILENAME = f"dev_{VAL_SHARD:05d}.parquet"    # validation documents no pinned row holds: the in-training curve's
 SPLITS = ("train", "val", "heldout", "dev")      # what make_dataloader serves
@@ -643,9 +642,8 @@ def _attr(module, node):
 # Can this machine run the profile? (`uv run prepare.py --check`; train.py asks gpu_problem() first)
 # ---------------------------------------------------------------------------
 
-# Dense (not 2:4 sparse) bf16 tensor-core peak FLOP/s, MFU's denominator, from NVIDIA's datasheets and
-# whitepapers: a sparse-only figure is halved, GeForce cards count at their fp32-accumulate rate. Keys are
-# whole names once vendor, memory and socket words are dropped: "A10" never reads as "A100", nor "L4" as "L40".
+# Dense bf16 tensor-core peak FLOP/s (MFU's denominator) from NVIDIA's datasheets: a 2:4-sparse figure halved, GeForce
+# at its fp32-accumulate rate. Keys are whole names less vendor, memory and socket words ("A10" never reads as "A100").
 PEAK_BF16_FLOPS = {
     "A100": 312e12, "A100 PCIE": 312e12, "A800": 312e12, "A10": 125e12, "A10G": 70e12, "A30": 165e12,
     "A40": 149.7e12, "L4": 121e12, "L40": 181.05e12, "L40S": 362.05e12, "H100": 989.5e12, "H100 PCIE": 756.5e12,
@@ -681,7 +679,8 @@ def nvidia_driver():
 
 def gpu_problem(probe=False):
     """(exit code, one line saying what to do) for the first thing that keeps this machine from the gpu profile, or
-    None: without bf16 or Triton a run times a slower program. probe (--check): also room for one row, a compile."""
+    None: without bf16 or Triton a run times a slower program. probe (--check): prints the GPU, then wants room for one
+    row and a compile."""
     if not torch.cuda.is_available():
         driver, cuda = nvidia_driver(), torch.version.cuda
         floor = MIN_DRIVER.get((cuda or "").split(".")[0])
@@ -696,6 +695,11 @@ def gpu_problem(probe=False):
         free_gib = torch.cuda.mem_get_info()[0] / 2**30
     except RuntimeError as e:  # listed by the driver but not usable (busy in exclusive mode, in error)
         return 2, f"torch cannot use the GPU ({str(e).strip().splitlines()[0]}): see nvidia-smi; {CPU_HINT}"
+    if probe:  # --check prints what it found
+        flops = peak_bf16_flops(name)
+        peak = f"dense bf16 peak {flops / 1e12:g} TFLOP/s" if flops else "bf16 peak unknown: MFU will be null"
+        print(f"gpu        {name}, compute capability {major}.{minor}, {free_gib:.1f} GiB free (the baseline's 128 "
+              f"rows need ~{BASELINE_GIB:.0f} GiB), {peak}")
     if major < 8:
         return 2, (f"{name} (compute capability {major}.{minor}) has no bf16: the gpu profile needs an Ampere or "
                    "newer NVIDIA GPU (sm_80+); use a newer GPU or AUTORESEARCH_PROFILE=cpu")
@@ -731,12 +735,6 @@ def check():
     print(f"profile    {PROFILE} ({settings})", flush=True)
     cuda = f"CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
     print(f"torch      {torch.__version__}, {cuda}; NVIDIA driver {nvidia_driver() or 'unknown'}")
-    if torch.cuda.is_available():
-        name, free = torch.cuda.get_device_name(), torch.cuda.mem_get_info()[0] / 2**30
-        peak = peak_bf16_flops(name)
-        print(f"gpu        {name}, compute capability {'.'.join(map(str, torch.cuda.get_device_capability()))}, "
-              f"{free:.1f} GiB free (the baseline's 128 rows need ~{BASELINE_GIB:.0f} GiB), "
-              + (f"dense bf16 peak {peak / 1e12:g} TFLOP/s" if peak else "bf16 peak unknown: MFU will be null"))
     blocker = gpu_problem(probe=True) if PROFILE == "gpu" else None
     env = "" if PROFILE == "gpu" else f"AUTORESEARCH_PROFILE={PROFILE} "
     try:
@@ -763,7 +761,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.check:
         raise SystemExit(check())
-    num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
+    num_shards = HELDOUT_SHARD if args.num_shards == -1 else args.num_shards  # -1: every training shard
     try:
         if num_shards < 1:
             raise PrepareError(f"--num-shards must be at least 1 (or -1 for all), got {args.num_shards}")

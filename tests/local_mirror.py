@@ -1,12 +1,8 @@
 """
-A loopback mirror of parquet shards built from local text, for a machine that cannot reach the
-dataset host (a GPU box without internet, an offline cluster node). prepare.py downloads from it
-exactly as from the real mirror.
-
-The text is the standard library's prose (the cpu profile's source). Throughput, MFU and VRAM do not
-depend on the text; val_bpb does, so a val_bpb from these shards is never comparable with one from
-climbmix. The tokenizer trained on them differs too, and every run's harness records the tokenizer's
-hash, so analyze.py keeps such runs apart from the rest.
+A loopback mirror of parquet shards built from the standard library's prose (the cpu profile's source), for a machine
+that cannot reach the dataset host; prepare.py downloads from it exactly as from the real mirror. Throughput, MFU and
+VRAM do not depend on the text, val_bpb does: runs record the tokenizer's hash, so analyze.py never compares a
+val_bpb from these shards with one from climbmix.
 
 Usage:
     uv run tests/local_mirror.py --dir /tmp/mirror --port 8765 &       # build the shards once, serve until killed
@@ -24,26 +20,9 @@ sys.dont_write_bytecode = True  # importing prepare from the repository must not
 import prepare  # noqa: E402
 
 
-def build_shards(dest, train_shards):
-    """shard_00000.., the validation and the held-out shard from standard-library text; nothing is rebuilt."""
-    dest = Path(dest)
-    names = [prepare.shard_name(i) for i in range(train_shards)] + [prepare.VAL_FILENAME, prepare.HELDOUT_FILENAME]
-    if not all((dest / n).exists() for n in names):
-        train, val, heldout = prepare.split_documents(prepare.stdlib_documents(), num_train_shards=train_shards)
-        dest.mkdir(parents=True, exist_ok=True)
-        for name, texts in zip(names, train + [val, heldout]):
-            prepare._write_shard(texts, dest / name)
-    return names
-
-
-def make_server(directory, port=0):
-    """A quiet HTTP server for `directory` on 127.0.0.1 (port 0: any free port)."""
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-    handler = functools.partial(Quiet, directory=str(directory))
-    return http.server.ThreadingHTTPServer(("127.0.0.1", port), handler)
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
 
 
 def main():
@@ -52,10 +31,14 @@ def main():
     parser.add_argument("--port", type=int, default=8765)
     parser.add_argument("--train-shards", type=int, default=4)
     args = parser.parse_args()
-    names = build_shards(args.dir, args.train_shards)
-    server = make_server(args.dir, args.port)
-    print(f"serving {len(names)} shards from {args.dir}: "
-          f"AUTORESEARCH_DATA_URL=http://127.0.0.1:{server.server_address[1]} "
+    names = [prepare.shard_name(i) for i in range(args.train_shards)] + [prepare.VAL_FILENAME, prepare.HELDOUT_FILENAME]
+    if not all((Path(args.dir) / name).exists() for name in names):  # built once
+        train, val, heldout = prepare.split_documents(prepare.stdlib_documents(), num_train_shards=args.train_shards)
+        for name, texts in zip(names, train + [val, heldout]):
+            prepare._write_shard(texts, Path(args.dir) / name)
+    handler = functools.partial(QuietHandler, directory=args.dir)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)  # port 0: any free port
+    print(f"serving {len(names)} shards from {args.dir}: AUTORESEARCH_DATA_URL=http://127.0.0.1:{server.server_port} "
           f"uv run prepare.py --num-shards {args.train_shards}", flush=True)
     server.serve_forever()
 

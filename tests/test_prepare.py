@@ -88,12 +88,6 @@ def test_cuda_loader_gives_the_same_batches_as_cpu_while_copies_overlap(tokenize
         assert x.is_cuda and torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy), f"batch {i} differs"
 
 
-@pytest.mark.quick
-def test_a_validation_curve_of_less_than_one_row_is_refused():
-    with pytest.raises(ValueError, match="less than one row"):
-        prepare.evaluate_bpb_sample(torch.nn.Identity(), None, 8, prepare.MAX_SEQ_LEN - 1)
-
-
 CORRUPT = r"shard_00000\.parquet is corrupt .*: delete it and re-run `uv run prepare\.py`"
 
 
