@@ -19,6 +19,7 @@ from harness import stats
 from harness.decide import best_code_runs, best_of
 from harness.record import UNCOMMITTED, git, write_atomic
 
+STALL_FACTOR = 3.0         # a step slower than this many times the median step is a stall
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
 LAYER_RATIO = 2.0          # a layer this many times above/below the best's same layer is listed ...
 LAYER_SHOWN = 5            # ... at most this many per stat, the most extreme first
@@ -43,9 +44,8 @@ def fmt(x, spec=".4f", unit=""):
 
 
 class View:
-    """What one analysis.md is written from: the run, the best it is measured against (the one recorded, else
-    decide.best_of), the best code's other runs (ref, as the decision's), both runs' curves, stats' figures (each
-    computed once: two sections that read one figure read the same)."""
+    """What one analysis.md is written from: the run, its best (the one recorded, else decide.best_of), the best
+    code's other runs (ref, as the decision's), both curves, and stats' figures, each computed once for all sections."""
 
     def __init__(self, run, runs, archive):
         self.run, self.dir = run, archive.run_dir(run.id)
@@ -77,8 +77,7 @@ def section_headline(v):
 
 
 def against_line(v):
-    """This run against the best: the decision's figures when it has them (the mean of this code's n runs minus the
-    mean of the best code's m, and the band of that difference), else this run's val_bpb against the best's."""
+    """This run against the best: the decision's figures (n runs' mean minus m runs') if any, else run against run."""
     run, best, d = v.run, v.best, v.run.decision
     if d is not None and d.delta is not None:  # the same numbers as the decision's line, never two verdicts
         return (f"- vs best {d.best_id}: delta {d.delta:+.6f} (n {d.n} vs {d.m}: the mean of this code's runs minus "
@@ -102,7 +101,6 @@ def uncontained(run):
 
 
 def number_line(run):
-    """val_bpb and whose number it is: the harness's (measured in its own process) or train.py's."""
     line = f"- val_bpb **{fmt(run.val_bpb, '.6f')}**, status `{run.status}`, outcome `{run.trained.outcome}`"
     if run.val_bpb is None:
         return line
@@ -114,7 +112,6 @@ def number_line(run):
 
 
 def time_line(run):
-    """Steps, training and wall seconds, and the seconds outside the budget, never negative."""
     wall, trained = run.measured.wall_s if run.measured else run.trained.total_seconds, run.trained.training_seconds
     return (fmt(run.steps, ".0f") + " steps; " + (f"{trained:.1f} s training" if trained else
                                                    "did not train (no counted training second)")
@@ -123,8 +120,7 @@ def time_line(run):
 
 
 def equal_steps_lines(v):
-    """The smoothed train loss at equal steps (CONTRACT), then what tells this run from the best: each
-    difference set against the spread of the same quantity over the best's repeats, a cause only beyond it."""
+    """The smoothed train loss at equal steps (CONTRACT), then each cause (learning, schedule, speed) and its noise."""
     g = v.gap if v.run.val_bpb else None
     if g is None:
         return []
@@ -280,9 +276,8 @@ def section_departure(v):
 
 
 def departure_lines(a, b, g, band, this, other):
-    """Where a's curves leave b's, each worded alike: the smoothed loss and in-training val/bpb on training
-    progress, and the smoothed loss at equal steps, g = stats.equal_steps(a, b) (with the step where the LR
-    schedules part, if they do)."""
+    """Where a's curves leave b's, each worded alike: the smoothed loss and in-training val/bpb on training progress,
+    and the smoothed loss at equal steps, g = stats.equal_steps(a, b) (with the step where the LR schedules part)."""
     found = [(name, "progress", ".2f", curve, "") for key, name, threshold in
              (("train/loss_smooth", "train loss (smoothed)", None), ("val/bpb", "in-training val/bpb", band))
              if (curve := stats.compare_curves(a, b, key, threshold)) is not None]
@@ -312,12 +307,14 @@ def section_stability_throughput(v):
         lines += [f"  - spike at step {e['step']} (progress {e['progress']:.2f}): loss {e['loss']:.4f} vs "
                   f"{e['baseline']:.4f} typical ({e['loss'] - e['baseline']:+.4f}, z {e['z']:.1f})"
                   for e in spikes[:10]]
-    own = stats.throughput_stats(m) if m is not None else {}
-    lines += ([
-        f"- counted steps: step time median {own['step_ms']:.1f} ms (p90 {own['p90_ms']:.1f}); tokens/s median "
-        f"{fmt(own['tokens_per_sec'], ',.0f')}; MFU median {fmt(own['mfu'], '.2f', '%')}; stalls (> "
-        f"{stats.STALL_FACTOR:g}x the median step): {len(own['stalls']) or 'none'}"
-        + "".join(f", step {s} ({ms:.0f} ms)" for s, ms in own["stalls"][:8])] if own else [])
+    _, step, ms = m.finite("perf/step_time_ms", counted=True) if m is not None else [np.zeros(0)] * 3
+    if len(ms):  # medians over the counted steps (the warm-up's compile steps are not the run's speed)
+        tps, mfu = (np.median(x) if len(x := m.finite(key, counted=True)[2]) else None
+                    for key in ("perf/tokens_per_sec", "perf/mfu_percent"))
+        stalls = [f", step {s:.0f} ({x:.0f} ms)" for s, x in zip(step, ms) if x > STALL_FACTOR * np.median(ms)]
+        lines.append(f"- counted steps: step time median {np.median(ms):.1f} ms (p90 {np.percentile(ms, 90):.1f}); "
+                     f"tokens/s median {fmt(tps, ',.0f')}; MFU median {fmt(mfu, '.2f', '%')}; stalls (> "
+                     f"{STALL_FACTOR:g}x the median step): {len(stalls) or 'none'}" + "".join(stalls[:8]))
     spent = [f"{k} {x:.1f} s" for k, x in v.run.trained.timings.items()
              if isinstance(x, (int, float)) and k.endswith("_s") and x]  # seconds, not the start and end times
     return "\n".join(lines + ["- time: " + (", ".join(spent) or "no timings")])
@@ -381,8 +378,7 @@ def set_headline_status(run, archive):
 
 # The lines `analyze.py run` prints, and the other commands' texts
 def run_lines(run, best, note, runs, archive):
-    """The decision first (none for a run it did not decide), the number, the time, the machine (stats.machine,
-    as analysis.md), what was caught, a crash's exception."""
+    """analysis.md's headline, shorter: decision, number, time, machine, what was caught, a crash's exception."""
     lines = uncontained(run) + ([run.decision.line()] if run.decision is not None else [])
     lines += [f"run {run.id}: commit {run.commit[:7]} {run.description}"] + ([note] if note else [])
     lines += [number_line(run)[2:].replace("**", "").replace("`", "") if run.val_bpb is not None else
@@ -490,22 +486,9 @@ def save(fig, path):
     write_atomic(path, png.getvalue())
 
 
-def best_so_far(runs, latest, points):
-    """At each of `points` (indices into runs, in archive order), the number of the latest run's worker's best as it
-    stood after that run (current_best: the best rule on the runs up to it): the mean val_bpb of the best code's
-    comparable runs so far, as the decision sets a run against, never its luckiest draw. NaN without such a best."""
-    line = []
-    for i in points:
-        best, before = current_best(runs[:i + 1], latest.worker), stats.comparable(runs[:i + 1], latest)
-        ref = stats.code_runs(before, best.code_sha) if best is not None and best.id in {r.id for r in before} else []
-        line.append(np.mean([r.val_bpb for r in ref]) if ref else np.nan)
-    return np.array(line)
-
-
 def draw_progress(runs, path):
     """val_bpb of every comparable run of the latest run's harness and GPU, in order; the latest run's worker's
-    best so far (best_so_far) as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept
-    runs labelled."""
+    best so far as steps, inside the one noise band (stats.noise, as analysis.md's); the last kept runs labelled."""
     from matplotlib.figure import Figure
     latest = next((r for r in reversed(runs) if r.val_bpb is not None), None)
     if latest is None:
@@ -513,8 +496,12 @@ def draw_progress(runs, path):
     pool = {r.id for r in stats.comparable(runs, latest)} | {latest.id}
     points = [(i, r) for i, r in enumerate(runs) if r.id in pool]
     kept, band = [(i, r) for i, r in points if r.status == "keep"], stats.noise(runs, latest).band
-    best = best_so_far(runs, latest, [i for i, _ in points])
-    xs, ys = [i for i, _ in points] + [len(runs) - 1], np.append(best, best[-1])  # the line runs to the last run
+    best = []  # after each point, the best as the best rule had it then: its code's mean so far, not its luckiest draw
+    for i, _ in points:
+        now, before = current_best(runs[:i + 1], latest.worker), stats.comparable(runs[:i + 1], latest)
+        ref = stats.code_runs(before, now.code_sha) if now is not None and now.id in {r.id for r in before} else []
+        best.append(np.mean([r.val_bpb for r in ref]) if ref else np.nan)
+    xs, ys = [i for i, _ in points] + [len(runs) - 1], np.array(best + best[-1:])  # the line runs to the last run
     ax = Figure(figsize=(12, 5)).subplots()
     ax.scatter([i for i, _ in points], [r.val_bpb for _, r in points], s=12, color="0.6", label="not kept")
     ax.scatter([i for i, _ in kept], [r.val_bpb for _, r in kept], s=30, color="C2", zorder=3, label="kept")

@@ -14,11 +14,10 @@ from itertools import accumulate, combinations
 import numpy as np
 
 SMOOTH_BETA = 0.9          # EMA of train/loss (as train.py's train/loss_smooth) when that key is absent
-STALL_FACTOR = 3.0         # a step slower than this many times the median step is a stall
 SPIKE_WINDOW = 50          # trailing steps that a loss value is compared against
 SPIKE_Z = 6.0              # robust z-score above which a loss value is a spike
 TREND_MIN_STEPS = 20       # fewer training steps than this in the last tenth: too noisy to call a trend
-NOISE_SIGMAS = 3.25        # the band: ±3.25 std of a difference of means (decide.py's keep; simulate() shows why)
+NOISE_SIGMAS = 3.25        # the band: ±3.25 std of a difference of means (decide.py's keep; tests/bench.py shows why)
 MACHINE_DRIFT = 0.10       # a machine off the best's runs' median speed by more than 10% (and their spread) moved
 PROBE_SPREAD = 0.25        # ... as did one whose two probes (before and after the evaluation) are 25% apart
 STEPS_DRIFT = 0.02         # step counts within 2% of the best's runs' mean (or their spread) are reruns' noise
@@ -99,18 +98,6 @@ class Metrics:
         resid = loss - np.interp(p, ps, smooth)
         resid = resid[(p >= 0.5 * p.max()) & np.isfinite(resid)]
         return float(1.4826 * np.median(np.abs(resid - np.median(resid)))) if len(resid) >= 5 else None
-
-
-def throughput_stats(m):
-    """Medians over the counted steps (step time, tokens/s, MFU), and the stalls: [(step, ms)] over STALL_FACTOR x."""
-    _, step, ms = m.finite("perf/step_time_ms", counted=True)
-    if not len(ms):
-        return {}
-    tps, mfu = (float(np.median(v)) if len(v := m.finite(k, counted=True)[2]) else None
-                for k in ("perf/tokens_per_sec", "perf/mfu_percent"))
-    slow = ms > STALL_FACTOR * np.median(ms)
-    return {"step_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)), "tokens_per_sec": tps,
-            "mfu": mfu, "stalls": [(int(s), float(x)) for s, x in zip(step[slow], ms[slow])]}
 
 
 def loss_spikes(m):
@@ -201,21 +188,13 @@ def difference_band(std, n=1, m=1, sigmas=NOISE_SIGMAS):
 # A run's figures against the best's runs, with their spread over the best's repeats
 @dataclass
 class Versus:
+    """Training steps of a run against the best's runs: a change within `limit` is reruns' noise."""
     usual: float             # mean over the best's runs
     spread: float | None     # (max - min) / usual over the best's runs; None under two of them
     runs: int
     change: float            # steps / usual - 1
-
-    @property
-    def limit(self):
-        """The change beyond which it is more than noise: the larger of STEPS_DRIFT and the best's runs' spread
-        (two or three repeats can agree by chance far closer than reruns do)."""
-        return max(STEPS_DRIFT, self.spread or 0.0)
-
-    @property
-    def beyond(self):
-        """|change| beyond the limit; never without a spread (one run of the best shows no noise)."""
-        return self.spread is not None and abs(self.change) > self.limit
+    limit: float             # max(STEPS_DRIFT, spread): two or three repeats can agree by chance far closer than reruns
+    beyond: bool             # |change| beyond the limit; never without a spread (one run of the best shows no noise)
 
 
 def steps_vs(run, ref_runs):
@@ -224,7 +203,9 @@ def steps_vs(run, ref_runs):
     if not run.steps or not ref:
         return None
     usual = float(np.mean(ref))
-    return Versus(usual, (max(ref) - min(ref)) / usual if len(ref) >= 2 else None, len(ref), run.steps / usual - 1)
+    spread = (max(ref) - min(ref)) / usual if len(ref) >= 2 else None
+    change, limit = run.steps / usual - 1, max(STEPS_DRIFT, spread or 0.0)
+    return Versus(usual, spread, len(ref), change, limit, spread is not None and abs(change) > limit)
 
 
 @dataclass
@@ -235,15 +216,8 @@ class Machine:
     runs: int                # the best's runs with a speed
     probes: tuple | None     # (before, after) of this run's evaluation
     spread: float | None     # (max - min) / usual of the best's runs' speeds; None under two
-
-    @property
-    def drift(self):
-        return None if self.speed is None or self.usual is None else self.speed / self.usual - 1
-
-    @property
-    def limit(self):
-        """The drift beyond which the machine moved: the larger of MACHINE_DRIFT and the best's runs' spread."""
-        return max(MACHINE_DRIFT, self.spread or 0.0)
+    drift: float | None      # speed / usual - 1
+    limit: float             # the drift beyond which the machine moved: max(MACHINE_DRIFT, spread)
 
     def moved(self):
         """Why this run's machine was not the best's runs' machine, one phrase; None when nothing says so."""
@@ -258,11 +232,13 @@ class Machine:
 def machine(run, ref_runs):
     """The ONE definition of this run's machine against the best's runs (itself left out)."""
     speeds = [r.measured.speed for r in ref_runs if r.id != run.id and r.measured and r.measured.speed]
+    speed = run.measured.speed if run.measured else None
     probes = (run.measured.speed_before, run.measured.speed_after) if run.measured else (None,)
     usual = float(np.median(speeds)) if speeds else None
-    return Machine(run.measured.speed if run.measured else None, usual, len(speeds),
-                   probes if all(p and p > 0 for p in probes) else None,
-                   (max(speeds) - min(speeds)) / usual if len(speeds) >= 2 else None)
+    spread = (max(speeds) - min(speeds)) / usual if len(speeds) >= 2 else None
+    drift = None if speed is None or usual is None else speed / usual - 1
+    return Machine(speed, usual, len(speeds), probes if all(p and p > 0 for p in probes) else None, spread, drift,
+                   max(MACHINE_DRIFT, spread or 0.0))
 
 
 # Learning per step: the smoothed loss at equal steps, and where curves part
@@ -317,9 +293,8 @@ def equal_step_spread(ref_metrics):
 
 
 def compare_curves(a, b, key="train/loss_smooth", threshold=None):
-    """(progress points, a - b gap there, first departing index or None, threshold per point) of one curve
-    from the later of the two runs' first counted step, or None without overlap. The threshold is the noise
-    (loss_threshold, or the val_bpb band for val/bpb) plus the gap half a step of misalignment makes."""
+    """(progress points, a - b there, first departing index or None, threshold per point) of one curve from the later
+    first counted step, or None: the noise (loss_threshold, or val/bpb's band) plus half a step's misalignment."""
     (pa, _, va), (pb, _, vb) = a.finite(key), b.finite(key)
     trained = [m.finite("train/loss", counted=True)[0] for m in (a, b)]  # warm-up steps sit at progress 0
     lo, hi = max(float(p.min()) if len(p) else 0.0 for p in trained), min(pa.max(initial=0.0), pb.max(initial=0.0))

@@ -1,4 +1,4 @@
-"""analysis.md names what was planted, with its number, and nothing else: runs with one known feature each (NAMES,
+"""analysis.md names what was planted, with its number, and nothing else: runs with one known feature each (CAUSES,
 and a gain inside the band) set against a best run three times. Then the printed lines and the commands' texts."""
 import json
 import re
@@ -21,10 +21,10 @@ def plateau(s):
     return 3.0 + 5.0 * np.exp(-s / 40.0) + 0.02 * NOISE[s]
 
 
-def planted(archive, val_bpb, steps=400, loss=plateau, lr=None, code_sha="idea", **kw):
-    """A finished run whose metrics.jsonl is planted: loss(step) and lr(step), 60 s over `steps` steps."""
+def planted(archive, val_bpb, steps=400, loss=plateau, lr=None, step_ms=None, code_sha="idea", **kw):
+    """A finished run whose metrics.jsonl is planted: loss(step), lr(step), step_ms(step) (60 s over `steps` steps)."""
     run = make_run(val_bpb, steps=steps, code_sha=code_sha, **kw)
-    rows = metrics_rows(steps, loss=loss, lr=lr, step_ms=lambda s: 60000.0 / steps)
+    rows = metrics_rows(steps, loss=loss, lr=lr, step_ms=step_ms or (lambda s: 60000.0 / steps))
     archive.run_dir(run.id).mkdir(parents=True)
     (archive.run_dir(run.id) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return run
@@ -44,10 +44,6 @@ def challenged(archive, val_bpb, best=None, **kw):
     return write_analysis(runs[-1], runs, archive)
 
 
-def explained(text):
-    return next(line for line in text.splitlines() if line.startswith("- explained by: "))
-
-
 # features, and the phrase that names each: a planted run names its own and none of the others
 NAMES = {"departure": "departs from the best at progress", "spike": "spike at step", "falling": "still falling",
          "speed": "  - speed: 4", "machine": "the machine ran", "learning": "learning per step: ahead",
@@ -58,94 +54,64 @@ def named(text):
     return {f for f, phrase in NAMES.items() if phrase in text}
 
 
-def headline(text):
-    return text.partition("## Headline\n")[2].partition("\n\n")[0]
-
-
 @pytest.fixture
 def archive(tmp_path):
     return Archive(tmp_path / "archive")
 
 
-def test_a_loss_spike_is_named_with_its_step(archive):
-    text = challenged(archive, 1.001, loss=lambda s: plateau(s) + 2.0 * (s == 250))
-    assert "- loss spikes: 1;" in text and "spike at step 250 (progress 0.63): loss 5." in text, text
-    assert named(text) - {"departure"} == {"spike"}, named(text)  # the smoothed loss carries the spike a while
-    assert explained(text) == "- explained by: nothing beyond the noise of repeats"
+def clocked(steps):
+    """A warmdown over the last tenth of training, on the clock, and a loss that follows the LR."""
+    lr = lambda s: min(1.0, 10.0 * (1 - (s + 1) / steps))  # noqa: E731
+    return {"lr": lr, "loss": lambda s: plateau(s) + 0.5 * lr(s)}
 
 
-def test_a_gain_inside_the_band_is_noise(archive):
-    text = challenged(archive, 0.999)
-    said = re.match(r"decision: \w+ — delta (\S+) vs best (\S+) \(band ±(\S+), n (\d+) vs (\d+)\)", text)
-    delta, best, band, n, m = said.groups()
-    assert (delta, band, n, m) == ("-0.001000", f"{difference_band(0.002, 1, 3):.6f}", "1", "3"), said.group(0)
-    assert (f"- vs best {best}: delta {delta} (n {n} vs {m}: the mean of this code's runs minus the best code's, as "
-            f"the decision), within the noise band ±{band}") in headline(text), headline(text)  # one verdict, not two
-    assert named(text) == set(), named(text)
-    assert explained(text) == "- explained by: nothing beyond the noise of repeats"
-    assert "learning per step: within noise: +0.0000 at step 399, within 0.0" in text
-    assert ("speed: within noise: 400 steps vs 400, the mean of the best's 3 run(s) (+0%), within 2% (the larger of "
-            "2% and the 2% spread of the best's runs)") in text, text
+BAND = f"±{difference_band(0.002, 1, 3):.6f}"  # one run against the best's three, their std 0.002
+NOTHING = "- explained by: nothing beyond the noise of repeats\n"
+CAUSES = {  # planted run, the best's shape, every feature named, what explains it and says it with its numbers
+    "a gain inside the band": (
+        dict(val_bpb=0.999), None, set(),
+        [NOTHING, "delta -0.001000 vs best", f"(band {BAND}, n 1 vs 3)", "delta -0.001000 (n 1 vs 3: the mean of "
+         f"this code's runs minus the best code's, as the decision), within the noise band {BAND}",  # one verdict
+         "learning per step: within noise: +0.0000 at step 399, within 0.0", "speed: within noise: 400 steps vs 400, "
+         "the mean of the best's 3 run(s) (+0%), within 2% (the larger of 2% and the 2% spread of the best's runs)"]),
+    "spike and stall": (
+        dict(val_bpb=1.001, loss=lambda s: plateau(s) + 2.0 * (s == 250),
+             step_ms=lambda s: 1500.0 if s == 100 else 150.0),
+        None, {"spike", "departure"},  # the smoothed loss carries the spike a while
+        [NOTHING, "- loss spikes: 1;", "spike at step 250 (progress 0.63): loss 5.",
+         "median step): 1, step 100 (1500 ms)"]),
+    "faster code": (
+        dict(val_bpb=0.990, steps=480), None, {"speed", "departure"},  # ahead on progress: from speed
+        ["- explained by: speed\n", "learning per step: within noise: +0.0000 at step 219, the last where the LR "
+         "schedules agree", "speed: 480 steps vs 400, the mean of the best's 3 run(s) (+20%), beyond 2% (the larger of "
+         "2% and the 2% spread of the best's runs): the code's"]),
+    "slower machine": (
+        dict(val_bpb=1.060, steps=300, speed=18.0, code_sha="base"), None, {"identical", "machine", "departure"},
+        ["- explained by: the machine\n", "the machine: 300 steps vs 400, the mean of the best's 3 run(s) (-25%), "
+         "beyond 2% (the larger of 2% and the 2% spread of the best's runs): the machine was slower, since the code "
+         "is the best's"]),
+    "better learner": (
+        dict(val_bpb=0.950, loss=lambda s: plateau(s) - 0.1 * (1 - np.exp(-s / 100.0))), None,
+        {"learning", "departure"},
+        ["- explained by: learning per step\n", "learning per step: ahead of the best at equal steps: -0.09",
+         "at step 399, beyond 0.0", "- at equal steps -0.09"]),
+    "clock-driven schedule": (
+        dict(val_bpb=0.996, steps=294, code_sha="base", **clocked(294)), {"steps": (300, 294, 306), "shape": clocked},
+        {"identical", "schedule", "falling"},  # falling: the warmdown, named but no cause
+        ["- explained by: the clock-driven schedule\n", "at step 293 the LR multiplier is 0.00 here and 0.20 in the "
+         "best", "the machine: within noise: 294 steps vs 300, the mean of the best's 3 run(s) (-2%)",
+         "; the LR schedules part at step 267;", "last tenth of training: fitted change -0.5",
+         "% of the loss): still falling when time ran out"]),
+}
 
 
-def test_the_headline_gives_the_decisions_figures_not_one_run_against_the_best_run(archive):
-    best, run = best_repeats(archive)[0], planted(archive, 0.990)
-    run.decision = Decision("rerun", "lower but inside the noise band", -0.0123, 0.0456, 2, 3, best.id)
-    text = write_analysis(run, [best, run], archive)
-    line = next(x for x in headline(text).splitlines() if x.startswith("- vs best"))
-    assert line == (f"- vs best {best.id}: delta -0.012300 (n 2 vs 3: the mean of this code's runs minus the best "
-                    "code's, as the decision), within the noise band ±0.045600"), line
-    assert "-0.010000" not in headline(text), "one run against the best's one draw is not the headline's figure"
-    run.decision = None  # archived by hand: no decision, so this run against the best run
-    line = next(x for x in headline(write_analysis(run, [best, run], archive)).splitlines() if x.startswith("- vs"))
-    assert line == f"- vs best {best.id} (1.000000): -0.010000, noise band unknown", line
-
-
-def test_a_loss_still_falling_at_the_end(archive):
-    falling = lambda s: 4.0 - 0.002 * s + 0.01 * NOISE[s]  # noqa: E731
-    text = challenged(archive, 0.999, loss=falling, best={"loss": falling})
-    assert re.search(r"last tenth of training: fitted change -0\.0[78]\d\d over 4\d steps \(-\d\.\d\d% of the loss\): "
-                     r"still falling when time ran out", text), text
-    assert named(text) == {"falling"}, named(text)
-
-
-def test_a_faster_code_at_equal_loss_per_step_is_speed(archive):
-    text = challenged(archive, 0.990, steps=480)
-    assert explained(text) == "- explained by: speed", explained(text)
-    assert ("speed: 480 steps vs 400, the mean of the best's 3 run(s) (+20%), beyond 2% (the larger of 2% and the 2% "
-            "spread of the best's runs): the code's") in text, text
-    assert "learning per step: within noise" in text
-    assert named(text) - {"departure"} == {"speed"}, named(text)  # ahead on progress: true, and from speed
-
-
-def test_identical_code_on_a_slower_machine_is_the_machine(archive):
-    text = challenged(archive, 1.060, steps=300, speed=18.0, code_sha="base")
-    assert explained(text) == "- explained by: the machine", explained(text)
-    assert ("the machine: 300 steps vs 400, the mean of the best's 3 run(s) (-25%), beyond 2% (the larger of 2% and "
-            "the 2% spread of the best's runs): the machine was slower, since the code is the best's") in text, text
-    assert "learning per step" not in text and "Per-layer" not in text
-    assert named(text) - {"departure"} == {"identical", "machine"}, named(text)
-
-
-def test_a_better_learner_at_equal_steps_is_learning(archive):
-    text = challenged(archive, 0.950, loss=lambda s: plateau(s) - 0.1 * (1 - np.exp(-s / 100.0)))
-    assert explained(text) == "- explained by: learning per step", explained(text)
-    assert re.search(r"learning per step: ahead of the best at equal steps: -0\.09\d\d at step 399, beyond 0\.0\d\d\d",
-                     text), text
-    assert re.search(r"at equal steps -0\.09\d\d smoothed train loss against the best \(step 399", text)
-    assert named(text) == {"departure", "learning"}, named(text)
-
-
-def test_a_schedule_shifted_by_the_clock_is_named_for_identical_code(archive):
-    def shape(steps):  # a warmdown over the last tenth of training, and a loss that follows the LR
-        lr = lambda s: min(1.0, 10.0 * (1 - (s + 1) / steps))  # noqa: E731
-        return {"lr": lr, "loss": lambda s: plateau(s) + 0.5 * lr(s)}
-    text = challenged(archive, 0.996, steps=294, code_sha="base", best={"steps": (300, 294, 306), "shape": shape},
-                      **shape(294))
-    assert explained(text) == "- explained by: the clock-driven schedule", explained(text)
-    assert re.search(r"at step 293 the LR multiplier is 0\.00 here and 0\.20 in the best", text), text
-    assert "the machine: within noise: 294 steps vs 300, the mean of the best's 3 run(s) (-2%)" in text, text
-    assert named(text) - {"departure"} == {"identical", "schedule", "falling"}, named(text)  # falling: the warmdown
+@pytest.mark.parametrize("run, best, features, says", CAUSES.values(), ids=CAUSES)
+def test_a_planted_feature_is_named_with_its_number_and_nothing_else(archive, run, best, features, says):
+    text = challenged(archive, best=best, **run)
+    assert named(text) == features, named(text)
+    assert [said for said in says if said not in text] == [], text
+    if "identical" in features:  # identical code learns alike per step: no such cause is weighed
+        assert "learning per step" not in text
 
 
 def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(archive):
@@ -154,6 +120,7 @@ def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(arch
     (archive.run_dir(run.id) / "diff.patch").write_text(patch)
     text = write_analysis(run, [best, run], archive)
     assert "decision:" not in text and "train.py's own number (archived by hand" in text
+    assert f"\n- vs best {best.id} (1.000000): -0.010000, noise band unknown\n" in text, text
     assert "- code: +2 -1 lines in train.py, 1 hunk(s): the lines are in diff.patch" in text, text
     path = archive.run_dir(run.id) / "analysis.md"
     path.write_text(path.read_text() + "tried a wider MLP\n")
@@ -164,10 +131,8 @@ def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(arch
 
 
 # What `analyze.py run` prints, and the other commands' texts
-OOM = """Traceback (most recent call last):
-  File "train.py", line 500, in <module>
-    loss = model(x, y)
-torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.1 GiB"""
+OOM = ('Traceback (most recent call last):\n  File "train.py", line 500, in <module>\n    loss = model(x, y)\n'
+       "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
 
 
 def test_run_lines_of_a_crash_name_the_exception_and_never_a_negative_time(archive):
@@ -189,16 +154,14 @@ def test_run_lines_of_a_crash_name_the_exception_and_never_a_negative_time(archi
     assert lines[-1].startswith("analysis: ") and lines[-1].endswith("analysis.md"), lines
 
 
-def test_caught_cases_and_the_list_and_best_texts(archive):
-    best = make_run(1.0, status="keep", worker="a")
-    caught = make_run(0.5, status="invalid", worker="a", caught=[Caught("trained on validation data", "held-out 1.2")])
-    other = make_run(0.98, status="keep", worker="b")
-    assert "caught: trained on validation data: held-out 1.2" in run_lines(caught, best, None, [best, caught], archive)
-    listing = list_text([best, caught, other]).splitlines()
+def test_the_list_and_best_texts_mark_each_workers_best():
+    best, other = make_run(1.0, status="keep", worker="a"), make_run(0.98, status="keep", worker="b")
+    runs = [best, make_run(0.5, status="invalid", worker="a"), other]  # an invalid run is never a best
+    listing = list_text(runs).splitlines()
     assert len(listing) == 4 and re.match(rf"{best.id} +\* +1\.000000", listing[1]), listing
     assert list_text([best], worker="z").startswith("no runs of worker 'z'")
-    assert best_text([best, caught, other]).splitlines()[0].startswith(f"{other.id}\t"), best_text([best, other])
-    assert best_text([best, caught, other], worker="a").startswith(f"{best.id}\t")
+    assert best_text(runs).splitlines()[0].startswith(f"{other.id}\t"), best_text(runs)
+    assert best_text(runs, worker="a").startswith(f"{best.id}\t")
 
 
 def test_progress_plots_the_workers_best_by_the_best_rule_not_the_luckiest_kept_draw(tmp_path, monkeypatch):
@@ -214,11 +177,13 @@ def test_progress_plots_the_workers_best_by_the_best_rule_not_the_luckiest_kept_
     assert line.get_ydata() == pytest.approx([0.950, 0.950, 0.970, 0.975, 0.975, 0.975]), line.get_ydata()
 
 
-def test_run_lines_and_analysis_read_one_machine_speed_and_the_plots_are_drawn(archive):
-    runs = best_repeats(archive) + [planted(archive, 0.990, steps=480, speed=16.0)]
-    text = write_analysis(runs[-1], runs, archive)
-    printed = next(x for x in run_lines(runs[-1], runs[0], None, runs, archive) if x.startswith("machine speed"))
-    assert "- " + printed in text and "16 GFLOP/s vs 25, the median of the best's 3 run(s): -36%" in printed, printed
+def test_run_lines_and_analysis_read_one_machine_speed_and_caught_case_and_the_plots_are_drawn(archive):
+    caught = [Caught("trained on validation data", "held-out 1.2")]
+    runs = best_repeats(archive) + [planted(archive, 0.990, steps=480, speed=16.0, caught=caught)]
+    text, printed = write_analysis(runs[-1], runs, archive), run_lines(runs[-1], runs[0], None, runs, archive)
+    speed = next(x for x in printed if x.startswith("machine speed"))
+    assert "- " + speed in text and "16 GFLOP/s vs 25, the median of the best's 3 run(s): -36%" in speed, speed
+    assert "caught: trained on validation data: held-out 1.2" in printed and "\n- caught: trained on" in text, printed
     assert {"loss.png", "schedules.png", "throughput.png"} <= {p.name for p in archive.run_dir(runs[-1].id).iterdir()}
     draw_progress(runs, archive.progress)
     assert archive.progress.stat().st_size > 1000
