@@ -114,7 +114,7 @@ def cmd_rebuild(archive):
         runs = archive.runs()
         archive.rebuild(runs)
         report.draw_progress(runs, archive.progress)
-    skipped = f"; {len(archive.problems())} run directories unreadable (named above)" if archive.problems() else ""
+    skipped = f"; {len(archive.problems)} run directories unreadable (named above)" if archive.problems else ""
     print(f"{archive.results}: rebuilt from {len(runs)} runs{skipped}")
 
 

@@ -64,10 +64,8 @@ def number(value):
 def now_utc():
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
-# ---------------------------------------------------------------------------
+
 # The record
-
-
 @dataclass
 class Trained:
     """What train.py said about itself (its run_summary.json): train.py's word, not checked here."""
@@ -167,7 +165,7 @@ class Run:
     best_id: str | None = None   # the best diff.patch and analysis.md were written against
     contained: bool | None = None  # train.py ran in a sandbox (None: not recorded)
     notes: list[str] = field(default_factory=list)  # what the archive noticed: missing files, a moved HEAD, ...
-    schema: str = SCHEMA
+    schema: Literal[SCHEMA] = SCHEMA
 
     @property
     def status(self):
@@ -207,8 +205,6 @@ class Run:
     @classmethod
     def from_dict(cls, d):
         """Typed and validated, or RecordError naming the field (callers name the file)."""
-        if isinstance(d, dict) and d.get("schema", SCHEMA) != SCHEMA:
-            raise RecordError(f"schema {d.get('schema')!r}, not {SCHEMA!r}")
         return _typed(d, cls, "run")
 
 
@@ -269,10 +265,8 @@ def gpu_class(s):
         return "cpu"
     return re.sub(r"^NVIDIA\s+", "", " ".join(str(name).split()))
 
-# ---------------------------------------------------------------------------
+
 # Files, git and code
-
-
 def sha256_file(path):
     """sha256 hex of a file's bytes, or None when there is no such file."""
     try:
@@ -353,10 +347,8 @@ def current_branch():
     """The branch HEAD is on, or None when HEAD is detached (or there is no repository)."""
     return (git("symbolic-ref", "--quiet", "--short", "HEAD") or "").strip() or None
 
-# ---------------------------------------------------------------------------
+
 # The harness pin
-
-
 def _root():
     return Path((git("rev-parse", "--show-toplevel") or "").strip() or Path.cwd())
 
@@ -427,13 +419,11 @@ def move_pin(branch, commit):
     return new is not None and git("update-ref", "--create-reflog", "-m", message, PIN_REFS + branch, new,
                                    old or "") is not None
 
-# ---------------------------------------------------------------------------
+
 # The archive
-
-
 def evidence(run_dir):
     """{file name: sha256} of the evidence files present in a run directory: what run.json keeps."""
-    return {name: sha256_file(Path(run_dir) / name) for name in EVIDENCE if (Path(run_dir) / name).is_file()}
+    return {name: sha for name in EVIDENCE if (sha := sha256_file(Path(run_dir) / name))}
 
 
 def results_row(run):
@@ -456,24 +446,18 @@ def results_text(runs):
 class Archive:
     """The run directories, results.tsv derived from them, and the lock every writer holds. `dir` may be shared by
     worktrees and machines (AUTORESEARCH_ARCHIVE); `local` is this worktree's own (insights.md, run.lock)."""
-    held = {}   # archive directory -> how deep this process holds its lock (flock is per open file, not per process)
-
     def __init__(self, dir, local=None):
         self.dir = Path(dir)
         self.local = Path(local) if local is not None else self.dir
         self.results, self.progress = self.dir / "results.tsv", self.dir / "progress.png"
-        self._problems = {}   # run id -> the line why runs() skipped it
+        self.problems = {}   # run directory name -> the line why runs() skipped it
 
     @classmethod
     def here(cls):
-        """This repository's archive, relative to the working directory when inside it (.auto-log-research/...)."""
-        def shown(path):
-            path = Path(os.path.normpath(path.absolute()))
-            return path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path
-
-        root, chosen = _root(), os.environ.get("AUTORESEARCH_ARCHIVE")
-        local = shown(root / ARCHIVE_NAME)
-        return cls(shown(root / os.path.expanduser(chosen)) if chosen else local, local)
+        """This repository's archive and its local one, shown relative to the working directory when inside it."""
+        root, chosen = _root(), os.path.expanduser(os.environ.get("AUTORESEARCH_ARCHIVE") or ARCHIVE_NAME)
+        dirs = [Path(os.path.normpath(root / d)) for d in (chosen, ARCHIVE_NAME)]  # a relative one is the root's
+        return cls(*(d.relative_to(Path.cwd()) if d.is_relative_to(Path.cwd()) else d for d in dirs))
 
     def run_dir(self, run_id):
         return self.dir / run_id
@@ -481,17 +465,11 @@ class Archive:
     @contextmanager
     def lock(self):
         """Serialises every writer, from any worktree or machine sharing the archive; the kernel drops the lock if
-        the holder is killed. Re-entrant within one process."""
+        the holder is killed. Not re-entrant: flock is per open file, so a nested lock() would wait forever."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        key = str(self.dir.resolve())
         with open(self.dir / ".lock", "a") as f:
-            if not self.held.get(key):
-                fcntl.flock(f, fcntl.LOCK_EX)
-            self.held[key] = self.held.get(key, 0) + 1
-            try:
-                yield
-            finally:
-                self.held[key] -= 1
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield
 
     def run_dirs(self):
         """Directories holding a run.json, or named like a run id (<commit7>[-n]), by name."""
@@ -511,8 +489,8 @@ class Archive:
                                       "its directory's id, or move it")
                 runs.append(run)
             except RecordError as e:
-                if any(path.iterdir()) and path.name not in self._problems:
-                    self._problems[path.name] = str(e)
+                if any(path.iterdir()) and path.name not in self.problems:
+                    self.problems[path.name] = str(e)
                     if (path / "record.json").exists():  # the previous version's run: one line for all, below
                         old += 1
                     else:
@@ -522,15 +500,11 @@ class Archive:
                   "`uv run contrib/convert.py` converts them", file=sys.stderr)
         return sorted(runs, key=lambda r: (r.archived_at, r.id))
 
-    def problems(self):
-        """The lines of the run directories runs() skipped."""
-        return list(self._problems.values())
-
     def find(self, prefix):
         """The run of id `prefix`, or the one whose id (or full commit) starts with it; RecordError otherwise."""
         runs = self.runs()
         hits = [r for r in runs if r.id == prefix] or [r for r in runs if r.id.startswith(prefix)
-                                                      or len(prefix) > 7 and r.commit.startswith(prefix)]
+                                                      or r.commit.startswith(prefix)]
         if len(hits) > 1:
             raise RecordError(f"{prefix!r} matches several runs ({' '.join(r.id for r in hits)}); give the full run id")
         if not hits:
@@ -555,7 +529,7 @@ class Archive:
             raise RecordError(f"run {run.id} is not a valid record ({e}); nothing was written") from None
         self.run_dir(run.id).mkdir(parents=True, exist_ok=True)
         write_atomic(self.run_dir(run.id) / RUN_JSON, text)
-        self._problems.pop(run.id, None)
+        self.problems.pop(run.id, None)
 
     def rebuild(self, runs=None):
         write_atomic(self.results, results_text(self.runs() if runs is None else runs))
@@ -581,10 +555,8 @@ class Archive:
             self.save(run)
             self.rebuild()
 
-# ---------------------------------------------------------------------------
+
 # Audit: each run against its evidence, itself and its pin; results.tsv against its derivation
-
-
 def evidence_problems(run_dir, run):
     """The run's evidence files against their sha256, and run.log's final block against its number."""
     problems = [f"{name} was archived but is gone" if now is None else
@@ -633,26 +605,6 @@ def pin_problems(run, pins, commits, me):
     return [problem for failed, problem in checks if failed]
 
 
-def results_problems(archive, runs):
-    """results.tsv against its derivation from the runs: each run whose row differs or is missing, each extra row."""
-    try:
-        have = archive.results.read_text(errors="replace")
-    except FileNotFoundError:
-        return [f"{archive.results}: missing; `uv run analyze.py rebuild` writes it"] if runs else []
-    if have == results_text(runs):
-        return []
-    fix = (f"{archive.results}: differs from the run directories (edited by hand?); `uv run analyze.py rebuild` "
-           "rewrites it from them")
-    header, *rows = [line.split("\t") for line in have.splitlines()] or [[]]
-    if header != list(COLUMNS):
-        return [f"{archive.results}: its header is not the archive's ({' '.join(header[:6])} ...)", fix]
-    by_id = {row[5]: row for row in rows if len(row) > 5}
-    lines = [f"{run.id}: results.tsv " + ("differs from its run.json" if run.id in by_id else "has no row for it")
-             for run in runs if by_id.get(run.id) != results_row(run)]
-    extra = sorted(by_id.keys() - {run.id for run in runs})
-    return lines + [f"{run_id}: results.tsv lists it, but no run directory holds it" for run_id in extra] + [fix]
-
-
 def audit(archive):
     """Every problem of the archive, one line each `<run id>: <problem>` (callers hold the lock): each run against
     its evidence, itself and its pin, unreadable run directories, results.tsv, and the working tree's harness."""
@@ -662,13 +614,16 @@ def audit(archive):
         return None if out is None else set(out.split())
 
     runs, me, pins = archive.runs(), worker_name(), functools.cache(pin_history)
-    lines = [f"{name}: {line}" for name, line in archive._problems.items()]
+    lines = [f"{name}: {line}" for name, line in archive.problems.items()]
     lines += [f"{path.name}: an empty run directory (an archive killed before it wrote); remove it"
               for path in archive.run_dirs() if not any(path.iterdir())]
     for run in runs:
         lines += [f"{run.id}: {problem}" for problem in evidence_problems(archive.run_dir(run.id), run)
                   + record_problems(run) + pin_problems(run, pins, commits, me)]
-    lines += results_problems(archive, runs)
+    results = archive.results.read_text(errors="replace") if archive.results.exists() else results_text([])
+    if results != results_text(runs):  # `rebuild` mends it: every run is in its directory
+        lines.append(f"{archive.results}: differs from the run directories (edited by hand, or missing); "
+                     "`uv run analyze.py rebuild` rewrites it from them")
     pin = read_pin(branch) if (branch := current_branch()) else None
     return lines + [f"working tree: {c}; the next run will be recorded invalid" for c in
                     (harness_changes(pin) if pin else [])]

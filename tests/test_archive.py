@@ -4,6 +4,7 @@ what is not a run, results.tsv is derived (karpathy/autoresearch's columns first
 names every kind of tampering, and bad input is one line.
 """
 import csv
+import fcntl
 import hashlib
 import importlib
 import json
@@ -27,10 +28,6 @@ def sh(*args):
 
 @pytest.fixture
 def repo(tmp_path, monkeypatch):
-    return git_repo(tmp_path, monkeypatch)
-
-
-def git_repo(tmp_path, monkeypatch):
     """(Archive, head, pin) of a git repository on branch `exp`: train.py and a one-file harness, pinned."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTORESEARCH_WORKER", "w")  # conftest.py cleared every other AUTORESEARCH_ variable
@@ -50,8 +47,7 @@ def archived(repo, val_bpb=2.4, status="pending", **overrides):
     run = make_run(val_bpb, status=status, **{"id": archive.new_id(head), "commit": head, "branch": "exp", "pin": pin,
                                               **overrides})
     d = archive.run_dir(run.id)
-    (d / "run.log").write_text("step 1\n---\n" + (f"val_bpb:          {run.val_bpb:.6f}\n" if run.val_bpb else "")
-                               + "measured_by:      harness\n")
+    (d / "run.log").write_text("---\n" + (f"val_bpb:          {run.val_bpb:.6f}\n" if run.val_bpb else ""))
     (d / "metrics.jsonl").write_text('{"step": 0, "train/loss": 3.0, "train/progress": 0.5}\n'
                                      '{"step": 1, "train/loss": 2.5, "train/progress": 1.0}\n')
     (d / "diff.patch").write_text("")
@@ -83,8 +79,6 @@ def test_a_run_round_trips_through_run_json_unchanged_and_a_json_integer_is_a_fl
     d = json.loads(run.to_json())
     d["measured"]["val_bpb"] = 2
     assert repr(Run.from_dict(d).val_bpb) == "2.0"
-    with pytest.raises(RecordError, match=r"^run is \[\], not an object$"):
-        Run.from_dict([])
 
 
 @pytest.mark.parametrize("edit, named", [
@@ -117,15 +111,12 @@ def test_code_sha_ignores_comments_blank_lines_and_layout_and_code_size_counts_c
     assert code_sha("def f(:\n") and code_size("def f(:\n") == 2, "a file that does not parse still has a size"
 
 
-def test_the_lock_excludes_other_processes_and_is_reentrant_within_one(tmp_path):
+def test_the_lock_excludes_every_other_holder_until_it_is_released(tmp_path):
     archive = Archive(tmp_path / "a")
-    probe = ("import fcntl, sys\ntry:\n    fcntl.flock(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
-             "    print('free')\nexcept BlockingIOError:\n    print('held')")
-    with archive.lock():
-        with archive.lock():
-            pass
-        assert sh(sys.executable, "-c", probe, str(archive.dir / ".lock")) == "held"
-    assert sh(sys.executable, "-c", probe, str(archive.dir / ".lock")) == "free"
+    with archive.lock(), open(archive.dir / ".lock") as other, pytest.raises(BlockingIOError):
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)   # flock is per open file: as another process sees it
+    with open(archive.dir / ".lock") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_ids_runs_oldest_first_find_by_unique_prefix_and_a_bad_run_json_named_once_and_never_written(tmp_path, capsys):
@@ -145,7 +136,7 @@ def test_ids_runs_oldest_first_find_by_unique_prefix_and_a_bad_run_json_named_on
             archive.find(prefix)
     err = capsys.readouterr().err.splitlines()  # read five times, named once
     assert len(err) == 1 and f"{archive.dir}/ddddddd/run.json: not readable JSON" in err[0], err
-    assert "backup" in err[0] and archive.problems() == err
+    assert "backup" in err[0] and list(archive.problems.values()) == err
     run = make_run(2.4, id="fffffff")
     run.trained.num_steps = "30"
     with pytest.raises(RecordError, match="run fffffff is not a valid record .*num_steps"):
@@ -166,25 +157,15 @@ def test_results_tsv_is_karpathys_five_columns_first_and_set_status_rebuilds_it_
     assert float(ok["val_bpb"]) == 2.4 and ok["memory_gb"] == "43.9" and ok["description"] == "more heads and lr"
     assert (crashed["val_bpb"], crashed["memory_gb"], crashed["status"]) == ("0.000000", "0.0", "crash")
     assert ok["status"] == "keep" and [s.status for s in archive.find("aaaaaaa").statuses] == ["pending", "keep"]
-    refused = ((crash, "keep", "has no val_bpb"), (caught, "keep", r"is invalid \(trained on"),
-               (caught, "discard", r"is invalid \(trained on .*its status cannot change"))
-    for r, status, said in refused:
+    for r, said in ((crash, "has no val_bpb"), (caught, r"is invalid \(trained on .*its status cannot change")):
         with pytest.raises(RecordError, match=said):
-            archive.set_status(r, status, "analyze.py status")
+            archive.set_status(r, "keep", "analyze.py status")
     assert archive.find("ccccccc").status == "invalid"
 
 
-def test_audit_names_a_hand_edited_results_tsv_an_edited_number_evidence_changed_or_gone_and_an_unreadable_run(repo):
+def test_audit_names_an_edited_number_evidence_changed_or_gone_a_forged_record_and_an_unreadable_run(repo):
     archive = repo[0]
-    keep, discard, crash = night(repo)
-    assert audit(archive) == []
-    text = archive.results.read_text().splitlines()
-    text[2] = text[2].replace("\tdiscard\t", "\tkeep\t")
-    archive.results.write_text("\n".join(text[:3]) + "\n")   # and the crash's row dropped
-    lines = audit(archive)
-    assert f"{discard.id}: results.tsv differs from its run.json" in lines
-    assert f"{crash.id}: results.tsv has no row for it" in lines and "rebuild` rewrites it" in lines[-1]
-    archive.rebuild()
+    keep = night(repo)[0]
     assert audit(archive) == []
     keep.measured.val_bpb = 2.2
     archive.save(keep)
@@ -196,11 +177,10 @@ def test_audit_names_a_hand_edited_results_tsv_an_edited_number_evidence_changed
     assert any("metrics.jsonl was archived but is gone" in line for line in lines), lines
     forged = archived(repo, None, "keep", pin="0" * 40)  # audit reads each record and its pin, not only evidence
     lines = audited(archive, forged.id)
-    assert f"{forged.id}: kept without a val_bpb" in lines, lines
-    assert any("archived under pin 0000000, which is not one of branch exp's pins" in line for line in lines), lines
+    assert f"{forged.id}: kept without a val_bpb" in lines and any("archived under pin 0000000" in x for x in lines)
     (archive.dir / "2222222").mkdir()
-    (archive.dir / "2222222" / "run.json").write_text("{")
-    assert any(line.startswith("2222222: ") and "not readable JSON" in line for line in audit(archive))
+    (archive.dir / "2222222" / "run.log").write_text("x\n")   # its run.json deleted
+    assert any(line.startswith("2222222: ") and "2222222/run.json: missing" in line for line in audit(archive))
 
 
 @pytest.mark.parametrize("change, named", [
@@ -268,17 +248,18 @@ def test_a_pin_is_made_once_moved_only_by_a_human_at_a_terminal_and_kept_in_hist
 
 
 def test_status_audit_rebuild_and_curve_from_the_command_line_and_bad_input_is_one_line_and_exit_1(repo, cli):
-    runs = night(repo)
+    archive, runs = repo[0], night(repo)
     assert cli("status", runs[1].id, "keep")[:2] == (0, f"{runs[1].id}: keep\n")
-    repo[0].results.write_text("commit\tval_bpb\n")
-    assert cli("audit")[0] == 1 and cli("rebuild")[0] == 0 and cli("audit")[0] == 0
+    archive.results.write_text("commit\tval_bpb\n")  # a hand-edited results.tsv is named in one line; rebuild mends it
+    status, out, _ = cli("audit")
+    assert status == 1 and out.startswith(f"{archive.results}: differs from the run directories"), out
+    assert "analyze.py rebuild`" in out and cli("rebuild")[:2] == (0, f"{archive.results}: rebuilt from 3 runs\n")
+    assert cli("audit")[:2] == (0, "audit: 3 runs, clean\n") and read_results(archive)[1]["status"] == "keep"
+    archive.results.unlink()
+    assert cli("audit")[0] == 1
     status, out, _ = cli("curve", "train/loss", runs[0].id, "--at", "0.5,1")
     assert status == 0 and out.splitlines()[1].split()[-2:] == ["3.0000", "2.5000"], out
-    (repo[0].dir / "1111111").mkdir()
-    (repo[0].dir / "1111111" / "run.log").write_text("x\n")
     for argv, said in ((["status", "1111111", "keep"], "analyze.py: no run '1111111'"),
                        (["curve", "train/loss", "--at", "half"], "analyze.py: --at 'half' is not comma-separated")):
         status, _, err = cli(*argv)
-        lines = err.splitlines()  # runs() names the unreadable 1111111 first, once
-        assert status == 1 and lines[-1].startswith(said) and len(lines) <= 2, err
-        assert all("1111111/run.json: missing" in line for line in lines[:-1]), err
+        assert status == 1 and err.startswith(said) and err.count("\n") == 1, err

@@ -8,17 +8,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from contrib.convert import convert, main  # noqa: E402
+from contrib.convert import main  # noqa: E402
 from harness.record import Archive, audit, code_sha  # noqa: E402
-from tests.test_archive import audited, git_repo, read_results  # noqa: E402
+from tests import test_archive  # noqa: E402
 
 pytestmark = pytest.mark.quick
-
-
-@pytest.fixture
-def repo(tmp_path, monkeypatch):
-    return git_repo(tmp_path, monkeypatch)
-
+repo = test_archive.repo   # the fixture: (Archive, head, pin) of a pinned git repository
 OLD_COLUMNS = ["commit", "val_bpb", "memory_gb", "status", "description", "run_id", "outcome", "harness",
                "code_sha", "worker", "gpu", "branch", "measured", "caught", "decision"]
 
@@ -57,18 +52,20 @@ def old_archive(archive, head, pin):
                                                              "at": "2025-01-01T00:00:00", "worker": "w"}) + "\n")
 
 
-def test_convert_writes_run_json_for_each_old_run_and_loses_nothing(repo, capsys):
+def test_convert_writes_run_json_for_each_old_run_loses_nothing_and_then_has_nothing_to_do(repo, capsys, monkeypatch):
     archive, head, pin = repo
     old_archive(archive, head, pin)
     assert Archive.here().runs() == []
-    said = capsys.readouterr().err.splitlines()
-    assert said == [f"{archive.dir}: 3 run directories of the previous version have no run.json: "
-                    "`uv run contrib/convert.py` converts them"], said
+    assert capsys.readouterr().err == (f"{archive.dir}: 3 run directories of the previous version have no run.json: "
+                                       "`uv run contrib/convert.py` converts them\n")
+    (archive.dir / "bbbbbbb" / "run.log").write_text("edited before converting\n")  # record.json's digest is kept
     before = {p: p.read_bytes() for p in archive.dir.rglob("*") if p.is_file()}
-    lines = convert(archive)
-    assert any(line.startswith("aaaaaaa: converted (keep, val_bpb 2.41)") for line in lines), lines
-    assert any(line.startswith("bbbbbbb: converted (crash") for line in lines), lines
-    assert any(line.startswith("ccccccc: not converted, record.json is not valid JSON") for line in lines), lines
+    monkeypatch.setattr("contrib.convert.draw_progress", lambda runs, path: None)  # no matplotlib here
+    assert main([str(archive.dir)]) == 0
+    said = capsys.readouterr().out
+    for line in ("aaaaaaa: converted (keep, val_bpb 2.41)", "bbbbbbb: converted (crash",
+                 "ccccccc: not converted, record.json is not valid JSON"):
+        assert line in said, said
     assert all(path.read_bytes() == data for path, data in before.items() if path.name != "results.tsv")
     assert (archive.dir / "results.tsv.previous").read_bytes() == before[archive.results]
     kept, crash = archive.runs()
@@ -77,27 +74,10 @@ def test_convert_writes_run_json_for_each_old_run_and_loses_nothing(repo, capsys
     assert kept.trained.reported_val_bpb == 2.5 and kept.steps == 30 and kept.gpu == "cpu"
     assert kept.decision.kind == "keep" and kept.code_sha == code_sha("x = 1\n")
     assert crash.trained.outcome == "crash" and crash.val_bpb is None and "before writing" in crash.notes[-1]
-    assert [r["run_id"] for r in read_results(archive)] == ["aaaaaaa", "bbbbbbb"]
-    problems = audit(archive)
-    assert all(line.startswith("ccccccc: ") for line in problems), problems
-    assert convert(archive) == ["ccccccc: not converted, record.json is not valid JSON (Expecting property name "
-                                "enclosed in double quotes: line 1 column 2 (char 1)); its files are as they were"]
-
-
-def test_convert_keeps_the_archived_digest_so_a_file_changed_before_converting_is_still_named(repo):
-    archive, head, pin = repo
-    old_archive(archive, head, pin)
-    (archive.dir / "aaaaaaa" / "run.log").write_text("---\nval_bpb:          2.000000\n")
-    convert(archive)
-    assert any("run.log changed after archiving" in line for line in audited(archive, "aaaaaaa"))
-
-
-def test_the_command_converts_the_archive_and_a_second_time_has_nothing_to_do(repo, capsys, monkeypatch):
-    archive, head, pin = repo
-    old_archive(archive, head, pin)
-    monkeypatch.setattr("contrib.convert.draw_progress", lambda runs, path: None)  # no matplotlib here
-    assert main([str(archive.dir)]) == 0
-    assert "aaaaaaa: converted (keep" in capsys.readouterr().out
+    assert [r["run_id"] for r in test_archive.read_results(archive)] == ["aaaaaaa", "bbbbbbb"]
+    problems = audit(archive)  # the run left as it was, and the file edited before converting
+    assert [line[:9] for line in problems] == ["ccccccc: ", "bbbbbbb: "], problems
+    assert "run.log changed after archiving" in problems[1], problems
     (archive.dir / "ccccccc").rename(archive.dir / ".ccccccc-aside")
     assert main([]) == 0
     assert capsys.readouterr().out == f"{archive.dir}: nothing to convert, every run has its run.json\n"
