@@ -37,7 +37,7 @@ FINAL_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": "
 EXIT_CODES = {"ok": 0, "crash": 1, "diverged": 2, "timeout": 3, "interrupted": 130}
 DIVERGED_LOSS = 100.0                      # a training loss above this has diverged
 TEST_MAX_ROWS_ENV = "AUTORESEARCH_FIT_TEST_MAX_ROWS"  # tests only: batches above this many rows "run out of memory"
-OOM_TEXTS = ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")  # Triton's, cuBLAS's
+OOM_TEXTS = ("Triton Error [CUDA]: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")  # plain RuntimeErrors
 
 
 class Diverged(Exception):
@@ -49,8 +49,7 @@ class RunStopped(Exception):
 
 
 def is_out_of_memory(exc):
-    """True if exc is an out-of-memory error or was raised from one (the compiler may wrap it). Triton loading
-    a kernel and cuBLAS creating a handle run out of memory with plain RuntimeErrors."""
+    """True if exc, or an exception it was raised from (the compiler wraps them), is out of memory."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         runtime_oom = type(exc) is RuntimeError and any(text in str(exc) for text in OOM_TEXTS)
@@ -79,14 +78,12 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
         raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a multiple of DEVICE_BATCH_SIZE {requested} x "
                          f"MAX_SEQ_LEN {seq_len}: make it a power of two that divides {total_batch_size // seq_len}")
     t0, on_gpu, max_rows = time.time(), next(model.parameters()).is_cuda, os.environ.get(TEST_MAX_ROWS_ENV)
-    if not (on_gpu or max_rows):
-        return DeviceBatch(requested, requested, total_batch_size // (requested * seq_len), [], 0.0)
     if on_gpu:  # each size tried compiles the model once more (dynamic=False): leave training its own graphs
         torch._dynamo.config.recompile_limit += requested.bit_length()
     params = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     state = copy.deepcopy(optimizer.state_dict())  # empty before the first step
     size, too_big = requested, []
-    while True:
+    while on_gpu or max_rows:
         try:
             try_step(size)
             if max_rows and size > int(max_rows):  # after the step ran, as a real failure may come late
@@ -116,9 +113,8 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
 
 
 def collect_config(namespace):
-    """train.py's UPPER_CASE globals that JSON can write, as JSON reads them back (a tuple as a list, frozen against
-    later changes), but for those of prepare.py. A {(0, 1): 2} or a list holding itself is left out: it would cost
-    the run its run_summary.json."""
+    """train.py's UPPER_CASE globals but prepare.py's, as JSON reads them back (a tuple as a list, frozen against later
+    changes). One JSON cannot write ({(0, 1): 2}, a list holding itself) is left out: it would cost the summary."""
     config = {}
     for name, value in namespace.items():
         if name.isupper() and not name.startswith("_") and vars(prepare).get(name, object()) is not value:
@@ -138,10 +134,10 @@ def provenance():
     """run_summary.json's git block (the commit; the scripts and harness files as they ran) and env block."""
     commit = (git("rev-parse", "HEAD", cwd=ROOT) or "").strip() or None
     status = git("status", "--porcelain", "--untracked-files=no", cwd=ROOT) if commit else None
-    git_block = {"commit": commit, "dirty": None if status is None else bool(status.strip()),
-                 **{f"{n}_py_sha256": sha256_file(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")}}
     tracked = (git("ls-files", "-z", "--", "prepare.py", "analyze.py", "harness", cwd=ROOT) or "").split("\0")
-    git_block["harness_sha256"] = {p: sha256_file(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}
+    git_block = {"commit": commit, "dirty": None if status is None else bool(status.strip()),
+                 **{f"{n}_py_sha256": sha256_file(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")},
+                 "harness_sha256": {p: sha256_file(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}}
     env = dict(python=platform.python_version(), torch=torch.__version__, cuda=None, gpu_name=None, driver=None)
     if torch.cuda.is_available():
         env.update(cuda=torch.version.cuda, gpu_name=torch.cuda.get_device_name(), driver=prepare.nvidia_driver())
@@ -209,8 +205,7 @@ class RunRecorder:
         self.config, self.out_dir, self.hard_cap_s = config, Path(out_dir), hard_cap_s
         self.final, self.device_batch, self.timings, self.exit_code = dict.fromkeys(FINAL_FORMATS), None, {}, None
         self._rows, self._last_step, self._last_elapsed, self._file, self._warned = [], None, None, None, set()
-        self._finished = self._closed = False
-        self.flush_every_s, self._lock = flush_every_s, threading.RLock()
+        self.flush_every_s, self._lock, self._finished = flush_every_s, threading.RLock(), False
         self._watchdog = threading.Timer(hard_cap_s, self._timeout, [f"hard cap of {hard_cap_s:.0f}s reached"])
         self._watchdog.daemon = True  # started only when hard_cap_s > 0; it waits on the monotonic clock
 
@@ -273,9 +268,9 @@ class RunRecorder:
     def _close(self, status, error):
         """Flush metrics and write the summary, once; False if another path already did."""
         with self._lock:
-            if self._closed:
+            if self.exit_code is not None:
                 return False
-            self._closed, self.exit_code = True, EXIT_CODES[status]
+            self.exit_code = EXIT_CODES[status]
             if not self._finished and self._last_step is not None:  # how far it got, unless train.py said more
                 self.final["num_steps"] = self.final["num_steps"] or self._last_step + 1
                 self.final["training_seconds"] = self.final["training_seconds"] or self._last_elapsed
@@ -337,8 +332,7 @@ class RunRecorder:
             raise Diverged(f"training loss {loss} at step {step}")
 
     def finish(self, **final):
-        """Print karpathy/autoresearch's greppable block and end the run 'ok'. Under `analyze.py run` val_bpb is
-        None (prepare.evaluate_bpb handed the model off) and left out: the harness adds its own measured one."""
+        """Print AR's greppable block, ending the run 'ok'; val_bpb None (handed off: the harness's) is left out."""
         self.set(**final)
         self._finished = True
         print("---")

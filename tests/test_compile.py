@@ -2,21 +2,14 @@
 kernels) on the CPU: inductor cannot compile FlexAttention with gradients there, so the training graph is traced
 with fullgraph and run through AOT autograd, the evaluation graph and the kernels through inductor. A change
 that adds a graph break, or a recompilation as the schedules move step to step, fails here."""
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounterWithBackend
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+import train
 
 B, T, VOCAB = 2, 256, 64  # two of flex's 128-token blocks: full, partial and skipped blocks all occur
 CALL_KINDS = 3            # what the loop compiles: a train step, a train step with layer stats, no-grad eval
-
-
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")
 
 
@@ -63,14 +56,12 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
         model(*batch(4))
     assert dtypes == {(torch.bfloat16,) * 3}, f"q, k, v dtypes under autocast: {dtypes}"
     monkeypatch.setattr(train, "attention", attention)  # the spy's set would be a guard of its own
-    model_counter = CompileCounterWithBackend("aot_eager")
+    model_counter, kernel_counter = CompileCounterWithBackend("aot_eager"), CompileCounterWithBackend("eager")
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=model_counter)
-    kernel_counter = CompileCounterWithBackend("eager")
     for name in ("adamw_step", "muon_step"):
         monkeypatch.setattr(train, name, torch.compile(getattr(train, name), dynamic=False, fullgraph=True,
                                                        backend=kernel_counter))
-    optimizer = model.setup_optimizer(matrix_lr=0.04, embedding_lr=0.6, weight_decay=0.2)
-    kernel_compiles = []
+    optimizer, kernel_compiles = model.setup_optimizer(matrix_lr=0.04, embedding_lr=0.6, weight_decay=0.2), []
     for step in range(4):
         x, y = batch(step)
         with autocast():
@@ -99,18 +90,15 @@ def test_a_model_compiled_before_its_masks_are_built_is_refused():
 def test_compiled_training_and_evaluation_graphs_equal_eager():
     model = small_model(n_layer=4, pattern="SSSL")
     x, y = batch(1)
-    eager_loss, eager_rms = model(x, y, return_act_rms=True)
-    eager_loss.backward()
-    eager_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    loss, act_rms = torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager_decomp_partition")(
-        x, y, return_act_rms=True)
-    loss.backward()
-    assert max_error(loss, eager_loss) < 1e-5, f"loss: compiled {loss.item():.6f} vs eager {eager_loss.item():.6f}"
-    assert max_error(act_rms, eager_rms) < 1e-5, f"act_rms: {act_rms.tolist()} vs {eager_rms.tolist()}"
-    for name, p in model.named_parameters():
-        err = max_error(p.grad, eager_grads[name])
-        assert err < 1e-5, f"grad of {name}: compiled vs eager differ by {err:.2e}"
+    steps, compiled = [], torch.compile(model, dynamic=False, fullgraph=True, backend="aot_eager_decomp_partition")
+    for forward in (model, compiled):  # the training graph: loss, block output RMS and every gradient
+        loss, act_rms = forward(x, y, return_act_rms=True)
+        loss.backward()
+        steps.append({"loss": loss, "act_rms": act_rms, **{f"{n}.grad": p.grad for n, p in model.named_parameters()}})
+        model.zero_grad(set_to_none=True)
+    for name, want in steps[0].items():  # eager, then compiled
+        err = max_error(steps[1][name], want)
+        assert err < 1e-5, f"{name}: compiled vs eager differ by {err:.2e}"
     torch._dynamo.reset()
     with torch.no_grad():  # the evaluation graph, through inductor
         eager, nats = model(x, y, reduction="none"), torch.compile(model, dynamic=False, fullgraph=True)(
@@ -128,10 +116,9 @@ def test_inductor_optimizer_kernels_equal_eager():
     gen = torch.Generator().manual_seed(3)
     rand = lambda *shape: torch.randn(*shape, generator=gen)
     t = lambda value: torch.tensor(float(value))
-    adamw_start, muon_start = rand(16, 8), rand(2, 32, 16)
-    eager = {"adamw": [adamw_start.clone(), torch.zeros(16, 8), torch.zeros(16, 8)],
-             "muon": [muon_start.clone(), torch.zeros(2, 32, 16), torch.zeros(2, 32, 1)]}
-    compiled = {k: [s.clone() for s in v] for k, v in eager.items()}
+    start = {"adamw": [rand(16, 8), torch.zeros(16, 8), torch.zeros(16, 8)],  # parameter, first and second moment
+             "muon": [rand(2, 32, 16), torch.zeros(2, 32, 16), torch.zeros(2, 32, 1)]}
+    eager, compiled = ({k: [s.clone() for s in v] for k, v in start.items()} for _ in range(2))
     for step in range(1, 4):  # every hyperparameter moves every step, as the schedules do
         grad, grads = rand(16, 8), rand(2, 32, 16)
         hyper = (t(step), t(0.01 / step), t(0.8), t(0.95), t(1e-10), t(0.1 * step))
@@ -139,11 +126,9 @@ def test_inductor_optimizer_kernels_equal_eager():
         for kernels, state in (((train.adamw_step, train.muon_step), eager), ((adamw, muon), compiled)):
             kernels[0](state["adamw"][0], grad, *state["adamw"][1:], *hyper)
             kernels[1](grads.clone(), state["muon"][0], *state["muon"][1:], *muon_hyper)
-    checks = [("adamw update", eager["adamw"][0] - adamw_start, compiled["adamw"][0] - adamw_start, 1e-5),
-              ("adamw second moment", eager["adamw"][2], compiled["adamw"][2], 1e-5),
-              ("muon momentum", eager["muon"][1], compiled["muon"][1], 1e-5),
-              ("muon update", eager["muon"][0] - muon_start, compiled["muon"][0] - muon_start, 0.25),
-              ("muon second moment", eager["muon"][2], compiled["muon"][2], 0.25)]
-    for name, a, b, rel in checks:
+    for kind, i, name, rel in [("adamw", 0, "update", 1e-5), ("adamw", 2, "second moment", 1e-5),
+                               ("muon", 1, "momentum", 1e-5), ("muon", 0, "update", 0.25),
+                               ("muon", 2, "second moment", 0.25)]:
+        a, b = (state[kind][i] - start[kind][i] for state in (eager, compiled))  # what the steps changed
         err = ((a - b).norm() / a.norm()).item()
-        assert err <= rel, f"{name}: inductor vs eager differ by {err:.2e} of its norm (allowed {rel})"
+        assert err <= rel, f"{kind} {name}: inductor vs eager differ by {err:.2e} of its norm (allowed {rel})"
