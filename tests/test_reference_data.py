@@ -2,7 +2,6 @@
 tests/reference/make_data_figures.py on a small corpus, left its tokenizer, byte table, packed rows and
 bits per byte in tests/reference/data_figures.json; here ours runs on the same corpus and must give the
 same figures (bit for bit, bpb to 1e-12)."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -14,10 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import prepare  # noqa: E402
+from tests.reference import make_data_figures as ref  # noqa: E402
 
-_spec = importlib.util.spec_from_file_location("make_data_figures", ROOT / "tests/reference/make_data_figures.py")
-ref = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ref)
 HIS = json.loads(ref.FIGURES.read_text())
 
 pytestmark = pytest.mark.reference
@@ -27,10 +24,7 @@ pytestmark = pytest.mark.reference
 def ours(tmp_path_factory):
     """Our prepare.py on the figures' corpus: the shards, and the tokenizer trained on them."""
     root = tmp_path_factory.mktemp("reference_data")
-    corpus = ref.build_shards(root / "data")
-    differ = {name: (corpus[name]["documents"], HIS["corpus"][name]["documents"])
-              for name in corpus if corpus[name] != HIS["corpus"].get(name)}
-    assert not differ, f"the rebuilt corpus is not the figures' (shard: ours, their documents): {differ}"
+    assert ref.build_shards(root / "data") == HIS["corpus"], "the rebuilt corpus is not the figures'"
     prepare.train_tokenizer(root / "data", root / "tokenizer", vocab_size=HIS["settings"]["VOCAB_SIZE"])
     tokenizer = prepare.Tokenizer.from_directory(root / "tokenizer")
     return SimpleNamespace(root=root, data=root / "data", tokenizer=tokenizer)
@@ -48,19 +42,11 @@ def test_data_path_constants_are_his():
             "tokenizer_batch_size": prepare.LOADER_BATCH_DOCS, "buffer_size": prepare.LOADER_BUFFER_DOCS,
             "SPLIT_PATTERN": prepare.SPLIT_PATTERN, "SPECIAL_TOKENS": prepare.SPECIAL_TOKENS,
             "BOS_TOKEN": prepare.BOS_TOKEN, "VAL_FILENAME": prepare.VAL_FILENAME}
-    differ = {k: (ours[k], his[k]) for k in his if ours[k] != his[k]}
-    assert not differ, f"constants that differ from karpathy/autoresearch's (ours, his): {differ}"
+    assert ours == his, "constants that differ from karpathy/autoresearch's"
 
 
 def test_tokenizer_has_his_merges_and_encodings(ours):
-    his, enc = HIS["tokenizer"], ours.tokenizer.enc
-    assert (enc.n_vocab, enc._pat_str, ours.tokenizer.get_bos_token_id()) == \
-        (his["vocab_size"], his["pattern"], his["bos_token_id"])
-    assert {name: enc.encode_single_token(name) for name in his["special_token_ids"]} == his["special_token_ids"]
-    for text, ids in his["encodings"].items():
-        got = ours.tokenizer.encode(text)
-        assert got == ids, f"{text!r}: token {first_difference(got, ids)} differs: ours {got}, his {ids}"
-    assert ref.ranks_digest(enc._mergeable_ranks) == his["mergeable_ranks_sha256"], "the merges differ from his"
+    assert ref.tokenizer_figures(prepare, ours.tokenizer) == HIS["tokenizer"]
 
 
 def test_tokenizer_stops_at_his_character_cap(ours, monkeypatch):
@@ -84,19 +70,14 @@ def test_token_bytes_are_his_partial_characters_included(ours):
 @pytest.mark.parametrize("his", HIS["loader"], ids=lambda s: f"{s['split']}-B{s['B']}-T{s['T']}")
 def test_loader_rows_and_epochs_are_his(ours, his):
     split, B, T = his["split"], his["B"], his["T"]
-
-    def make_loader(split, B, T):
-        return prepare.make_dataloader(ours.tokenizer, B, T, split, device="cpu", data_dir=ours.data)
-    got = ref.loader_figures(make_loader, split, B, T, len(his["batch_sha256_16"]))
-    for r, (row, want) in enumerate(zip(got["first_rows"], his["first_rows"])):
-        t = first_difference(row, want)
-        assert t is None, f"{split} B={B} T={T}: row {r} differs at token {t}: ours {row[t:t + 8]}, his {want[t:t + 8]}"
+    loader = prepare.make_dataloader(ours.tokenizer, B, T, split, device="cpu", data_dir=ours.data)
+    got = ref.loader_figures(loader, len(his["batch_sha256_16"]))
+    assert got["first_rows"] == his["first_rows"], f"{split} B={B} T={T}: the first rows differ from his"
     ours_d, his_d = got["batch_sha256_16"], his["batch_sha256_16"]
     k = first_difference(ours_d, his_d)
     assert k is None, (f"{split} B={B} T={T}: batch {k} (rows {k * B}..{k * B + B - 1}) is the first that differs "
                        f"from his; {sum(a != b for a, b in zip(ours_d, his_d))} of {len(his_d)} batches differ")
-    k = first_difference(got["epochs"], his["epochs"])
-    assert k is None, f"{split} B={B} T={T}: batch {k} has epoch {got['epochs'][k]}, his {his['epochs'][k]}"
+    assert got["epochs"] == his["epochs"], f"{split} B={B} T={T}: the batches' epochs differ from his"
 
 
 @pytest.mark.parametrize("batch_size", [4, 8, 7])

@@ -1,9 +1,10 @@
-"""What the reference recipes, their generator and the tests share: the attention that stands in for
-FlashAttention-3 (causal softmax attention written out in fp32, in FA3's layout), the perturbation that
-keeps every gradient away from zero, the tensor fingerprint the figures are stored as, the CPU kinds
-the generator emulates to measure how far rounding moves each figure, and the walk that compares two
-sets of figures."""
+"""What the recipes, their generators and the tests share: the attention that stands in for FlashAttention-3
+(causal softmax attention written out in fp32, in FA3's layout), the perturbation that keeps every gradient away
+from zero, the tensor fingerprint the figures are stored as, the CPU kinds the generator emulates, the patching
+of AR's source, and the walk that compares two sets of figures."""
 import math
+import subprocess
+import sys
 
 import torch
 
@@ -23,7 +24,7 @@ KINDS = {
 # The weights init_weights sets to zero, and the seeded noise perturb_zero_init puts in them
 ZERO_INIT = ("attn.c_proj.weight", "mlp.c_proj.weight", "attn.ve_gate.weight")
 PERTURB_SEED = 1234
-PERTURB_SCALE = 2**-7      # the noise is uniform on multiples of PERTURB_SCALE / 1024 in [-PERTURB_SCALE, PERTURB_SCALE]
+PERTURB_SCALE = 2**-7      # noise: multiples of PERTURB_SCALE / 1024 in [-PERTURB_SCALE, PERTURB_SCALE]
 
 
 def explicit_attention(q, k, v, window_size):
@@ -101,3 +102,31 @@ def differences(ours, ref, path=""):
         yield path, abs(ours - ref) / (abs(ref) or 1.0), ours, ref
     elif ours != ref:
         yield path, None, ours, ref
+
+
+def group_of(path):
+    """A figure's tolerance group: its test, and along the steps of training its step too (rounding
+    differences grow from step to step): '/models/sl_gqa/forward/grads/x' -> 'forward',
+    '/models/sl_gqa/optimizer/steps[2]/params/x' -> 'optimizer_steps[2]', '/loop/training[3]/losses[0]'
+    -> 'loop_training[3]', '/loop/num_steps' -> 'loop_num_steps'."""
+    parts = path.strip("/").split("/")
+    if parts[0] == "models":
+        parts = parts[2:]  # the same groups for every model
+    if parts[0] in ("optimizer", "loop"):
+        step = parts[1].startswith(("steps[", "training["))
+        return f"{parts[0]}_{parts[1] if step else parts[1].split('[')[0]}"
+    return parts[0].split("[")[0]
+
+
+def patched(text, patches, where):
+    """AR's source with each (old, new) substituted; every old must occur exactly once."""
+    for old, new in patches:
+        if text.count(old) != 1:
+            sys.exit(f"patch target found {text.count(old)} times in {where}, expected once: {old!r}")
+        text = text.replace(old, new)
+    return text
+
+
+def ar_commit(ar_dir):
+    run = subprocess.run(["git", "-C", str(ar_dir), "rev-parse", "HEAD"], capture_output=True, text=True)
+    return run.stdout.strip() or None

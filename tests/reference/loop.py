@@ -1,24 +1,13 @@
 """The training loop, run for real on both sides: our train.py's `__main__` block, executed as the script
-it is, and karpathy/autoresearch's train.py whole (set-up and loop; make_model_figures.ar_loop_source
-patches it to run on a CPU). Both get the same stand-ins for what a CPU test cannot have, and hooks read
-the same figures off both (LoopFigures): per step, the loss of each micro-batch, what the loop put into
-the optimizer (each group's lr multiplier, Muon's momentum and weight decay) and the norm of the
-gradients it stepped with; the number of steps; fingerprints of the final parameters.
-
-The stand-ins, the same on both sides:
-  - data: a tokenizer of LOOP_VOCAB tokens, and a loader of rows drawn from a fixed random bigram chain
-    (something to learn), the same rows for the same (B, T, split);
-  - the clock: time.time moves CLOCK_DT forward at every call from the main thread. A step's t0 and t1
-    are consecutive calls, so every step lasts CLOCK_DT, and the number of steps, the untimed warm-up
-    steps and progress are the same on every machine;
-  - the metric: evaluate_bpb takes the final parameters' fingerprints and returns FAKE_BPB;
-  - before the first forward, common.perturb_zero_init puts seeded noise into the zero-initialised
-    weights (its docstring says why);
-  - attention: AR's FA3 and our own attention both give way to common.explicit_attention, so that on
-    one machine both sides compute the same bits (use_explicit_attention says why).
-Ours runs in the cpu profile with prepare's real module, these stand-ins set on it, and with the gpu
-profile's untimed warm-up steps (gpu_timing_skip_steps says why); AR's runs with AR's hyperparameters but
-the cpu profile's sizes (LOOP_HYPERPARAMETERS) and a stand-in `prepare` module.
+it is, and karpathy/autoresearch's whole train.py (set-up and loop, patched for a CPU by
+make_model_figures.ar_loop_source). Both get the same stand-ins for what a CPU test cannot have (stand_ins:
+a tokenizer and a loader of bigram-chain rows, FakeClock, a fake metric; explicit attention; seeded noise
+in the zero-initialised weights), and LoopFigures reads the same figures off both: per step, the loss of
+each micro-batch, what the loop put into the optimizer (each group's lr multiplier, Muon's momentum and
+weight decay) and the norm of the gradients it stepped with; the number of steps; the final parameters.
+Ours runs in the cpu profile with prepare's real module, the stand-ins set on it, and the gpu profile's
+untimed warm-up steps (gpu_timing_skip_steps); AR's runs with a stand-in `prepare` module and AR's
+hyperparameters at the cpu profile's sizes (LOOP_HYPERPARAMETERS).
 
 Usage (a fresh process for each run: train.py installs exit handlers and freezes the GC):
     PYTHONPATH=. AUTORESEARCH_PROFILE=cpu python -m tests.reference.loop ours train.py OUT.json
@@ -40,6 +29,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from tests.reference import recipe
 from tests.reference.common import explicit_attention, explicit_attention_our_layout, fingerprint, perturb_zero_init
+from tests.reference.make_model_figures import ar_loop_source
 
 LOOP_VOCAB = 512           # the stand-in tokenizer's vocabulary
 LOOP_SEQ_LEN = 256         # MAX_SEQ_LEN: 8 rows of 256 tokens, two micro-batches per 2**12-token step
@@ -52,9 +42,6 @@ LOOP_HYPERPARAMETERS = {"ASPECT_RATIO": 32, "HEAD_DIM": 32, "TOTAL_BATCH_SIZE": 
                         "DEVICE_BATCH_SIZE": 8}
 RECORDED_HYPERPARAMETERS = recipe.HYPERPARAMETERS + ["MAX_SEQ_LEN", "TIME_BUDGET"]
 
-# ---------------------------------------------------------------------------
-# Stand-ins
-# ---------------------------------------------------------------------------
 
 class Tokenizer:
     @classmethod
@@ -88,8 +75,9 @@ def make_dataloader(tokenizer, B, T, split, device="cpu", **_):
 
 
 class FakeClock:
-    """time.time: CLOCK_DT later at every call from the main thread; other threads (the run recorder's
-    watchdog) read it without moving it."""
+    """time.time: CLOCK_DT later at every call from the main thread, so a step (its t0 and t1 consecutive
+    calls) lasts CLOCK_DT, and the step count and progress are the same on every machine. Other threads
+    (the run recorder's watchdog) read it without moving it."""
 
     def __init__(self, start=1_700_000_000.0):
         self.now = start  # an integer: start + n * CLOCK_DT is exact, and so is every difference
@@ -99,9 +87,6 @@ class FakeClock:
             self.now += CLOCK_DT
         return self.now
 
-# ---------------------------------------------------------------------------
-# The figures
-# ---------------------------------------------------------------------------
 
 class LoopFigures:
     """Reads the figures off a run through hooks that both sides get alike: the first forward of the
@@ -144,26 +129,19 @@ class LoopFigures:
         return FAKE_BPB
 
     def collect(self, namespace):
-        steps = self.steps
-        return {
-            "hyperparameters": {k: list(namespace[k]) if isinstance(namespace[k], tuple) else namespace[k]
-                                for k in RECORDED_HYPERPARAMETERS},
-            "num_steps": len(steps),
-            "schedules": {k: [step[k] for step in steps] for k in ("lr_multiplier", "muon_momentum", "muon_weight_decay")},
-            "training": [{"losses": step["losses"], "grad_norm": step["grad_norm"]} for step in steps],
-            "final_params": self.final_params,
-        }
+        schedules = ("lr_multiplier", "muon_momentum", "muon_weight_decay")
+        return {"hyperparameters": {k: namespace[k] for k in RECORDED_HYPERPARAMETERS}, "num_steps": len(self.steps),
+                "schedules": {k: [step[k] for step in self.steps] for k in schedules},
+                "training": [{"losses": step["losses"], "grad_norm": step["grad_norm"]} for step in self.steps],
+                "final_params": self.final_params}
 
 
 def stand_ins(figures):
-    """What prepare gives train.py, replaced."""
+    """What prepare gives train.py, replaced; the metric returns FAKE_BPB (after fingerprinting the model)."""
     return {"MAX_SEQ_LEN": LOOP_SEQ_LEN, "TIME_BUDGET": LOOP_TIME_BUDGET, "Tokenizer": Tokenizer,
             "make_dataloader": make_dataloader, "evaluate_bpb": figures.evaluate_bpb,
             "evaluate_bpb_sample": lambda *args, **kwargs: FAKE_BPB}
 
-# ---------------------------------------------------------------------------
-# The two sides
-# ---------------------------------------------------------------------------
 
 def use_explicit_attention(model):
     """Ours on the attention AR's side runs in place of FA3: here the loop is under test, and rounding
@@ -175,7 +153,7 @@ def use_explicit_attention(model):
 
 
 def gpu_timing_skip_steps(source):
-    """train.py's source with TIMING_SKIP_STEPS set to its gpu-profile value, and that value. AR's loop is the
+    """train.py's source with TIMING_SKIP_STEPS set to its gpu-profile value. AR's loop is the
     H100's, which leaves its first steps (torch.compile's warm-up) untimed; the cpu profile, where nothing
     compiles, times them. The assignment's own expression is evaluated with gpu_profile True, so the figures
     still catch a gpu value or a loop condition that departs from AR's by one step."""
@@ -185,7 +163,15 @@ def gpu_timing_skip_steps(source):
     value = eval(compile(ast.Expression(node.value), "train.py", "eval"), {"gpu_profile": True})
     lines = source.splitlines(keepends=True)
     lines[node.lineno - 1:node.end_lineno] = [f"TIMING_SKIP_STEPS = {value!r}\n"]
-    return "".join(lines), value
+    return "".join(lines)
+
+
+def run_main(source, filename, figures, **namespace):
+    """A train.py's source executed as `__main__` on the fake clock; the figures read off it."""
+    namespace["__name__"] = "__main__"
+    time.time = FakeClock()
+    exec(compile(source, filename, "exec"), namespace)
+    return figures.collect(namespace)
 
 
 def run_ours(train_py):
@@ -195,27 +181,20 @@ def run_ours(train_py):
     figures = LoopFigures(on_model=use_explicit_attention)
     for name, value in stand_ins(figures).items():
         setattr(prepare, name, value)
-    source, _ = gpu_timing_skip_steps(Path(train_py).read_text())
-    time.time = FakeClock()
-    namespace = {"__name__": "__main__", "__file__": str(train_py)}
-    exec(compile(source, str(train_py), "exec"), namespace)
-    return figures.collect(namespace)
+    source = gpu_timing_skip_steps(Path(train_py).read_text())
+    return run_main(source, str(train_py), figures, __file__=str(train_py))
 
 
 def run_ar(ar_dir):
     """AR's train.py, patched for the CPU (make_model_figures.ar_loop_source), on the stand-ins."""
-    from tests.reference.make_model_figures import ar_loop_source
     figures = LoopFigures()
     sys.modules["prepare"] = prepare = types.ModuleType("prepare")
     vars(prepare).update(stand_ins(figures))
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
-    namespace = {"__name__": "__main__", "LOOP_HYPERPARAMETERS": LOOP_HYPERPARAMETERS,
-                 "explicit_attention": explicit_attention, "nullcontext": nullcontext}
-    source = ar_loop_source(Path(ar_dir) / "train.py")
-    time.time = FakeClock()
-    exec(compile(source, "autoresearch/train.py (patched)", "exec"), namespace)
-    return figures.collect(namespace)
+    return run_main(ar_loop_source(Path(ar_dir) / "train.py"), "autoresearch/train.py (patched)", figures,
+                    LOOP_HYPERPARAMETERS=LOOP_HYPERPARAMETERS, explicit_attention=explicit_attention,
+                    nullcontext=nullcontext)
 
 
 if __name__ == "__main__":

@@ -1,33 +1,20 @@
-"""
-Reference figures for the data path and the metric, produced by karpathy/autoresearch's own prepare.py.
+"""Reference figures for the data path and the metric, produced by karpathy/autoresearch's own prepare.py.
 
-Usage:
-    uv run tests/reference/make_data_figures.py /path/to/autoresearch   # rewrites tests/reference/data_figures.json
+Usage (from the repository root, with an AR checkout outside this repository; a few seconds):
+    uv run python -m tests.reference.make_data_figures /path/to/autoresearch   # rewrites data_figures.json
 
-It builds a small deterministic corpus (below), then runs *his* prepare.py on it: tokenizer training,
-the token-bytes table, the packed loader and evaluate_bpb, and stores what came out in
-data_figures.json. tests/test_reference_data.py rebuilds the same corpus, runs ours, and compares.
-His code is loaded from the checkout given on the command line and is never copied here.
+It builds a small deterministic corpus, runs *his* prepare.py on it (tokenizer training, the token-bytes
+table, the packed loader, evaluate_bpb) and stores what came out; tests/test_reference_data.py rebuilds the
+corpus, runs ours, and compares. His module is read from the checkout (never copied here) and given, in
+memory: DATA_DIR and TOKENIZER_DIR in a scratch directory, the small settings below, and SUBSTITUTIONS.
+One figure retrains the tokenizer with text_iterator's max_chars lowered to SMALL_MAX_CHARS, so that the
+character cap, never reached at 1e9, is exercised: where it stops depends on the order of the shards and
+on counting only the characters the document cap keeps.
 
-What is changed in his module, in memory, at run time (nothing else):
-  - DATA_DIR and TOKENIZER_DIR point into a scratch directory (his functions read them at call time);
-  - VOCAB_SIZE = 1024, so tokenizer training takes a second;
-  - MAX_SEQ_LEN and EVAL_TOKENS are the small eval settings below;
-  - three source lines are substituted before the module is executed (SUBSTITUTIONS), each asserted to
-    occur exactly once: his loader's pinned host buffer becomes an ordinary one, its "device" buffer and
-    evaluate_bpb's byte table live on the CPU. Pinned memory and "cuda" need a GPU; the values are the same;
-  - one figure retrains the tokenizer with text_iterator's max_chars default lowered to SMALL_MAX_CHARS,
-    so that the character cap, at 1e9 never reached here, is exercised too: where it stops depends on
-    the order of the shards and on counting only the characters the document cap keeps.
-
-The corpus is text nobody here wrote, taken from parts of the standard library that do not change
-between Python releases (the test checks the sha256 of each rebuilt shard against the figures'): the
-character names of the Unicode 3.2 database (unicodedata.ucd_3_2_0, which every Python ships unchanged
-for IDNA), each next to its character (1 to 4 bytes of UTF-8), the HTML5 entity table
-(html.entities.html5) as one document of 25,000 characters, over the tokenizer's 10,000-character
-document cap, and the Zen of Python, one document per line.
-Documents hold 0 to 25 character lines; shards are written with row groups of 333, 128, 1000 and 200
-documents, so the loader's 128-document batches end early at row-group ends and inside shards.
+The corpus (corpus()) is text nobody here wrote, from parts of the standard library that do not change
+between Python releases (the test checks each rebuilt shard's sha256). Documents hold 0 to 25 lines;
+shards have row groups of 333, 128, 1000 and 200 documents, so the loader's 128-document batches end early
+at row-group ends and inside shards.
 """
 
 import argparse
@@ -36,15 +23,12 @@ import contextlib
 import hashlib
 import html.entities
 import importlib.metadata
-import importlib.util
 import inspect
 import io
 import json
 import platform
-import shlex
-import subprocess
-import sys
 import tempfile
+import types
 import unicodedata
 from pathlib import Path
 
@@ -52,6 +36,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+
+from tests.reference.common import ar_commit, patched
 
 FIGURES = Path(__file__).resolve().parent / "data_figures.json"
 
@@ -71,22 +57,16 @@ ENCODE_TEXTS = ["Hello world! Numbers: 1234567.", "naïve café, Straße, 你好
                 "U+0416 Ж CYRILLIC CAPITAL LETTER ZHE", "&rarr; →\n&Aacute; Á", "  tabs\tand\r\nnewlines\n\n"]
 RAW_ROWS = 2                    # rows of the first batch of each loader setting stored as token ids
 
-# his loader and metric put buffers on the GPU; here they go to the CPU (the values do not change)
-SUBSTITUTIONS = [
-    ("cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=True)",
-     "cpu_buffer = torch.empty(2 * B * T, dtype=torch.long)"),
-    ('gpu_buffer = torch.empty(2 * B * T, dtype=torch.long, device="cuda")',
-     'gpu_buffer = torch.empty(2 * B * T, dtype=torch.long, device="cpu")'),
-    ('token_bytes = get_token_bytes(device="cuda")', 'token_bytes = get_token_bytes(device="cpu")'),
-]
+# his loader's pinned and "cuda" buffers and his metric's byte table go to the CPU (the values do not change)
+SUBSTITUTIONS = [("dtype=torch.long, pin_memory=True)", "dtype=torch.long)"),
+                 ('dtype=torch.long, device="cuda")', 'dtype=torch.long, device="cpu")'),
+                 ('get_token_bytes(device="cuda")', 'get_token_bytes(device="cpu")')]
 
-# ---------------------------------------------------------------------------
-# The corpus (also imported by the tests)
-# ---------------------------------------------------------------------------
 
 def unicode_lines():
-    """'U+0416 Ж CYRILLIC CAPITAL LETTER ZHE' for every named character of Unicode 3.2 but the ideographs
-    and Hangul syllables, of which every 97th code point (their names are numbers)."""
+    """'U+0416 Ж CYRILLIC CAPITAL LETTER ZHE' (1 to 4 bytes of UTF-8) for every named character of Unicode
+    3.2, which every Python ships unchanged for IDNA, but the ideographs and Hangul syllables, of which every
+    97th code point (their names are numbers)."""
     ucd = unicodedata.ucd_3_2_0
     for cp in range(0x110000):
         name = ucd.name(chr(cp), "")
@@ -107,8 +87,9 @@ def documents():
 
 def corpus():
     """{shard name: documents}. Two documents in five, and the last tenth (the rarest scripts), go to
-    validation; the rest is cut into three training shards, with the Zen of Python opening the third and
-    the HTML5 entity table in the middle of the second."""
+    validation; the rest is cut into three training shards, with the Zen of Python (one document per line)
+    opening the third and the HTML5 entity table in the middle of the second, as one document of 25,000
+    characters: over the tokenizer's 10,000-character document cap."""
     docs = documents()
     tail = len(docs) * 9 // 10
     val = [d for i, d in enumerate(docs[:tail]) if i % 5 in (1, 3)] + docs[tail:]
@@ -123,10 +104,6 @@ def corpus():
     return {**dict(zip(TRAIN_SHARDS, shards)), VAL_SHARD_NAME: val}
 
 
-def texts_digest(texts):
-    return hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()
-
-
 def build_shards(data_dir):
     """Write the corpus as parquet shards into data_dir; return {name: (documents, sha256, row groups)}."""
     data_dir = Path(data_dir)
@@ -136,13 +113,11 @@ def build_shards(data_dir):
         pq.write_table(pa.table({"text": pa.array(texts, type=pa.string())}), data_dir / name,
                        row_group_size=ROW_GROUPS[name])
         meta = pq.ParquetFile(data_dir / name).metadata
-        summary[name] = {"documents": len(texts), "sha256": texts_digest(texts),
+        digest = hashlib.sha256(json.dumps(texts, ensure_ascii=False).encode("utf-8")).hexdigest()
+        summary[name] = {"documents": len(texts), "sha256": digest,
                          "row_groups": [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]}
     return summary
 
-# ---------------------------------------------------------------------------
-# Digests and the stand-in model (also imported by the tests)
-# ---------------------------------------------------------------------------
 
 class StandInModel(torch.nn.Module):
     """No weights: each token's loss in nats is a fixed function of its input and target ids, so two
@@ -158,19 +133,14 @@ def ranks_digest(mergeable_ranks):
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def table_digest(table):
-    return hashlib.sha256(np.asarray(table, dtype="<i4").tobytes()).hexdigest()
-
-
 def batch_digest(inputs, targets):
     """First 16 hex digits of the sha256 of a batch's inputs then targets, as little-endian int64."""
     data = np.asarray(inputs, dtype="<i8").tobytes() + np.asarray(targets, dtype="<i8").tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
 
 
-def loader_figures(make_loader, split, B, T, n_batches):
+def loader_figures(loader, n_batches):
     """Digest and epoch of each batch, and the first RAW_ROWS rows (T+1 tokens) of the first batch."""
-    loader = make_loader(split, B, T)
     digests, epochs, raw = [], [], None
     for _ in range(n_batches):
         x, y, epoch = next(loader)
@@ -179,20 +149,14 @@ def loader_figures(make_loader, split, B, T, n_batches):
         epochs.append(int(epoch))
         if raw is None:
             raw = np.concatenate([x[:RAW_ROWS, :1], y[:RAW_ROWS]], axis=1).tolist()
-    return {"split": split, "B": B, "T": T, "batch_sha256_16": digests, "epochs": epochs, "first_rows": raw}
+    return {"batch_sha256_16": digests, "epochs": epochs, "first_rows": raw}
 
-# ---------------------------------------------------------------------------
-# His prepare.py, run here
-# ---------------------------------------------------------------------------
 
 def load_ar_prepare(ar_dir, scratch):
     """His prepare.py as a module, with the substitutions and settings listed in this file's docstring."""
     path = Path(ar_dir) / "prepare.py"
-    source = path.read_text()
-    for old, new in SUBSTITUTIONS:
-        assert source.count(old) == 1, f"{path}: expected exactly one {old!r}; the substitutions need updating"
-        source = source.replace(old, new)
-    module = importlib.util.module_from_spec(importlib.util.spec_from_loader("ar_prepare", loader=None))
+    source = patched(path.read_text(), SUBSTITUTIONS, path)
+    module = types.ModuleType("ar_prepare")
     module.__file__ = str(path)
     exec(compile(source, str(path), "exec"), module.__dict__)
     module.DATA_DIR, module.TOKENIZER_DIR = str(scratch / "data"), str(scratch / "tokenizer")
@@ -200,10 +164,12 @@ def load_ar_prepare(ar_dir, scratch):
     return module
 
 
+def defaults(fn):
+    return {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not p.empty}
+
+
 def his_constants(ar):
     """The data-path constants his code holds, read from his signatures and globals."""
-    defaults = lambda fn: {k: p.default for k, p in inspect.signature(fn).parameters.items()
-                           if p.default is not inspect.Parameter.empty}
     return {"text_iterator": defaults(ar.text_iterator),
             "tokenizer_batch_size": defaults(ar._document_batches)["tokenizer_batch_size"],
             "buffer_size": defaults(ar.make_dataloader)["buffer_size"],
@@ -212,6 +178,7 @@ def his_constants(ar):
 
 
 def tokenizer_figures(ar, tokenizer):
+    """The same figures from his prepare module or ours (the test calls it with our prepare)."""
     enc = tokenizer.enc
     return {"vocab_size": enc.n_vocab, "pattern": enc._pat_str, "bos_token_id": tokenizer.get_bos_token_id(),
             "special_token_ids": {name: enc.encode_single_token(name) for name in ar.SPECIAL_TOKENS},
@@ -223,29 +190,25 @@ def token_bytes_figures(ar, tokenizer):
     table = ar.get_token_bytes("cpu").tolist()
     enc = tokenizer.enc
     partial = [i for i in range(len(table)) if "\ufffd" in enc.decode([i])]
-    return {"sha256": table_digest(table), "table": table,
+    return {"sha256": hashlib.sha256(np.asarray(table, dtype="<i4").tobytes()).hexdigest(), "table": table,
             "partial_utf8_tokens": len(partial),
             "partial_utf8_raw_bytes": sum(len(enc.decode_single_token_bytes(i)) for i in partial),
             "partial_utf8_counted_bytes": sum(table[i] for i in partial)}
 
 
 def small_cap_tokenizer(ar, scratch):
-    """His tokenizer retrained with text_iterator's max_chars lowered to SMALL_MAX_CHARS."""
+    """His tokenizer retrained with text_iterator's max_chars lowered to SMALL_MAX_CHARS (the last figure:
+    his module is left so)."""
     ar.TOKENIZER_DIR = str(scratch / "tokenizer_small_cap")
-    max_chars, doc_cap = ar.text_iterator.__defaults__
-    ar.text_iterator.__defaults__ = (SMALL_MAX_CHARS, doc_cap)
-    try:
-        ar.train_tokenizer()
-    finally:
-        ar.text_iterator.__defaults__ = (max_chars, doc_cap)
+    ar.text_iterator.__defaults__ = (SMALL_MAX_CHARS, ar.text_iterator.__defaults__[1])
+    ar.train_tokenizer()
     return {"max_chars": SMALL_MAX_CHARS,
             "mergeable_ranks_sha256": ranks_digest(ar.Tokenizer.from_directory(ar.TOKENIZER_DIR).enc._mergeable_ranks)}
 
 
 def provenance(ar_dir):
-    commit = subprocess.run(["git", "-C", str(ar_dir), "rev-parse", "HEAD"], capture_output=True, text=True)
     versions = {name: importlib.metadata.version(name) for name in ("torch", "rustbpe", "tiktoken", "pyarrow", "numpy")}
-    return {"ar_commit": commit.stdout.strip() or None, "command": "uv run " + shlex.join(sys.argv),
+    return {"ar_commit": ar_commit(ar_dir), "command": "uv run python -m tests.reference.make_data_figures /path/to/ar",
             "python": platform.python_version(), **versions}
 
 
@@ -269,7 +232,6 @@ def main():
         ar = load_ar_prepare(args.ar_dir, scratch)
         ar.train_tokenizer()
         tokenizer = ar.Tokenizer.from_directory(ar.TOKENIZER_DIR)
-        make_loader = lambda split, B, T: ar.make_dataloader(tokenizer, B, T, split)
         figures = {
             **provenance(args.ar_dir),
             "settings": {"VOCAB_SIZE": VOCAB_SIZE, "EVAL_T": EVAL_T, "EVAL_ROWS": EVAL_ROWS},
@@ -277,7 +239,8 @@ def main():
             "corpus": shards,
             "tokenizer": tokenizer_figures(ar, tokenizer),
             "token_bytes": token_bytes_figures(ar, tokenizer),
-            "loader": [loader_figures(make_loader, *setting) for setting in LOADER_SETTINGS],
+            "loader": [{"split": split, "B": B, "T": T, **loader_figures(ar.make_dataloader(tokenizer, B, T, split), n)}
+                       for split, B, T, n in LOADER_SETTINGS],
             "evaluate_bpb": {str(B): ar.evaluate_bpb(StandInModel(), tokenizer, B) for B in EVAL_BATCH_SIZES},
             "small_cap_tokenizer": small_cap_tokenizer(ar, scratch),
         }

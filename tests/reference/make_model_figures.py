@@ -1,32 +1,22 @@
 """Obtain the model, optimizer, schedule and training-loop figures from karpathy/autoresearch's own code,
 and measure how far rounding on other kinds of CPU moves each of them.
 
-Usage (from the repository root, with an AR checkout outside this repository):
+Usage (from the repository root, with an AR checkout outside this repository; about 5 minutes on 2 cores):
     git clone https://github.com/karpathy/autoresearch /tmp/ar
     uv run python -m tests.reference.make_model_figures /tmp/ar     # rewrites tests/reference/model_figures.json
-(about 5 minutes on 2 cores). Then check the figures on this machine and under a kind they were not
-made with, e.g.
+Then check the figures on this machine and under a kind they were not made with, e.g.
     uv run pytest -m reference
-    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=3 uv run pytest -m reference
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=3 uv run pytest -m reference
 
-What runs, each in a fresh process, once per emulated machine kind (common.KINDS: environments that
-swap the kernels doing the rounding):
-  - recipe.py on AR's model, optimizer and schedule code: the span of AR's train.py between its
-    `from prepare import` line and its set-up section, plus its build_model_config and schedule
-    functions, with PATCHES applied;
-  - AR's whole train.py, set-up and training loop, with PATCHES and LOOP_PATCHES applied, through
-    loop.py (whose docstring lists the stand-ins for data, clock and metric).
-Each patch is checked to apply exactly once. AR's code is read from the checkout and executed in
-memory; none of it is stored here, only what it computed. AR's prepare.py constants (which the gpu
-profile must keep, and the recipe's MAX_SEQ_LEN) are read from its source with ast.
+Once per emulated machine kind (common.KINDS), each in a fresh process, it runs recipe.py on AR's model,
+optimizer and schedule code (ar_source) and loop.py on AR's whole train.py (ar_loop_source). AR's code is
+read from the checkout and executed in memory: none of it is stored here, only what it computed.
 
-The stored figures are the native kind's. A figure's spread is the largest relative difference between
-the native kind and another kind (a fingerprint's relative to its absolute sum). Each group of figures
-(group_of: one test's figures, and along the training steps one step's) gets TOLERANCE_MULTIPLE times
-the group's largest spread as its tolerance; a group no kind moved by a bit must match exactly, which
-settings, schedules and step counts do on every CPU. Spreads grow along the steps: Muon orthogonalizes
-in bf16, where one rounding that flips cascades, so the first steps are held tight and later ones only
-loosely. meta records the CPU, torch, AR's commit, the kinds, the spreads and the tolerances.
+The stored figures are the native kind's. A figure's spread is its largest relative difference between
+the native kind and another (common.differences); each group of figures (common.group_of) gets
+TOLERANCE_MULTIPLE times its largest spread as its tolerance, so a group no kind moved by a bit must match
+exactly. Spreads grow along the steps: Muon orthogonalizes in bf16, where one rounding that flips
+cascades, so the first steps are held tight and later ones only loosely.
 """
 import argparse
 import ast
@@ -46,13 +36,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tests.reference import recipe
-from tests.reference.common import KINDS, differences, explicit_attention
+from tests.reference.common import KINDS, ar_commit, differences, explicit_attention, group_of, patched
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FIGURES = Path(__file__).resolve().parent / "model_figures.json"
 TOLERANCE_MULTIPLE = 10  # a group's tolerance: this times the largest spread any emulated kind showed in it
 
-# AR's train.py on a CPU in fp32 (model span and whole file)
+# AR's train.py on a CPU in fp32 (model span and whole file); each must apply exactly once
 PATCHES = [
     ("y = fa3.flash_attn_func(q, k, v, causal=True, window_size=window_size)",   # FA3 is Hopper-only
      "y = explicit_attention(q, k, v, window_size)"),
@@ -69,7 +59,8 @@ LOOP_PATCHES = [
      "# varunneal's FA3 is Hopper only, use kernels-community on non-Hopper GPUs\n"
      'repo = "varunneal/flash-attention-3" if cap == (9, 0) else "kernels-community/flash-attn3"\n'
      "fa3 = get_kernel(repo).flash_attn_interface\n", ""),
-    ("t_start = time.time()\n", "globals().update(LOOP_HYPERPARAMETERS)  # the cpu profile's sizes\nt_start = time.time()\n"),
+    ("t_start = time.time()\n",
+     "globals().update(LOOP_HYPERPARAMETERS)  # the cpu profile's sizes\nt_start = time.time()\n"),
     ('device = torch.device("cuda")', 'device = torch.device("cpu")'),
     ('autocast_ctx = torch.amp.autocast(device_type="cuda", dtype=torch.bfloat16)', "autocast_ctx = nullcontext()"),
     ("model = torch.compile(model, dynamic=False)\n", ""),
@@ -77,20 +68,10 @@ LOOP_PATCHES = [
 FUNCTIONS = ["build_model_config", "get_lr_multiplier", "get_muon_momentum", "get_weight_decay"]
 AR_PREPARE_CONSTANTS = ["MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE"]
 
-# ---------------------------------------------------------------------------
-# AR's code, patched
-# ---------------------------------------------------------------------------
-
-def patched(text, patches, where):
-    for old, new in patches:
-        if text.count(old) != 1:
-            sys.exit(f"patch target found {text.count(old)} times in {where}, expected once: {old!r}")
-        text = text.replace(old, new)
-    return text
-
 
 def ar_source(train_py):
-    """AR's definitions, patched: the model/optimizer/hyperparameter span and the named functions."""
+    """AR's definitions, patched: the span between its `from prepare import` line and its set-up section
+    (model, optimizer, hyperparameters), and the FUNCTIONS."""
     src = train_py.read_text()
     start = src.index("\n", src.index("from prepare import")) + 1
     end = src.index("# Setup: tokenizer, model, optimizer, dataloader")
@@ -118,58 +99,29 @@ def load_ar(ar_dir):
 
 
 def ar_prepare_constants(prepare_py):
-    """AR's harness constants, evaluated from their source (literals and arithmetic only), never imported."""
-    src = Path(prepare_py).read_text()
-    found = {}
-    for node in ast.parse(src).body:
-        name = getattr(node.targets[0], "id", None) if isinstance(node, ast.Assign) else None
-        if name in AR_PREPARE_CONSTANTS:
-            literal = (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop)
-            if not all(isinstance(n, literal) for n in ast.walk(node.value)):
-                sys.exit(f"{prepare_py}: {ast.get_source_segment(src, node)} is not literal arithmetic")
-            found[name] = eval(compile(ast.Expression(node.value), str(prepare_py), "eval"), {})
-    if sorted(found) != sorted(AR_PREPARE_CONSTANTS):
-        sys.exit(f"{prepare_py}: expected the constants {AR_PREPARE_CONSTANTS}, found {sorted(found)}")
-    return found
-
-# ---------------------------------------------------------------------------
-# Figures under each kind, and their spread
-# ---------------------------------------------------------------------------
-
-def kind_env(kind):
-    """The environment of a kind: ours with every variable any kind sets removed, then the kind's own."""
-    kind_vars = {var for env in KINDS.values() for var in env}
-    base = {k: v for k, v in os.environ.items() if k not in kind_vars}
-    return {**base, **KINDS[kind], "PYTHONPATH": str(ROOT)}
-
-
-def run_kind(kind, args, scratch):
-    """`python -m ARGS` in this kind's environment."""
-    t0 = time.time()
-    subprocess.run([sys.executable, "-m", *args], env=kind_env(kind), cwd=scratch, check=True, stdout=subprocess.DEVNULL)
-    print(f"{kind}: {args[0]} in {time.time() - t0:.0f}s", file=sys.stderr)
+    """AR's harness constants (which the gpu profile must keep, and the recipe's MAX_SEQ_LEN), evaluated
+    from their source (literals and arithmetic only): AR's prepare.py is never imported."""
+    found = {node.targets[0].id: node.value for node in ast.parse(Path(prepare_py).read_text()).body
+             if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in AR_PREPARE_CONSTANTS}
+    literal = (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop)
+    if sorted(found) != sorted(AR_PREPARE_CONSTANTS) or not all(
+            isinstance(n, literal) for value in found.values() for n in ast.walk(value)):
+        sys.exit(f"{prepare_py}: expected the constants {AR_PREPARE_CONSTANTS} as literal arithmetic")
+    return {name: eval(compile(ast.Expression(value), str(prepare_py), "eval"), {}) for name, value in found.items()}
 
 
 def figures_under(kind, ar_dir, scratch):
-    """The recipe's and the loop's figures from AR's code, each computed in a fresh process of this kind."""
+    """The recipe's and the loop's figures from AR's code, each computed in a fresh process of this kind:
+    in our environment less every variable any kind sets, plus this kind's own."""
+    kind_vars = {var for env in KINDS.values() for var in env}
+    env = {**{k: v for k, v in os.environ.items() if k not in kind_vars}, **KINDS[kind], "PYTHONPATH": str(ROOT)}
     recipe_out, loop_out = scratch / f"{kind}-recipe.json", scratch / f"{kind}-loop.json"
-    run_kind(kind, ["tests.reference.make_model_figures", ar_dir, "--recipe-only", "--out", str(recipe_out)], scratch)
-    run_kind(kind, ["tests.reference.loop", "ar", ar_dir, str(loop_out)], scratch)
+    for args in (["tests.reference.make_model_figures", ar_dir, "--recipe-only", "--out", str(recipe_out)],
+                 ["tests.reference.loop", "ar", ar_dir, str(loop_out)]):
+        t0 = time.time()
+        subprocess.run([sys.executable, "-m", *args], env=env, cwd=scratch, check=True, stdout=subprocess.DEVNULL)
+        print(f"{kind}: {args[0]} in {time.time() - t0:.0f}s", file=sys.stderr)
     return {**json.loads(recipe_out.read_text()), "loop": json.loads(loop_out.read_text())}
-
-
-def group_of(path):
-    """A figure's tolerance group: its test, and along the steps of training its step too (rounding
-    differences grow from step to step): '/models/sl_gqa/forward/grads/x' -> 'forward',
-    '/models/sl_gqa/optimizer/steps[2]/params/x' -> 'optimizer_steps[2]', '/loop/training[3]/losses[0]'
-    -> 'loop_training[3]', '/loop/num_steps' -> 'loop_num_steps'."""
-    parts = path.strip("/").split("/")
-    if parts[0] == "models":
-        parts = parts[2:]  # the same groups for every model
-    if parts[0] in ("optimizer", "loop"):
-        step = parts[1].startswith(("steps[", "training["))
-        return f"{parts[0]}_{parts[1] if step else parts[1].split('[')[0]}"
-    return parts[0].split("[")[0]
 
 
 def spreads(native, others):
@@ -196,15 +148,16 @@ def cpu_description():
             "isa_flags": [f for f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "amx_bf16") if f in flags]}
 
 
+def holds_containers(value):
+    return isinstance(value, dict) or (isinstance(value, list) and any(isinstance(v, (dict, list)) for v in value))
+
+
 def to_json(value, indent=0):
     """JSON with one key per line, but a short flat dict, and a list of numbers or of lists of numbers
     (a fingerprint, a step's lr multipliers), on one line: small, and readable in a diff."""
     flat = json.dumps(value)
-    if not isinstance(value, (dict, list)):
-        return flat
-    nested = lambda v: isinstance(v, dict) or (isinstance(v, list) and any(isinstance(w, (dict, list)) for w in v))
-    if not any(nested(v) for v in (value.values() if isinstance(value, dict) else value)) and \
-            (isinstance(value, list) or len(flat) <= 100):
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    if not any(map(holds_containers, children)) and (not isinstance(value, dict) or len(flat) <= 100):
         return flat
     pad = " " * (indent + 1)
     if isinstance(value, list):
@@ -213,20 +166,19 @@ def to_json(value, indent=0):
     return "{\n" + body + "\n" + " " * indent + "}"
 
 
-def patch_summary(old, new):
-    first = lambda text: text.strip().splitlines()[0] if text.strip() else "(removed)"
-    return f"{first(old)} -> {first(new)}"
+def first_line(text):
+    return text.strip().splitlines()[0] if text.strip() else "(removed)"
 
 
 def main(ar_dir, out):
-    commit = subprocess.run(["git", "-C", ar_dir, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     with tempfile.TemporaryDirectory() as tmp:
         by_kind = {kind: figures_under(kind, ar_dir, Path(tmp)) for kind in KINDS}
     native = by_kind.pop("native")
     spread = spreads(native, by_kind)
-    meta = {"autoresearch_commit": commit, "torch": torch.__version__, "python": platform.python_version(),
-            "cpu": cpu_description(), "command": "uv run python -m tests.reference.make_model_figures /path/to/autoresearch",
-            "patches": [patch_summary(old, new) for old, new in PATCHES + LOOP_PATCHES],
+    meta = {"autoresearch_commit": ar_commit(ar_dir), "torch": torch.__version__,
+            "python": platform.python_version(), "cpu": cpu_description(),
+            "command": "uv run python -m tests.reference.make_model_figures /path/to/autoresearch",
+            "patches": [f"{first_line(old)} -> {first_line(new)}" for old, new in PATCHES + LOOP_PATCHES],
             "kinds": KINDS, "tolerance_multiple": TOLERANCE_MULTIPLE,
             "spreads": {group: {kind: float(f"{x:.3g}") for kind, x in by.items()} for group, by in spread.items()},
             "tolerances": {group: TOLERANCE_MULTIPLE * max(by.values()) for group, by in spread.items()}}

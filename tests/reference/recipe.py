@@ -7,7 +7,8 @@ loss, gradients; sliding-window and full layers; value embeddings and their gate
 attention), the optimizer (parameter groups; MuonAdamW steps under the schedules, with gradient
 accumulation as the training loop does it) and the schedules and hyperparameters themselves. What
 takes gradients starts with common.perturb_zero_init's noise in the zero-initialised weights: at the
-plain initialisation some gradients are pure rounding noise, different on every CPU."""
+plain initialisation some gradients are pure rounding noise, different on every CPU. The figures are
+stored, and compared, as JSON: tuples become lists, int keys strings."""
 from dataclasses import asdict
 
 import torch
@@ -67,17 +68,17 @@ def tensors(named):
 
 
 def hyperparameter_figures(g):
-    return {k: list(g[k]) if isinstance(g[k], tuple) else g[k] for k in HYPERPARAMETERS}
+    return {k: g[k] for k in HYPERPARAMETERS}
 
 
 def constant_figures(g):
     """Constants too small to move a few steps' figures: the polar express coefficients."""
-    return {"polar_express_coeffs": [list(c) for c in g["polar_express_coeffs"]]}
+    return {"polar_express_coeffs": g["polar_express_coeffs"]}
 
 
-def model_config_figures(g, vocab_size=8192):
-    g["vocab_size"] = vocab_size  # build_model_config reads the tokenizer's vocab size from the globals
-    return {str(depth): asdict(g["build_model_config"](depth)) for depth in range(1, 13)}
+def model_config_figures(g):
+    g["vocab_size"] = 8192  # build_model_config reads the tokenizer's vocab size from the globals
+    return {depth: asdict(g["build_model_config"](depth)) for depth in range(1, 13)}
 
 
 def schedule_figures(g):
@@ -85,8 +86,7 @@ def schedule_figures(g):
     saved = {k: g[k] for variant in SCHEDULE_VARIANTS for k in variant}
     try:
         for variant in SCHEDULE_VARIANTS:
-            g.update(saved)
-            g.update(variant)
+            g.update({**saved, **variant})
             out.append({
                 "lr_multiplier": [g["get_lr_multiplier"](p) for p in PROGRESS_GRID],
                 "weight_decay": [g["get_weight_decay"](p) for p in PROGRESS_GRID],
@@ -129,21 +129,17 @@ def forward_figures(g, name):
 
 def optimizer_groups(optimizer):
     keys = ["kind", "lr", "initial_lr", "betas", "eps", "weight_decay", "momentum", "ns_steps", "beta2"]
-    return [{**{k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k in keys},
-             "shapes": [list(p.shape) for p in group["params"]]} for group in optimizer.param_groups]
-
-
-def make_optimizer(g, model):
-    return model.setup_optimizer(
-        unembedding_lr=g["UNEMBEDDING_LR"], embedding_lr=g["EMBEDDING_LR"], scalar_lr=g["SCALAR_LR"],
-        adam_betas=g["ADAM_BETAS"], matrix_lr=g["MATRIX_LR"], weight_decay=g["WEIGHT_DECAY"])
+    return [{**{k: v for k, v in group.items() if k in keys}, "shapes": [list(p.shape) for p in group["params"]]}
+            for group in optimizer.param_groups]
 
 
 def step_figures(g, name):
     """OPT_STEPS optimizer steps as the training loop takes them: GRAD_ACCUM micro-batches, the loss of
     the last one reported, the schedules set from progress and step, then step and zero_grad."""
     model = make_model(g, name, perturb=True)
-    optimizer = make_optimizer(g, model)
+    optimizer = model.setup_optimizer(
+        unembedding_lr=g["UNEMBEDDING_LR"], embedding_lr=g["EMBEDDING_LR"], scalar_lr=g["SCALAR_LR"],
+        adam_betas=g["ADAM_BETAS"], matrix_lr=g["MATRIX_LR"], weight_decay=g["WEIGHT_DECAY"])
     groups = optimizer_groups(optimizer)
     steps = []
     for step in range(OPT_STEPS):
@@ -171,20 +167,23 @@ def kernel_figures(g):
     """The two optimizer kernels called directly, in settings the training groups never reach:
     AdamW with weight decay, Muon on tall, wide and square stacks with a changing momentum."""
     gen = torch.Generator().manual_seed(7)
-    rand = lambda *shape: torch.randn(*shape, generator=gen)
-    t = lambda value: torch.tensor(float(value))
-    p, exp_avg, exp_avg_sq = rand(8, 6), torch.zeros(8, 6), torch.zeros(8, 6)
+
+    def scalars(*values):  # the kernels take their hyperparameters as 0-D tensors
+        return [torch.tensor(float(v)) for v in values]
+
+    p, exp_avg, exp_avg_sq = torch.randn(8, 6, generator=gen), torch.zeros(8, 6), torch.zeros(8, 6)
     for step in range(1, 4):
-        g["adamw_step_fused"](p, rand(8, 6), exp_avg, exp_avg_sq, t(step), t(0.01), t(0.8), t(0.95), t(1e-10), t(0.1))
+        g["adamw_step_fused"](p, torch.randn(8, 6, generator=gen), exp_avg, exp_avg_sq,
+                              *scalars(step, 0.01, 0.8, 0.95, 1e-10, 0.1))
     out = {"adamw": [fingerprint(p), fingerprint(exp_avg), fingerprint(exp_avg_sq)]}
     for shape in [(3, 48, 16), (2, 16, 48), (2, 32, 32)]:
         red_dim = -1 if shape[-2] >= shape[-1] else -2
-        params, momentum_buffer = rand(*shape), torch.zeros(shape)
+        params, momentum_buffer = torch.randn(shape, generator=gen), torch.zeros(shape)
         second = torch.zeros(shape[0], shape[1], 1) if red_dim == -1 else torch.zeros(shape[0], 1, shape[2])
         for step in range(3):
-            g["muon_step_fused"](rand(*shape), params, momentum_buffer, second, t(0.85 + 0.03 * step), t(0.02),
-                                 t(0.2), t(0.95), 5, red_dim)
-        out["muon_" + "x".join(map(str, shape))] = [fingerprint(params), fingerprint(momentum_buffer), fingerprint(second)]
+            g["muon_step_fused"](torch.randn(shape, generator=gen), params, momentum_buffer, second,
+                                 *scalars(0.85 + 0.03 * step, 0.02, 0.2, 0.95), 5, red_dim)
+        out["muon_" + "x".join(map(str, shape))] = [fingerprint(x) for x in (params, momentum_buffer, second)]
     return out
 
 
