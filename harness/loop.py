@@ -76,10 +76,12 @@ class Child:
     def phase(self):
         return "start-up" if self.first_row_s is None else "training" if self.handoff_s is None else "hand-off"
 
-    def phases(self):
-        bounds = [0.0, *(t for t in (self.first_row_s, self.handoff_s) if t is not None), self.wall_s]
-        names = ("start-up", "training", "hand-off")
-        return ", ".join(f"{name} {b - a:.1f} s" for name, a, b in zip(names, bounds, bounds[1:]))
+    def stopped_by(self, who, stopped, cap, *more):
+        """`who` was stopped by `cap` (a timeout) or Ctrl-C / SIGTERM, with the seconds of each phase."""
+        ends = [0.0, *(t for t in (self.first_row_s, self.handoff_s) if t is not None), self.wall_s]
+        spent = [f"{name} {b - a:.1f} s" for name, a, b in zip(("start-up", "training", "hand-off"), ends, ends[1:])]
+        why = cap if stopped == "timeout" else "Ctrl-C or SIGTERM"
+        return f"{who} was stopped by {why} ({', '.join([*spent, *more])})"
 
     def outside_cpu_s(self):
         """CPU seconds before the first metrics row and after the hand-off: work outside the budget, counted so
@@ -230,8 +232,7 @@ def train(plan, tmp):
     handoff, metrics, child = work / "model.pt", work / "metrics.jsonl", Child(0, 0.0)
 
     def look(now, pid):
-        """Notes the phases (pid None: it has exited); returns the cap (a run whose training finished is not stopped
-        for want of time)."""
+        """Notes the phases (pid None: it has exited); past the hand-off, the cap grows by HANDOFF_GRACE_S."""
         if child.first_row_s is None and b"\n" in (read_regular(metrics, 1 << 16) or b""):
             child.first_row_s, child.cpu_s["first row"] = now, pid and tree_cpu_s(pid)
         if child.handoff_s is None and handoff.exists():
@@ -262,8 +263,7 @@ def sandbox_problem():
 
 
 def sandbox(prepare, writable, scores=False):
-    """bwrap's arguments: BWRAP, the GPUs, the paths it reads, the validation and held-out shards and their token
-    caches replaced by empty files (unless scores: the evaluator), `writable` writable, the first the cwd."""
+    """bwrap's arguments: the GPUs, what it reads, the pinned shards' files emptied (unless scores), `writable`."""
     hidden = () if scores else tuple(Path(name).stem for name in (prepare.VAL_FILENAME, prepare.HELDOUT_FILENAME))
     common = git("rev-parse", "--path-format=absolute", "--git-common-dir")
     seen = [Path.cwd(), Path(sys.prefix), Path(sys.base_prefix), prepare.DATA_DIR, prepare.TOKENIZER_DIR,
@@ -277,11 +277,9 @@ def sandbox(prepare, writable, scores=False):
 
 
 def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
-    """(exit code, None | "timeout" | "interrupted", seconds, CPU seconds) of `cmd` in a session of its own, stopped
-    at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT to it), SIGKILL GRACE_S later, its process group killed
-    at the end; look(seconds, pid) may return a new cap, and is called once more after the exit with pid None. In
-    bwrap, signalled inside (--info-fd); 128 + N from it is signal N. The CPU seconds are the kernel's count for
-    its whole tree (bwrap reaps every process inside)."""
+    """(exit code, None | "timeout" | "interrupted", seconds, its whole tree's CPU seconds) of `cmd` in a session of
+    its own, stopped at cap_s (SIGTERM) or by Ctrl-C / SIGTERM here (SIGINT), SIGKILL GRACE_S later; look(seconds,
+    pid) may return a new cap, and is called once more with pid None after the exit. bwrap's child is signalled."""
     before = os.times()
     info = os.pipe() if cmd[0] == "bwrap" else None
     cmd = [cmd[0], "--info-fd", str(info[1]), *cmd[1:]] if info else cmd
@@ -296,11 +294,13 @@ def supervise(cmd, log_path, env, cap_s, look=lambda now, pid: None, cwd=None):
     spawn, stopped = time.monotonic(), None
     try:
         with on_interrupt(signal.default_int_handler):  # raises KeyboardInterrupt
-            while not exited(proc, POLL_S):
+            while proc.poll() is None:
                 cap_s = look(time.monotonic() - spawn, proc.pid) or cap_s
                 if time.monotonic() - spawn > cap_s and stopped is None:
                     stopped = "timeout"
                     stop(proc, group, signal.SIGTERM)
+                with suppress(subprocess.TimeoutExpired):
+                    proc.wait(POLL_S)
     except KeyboardInterrupt:
         stopped = "interrupted"
         stop(proc, group, signal.SIGINT)
@@ -329,18 +329,12 @@ def tree_cpu_s(root):
     return sum(cpu.get(pid, 0) for pid in tree) / os.sysconf("SC_CLK_TCK")
 
 
-def exited(proc, timeout):
-    with suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout)
-    return proc.returncode is not None
-
-
 def stop(proc, group, sig):
     for s in (sig, signal.SIGKILL):
         with suppress(ProcessLookupError, PermissionError):  # the group is gone already
             os.killpg(group, s)
-        if exited(proc, GRACE_S):
-            return
+        with suppress(subprocess.TimeoutExpired):
+            return proc.wait(GRACE_S)
 
 
 def read_regular(path, size=-1):
@@ -384,9 +378,8 @@ def measure(plan, child, summary, tmp, came=()):
     out, stopped, eval_s = evaluate(tmp, cap_s, not plan.uncontained)
     m.eval_s = round(eval_s, 3)
     if stopped:
-        why = f"its cap of {cap_s:.0f} s" if stopped == "timeout" else "Ctrl-C or SIGTERM"
         m.stopped, m.phase = stopped, "evaluation"
-        m.error = f"the evaluator was stopped by {why} ({child.phases()}, evaluation {eval_s:.1f} s)"
+        m.error = child.stopped_by("the evaluator", stopped, f"its cap of {cap_s:.0f} s", f"evaluation {eval_s:.1f} s")
         return m
     for key in ("val_bpb", "heldout_bpb", "future_leak", "speed_before", "speed_after"):
         setattr(m, key, number(out.get(key)))
@@ -399,13 +392,11 @@ def measure(plan, child, summary, tmp, came=()):
 
 
 def unmeasurable(plan, child, summary, handoff):
-    """Why the model cannot be measured, or None: train.py must exit 0 with its summary and its final block, hand
-    off its model and leave the harness as it found it (or be interrupted after the hand-off)."""
+    """Why the model cannot be measured, or None (train.py ended as it should, or was interrupted after hand-off)."""
     if child.stopped == "interrupted" and handoff.exists():
         return None
     if child.stopped:
-        why = f"the hard cap of {plan.cap_s:.0f} s" if child.stopped == "timeout" else "Ctrl-C or SIGTERM"
-        return f"train.py was stopped by {why} in {child.phase} after {child.wall_s:.0f} s ({child.phases()})"
+        return child.stopped_by("train.py", child.stopped, f"the hard cap of {plan.cap_s:.0f} s")
     if child.exit_code != 0:
         how = (f"was killed by signal {signal.Signals(-child.exit_code).name}" if child.exit_code < 0
                else f"exited with code {child.exit_code}")
@@ -422,8 +413,7 @@ def unmeasurable(plan, child, summary, handoff):
 
 
 def evaluate(tmp, cap_s, contained):
-    """(the evaluator's JSON, None | "timeout" | "interrupted", seconds): harness/evaluate.py on the handed-off
-    graph, contained as train.py is but with the shards it scores, writing only tmp."""
+    """(its JSON, how it was stopped, seconds): harness/evaluate.py, contained but for the shards it scores."""
     box = sandbox(prepare_module(), [tmp], scores=True) if contained else []
     cmd = box + [sys.executable, "-I", "-B", str(Path(__file__).resolve().parent / "evaluate.py"),
                  "--handoff", str(tmp / "child" / "model.pt"), "--out", str(tmp / "eval.json")]
@@ -434,8 +424,7 @@ def evaluate(tmp, cap_s, contained):
 
 # The run record, archived; the decision, applied
 def archive_and_decide(archive, plan, commit, summary, printed, measured):
-    """(the archived Run, the best it was judged against, what happened to train.py, all runs). `printed`: a
-    val_bpb in train.py's final block before the harness appended its own (under the harness it prints none)."""
+    """(the archived Run, its best, what became of train.py, all runs); `printed`: a val_bpb train.py printed."""
     with archive.lock():
         runs = archive.runs()
         run = new_run(archive, commit, summary, measured, plan.branch, plan.pin, runs)
@@ -476,8 +465,7 @@ def new_run(archive, commit, summary, measured, branch, pin, runs):
     s = summary or {}
     worker = worker_name()
     latest = next((r for r in reversed(runs) if r.worker == worker), None)
-    harness = s.get("harness") if isinstance(s.get("harness"), dict) else \
-        latest.harness if latest else {"profile": prepare_module().PROFILE}
+    harness = s.get("harness") or (latest.harness if latest else {"profile": prepare_module().PROFILE})
     dirty = UNCOMMITTED if (s.get("git") or {}).get("dirty") else ""
     description = (git("log", "-1", "--format=%s", commit) or "").strip() + dirty
     return Run(id=archive.new_id(commit), commit=commit, description=description, branch=branch, worker=worker,
@@ -488,9 +476,8 @@ def new_run(archive, commit, summary, measured, branch, pin, runs):
 
 
 def file_run(archive, run, runs, ran_tree, metrics):
-    """Saves run with its evidence (run.log, metrics.jsonl when it is this run's, diff.patch of the train.py that ran,
-    the worktree's when ran_tree, against the best's), its caught cases and, when measured, its decision, applied;
-    rebuilds analysis.md, progress.png and results.tsv. (the best, what happened to train.py, all runs)"""
+    """Saves run with its evidence, caught cases and (when measured) decision, applied; rebuilds the derived files.
+    diff.patch: the train.py that ran (the worktree's when ran_tree) against the best's. (best, after, all runs)"""
     source = Path("train.py").read_text() if ran_tree and Path("train.py").exists() else train_py_at(run.commit)
     best = best_of(runs + [run], run)
     run.best_id, run.code_sha = (best.id if best else None), code_sha(source or "")
@@ -502,7 +489,9 @@ def file_run(archive, run, runs, ran_tree, metrics):
     (run_dir / "diff.patch").write_text(diff or "")
     run.evidence = evidence(run_dir)
     run.caught = caught(run, best, runs)
-    run.statuses = [StatusChange(first_status(run), now_utc(), "archive")]
+    status = ("pending" if run.trained.outcome == "interrupted"  # by the harness too: archive_and_decide sets it
+              else "crash" if run.val_bpb is None else "invalid" if run.caught or run.harness_changes else "pending")
+    run.statuses = [StatusChange(status, now_utc(), "archive")]
     run.decision = decide(run, runs) if run.measured else None
     archive.save(run)
     after = apply(archive, run, best) if run.decision else None
@@ -511,14 +500,6 @@ def file_run(archive, run, runs, ran_tree, metrics):
     draw_progress(everything, archive.progress)
     archive.rebuild(everything)
     return best, after, everything
-
-
-def first_status(run):
-    if run.trained.outcome == "interrupted":  # by the harness too: archive_and_decide sets the outcome
-        return "pending"
-    if run.val_bpb is None:
-        return "crash"
-    return "invalid" if run.caught or run.harness_changes else "pending"
 
 
 # The bare `analyze.py`: the run in the working directory, train.py's word only, never decided
@@ -579,8 +560,7 @@ def read_summary(path, log, runs):
 
 
 def archived_as(runs, commit, started, log):
-    """The run of `commit` archived already from these files: the same start or, with none (no summary), the same
-    run.log archived after it was written. None when there is none."""
+    """The run archived already from these files, or None: the same start, or with none the same run.log."""
     if started is not None:
         return next((r for r in runs if (r.commit, r.started_at) == (commit, started)), None)
     logged = sha256_file(log)
@@ -589,8 +569,7 @@ def archived_as(runs, commit, started, log):
 
 
 def read_json(path, sections=()):
-    """A JSON object from a file, or None when it is missing or unreadable; a key of `sections` whose value is not
-    an object is dropped (run_summary.json's sections, as a broken train.py may write them, must not crash a run)."""
+    """A JSON object from a file, or None; a `sections` key holding no object (a broken train.py's) is dropped."""
     with suppress(OSError, ValueError):
         value = json.loads(Path(path).read_text())
         if isinstance(value, dict):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,13 +54,12 @@ def preflight_plan():
 
 
 def running(*argv):
-    """Processes on this machine whose command line is argv (zombies aside)."""
-    found = []
-    for proc in Path("/proc").glob("[0-9]*"):
+    """Processes on this machine whose command line is argv (a zombie's reads as empty)."""
+    wanted, found = "".join(f"{a}\0" for a in argv).encode(), []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         with suppress(OSError):  # gone meanwhile
-            if proc.joinpath("cmdline").read_bytes().split(b"\0")[:-1] == [a.encode() for a in argv] \
-                    and proc.joinpath("stat").read_text().split()[2] != "Z":
-                found.append(int(proc.name))
+            if cmdline.read_bytes() == wanted:
+                found.append(int(cmdline.parent.name))
     return found
 
 
@@ -132,6 +131,18 @@ def test_what_preflight_refuses(repo, setup, needle):
         loop.preflight(Archive.here(), None)
 
 
+@pytest.mark.parametrize("name", ["ok.pth", "evil.pth", "sitecustomize.py"])
+def test_a_startup_file_that_no_installed_package_lists_is_refused(tmp_path, monkeypatch, name):
+    (tmp_path / "ok-1.0.dist-info").mkdir()
+    (tmp_path / "ok-1.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ok\nVersion: 1.0\n")
+    (tmp_path / "ok-1.0.dist-info" / "RECORD").write_text("ok.pth,,\nok-1.0.dist-info/RECORD,,\n")
+    (tmp_path / name).write_text("import os\n")
+    monkeypatch.setattr(loop.sysconfig, "get_path", lambda _: str(tmp_path))
+    refused = pytest.raises(loop.Refused, match=f"{name} is in no installed package's RECORD")
+    with refused if name != "ok.pth" else nullcontext():  # ok.pth: its package's RECORD lists it
+        loop.refuse_startup_files()
+
+
 def test_a_second_run_in_the_same_worktree_is_refused(repo):
     with loop.run_lock(Archive.here()), pytest.raises(loop.Refused, match=f"in this worktree \\(pid {os.getpid()}\\)"):
         with loop.run_lock(Archive.here()):
@@ -196,7 +207,7 @@ def test_the_first_run_is_kept_then_a_caught_one_or_one_stopped_at_the_hard_cap_
     (loop.Child(1, 5.0), {"status": "crash"}, "train.py exited with code 1"),
     (loop.Child(-9, 5.0), None, "train.py was killed by signal SIGKILL"),
     (loop.Child(0, 5.0), None, "run_summary.json is missing"),
-    (loop.Child(0, 5.0, 1.0, 4.0, "timeout"), {}, "by the hard cap of 100 s in hand-off after 5 s (start-up 1.0 s"),
+    (loop.Child(0, 5.0, 1.0, 4.0, "timeout"), {}, "by the hard cap of 100 s (start-up 1.0 s, training 3.0 s, hand-off"),
 ])
 def test_the_model_is_measured_only_if_train_py_ended_well(repo, tmp_path, monkeypatch, child, summary, needle):
     summary = write_run() if summary == "ok" else summary
