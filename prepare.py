@@ -117,7 +117,6 @@ DOWNLOAD_ATTEMPTS = 5       # tries per shard before giving up
 RETRY_BACKOFF_S = 1.0       # sleep before retry k is RETRY_BACKOFF_S * 2**(k-1): 1+2+4+8 s at most
 CONNECT_TIMEOUT_S = 5.0     # per address: a host name with several addresses takes a multiple of it
 READ_TIMEOUT_S = 20.0       # a stalled transfer is retried
-PINNED_SLOTS = 3            # host staging buffers in flight per CUDA loader
 
 
 class PrepareError(RuntimeError):
@@ -432,8 +431,8 @@ def _document_batches(tokenizer, paths, batch_docs=LOADER_BATCH_DOCS):
 class _DataLoader(collections.abc.Iterator):
     """(inputs, targets, epoch), int64 (B, T), over BOS-aligned best-fit packed rows, karpathy/autoresearch's row for
     row: each row takes the largest buffered document that fits (ties: the oldest), else crops the shortest to fill
-    the row exactly. The buffer is kept sorted by length: a placement is a bisect, not a scan. On CUDA a batch is
-    staged in one of PINNED_SLOTS pinned host buffers, refilled once the event behind its last copy completed."""
+    the row exactly. The buffer is kept sorted by length: a placement is a bisect, not a scan. On CUDA a batch goes
+    through pinned memory: torch's pinned-memory cache reuses a buffer only once its non-blocking copy has landed."""
 
     def __init__(self, batches, bos, B, T, device, buffer_size=LOADER_BUFFER_DOCS):
         self.batches, self.bos, self.buffer_size, self.device = batches, bos, buffer_size, torch.device(device)
@@ -442,9 +441,6 @@ class _DataLoader(collections.abc.Iterator):
         self.loaded_docs = 0           # documents read into the buffer so far
         self.taken_tokens = self.cropped_tokens = 0  # tokens drawn from documents (BOS included); of those, cropped
         self.rows = np.empty((B, T + 1), dtype=np.int64)
-        if self.device.type == "cuda":
-            self.slots = [torch.empty((2, B, T), dtype=torch.long, pin_memory=True) for _ in range(PINNED_SLOTS)]
-            self.events, self.slot_ids = [None] * PINNED_SLOTS, itertools.cycle(range(PINNED_SLOTS))
 
     @property
     def crop_fraction(self):
@@ -482,16 +478,9 @@ class _DataLoader(collections.abc.Iterator):
 
     def __next__(self):
         epoch = self.fill(self.rows)
-        inputs_targets = [self.rows[:, :-1], self.rows[:, 1:]]  # targets: the same rows shifted by one
-        if self.device.type != "cuda":
-            batch = torch.from_numpy(np.stack(inputs_targets))
-            return batch[0], batch[1], epoch
-        k = next(self.slot_ids)
-        if self.events[k] is not None:
-            self.events[k].synchronize()  # the slot's previous copy has landed on the device
-        np.stack(inputs_targets, out=self.slots[k].numpy())
-        batch = self.slots[k].to(self.device, non_blocking=True)
-        self.events[k] = torch.cuda.current_stream(self.device).record_event()  # the stream the copy was queued on
+        batch = torch.from_numpy(np.stack([self.rows[:, :-1], self.rows[:, 1:]]))  # targets: the rows shifted by one
+        if self.device.type == "cuda":
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
         return batch[0], batch[1], epoch
 
 

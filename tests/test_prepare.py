@@ -83,7 +83,7 @@ def test_tokenizer_learns_from_training_shards_only(tmp_path):
 def test_cuda_loader_gives_the_same_batches_as_cpu_while_copies_overlap(tokenizer, data_dir):
     cpu, gpu = (prepare.make_dataloader(tokenizer, 8, T, "train", device=d, data_dir=data_dir) for d in ("cpu", "cuda"))
     torch.cuda._sleep(2_000_000_000)  # hold the stream (~1 s): every copy queued below is still in flight
-    held = [next(gpu) for _ in range(3 * prepare.PINNED_SLOTS)]  # keep every batch alive, reuse every slot
+    held = [next(gpu) for _ in range(9)]  # every batch alive: no pinned buffer may be reused before its copy
     for i, ((x, y, _), (cx, cy, _)) in enumerate(zip(held, cpu)):
         assert x.is_cuda and torch.equal(x.cpu(), cx) and torch.equal(y.cpu(), cy), f"batch {i} differs"
 
