@@ -40,9 +40,6 @@ from harness.record import StatusChange, load_run  # noqa: E402
 from harness.stats import code_runs  # noqa: E402
 from tests.factory import make_run  # noqa: E402
 
-SCRIPTS = ("prepare.py", "train.py", "analyze.py", ".gitignore")
-PACKAGE = "harness"  # the modules analyze.py runs on
-
 LOADER_B, LOADER_T = 128, 2048  # the gpu profile's batch shape, where the loader must keep up
 LOADER_BATCHES = 4              # timed batches per loader (after one warm-up batch)
 LOADER_DOC_CHARS = 3000         # median document size after regrouping: web pages, not docstrings
@@ -67,7 +64,7 @@ def load():
 
 
 def run(cmd, cwd, env, log=None):
-    """Run a harness command as a user would; (seconds, its stdout); raise with its output's tail if it fails."""
+    """Run a harness command as a user would: its seconds; raise with its output's tail if it fails."""
     t0 = time.perf_counter()
     out = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - t0
@@ -76,15 +73,15 @@ def run(cmd, cwd, env, log=None):
     if out.returncode != 0:
         tail = "\n".join((out.stdout + out.stderr).splitlines()[-20:])
         raise SystemExit(f"bench: {' '.join(map(str, cmd))} failed in {cwd} (exit {out.returncode}):\n{tail}")
-    return elapsed, out.stdout
+    return elapsed
 
 
 def make_repo(dest):
     """A throwaway git checkout of the scripts and the harness package, the way the agent's branch looks."""
     dest.mkdir(parents=True, exist_ok=True)
-    for name in SCRIPTS:
+    for name in ("prepare.py", "train.py", "analyze.py", ".gitignore"):
         shutil.copy(ROOT / name, dest / name)
-    shutil.copytree(ROOT / PACKAGE, dest / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "harness", dest / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     for cmd in (["init", "-q", "-b", "autoresearch/bench"], ["add", "-A"], ["commit", "-qm", "baseline"]):
         subprocess.run(["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost", *cmd], cwd=dest, check=True)
     return dest
@@ -100,10 +97,10 @@ def cpu_env(cache):
 def bench_outside(repo, env, section):
     """A manual run (train.py evaluates its own model), its bare archive, then `analyze.py run` (the harness
     evaluates the handed-off model once): the manual run's summary."""
-    t_manual, _ = run([sys.executable, "train.py"], repo, env, log=repo / "run.log")
+    t_manual = run([sys.executable, "train.py"], repo, env, log=repo / "run.log")
     manual = json.loads((repo / "run_summary.json").read_text())
-    t_bare, _ = run([sys.executable, "analyze.py"], repo, env)
-    t_harness, _ = run([sys.executable, "analyze.py", "run"], repo, env)
+    t_bare = run([sys.executable, "analyze.py"], repo, env)
+    t_harness = run([sys.executable, "analyze.py", "run"], repo, env)
     harness = max((load_run(p) for p in (repo / ".auto-log-research").glob("*/run.json")), key=lambda r: r.archived_at)
     out_manual = t_manual - manual["training_seconds"]
     out_harness = t_harness - harness.trained.training_seconds
@@ -161,32 +158,22 @@ def bench_loader(cache, scratch):
 
 
 # CPU: the metrics path of one training step
-def step_row(step):
-    """A row as train.py logs it every step: the CONTRACT's train/ and perf/ keys."""
+def bench_logging(scratch, cpu_step_ms, layer_every=25, depth=8):
+    """A row as train.py logs it every step (the CONTRACT's train/ and perf/ keys), and every layer_every steps
+    the per-layer health keys of a LAYER_STATS_EVERY row at the gpu baseline's depth."""
+    from harness.recorder import RunRecorder  # imports prepare, after bench_loader set the profile
     keys = ("train/loss", "train/loss_smooth", "train/lr_multiplier", "train/muon_momentum", "train/weight_decay",
             "train/progress", "perf/step_time_ms", "perf/tokens_per_sec", "perf/mfu_percent", "elapsed_s")
-    return {key: 3.0 + step * 1e-4 + i for i, key in enumerate(keys)}
-
-
-def layer_row(depth=8):
-    """The per-layer health keys of one LAYER_STATS_EVERY row at the gpu baseline's depth."""
     matrices = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-    row = {f"layer/{i}.{m}/{stat}": 0.01 * i for i in range(depth) for m in matrices
-           for stat in ("grad_norm", "update_ratio")}
-    row.update({f"layer/{i}/act_rms": 1.0 for i in range(depth)})
-    return row
-
-
-def bench_logging(scratch, cpu_step_ms, layer_every=25):
-    from harness.recorder import RunRecorder  # imports prepare, after bench_loader set the profile
-    out_dir = scratch / "logging"
-    out_dir.mkdir(exist_ok=True)
-    layers = layer_row()
+    layers = {f"layer/{i}.{m}/{stat}": 0.01 * i for i in range(depth) for m in matrices
+              for stat in ("grad_norm", "update_ratio")}
+    layers.update({f"layer/{i}/act_rms": 1.0 for i in range(depth)})
+    (scratch / "logging").mkdir(exist_ok=True)
     # flush_every_s=0 writes and flushes every row: the worst case of the recorder's buffering
-    with RunRecorder({}, out_dir=out_dir, hard_cap_s=0, flush_every_s=0.0) as rec:
+    with RunRecorder({}, out_dir=scratch / "logging", hard_cap_s=0, flush_every_s=0.0) as rec:
         t0 = time.perf_counter()
         for step in range(LOGGING_ROWS):
-            row = step_row(step)
+            row = {key: 3.0 + step * 1e-4 + i for i, key in enumerate(keys)}
             if step % layer_every == 0:
                 row.update(layers)
             rec.log(step, **row)
@@ -229,11 +216,11 @@ def grow_history(repo, n_runs):
 def bench_analyze(repo, env):
     runs = len(list((repo / ".auto-log-research").glob("*/run.json")))
     next_run(repo, 1)
-    with_few, _ = run([sys.executable, "analyze.py"], repo, env)
+    with_few = run([sys.executable, "analyze.py"], repo, env)
     grow_history(repo, ANALYZE_HISTORY)
     next_run(repo, 2)
-    with_many, _ = run([sys.executable, "analyze.py"], repo, env)
-    listed, _ = run([sys.executable, "analyze.py", "list"], repo, env)
+    with_many = run([sys.executable, "analyze.py"], repo, env)
+    listed = run([sys.executable, "analyze.py", "list"], repo, env)
     record("analyze", f"bare analyze.py with {runs} archived runs (s)", f"{with_few:.2f}")
     record("analyze", f"bare analyze.py with {ANALYZE_HISTORY} archived runs (s)", f"{with_many:.2f}",
            f"{with_many / with_few:.2f}x; goal <= 2x and < 20 s")
@@ -249,9 +236,9 @@ def night(rules, sigma, effect, experiments, rng):
     def experiment(code, mean):
         truth[code] = mean
         while True:
-            runs.append(run := make_run(mean + sigma * rng.standard_normal(), code_sha=code))
-            d = decide(run, runs, rules, size=lambda commit: None)
-            run.statuses.append(StatusChange("pending" if d.kind == "rerun" else d.kind, "", "simulate"))
+            runs.append(latest := make_run(mean + sigma * rng.standard_normal(), code_sha=code))
+            d = decide(latest, runs, rules, size=lambda commit: None)
+            latest.statuses.append(StatusChange("pending" if d.kind == "rerun" else d.kind, "", "simulate"))
             if d.kind != "rerun":
                 return d.kind == "keep", len(code_runs(runs, code))
     experiment("base", 1.0)
@@ -307,7 +294,7 @@ def main():
         scratch = Path(tmp)
         if not args.gpu_only:
             repo, cache = make_repo(scratch / "cpu"), scratch / "cache"
-            t_prepare, _ = run([sys.executable, "prepare.py"], repo, cpu_env(cache))
+            t_prepare = run([sys.executable, "prepare.py"], repo, cpu_env(cache))
             record("cpu", "prepare.py, fresh cache (s)", f"{t_prepare:.1f}", load())
             manual = bench_outside(repo, cpu_env(cache), "cpu")
             bench_loader(cache, scratch)

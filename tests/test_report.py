@@ -88,8 +88,7 @@ CAUSES = {  # planted run, the best's shape, every feature named, what explains 
     "slower machine": (
         dict(val_bpb=1.060, steps=300, speed=18.0, code_sha="base"), None, {"identical", "machine", "departure"},
         ["- explained by: the machine\n", "the machine: 300 steps vs 400, the mean of the best's 3 run(s) (-25%), "
-         "beyond 2% (the larger of 2% and the 2% spread of the best's runs): the machine was slower, since the code "
-         "is the best's"]),
+         "beyond 2%", "the machine was slower, since the code is the best's"]),
     "better learner": (
         dict(val_bpb=0.950, loss=lambda s: plateau(s) - 0.1 * (1 - np.exp(-s / 100.0))), None,
         {"learning", "departure"},
