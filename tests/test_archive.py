@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from harness.record import (Archive, Caught, RecordError, Run, StatusChange, audit, code_sha, code_size,  # noqa: E402
-                            ensure_pin, evidence, harness_changes, move_pin, pin_history, pin_problems, record_problems)
-from tests.factory import make_run  # noqa: E402
+from harness.record import (Archive, Caught, RecordError, Run, StatusChange, audit, code_sha, code_size, ensure_pin,
+                            evidence, harness_changes, move_pin, pin_history, pin_problems, record_problems)
+from tests.factory import make_run
 
 pytestmark = pytest.mark.quick
 
@@ -31,13 +30,11 @@ def repo(tmp_path, monkeypatch):
     """(Archive, head, pin) of a git repository on branch `exp`: train.py and a one-file harness, pinned."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("AUTORESEARCH_WORKER", "w")  # conftest.py cleared every other AUTORESEARCH_ variable
-    sh("git", "init", "-q", "-b", "exp")
-    sh("git", "config", "user.email", "t@t")
-    sh("git", "config", "user.name", "t")
     Path("train.py").write_text("x = 1\n")
     Path("prepare.py").write_text("HARNESS = 1\n")
-    sh("git", "add", ".")
-    sh("git", "commit", "-qm", "baseline")
+    for args in (("init", "-q", "-b", "exp"), ("config", "user.email", "t@t"), ("config", "user.name", "t"),
+                 ("add", "."), ("commit", "-qm", "baseline")):
+        sh("git", *args)
     return Archive.here(), sh("git", "rev-parse", "HEAD"), ensure_pin("exp", [])[0]
 
 
@@ -64,18 +61,13 @@ def night(repo):
     return runs
 
 
-def audited(archive, run_id):
-    return [line for line in audit(archive) if line.startswith(f"{run_id}: ")]
-
-
 def read_results(archive):
     return list(csv.DictReader(archive.results.read_text().splitlines(), delimiter="\t"))
 
 
 def test_a_run_round_trips_through_run_json_unchanged_and_a_json_integer_is_a_float():
     run = make_run(2.4, caught=[Caught("trained on validation data", "x")], notes=["metrics.jsonl is missing"])
-    bare = make_run(2.5, measured=None)  # archived by hand: val_bpb is train.py's own number
-    assert [Run.from_dict(json.loads(r.to_json())) for r in (run, bare)] == [run, bare] and bare.val_bpb == 2.5
+    assert Run.from_dict(json.loads(run.to_json())) == run
     d = json.loads(run.to_json())
     d["measured"]["val_bpb"] = 2
     assert repr(Run.from_dict(d).val_bpb) == "2.0"
@@ -169,18 +161,18 @@ def test_audit_names_an_edited_number_evidence_changed_or_gone_a_forged_record_a
     assert audit(archive) == []
     keep.measured.val_bpb = 2.2
     archive.save(keep)
-    assert f"{keep.id}: run.log's final block says val_bpb 2.400000, run.json 2.200000" in audited(archive, keep.id)
     (archive.run_dir(keep.id) / "diff.patch").write_text("+ forged\n")
     (archive.run_dir(keep.id) / "metrics.jsonl").unlink()
-    lines = audited(archive, keep.id)
-    assert any("diff.patch changed after archiving" in line for line in lines), lines
-    assert any("metrics.jsonl was archived but is gone" in line for line in lines), lines
     forged = archived(repo, None, "keep", pin="0" * 40)  # audit reads each record and its pin, not only evidence
-    lines = audited(archive, forged.id)
-    assert f"{forged.id}: kept without a val_bpb" in lines and any("archived under pin 0000000" in x for x in lines)
     (archive.dir / "2222222").mkdir()
     (archive.dir / "2222222" / "run.log").write_text("x\n")   # its run.json deleted
-    assert any(line.startswith("2222222: ") and "2222222/run.json: missing" in line for line in audit(archive))
+    lines = audit(archive)
+    for problem in (f"{keep.id}: run.log's final block says val_bpb 2.400000, run.json 2.200000",
+                    f"{keep.id}: diff.patch changed after archiving",
+                    f"{keep.id}: metrics.jsonl was archived but is gone",
+                    f"{forged.id}: kept without a val_bpb", f"{forged.id}: archived under pin 0000000",
+                    f"2222222: {archive.run_dir('2222222') / 'run.json'}: missing"):
+        assert any(line.startswith(problem) for line in lines), (problem, lines)
 
 
 @pytest.mark.parametrize("change, named", [

@@ -3,7 +3,6 @@ and decided, the bare `analyze.py`'s rules. report.py is stubbed; whole runs are
 import json
 import os
 import re
-import subprocess
 import sys
 import textwrap
 import time
@@ -12,19 +11,15 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from test_archive import sh
 
 import prepare
 from harness import loop
-from harness.decide import NOT_THE_MODELS
 from harness.record import Archive, Measured
 
 pytestmark = pytest.mark.quick
 
 BASE = "DEPTH = 4\nMATRIX_LR = 0.04\n"
-
-
-def sh(*args):
-    return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
 
 
 @pytest.fixture
@@ -165,40 +160,32 @@ def write_run(val_bpb=None, age=0):
     return summary
 
 
-def archived(val_bpb, reported=None, **measured):
+def archived(val_bpb, **measured):
     """What `run` does once train.py and the evaluator are done."""
     summary = write_run()
     if val_bpb is not None:  # as measure() appends it: keep's evidence
         Path("run.log").write_text(Path("run.log").read_text() + f"val_bpb:          {val_bpb:.6f}\n")
     m = Measured(val_bpb=val_bpb, heldout_bpb=val_bpb and val_bpb + 0.01, future_leak=0.0, speed_before=20.0,
                  speed_after=20.0, wall_s=8.5, first_row_s=4.0, eval_s=2.0, **measured)
-    return loop.archive_and_decide(Archive.here(), preflight_plan(), summary["git"]["commit"], summary, reported, m)
+    return loop.archive_and_decide(Archive.here(), preflight_plan(), summary["git"]["commit"], summary, None, m)
 
 
-def restored(base):
-    return sh("git", "log", "-1", "--format=%s") == f"Restore train.py from {base.commit[:7]}" \
-        and Path("train.py").read_text() == BASE
-
-
-def test_the_first_run_is_kept_then_a_caught_one_or_one_stopped_at_the_hard_cap_is_discarded_and_restored(repo):
+def test_the_first_run_is_kept_then_one_stopped_at_the_hard_cap_is_a_crash_and_train_py_restored(repo):
     plan = loop.preflight(Archive.here(), None)  # the pin is made on first use; no best yet: the hard cap's floor
     pins = sh("git", "rev-parse", "refs/auto-log-research/pins/autoresearch/t", "HEAD").split()
     assert pins == [plan.pin] * 2 and plan.cap_s == prepare.hard_cap_s(3.0, None), plan
     base, best, _, _ = archived(2.4)
     assert (base.decision.kind, base.status, best, base.val_bpb, base.caught) == ("keep", "keep", None, 2.4, []), base
     assert set(base.evidence) == {"run.log", "metrics.jsonl", "diff.patch"} and base.outside_s == pytest.approx(5.5)
-    Path("train.py").write_text(BASE + "SCALE = 0.97\n")
-    sh("git", "commit", "-qam", "a better-looking number")
-    run, best, after, _ = archived(2.4, reported=2.4 * 0.97)
-    assert [c.case for c in run.caught] == [NOT_THE_MODELS] and run.status == "invalid", run.caught
-    assert (run.decision.kind, best.id, run.best_id) == ("discard", base.id, base.id)
-    assert after.startswith(f"train.py: restored from the best {base.id}") and restored(base)
-    assert "+SCALE = 0.97" in (Archive.here().run_dir(run.id) / "diff.patch").read_text()
     Path("train.py").write_text("DEPTH = 9\nMATRIX_LR = 0.04\n")
     sh("git", "commit", "-qam", "deeper")
     run, best, after, _ = archived(None, stopped="timeout", phase="training", error="stopped in training")
     assert (run.trained.outcome, run.status, run.decision.kind, run.val_bpb) == ("timeout", "crash", "crash", None)
-    assert after.startswith(f"train.py: restored from the best {base.id}") and restored(base)
+    assert (best.id, run.best_id) == (base.id, base.id), run
+    assert "+DEPTH = 9" in (Archive.here().run_dir(run.id) / "diff.patch").read_text()
+    assert after.startswith(f"train.py: restored from the best {base.id}"), after
+    assert sh("git", "log", "-1", "--format=%s") == f"Restore train.py from {base.commit[:7]}"
+    assert Path("train.py").read_text() == BASE
 
 
 @pytest.mark.parametrize("child, summary, needle", [
@@ -217,9 +204,8 @@ def test_the_model_is_measured_only_if_train_py_ended_well(repo, tmp_path, monke
     m = loop.measure(preflight_plan(), child, summary, tmp_path)
     if needle:
         assert m.val_bpb is None and needle in m.error, m.error
-    else:
+    else:  # the number appended to run.log's block: tests/test_cheats.py's baseline
         assert (m.val_bpb, m.eval_s, m.error, m.stopped) == (2.345678, 1.5, None, child.stopped), m
-        assert Path("run.log").read_text().endswith("12\nval_bpb:          2.345678\nmeasured_by:      harness\n")
 
 
 @pytest.mark.parametrize("spoil, status, needle", [

@@ -18,8 +18,6 @@ from harness import recorder
 from harness.recorder import LayerHealth, RunRecorder, RunStopped
 
 ROOT = Path(__file__).resolve().parent.parent
-FINISHED = dict(training_seconds=60.04, total_seconds=70.0, peak_vram_mb=None, mfu_percent=None, total_tokens_M=1.25,
-                num_steps=3, num_params_M=1.234, depth=4)
 OOM = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
 
@@ -41,7 +39,10 @@ def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, 
     with RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
         assert not (tmp_path / "run_summary.json").exists(), "a stale summary survived the start"
         run.timing("startup_s", 1.5)
-        run.finish(val_bpb=None if handoff else 1.2345678, **FINISHED)
+        with pytest.raises(KeyError, match="val_bpp"):  # a typo in a final key is refused, not kept
+            run.set(val_bpp=1.0)
+        run.finish(val_bpb=None if handoff else 1.2345678, training_seconds=60.04, total_seconds=70.0,
+                   peak_vram_mb=None, mfu_percent=None, total_tokens_M=1.25, num_steps=3, num_params_M=1.234, depth=4)
     s = summary(tmp_path)
     assert (run.exit_code, s["status"], s["error"], s["config"]) == (0, "ok", None, {"DEPTH": 4})
     assert set(s) - set(recorder.FINAL_FORMATS) == {"status", "device_batch", "config", "harness", "git", "env",
@@ -56,6 +57,16 @@ def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, 
         "training_seconds: 60.0", "total_seconds:    70.0", "peak_vram_mb:     n/a", "mfu_percent:      n/a",
         "total_tokens_M:   1.2", "num_steps:        3", "num_params_M:     1.2", "depth:            4"], block
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temp files left behind"
+
+
+@pytest.mark.quick
+def test_the_config_keeps_what_json_can_write_and_no_constant_of_prepare():
+    """A global JSON cannot write never costs the run its summary."""
+    cyclic = [1]
+    cyclic.append(cyclic)
+    names = {"LR": 0.04, "BETAS": (0.8, 0.95), "W": {(0, 1): 2}, "CYCLIC": cyclic, "lower": 1,
+             "MAX_SEQ_LEN": prepare.MAX_SEQ_LEN}
+    assert recorder.collect_config(names) == {"LR": 0.04, "BETAS": [0.8, 0.95]}
 
 
 @pytest.mark.quick
@@ -82,20 +93,6 @@ def test_a_crash_keeps_the_traceback_how_far_the_run_got_and_what_to_do(tmp_path
         assert first.startswith("Traceback") and "RuntimeError: boom in the model" in s["error"] and "boom" in err
 
 
-@pytest.mark.quick
-def test_the_config_keeps_what_json_can_write_and_the_block_only_its_keys(tmp_path):
-    """A global JSON cannot write never costs the run its summary; a typo in a final key is refused, not kept."""
-    loop = [1]
-    loop.append(loop)
-    names = {"LR": 0.04, "BETAS": (0.8, 0.95), "W": {(0, 1): 2}, "LOOP": loop, "lower": 1}
-    config = recorder.collect_config({**names, "MAX_SEQ_LEN": prepare.MAX_SEQ_LEN})
-    assert config == {"LR": 0.04, "BETAS": [0.8, 0.95]}, config
-    with RunRecorder(config, out_dir=tmp_path, hard_cap_s=0) as run:
-        with pytest.raises(KeyError, match="val_bpp"):
-            run.set(val_bpp=1.0)
-    assert summary(tmp_path)["config"] == config
-
-
 def test_metrics_are_flushed_on_schedule_in_step_order_and_never_raise(tmp_path, capsys):
     with RunRecorder({}, out_dir=tmp_path, hard_cap_s=60, flush_every_s=0) as run:
         run.log(0, a=1.0)
@@ -117,43 +114,29 @@ def test_metrics_are_flushed_on_schedule_in_step_order_and_never_raise(tmp_path,
     assert run.exit_code == 0 and capsys.readouterr().err.count("metrics.jsonl") == 1, "one warning, no exception"
 
 
-# A whole script started as train.py starts it: the endings that need a process of their own, all at once
-ENDINGS = {  # name -> (the script's last line, exit code, status, a part of the error; a signal sent once it is ready)
-    "raises": ("raise RuntimeError('boom')", 1, "crash", "RuntimeError: boom", None),  # through sys.excepthook
-    "never_finishes": ("pass", 1, "crash", "without calling run.finish()", None),      # through atexit
-    "hard_cap": ("time.sleep(60)", 3, "timeout", "hard cap of 1s", None),              # the watchdog, and where it hung
+# A whole script started as train.py starts it: the endings that need a process of their own
+@pytest.mark.parametrize("last_line, signum, code, status, error", [
+    ("raise RuntimeError('boom')", None, 1, "crash", "RuntimeError: boom"),  # through sys.excepthook
+    ("pass", None, 1, "crash", "without calling run.finish()"),              # through atexit
+    ("time.sleep(60)", None, 3, "timeout", "hard cap of 1s"),                # the watchdog, and where it hung
     # a background job or nohup starts its children with SIGINT ignored: Ctrl-C must still stop the run
-    "sigterm": ("time.sleep(60)", 3, "timeout", "SIGTERM received", signal.SIGTERM),
-    "sigint": ("time.sleep(60)", 130, "interrupted", "KeyboardInterrupt", signal.SIGINT),
-}
-
-
-@pytest.fixture(scope="module")
-def endings(tmp_path_factory):
-    """name -> (exit code, run_summary.json, metrics rows, stderr) of a script that ends that way."""
-    procs = {}
-    for name, (line, *_, signum) in ENDINGS.items():
-        cwd = tmp_path_factory.mktemp(name)
-        (cwd / "script.py").write_text(f"import time\nfrom harness.recorder import RunRecorder\n"
-                                       f"run = RunRecorder({{}}, hard_cap_s={300 if signum else 1}, flush_every_s=1e9)"
-                                       f".start()\nrun.log(0, loss=3.0)\nprint('ready', flush=True)\n{line}\n")
-        pre = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if signum else None
-        procs[name] = cwd, subprocess.Popen([sys.executable, "script.py"], cwd=cwd, stdout=subprocess.PIPE,
-                                            stderr=subprocess.PIPE, text=True, preexec_fn=pre,
-                                            env={**os.environ, "PYTHONPATH": str(ROOT)})
-    for name, (cwd, proc) in procs.items():
-        if signum := ENDINGS[name][-1]:
-            assert proc.stdout.readline().strip() == "ready"
-            proc.send_signal(signum)
-    return {name: (proc.wait(timeout=120), summary(cwd), metrics(cwd), proc.communicate()[1])
-            for name, (cwd, proc) in procs.items()}
-
-
-@pytest.mark.parametrize("ending", sorted(ENDINGS))
-def test_a_started_script_records_how_it_ended_and_exits_with_its_code(endings, ending):
-    _, code, status, error, _ = ENDINGS[ending]
-    returncode, s, rows, err = endings[ending]
-    assert (returncode, s["status"]) == (code, status) and error in s["error"], f"{s}\n{err[-500:]}"
+    ("time.sleep(60)", signal.SIGTERM, 3, "timeout", "SIGTERM received"),
+    ("time.sleep(60)", signal.SIGINT, 130, "interrupted", "KeyboardInterrupt"),
+], ids=["raises", "never_finishes", "hard_cap", "sigterm", "sigint"])
+def test_a_started_script_records_how_it_ended_and_exits_with_its_code(tmp_path, last_line, signum, code, status,
+                                                                       error):
+    (tmp_path / "script.py").write_text(f"import time\nfrom harness.recorder import RunRecorder\n"
+                                        f"run = RunRecorder({{}}, hard_cap_s={300 if signum else 1}, flush_every_s=1e9)"
+                                        f".start()\nrun.log(0, loss=3.0)\nprint('ready', flush=True)\n{last_line}\n")
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if signum else None
+    proc = subprocess.Popen([sys.executable, "script.py"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=ignore_sigint, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if signum:
+        assert proc.stdout.readline().strip() == "ready"
+        proc.send_signal(signum)
+    err = proc.communicate(timeout=120)[1]
+    s, rows = summary(tmp_path), metrics(tmp_path)
+    assert (proc.returncode, s["status"]) == (code, status) and error in s["error"], f"{s}\n{err[-500:]}"
     assert rows == [dict(rows[0], loss=3.0)], "the buffered row was lost"
     assert status != "timeout" or 'script.py", line' in s["error"], "no stack of where the run hung"
 
@@ -170,34 +153,30 @@ def tiny_model():
     return model, model.setup_optimizer()
 
 
-def fit(monkeypatch, max_rows, requested=16):
-    """(DeviceBatch, sizes tried, model, optimizer): fit_batch on train.py's trial_step and a tiny model, on a
-    "device" where more than max_rows rows run out of memory."""
-    monkeypatch.setattr(train, "MAX_SEQ_LEN", T)  # the row length trial_step uses
-    monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, str(max_rows))
-    (model, optimizer), tried = tiny_model(), []
-    health = LayerHealth(model.transformer.h.named_parameters())
-    return recorder.fit_batch(requested, TOTAL, T, lambda B: tried.append(B) or train.trial_step(
-        B, model, optimizer, health, contextlib.nullcontext()), model, optimizer), tried, model, optimizer
-
-
 @pytest.mark.quick
 def test_the_largest_halving_that_fits_is_used_and_the_trials_leave_no_trace(monkeypatch):
     """Two trials that ran out of memory and one that fit: the total is kept by accumulation (test_train's run
     shows the notice), and the run then trains one step bit for bit as a run that never tried anything."""
-    result, tried, *fitted = fit(monkeypatch, max_rows=5)
+    monkeypatch.setattr(train, "MAX_SEQ_LEN", T)  # the row length trial_step uses
+    monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "5")  # a "device" where more than 5 rows run out of memory
+    (model, optimizer), fresh, tried = tiny_model(), tiny_model(), []
+    health = LayerHealth(model.transformer.h.named_parameters())
+
+    def trial(B):
+        tried.append(B)
+        train.trial_step(B, model, optimizer, health, contextlib.nullcontext())
+    result = recorder.fit_batch(16, TOTAL, T, trial, model, optimizer)
     assert tried == [16, 8, 4] and (result.used, result.grad_accum_steps, result.too_big) == (4, 8, [16, 8])
-    assert all(p.grad is None for p in fitted[0].parameters()) and not fitted[1].state
-    rows, fresh = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(99)), tiny_model()
-    for model, optimizer in (fitted, fresh):
-        model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()).backward()
-        optimizer.step()
-    for (name, a), b in zip(fitted[0].named_parameters(), fresh[0].parameters()):
+    assert all(p.grad is None for p in model.parameters()) and not optimizer.state
+    rows = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(99))
+    for trained_model, trained_optimizer in ((model, optimizer), fresh):
+        trained_model(rows[:, :-1].contiguous(), rows[:, 1:].contiguous()).backward()
+        trained_optimizer.step()
+    for (name, a), b in zip(model.named_parameters(), fresh[0].parameters()):
         assert torch.equal(a, b), f"{name} differs after one step: the trials left a trace"
-    result, tried, _, _ = fit(monkeypatch, max_rows=16)
-    assert tried == [16] and (result.used, result.grad_accum_steps) == (16, 2), "a size that fits is never changed"
+    monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "0")
     with pytest.raises(RunStopped, match=r"DEVICE_BATCH_SIZE 1\) fits .*DEPTH"):
-        fit(monkeypatch, max_rows=0, requested=2)
+        recorder.fit_batch(2, 2 * T, T, lambda B: None, *tiny_model())
 
 
 @pytest.mark.quick
@@ -236,14 +215,14 @@ def test_on_a_gpu_real_out_of_memory_errors_halve_to_a_size_that_fits(monkeypatc
     model.init_weights()
     optimizer, health = model.setup_optimizer(), LayerHealth(model.transformer.h.named_parameters())
     before, autocast = [p.detach().clone() for p in model.parameters()], torch.autocast("cuda", torch.bfloat16)
-    trial = lambda B: train.trial_step(B, model, optimizer, health, autocast)  # noqa: E731
+    trial_args = (model, optimizer, health, autocast)  # trial_step's, after the rows
     torch.cuda.empty_cache()
     cap = torch.cuda.memory_allocated() + 1.5 * 2**30
     torch.cuda.set_per_process_memory_fraction(cap / torch.cuda.get_device_properties(0).total_memory)
     try:
-        result = recorder.fit_batch(64, 64 * 2048, 2048, trial, model, optimizer)
+        result = recorder.fit_batch(64, 64 * 2048, 2048, lambda B: train.trial_step(B, *trial_args), model, optimizer)
         assert 1 <= result.used < 64 and result.too_big[-1] == 2 * result.used, result
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before)), "the trials left a trace"
-        trial(result.used)
+        train.trial_step(result.used, *trial_args)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
