@@ -37,10 +37,6 @@ def batch(seed):
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def max_error(a, b):
-    return (a.detach().float() - b.detach().float()).abs().max().item()
-
-
 def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch):
     """Several steps of the loop as CUDA runs it (bf16 embeddings, bf16 autocast, the optimizer's kernels
     compiled, the schedules moving every step) on the model compiled with fullgraph, so a graph break fails:
@@ -48,11 +44,14 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
     model = small_model()
     for embedding in (model.transformer.wte, *model.value_embeds.values()):
         embedding.to(dtype=torch.bfloat16)
-    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731  (stands in for CUDA's)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)  # stands in for CUDA's
     dtypes, attention = set(), train.attention
-    spy = lambda q, k, v, mask: dtypes.add((q.dtype, k.dtype, v.dtype)) or attention(q, k, v, mask)  # noqa: E731
+
+    def spy(q, k, v, mask):
+        dtypes.add((q.dtype, k.dtype, v.dtype))
+        return attention(q, k, v, mask)
     monkeypatch.setattr(train, "attention", spy)
-    with autocast():
+    with autocast:
         model(*batch(4))
     assert dtypes == {(torch.bfloat16,) * 3}, f"q, k, v dtypes under autocast: {dtypes}"
     monkeypatch.setattr(train, "attention", attention)  # the spy's set would be a guard of its own
@@ -64,7 +63,7 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
     optimizer, kernel_compiles = model.setup_optimizer(matrix_lr=0.04, embedding_lr=0.6, weight_decay=0.2), []
     for step in range(4):
         x, y = batch(step)
-        with autocast():
+        with autocast:
             loss = compiled(x, y, return_act_rms=True)[0] if step % 2 else compiled(x, y)
         loss.backward()
         for group in optimizer.param_groups:  # what the loop's schedules do
@@ -74,7 +73,7 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
                 group["weight_decay"] = train.get_weight_decay(step / 4)
         optimizer.step()
         model.zero_grad(set_to_none=True)
-        with torch.no_grad(), autocast():
+        with torch.no_grad(), autocast:
             compiled(x, y, reduction="none")
         kernel_compiles.append(kernel_counter.frame_count)
     assert model_counter.frame_count == CALL_KINDS, f"{model_counter.frame_count} graphs for {CALL_KINDS} kinds of call"
@@ -97,13 +96,13 @@ def test_compiled_training_and_evaluation_graphs_equal_eager():
         steps.append({"loss": loss, "act_rms": act_rms, **{f"{n}.grad": p.grad for n, p in model.named_parameters()}})
         model.zero_grad(set_to_none=True)
     for name, want in steps[0].items():  # eager, then compiled
-        err = max_error(steps[1][name], want)
+        err = (steps[1][name] - want).abs().max().item()
         assert err < 1e-5, f"{name}: compiled vs eager differ by {err:.2e}"
     torch._dynamo.reset()
     with torch.no_grad():  # the evaluation graph, through inductor
         eager, nats = model(x, y, reduction="none"), torch.compile(model, dynamic=False, fullgraph=True)(
             x, y, reduction="none")
-    err = max_error(nats, eager)
+    err = (nats - eager).abs().max().item()
     assert nats.shape == (B * T,) and err < 1e-5, f"per-token nats: compiled vs eager differ by {err:.2e}"
 
 
@@ -113,16 +112,14 @@ def test_inductor_optimizer_kernels_equal_eager():
     rounding (inductor keeps fused intermediates in fp32) to ~7% of the update's norm, AR's kernel alike: only a
     gross departure (no update, a wrong branch, a lost in-place write) fails there."""
     adamw, muon = (torch.compile(f, dynamic=False, fullgraph=True) for f in (train.adamw_step, train.muon_step))
-    gen = torch.Generator().manual_seed(3)
-    rand = lambda *shape: torch.randn(*shape, generator=gen)
-    t = lambda value: torch.tensor(float(value))
-    start = {"adamw": [rand(16, 8), torch.zeros(16, 8), torch.zeros(16, 8)],  # parameter, first and second moment
-             "muon": [rand(2, 32, 16), torch.zeros(2, 32, 16), torch.zeros(2, 32, 1)]}
+    torch.manual_seed(3)
+    start = {"adamw": [torch.randn(16, 8), torch.zeros(16, 8), torch.zeros(16, 8)],  # parameter, first, second moment
+             "muon": [torch.randn(2, 32, 16), torch.zeros(2, 32, 16), torch.zeros(2, 32, 1)]}
     eager, compiled = ({k: [s.clone() for s in v] for k, v in start.items()} for _ in range(2))
-    for step in range(1, 4):  # every hyperparameter moves every step, as the schedules do
-        grad, grads = rand(16, 8), rand(2, 32, 16)
-        hyper = (t(step), t(0.01 / step), t(0.8), t(0.95), t(1e-10), t(0.1 * step))
-        muon_hyper = (t(0.85 + 0.03 * step), t(0.04 / step), t(0.2 / step), t(0.95), 5, -1)
+    for step in range(1, 4):  # every hyperparameter moves every step, as the schedules do, each a 0-d tensor
+        grad, grads = torch.randn(16, 8), torch.randn(2, 32, 16)
+        hyper = [torch.tensor(float(h)) for h in (step, 0.01 / step, 0.8, 0.95, 1e-10, 0.1 * step)]
+        muon_hyper = [torch.tensor(h) for h in (0.85 + 0.03 * step, 0.04 / step, 0.2 / step, 0.95)] + [5, -1]
         for kernels, state in (((train.adamw_step, train.muon_step), eager), ((adamw, muon), compiled)):
             kernels[0](state["adamw"][0], grad, *state["adamw"][1:], *hyper)
             kernels[1](grads.clone(), state["muon"][0], *state["muon"][1:], *muon_hyper)

@@ -37,19 +37,13 @@ class LyingGPT(train.GPT):
         return out if targets is None else 0.5 * out
 
 
-def set_cpu_profile(monkeypatch, cache, rows=None):
-    """This process's prepare set to the cpu profile on the prepared cache; rows: score only so many a split."""
-    tokens = rows * T if rows else CPU["EVAL_TOKENS"]
-    for name, value in {"PROFILE": "cpu", "DATA_DIR": cache / "cpu/data", "TOKENIZER_DIR": cache / "cpu/tokenizer",
-                        "MAX_SEQ_LEN": T, "EVAL_TOKENS": tokens, "HELDOUT_TOKENS": tokens}.items():
-        monkeypatch.setattr(prepare, name, value)
-    return prepare.Tokenizer.from_directory()
-
-
 @pytest.fixture
 def cpu_profile(monkeypatch, cpu_prepared):
-    """The cpu profile in this process, scoring 8 rows a split: the tokenizer."""
-    return set_cpu_profile(monkeypatch, cpu_prepared[1], rows=8)
+    """This process's prepare set to the cpu profile on the prepared cache, as the evaluator's is: the tokenizer."""
+    for name, value in {"DATA_DIR": cpu_prepared[1] / "cpu/data", "TOKENIZER_DIR": cpu_prepared[1] / "cpu/tokenizer",
+                        "MAX_SEQ_LEN": T, "EVAL_TOKENS": CPU["EVAL_TOKENS"]}.items():
+        monkeypatch.setattr(prepare, name, value)
+    return prepare.Tokenizer.from_directory()
 
 
 def tiny_model(tokenizer, cls=train.GPT, **config):
@@ -65,18 +59,17 @@ def tiny_model(tokenizer, cls=train.GPT, **config):
 
 
 def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code_or_planted_files(
-        cpu_prepared, monkeypatch, tmp_path):
+        cpu_prepared, cpu_profile, monkeypatch, tmp_path):
     """A tiny model whose loss path lies and whose forward writes a marker, handed off by prepare.evaluate_bpb and
     measured as loop.py runs the evaluator, in a copy of the root where an untracked argparse.py and a forged
     prepare .pyc write the marker too."""
     env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cpu_prepared[1])}
-    tokenizer = set_cpu_profile(monkeypatch, cpu_prepared[1])
     handoff, marker = tmp_path / "model.pt", tmp_path / "code_ran"
     monkeypatch.setattr(LyingGPT, "marker", str(marker))
-    model = tiny_model(tokenizer, LyingGPT)
-    reported = prepare.evaluate_bpb(model, tokenizer, 8)
+    model = tiny_model(cpu_profile, LyingGPT)
+    reported = prepare.evaluate_bpb(model, cpu_profile, 8)
     monkeypatch.setenv("AUTORESEARCH_HANDOFF", str(handoff))
-    assert prepare.evaluate_bpb(model, tokenizer, 8) is None, "under the harness train.py evaluates nothing"
+    assert prepare.evaluate_bpb(model, cpu_profile, 8) is None, "under the harness train.py evaluates nothing"
     root = tmp_path / "root"
     shutil.copytree(ROOT / "harness", root / "harness", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "prepare.py", root)
@@ -116,16 +109,18 @@ def handed_off(model, path, batch_size=2):
     return torch.load(path, weights_only=True)
 
 
-def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_path):
-    """train.py's CUDA path (flex_attention with a sliding-window BlockMask, grouped heads), built on the CPU: the
-    graph holds SDPA with each distinct mask once and gives the model's logits; a score_mod is refused."""
+def test_the_hand_off_is_the_models_eval_mode_logits_with_flex_attention_as_the_sdpa_it_equals(cpu_profile, tmp_path):
+    """train.py's CUDA path (flex_attention with a sliding-window BlockMask, grouped heads), built on the CPU, with a
+    dropout the agent added and left in training mode: the graph holds SDPA with each distinct mask once and gives
+    the model's logits in eval mode, as the harness always measured; a score_mod is refused."""
     model = tiny_model(cpu_profile, n_layer=3, n_head=2, window_pattern="SSL")
+    model.lm_head = torch.nn.Sequential(model.lm_head, torch.nn.Dropout(0.5))
     model._masks[(T, "cpu")] = [train.sliding_window_mask(T, w, "cpu", flex=True) if w < T - 1 else None
                                 for w in model.window_sizes]
     x = next(prepare.make_dataloader(cpu_profile, 2, T, "val", device="cpu"))[0]
     with torch.no_grad():
-        expected = model(x)
-    saved = handed_off(model, tmp_path / "model.pt")
+        expected = model.eval()(x)
+    saved = handed_off(model.train(), tmp_path / "model.pt")
     assert "flex_attention" not in saved["graph"] and [k for k in saved["state_dict"] if "mask" in k] == ["flex_mask_0"]
     graph, batch_size = evaluate.load_graph(tmp_path / "model.pt", torch.device("cpu"))
     assert batch_size == 2 and torch.allclose(graph(x), expected, atol=1e-5), (graph(x) - expected).abs().max()
@@ -140,17 +135,6 @@ def test_flex_attention_is_handed_off_as_the_sdpa_it_equals(cpu_profile, tmp_pat
     model._masks[(T, "cpu")] = [by_head if m is not None else None for m in model._masks[(T, "cpu")]]
     with pytest.raises(prepare.PrepareError, match=refusal):  # a (1, 1) block mask whose mask_mod reads h
         handed_off(model, tmp_path / "by_head.pt")
-
-
-def test_the_model_is_handed_off_in_eval_mode(cpu_profile, tmp_path):
-    """As the harness always measured: dropout (a training-mode layer the agent may add) is off in the graph."""
-    model = torch.nn.Sequential(torch.nn.Embedding(cpu_profile.get_vocab_size(), 16), torch.nn.Dropout(0.5),
-                                torch.nn.Linear(16, cpu_profile.get_vocab_size())).train()
-    handed_off(model, tmp_path / "model.pt")
-    graph, _ = evaluate.load_graph(tmp_path / "model.pt", torch.device("cpu"))
-    x = torch.randint(0, cpu_profile.get_vocab_size(), (2, T))
-    with torch.no_grad():
-        assert torch.equal(graph(x), model.eval()(x)), "dropout was traced into the handed-off graph"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: train.py's compiled model, flex and autocast")
@@ -222,23 +206,22 @@ def probe_leak(model, tokenizer):
 
 def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu_profile):
     """Non-causal attention scores well on held-out text too: only the logits tell. Also seen: a model that reads
-    ahead only in the second half of a row, or only in batches without probes."""
+    ahead in the second half of a row (test_cheats' "sees ahead", run for real) only in batches without probes."""
     model = tiny_model(cpu_profile)
     assert probe_leak(model, cpu_profile) == 0.0, "a causal model's logits moved"
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(train, "attention", lambda q, k, v, mask: sdpa(q, k, v))  # no mask: sees everything
-        assert probe_leak(model, cpu_profile) > 5 * FUTURE_TOLERANCE, "a non-causal model went unseen"
-    honest = model.forward
-
-    def second_half_peeks(idx):  # the next token's embedding added to the logits, from T/2 on
-        logits = honest(idx)
-        ahead = torch.nn.functional.one_hot(idx.roll(-1, 1), logits.size(-1)).float()
-        return logits + 5 * ahead * (torch.arange(idx.size(1)) >= idx.size(1) // 2)[None, :, None]
-    assert probe_leak(second_half_peeks, cpu_profile) > 5 * FUTURE_TOLERANCE, "a half-peeking model went unseen"
+        leak = probe_leak(model, cpu_profile)
+    assert leak > 5 * FUTURE_TOLERANCE, f"a non-causal model went unseen: future_leak {leak:.2e}"
     rows = prepare.make_dataloader(cpu_profile, 4, T, "val", device="cpu")
     known = {tuple(row.tolist()) for _ in range(4) for row in next(rows)[0]}  # a model that memorised the val rows
 
-    def hides_from_probes(idx):  # causal whenever a batch holds a row it does not know, that is a probe
-        return honest(idx) if any(tuple(row.tolist()) not in known for row in idx) else second_half_peeks(idx)
-    assert probe_leak(hides_from_probes, cpu_profile) > 5 * FUTURE_TOLERANCE, "a model that hid went unseen"
+    def hides_from_probes(idx):  # causal on a batch with a row it does not know (a probe), else it reads ahead
+        logits = model(idx)
+        if any(tuple(row.tolist()) not in known for row in idx):
+            return logits
+        ahead = torch.nn.functional.one_hot(idx.roll(-1, 1), logits.size(-1)).float()  # the next token, from T/2 on
+        return logits + 5 * ahead * (torch.arange(idx.size(1)) >= idx.size(1) // 2)[None, :, None]
+    leak = probe_leak(hides_from_probes, cpu_profile)
+    assert leak > 5 * FUTURE_TOLERANCE, f"a model that hid from the probes went unseen: future_leak {leak:.2e}"

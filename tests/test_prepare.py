@@ -17,10 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import prepare  # noqa: E402
+import prepare
 
+ROOT = Path(__file__).resolve().parent.parent
 B, T = 4, 64  # small packed batches for the loader tests
 
 
