@@ -439,12 +439,7 @@ class _DataLoader(collections.abc.Iterator):
         self.lens, self.refs = [], []  # parallel lists sorted by length (BOS included); ties oldest first
         self.epoch = 1                 # epoch of the last batch of documents read
         self.loaded_docs = 0           # documents read into the buffer so far
-        self.taken_tokens = self.cropped_tokens = 0  # tokens drawn from documents (BOS included); of those, cropped
         self.rows = np.empty((B, T + 1), dtype=np.int64)
-
-    @property
-    def crop_fraction(self):
-        return self.cropped_tokens / max(self.taken_tokens, 1)
 
     def _refill(self):
         while len(self.lens) < self.buffer_size:
@@ -472,8 +467,6 @@ class _DataLoader(collections.abc.Iterator):
                 row[pos] = self.bos
                 row[pos + 1:pos + take] = tokens[start:start + take - 1]
                 pos += take
-                self.taken_tokens += n
-                self.cropped_tokens += n - take
         return self.epoch
 
     def __next__(self):

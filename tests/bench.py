@@ -154,7 +154,6 @@ def bench_loader(cache, scratch):
     ours = (time.perf_counter() - t0) / LOADER_BATCHES
     record("loader", f"packed loader B={LOADER_B} T={LOADER_T} (ms/batch)", f"{ours * 1e3:.1f}",
            f"{LOADER_B * LOADER_T / ours / 1e6:.1f} M tok/s; an H100 step takes {GPU_STEP_MS:.0f} ms")
-    record("loader", "crop fraction (tokens dropped)", f"{loader.crop_fraction:.2%}")
 
 
 # CPU: the metrics path of one training step
