@@ -119,9 +119,9 @@ def cmd_rebuild(archive):
 
 
 def cmd_pin(archive):
-    branch, me = current_branch(), worker_name()
-    with archive.lock():  # another clone's runs may be on a branch of the same name: only this worker's count
-        pin, problem = ensure_pin(branch, [r.id for r in archive.runs() if r.branch == branch and r.worker == me])
+    branch = current_branch()
+    with archive.lock():
+        pin, problem = ensure_pin(branch, archive.runs())
     if problem:
         raise RecordError(problem)
     files = pinned_blobs(pin)

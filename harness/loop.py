@@ -149,7 +149,7 @@ def preflight(archive, description):
     with archive.lock():  # the pin is made on first use, as archiving does
         runs = archive.runs()
         own = [r for r in runs if r.branch == branch and r.worker == worker_name()]
-        pin, problem = ensure_pin(branch, [r.id for r in own])
+        pin, problem = ensure_pin(branch, runs)
     if problem:
         raise Refused(problem)
     changes = harness_changes(pin)
@@ -173,7 +173,7 @@ def preflight(archive, description):
                       f"`uv run analyze.py status {latest.id} discard`")
     prepare = prepare_module()
     try:
-        for split in ("train", "val", "heldout", "dev"):
+        for split in prepare.SPLITS:
             prepare.shard_paths(split)
     except prepare.PrepareError as e:  # its message says what to run
         raise Refused(str(e)) from None
@@ -521,8 +521,7 @@ def archive_here():
             print(f"analyze.py: this run is archived already, as {done.id}")
             return 0
         branch = current_branch()
-        own = [r.id for r in runs if r.branch == branch and r.worker == worker_name()]
-        pin, problem = ensure_pin(branch, own) if branch else (None, None)  # made on first use, as by `run`
+        pin, problem = ensure_pin(branch, runs) if branch else (None, None)  # made on first use, as by `run`
         run = new_run(archive, commit, summary, None, branch, pin, runs)
         run.notes += [problem] if problem else []
         if head and commit != head:

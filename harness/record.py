@@ -353,7 +353,7 @@ def _root():
     return Path((git("rev-parse", "--show-toplevel") or "").strip() or Path.cwd())
 
 
-def _pinned(path):
+def harness_file(path):  # what the pin covers (the module docstring)
     return path.endswith(".py") and path != "train.py" and not path.startswith(("tests/", "contrib/"))
 
 
@@ -376,14 +376,14 @@ def pinned_blobs(commit):
     """{path: blob id} of the harness files `commit` holds."""
     entries = [e.split("\t", 1) for e in (git("ls-tree", "-r", "-z", "--full-tree", commit) or "").split("\0")]
     return {path: meta.split()[2] for meta, path in (e for e in entries if len(e) == 2)  # meta: mode type blob
-            if _pinned(path) and meta.split()[1] == "blob"}
+            if harness_file(path) and meta.split()[1] == "blob"}
 
 
 def harness_changes(pin, recorded=None):
     """The working tree's harness files against `pin`, one phrase per file that differs; with `recorded` ({path:
     sha256} as train.py saw them at its start), also a file edited while it trained and restored since."""
     root, pinned = _root(), pinned_blobs(pin)
-    tracked = [p for p in (git("ls-files", "-z", "--full-name", cwd=root) or "").split("\0") if p and _pinned(p)]
+    tracked = [p for p in (git("ls-files", "-z", "--full-name", cwd=root) or "").split("\0") if harness_file(p)]
     present = [p for p in sorted(set(pinned) | set(tracked)) if (root / p).is_file()]
     hashed = git("hash-object", "--", *present, cwd=root) if present else ""
     found = dict(zip(present, (hashed or "").split()))  # blob ids, as git would store the working tree's files
@@ -394,14 +394,15 @@ def harness_changes(pin, recorded=None):
     return [f"{p} ({what}) against the pin {pin[:7]}" for p, what in sorted(changes.items())]
 
 
-def ensure_pin(branch, earlier_run_ids):
-    """(pin, None), pinning HEAD first when `branch` has none and no run was archived on it yet (an experiment's
-    set-up); (None, why) when only a human can pin it."""
+def ensure_pin(branch, runs):
+    """(pin, None), pinning HEAD first when `branch` has none and none of `runs` is this worker's on it (an
+    experiment's set-up; another clone's runs may be on a branch of the same name); (None, why) when only a human
+    can pin it."""
     if pin := read_pin(branch):
         return pin, None
-    if earlier_run_ids:
-        return None, (f"branch {branch} has no pin although {len(earlier_run_ids)} run(s) ({earlier_run_ids[0]} to "
-                      f"{earlier_run_ids[-1]}) ran on it: it was removed; a human restores it (`analyze.py repin`)")
+    if earlier := [r.id for r in runs if r.branch == branch and r.worker == worker_name()]:
+        return None, (f"branch {branch} has no pin although {len(earlier)} run(s) ({earlier[0]} to {earlier[-1]}) "
+                      "ran on it: it was removed; a human restores it (`analyze.py repin`)")
     head = rev_parse("HEAD")
     if head is None:
         return None, "the repository has no commit to pin; commit the harness first"

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import prepare
-from harness.record import git, sha256_file, write_atomic
+from harness.record import git, harness_file, sha256_file, write_atomic
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL_FORMATS = {"val_bpb": ".6f", "training_seconds": ".1f", "total_seconds": ".1f", "peak_vram_mb": ".1f",
@@ -134,10 +134,10 @@ def provenance():
     """run_summary.json's git block (the commit; the scripts and harness files as they ran) and env block."""
     commit = (git("rev-parse", "HEAD", cwd=ROOT) or "").strip() or None
     status = git("status", "--porcelain", "--untracked-files=no", cwd=ROOT) if commit else None
-    tracked = (git("ls-files", "-z", "--", "prepare.py", "analyze.py", "harness", cwd=ROOT) or "").split("\0")
+    tracked = (git("ls-files", "-z", cwd=ROOT) or "").split("\0")
     git_block = {"commit": commit, "dirty": None if status is None else bool(status.strip()),
                  **{f"{n}_py_sha256": sha256_file(ROOT / f"{n}.py") for n in ("train", "prepare", "analyze")},
-                 "harness_sha256": {p: sha256_file(ROOT / p) for p in sorted(tracked) if p.endswith(".py")}}
+                 "harness_sha256": {p: sha256_file(ROOT / p) for p in sorted(tracked) if harness_file(p)}}
     env = dict(python=platform.python_version(), torch=torch.__version__, cuda=None, gpu_name=None, driver=None)
     if torch.cuda.is_available():
         env.update(cuda=torch.version.cuda, gpu_name=torch.cuda.get_device_name(), driver=prepare.nvidia_driver())

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from harness.record import (Archive, Caught, RecordError, Run, StatusChange, audit, code_sha, code_size, ensure_pin,
-                            evidence, harness_changes, move_pin, pin_history, pin_problems, record_problems)
+                            evidence, harness_changes, move_pin, pin_history, pin_problems, record_problems,
+                            worker_name)
 from tests.factory import make_run
 
 pytestmark = pytest.mark.quick
@@ -221,7 +222,7 @@ def test_a_pin_is_made_once_moved_only_by_a_human_at_a_terminal_and_kept_in_hist
     pin = repo[2]
     status, out, _ = cli("pin")
     assert status == 0 and out.startswith(f"exp is pinned at {pin[:7]}: 1 harness files (prepare.py)")
-    assert ensure_pin("exp", ["abc"]) == (pin, None)
+    assert ensure_pin("exp", []) == (pin, None)
     Path("prepare.py").write_text("HARNESS = 2\n")
     sh("git", "commit", "-qam", "a human changes the harness")
     monkeypatch.setattr(sys, "stdin", open("/dev/null"))
@@ -236,7 +237,8 @@ def test_a_pin_is_made_once_moved_only_by_a_human_at_a_terminal_and_kept_in_hist
     assert out.endswith(f"exp is pinned at {head[:7]}\n") and pin_history("exp") == [head, pin]
     assert not move_pin("exp", "no-such-commit")
     sh("git", "update-ref", "-d", "refs/auto-log-research/pins/exp")
-    assert ensure_pin("exp", ["abc1234"])[1].startswith("branch exp has no pin although 1 run(s)")
+    earlier = [make_run(id="abc1234", branch="exp", worker=worker_name()), make_run(branch="exp", worker="other")]
+    assert ensure_pin("exp", earlier)[1].startswith("branch exp has no pin although 1 run(s) (abc1234 to abc1234)")
 
 
 def test_status_audit_rebuild_and_curve_from_the_command_line_and_bad_input_is_one_line_and_exit_1(repo, cli):

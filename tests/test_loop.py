@@ -36,7 +36,7 @@ def repo(tmp_path, monkeypatch):
         sh("git", *args)
     Path("notes").mkdir()  # untracked, but no module (nor is tokenizer.pkl): preflight lets them be
     fake = SimpleNamespace(PROFILE="cpu", TIME_BUDGET=3.0, TOKENIZER_DIR=tmp_path, PrepareError=prepare.PrepareError,
-                           hard_cap_s=prepare.hard_cap_s, shard_paths=lambda split: [])
+                           hard_cap_s=prepare.hard_cap_s, SPLITS=prepare.SPLITS, shard_paths=lambda split: [])
     (tmp_path / "tokenizer.pkl").touch()
     monkeypatch.setattr(loop, "prepare_module", lambda: fake)
     for name in ("write_analysis", "draw_progress", "run_lines"):
