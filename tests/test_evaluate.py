@@ -109,6 +109,7 @@ def handed_off(model, path, batch_size=2):
     return torch.load(path, weights_only=True)
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")  # the eager reference
 def test_the_hand_off_is_the_models_eval_mode_logits_with_flex_attention_as_the_sdpa_it_equals(cpu_profile, tmp_path):
     """train.py's CUDA path (flex_attention with a sliding-window BlockMask, grouped heads), built on the CPU, with a
     dropout the agent added and left in training mode: the graph holds SDPA with each distinct mask once and gives
