@@ -4,7 +4,8 @@ progress.png, the lines `analyze.py run` prints, and the texts of `analyze.py li
 
     text = write_analysis(run, archive.runs(), archive)   # analysis.md + PNGs in archive.run_dir(run.id)
 
-Every figure is harness.stats' and the verdict harness.decide's: this module only words them. A difference from
+Every figure set against the best is harness.stats' and the verdict harness.decide's (only a run's own step-time
+medians and stalls are counted here): this module words them. A difference from
 the best is named as a cause (learning per step, speed, the machine, a clock-driven schedule) only beyond the
 spread of that quantity over the best's repeats; otherwise it is named as noise, with both numbers.
 """
@@ -79,11 +80,11 @@ def section_headline(v):
 def against_line(v):
     """This run against the best: the decision's figures (n runs' mean minus m runs') if any, else run against run."""
     run, best, d = v.run, v.best, v.run.decision
+    if best is None or run.val_bpb is None:  # a crash's decision still has its code's earlier runs' delta
+        return f"- vs best {best.id}: this run has no number" if best else "- vs best: no earlier comparable run"
     if d is not None and d.delta is not None:  # the same numbers as the decision's line, never two verdicts
         return (f"- vs best {d.best_id}: delta {d.delta:+.6f} (n {d.n} vs {d.m}: the mean of this code's runs minus "
                 f"the best code's, as the decision), {band_words(d.delta, d.band)}")
-    if best is None or run.val_bpb is None:
-        return f"- vs best {best.id}: this run has no number" if best else "- vs best: no earlier comparable run"
     delta = run.val_bpb - best.val_bpb
     return f"- vs best {best.id} ({best.val_bpb:.6f}): {delta:+.6f}, {band_words(delta, v.noise.band)}"
 
@@ -311,7 +312,8 @@ def section_stability_throughput(v):
     if len(ms):  # medians over the counted steps (the warm-up's compile steps are not the run's speed)
         tps, mfu = (np.median(x) if len(x := m.finite(key, counted=True)[2]) else None
                     for key in ("perf/tokens_per_sec", "perf/mfu_percent"))
-        stalls = [f", step {s:.0f} ({x:.0f} ms)" for s, x in zip(step, ms) if x > STALL_FACTOR * np.median(ms)]
+        slow = STALL_FACTOR * np.median(ms)
+        stalls = [f", step {s:.0f} ({x:.0f} ms)" for s, x in zip(step, ms) if x > slow]
         lines.append(f"- counted steps: step time median {np.median(ms):.1f} ms (p90 {np.percentile(ms, 90):.1f}); "
                      f"tokens/s median {fmt(tps, ',.0f')}; MFU median {fmt(mfu, '.2f', '%')}; stalls (> "
                      f"{STALL_FACTOR:g}x the median step): {len(stalls) or 'none'}" + "".join(stalls[:8]))

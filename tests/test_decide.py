@@ -150,8 +150,10 @@ def test_a_code_whose_runs_were_interrupted_after_their_curve_was_visible_is_not
 
 def test_a_lower_mean_inside_the_band_is_rerun_until_the_code_has_enough_runs_then_discarded():
     runs = with_band()
-    kinds = [decided(idea(runs, (0.994, 0.998)[i % 2])).kind for i in range(ENOUGH)]
-    assert kinds == ["rerun"] * (ENOUGH - 1) + ["discard"], kinds
+    decisions = [decided(idea(runs, (0.994, 0.998)[i % 2])) for i in range(ENOUGH)]
+    assert [d.kind for d in decisions] == ["rerun"] * (ENOUGH - 1) + ["discard"], decisions
+    assert all(d.reason.startswith(f"lower but inside the noise band, on {d.n} run(s)") for d in decisions[:-1])
+    assert decisions[-1].n == ENOUGH, decisions[-1]
 
 
 # The odds of a night, simulated through decide() (tests/bench.py prints them with more trials)

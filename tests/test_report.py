@@ -189,3 +189,13 @@ def test_run_lines_and_analysis_read_one_machine_speed_and_caught_case_and_the_p
     text = compare_text(runs[0], runs[-1], archive)
     assert "- val_bpb B - A: -0.010000" in text and "train loss (smoothed) at equal steps, step 0-399: within" in text
     assert "loss.png" in text.splitlines()[-1]
+
+
+def test_a_crash_of_a_code_that_ran_before_says_it_has_no_number_not_its_codes_delta(archive):
+    runs = best_repeats(archive) + [planted(archive, 0.95)]
+    runs.append(make_run(None, code_sha="idea", outcome="crash"))
+    archive.run_dir(runs[-1].id).mkdir()
+    runs[-1].decision = decide(runs[-1], runs)
+    headline = write_analysis(runs[-1], runs, archive).split("## Headline\n")[1].split("\n## ")[0]
+    assert runs[-1].decision.delta is not None, runs[-1].decision  # the mean of the code's earlier run
+    assert "this run has no number" in headline and "delta" not in headline, headline
