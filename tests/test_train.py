@@ -86,6 +86,18 @@ def test_adamw_path_matches_torch_adamw():
         assert err < 1e-6, f"step {step}: AdamW path differs from torch.optim.AdamW by {err:.2e}"
 
 
+@pytest.mark.parametrize("shape, scale", [((16, 4), 2.0), ((4, 16), 1.0), ((8, 8), 1.0)])
+def test_muon_scales_a_tall_matrix_lr_by_the_root_of_its_aspect_ratio(monkeypatch, shape, scale):
+    """AR's max(1, rows / cols) ** 0.5: the reference figures' tolerances on optimizer steps are too wide to see it."""
+    seen = []
+    monkeypatch.setattr(train, "muon_step", lambda *args: seen.append(float(args[5])))  # args[5]: the step's lr
+    p = torch.nn.Parameter(torch.randn(*shape))
+    p.grad = torch.randn(*shape)
+    train.MuonAdamW([dict(kind="muon", params=[p], lr=0.02, momentum=0.95, ns_steps=5, beta2=0.95,
+                          weight_decay=0.0)]).step()
+    assert seen == [pytest.approx(0.02 * scale)], f"{shape}: lr {seen}, want {0.02 * scale}"
+
+
 @pytest.mark.quick
 def test_layer_health_reports_grad_norm_update_ratio_and_the_rms_of_each_block_output():
     torch.manual_seed(0)
