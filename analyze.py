@@ -1,6 +1,8 @@
 """
 Everything that happens after a run, from the command line. The work is done by harness/: loop.py (one
-experiment), record.py (run.json, the archive, the pin, audit), report.py (analysis.md, plots, the texts below).
+experiment), record.py (run.json, the archive, the pin, audit), stats.py and decide.py (the figures, the caught
+cases, the decision), report.py (analysis.md, plots, the texts below), evaluate.py (the isolated measurement);
+train.py records itself with recorder.py.
 
 Usage:
     uv run analyze.py run ["DESCRIPTION"]        # one experiment: commit train.py, train, measure, archive, decide

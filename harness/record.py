@@ -204,7 +204,9 @@ class Run:
 
     @classmethod
     def from_dict(cls, d):
-        """Typed and validated, or RecordError naming the field (callers name the file)."""
+        """Typed and validated, or RecordError naming the field (callers name the file); another schema first."""
+        if isinstance(d, dict) and d.get("schema", SCHEMA) != SCHEMA:  # before its fields, which that schema changed
+            raise RecordError(f"schema {d.get('schema')!r}, not {SCHEMA!r}")
         return _typed(d, cls, "run")
 
 

@@ -2,6 +2,7 @@
 results.tsv rows, decisions.jsonl) becomes one run.json per run, losing nothing and deleting nothing."""
 import hashlib
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -66,6 +67,7 @@ def test_convert_writes_run_json_for_each_old_run_loses_nothing_and_then_has_not
     for line in ("aaaaaaa: converted (keep, val_bpb 2.41)", "bbbbbbb: converted (crash",
                  "ccccccc: not converted, record.json is not valid JSON"):
         assert line in said, said
+    assert re.search(r"^ccccccc: not converted, .*; its files are as they were$", said, re.M), said
     assert all(path.read_bytes() == data for path, data in before.items() if path.name != "results.tsv")
     assert (archive.dir / "results.tsv.previous").read_bytes() == before[archive.results]
     kept, crash = archive.runs()

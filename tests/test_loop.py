@@ -8,6 +8,7 @@ import textwrap
 import time
 from contextlib import nullcontext, suppress
 from pathlib import Path
+from importlib.machinery import EXTENSION_SUFFIXES
 from types import SimpleNamespace
 
 import pytest
@@ -109,8 +110,10 @@ def test_cpu_outside_the_budget_never_counts_training_when_the_hand_off_came_in_
     assert loop.Child(0, 50.0, 2.0, 45.0, cpu_s=samples).outside_cpu_s() == outside
 
 
+FAST = "fast" + EXTENSION_SUFFIXES[0]  # an extension module this Python imports (cpython-311-..., -312-...)
+
 @pytest.mark.parametrize("setup, needle", [
-    (lambda repo: Path("fast.cpython-311-x86_64-linux-gnu.so").touch(), "fast.cpython-311-x86_64-linux-gnu.so at the"),
+    (lambda repo: Path(FAST).touch(), f"{FAST} at the"),
     (lambda repo: Path("json").mkdir() or Path("json/__init__.py").touch(), "json at the repository root is not"),
     (lambda repo: (loop.preflight(Archive.here(), None), Path("harness/rules.py").write_text("LIMIT = 0\n")),
      "harness files differ from the branch's pin: harness/rules.py (changed)"),  # once the pin is made
@@ -174,8 +177,9 @@ def test_the_first_run_is_kept_then_one_stopped_at_the_hard_cap_is_a_crash_and_t
     plan = loop.preflight(Archive.here(), None)  # the pin is made on first use; no best yet: the hard cap's floor
     pins = sh("git", "rev-parse", "refs/auto-log-research/pins/autoresearch/t", "HEAD").split()
     assert pins == [plan.pin] * 2 and plan.cap_s == prepare.hard_cap_s(3.0, None), plan
-    base, best, _, _ = archived(2.4)
+    base, best, after, _ = archived(2.4)
     assert (base.decision.kind, base.status, best, base.val_bpb, base.caught) == ("keep", "keep", None, 2.4, []), base
+    assert after == f"train.py: kept; commit {base.commit[:7]} is the branch's best now", after
     assert set(base.evidence) == {"run.log", "metrics.jsonl", "diff.patch"} and base.outside_s == pytest.approx(5.5)
     Path("train.py").write_text("DEPTH = 9\nMATRIX_LR = 0.04\n")
     sh("git", "commit", "-qam", "deeper")
