@@ -8,11 +8,13 @@ Usage (loop.py's command line; main() refuses to run without -I -B):
 
 One defence per threat. train.py's code never runs here: the hand-off is a graph of aten operators plus weights
 (torch.export in train.py's process), which load_graph refuses to deserialize if it holds anything else, and the
-loss is computed here from its logits. Planted modules and bytecode: -I, -B and a pycache_prefix naming no folder
-(set once torch is imported from the venv's bytecode, which a contained run cannot write) keep them out of
-prepare.py's import. A graph that reads later tokens: Probe. One trained on the validation rows: heldout_bpb.
+loss is computed here from its logits. Planted modules and bytecode: -I keeps the root off sys.path, prepare.py is
+loaded by its path, and a pycache_prefix naming no folder (set once torch is imported from the venv's bytecode,
+which a contained run cannot write) reads no .pyc. A graph that reads later tokens: Probe. One trained on the
+validation rows: heldout_bpb.
 """
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -23,13 +25,16 @@ import traceback
 from operator import getitem
 from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parent.parent))  # last: the stdlib and site-packages win over the root
-
-import torch  # noqa: E402
-import torch.nn.attention.flex_attention  # noqa: E402, F401  (prepare.py's import, from the venv's bytecode too)
+import torch
+import torch.nn.attention.flex_attention  # noqa: F401  (prepare.py's import, from the venv's bytecode too)
 
 sys.pycache_prefix = os.path.join(os.devnull, "no-bytecode")  # a folder that cannot exist: no .pyc read or written
-import prepare  # noqa: E402
+if "prepare" not in sys.modules:  # (a test imports this module beside its own prepare)
+    # prepare.py by its path, never searched for: a prepare/ package or prepare.*.so planted beside it would win
+    _spec = importlib.util.spec_from_file_location("prepare", Path(__file__).resolve().parent.parent / "prepare.py")
+    sys.modules["prepare"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["prepare"])
+prepare = sys.modules["prepare"]
 
 SPEED_WORKLOADS = {"cpu": (1024, 16, torch.float32), "cuda": (8192, 200, torch.bfloat16)}  # (n, matmuls, dtype): ~0.3 s
 OK_TARGET = re.compile(r"torch\.ops\.aten\.\w+\.\w+|_operator\.getitem")  # what a hand-off's graph may call

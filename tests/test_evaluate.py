@@ -82,6 +82,10 @@ def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code
     for probe in ("import argparse", "import prepare"):
         subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, timeout=120)
     assert marker.read_text().splitlines() == ["argparse.py", "forged prepare .pyc"], "the planted files are not live"
+    (root / "prepare").mkdir()  # a package is found before the module beside it, bytecode or not
+    (root / "prepare" / "__init__.py").write_text(plant.format(marker=str(marker), name="prepare package"))
+    subprocess.run([sys.executable, "-c", "import prepare"], cwd=root, env=env, capture_output=True, timeout=120)
+    assert marker.read_text().splitlines()[-1] == "prepare package", "the planted package is not live"
     marker.unlink()
     out = subprocess.run([sys.executable, "-I", "-B", root / "harness" / "evaluate.py", "--handoff", handoff,
                           "--out", tmp_path / "eval.json"], cwd=root, env=env, capture_output=True, text=True,
@@ -90,7 +94,7 @@ def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code
     assert out.returncode == 0 and not marker.exists(), (out.stderr, marker.exists() and marker.read_text())
     assert set(result) == set(evaluate.RESULT) and result["error"] is None, result
     assert result["future_leak"] == 0.0, "train.py's model is causal: no logit moved in the probe batches"
-    assert result["val_bpb"] == pytest.approx(2 * reported, rel=1e-6, abs=0), (result["val_bpb"], reported)
+    assert result["val_bpb"] == pytest.approx(2 * reported, rel=1e-9, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
     assert result["speed_before"] > 0 and result["speed_after"] > 0, result
 
@@ -181,10 +185,13 @@ def in_graph(old, new):
     (in_graph("torch.ops.aten.tanh.default", "torch.os.system"), "holds torch.os.system"),
     (in_graph("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default"),
      r"aten.tanh_.default.* (is not functional|run here)"),  # torch's verifier or ours
+    (lambda saved, marker: in_graph('"verifiers": ["ATEN"]', '"verifiers": ["TRAINING"]')(
+        in_graph("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default")(saved, marker), marker),
+     "aten.tanh_.default: only pure operators run here"),  # a dialect torch's verifier does not check: ours does
     (in_graph('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}'), "holds as_expr"),
     (lambda saved, marker: {**saved, "state_dict": {"w": Planted(marker)}}, "UnpicklingError"),
     (lambda saved, marker: {**saved, "state_dict": pickle.dumps({"w": Planted(marker)})}, "dicts of tensors"),
-], ids=["a call into os", "an in-place operator", "a symbolic shape", "a pickled object", "pickle bytes"])
+], ids=["a call into os", "an in-place operator", "an in-place operator, unverified", "a symbolic shape", "a pickled object", "pickle bytes"])
 def test_a_forged_hand_off_is_refused_in_one_line_before_any_of_it_runs(cpu_profile, tmp_path, forge, refusal):
     """Pickle bytes beside a real graph: weights_only lets them through, and torch's deserializer would unpickle."""
     marker = tmp_path / "unpickled"
