@@ -471,9 +471,10 @@ class _DataLoader(collections.abc.Iterator):
 
     def __next__(self):
         epoch = self.fill(self.rows)
-        batch = torch.from_numpy(np.stack([self.rows[:, :-1], self.rows[:, 1:]]))  # targets: the rows shifted by one
+        batch = torch.empty((2, *self.rows[:, 1:].shape), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        np.stack([self.rows[:, :-1], self.rows[:, 1:]], out=batch.numpy())  # targets: the rows shifted by one
         if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
+            batch = batch.to(self.device, non_blocking=True)
         return batch[0], batch[1], epoch
 
 
@@ -564,7 +565,8 @@ def save_handoff(model, batch_size, path):
             warnings.filterwarnings("ignore", "flex_attention called without torch.compile")  # traced, never run
             program = torch.export.export(raw, (x,), strict=False).run_decompositions({})
             if any(node.target is torch.ops.higher_order.flex_attention for node in program.graph.nodes):
-                program = torch.export.export(_flex_as_sdpa(program.module()), (x,), strict=False)
+                sdpa = _flex_as_sdpa(program.module())
+                program = torch.export.export(sdpa, (x,), strict=False).run_decompositions({})  # ATEN, as above
         graph = serialize(program).exported_program.decode()
     except Exception as e:
         reason = " ".join(str(e).split("\n")[0].split())[:200]
