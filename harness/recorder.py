@@ -78,12 +78,14 @@ def fit_batch(requested, total_batch_size, seq_len, try_step, model, optimizer):
         raise ValueError(f"TOTAL_BATCH_SIZE {total_batch_size} is not a multiple of DEVICE_BATCH_SIZE {requested} x "
                          f"MAX_SEQ_LEN {seq_len}: make it a power of two that divides {total_batch_size // seq_len}")
     t0, on_gpu, max_rows = time.time(), next(model.parameters()).is_cuda, os.environ.get(TEST_MAX_ROWS_ENV)
+    if not (on_gpu or max_rows):  # no device memory to run out of: nothing to try, nothing to copy
+        return DeviceBatch(requested, requested, total_batch_size // (requested * seq_len), [], 0.0)
     if on_gpu:  # each size tried compiles the model once more (dynamic=False): leave training its own graphs
         torch._dynamo.config.recompile_limit += requested.bit_length()
     params = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     state = copy.deepcopy(optimizer.state_dict())  # empty before the first step
     size, too_big = requested, []
-    while on_gpu or max_rows:
+    while True:
         try:
             try_step(size)
             if max_rows and size > int(max_rows):  # after the step ran, as a real failure may come late
