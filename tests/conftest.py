@@ -42,4 +42,5 @@ def cpu_prepared(tmp_path_factory):
     out = subprocess.run([sys.executable, "prepare.py"], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     out.elapsed = time.time() - t0
+    assert out.returncode == 0, f"prepare.py failed, so no test that needs its data can run:\n{out.stdout}{out.stderr}"
     return out, cache

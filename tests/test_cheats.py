@@ -19,7 +19,7 @@ import pytest
 
 import prepare
 from harness import loop
-from harness.decide import NOT_THE_MODELS, SEES_AHEAD, SLOWED_CLOCK, TRAINED_ON_VAL, UNTIMED_WORK
+from harness.decide import FUTURE_TOLERANCE, NOT_THE_MODELS, SEES_AHEAD, SLOWED_CLOCK, TRAINED_ON_VAL, UNTIMED_WORK
 from harness.record import load_run
 from harness.stats import read_metrics
 from tests.test_loop import running
@@ -226,9 +226,20 @@ def test_an_honest_baseline_is_measured_once_kept_and_audits_clean(lab):
     assert audit.returncode == 0, audit.stdout
 
 
-@pytest.mark.parametrize("case", [UNTIMED_WORK, NOT_THE_MODELS, SLOWED_CLOCK, SEES_AHEAD])
-def test_each_cheat_is_caught_and_named(cheater, case):
-    assert case in cheater.run.cases, cheater.run.caught
+MARGINS = {  # beyond its name, what each case must say or measure: the cheat's own figure, far past the limit
+    UNTIMED_WORK: lambda run, detail, baseline: run.outside_s > baseline.outside_s + UNTIMED_S / 2,
+    NOT_THE_MODELS: lambda run, detail, baseline: f"printed val_bpb {run.trained.reported_val_bpb:.6f}" in detail,
+    SLOWED_CLOCK: lambda run, detail, baseline: "on the harness's clock" in detail,
+    SEES_AHEAD: lambda run, detail, baseline: run.measured.future_leak > 5 * FUTURE_TOLERANCE,
+}
+
+
+@pytest.mark.parametrize("case", MARGINS)
+def test_each_cheat_is_caught_and_named(lab, cheater, case):
+    run, detail = cheater.run, next((c.detail for c in cheater.run.caught if c.case == case), None)
+    assert detail is not None, run.caught
+    assert MARGINS[case](run, detail, lab.baseline.run), (detail, run.outside_s, lab.baseline.run.outside_s,
+                                                          run.measured.future_leak)
 
 
 def test_the_cheater_is_measured_whatever_it_patched_at_import_then_discarded_and_its_train_py_restored(lab, cheater):
@@ -328,6 +339,7 @@ def test_ctrl_c_after_the_curve_showed_then_a_finished_run_never_keeps_that_code
     while len(decisions) < 4 and (not decisions or decisions[-1].kind == "rerun"):  # a machine that moved: rerun
         decisions.append(lab.run().run.decision)
     assert FORGED not in str(decisions) and decisions[-1].kind == "discard", decisions  # never kept
+    assert decisions[-1].n == len(decisions), "the interrupted run counted in the decision's sample"
     assert any(why in decisions[-1].reason for why in ("interrupted after their curve was visible",  # or a noisy
                                                        "higher beyond the noise band")), decisions  # draw beyond it
     assert lab.subject().startswith("Restore train.py from"), lab.git("log", "-3")

@@ -99,6 +99,11 @@ def test_a_corrupt_shard_is_one_line_saying_what_to_do(tmp_path, tokenizer, cont
     assert "\n" not in str(err.value)
 
 
+def test_an_eval_of_fewer_tokens_than_one_row_is_refused_not_scored_on_nothing(tokenizer):
+    with pytest.raises(ValueError, match="less than one row"):
+        prepare.evaluate_bpb_sample(torch.nn.Linear(1, 1), tokenizer, 4, prepare.MAX_SEQ_LEN - 1)
+
+
 def test_bad_settings_are_one_line_and_good_ones_are_the_runs_harness(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         prepare.main(["--num-shards", "0"])

@@ -120,6 +120,8 @@ def test_layer_health_reports_grad_norm_update_ratio_and_the_rms_of_each_block_o
     assert metrics["layer/0.attn.c_q/update_ratio"] == pytest.approx(ratio, rel=1e-4)
     assert metrics["layer/3.mlp.c_proj/update_ratio"] is None, "zero-init weights have no ratio at step 0"
     assert metrics["layer/2/act_rms"] == pytest.approx(act_rms[2].item())
+    names = {key.split("/")[1] for key in metrics}  # every block matrix; a gate only where there is a value embedding
+    assert {"1.attn.ve_gate", "0.mlp.c_fc", "3"} <= names and "0.attn.ve_gate" not in names, sorted(names)
 
 
 # Whole runs (cpu profile, a few seconds of training each, started together)

@@ -6,7 +6,7 @@ Usage (from the repository root, with an AR checkout outside this repository; ab
     uv run python -m tests.reference.make_model_figures /tmp/ar     # rewrites tests/reference/model_figures.json
 Then check the figures on this machine and under a kind they were not made with, e.g.
     uv run pytest -m reference
-    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=3 uv run pytest -m reference
+    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=3 uv run pytest -m reference
 
 Once per emulated machine kind (common.KINDS), each in a fresh process, it runs recipe.py on AR's model,
 optimizer and schedule code (ar_source) and loop.py on AR's whole train.py (ar_loop_source). AR's code is
