@@ -1,16 +1,13 @@
 """
-Everything that happens after a run, from the command line. The work is done by harness/: loop.py (one
-experiment), record.py (run.json, the archive, the pin, audit), stats.py and decide.py (the figures, the caught
-cases, the decision), report.py (analysis.md, plots, the texts below), evaluate.py (the isolated measurement);
-train.py records itself with recorder.py.
+Everything that happens after a run, from the command line; harness/ does the work (README: "How it works").
 
 Usage:
     uv run analyze.py run ["DESCRIPTION"]        # one experiment: commit train.py, train, measure, archive, decide
     uv run analyze.py                            # archive the run in this directory (train.py run by hand)
-    uv run analyze.py list [--worker NAME]       # every archived run, one line each
+    uv run analyze.py list                       # every archived run, one line each
     uv run analyze.py show ID                    # a run's analysis.md
     uv run analyze.py compare A B                # two runs side by side, plus overlay plots
-    uv run analyze.py best                       # the best run: the one most recently kept
+    uv run analyze.py best                       # this worker's best run: the one most recently kept
     uv run analyze.py status ID keep|discard|crash
     uv run analyze.py curve KEY [IDS...] [--at 0.25,0.5,0.75,1]   # a metrics.jsonl key at points of progress
     uv run analyze.py audit                      # every run against its evidence and pin; exit 1 on a problem
@@ -39,26 +36,22 @@ from harness.stats import read_metrics
 
 
 def parser():
-    p = argparse.ArgumentParser(description="Run experiments and explain them (no subcommand: archive the run here).")
-    sub = p.add_subparsers(dest="command")
-    sub.add_parser("run", help="one experiment: commit train.py, train, measure, archive and decide (exit 2: refused, "
-                   "130: interrupted)").add_argument("description", nargs="?", help="the commit message for train.py")
-    sub.add_parser("list", help="every archived run, one line each").add_argument("--worker", metavar="NAME")
-    sub.add_parser("show", help="print a run's analysis.md").add_argument("id")
-    sub.add_parser("compare", help="two runs side by side and overlay plots").add_argument("ids", nargs=2, metavar="ID")
-    sub.add_parser("best", help="the best run: the one most recently kept")
-    status = sub.add_parser("status", help="mark a run keep, discard or crash")
+    """The command line; `--help` prints this module's docstring, the one description of every command."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run").add_argument("description", nargs="?", help="the commit message for train.py")
+    sub.add_parser("show").add_argument("id")
+    sub.add_parser("compare").add_argument("ids", nargs=2, metavar="ID")
+    status = sub.add_parser("status")
     status.add_argument("id")
     status.add_argument("status", choices=("keep", "discard", "crash"))
-    curve = sub.add_parser("curve", help="a metrics.jsonl key at progress points (default: the latest run, its best)")
+    curve = sub.add_parser("curve")
     curve.add_argument("key", help="e.g. train/loss_smooth, val/bpb, perf/tokens_per_sec")
     curve.add_argument("ids", nargs="*")
     curve.add_argument("--at", default="0.25,0.5,0.75,1", help="progress points, comma-separated (default %(default)s)")
-    sub.add_parser("audit", help="every run against its evidence and its pin; exit 1 on any problem")
-    sub.add_parser("rebuild", help="rewrite results.tsv and progress.png from the run directories")
-    sub.add_parser("pin", help="set-up: pin the current branch's harness at HEAD unless it has a pin")
-    sub.add_parser("repin", help="humans only: move the current branch's pin (asks at a terminal)").add_argument(
-        "commit", nargs="?", default="HEAD")
+    for name in ("list", "best", "audit", "rebuild", "pin"):
+        sub.add_parser(name)
+    sub.add_parser("repin").add_argument("commit", nargs="?", default="HEAD")
     return p
 
 
@@ -67,21 +60,16 @@ def cmd_show(archive, run_id):
         print(report.show_text(archive.find(run_id), archive))
 
 
-def cmd_best(archive):
-    runs, me = archive.runs(), worker_name()
-    print(report.best_text(runs, me if any(r.worker == me for r in runs) else None))
-
-
 def cmd_status(archive, run_id, status):
     me = worker_name()
     with archive.lock():
         run = archive.find(run_id)
         if run.worker != me:
-            raise RecordError(f"run {run.id} is worker {run.worker}'s, not {me}'s: decide only your own runs "
-                              f"(`uv run analyze.py list --worker {me}`)")
+            raise RecordError(f"run {run.id} is worker {run.worker}'s, not {me}'s: decide only your own runs")
         archive.set_status(run, status, "analyze.py status")
-        report.set_headline_status(run, archive)
-        report.draw_progress(archive.runs(), archive.progress)
+        runs = archive.runs()
+        report.write_analysis(run, runs, archive)
+        report.draw_progress(runs, archive.progress)
     print(f"{run.id}: {status}")
 
 
@@ -136,8 +124,7 @@ def cmd_repin(commit):
         raise RecordError("repin moves the harness pin every run is checked against, so a human confirms it at a "
                           "terminal; stdin is not one here")
     old = read_pin(branch)
-    before, after = pinned_blobs(old) if old else {}, pinned_blobs(commit)
-    changed = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+    changed = sorted({p for p, _ in set(pinned_blobs(old).items() if old else ()) ^ set(pinned_blobs(commit).items())})
     print(f"pin of {branch}: {old[:7] if old else 'none'} -> {commit}; harness files that differ: "
           f"{', '.join(changed) or 'none'}")
     if input(f"type the branch name ({branch}) to re-pin it: ").strip() != branch:
@@ -156,8 +143,8 @@ def main(argv=None):
             raise RecordError("HEAD is detached: check out the experiment's branch, then (re)pin it")
         commands = {  # each returns its exit status, or None for 0
             None: loop.archive_here, "run": lambda: loop.cmd_run(args.description),
-            "list": lambda: print(report.list_text(archive.runs(), args.worker)),
-            "show": lambda: cmd_show(archive, args.id), "best": lambda: cmd_best(archive),
+            "list": lambda: print(report.list_text(archive.runs())), "show": lambda: cmd_show(archive, args.id),
+            "best": lambda: print(report.best_text(archive.runs(), worker_name())),
             "compare": lambda: print(report.compare_text(*map(archive.find, args.ids), archive)),
             "status": lambda: cmd_status(archive, args.id, args.status), "audit": lambda: cmd_audit(archive),
             "curve": lambda: cmd_curve(archive, args.key, args.ids, args.at), "rebuild": lambda: cmd_rebuild(archive),

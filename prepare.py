@@ -146,12 +146,7 @@ class ProgressLine:
         elif end or time.monotonic() - self.last >= self.every_s:
             self.stream.write(text + "\n")
             self.last = time.monotonic()
-        else:
-            return
-        self.stream.flush()
-
-    def done(self, text):
-        self.update(text, end="\n")
+        self.stream.flush()  # a no-op when nothing was written
 
 # ---------------------------------------------------------------------------
 # Data and tokenizer: climbmix shards downloaded (gpu profile) or built from standard-library prose (cpu profile)
@@ -473,8 +468,7 @@ class _DataLoader(collections.abc.Iterator):
         epoch = self.fill(self.rows)
         batch = torch.empty((2, *self.rows[:, 1:].shape), dtype=torch.long, pin_memory=self.device.type == "cuda")
         np.stack([self.rows[:, :-1], self.rows[:, 1:]], out=batch.numpy())  # targets: the rows shifted by one
-        if self.device.type == "cuda":
-            batch = batch.to(self.device, non_blocking=True)
+        batch = batch.to(self.device, non_blocking=True)  # on the CPU the batch itself
         return batch[0], batch[1], epoch
 
 
@@ -487,8 +481,8 @@ def make_dataloader(tokenizer, B, T, split, device=None, buffer_size=LOADER_BUFF
 
 
 def build_dev_slice(tokenizer, data_dir=None):
-    """Write DEV_FILENAME for train.py's curve: the validation documents that no pinned row holds, whole or cropped
-    (the packer replayed). Rebuilt when the shard or the tokenizer (which decides the packing) is newer."""
+    """Write DEV_FILENAME for train.py's curve: the validation documents after the last one the pinned rows' packer
+    read (it is replayed). Rebuilt when the shard or the tokenizer (which decides the packing) is newer."""
     data_dir = Path(data_dir or DATA_DIR)
     val, dest, n_rows = data_dir / VAL_FILENAME, data_dir / DEV_FILENAME, EVAL_TOKENS // MAX_SEQ_LEN
     newest = max(val.stat().st_mtime_ns, (Path(tokenizer.directory) / "tokenizer.pkl").stat().st_mtime_ns)
@@ -496,14 +490,13 @@ def build_dev_slice(tokenizer, data_dir=None):
         return
     packer = _DataLoader(_document_batches(tokenizer, [val]), tokenizer.get_bos_token_id(), 1, MAX_SEQ_LEN, "cpu")
     for _ in range(n_rows):
-        if packer.fill(packer.rows) > 1:
-            raise PrepareError(f"the validation shard {val.name} is too small for its pinned rows ({n_rows} rows of "
-                               f"{MAX_SEQ_LEN} tokens, and a dev slice beside them): is the mirror climbmix's?")
-    offsets = load_tokens(tokenizer, val)[1]
-    pinned = set(range(packer.loaded_docs)) - {int(np.searchsorted(offsets, start)) for _, start in packer.refs}
-    texts = [t for i, t in enumerate(itertools.chain.from_iterable(read_texts(val))) if i not in pinned]
+        if packer.fill(packer.rows) > 1:  # around the shard and back: no document is left for the dev slice
+            break
+    if not (texts := list(itertools.islice(itertools.chain.from_iterable(read_texts(val)), packer.loaded_docs, None))):
+        raise PrepareError(f"the validation shard {val.name} is too small for its pinned rows ({n_rows} rows of "
+                           f"{MAX_SEQ_LEN} tokens, and a dev slice beside them): is the mirror climbmix's?")
     _write_shard(texts, dest)
-    print(f"Dev slice: {len(texts)} validation documents that no pinned row holds, in {dest.name}")
+    print(f"Dev slice: the {len(texts)} validation documents the pinned rows' packer never read, in {dest.name}")
 
 # ---------------------------------------------------------------------------
 # Evaluation (DO NOT CHANGE: this is the fixed metric)
@@ -663,8 +656,7 @@ def nvidia_driver():
 
 def gpu_problem(probe=False):
     """(exit code, one line saying what to do) for the first thing that keeps this machine from the gpu profile, or
-    None: without bf16 or Triton a run times a slower program. probe (--check): prints the GPU, then wants room for one
-    row and a compile."""
+    None: without bf16 or Triton a run times a slower program. With probe (--check) also memory and a compile."""
     if not torch.cuda.is_available():
         driver, cuda = nvidia_driver(), torch.version.cuda
         floor = MIN_DRIVER.get((cuda or "").split(".")[0])

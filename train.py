@@ -589,8 +589,8 @@ if __name__ == "__main__":
         if step > TIMING_SKIP_STEPS and total_training_time >= TIME_BUDGET:
             break
 
-    progress_line.done(f"step {step:05d} (100.0%) | loss: {debiased_smooth_loss:.6f} | "
-                       f"training done in {total_training_time:.1f}s")
+    progress_line.update(f"step {step:05d} (100.0%) | loss: {debiased_smooth_loss:.6f} | "
+                         f"training done in {total_training_time:.1f}s", end="\n")
     val_curve.finish(step, total_training_time)  # the curve's end point
 
     # Final eval: the fixed metric (under `analyze.py run`: the model handed to the harness, val_bpb None)

@@ -67,8 +67,7 @@ def machine_speed(device):
 
 def load_graph(path, device):
     """(the graph prepare.save_handoff wrote, as a module; its batch size). Tensors are read by weights_only and the
-    graph's JSON checked (refusals) before torch deserializes it; then an operator or a signature that changes
-    state is refused."""
+    graph's JSON checked (refusals) before torch deserializes it; then what changes state is refused."""
     from torch._export.serde import schema
     from torch._export.serde.serialize import ExportedProgramDeserializer, _dict_to_dataclass
     try:
@@ -78,8 +77,7 @@ def load_graph(path, device):
                 for k in ("state_dict", "constants"))):  # torch unpickles anything else it is given (bytes)
             raise EvalError("the hand-off must be a graph's JSON and dicts of tensors, as prepare.save_handoff saves")
         graph = json.loads(handoff["graph"])
-        refused = sorted(set(refusals(graph)))
-        if refused:
+        if refused := sorted(set(refusals(graph))):
             raise EvalError(f"the hand-off's graph holds {', '.join(refused[:3])}: only aten operators run here")
         program = ExportedProgramDeserializer().deserialize(_dict_to_dataclass(schema.ExportedProgram, graph),
                                                             handoff["state_dict"], handoff["constants"])

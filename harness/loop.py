@@ -30,13 +30,13 @@ from pathlib import Path
 
 from harness.decide import best_code_runs, best_of, caught, decide
 from harness.record import (UNCOMMITTED, Archive, Measured, RecordError, Run, StatusChange, code_sha, current_branch,
-                            ensure_pin, evidence, final_block, git, gpu_class, harness_changes, now_utc, number,
-                            rev_parse, sha256_file, train_py_at, trained_of, worker_name)
+                            ensure_pin, evidence, final_block, git, gpu_class, harness_changes, last_line, now_utc,
+                            number, rev_parse, sha256_file, train_py_at, trained_of, worker_name)
 from harness.report import draw_progress, run_lines, write_analysis
 
 POLL_S = 0.5                 # how often the parent looks at the child, metrics.jsonl and the hand-off
 GRACE_S = 15.0               # after SIGTERM or SIGINT to a process group, before SIGKILL
-EVALUATOR_CAP_S = {"gpu": 300.0, "cpu": 600.0}  # generous: a finished run is not lost for want of time
+EVALUATOR_CAP_S = 600.0      # generous (a GPU measures in ~30 s): a finished run is not lost for want of time
 HANDOFF_GRACE_S = 120.0      # once the model is handed off, train.py has this long past the cap to exit
 STALE_SLACK_S = 30.0         # run.log written this long after the summary finished: the summary is older
 # train.py's compile caches (inductor, triton): its own, kept across runs (a fresh one costs a full compile)
@@ -56,7 +56,6 @@ class Refused(Exception):
 class Plan:
     branch: str
     pin: str
-    profile: str
     cap_s: float             # prepare.hard_cap_s(TIME_BUDGET, the best's runs' largest outside_s)
     changed: bool            # train.py differs from HEAD: it is committed first
     uncontained: str | None = None  # why train.py cannot run in a sandbox here; None: it does
@@ -102,14 +101,13 @@ def cmd_run(description):
     they wait until the run is archived (a half-applied decision is worse than a late exit)."""
     came = []
     try:
-        top = git("rev-parse", "--show-toplevel")
-        if not top:
+        if not (top := git("rev-parse", "--show-toplevel")):
             raise Refused(f"{Path.cwd()} is in no git repository: run analyze.py in the one that holds train.py")
         os.chdir(top.strip())
         archive = Archive.here()
         with run_lock(archive):
             plan = preflight(archive, description)
-            commit, note = commit_train_py(description, plan.changed)
+            commit = commit_train_py(description, plan.changed)
             with on_interrupt(lambda signum, frame: came.append(signum)), \
                     tempfile.TemporaryDirectory(prefix="auto-log-research-run-") as tmp:
                 child = train(plan, Path(tmp))
@@ -120,7 +118,7 @@ def cmd_run(description):
     except Refused as e:
         print(f"analyze.py run: refused: {e}", file=sys.stderr)
         return 2
-    print("\n".join(run_lines(run, best, "; ".join(filter(None, [note, after])), runs, archive)))
+    print("\n".join(run_lines(run, best, after, runs, archive)))
     return 130 if measured.stopped == "interrupted" or came else 0
 
 
@@ -152,13 +150,11 @@ def preflight(archive, description):
         pin, problem = ensure_pin(branch, runs)
     if problem:
         raise Refused(problem)
-    changes = harness_changes(pin)
-    if changes:
+    if changes := harness_changes(pin):
         raise Refused(f"harness files differ from the branch's pin: {'; '.join(changes)}; restore them "
                       f"(`git checkout {pin[:7]} -- FILE`): only train.py is the experiment's")
     modified = set((git("diff", "--name-only", "-z", "HEAD") or "").split("\0")) - {""}
-    others = sorted(modified - {"train.py"})
-    if others:
+    if others := sorted(modified - {"train.py"}):
         raise Refused(f"tracked files other than train.py are modified ({', '.join(others[:5])}): an experiment "
                       "changes train.py alone; restore them (`git checkout -- FILE`) or commit them first")
     changed = "train.py" in modified
@@ -175,15 +171,14 @@ def preflight(archive, description):
     try:
         for split in prepare.SPLITS:
             prepare.shard_paths(split)
+        prepare.Tokenizer.from_directory()
     except prepare.PrepareError as e:  # its message says what to run
         raise Refused(str(e)) from None
-    if not (prepare.TOKENIZER_DIR / "tokenizer.pkl").exists():
-        raise Refused(f"no tokenizer in {prepare.TOKENIZER_DIR}: run `uv run prepare.py`")
     upcoming = replace(own[-1], id="", archived_at=time.time()) if own else None  # the next run
     ref = best_code_runs(runs, upcoming, best_of(runs, upcoming)) if own else []
     outside = max((r.outside_s for r in ref if r.outside_s is not None), default=None)  # the hard cap's reference
     cap = prepare.hard_cap_s(float(prepare.TIME_BUDGET), outside)
-    return Plan(branch, pin, prepare.PROFILE, cap, changed, sandbox_problem())
+    return Plan(branch, pin, cap, changed, sandbox_problem())
 
 
 def refuse_untracked_modules():
@@ -210,14 +205,13 @@ def refuse_startup_files():
 
 
 def commit_train_py(description, changed):
-    """(the commit that runs, a note or None): a changed train.py committed with DESCRIPTION as the message."""
-    if changed:
-        out = subprocess.run(["git", "commit", "-qm", description, "--", "train.py"], capture_output=True, text=True)
-        if out.returncode != 0:
-            raise Refused(f"`git commit -- train.py` failed: {last_line(out.stderr or out.stdout)}")
-    note = (f"train.py is HEAD's: this run measures HEAD as it is (the DESCRIPTION {description!r} is not used)"
-            if description and not changed else None)
-    return rev_parse("HEAD"), note
+    """The commit that runs: a changed train.py committed with DESCRIPTION as the message (a rerun's is not used)."""
+    try:
+        if changed:
+            git("commit", "-qm", description, "--", "train.py", check=True)
+    except RecordError as e:
+        raise Refused(str(e)) from None
+    return rev_parse("HEAD")
 
 
 # train.py and the evaluator, as children on the parent's clock; the number
@@ -374,12 +368,12 @@ def measure(plan, child, summary, tmp, came=()):
     if child.stopped:
         print("analyze.py run: interrupted after the hand-off: measuring the model (Ctrl-C again stops that)",
               file=sys.stderr, flush=True)
-    cap_s = EVALUATOR_CAP_S[plan.profile]
-    out, stopped, eval_s = evaluate(tmp, cap_s, not plan.uncontained)
+    out, stopped, eval_s = evaluate(tmp, not plan.uncontained)
     m.eval_s = round(eval_s, 3)
     if stopped:
         m.stopped, m.phase = stopped, "evaluation"
-        m.error = child.stopped_by("the evaluator", stopped, f"its cap of {cap_s:.0f} s", f"evaluation {eval_s:.1f} s")
+        m.error = child.stopped_by("the evaluator", stopped, f"its cap of {EVALUATOR_CAP_S:.0f} s",
+                                   f"evaluation {eval_s:.1f} s")
         return m
     for key in ("val_bpb", "heldout_bpb", "future_leak", "speed_before", "speed_after"):
         setattr(m, key, number(out.get(key)))
@@ -412,12 +406,12 @@ def unmeasurable(plan, child, summary, handoff):
     return f"harness files changed during the run: {'; '.join(changes)}" if changes else None
 
 
-def evaluate(tmp, cap_s, contained):
+def evaluate(tmp, contained):
     """(its JSON, how it was stopped, seconds): harness/evaluate.py, contained but for the shards it scores."""
     box = sandbox(prepare_module(), [tmp], scores=True) if contained else []
     cmd = box + [sys.executable, "-I", "-B", str(Path(__file__).resolve().parent / "evaluate.py"),
                  "--handoff", str(tmp / "child" / "model.pt"), "--out", str(tmp / "eval.json")]
-    _, stopped, seconds, _ = supervise(cmd, tmp / "evaluator.log", None, cap_s)
+    _, stopped, seconds, _ = supervise(cmd, tmp / "evaluator.log", None, EVALUATOR_CAP_S)
     out = read_json(tmp / "eval.json") or {"error": last_line((tmp / "evaluator.log").read_text(errors="replace"))}
     return out, stopped, seconds
 
@@ -452,11 +446,11 @@ def apply(archive, run, best):
         return "train.py: unchanged, there is no best to restore it from"
     if git("rev-parse", "HEAD:train.py") == git("rev-parse", f"{best.commit}:train.py"):
         return f"train.py: unchanged, it is the best's ({best.id})"
-    for args in (["checkout", best.commit, "--", "train.py"],
-                 ["commit", "-q", "-m", f"Restore train.py from {best.commit[:7]}", "--", "train.py"]):
-        out = subprocess.run(["git", *args], capture_output=True, text=True)
-        if out.returncode != 0:
-            return f"train.py: restoring the best's failed (`git {args[0]}`: {last_line(out.stderr)}); do it by hand"
+    try:
+        git("checkout", best.commit, "--", "train.py", check=True)
+        git("commit", "-q", "-m", f"Restore train.py from {best.commit[:7]}", "--", "train.py", check=True)
+    except RecordError as e:
+        return f"train.py: restoring the best's failed ({e}); do it by hand"
     return f"train.py: restored from the best {best.id} in commit {git('rev-parse', '--short=7', 'HEAD').strip()}"
 
 
@@ -507,9 +501,8 @@ def archive_here():
     """Archive the run that run_summary.json, metrics.jsonl and run.log here describe; 0 archived (or already)."""
     log, summary_path = Path("run.log"), Path("run_summary.json")
     if not log.exists() and not summary_path.exists():
-        print("analyze.py: nothing to archive here: no run_summary.json and no run.log; run "
-              "`uv run train.py > run.log 2>&1` first", file=sys.stderr)
-        return 1
+        raise RecordError("nothing to archive here: no run_summary.json and no run.log; run "
+                          "`uv run train.py > run.log 2>&1` first")
     archive, head = Archive.here(), rev_parse("HEAD") or ""
     with archive.lock():
         runs = archive.runs()
@@ -573,8 +566,3 @@ def read_json(path, sections=()):
         value = json.loads(Path(path).read_text())
         if isinstance(value, dict):
             return {k: v for k, v in value.items() if k not in sections or isinstance(v, dict)}
-
-
-def last_line(text):
-    lines = (text or "").strip().splitlines()
-    return lines[-1] if lines else "no output"

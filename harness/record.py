@@ -11,7 +11,6 @@ harness is every tracked .py file but train.py, tests/ and contrib/. The agent's
 outside refs/heads; only `analyze.py repin` (a human at a terminal) moves a pin, and the reflog keeps every
 earlier one. Every git call passes --no-replace-objects: a `git replace` cannot swap a pin.
 """
-import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -26,7 +25,7 @@ import sys
 import time
 import tokenize
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
@@ -200,7 +199,7 @@ class Run:
         return "; ".join(c.case for c in self.caught)
 
     def to_json(self):
-        return json.dumps(dataclasses.asdict(self), indent=1, allow_nan=False) + "\n"
+        return json.dumps(asdict(self), indent=1, allow_nan=False) + "\n"
 
     @classmethod
     def from_dict(cls, d):
@@ -215,14 +214,14 @@ def _typed(value, hint, where):
     args, origin = get_args(hint), get_origin(hint) or hint
     if type(None) in args:      # `X | None`, the only union used
         return None if value is None else _typed(value, args[0], where)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        fields = {f.name: f for f in dataclasses.fields(hint)}
-        wrong = [f"{where}.{name} is missing" for name, f in fields.items() if name not in value
-                 and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-        wrong += [f"{where} has an unknown field {name}" for name in value if name not in fields]
+    if is_dataclass(hint) and isinstance(value, dict):
+        known = {f.name: f for f in fields(hint)}
+        wrong = [f"{where}.{name} is missing" for name, f in known.items() if name not in value
+                 and f.default is MISSING and f.default_factory is MISSING]
+        wrong += [f"{where} has an unknown field {name}" for name in value if name not in known]
         if wrong:
             raise RecordError(wrong[0])
-        return hint(**{k: _typed(v, fields[k].type, f"{where}.{k}") for k, v in value.items()})
+        return hint(**{k: _typed(v, known[k].type, f"{where}.{k}") for k, v in value.items()})
     if origin is list and isinstance(value, list):
         return [_typed(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict and isinstance(value, dict):
@@ -232,7 +231,7 @@ def _typed(value, hint, where):
     if hint is float and type(value) in (int, float) and math.isfinite(value):  # JSON's types: a bool is no number
         return float(value)
     wanted = ("one of " + ", ".join(args) if origin is Literal else "a finite number" if hint is float
-              else "an object" if dataclasses.is_dataclass(hint) else origin.__name__)
+              else "an object" if is_dataclass(hint) else origin.__name__)
     raise RecordError(f"{where} is {value!r:.40}, not {wanted}")
 
 
@@ -288,13 +287,20 @@ def write_atomic(path, data):
     os.replace(tmp, path)
 
 
-def git(*args, cwd=None):
-    """stdout of a git command (--no-replace-objects), or None when it fails."""
+def git(*args, cwd=None, check=False):
+    """stdout of a git command (--no-replace-objects), or None when it fails; with check, RecordError saying why."""
     try:
         out = subprocess.run(["git", "--no-replace-objects", *args], cwd=cwd, capture_output=True)
-    except OSError:  # no git at all
-        return None
+    except OSError as e:  # no git at all
+        out = subprocess.CompletedProcess(args, 127, b"", str(e).encode())
+    if out.returncode and check:
+        raise RecordError(f"`git {args[0]}` failed: {last_line((out.stderr or out.stdout).decode(errors='replace'))}")
     return None if out.returncode else out.stdout.decode("utf-8", errors="replace")
+
+
+def last_line(text):
+    lines = (text or "").strip().splitlines()
+    return lines[-1] if lines else "no output"
 
 
 def train_py_at(commit):
@@ -397,9 +403,8 @@ def harness_changes(pin, recorded=None):
 
 
 def ensure_pin(branch, runs):
-    """(pin, None), pinning HEAD first when `branch` has none and none of `runs` is this worker's on it (an
-    experiment's set-up; another clone's runs may be on a branch of the same name); (None, why) when only a human
-    can pin it."""
+    """(pin, None), pinning HEAD first when `branch` has none and none of `runs` is this worker's on it (set-up;
+    another clone's runs may be on a branch of the same name); (None, why) when only a human can pin it."""
     if pin := read_pin(branch):
         return pin, None
     if earlier := [r.id for r in runs if r.branch == branch and r.worker == worker_name()]:

@@ -4,10 +4,9 @@ progress.png, the lines `analyze.py run` prints, and the texts of `analyze.py li
 
     text = write_analysis(run, archive.runs(), archive)   # analysis.md + PNGs in archive.run_dir(run.id)
 
-Every figure set against the best is harness.stats' and the verdict harness.decide's (only a run's own step-time
-medians and stalls are counted here): this module words them. A difference from
-the best is named as a cause (learning per step, speed, the machine, a clock-driven schedule) only beyond the
-spread of that quantity over the best's repeats; otherwise it is named as noise, with both numbers.
+Every figure set against the best is harness.stats' and the verdict harness.decide's: this module words them (and
+counts a run's own step times). A difference from the best is named as a cause (learning per step, speed, the
+machine, a clock-driven schedule) only beyond the spread of that quantity over the best's repeats, else as noise.
 """
 import io
 import re
@@ -18,7 +17,7 @@ import numpy as np
 
 from harness import stats
 from harness.decide import best_code_runs, best_of
-from harness.record import UNCOMMITTED, git, write_atomic
+from harness.record import git, write_atomic
 
 STALL_FACTOR = 3.0         # a step slower than this many times the median step is a stall
 PLATEAU_DROP = 0.002       # a fitted loss drop under 0.2% over the last tenth of training = plateaued
@@ -72,9 +71,7 @@ def section_headline(v):
     lines += [f"- caught: {c.case}: {c.detail}" for c in run.caught] + equal_steps_lines(v)
     lines += machine_line(v.machine, v.best) + [f"- harness changed since it was pinned: {change}"
                                               for change in run.harness_changes]
-    if run.description.endswith(UNCOMMITTED):
-        lines.append("- train.py ran with uncommitted changes: no commit holds the code measured")
-    return "\n".join(lines + [f"- note: {n}" for n in v.notes])
+    return "\n".join(lines + [f"- note: {n}" for n in run.notes + v.notes if not n.startswith("uncontained")])
 
 
 def against_line(v):
@@ -300,7 +297,7 @@ def departure_lines(a, b, g, band, this, other):
 def section_stability_throughput(v):
     """Spikes and NaN/inf in the run's own curves, then its speed: stalls, and where the seconds went."""
     m, lines = v.curves, ["## Stability and throughput"]
-    if m is not None and "train/loss" in m:
+    if m is not None and "train/loss" in m.columns:
         bad = [f"{key} from step {step[~np.isfinite(x)][0]:.0f} ({(~np.isfinite(x)).sum()} rows)"
                for key, (_, step, x) in m.columns.items() if not np.isfinite(x).all()]
         spikes = stats.loss_spikes(m)
@@ -358,24 +355,18 @@ SECTIONS = (section_headline, section_crash, section_changes, section_trajectory
 
 def write_analysis(run, runs, archive):
     """analysis.md and the plots of one archived run, in its directory; returns the text. Callers hold the
-    archive's lock. The decision's line comes first (a run archived by hand has none), the Agent notes last."""
+    archive's lock. The decision's line comes first (a run archived by hand has none), the Agent notes last: the
+    agent's, kept when analysis.md is written again (`analyze.py status`)."""
     v = View(run, runs, archive)
+    path = v.dir / "analysis.md"
+    notes = path.read_text().partition("\n## Agent notes")[2] if path.exists() else "\n"
     head = [run.decision.line()] if run.decision is not None else []
-    text = "\n\n".join(head + [s for s in (section(v) for section in SECTIONS) if s] + ["## Agent notes\n"])
-    write_atomic(v.dir / "analysis.md", text)
+    text = "\n\n".join(head + [s for s in (section(v) for section in SECTIONS) if s]) + "\n\n## Agent notes" + notes
+    write_atomic(path, text)
     if v.curves is not None:  # a run without curves gets no plots of other runs' curves
         draw_overlays(v.dir, [(f"this ({run.id})", v.curves)]
                       + ([(f"best ({v.best.id})", v.best_curves)] if v.best is not None else []))
     return text
-
-
-def set_headline_status(run, archive):
-    """The headline's status rewritten to the run's; the Agent notes below it are the agent's."""
-    path = archive.run_dir(run.id) / "analysis.md"
-    if path.exists():
-        head, sep, notes = path.read_text().partition("\n## Agent notes")
-        head = re.sub(r"^(- val_bpb \*\*[^*]*\*\*, status )`\w+`", rf"\g<1>`{run.status}`", head, count=1, flags=re.M)
-        write_atomic(path, head + sep + notes)
 
 
 # The lines `analyze.py run` prints, and the other commands' texts
@@ -393,17 +384,15 @@ def run_lines(run, best, note, runs, archive):
     return lines + [f"analysis: {archive.run_dir(run.id) / 'analysis.md'}"]
 
 
-def list_text(runs, worker=None):
-    """Every run, or `worker`'s, one line each; a * marks each worker's best."""
-    shown = [r for r in runs if worker is None or r.worker == worker]
-    if not shown:
-        return ("no runs archived yet" if not runs else
-                f"no runs of worker {worker!r} (workers: {', '.join(sorted({r.worker for r in runs}))})")
+def list_text(runs):
+    """Every run, one line each; a * marks each worker's best."""
+    if not runs:
+        return "no runs archived yet"
     bests = {b.id for b in (current_best(runs, w) for w in {r.worker for r in runs}) if b is not None}
-    row = "{:<11}{:1} {:>9} {:>6}  {:<8} {:<11} {:<%d} {:<14} {}" % max(len(r.worker) for r in shown)
+    row = "{:<11}{:1} {:>9} {:>6}  {:<8} {:<11} {:<%d} {:<14} {}" % max(len(r.worker) for r in runs)
     return "\n".join([row.format("run", "", "val_bpb", "steps", "status", "outcome", "worker", "gpu", "description")]
                      + [row.format(r.id, "*" if r.id in bests else "", fmt(r.val_bpb, ".6f"), fmt(r.steps, ".0f"),
-                                   r.status, r.trained.outcome, r.worker, r.gpu, r.description) for r in shown])
+                                   r.status, r.trained.outcome, r.worker, r.gpu, r.description) for r in runs])
 
 
 def current_best(runs, worker):
@@ -417,14 +406,12 @@ def show_text(run, archive):
     return path.read_text() if path.exists() else write_analysis(run, archive.runs(), archive)
 
 
-def best_text(runs, worker=None):
-    """The best of `worker` (every worker's when None), one tab-separated line each, lowest first."""
-    workers = [worker] if worker else list(dict.fromkeys(r.worker for r in runs))
-    bests = sorted((b for w in workers if (b := current_best(runs, w)) is not None), key=lambda b: b.val_bpb)
-    if not bests:
-        return "no best run yet: no run kept" + (f" by worker {worker}" if worker else "")
-    return "\n".join(f"{b.id}\tcommit {b.commit[:7]}\tval_bpb {b.val_bpb:.6f}\tstatus {b.status}\tworker "
-                     f"{b.worker}\t{b.description}" for b in bests)
+def best_text(runs, worker):
+    """`worker`'s best, one tab-separated line (contrib/shared.py's `workers` shows every worker's)."""
+    if (b := current_best(runs, worker)) is None:
+        return f"no best run yet: no run kept by worker {worker}"
+    return "\t".join([b.id, f"commit {b.commit[:7]}", f"val_bpb {b.val_bpb:.6f}", f"status {b.status}",
+                      f"worker {b.worker}", b.description])
 
 
 def compare_text(a, b, archive):
@@ -453,7 +440,7 @@ def draw_overlays(out_dir, curves):
     from matplotlib.figure import Figure  # imported when drawing only: the other commands start quickly
     curves, written = [(label, m) for label, m in curves if m is not None], []
     for file in dict.fromkeys(row[2] for row in PLOTS):
-        panels = [(key, title) for key, title, f in PLOTS if f == file and any(key in m for _, m in curves)]
+        panels = [(key, title) for key, title, f in PLOTS if f == file and any(key in m.columns for _, m in curves)]
         if not panels:
             continue
         axes = Figure(figsize=(7, 2.6 * len(panels))).subplots(len(panels), 1, squeeze=False)[:, 0]

@@ -76,9 +76,6 @@ class Metrics:
             ema = list(accumulate(loss, lambda e, x: SMOOTH_BETA * e + (1 - SMOOTH_BETA) * x, initial=0.0))[1:]
             self.columns["train/loss_smooth"] = (p, s, np.array(ema) / (1 - SMOOTH_BETA ** np.arange(1, len(p) + 1)))
 
-    def __contains__(self, key):
-        return key in self.columns
-
     def series(self, key):
         return self.columns.get(key, (np.zeros(0), np.zeros(0), np.zeros(0)))
 
@@ -120,7 +117,7 @@ def loss_spikes(m):
 def last_tenth_trend(m):
     """Fitted change of train/loss over the last tenth of progress, and as a fraction of the final loss;
     {"steps": n} alone when the tenth holds under TREND_MIN_STEPS steps (a few noisy losses say nothing)."""
-    p, _, loss = m.series("train/loss" if "train/loss" in m else "train/loss_smooth")
+    p, _, loss = m.series("train/loss" if "train/loss" in m.columns else "train/loss_smooth")
     keep = (p >= p.max() - 0.1) & np.isfinite(loss)
     steps = int(keep.sum())
     if steps < TREND_MIN_STEPS:

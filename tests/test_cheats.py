@@ -19,7 +19,8 @@ import pytest
 
 import prepare
 from harness import loop
-from harness.decide import FUTURE_TOLERANCE, NOT_THE_MODELS, SEES_AHEAD, SLOWED_CLOCK, TRAINED_ON_VAL, UNTIMED_WORK
+from harness.decide import (FUTURE_TOLERANCE, NOT_THE_MODELS, SEES_AHEAD, SLOWED_CLOCK, TRAINED_ON_VAL, UNTIMED_WORK,
+                            Rules)
 from harness.record import load_run
 from harness.stats import read_metrics
 from tests.test_loop import running
@@ -88,8 +89,8 @@ CHEATS = {  # name -> (text that train.py holds once, what the agent adds after 
         print(f"{VAL_HIDDEN}: {{type(e).__name__}}", flush=True)
 """),
     "untimed training": ("# prefetch first batch\n",
-                         "    t_cheat = time.perf_counter()\n"
-                         f"    while time.perf_counter() - t_cheat < {UNTIMED_S}:  # training no clock sees\n"
+                         "    t_cheat = time.process_time()  # CPU seconds: a busy machine cannot shrink them\n"
+                         f"    while time.process_time() - t_cheat < {UNTIMED_S}:  # training no clock sees\n"
                          "        with autocast_ctx:\n"
                          "            loss = model(x, y)\n"
                          "        loss.backward()\n"
@@ -336,7 +337,7 @@ def test_ctrl_c_after_the_curve_showed_then_a_finished_run_never_keeps_that_code
             stopped.val_bpb) == ("interrupted", "interrupted", "pending", "rerun", None), stopped
     assert out.startswith("decision: rerun"), out
     decisions = []
-    while len(decisions) < 4 and (not decisions or decisions[-1].kind == "rerun"):  # a machine that moved: rerun
+    while len(decisions) < Rules().enough and (not decisions or decisions[-1].kind == "rerun"):  # a moved machine
         decisions.append(lab.run().run.decision)
     assert FORGED not in str(decisions) and decisions[-1].kind == "discard", decisions  # never kept
     assert decisions[-1].n == len(decisions), "the interrupted run counted in the decision's sample"

@@ -37,7 +37,8 @@ def repo(tmp_path, monkeypatch):
         sh("git", *args)
     Path("notes").mkdir()  # untracked, but no module (nor is tokenizer.pkl): preflight lets them be
     fake = SimpleNamespace(PROFILE="cpu", TIME_BUDGET=3.0, TOKENIZER_DIR=tmp_path, PrepareError=prepare.PrepareError,
-                           hard_cap_s=prepare.hard_cap_s, SPLITS=prepare.SPLITS, shard_paths=lambda split: [])
+                           hard_cap_s=prepare.hard_cap_s, SPLITS=prepare.SPLITS, shard_paths=lambda split: [],
+                           Tokenizer=SimpleNamespace(from_directory=lambda: None))
     (tmp_path / "tokenizer.pkl").touch()
     monkeypatch.setattr(loop, "prepare_module", lambda: fake)
     for name in ("write_analysis", "draw_progress", "run_lines"):
@@ -46,7 +47,7 @@ def repo(tmp_path, monkeypatch):
 
 
 def preflight_plan():
-    return loop.Plan("autoresearch/t", loop.preflight(Archive.here(), None).pin, "cpu", 100.0, False)
+    return loop.Plan("autoresearch/t", loop.preflight(Archive.here(), None).pin, 100.0, False)
 
 
 def running(*argv):

@@ -203,5 +203,5 @@ def test_progress_line_rewrites_one_line_on_a_tty_and_writes_whole_lines_to_a_lo
     line = prepare.ProgressLine(every_s=3600, stream=stream)
     line.update("step 10")
     line.update("step 9")
-    line.done("done")
+    line.update("done", end="\n")
     assert stream.getvalue() == written, repr(stream.getvalue())

@@ -9,8 +9,7 @@ import pytest
 from harness.decide import decide
 from harness.record import Archive, Caught, Decision
 from harness.stats import difference_band
-from harness.report import (best_text, compare_text, draw_progress, list_text, run_lines, set_headline_status,
-                            show_text, write_analysis)
+from harness.report import best_text, compare_text, draw_progress, list_text, run_lines, show_text, write_analysis
 from tests.factory import make_run, metrics_rows
 
 NOISE = np.random.default_rng(0).normal(0.0, 1.0, 5000)  # the same draw at the same step: one seed
@@ -124,7 +123,7 @@ def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(arch
     path = archive.run_dir(run.id) / "analysis.md"
     path.write_text(path.read_text() + "tried a wider MLP\n")
     run.statuses[-1].status = "discard"
-    set_headline_status(run, archive)
+    write_analysis(run, [best, run], archive)
     assert "status `discard`" in path.read_text() and path.read_text().endswith("## Agent notes\ntried a wider MLP\n")
     assert show_text(run, archive) == path.read_text()
 
@@ -158,9 +157,8 @@ def test_the_list_and_best_texts_mark_each_workers_best():
     runs = [best, make_run(0.5, status="invalid", worker="a"), other]  # an invalid run is never a best
     listing = list_text(runs).splitlines()
     assert len(listing) == 4 and re.match(rf"{best.id} +\* +1\.000000", listing[1]), listing
-    assert list_text([best], worker="z").startswith("no runs of worker 'z'")
-    assert best_text(runs).splitlines()[0].startswith(f"{other.id}\t"), best_text(runs)
-    assert best_text(runs, worker="a").startswith(f"{best.id}\t")
+    assert best_text(runs, "a").startswith(f"{best.id}\t") and best_text(runs, "b").startswith(f"{other.id}\t")
+    assert best_text(runs, "z") == "no best run yet: no run kept by worker z"
 
 
 def test_progress_plots_the_workers_best_by_the_best_rule_not_the_luckiest_kept_draw(tmp_path, monkeypatch):
