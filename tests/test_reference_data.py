@@ -1,22 +1,16 @@
-"""The data path and the metric against karpathy/autoresearch's own code: his prepare.py, run by
-tests/reference/make_data_figures.py on a small corpus, left its tokenizer, byte table, packed rows and
-bits per byte in tests/reference/data_figures.json; here ours runs on the same corpus and must give the
-same figures (bit for bit, bpb to 1e-12)."""
+"""The data path and the metric against karpathy/autoresearch's own prepare.py: ours, on the corpus of
+tests/reference/make_data_figures.py, must give his tokenizer, byte table, packed rows (bit for bit) and
+bits per byte (to 1e-12), as stored in tests/reference/data_figures.json."""
 import json
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import prepare  # noqa: E402
-from tests.reference import make_data_figures as ref  # noqa: E402
+import prepare
+from tests.reference import make_data_figures as ref
 
 HIS = json.loads(ref.FIGURES.read_text())
-
 pytestmark = pytest.mark.reference
 
 
@@ -30,8 +24,7 @@ def ours(tmp_path_factory):
     return SimpleNamespace(root=root, data=root / "data", tokenizer=tokenizer)
 
 
-def first_difference(a, b):
-    """The first index where lists a and b differ, or None when they are equal."""
+def first_difference(a, b):  # None where the lists are equal
     i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
     return None if a == b else i
 

@@ -1,40 +1,20 @@
-"""What the recipes, their generators and the tests share: the attention that stands in for FlashAttention-3
-(causal softmax attention written out in fp32, in FA3's layout), the perturbation that keeps every gradient away
-from zero, the tensor fingerprint the figures are stored as, the CPU kinds the generator emulates, the patching
-of AR's source, and the walk that compares two sets of figures."""
+"""What the recipes, their generators and the tests share: the attention that stands in for FlashAttention-3,
+the noise that keeps every gradient away from zero, the tensor fingerprint the figures are stored as, the walk
+that compares two sets of figures, and the loading of AR's patched source."""
 import math
 import subprocess
 import sys
+import types
 
 import torch
 
-# Emulated machine kinds: environments in which the generator recomputes AR's figures. Each swaps the
-# kernels that round the numbers: ATen's vectorized kernels (ATEN_CPU_CAPABILITY: avx2, or default for
-# none), oneDNN's bf16 matmul, which Muon runs on (ONEDNN_MAX_CPU_ISA: AVX512_CORE is an AVX-512 CPU
-# without bf16 instructions, AVX2 one without AVX-512), MKL's fp32 matmul (MKL_CBWR=COMPATIBLE: on a
-# non-Intel CPU MKL honours no other choice), and how a many-core machine splits reductions over threads.
-KINDS = {
-    "native": {},
-    "avx512-no-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_CBWR": "COMPATIBLE"},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
-    "no-simd": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"},
-    "8-threads": {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"},
-}
-
-# The weights init_weights sets to zero, and the seeded noise perturb_zero_init puts in them
-ZERO_INIT = ("attn.c_proj.weight", "mlp.c_proj.weight", "attn.ve_gate.weight")
-PERTURB_SEED = 1234
-PERTURB_SCALE = 2**-7      # noise: multiples of PERTURB_SCALE / 1024 in [-PERTURB_SCALE, PERTURB_SCALE]
-
 
 def explicit_attention(q, k, v, window_size):
-    """q (B, T, H, D), k and v (B, T, Hkv, D); window_size (left, 0) as FA3 takes it: query i sees
-    keys i-left..i. Returns (B, T, H, D)."""
-    left = window_size[0]
-    T = q.size(1)
-    pos = torch.arange(T, device=q.device)
+    """Causal softmax attention in fp32, in FA3's layout: q (B, T, H, D), k and v (B, T, Hkv, D);
+    window_size (left, 0): query i sees keys i-left..i. Returns (B, T, H, D)."""
+    pos = torch.arange(q.size(1), device=q.device)
     dist = pos[:, None] - pos[None, :]  # query position minus key position
-    visible = (dist >= 0) & (dist <= left)
+    visible = (dist >= 0) & (dist <= window_size[0])
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, T, D)
     reps = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(reps, dim=1), v.repeat_interleave(reps, dim=1)
@@ -45,7 +25,7 @@ def explicit_attention(q, k, v, window_size):
 
 def explicit_attention_our_layout(q, k, v, mask):
     """explicit_attention behind train.attention's interface: (B, H, T, D) in and out, mask None (full
-    context) or a bool mask whose last row shows the window (query i sees keys i-w..i)."""
+    context) or a bool mask whose last row shows the window."""
     window = q.size(2) if mask is None else int(mask[-1].sum()) - 1
     y = explicit_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), (window, 0))
     return y.transpose(1, 2)
@@ -56,21 +36,18 @@ def perturb_zero_init(model):
     """Seeded noise in the weights init_weights zeroes. With them at zero every block is the identity, so
     the final rms norm makes the loss invariant to a uniform scale of the residual stream: the true
     gradient of resid_lambdas and x0_lambdas is 0, what a CPU computes for it is rounding noise, and
-    AdamW's eps of 1e-10 turns that noise into a full step of either sign. Perturbed, every gradient is a
-    real one and two machines differ by rounding only. The noise is integers times a power of two: the
-    same bits on every CPU."""
-    gen = torch.Generator().manual_seed(PERTURB_SEED)
+    AdamW's eps of 1e-10 turns that noise into a full step of either sign. Perturbed, two machines differ
+    by rounding only. The noise is integers times 2**-17: the same bits on every CPU."""
+    gen = torch.Generator().manual_seed(1234)
     for name, p in model.named_parameters():
-        if name.endswith(ZERO_INIT):
-            noise = torch.randint(-1024, 1025, p.shape, generator=gen).to(p.dtype) * (PERTURB_SCALE / 1024)
+        if name.endswith(("attn.c_proj.weight", "mlp.c_proj.weight", "attn.ve_gate.weight")):
+            noise = torch.randint(-1024, 1025, p.shape, generator=gen).to(p.dtype) * 2**-17
             p.add_(noise.to(p.device))
 
 
 def fingerprint(t):
-    """Three sums that pin a tensor down: its sum, its absolute sum, and a sum weighted by a fixed uneven
-    integer pattern (so a permutation or a transpose changes it too). Each is the exact sum rounded once
-    (math.fsum of float64 terms that are themselves exact), so equal tensors give equal fingerprints on
-    every CPU: a difference between two fingerprints is one between the tensors, never in the summing."""
+    """Its sum, its absolute sum, and a sum weighted by an uneven pattern (so a permutation or a transpose
+    changes it too), each the exact sum rounded once (math.fsum), so equal tensors match on every CPU."""
     x = t.detach().cpu().double().flatten()
     w = (torch.arange(x.numel()) * 37 % 11 - 5).double()  # -5..5
     return [math.fsum(x.tolist()), math.fsum(x.abs().tolist()), math.fsum((x * w).tolist())]
@@ -105,10 +82,9 @@ def differences(ours, ref, path=""):
 
 
 def group_of(path):
-    """A figure's tolerance group: its test, and along the steps of training its step too (rounding
-    differences grow from step to step): '/models/sl_gqa/forward/grads/x' -> 'forward',
-    '/models/sl_gqa/optimizer/steps[2]/params/x' -> 'optimizer_steps[2]', '/loop/training[3]/losses[0]'
-    -> 'loop_training[3]', '/loop/num_steps' -> 'loop_num_steps'."""
+    """A figure's tolerance group: its test, and along training its step too (rounding differences grow
+    with the steps): '/models/sl_gqa/forward/grads/x' -> 'forward', '/loop/training[3]/x' -> 'loop_training[3]',
+    '/models/sl_gqa/optimizer/steps[2]/params/x' -> 'optimizer_steps[2]'."""
     parts = path.strip("/").split("/")
     if parts[0] == "models":
         parts = parts[2:]  # the same groups for every model
@@ -125,6 +101,14 @@ def patched(text, patches, where):
             sys.exit(f"patch target found {text.count(old)} times in {where}, expected once: {old!r}")
         text = text.replace(old, new)
     return text
+
+
+def load_ar_module(path, patches=()):
+    """AR's file, patched, executed in memory as a module of its own."""
+    module = types.ModuleType("ar_" + path.stem)
+    module.__file__ = str(path)
+    exec(compile(patched(path.read_text(), patches, path), str(path), "exec"), vars(module))
+    return module
 
 
 def ar_commit(ar_dir):

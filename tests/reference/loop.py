@@ -1,13 +1,8 @@
 """The training loop, run for real on both sides: our train.py's `__main__` block, executed as the script
-it is, and karpathy/autoresearch's whole train.py (set-up and loop, patched for a CPU by
-make_model_figures.ar_loop_source). Both get the same stand-ins for what a CPU test cannot have (stand_ins:
-a tokenizer and a loader of bigram-chain rows, FakeClock, a fake metric; explicit attention; seeded noise
-in the zero-initialised weights), and LoopFigures reads the same figures off both: per step, the loss of
-each micro-batch, what the loop put into the optimizer (each group's lr multiplier, Muon's momentum and
-weight decay) and the norm of the gradients it stepped with; the number of steps; the final parameters.
-Ours runs in the cpu profile with prepare's real module, the stand-ins set on it, and the gpu profile's
-untimed warm-up steps (gpu_timing_skip_steps); AR's runs with a stand-in `prepare` module and AR's
-hyperparameters at the cpu profile's sizes (LOOP_HYPERPARAMETERS).
+it is (in the cpu profile, with the gpu profile's untimed warm-up steps), and karpathy/autoresearch's whole
+train.py, patched for a CPU (make_model_figures.ar_loop_source) at the cpu profile's sizes. Both get the same
+stand-ins (a tokenizer and a loader of bigram-chain rows, FakeClock, a fake metric, explicit attention, seeded
+noise in the zero-initialised weights), and LoopFigures reads the same figures off both.
 
 Usage (a fresh process for each run: train.py installs exit handlers and freezes the GC):
     PYTHONPATH=. AUTORESEARCH_PROFILE=cpu python -m tests.reference.loop ours train.py OUT.json
@@ -51,36 +46,25 @@ class Tokenizer:
     def get_vocab_size(self):
         return LOOP_VOCAB
 
-    def get_bos_token_id(self):
-        return LOOP_VOCAB - 1
-
-
-def bigram_rows(n_rows, T, seed):
-    """(n_rows, T + 1) tokens: each token one of 4 fixed successors of the one before it."""
-    successors = torch.randint(LOOP_VOCAB, (LOOP_VOCAB, 4), generator=torch.Generator().manual_seed(0))
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.empty(n_rows, T + 1, dtype=torch.long)
-    rows[:, 0] = torch.randint(LOOP_VOCAB, (n_rows,), generator=gen)
-    choices = torch.randint(4, (n_rows, T), generator=gen)
-    for t in range(T):
-        rows[:, t + 1] = successors[rows[:, t], choices[:, t]]
-    return rows
-
 
 def make_dataloader(tokenizer, B, T, split, device="cpu", **_):
-    """prepare.make_dataloader's interface: (inputs, targets, epoch) forever."""
+    """prepare.make_dataloader's interface, (inputs, targets, epoch) forever, on rows of bigram chains:
+    each token one of 4 fixed successors of the one before it."""
+    successors = torch.randint(LOOP_VOCAB, (LOOP_VOCAB, 4), generator=torch.Generator().manual_seed(0))
     for batch in itertools.count():
-        rows = bigram_rows(B, T, seed=10 * batch + SPLITS.index(split))
+        gen = torch.Generator().manual_seed(10 * batch + SPLITS.index(split))
+        rows = torch.empty(B, T + 1, dtype=torch.long)
+        rows[:, 0] = torch.randint(LOOP_VOCAB, (B,), generator=gen)
+        choices = torch.randint(4, (B, T), generator=gen)
+        for t in range(T):
+            rows[:, t + 1] = successors[rows[:, t], choices[:, t]]
         yield rows[:, :-1].contiguous(), rows[:, 1:].contiguous(), 1
 
 
 class FakeClock:
-    """time.time: CLOCK_DT later at every call from the main thread, so a step (its t0 and t1 consecutive
-    calls) lasts CLOCK_DT, and the step count and progress are the same on every machine. Other threads
-    (the run recorder's watchdog) read it without moving it."""
-
-    def __init__(self, start=1_700_000_000.0):
-        self.now = start  # an integer: start + n * CLOCK_DT is exact, and so is every difference
+    """time.time: CLOCK_DT later at every call from the main thread, so the step count and progress are the
+    same on every machine; other threads (the run recorder's watchdog) read it without moving it."""
+    now = 1_700_000_000.0  # an integer: now + n * CLOCK_DT is exact, and so is every difference
 
     def __call__(self):
         if threading.current_thread() is threading.main_thread():
@@ -89,12 +73,13 @@ class FakeClock:
 
 
 class LoopFigures:
-    """Reads the figures off a run through hooks that both sides get alike: the first forward of the
-    model (a module named GPT) perturbs its zero-initialised weights and hooks its later forwards (the
-    losses); a global optimizer pre-step hook sees what the loop set; evaluate_bpb sees the result."""
+    """Per step, each micro-batch's loss, what the loop set in the optimizer and the gradient norm; the number
+    of steps; the final parameters; read through hooks, and the model's first forward perturbs its weights.
+    `attention` replaces train.py's: ours runs on the one AR's runs in place of FA3, as two kernels' rounding
+    would grow over the steps (test_reference_model compares the attention itself)."""
 
-    def __init__(self, on_model=None):
-        self.losses, self.steps, self.final_params, self.on_model = [], [], None, on_model
+    def __init__(self, attention=None):
+        self.losses, self.steps, self.final_params, self.attention = [], [], None, attention
         self._first_forward = torch.nn.modules.module.register_module_forward_pre_hook(self._on_first_forward)
         register_optimizer_step_pre_hook(self._on_step)
 
@@ -103,8 +88,10 @@ class LoopFigures:
             return
         self._first_forward.remove()
         perturb_zero_init(module)
-        if self.on_model:
-            self.on_model(module)
+        if self.attention:
+            namespace = type(module).forward.__globals__  # train.py's, as the script runs
+            assert "attention" in namespace, "train.py has no function `attention` to run the loop on"
+            namespace["attention"] = self.attention
         module.register_forward_hook(self._on_forward)
 
     def _on_forward(self, module, args, output):
@@ -136,27 +123,9 @@ class LoopFigures:
                 "final_params": self.final_params}
 
 
-def stand_ins(figures):
-    """What prepare gives train.py, replaced; the metric returns FAKE_BPB (after fingerprinting the model)."""
-    return {"MAX_SEQ_LEN": LOOP_SEQ_LEN, "TIME_BUDGET": LOOP_TIME_BUDGET, "Tokenizer": Tokenizer,
-            "make_dataloader": make_dataloader, "evaluate_bpb": figures.evaluate_bpb,
-            "evaluate_bpb_sample": lambda *args, **kwargs: FAKE_BPB}
-
-
-def use_explicit_attention(model):
-    """Ours on the attention AR's side runs in place of FA3: here the loop is under test, and rounding
-    differences between two attention kernels would grow over the steps like a machine's (the attention
-    itself is compared in test_reference_model)."""
-    namespace = type(model).forward.__globals__  # train.py's, as the script runs
-    assert "attention" in namespace, "train.py has no function `attention` to run the loop on explicit attention"
-    namespace["attention"] = explicit_attention_our_layout
-
-
 def gpu_timing_skip_steps(source):
-    """train.py's source with TIMING_SKIP_STEPS set to its gpu-profile value. AR's loop is the
-    H100's, which leaves its first steps (torch.compile's warm-up) untimed; the cpu profile, where nothing
-    compiles, times them. The assignment's own expression is evaluated with gpu_profile True, so the figures
-    still catch a gpu value or a loop condition that departs from AR's by one step."""
+    """train.py's source with TIMING_SKIP_STEPS set to its gpu-profile value (its own expression evaluated
+    with gpu_profile True): AR's loop is the H100's, which leaves torch.compile's warm-up steps untimed."""
     tree = ast.parse(source)
     node = next(n for n in tree.body if isinstance(n, ast.Assign) and len(n.targets) == 1
                 and getattr(n.targets[0], "id", None) == "TIMING_SKIP_STEPS")
@@ -166,8 +135,11 @@ def gpu_timing_skip_steps(source):
     return "".join(lines)
 
 
-def run_main(source, filename, figures, **namespace):
-    """A train.py's source executed as `__main__` on the fake clock; the figures read off it."""
+def run_main(source, filename, prepare, figures, **namespace):
+    """A train.py's source executed as `__main__` on the fake clock, with the stand-ins set on its prepare."""
+    vars(prepare).update(MAX_SEQ_LEN=LOOP_SEQ_LEN, TIME_BUDGET=LOOP_TIME_BUDGET, Tokenizer=Tokenizer,
+                         make_dataloader=make_dataloader, evaluate_bpb=figures.evaluate_bpb,
+                         evaluate_bpb_sample=lambda *args, **kwargs: FAKE_BPB)
     namespace["__name__"] = "__main__"
     time.time = FakeClock()
     exec(compile(source, filename, "exec"), namespace)
@@ -178,22 +150,17 @@ def run_ours(train_py):
     """Our train.py as `uv run train.py` runs it (its directory first on sys.path), on the stand-ins."""
     sys.path.insert(0, str(Path(train_py).resolve().parent))
     import prepare  # the real module: the cpu profile's
-    figures = LoopFigures(on_model=use_explicit_attention)
-    for name, value in stand_ins(figures).items():
-        setattr(prepare, name, value)
     source = gpu_timing_skip_steps(Path(train_py).read_text())
-    return run_main(source, str(train_py), figures, __file__=str(train_py))
+    return run_main(source, str(train_py), prepare, LoopFigures(attention=explicit_attention_our_layout),
+                    __file__=str(train_py))
 
 
 def run_ar(ar_dir):
-    """AR's train.py, patched for the CPU (make_model_figures.ar_loop_source), on the stand-ins."""
-    figures = LoopFigures()
     sys.modules["prepare"] = prepare = types.ModuleType("prepare")
-    vars(prepare).update(stand_ins(figures))
     torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.max_memory_allocated = lambda *args, **kwargs: 0
-    return run_main(ar_loop_source(Path(ar_dir) / "train.py"), "autoresearch/train.py (patched)", figures,
-                    LOOP_HYPERPARAMETERS=LOOP_HYPERPARAMETERS, explicit_attention=explicit_attention,
+    return run_main(ar_loop_source(Path(ar_dir) / "train.py"), "autoresearch/train.py (patched)", prepare,
+                    LoopFigures(), LOOP_HYPERPARAMETERS=LOOP_HYPERPARAMETERS, explicit_attention=explicit_attention,
                     nullcontext=nullcontext)
 
 
@@ -201,7 +168,6 @@ if __name__ == "__main__":
     if len(sys.argv) != 4 or sys.argv[1] not in ("ours", "ar"):
         sys.exit(__doc__)
     side, path, out = sys.argv[1:]
-    torch.set_num_threads(1)  # figures that do not depend on the machine's core count; and on a busy
-                              # machine one thread is faster than two that wait for each other
+    torch.set_num_threads(1)  # figures independent of the core count (and on a busy machine, faster)
     result = run_ours(path) if side == "ours" else run_ar(path)
     Path(out).write_text(json.dumps(result) + "\n")

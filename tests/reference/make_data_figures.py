@@ -3,18 +3,11 @@
 Usage (from the repository root, with an AR checkout outside this repository; a few seconds):
     uv run python -m tests.reference.make_data_figures /path/to/autoresearch   # rewrites data_figures.json
 
-It builds a small deterministic corpus, runs *his* prepare.py on it (tokenizer training, the token-bytes
-table, the packed loader, evaluate_bpb) and stores what came out; tests/test_reference_data.py rebuilds the
-corpus, runs ours, and compares. His module is read from the checkout (never copied here) and given, in
-memory: DATA_DIR and TOKENIZER_DIR in a scratch directory, the small settings below, and SUBSTITUTIONS.
-One figure retrains the tokenizer with text_iterator's max_chars lowered to SMALL_MAX_CHARS, so that the
-character cap, never reached at 1e9, is exercised: where it stops depends on the order of the shards and
-on counting only the characters the document cap keeps.
-
-The corpus (corpus()) is text nobody here wrote, from parts of the standard library that do not change
-between Python releases (the test checks each rebuilt shard's sha256). Documents hold 0 to 25 lines;
-shards have row groups of 333, 128, 1000 and 200 documents, so the loader's 128-document batches end early
-at row-group ends and inside shards.
+It builds a small deterministic corpus, runs *his* prepare.py on it (tokenizer training, also with the
+character cap lowered so that it is reached, the token-bytes table, the packed loader, evaluate_bpb) and
+stores what came out; tests/test_reference_data.py rebuilds the corpus, runs ours, and compares. The corpus
+is text nobody here wrote, from parts of the standard library that do not change between Python releases;
+its row groups make the loader's 128-document batches end early at row-group ends and inside shards.
 """
 
 import argparse
@@ -28,7 +21,6 @@ import io
 import json
 import platform
 import tempfile
-import types
 import unicodedata
 from pathlib import Path
 
@@ -37,13 +29,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from tests.reference.common import ar_commit, patched
+from tests.reference.common import ar_commit, load_ar_module
 
 FIGURES = Path(__file__).resolve().parent / "data_figures.json"
 
 VOCAB_SIZE = 1024               # tokenizer size for the figures: trains in about a second
-SMALL_MAX_CHARS = 170_000       # text_iterator's character cap for the second tokenizer figure: it falls
-                                # in the second shard, past the document the 10,000-character cap cuts
+SMALL_MAX_CHARS = 170_000       # a character cap reached in the second shard, past a document the document
+                                # cap cuts: where it stops depends on counting only the characters kept
 LINES_PER_DOC = (1, 3, 0, 2, 1, 5, 1, 2, 9, 1, 2, 1, 25, 3, 1, 2)  # character lines per document, cycled
 VAL_SHARD_NAME = "shard_06542.parquet"
 ROW_GROUPS = {"shard_00000.parquet": 333, "shard_00001.parquet": 128, "shard_00002.parquet": 1000,
@@ -64,9 +56,8 @@ SUBSTITUTIONS = [("dtype=torch.long, pin_memory=True)", "dtype=torch.long)"),
 
 
 def unicode_lines():
-    """'U+0416 Ж CYRILLIC CAPITAL LETTER ZHE' (1 to 4 bytes of UTF-8) for every named character of Unicode
-    3.2, which every Python ships unchanged for IDNA, but the ideographs and Hangul syllables, of which every
-    97th code point (their names are numbers)."""
+    """'U+0416 Ж CYRILLIC CAPITAL LETTER ZHE' for every named character of Unicode 3.2 (every Python ships it
+    unchanged, for IDNA), but of the ideographs and Hangul syllables, named by number, every 97th only."""
     ucd = unicodedata.ucd_3_2_0
     for cp in range(0x110000):
         name = ucd.name(chr(cp), "")
@@ -86,10 +77,9 @@ def documents():
 
 
 def corpus():
-    """{shard name: documents}. Two documents in five, and the last tenth (the rarest scripts), go to
-    validation; the rest is cut into three training shards, with the Zen of Python (one document per line)
-    opening the third and the HTML5 entity table in the middle of the second, as one document of 25,000
-    characters: over the tokenizer's 10,000-character document cap."""
+    """{shard name: documents}: two in five, and the last tenth (the rarest scripts), for validation; the Zen
+    of Python opens the third training shard, and the HTML5 entity table, one document of 25,000 characters
+    (over the tokenizer's 10,000-character document cap), sits in the middle of the second."""
     docs = documents()
     tail = len(docs) * 9 // 10
     val = [d for i, d in enumerate(docs[:tail]) if i % 5 in (1, 3)] + docs[tail:]
@@ -106,7 +96,6 @@ def corpus():
 
 def build_shards(data_dir):
     """Write the corpus as parquet shards into data_dir; return {name: (documents, sha256, row groups)}."""
-    data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
     for name, texts in corpus().items():
@@ -133,35 +122,18 @@ def ranks_digest(mergeable_ranks):
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def batch_digest(inputs, targets):
-    """First 16 hex digits of the sha256 of a batch's inputs then targets, as little-endian int64."""
-    data = np.asarray(inputs, dtype="<i8").tobytes() + np.asarray(targets, dtype="<i8").tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
-
-
 def loader_figures(loader, n_batches):
-    """Digest and epoch of each batch, and the first RAW_ROWS rows (T+1 tokens) of the first batch."""
+    """Digest (of inputs then targets as little-endian int64) and epoch of each batch, and the first RAW_ROWS
+    rows (T+1 tokens) of the first batch."""
     digests, epochs, raw = [], [], None
     for _ in range(n_batches):
         x, y, epoch = next(loader)
-        x, y = x.cpu().numpy().copy(), y.cpu().numpy().copy()  # his loader reuses its buffers
-        digests.append(batch_digest(x, y))
+        x, y = x.cpu().numpy().astype("<i8"), y.cpu().numpy().astype("<i8")  # a copy: his loader reuses its buffers
+        digests.append(hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:16])
         epochs.append(int(epoch))
         if raw is None:
             raw = np.concatenate([x[:RAW_ROWS, :1], y[:RAW_ROWS]], axis=1).tolist()
     return {"batch_sha256_16": digests, "epochs": epochs, "first_rows": raw}
-
-
-def load_ar_prepare(ar_dir, scratch):
-    """His prepare.py as a module, with the substitutions and settings listed in this file's docstring."""
-    path = Path(ar_dir) / "prepare.py"
-    source = patched(path.read_text(), SUBSTITUTIONS, path)
-    module = types.ModuleType("ar_prepare")
-    module.__file__ = str(path)
-    exec(compile(source, str(path), "exec"), module.__dict__)
-    module.DATA_DIR, module.TOKENIZER_DIR = str(scratch / "data"), str(scratch / "tokenizer")
-    module.VOCAB_SIZE, module.MAX_SEQ_LEN, module.EVAL_TOKENS = VOCAB_SIZE, EVAL_T, EVAL_ROWS * EVAL_T
-    return module
 
 
 def defaults(fn):
@@ -169,7 +141,6 @@ def defaults(fn):
 
 
 def his_constants(ar):
-    """The data-path constants his code holds, read from his signatures and globals."""
     return {"text_iterator": defaults(ar.text_iterator),
             "tokenizer_batch_size": defaults(ar._document_batches)["tokenizer_batch_size"],
             "buffer_size": defaults(ar.make_dataloader)["buffer_size"],
@@ -177,8 +148,7 @@ def his_constants(ar):
             "VAL_FILENAME": ar.VAL_FILENAME}
 
 
-def tokenizer_figures(ar, tokenizer):
-    """The same figures from his prepare module or ours (the test calls it with our prepare)."""
+def tokenizer_figures(ar, tokenizer):  # ar: his prepare module, or ours in the test
     enc = tokenizer.enc
     return {"vocab_size": enc.n_vocab, "pattern": enc._pat_str, "bos_token_id": tokenizer.get_bos_token_id(),
             "special_token_ids": {name: enc.encode_single_token(name) for name in ar.SPECIAL_TOKENS},
@@ -194,22 +164,6 @@ def token_bytes_figures(ar, tokenizer):
             "partial_utf8_tokens": len(partial),
             "partial_utf8_raw_bytes": sum(len(enc.decode_single_token_bytes(i)) for i in partial),
             "partial_utf8_counted_bytes": sum(table[i] for i in partial)}
-
-
-def small_cap_tokenizer(ar, scratch):
-    """His tokenizer retrained with text_iterator's max_chars lowered to SMALL_MAX_CHARS (the last figure:
-    his module is left so)."""
-    ar.TOKENIZER_DIR = str(scratch / "tokenizer_small_cap")
-    ar.text_iterator.__defaults__ = (SMALL_MAX_CHARS, ar.text_iterator.__defaults__[1])
-    ar.train_tokenizer()
-    return {"max_chars": SMALL_MAX_CHARS,
-            "mergeable_ranks_sha256": ranks_digest(ar.Tokenizer.from_directory(ar.TOKENIZER_DIR).enc._mergeable_ranks)}
-
-
-def provenance(ar_dir):
-    versions = {name: importlib.metadata.version(name) for name in ("torch", "rustbpe", "tiktoken", "pyarrow", "numpy")}
-    return {"ar_commit": ar_commit(ar_dir), "command": "uv run python -m tests.reference.make_data_figures /path/to/ar",
-            "python": platform.python_version(), **versions}
 
 
 def to_json(value, indent=0):
@@ -229,11 +183,16 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         shards = build_shards(scratch / "data")
-        ar = load_ar_prepare(args.ar_dir, scratch)
+        ar = load_ar_module(Path(args.ar_dir) / "prepare.py", SUBSTITUTIONS)
+        ar.DATA_DIR, ar.TOKENIZER_DIR = str(scratch / "data"), str(scratch / "tokenizer")
+        ar.VOCAB_SIZE, ar.MAX_SEQ_LEN, ar.EVAL_TOKENS = VOCAB_SIZE, EVAL_T, EVAL_ROWS * EVAL_T
         ar.train_tokenizer()
         tokenizer = ar.Tokenizer.from_directory(ar.TOKENIZER_DIR)
         figures = {
-            **provenance(args.ar_dir),
+            "ar_commit": ar_commit(args.ar_dir),
+            "command": "uv run python -m tests.reference.make_data_figures /path/to/ar",
+            "python": platform.python_version(),
+            **{name: importlib.metadata.version(name) for name in ("torch", "rustbpe", "tiktoken", "pyarrow", "numpy")},
             "settings": {"VOCAB_SIZE": VOCAB_SIZE, "EVAL_T": EVAL_T, "EVAL_ROWS": EVAL_ROWS},
             "constants": his_constants(ar),
             "corpus": shards,
@@ -242,8 +201,12 @@ def main():
             "loader": [{"split": split, "B": B, "T": T, **loader_figures(ar.make_dataloader(tokenizer, B, T, split), n)}
                        for split, B, T, n in LOADER_SETTINGS],
             "evaluate_bpb": {str(B): ar.evaluate_bpb(StandInModel(), tokenizer, B) for B in EVAL_BATCH_SIZES},
-            "small_cap_tokenizer": small_cap_tokenizer(ar, scratch),
         }
+        ar.TOKENIZER_DIR = str(scratch / "tokenizer_small_cap")  # his tokenizer retrained, the cap lowered
+        ar.text_iterator.__defaults__ = (SMALL_MAX_CHARS, ar.text_iterator.__defaults__[1])
+        ar.train_tokenizer()
+        merges = ranks_digest(ar.Tokenizer.from_directory(ar.TOKENIZER_DIR).enc._mergeable_ranks)
+        figures["small_cap_tokenizer"] = {"max_chars": SMALL_MAX_CHARS, "mergeable_ranks_sha256": merges}
     Path(args.out).write_text(to_json(figures) + "\n")
     print(f"wrote {args.out}")
 

@@ -1,48 +1,50 @@
-"""Obtain the model, optimizer, schedule and training-loop figures from karpathy/autoresearch's own code,
+r"""Obtain the model, optimizer, schedule and training-loop figures from karpathy/autoresearch's own code,
 and measure how far rounding on other kinds of CPU moves each of them.
 
 Usage (from the repository root, with an AR checkout outside this repository; about 5 minutes on 2 cores):
     git clone https://github.com/karpathy/autoresearch /tmp/ar
     uv run python -m tests.reference.make_model_figures /tmp/ar     # rewrites tests/reference/model_figures.json
-Then check the figures on this machine and under a kind they were not made with, e.g.
-    uv run pytest -m reference
-    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=3 uv run pytest -m reference
+Then check the figures under a kind they were not made with, e.g.
+    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=COMPATIBLE ONEDNN_MAX_CPU_ISA=AVX512_CORE OMP_NUM_THREADS=3 \
+        uv run pytest -m reference
 
-Once per emulated machine kind (common.KINDS), each in a fresh process, it runs recipe.py on AR's model,
-optimizer and schedule code (ar_source) and loop.py on AR's whole train.py (ar_loop_source). AR's code is
-read from the checkout and executed in memory: none of it is stored here, only what it computed.
-
-The stored figures are the native kind's. A figure's spread is its largest relative difference between
-the native kind and another (common.differences); each group of figures (common.group_of) gets
-TOLERANCE_MULTIPLE times its largest spread as its tolerance, so a group no kind moved by a bit must match
-exactly. Spreads grow along the steps: Muon orthogonalizes in bf16, where one rounding that flips
-cascades, so the first steps are held tight and later ones only loosely.
+Under each emulated CPU kind (KINDS), in fresh processes, it runs recipe.py on AR's definitions (load_ar)
+and loop.py on AR's whole train.py (ar_loop_source), read from the checkout and executed in memory. The native
+kind's figures are stored; each group of figures (common.group_of) gets TOLERANCE_MULTIPLE times the largest
+spread another kind showed in it, so a group no kind moved must match exactly. Spreads grow along the steps:
+Muon orthogonalizes in bf16, where one rounding that flips cascades.
 """
 import argparse
 import ast
 import json
-import math
 import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from tests.reference import recipe
-from tests.reference.common import KINDS, ar_commit, differences, explicit_attention, group_of, patched
+from tests.reference.common import ar_commit, differences, explicit_attention, group_of, load_ar_module, patched
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 FIGURES = Path(__file__).resolve().parent / "model_figures.json"
 TOLERANCE_MULTIPLE = 10  # a group's tolerance: this times the largest spread any emulated kind showed in it
+# Emulated CPU kinds, each swapping the kernels that round the numbers: ATen's vectorized kernels
+# (ATEN_CPU_CAPABILITY), oneDNN's bf16 matmul, which Muon runs on (AVX512_CORE: AVX-512 without bf16),
+# MKL's fp32 matmul (on a non-Intel CPU MKL honours only MKL_CBWR=COMPATIBLE), and threads splitting reductions.
+KINDS = {
+    "native": {},
+    "avx512-no-bf16": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE", "MKL_CBWR": "COMPATIBLE"},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "no-simd": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"},
+    "8-threads": {"OMP_NUM_THREADS": "8", "MKL_NUM_THREADS": "8"},
+}
 
-# AR's train.py on a CPU in fp32 (model span and whole file); each must apply exactly once
+# AR's train.py up to its set-up, on a CPU in fp32; each must apply exactly once
 PATCHES = [
     ("y = fa3.flash_attn_func(q, k, v, causal=True, window_size=window_size)",   # FA3 is Hopper-only
      "y = explicit_attention(q, k, v, window_size)"),
@@ -52,13 +54,13 @@ PATCHES = [
     ("        self.transformer.wte.to(dtype=torch.bfloat16)\n"
      "        for ve in self.value_embeds.values():\n"
      "            ve.to(dtype=torch.bfloat16)\n", "        pass\n"),
-]
-# ...and for its set-up and loop (loop.py stubs torch.cuda.synchronize and max_memory_allocated)
-LOOP_PATCHES = [
     ("from kernels import get_kernel\ncap = torch.cuda.get_device_capability()\n"
      "# varunneal's FA3 is Hopper only, use kernels-community on non-Hopper GPUs\n"
      'repo = "varunneal/flash-attention-3" if cap == (9, 0) else "kernels-community/flash-attn3"\n'
      "fa3 = get_kernel(repo).flash_attn_interface\n", ""),
+]
+# ...and for its set-up and loop (loop.py stubs torch.cuda.synchronize and max_memory_allocated)
+LOOP_PATCHES = [
     ("t_start = time.time()\n",
      "globals().update(LOOP_HYPERPARAMETERS)  # the cpu profile's sizes\nt_start = time.time()\n"),
     ('device = torch.device("cuda")', 'device = torch.device("cpu")'),
@@ -69,45 +71,26 @@ FUNCTIONS = ["build_model_config", "get_lr_multiplier", "get_muon_momentum", "ge
 AR_PREPARE_CONSTANTS = ["MAX_SEQ_LEN", "TIME_BUDGET", "EVAL_TOKENS", "VOCAB_SIZE"]
 
 
-def ar_source(train_py):
-    """AR's definitions, patched: the span between its `from prepare import` line and its set-up section
-    (model, optimizer, hyperparameters), and the FUNCTIONS."""
-    src = train_py.read_text()
-    start = src.index("\n", src.index("from prepare import")) + 1
-    end = src.index("# Setup: tokenizer, model, optimizer, dataloader")
-    body = patched(src[start:end], PATCHES, train_py)
-    tree = ast.parse(src)
-    functions = [ast.get_source_segment(src, node) for node in tree.body
-                 if isinstance(node, ast.FunctionDef) and node.name in FUNCTIONS]
-    if len(functions) != len(FUNCTIONS):
-        sys.exit(f"expected the functions {FUNCTIONS} at the top level of {train_py}")
-    return body + "\n\n" + "\n\n".join(functions) + "\n"
-
-
 def ar_loop_source(train_py):
     """AR's whole train.py, patched to train on a CPU with the cpu profile's sizes (loop.py runs it)."""
     return patched(Path(train_py).read_text(), PATCHES + LOOP_PATCHES, train_py)
 
 
 def load_ar(ar_dir):
-    """AR's definitions as a namespace, with what its train.py imports from prepare that they use."""
-    g = {"__name__": "ar_train", "torch": torch, "nn": nn, "F": F, "math": math, "time": time,
-         "dataclass": dataclass, "asdict": asdict, "explicit_attention": explicit_attention,
-         "MAX_SEQ_LEN": ar_prepare_constants(Path(ar_dir) / "prepare.py")["MAX_SEQ_LEN"]}
-    exec(compile(ar_source(Path(ar_dir) / "train.py"), "autoresearch/train.py (patched)", "exec"), g)
+    """AR's definitions as a namespace: its train.py up to the set-up section (model, optimizer,
+    hyperparameters), patched, and the FUNCTIONS, importing from AR's own prepare.py."""
+    train_py = Path(ar_dir) / "train.py"
+    src = train_py.read_text()
+    header = patched(src[:src.index("# Setup: tokenizer, model, optimizer, dataloader")], PATCHES, train_py)
+    functions = [ast.get_source_segment(src, node) for node in ast.parse(src).body
+                 if isinstance(node, ast.FunctionDef) and node.name in FUNCTIONS]
+    if len(functions) != len(FUNCTIONS):
+        sys.exit(f"expected the functions {FUNCTIONS} at the top level of {train_py}")
+    sys.modules["prepare"] = load_ar_module(Path(ar_dir) / "prepare.py")
+    g = {"__name__": "ar_train", "explicit_attention": explicit_attention}
+    source = header + "\n\n" + "\n\n".join(functions) + "\n"
+    exec(compile(source, "autoresearch/train.py (patched)", "exec"), g)
     return g
-
-
-def ar_prepare_constants(prepare_py):
-    """AR's harness constants (which the gpu profile must keep, and the recipe's MAX_SEQ_LEN), evaluated
-    from their source (literals and arithmetic only): AR's prepare.py is never imported."""
-    found = {node.targets[0].id: node.value for node in ast.parse(Path(prepare_py).read_text()).body
-             if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) in AR_PREPARE_CONSTANTS}
-    literal = (ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop)
-    if sorted(found) != sorted(AR_PREPARE_CONSTANTS) or not all(
-            isinstance(n, literal) for value in found.values() for n in ast.walk(value)):
-        sys.exit(f"{prepare_py}: expected the constants {AR_PREPARE_CONSTANTS} as literal arithmetic")
-    return {name: eval(compile(ast.Expression(value), str(prepare_py), "eval"), {}) for name, value in found.items()}
 
 
 def figures_under(kind, ar_dir, scratch):
@@ -138,9 +121,8 @@ def spreads(native, others):
 
 
 def cpu_description():
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines()[:30] if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines()[:30] if ":" in line)}
     flags = set(fields.get("flags", "").split())
     return {"model": fields.get("model name", platform.processor()), "vendor": fields.get("vendor_id"),
             "family_model": f"{fields.get('cpu family')}/{fields.get('model')}", "cores": os.cpu_count(),
@@ -182,7 +164,8 @@ def main(ar_dir, out):
             "kinds": KINDS, "tolerance_multiple": TOLERANCE_MULTIPLE,
             "spreads": {group: {kind: float(f"{x:.3g}") for kind, x in by.items()} for group, by in spread.items()},
             "tolerances": {group: TOLERANCE_MULTIPLE * max(by.values()) for group, by in spread.items()}}
-    figures = {"meta": meta, **native, "ar_prepare": ar_prepare_constants(Path(ar_dir) / "prepare.py")}
+    ar_prepare = load_ar_module(Path(ar_dir) / "prepare.py")  # the constants the gpu profile must keep
+    figures = {"meta": meta, **native, "ar_prepare": {k: getattr(ar_prepare, k) for k in AR_PREPARE_CONSTANTS}}
     Path(out).write_text(to_json(figures) + "\n")
     print(f"wrote {out}")
 

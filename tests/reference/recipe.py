@@ -1,14 +1,7 @@
-"""The reference recipe: one procedure, run once on karpathy/autoresearch's train.py (by
-make_model_figures.py, which stores what it returns) and again on ours (by tests/test_reference_model.py,
-which compares). `g` is the globals of the train.py under test: AR's exec'd namespace, or vars(train).
-
-Everything runs in fp32 on the CPU from fixed seeds. It covers the model (initialisation, forward,
-loss, gradients; sliding-window and full layers; value embeddings and their gate; grouped-query
-attention), the optimizer (parameter groups; MuonAdamW steps under the schedules, with gradient
-accumulation as the training loop does it) and the schedules and hyperparameters themselves. What
-takes gradients starts with common.perturb_zero_init's noise in the zero-initialised weights: at the
-plain initialisation some gradients are pure rounding noise, different on every CPU. The figures are
-stored, and compared, as JSON: tuples become lists, int keys strings."""
+"""The reference recipe: one procedure, run on karpathy/autoresearch's train.py by make_model_figures.py,
+which stores what it returns, and on ours by tests/test_reference_model.py, which compares. `g` is the
+globals of the train.py under test: AR's exec'd namespace, or vars(train). Everything runs in fp32 on the
+CPU from fixed seeds; what takes gradients starts from common.perturb_zero_init's noise."""
 from dataclasses import asdict
 
 import torch
@@ -39,8 +32,6 @@ HYPERPARAMETERS = ["ASPECT_RATIO", "HEAD_DIM", "WINDOW_PATTERN", "TOTAL_BATCH_SI
 
 
 def make_model(g, name, perturb=False):
-    """The model as train.py builds it; perturb: with common.perturb_zero_init's noise in the weights
-    init_weights zeroes (for anything that takes gradients: see that function)."""
     torch.manual_seed(SEED)
     with torch.device("meta"):
         model = g["GPT"](g["GPTConfig"](**CONFIGS[name]))
@@ -71,8 +62,7 @@ def hyperparameter_figures(g):
     return {k: g[k] for k in HYPERPARAMETERS}
 
 
-def constant_figures(g):
-    """Constants too small to move a few steps' figures: the polar express coefficients."""
+def constant_figures(g):  # too small to move a few steps' figures
     return {"polar_express_coeffs": g["polar_express_coeffs"]}
 
 
@@ -127,20 +117,15 @@ def forward_figures(g, name):
     }
 
 
-def optimizer_groups(optimizer):
-    keys = ["kind", "lr", "initial_lr", "betas", "eps", "weight_decay", "momentum", "ns_steps", "beta2"]
-    return [{**{k: v for k, v in group.items() if k in keys}, "shapes": [list(p.shape) for p in group["params"]]}
-            for group in optimizer.param_groups]
-
-
 def step_figures(g, name):
-    """OPT_STEPS optimizer steps as the training loop takes them: GRAD_ACCUM micro-batches, the loss of
-    the last one reported, the schedules set from progress and step, then step and zero_grad."""
+    """OPT_STEPS steps as the training loop takes them: GRAD_ACCUM micro-batches, then the schedules set."""
     model = make_model(g, name, perturb=True)
     optimizer = model.setup_optimizer(
         unembedding_lr=g["UNEMBEDDING_LR"], embedding_lr=g["EMBEDDING_LR"], scalar_lr=g["SCALAR_LR"],
         adam_betas=g["ADAM_BETAS"], matrix_lr=g["MATRIX_LR"], weight_decay=g["WEIGHT_DECAY"])
-    groups = optimizer_groups(optimizer)
+    keys = ["kind", "lr", "initial_lr", "betas", "eps", "weight_decay", "momentum", "ns_steps", "beta2"]
+    groups = [{**{k: v for k, v in group.items() if k in keys}, "shapes": [list(p.shape) for p in group["params"]]}
+              for group in optimizer.param_groups]
     steps = []
     for step in range(OPT_STEPS):
         for micro_step in range(GRAD_ACCUM):
@@ -187,13 +172,11 @@ def kernel_figures(g):
     return out
 
 
+SETTINGS = {"hyperparameters": hyperparameter_figures, "constants": constant_figures, "kernels": kernel_figures,
+            "model_configs": model_config_figures, "schedules": schedule_figures}  # figures(g)
+MODEL_PARTS = {"init": init_figures, "forward": forward_figures, "optimizer": step_figures}  # figures(g, name)
+
+
 def all_figures(g):
-    return {
-        "hyperparameters": hyperparameter_figures(g),
-        "constants": constant_figures(g),
-        "kernels": kernel_figures(g),
-        "model_configs": model_config_figures(g),
-        "schedules": schedule_figures(g),
-        "models": {name: {"init": init_figures(g, name), "forward": forward_figures(g, name),
-                          "optimizer": step_figures(g, name)} for name in CONFIGS},
-    }
+    return {**{where: figures(g) for where, figures in SETTINGS.items()},
+            "models": {name: {part: figures(g, name) for part, figures in MODEL_PARTS.items()} for name in CONFIGS}}
