@@ -7,8 +7,8 @@ import sys
 import textwrap
 import time
 from contextlib import nullcontext, suppress
-from pathlib import Path
 from importlib.machinery import EXTENSION_SUFFIXES
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -113,6 +113,7 @@ def test_cpu_outside_the_budget_never_counts_training_when_the_hand_off_came_in_
 
 FAST = "fast" + EXTENSION_SUFFIXES[0]  # an extension module this Python imports (cpython-311-..., -312-...)
 
+
 @pytest.mark.parametrize("setup, needle", [
     (lambda repo: Path(FAST).touch(), f"{FAST} at the"),
     (lambda repo: Path("json").mkdir() or Path("json/__init__.py").touch(), "json at the repository root is not"),
@@ -214,7 +215,6 @@ def test_the_model_is_measured_only_if_train_py_ended_well(repo, tmp_path, monke
 
 
 @pytest.mark.parametrize("spoil, status, needle", [
-    (lambda: None, "pending", ""),
     (lambda: Path("run.log").write_text("---\nval_bpb:          2.600000\n"), "crash", "final block says val_bpb 2.6"),
     (lambda: Path("run_summary.json").unlink(), "crash", "no run_summary.json"),
     (lambda: write_run(val_bpb=2.5, age=100), "crash", "left by an earlier run"),
