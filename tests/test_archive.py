@@ -1,8 +1,6 @@
-"""
-The record and the archive (harness/record.py) and analyze.py's command line: run.json round-trips and refuses
-what is not a run, results.tsv is derived (karpathy/autoresearch's columns first) and mended by rebuild, audit
-names every kind of tampering, and bad input is one line.
-"""
+"""The record and the archive (harness/record.py) and analyze.py's command line: run.json round-trips and refuses
+what is not a run, results.tsv is derived (karpathy/autoresearch's columns first) and mended by rebuild, audit names
+every kind of tampering, and bad input is one line."""
 import csv
 import fcntl
 import hashlib
@@ -54,30 +52,13 @@ def archived(repo, val_bpb=2.4, status="pending", **overrides):
     return run
 
 
-def night(repo):
-    """A kept baseline, a discarded idea and a crash, archived and results.tsv built."""
-    runs = [archived(repo, 2.40, "keep"), archived(repo, 2.45, "discard"),
-            archived(repo, None, "crash", outcome="crash", measured=None)]
-    repo[0].rebuild()
-    return runs
-
-
 def read_results(archive):
     return list(csv.DictReader(archive.results.read_text().splitlines(), delimiter="\t"))
 
 
-def test_a_run_round_trips_through_run_json_unchanged_and_a_json_integer_is_a_float():
-    run = make_run(2.4, caught=[Caught("trained on validation data", "x")], notes=["metrics.jsonl is missing"])
-    assert Run.from_dict(json.loads(run.to_json())) == run
-    d = json.loads(run.to_json())
-    d["measured"]["val_bpb"] = 2
-    assert repr(Run.from_dict(d).val_bpb) == "2.0"
-
-
 @pytest.mark.parametrize("edit, named", [
     (lambda d: d.pop("commit"), "run.commit is missing"),
-    (lambda d: d["trained"].update(num_steps="30"), "run.trained.num_steps"),
-    (lambda d: d["trained"].update(num_steps=True), "run.trained.num_steps"),
+    (lambda d: d["trained"].update(num_steps=True), "run.trained.num_steps"),  # a bool is no int
     (lambda d: d["measured"].update(val_bpb=float("nan")), "run.measured.val_bpb is nan, not a finite number"),
     (lambda d: d.update(statuses=[{"status": "kept", "at": "t", "by": "x"}]), "statuses[0].status is 'kept'"),
     (lambda d: d.update(evidence={"run.log": 1}), "run.evidence['run.log']"),
@@ -113,17 +94,19 @@ def test_the_lock_excludes_every_other_holder_until_it_is_released(tmp_path):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_ids_runs_oldest_first_find_by_unique_prefix_and_a_bad_run_json_named_once_and_never_written(tmp_path, capsys):
+def test_ids_runs_as_saved_oldest_first_find_by_prefix_a_bad_run_json_named_once_and_never_written(tmp_path, capsys):
     archive = Archive(tmp_path / "a")
     ids = [archive.new_id(commit) for commit in ("abc1234ff", "abc1234ff", "abd0000ff")]
     assert ids == ["abc1234", "abc1234-2", "abd0000"]
-    for run_id, at in zip(ids, (2.0, 3.0, 1.0)):
-        archive.save(make_run(2.4, id=run_id, archived_at=at))
+    saved = [make_run(2.4, id=run_id, archived_at=at, notes=["metrics.jsonl is missing"], peak_vram_mb=45_000)
+             for run_id, at in zip(ids, (2.0, 3.0, 1.0))]  # peak_vram_mb: JSON's integer, read as a float
+    for run in saved:
+        archive.save(run)
     (archive.dir / "ddddddd").mkdir()
     (archive.dir / "ddddddd" / "run.json").write_text('{"id": ')
     (archive.dir / "eeeeeee").mkdir()  # reserved by a writer: not a problem yet
     (archive.dir / "compare_a_b").mkdir()  # plots of `compare`: no run
-    assert [r.id for r in archive.runs()] == ["abd0000", "abc1234", "abc1234-2"]
+    assert archive.runs() == [saved[2], saved[0], saved[1]], "not oldest first, or not as saved"
     assert archive.find("abc1234").id == "abc1234" and archive.find("abd").id == "abd0000"
     for prefix, said in (("abc", r"matches several runs \(abc1234 abc1234-2\)"), ("fff", "no run 'fff'")):
         with pytest.raises(RecordError, match=said):
@@ -138,51 +121,10 @@ def test_ids_runs_oldest_first_find_by_unique_prefix_and_a_bad_run_json_named_on
     assert not (archive.run_dir("fffffff") / "run.json").exists()
 
 
-def test_results_tsv_is_karpathys_five_columns_first_and_set_status_rebuilds_it_or_refuses_what_may_not_be(tmp_path):
-    archive = Archive(tmp_path / "a")
-    run = make_run(2.4, id="aaaaaaa", peak_vram_mb=45_000.0, description="more\theads\nand lr")
-    crash = make_run(None, id="bbbbbbb", outcome="crash", status="crash", peak_vram_mb=45_000.0)
-    caught = make_run(2.0, id="ccccccc", status="invalid", caught=[Caught("trained on validation data", "d")])
-    for r in (run, crash, caught):
-        archive.save(r)
-    archive.set_status(run, "keep", "analyze.py status")
-    ok, crashed, _ = read_results(archive)
-    assert list(ok)[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
-    assert float(ok["val_bpb"]) == 2.4 and ok["memory_gb"] == "43.9" and ok["description"] == "more heads and lr"
-    assert (crashed["val_bpb"], crashed["memory_gb"], crashed["status"]) == ("0.000000", "0.0", "crash")
-    assert ok["status"] == "keep" and [s.status for s in archive.find("aaaaaaa").statuses] == ["pending", "keep"]
-    for r, said in ((crash, "has no val_bpb"), (caught, r"is invalid \(trained on .*its status cannot change")):
-        with pytest.raises(RecordError, match=said):
-            archive.set_status(r, "keep", "analyze.py status")
-    assert archive.find("ccccccc").status == "invalid"
-
-
-def test_audit_names_an_edited_number_evidence_changed_or_gone_a_forged_record_and_an_unreadable_run(repo):
-    archive = repo[0]
-    keep = night(repo)[0]
-    assert audit(archive) == []
-    keep.measured.val_bpb = 2.2
-    archive.save(keep)
-    (archive.run_dir(keep.id) / "diff.patch").write_text("+ forged\n")
-    (archive.run_dir(keep.id) / "metrics.jsonl").unlink()
-    forged = archived(repo, None, "keep", pin="0" * 40)  # audit reads each record and its pin, not only evidence
-    (archive.dir / "2222222").mkdir()
-    (archive.dir / "2222222" / "run.log").write_text("x\n")   # its run.json deleted
-    lines = audit(archive)
-    for problem in (f"{keep.id}: run.log's final block says val_bpb 2.400000, run.json 2.200000",
-                    f"{keep.id}: diff.patch changed after archiving",
-                    f"{keep.id}: metrics.jsonl was archived but is gone",
-                    f"{forged.id}: kept without a val_bpb", f"{forged.id}: archived under pin 0000000",
-                    f"2222222: {archive.run_dir('2222222') / 'run.json'}: missing"):
-        assert any(line.startswith(problem) for line in lines), (problem, lines)
-
-
 @pytest.mark.parametrize("change, named", [
-    (dict(status="keep", val_bpb=None), "kept without a val_bpb"),
     (dict(status="pending", caught=[Caught("trained on validation data", "d")]), "but its status is pending"),
     (dict(status="discard", harness_changes=["prepare.py (changed)"]), "harness differed from the pin"),
     (dict(statuses=[StatusChange("invalid", "t", "harness"), StatusChange("keep", "t", "x")]), "leaves invalid"),
-    (dict(pin="0" * 40), "not one of branch exp's pins"),
     (dict(status="keep", commit="f" * 40), "kept, but its commit fffffff is not on branch exp"),
     (dict(status="keep", worker="w2", branch="exp-w2"),  # a sibling worktree's: its branch gone, its pins shared
      "kept, but its branch exp-w2 no longer exists"),
@@ -195,22 +137,6 @@ def test_an_inconsistent_record_is_named(change, named):
     assert any(named in line for line in lines) if named else lines == [], lines
 
 
-def test_the_harness_against_the_pin_in_the_working_tree_and_while_train_py_ran(repo):
-    archive, head, pin = repo
-    Path("prepare.py").write_text("HARNESS = 2\n")
-    assert harness_changes(pin) == [f"prepare.py (changed) against the pin {pin[:7]}"]
-    assert any(line.startswith("working tree: prepare.py (changed)") for line in audit(archive))
-    Path("prepare.py").write_text("HARNESS = 1\n")
-    assert harness_changes(pin) == []
-    edited = {"prepare.py": hashlib.sha256(b"HARNESS = 2\n").hexdigest()}  # as train.py saw it, restored since
-    assert harness_changes(pin, edited) == [f"prepare.py (differed while train.py ran) against the pin {pin[:7]}"]
-    for path in ("contrib/workers.py", "tests/test_x.py"):
-        Path(path).parent.mkdir()
-        Path(path).write_text("x = 1\n")
-    sh("git", "add", ".")
-    assert harness_changes(pin) == [], "contrib/ and tests/ are not the harness"
-
-
 @pytest.fixture
 def cli(repo, monkeypatch, capsys):
     """analyze.main in the repo: (exit status, stdout, stderr) of one command."""
@@ -219,12 +145,14 @@ def cli(repo, monkeypatch, capsys):
     return lambda *argv: (analyze.main(list(argv)), *capsys.readouterr())
 
 
-def test_a_pin_is_made_once_moved_only_by_a_human_at_a_terminal_and_kept_in_history(repo, cli, monkeypatch):
-    pin = repo[2]
+def test_a_pin_is_made_once_guards_the_harness_and_is_moved_only_by_a_human_at_a_terminal(repo, cli, monkeypatch):
+    archive, _, pin = repo
     status, out, _ = cli("pin")
     assert status == 0 and out.startswith(f"exp is pinned at {pin[:7]}: 1 harness files (prepare.py)")
     assert ensure_pin("exp", [make_run(branch="exp", worker=worker_name())]) == (pin, None)  # a pin stands
     Path("prepare.py").write_text("HARNESS = 2\n")
+    assert harness_changes(pin) == [f"prepare.py (changed) against the pin {pin[:7]}"]
+    assert any(line.startswith("working tree: prepare.py (changed)") for line in audit(archive))
     sh("git", "commit", "-qam", "a human changes the harness")
     monkeypatch.setattr(sys, "stdin", open("/dev/null"))
     status, _, err = cli("repin")
@@ -237,24 +165,61 @@ def test_a_pin_is_made_once_moved_only_by_a_human_at_a_terminal_and_kept_in_hist
     head = sh("git", "rev-parse", "HEAD")
     assert out.endswith(f"exp is pinned at {head[:7]}\n") and pin_history("exp") == [head, pin]
     assert not move_pin("exp", "no-such-commit")
+    edited = {"prepare.py": hashlib.sha256(b"HARNESS = 1\n").hexdigest()}  # train.py saw it; the pin's again since
+    assert harness_changes(head, edited) == [f"prepare.py (differed while train.py ran) against the pin {head[:7]}"]
+    for path in ("contrib/workers.py", "tests/test_x.py"):
+        Path(path).parent.mkdir()
+        Path(path).write_text("x = 1\n")
+    sh("git", "add", ".")
+    assert harness_changes(head) == [], "contrib/ and tests/ are not the harness"
     sh("git", "update-ref", "-d", "refs/auto-log-research/pins/exp")
     earlier = [make_run(id="abc1234", branch="exp", worker=worker_name()), make_run(branch="exp", worker="other")]
     assert ensure_pin("exp", earlier)[1].startswith("branch exp has no pin although 1 run(s) (abc1234 to abc1234)")
 
 
-def test_status_audit_rebuild_and_curve_from_the_command_line_and_bad_input_is_one_line_and_exit_1(repo, cli):
-    archive, runs = repo[0], night(repo)
-    assert cli("status", runs[1].id, "keep")[:2] == (0, f"{runs[1].id}: keep\n")
+def test_audit_names_an_edited_number_evidence_changed_or_gone_a_forged_record_and_an_unreadable_run(repo):
+    archive, keep = repo[0], archived(repo, 2.40, "keep")
+    keep.measured.val_bpb = 2.2
+    archive.save(keep)
+    (archive.run_dir(keep.id) / "diff.patch").write_text("+ forged\n")
+    (archive.run_dir(keep.id) / "metrics.jsonl").unlink()
+    forged = archived(repo, None, "keep", pin="0" * 40)  # audit reads each record and its pin, not only evidence
+    (archive.dir / "2222222").mkdir()
+    (archive.dir / "2222222" / "run.log").write_text("x\n")   # its run.json deleted
+    lines = audit(archive)
+    for problem in (f"{keep.id}: run.log's final block says val_bpb 2.400000, run.json 2.200000",
+                    f"{keep.id}: diff.patch changed after archiving",
+                    f"{keep.id}: metrics.jsonl was archived but is gone",
+                    f"{forged.id}: kept without a val_bpb", f"{forged.id}: archived under pin 0000000",
+                    f"2222222: {archive.run_dir('2222222') / 'run.json'}: missing",
+                    f"{archive.results}: differs from the run directories"):  # it was never built
+        assert any(line.startswith(problem) for line in lines), (problem, lines)
+
+
+def test_results_tsv_is_karpathys_five_columns_first_status_audit_rebuild_curve_and_bad_input_is_one_line(repo, cli):
+    archive = repo[0]
+    keep = archived(repo, 2.40, "keep", peak_vram_mb=45_000.0, description="more\theads\nand lr")
+    discard = archived(repo, 2.45, "discard")
+    crash = archived(repo, None, "crash", outcome="crash", measured=None, peak_vram_mb=45_000.0)
+    invalid = archived(repo, 2.0, "invalid", caught=[Caught("trained on validation data", "d")])
+    assert cli("status", discard.id, "keep")[:2] == (0, f"{discard.id}: keep\n")  # and rebuilds results.tsv
+    kept, rekept, crashed, _ = read_results(archive)
+    assert list(kept)[:5] == ["commit", "val_bpb", "memory_gb", "status", "description"]
+    assert float(kept["val_bpb"]) == 2.4 and kept["memory_gb"] == "43.9" and kept["description"] == "more heads and lr"
+    assert (crashed["val_bpb"], crashed["memory_gb"], crashed["status"]) == ("0.000000", "0.0", "crash")
+    assert rekept["status"] == "keep" and [s.status for s in archive.find(discard.id).statuses] == ["discard", "keep"]
     archive.results.write_text("commit\tval_bpb\n")  # a hand-edited results.tsv is named in one line; rebuild mends it
     status, out, _ = cli("audit")
     assert status == 1 and out.startswith(f"{archive.results}: differs from the run directories"), out
-    assert "analyze.py rebuild`" in out and cli("rebuild")[:2] == (0, f"{archive.results}: rebuilt from 3 runs\n")
-    assert cli("audit")[:2] == (0, "audit: 3 runs, clean\n") and read_results(archive)[1]["status"] == "keep"
-    archive.results.unlink()
-    assert cli("audit")[0] == 1
-    status, out, _ = cli("curve", "train/loss", runs[0].id, "--at", "0.5,1")
+    assert "analyze.py rebuild`" in out and cli("rebuild")[:2] == (0, f"{archive.results}: rebuilt from 4 runs\n")
+    assert cli("audit")[:2] == (0, "audit: 4 runs, clean\n")
+    status, out, _ = cli("curve", "train/loss", keep.id, "--at", "0.5,1")
     assert status == 0 and out.splitlines()[1].split()[-2:] == ["3.0000", "2.5000"], out
-    for argv, said in ((["status", "1111111", "keep"], "analyze.py: no run '1111111'"),
-                       (["curve", "train/loss", "--at", "half"], "analyze.py: --at 'half' is not comma-separated")):
+    for argv, said in ((["status", "1111111", "keep"], "no run '1111111'"),
+                       (["status", crash.id, "keep"], f"run {crash.id} has no val_bpb"),
+                       (["status", invalid.id, "keep"], f"run {invalid.id} is invalid (trained on validation data), "
+                                                        "so its status cannot change"),
+                       (["curve", "train/loss", "--at", "half"], "--at 'half' is not comma-separated")):
         status, _, err = cli(*argv)
-        assert status == 1 and err.startswith(said) and err.count("\n") == 1, err
+        assert status == 1 and err.startswith(f"analyze.py: {said}") and err.count("\n") == 1, err
+    assert archive.find(invalid.id).status == "invalid"

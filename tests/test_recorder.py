@@ -36,7 +36,11 @@ def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, 
     cap = 0 if handoff else prepare.hard_cap_s(prepare.TIME_BUDGET)
     assert RunRecorder({}).hard_cap_s == cap, "the watchdog keeps prepare's hard cap; under the harness, the parent"
     (tmp_path / "run_summary.json").write_text('{"status": "ok", "val_bpb": 0.5}')  # a previous run's leftovers
-    with RunRecorder({"DEPTH": 4}, out_dir=tmp_path, hard_cap_s=60) as run:
+    cyclic = [1]
+    cyclic.append(cyclic)  # globals JSON cannot write (this, {(0, 1): 2}) are left out: they would cost the summary
+    config = recorder.collect_config({"DEPTH": 4, "CYCLIC": cyclic, "W": {(0, 1): 2}, "lower": 1,
+                                      "MAX_SEQ_LEN": prepare.MAX_SEQ_LEN})  # nor prepare's constant, nor lower case
+    with RunRecorder(config, out_dir=tmp_path, hard_cap_s=60) as run:
         assert not (tmp_path / "run_summary.json").exists(), "a stale summary survived the start"
         run.timing("startup_s", 1.5)
         with pytest.raises(KeyError, match="val_bpp"):  # a typo in a final key is refused, not kept
@@ -45,12 +49,10 @@ def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, 
                    peak_vram_mb=None, mfu_percent=None, total_tokens_M=1.25, num_steps=3, num_params_M=1.234, depth=4)
     s = summary(tmp_path)
     assert (run.exit_code, s["status"], s["error"], s["config"]) == (0, "ok", None, {"DEPTH": 4})
-    assert set(s) - set(recorder.FINAL_FORMATS) == {"status", "device_batch", "config", "harness", "git", "env",
-                                                    "timings", "error"}
     assert {k: v for k, v in s["harness"].items() if k != "tokenizer"} == prepare.HARNESS
     assert {"commit", "dirty", "train_py_sha256", "prepare_py_sha256", "analyze_py_sha256"} <= set(s["git"])
     assert "harness/recorder.py" in s["git"]["harness_sha256"], "loop.py cannot tell a harness edited mid-run"
-    assert set(s["env"]) == {"python", "torch", "cuda", "gpu_name", "driver"} and s["timings"]["startup_s"] == 1.5
+    assert "gpu_name" in s["env"] and s["timings"]["startup_s"] == 1.5, "the machine a run's speed belongs to"
     block = capsys.readouterr().out.split("---\n")[-1].splitlines()
     # the harness appends its own measured val_bpb: train.py's block must not carry one
     assert block == ([] if handoff else ["val_bpb:          1.234568"]) + [
@@ -60,19 +62,8 @@ def test_a_finished_run_prints_the_block_and_writes_every_summary_key(tmp_path, 
 
 
 @pytest.mark.quick
-def test_the_config_keeps_what_json_can_write_and_no_constant_of_prepare():
-    """A global JSON cannot write never costs the run its summary."""
-    cyclic = [1]
-    cyclic.append(cyclic)
-    names = {"LR": 0.04, "BETAS": (0.8, 0.95), "W": {(0, 1): 2}, "CYCLIC": cyclic, "lower": 1,
-             "MAX_SEQ_LEN": prepare.MAX_SEQ_LEN}
-    assert recorder.collect_config(names) == {"LR": 0.04, "BETAS": [0.8, 0.95]}
-
-
-@pytest.mark.quick
-@pytest.mark.parametrize("raised", [RuntimeError("boom in the model"), OOM,
-                                    RunStopped("Tesla V100 has no bf16: use a newer GPU or AUTORESEARCH_PROFILE=cpu")])
-def test_a_crash_keeps_the_traceback_how_far_the_run_got_and_what_to_do(tmp_path, capsys, raised):
+@pytest.mark.parametrize("raised", [OOM, RunStopped("Tesla V100 has no bf16: use AUTORESEARCH_PROFILE=cpu")])
+def test_a_crash_keeps_how_far_the_run_got_and_says_what_to_do(tmp_path, capsys, raised):
     with RunRecorder({"DEVICE_BATCH_SIZE": 128}, out_dir=tmp_path, hard_cap_s=60) as run:
         run.set(num_params_M=2.5)
         run.record_fit(recorder.DeviceBatch(128, 32, 8, [128, 64], 2.0))
@@ -86,11 +77,9 @@ def test_a_crash_keeps_the_traceback_how_far_the_run_got_and_what_to_do(tmp_path
     first = s["error"].split("\n")[0]
     if isinstance(raised, RunStopped):  # what to do, and nothing else
         assert s["error"] == str(raised) and err == "train.py stopped: " + s["error"]
-    elif raised is OOM:  # what to do first, naming the device batch, then the traceback's tail
+    else:  # what to do first, naming the device batch, then the traceback's tail
         assert "device batch of 32 rows: set DEVICE_BATCH_SIZE below 32" in first, first
         assert "Tried to allocate 2.00 GiB" in s["error"] and err.splitlines()[-1] == "train.py: " + first
-    else:
-        assert first.startswith("Traceback") and "RuntimeError: boom in the model" in s["error"] and "boom" in err
 
 
 def test_metrics_are_flushed_on_schedule_in_step_order_and_never_raise(tmp_path, capsys):
@@ -123,8 +112,7 @@ def test_metrics_are_flushed_on_schedule_in_step_order_and_never_raise(tmp_path,
     ("time.sleep(60)", signal.SIGTERM, 3, "timeout", "SIGTERM received"),
     ("time.sleep(60)", signal.SIGINT, 130, "interrupted", "KeyboardInterrupt"),
 ], ids=["raises", "never_finishes", "hard_cap", "sigterm", "sigint"])
-def test_a_started_script_records_how_it_ended_and_exits_with_its_code(tmp_path, last_line, signum, code, status,
-                                                                       error):
+def test_a_started_script_records_how_it_ended_in_its_exit_code(tmp_path, last_line, signum, code, status, error):
     (tmp_path / "script.py").write_text(f"import time\nfrom harness.recorder import RunRecorder\n"
                                         f"run = RunRecorder({{}}, hard_cap_s={300 if signum else 1}, flush_every_s=1e9)"
                                         f".start()\nrun.log(0, loss=3.0)\nprint('ready', flush=True)\n{last_line}\n")
@@ -155,20 +143,24 @@ def tiny_model():
 
 @pytest.mark.quick
 def test_the_largest_halving_that_fits_is_used_and_the_trials_leave_no_trace(monkeypatch):
-    """Two trials that ran out of memory and one that fit: the total is kept by accumulation (test_train's run
-    shows the notice), and the run then trains one step bit for bit as a run that never tried anything."""
+    """Four sizes out of memory, each as a GPU raises it, then one that fits: the total is kept by accumulation
+    (test_train's run shows the notice), and the run then trains one step bit for bit as one that never tried."""
     monkeypatch.setattr(train, "MAX_SEQ_LEN", T)  # the row length trial_step uses
-    monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "5")  # a "device" where more than 5 rows run out of memory
+    monkeypatch.setenv(recorder.TEST_MAX_ROWS_ENV, "1")  # a "device" where more than 1 row runs out of memory
     (model, optimizer), fresh, tried = tiny_model(), tiny_model(), []
     health = LayerHealth(model.transformer.h.named_parameters())
+    plain = {8: "Triton Error [CUDA]: out of memory",  # the compiled backward's kernels: plain RuntimeErrors
+             4: "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"}
 
     def trial(B):
         tried.append(B)
         if B == 16:  # as torch.compile raises it: another error, raised from the out-of-memory one
             raise RuntimeError("backend compiler failed") from OOM
+        if B in plain:
+            raise RuntimeError(plain[B])
         train.trial_step(B, model, optimizer, health, contextlib.nullcontext())
     result = recorder.fit_batch(16, TOTAL, T, trial, model, optimizer)
-    assert tried == [16, 8, 4] and (result.used, result.grad_accum_steps, result.too_big) == (4, 8, [16, 8])
+    assert tried == [16, 8, 4, 2, 1] and (result.used, result.grad_accum_steps, result.too_big) == (1, 32, tried[:4])
     assert all(p.grad is None for p in model.parameters()) and not optimizer.state
     rows = torch.randint(0, 64, (4, T + 1), generator=torch.Generator().manual_seed(99))
     for trained_model, trained_optimizer in ((model, optimizer), fresh):
@@ -183,7 +175,6 @@ def test_the_largest_halving_that_fits_is_used_and_the_trials_leave_no_trace(mon
 
 @pytest.mark.quick
 def test_on_the_cpu_nothing_is_tried_and_a_bad_request_or_any_other_error_is_no_size_that_does_not_fit(monkeypatch):
-    monkeypatch.delenv(recorder.TEST_MAX_ROWS_ENV, raising=False)
     result = recorder.fit_batch(16, TOTAL, T, lambda B: pytest.fail("tried on the CPU"), *tiny_model())
     assert (result.used, result.grad_accum_steps, result.too_big) == (16, 2, [])
     with pytest.raises(ValueError, match=r"TOTAL_BATCH_SIZE 524288 .* DEVICE_BATCH_SIZE 96 .* power of two"):
@@ -193,23 +184,11 @@ def test_on_the_cpu_nothing_is_tried_and_a_bad_request_or_any_other_error_is_no_
         recorder.fit_batch(2, 2 * T, T, lambda B: torch.ones(4, 8) @ torch.ones(16, 8), *tiny_model())
 
 
-@pytest.mark.quick
-@pytest.mark.parametrize("exc, oom", [
-    (OOM, True), (RuntimeError("Triton Error [CUDA]: out of memory"), True),  # the compiled backward's kernels
-    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
-    (ValueError("out of memory"), False)])  # only the runtime's own errors say so; any other error: the fit test
-def test_out_of_memory_is_recognised_also_where_the_compiler_wrapped_it(exc, oom):
-    wrapped = RuntimeError("compiled step failed")  # as the compiler re-raises it
-    wrapped.__cause__ = exc
-    assert (recorder.is_out_of_memory(exc), recorder.is_out_of_memory(wrapped)) == (oom, oom), repr(exc)
-
-
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real out-of-memory errors")
 def test_on_a_gpu_real_out_of_memory_errors_halve_to_a_size_that_fits(monkeypatch):
     """The allocator capped at 1.5 GiB above what is in use, rows of 2048 tokens and an 8192-token vocabulary:
     the sizes that do not fit raise real OutOfMemoryErrors, and the size chosen trains under the same cap."""
     monkeypatch.setattr(train, "MAX_SEQ_LEN", 2048)
-    monkeypatch.delenv(recorder.TEST_MAX_ROWS_ENV, raising=False)
     torch.manual_seed(0)
     with torch.device("meta"):  # full-context layers only: SDPA, no flex_attention to compile
         model = train.GPT(train.GPTConfig(2048, 8192, n_layer=2, n_head=2, n_kv_head=2, n_embd=128, window_pattern="L"))
