@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import prepare
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-import prepare  # noqa: E402
 
 
 @pytest.mark.quick
@@ -26,40 +26,30 @@ def test_mfus_peak_is_found_by_real_device_names_and_never_lent_to_another_gpu()
 
 
 @pytest.mark.quick
-@pytest.mark.parametrize("capability, triton, compiler, code, says", [
-    ((7, 0), True, True, 2, "Tesla V100 (compute capability 7.0) has no bf16: the gpu profile needs an Ampere"),
-    ((9, 0), False, True, 4, "Triton is not installed"),
-    ((9, 0), True, False, 4, "no C compiler"),
-])
-def test_a_gpu_without_bf16_or_a_compiler_stops_with_one_line_saying_what_to_do(monkeypatch, tmp_path, capability,
-                                                                                 triton, compiler, code, says):
-    for attr, value in {"is_available": lambda: True, "get_device_name": lambda device=None: "Tesla V100",
+@pytest.mark.parametrize("cuda, capability, triton, driver, code, says", [
+    (True, (7, 0), True, None, 2, "Tesla V100 (compute capability 7.0) has no bf16: the gpu profile needs an Ampere"),
+    (True, (9, 0), False, None, 4, "Triton is not installed"),
+    (True, (9, 0), True, None, 4, "no C compiler"),
+    (False, None, True, "470.82.01", 3, "driver 470.82.01 is too old for torch's CUDA 12.8 (needs >= 525.60.13)"),
+    (False, None, True, "570.133.20", 2, "torch sees no CUDA GPU"),  # a driver new enough: the GPU is what is missing
+], ids=["no bf16", "no Triton", "no C compiler", "old driver", "no GPU"])
+def test_a_machine_the_gpu_profile_cannot_use_is_told_in_one_line_what_to_do(monkeypatch, tmp_path, cuda, capability,
+                                                                               triton, driver, code, says):
+    smi = tmp_path / "nvidia-smi"  # the only program on PATH: no gcc, no clang
+    smi.write_text(f"#!/bin/sh\necho 'WARNING: infoROM is corrupted at gpu 0000:4E:00.0'\necho {driver}\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    for attr, value in {"is_available": lambda: cuda, "get_device_name": lambda device=None: "Tesla V100",
                         "get_device_capability": lambda device=None: capability,
                         "mem_get_info": lambda device=None: (80 * 2**30, 80 * 2**30)}.items():
         monkeypatch.setattr(torch.cuda, attr, value)
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: (object() if triton else None) if name == "triton" else find_spec(name, *a))
-    if not compiler:
-        monkeypatch.delenv("CC", raising=False)
-        monkeypatch.setenv("PATH", str(tmp_path))  # no gcc, no clang
     problem = prepare.gpu_problem()
     assert problem[0] == code and says in problem[1] and "\n" not in problem[1], problem
-
-
-@pytest.mark.quick
-def test_without_cuda_an_old_driver_is_named_before_the_missing_gpu(monkeypatch, tmp_path):
-    smi = tmp_path / "nvidia-smi"
-    smi.write_text("#!/bin/sh\necho 'WARNING: infoROM is corrupted at gpu 0000:4E:00.0'\necho 470.82.01\n")
-    smi.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(torch.version, "cuda", "12.8")
-    assert prepare.gpu_problem() == (3, "NVIDIA driver 470.82.01 is too old for torch's CUDA 12.8 (needs >= "
-                                         "525.60.13): update the NVIDIA driver")
-    smi.write_text("#!/bin/sh\necho 570.133.20\n")
-    code, line = prepare.gpu_problem()
-    assert code == 2 and "torch sees no CUDA GPU" in line and "AUTORESEARCH_PROFILE=cpu" in line
 
 
 def run_check(profile, cache):

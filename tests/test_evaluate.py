@@ -27,8 +27,7 @@ TINY = dict(n_layer=1, n_head=1, n_kv_head=1, n_embd=32)  # a GPTConfig small en
 
 
 class LyingGPT(train.GPT):
-    """Honest logits from model(x); from model(x, y) a loss halved exactly. Each call also writes `marker`: the
-    harness's number is the logits', and none of train.py's code (a patch of the loss too) runs where it is made."""
+    """Honest logits from model(x), a halved loss from model(x, y), and a line in `marker` from every call."""
     marker = None
 
     def forward(self, idx, targets=None, **kwargs):
@@ -59,12 +58,12 @@ def tiny_model(tokenizer, cls=train.GPT, **config):
 
 
 def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code_or_planted_files(
-        cpu_prepared, cpu_profile, monkeypatch, tmp_path):
+        cpu_prepared, cpu_profile, monkeypatch, tmp_path, capsys):
     """A tiny model whose loss path lies and whose forward writes a marker, handed off by prepare.evaluate_bpb and
-    measured as loop.py runs the evaluator, in a copy of the root where an untracked argparse.py and a forged
-    prepare .pyc write the marker too."""
+    measured as loop.py runs the evaluator, in a copy of the root where an untracked argparse.py, a forged prepare
+    .pyc and a prepare/ package write the marker too; run without its isolation flags, the evaluator refuses."""
     env = {**os.environ, "AUTORESEARCH_PROFILE": "cpu", "AUTORESEARCH_CACHE": str(cpu_prepared[1])}
-    handoff, marker = tmp_path / "model.pt", tmp_path / "code_ran"
+    handoff, marker, out_json = tmp_path / "model.pt", tmp_path / "code_ran", tmp_path / "eval.json"
     monkeypatch.setattr(LyingGPT, "marker", str(marker))
     model = tiny_model(cpu_profile, LyingGPT)
     reported = prepare.evaluate_bpb(model, cpu_profile, 8)
@@ -78,30 +77,25 @@ def test_the_isolated_evaluator_measures_the_graph_and_never_runs_train_pys_code
     (tmp_path / "forged.py").write_text(plant.format(marker=str(marker), name="forged prepare .pyc"))
     py_compile.compile(tmp_path / "forged.py", root / "__pycache__" / f"prepare.{sys.implementation.cache_tag}.pyc",
                        doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)  # trusted as is
-    marker.unlink()
     for probe in ("import argparse", "import prepare"):
         subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, timeout=120)
-    assert marker.read_text().splitlines() == ["argparse.py", "forged prepare .pyc"], "the planted files are not live"
+    assert marker.read_text().splitlines()[-2:] == ["argparse.py", "forged prepare .pyc"], "the plants are not live"
     (root / "prepare").mkdir()  # a package is found before the module beside it, bytecode or not
     (root / "prepare" / "__init__.py").write_text(plant.format(marker=str(marker), name="prepare package"))
     subprocess.run([sys.executable, "-c", "import prepare"], cwd=root, env=env, capture_output=True, timeout=120)
     assert marker.read_text().splitlines()[-1] == "prepare package", "the planted package is not live"
     marker.unlink()
     out = subprocess.run([sys.executable, "-I", "-B", root / "harness" / "evaluate.py", "--handoff", handoff,
-                          "--out", tmp_path / "eval.json"], cwd=root, env=env, capture_output=True, text=True,
-                         timeout=300)
-    result = json.loads((tmp_path / "eval.json").read_text())
+                          "--out", out_json], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    result = json.loads(out_json.read_text())
     assert out.returncode == 0 and not marker.exists(), (out.stderr, marker.exists() and marker.read_text())
     assert set(result) == set(evaluate.RESULT) and result["error"] is None, result
     assert result["future_leak"] == 0.0, "train.py's model is causal: no logit moved in the probe batches"
     assert result["val_bpb"] == pytest.approx(2 * reported, rel=1e-9, abs=0), (result["val_bpb"], reported)
     assert math.isfinite(result["heldout_bpb"]) and result["heldout_bpb"] != result["val_bpb"]
     assert result["speed_before"] > 0 and result["speed_after"] > 0, result
-
-
-def test_the_evaluator_refuses_to_run_without_its_isolation_flags(tmp_path, capsys):
-    code = evaluate.main(["--handoff", "x", "--out", str(tmp_path / "eval.json")])
-    error = json.loads((tmp_path / "eval.json").read_text())["error"]
+    code = evaluate.main(["--handoff", str(handoff), "--out", str(out_json)])  # this process has neither -I nor -B
+    error = json.loads(out_json.read_text())["error"]
     assert code == 1 and "python -I -B harness/evaluate.py" in error and "\n" not in error, error
     assert capsys.readouterr().err == f"evaluate.py: error: {error}\n"
 
@@ -115,9 +109,9 @@ def handed_off(model, path, batch_size=2):
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile")  # the eager reference
 def test_the_hand_off_is_the_models_eval_mode_logits_with_flex_attention_as_the_sdpa_it_equals(cpu_profile, tmp_path):
-    """train.py's CUDA path (flex_attention with a sliding-window BlockMask, grouped heads), built on the CPU, with a
-    dropout the agent added and left in training mode: the graph holds SDPA with each distinct mask once and gives
-    the model's logits in eval mode, as the harness always measured; a score_mod is refused."""
+    """train.py's CUDA path (flex_attention, sliding-window BlockMasks, grouped heads) built on the CPU, with a dropout
+    left in training mode: the graph holds SDPA, each distinct mask once, and gives the eval-mode logits; a score_mod
+    or a mask by head is refused."""
     model = tiny_model(cpu_profile, n_layer=3, n_head=2, window_pattern="SSL")
     model.lm_head = torch.nn.Sequential(model.lm_head, torch.nn.Dropout(0.5))
     model._masks[(T, "cpu")] = [train.sliding_window_mask(T, w, "cpu", flex=True) if w < T - 1 else None
@@ -183,15 +177,13 @@ def in_graph(old, new):
 
 @pytest.mark.parametrize("forge, refusal", [  # a forgery of a real hand-off -> what the refusal says
     (in_graph("torch.ops.aten.tanh.default", "torch.os.system"), "holds torch.os.system"),
-    (in_graph("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default"),
-     r"aten.tanh_.default.* (is not functional|run here)"),  # torch's verifier or ours
     (lambda saved, marker: in_graph('"verifiers": ["ATEN"]', '"verifiers": ["TRAINING"]')(
         in_graph("torch.ops.aten.tanh.default", "torch.ops.aten.tanh_.default")(saved, marker), marker),
-     "aten.tanh_.default: only pure operators run here"),  # a dialect torch's verifier does not check: ours does
+     "aten.tanh_.default: only pure operators run here"),  # in a dialect torch's verifier does not check: ours does
     (in_graph('{"as_int": %d}' % T, '{"as_expr": {"expr_str": "s0", "hint": null}}'), "holds as_expr"),
     (lambda saved, marker: {**saved, "state_dict": {"w": Planted(marker)}}, "UnpicklingError"),
     (lambda saved, marker: {**saved, "state_dict": pickle.dumps({"w": Planted(marker)})}, "dicts of tensors"),
-], ids=["a call into os", "an in-place operator", "an in-place operator, unverified", "a symbolic shape", "a pickled object", "pickle bytes"])
+], ids=["a call into os", "an in-place operator", "a symbolic shape", "a pickled object", "pickle bytes"])
 def test_a_forged_hand_off_is_refused_in_one_line_before_any_of_it_runs(cpu_profile, tmp_path, forge, refusal):
     """Pickle bytes beside a real graph: weights_only lets them through, and torch's deserializer would unpickle."""
     marker = tmp_path / "unpickled"
@@ -212,11 +204,10 @@ def probe_leak(model, tokenizer):
     return probe.leak
 
 
-def test_the_probe_sees_a_model_that_reads_later_tokens_and_not_a_causal_one(cpu_profile):
+def test_the_probe_sees_a_model_that_reads_later_tokens_even_one_that_hides_from_probe_batches(cpu_profile):
     """Non-causal attention scores well on held-out text too: only the logits tell. Also seen: a model that reads
     ahead in the second half of a row (test_cheats' "sees ahead", run for real) only in batches without probes."""
     model = tiny_model(cpu_profile)
-    assert probe_leak(model, cpu_profile) == 0.0, "a causal model's logits moved"
     sdpa = torch.nn.functional.scaled_dot_product_attention
     with pytest.MonkeyPatch.context() as monkeypatch:
         monkeypatch.setattr(train, "attention", lambda q, k, v, mask: sdpa(q, k, v))  # no mask: sees everything

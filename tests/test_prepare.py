@@ -37,7 +37,6 @@ def shard_bytes(texts, column="text"):
 
 @pytest.fixture(scope="session")
 def data_dir(cpu_prepared):
-    """The data of the cpu profile prepared for real (conftest.py)."""
     return cpu_prepared[1] / "cpu" / "data"
 
 
@@ -46,9 +45,7 @@ def tokenizer(data_dir):
     return prepare.Tokenizer.from_directory(data_dir.parent / "tokenizer")
 
 
-def test_cpu_profile_prepares_disjoint_splits_offline_and_a_rerun_does_nothing(cpu_prepared, data_dir, tokenizer):
-    out = cpu_prepared[0]
-    assert out.returncode == 0, f"prepare.py failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+def test_cpu_profile_prepares_disjoint_splits_offline_and_a_rerun_does_nothing(data_dir, tokenizer):
     assert not (data_dir.parent.parent / "data").exists(), "cpu profile wrote into the gpu cache"
     assert tokenizer.get_vocab_size() == prepare.PROFILES["cpu"]["VOCAB_SIZE"]
     before = {p: p.stat().st_mtime_ns for p in data_dir.parent.rglob("*") if p.is_file()}
@@ -97,11 +94,6 @@ def test_a_corrupt_shard_is_one_line_saying_what_to_do(tmp_path, tokenizer, cont
     with pytest.raises(prepare.PrepareError, match=CORRUPT) as err:
         next(prepare.make_dataloader(tokenizer, B, T, "train", device="cpu", data_dir=tmp_path))
     assert "\n" not in str(err.value)
-
-
-def test_an_eval_of_fewer_tokens_than_one_row_is_refused_not_scored_on_nothing(tokenizer):
-    with pytest.raises(ValueError, match="less than one row"):
-        prepare.evaluate_bpb_sample(torch.nn.Linear(1, 1), tokenizer, 4, prepare.MAX_SEQ_LEN - 1)
 
 
 def test_bad_settings_are_one_line_and_good_ones_are_the_runs_harness(tmp_path):
@@ -167,7 +159,6 @@ def test_download_gets_whole_shards_retrying_5xx_and_a_rerun_downloads_nothing(m
     (tmp_path / prepare.HELDOUT_FILENAME).unlink()
     prepare.download_data(2, download_workers=3, base_url=mirror, data_dir=tmp_path)
     assert Mirror.hits == {prepare.HELDOUT_FILENAME: 1}, f"a rerun downloaded more than the missing one: {Mirror.hits}"
-    assert prepare.shard_paths("train", tmp_path) == [tmp_path / n for n in names[:2]], "a pinned shard is trained on"
 
 
 @pytest.mark.quick
@@ -180,7 +171,9 @@ def test_a_broken_body_never_becomes_a_shard_and_a_dead_mirror_is_one_line(mirro
     assert max(Mirror.hits.values()) == prepare.DOWNLOAD_ATTEMPTS, Mirror.hits
 
 
-def test_a_validation_shard_too_small_for_its_pinned_rows_is_refused(monkeypatch, tokenizer, data_dir, tmp_path):
+def test_an_eval_set_too_small_is_refused_not_scored_on_less(monkeypatch, tokenizer, data_dir, tmp_path):
+    with pytest.raises(ValueError, match="less than one row"):
+        prepare.evaluate_bpb_sample(torch.nn.Linear(1, 1), tokenizer, 4, prepare.MAX_SEQ_LEN - 1)
     monkeypatch.setattr(prepare, "EVAL_TOKENS", 10**9)  # a mirror that is not climbmix, e.g. tests/local_mirror.py
     (tmp_path / prepare.VAL_FILENAME).write_bytes((data_dir / prepare.VAL_FILENAME).read_bytes())
     with pytest.raises(prepare.PrepareError, match="too small for its pinned rows"):
