@@ -37,10 +37,13 @@ def batch(seed):
     return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
 
 
-def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch):
+def test_the_bf16_training_loop_is_three_graphs_that_never_recompile_once_its_masks_are_built(monkeypatch):
     """Several steps of the loop as CUDA runs it (bf16 embeddings, bf16 autocast, the optimizer's kernels
     compiled, the schedules moving every step) on the model compiled with fullgraph, so a graph break fails:
-    the model keeps its three graphs, the kernels one per shape group, and attention sees one dtype."""
+    the model keeps its three graphs, the kernels one per shape group, and attention sees one dtype. A model compiled
+    before its masks are built is refused: a mask built inside the graph would be rebuilt every step."""
+    with pytest.raises(Exception, match="build the masks before torch.compile"):
+        torch.compile(small_model(masks=False), dynamic=False, fullgraph=True, backend="aot_eager")(*batch(5))
     model = small_model()
     for embedding in (model.transformer.wte, *model.value_embeds.values()):
         embedding.to(dtype=torch.bfloat16)
@@ -50,11 +53,10 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
     def spy(q, k, v, mask):
         dtypes.add((q.dtype, k.dtype, v.dtype))
         return attention(q, k, v, mask)
-    monkeypatch.setattr(train, "attention", spy)
-    with autocast:
+    with monkeypatch.context() as patch, autocast:  # eager: the spy's set would be a guard of the compiled graph
+        patch.setattr(train, "attention", spy)
         model(*batch(4))
     assert dtypes == {(torch.bfloat16,) * 3}, f"q, k, v dtypes under autocast: {dtypes}"
-    monkeypatch.setattr(train, "attention", attention)  # the spy's set would be a guard of its own
     model_counter, kernel_counter = CompileCounterWithBackend("aot_eager"), CompileCounterWithBackend("eager")
     compiled = torch.compile(model, dynamic=False, fullgraph=True, backend=model_counter)
     for name in ("adamw_step", "muon_step"):
@@ -78,12 +80,6 @@ def test_the_bf16_training_loop_is_three_graphs_that_never_recompile(monkeypatch
         kernel_compiles.append(kernel_counter.frame_count)
     assert model_counter.frame_count == CALL_KINDS, f"{model_counter.frame_count} graphs for {CALL_KINDS} kinds of call"
     assert kernel_compiles[1:] == kernel_compiles[:1] * 3, f"kernel compilations after each step: {kernel_compiles}"
-
-
-def test_a_model_compiled_before_its_masks_are_built_is_refused():
-    compiled = torch.compile(small_model(masks=False), dynamic=False, fullgraph=True, backend="aot_eager")
-    with pytest.raises(Exception, match="build the masks before torch.compile"):
-        compiled(*batch(5))  # a mask built inside the graph would be rebuilt every step
 
 
 def test_compiled_training_and_evaluation_graphs_equal_eager():

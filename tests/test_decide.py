@@ -35,8 +35,7 @@ def idea(runs, bpb, **overrides):
 def test_the_best_is_the_latest_kept_comparable_run_of_the_workers_branch_archived_before():
     kept, later_kept = make_run(status="keep"), make_run(status="keep")
     others = [make_run(status="keep", branch="autoresearch/other"), make_run(status="keep", worker="w2"),
-              make_run(status="keep", gpu="NVIDIA H100"), make_run(status="keep", harness={"profile": "gpu"}),
-              make_run(status="pending"), make_run(status="keep", val_bpb=None)]
+              make_run(status="keep", gpu="NVIDIA H100"), make_run(status="pending")]
     older, run = make_run(status="keep", branch=None, worker=""), make_run()
     assert best_of([kept, later_kept] + others + [run], run) is later_kept
     assert best_of([kept, later_kept, run], later_kept) is kept, "only runs archived before it"
@@ -45,55 +44,41 @@ def test_the_best_is_the_latest_kept_comparable_run_of_the_workers_branch_archiv
 
 
 # The caught cases, each at both sides of its limit
-def cases(run, runs):
-    return [c.case for c in caught(run, best_of(runs, run), runs)]
-
-
-@pytest.mark.parametrize("overrides, found", [
+@pytest.mark.parametrize("best, overrides, found", [
     # the best's held-out gap is 0.04: trained on val beyond it by max(0.01, 2% of val_bpb)
-    ({"heldout_bpb": 1.061}, [TRAINED_ON_VAL]), ({"heldout_bpb": 1.059}, []),
-    ({"reported_val_bpb": 1.0011}, [NOT_THE_MODELS]), ({"reported_val_bpb": 1.0009}, []),
-    ({"reported_val_bpb": None}, []), ({"future_leak": 0.011}, [SEES_AHEAD]), ({"future_leak": 0.009}, []),
-    # train.py's timings: 60 s of training + 3 s of curve + 1 s of hand-off after its first row (limit 64 x 1.05 + 5
-    # = 72.2 s), and 4 s of start-up before it (limit 76.4 s from the spawn)
-    ({"wall_s": 76.3}, [SLOWED_CLOCK]), ({"wall_s": 76.1}, []),
-    ({"wall_s": 76.5, "first_row_s": None}, [SLOWED_CLOCK]), ({"wall_s": 76.3, "first_row_s": None}, []),
-    # the best's runs: 4 CPU seconds before the first row + 3 s of curve + 1 s of hand-off, limit 8 + 5 + 10% of 60 s
-    # = 19 s, whatever the speed probe said: a machine that got busy or idle before the evaluation moves nothing
-    ({"outside_cpu_s": 15.1}, [UNTIMED_WORK]), ({"outside_cpu_s": 14.9}, []),
-    ({"outside_cpu_s": 4.0, "speed": 125.0}, []), ({"outside_cpu_s": 15.1, "speed": 5.0}, [UNTIMED_WORK])])
-def test_each_caught_case_is_found_just_beyond_its_limit_and_not_just_inside_it(overrides, found):
-    runs = with_band() + [make_run(1.0, **overrides)]
-    assert cases(runs[-1], runs) == found, caught(runs[-1], runs[0], runs)
-
-
-@pytest.mark.parametrize("heldout, found", [(1.101, [TRAINED_ON_VAL]), (1.099, [])])  # 0.05 + 5% of val_bpb 1.0
-def test_with_no_best_trained_on_val_is_a_held_out_gap_beyond_its_own_limit(heldout, found):
-    alone = make_run(1.0, heldout_bpb=heldout)
-    assert cases(alone, [alone]) == found, caught(alone, None, [alone])
+    (True, {"heldout_bpb": 1.061}, [TRAINED_ON_VAL]), (True, {"heldout_bpb": 1.059}, []),
+    # with no best, the gap itself beyond 0.05 + 5% of val_bpb
+    (False, {"heldout_bpb": 1.101}, [TRAINED_ON_VAL]), (False, {"heldout_bpb": 1.099}, []),
+    (True, {"reported_val_bpb": 1.0011}, [NOT_THE_MODELS]), (True, {"reported_val_bpb": 1.0009}, []),
+    (True, {"future_leak": 0.011}, [SEES_AHEAD]), (True, {"future_leak": 0.009}, []),
+    # train.py's timings: 60 + 3 + 1 s after its first row (limit 64 x 1.05 + 5 = 72.2 s), 68 s from the spawn (76.4 s)
+    (True, {"wall_s": 76.3}, [SLOWED_CLOCK]), (True, {"wall_s": 76.1}, []),
+    (True, {"wall_s": 76.5, "first_row_s": None}, [SLOWED_CLOCK]), (True, {"wall_s": 76.3, "first_row_s": None}, []),
+    # work outside: the best's 4 CPU s + 3 s curve + 1 s hand-off, limit 8 + 5 + 10% of 60 = 19 s, at any probed speed
+    (True, {"outside_cpu_s": 15.1}, [UNTIMED_WORK]), (True, {"outside_cpu_s": 14.9}, []),
+    (True, {"outside_cpu_s": 4.0, "speed": 125.0}, []), (True, {"outside_cpu_s": 15.1, "speed": 5.0}, [UNTIMED_WORK])])
+def test_each_caught_case_is_found_just_beyond_its_limit_and_not_just_inside_it(best, overrides, found):
+    runs = (with_band() if best else []) + [make_run(1.0, **overrides)]
+    got = caught(runs[-1], best_of(runs, runs[-1]), runs)
+    assert [c.case for c in got] == found, got
 
 
 # The rules, in order
-@pytest.mark.parametrize("outcome, kind", [("crash", "crash"), ("diverged", "crash"), ("timeout", "crash"),
-                                           ("interrupted", "rerun")])
-def test_a_run_that_did_not_finish_is_a_crash_and_an_interrupted_one_rerun(outcome, kind):
-    d = decided(idea(with_band(), None, outcome=outcome))
-    assert (d.kind, d.n) == (kind, 0) and outcome in d.reason, d
-    assert decided(idea(with_band(), None, measured=None, outcome=outcome)).kind == kind
-
-
-def test_a_caught_run_is_discarded_naming_the_cases_however_low_its_val_bpb():
-    d = decided(idea(with_band(), 0.5, status="invalid", caught=[Caught(TRAINED_ON_VAL, ""), Caught(SLOWED_CLOCK, "")]))
-    assert (d.kind, d.reason) == ("discard", f"caught: {TRAINED_ON_VAL}; {SLOWED_CLOCK}"), d
-    d = decided(idea(with_band(), 0.5, status="invalid"))
-    assert d.kind == "discard" and "harness" in d.reason, d
-
-
-def test_the_first_run_decided_is_the_baseline_and_a_change_before_there_is_a_noise_band_is_rerun():
-    d = decided([make_run(0.9), make_run(1.0, code_sha="idea")])
-    assert (d.kind, d.best_id) == ("keep", None) and d.reason.startswith("nothing kept yet"), d
-    d = decided(idea([make_run(1.0, status="keep")], 0.9))
-    assert d.kind == "rerun" and d.reason.startswith("no noise band yet") and d.band is None, d
+@pytest.mark.parametrize("runs, kind, reason", [
+    (idea(with_band(), None, outcome="crash"), "crash", "the run did not finish (outcome crash)"),
+    (idea(with_band(), None, outcome="diverged"), "crash", "the run did not finish (outcome diverged)"),
+    (idea(with_band(), None, outcome="timeout"), "crash", "the run did not finish (outcome timeout)"),
+    (idea(with_band(), None, measured=None, outcome="crash"), "crash", "the run did not finish (outcome crash)"),
+    (idea(with_band(), None, outcome="interrupted"), "rerun", "the run was interrupted before"),
+    (idea(with_band(), None, measured=None, outcome="interrupted"), "rerun", "the run was interrupted before"),
+    (idea(with_band(), 0.5, status="invalid", caught=[Caught(TRAINED_ON_VAL, ""), Caught(SLOWED_CLOCK, "")]),
+     "discard", f"caught: {TRAINED_ON_VAL}; {SLOWED_CLOCK}"),  # however low its val_bpb
+    (idea(with_band(), 0.5, status="invalid"), "discard", "invalid: its harness"),
+    ([make_run(0.9), make_run(1.0, code_sha="idea")], "keep", "nothing kept yet"),  # the first run is the baseline
+    (idea([make_run(1.0, status="keep")], 0.9), "rerun", "no noise band yet")])
+def test_the_first_rules_in_order_an_unfinished_run_a_caught_one_the_baseline_and_no_band_yet(runs, kind, reason):
+    d = decided(runs)
+    assert d.kind == kind and d.reason.startswith(reason), d
 
 
 def test_a_repeat_of_the_best_is_rerun_until_it_measured_the_band_then_discarded_whatever_its_val_bpb():
@@ -104,15 +89,6 @@ def test_a_repeat_of_the_best_is_rerun_until_it_measured_the_band_then_discarded
         assert d.kind == ("rerun" if n < REPEATS else "discard"), (n, d)
         assert "the best's code (comments aside)" in d.reason, d
         runs[-1].statuses[-1].status = "discard"
-
-
-def test_a_moved_machine_reruns_a_code_until_it_has_enough_runs_then_its_means_decide_and_say_so():
-    runs = with_band()  # the best's three runs at 25 GFLOP/s
-    for i in range(ENOUGH):
-        d = decided(idea(runs, 0.95 + 0.001 * i, speed=40.0))
-        assert (d.kind, d.n) == ("rerun" if i < ENOUGH - 1 else "keep", i + 1), d
-        assert "the machine ran 60% faster" in d.reason, d.reason
-    assert d.m == 3 and d.reason.startswith("lower beyond") and "although the machine ran" in d.reason, d.reason
 
 
 @pytest.mark.parametrize("delta, kind, reason", [
@@ -148,12 +124,17 @@ def test_a_code_whose_runs_were_interrupted_after_their_curve_was_visible_is_not
     assert d.kind == kind and (kind == "keep" or "interrupted after their curve was visible" in d.reason), d
 
 
-def test_a_lower_mean_inside_the_band_is_rerun_until_the_code_has_enough_runs_then_discarded():
-    runs = with_band()
-    decisions = [decided(idea(runs, (0.994, 0.998)[i % 2])) for i in range(ENOUGH)]
-    assert [d.kind for d in decisions] == ["rerun"] * (ENOUGH - 1) + ["discard"], decisions
-    assert all(d.reason.startswith(f"lower but inside the noise band, on {d.n} run(s)") for d in decisions[:-1])
-    assert decisions[-1].n == ENOUGH, decisions[-1]
+@pytest.mark.parametrize("bpbs, speed, rerun_reason, final", [
+    ((0.950, 0.951), 40.0, "the machine ran 60% faster", ("keep", "lower beyond the noise band (decided on the means "
+                                                         f"of this code's {ENOUGH} runs, although the machine ran")),
+    ((0.994, 0.998), 25.0, "lower but inside the noise band, on {n} run(s)", ("discard", "inside the noise band"))])
+def test_a_code_is_rerun_while_its_machine_moved_or_while_lower_inside_the_band_until_it_has_enough_runs(
+        bpbs, speed, rerun_reason, final):
+    runs = with_band()  # the best's three runs at 25 GFLOP/s
+    decisions = [decided(idea(runs, bpbs[i % 2], speed=speed)) for i in range(ENOUGH)]
+    assert [(d.kind, d.n) for d in decisions] == [("rerun", n) for n in range(1, ENOUGH)] + [(final[0], ENOUGH)]
+    assert all(d.reason.startswith(rerun_reason.format(n=d.n)) for d in decisions[:-1]), decisions
+    assert decisions[-1].m == 3 and decisions[-1].reason.startswith(final[1]), decisions[-1]
 
 
 # The odds of a night, simulated through decide() (tests/bench.py prints them with more trials)

@@ -2,9 +2,7 @@
 that ends ok, one on a small device that then diverges) leave the outputs analyze.py reads. Under the harness a
 run hands its model off: test_cheats.py's baseline runs it end to end."""
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,44 +156,33 @@ def test_a_cpu_run_ends_ok_with_ars_block_its_config_and_the_contract_metrics(ru
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     block = proc.stdout.split("\n---\n")[-1].strip().splitlines()
     assert [line.split(":")[0] for line in block] == list(FINAL_FORMATS), block
-    printed = dict(re.match(r"(\w+):\s+(\S+)", line).groups() for line in block)
-    assert summary["status"] == "ok" and float(printed["val_bpb"]) == pytest.approx(summary["val_bpb"], abs=1e-6)
-    assert 0 < summary["val_bpb"] < 8 and summary["training_seconds"] >= 8, summary
-    assert summary["depth"] == summary["config"]["DEPTH"], "the block's depth is train.py's DEPTH"
+    assert summary["status"] == "ok" and 0 < summary["val_bpb"] < 8 and summary["training_seconds"] >= 8, summary
     assert {"startup_s", "fit_s", *LOOP_TIMINGS} <= set(summary["timings"]), summary["timings"]
-    assert "\r" not in proc.stdout and re.search(r"^step \d{5} \(\d+\.\d%\) \| loss: ", proc.stdout, re.M)
     upper = {name for name, value in vars(train).items() if name.isupper()
              and isinstance(value, (int, float, str, tuple))} - {"MAX_SEQ_LEN", "TIME_BUDGET", "PROFILE"}
     assert set(summary["config"]) == upper, f"config keys not train.py's globals: {set(summary['config']) ^ upper}"
     # metrics.jsonl: the contract's keys on every step row, in step order
     rows = [json.loads(line) for line in (cwd / "metrics.jsonl").read_text().splitlines()]
     train_rows = [r for r in rows if "train/loss" in r]
-    assert [r["step"] for r in rows] == sorted(r["step"] for r in rows)
     assert [r["step"] for r in train_rows] == list(range(len(train_rows)))
     for r in train_rows:
         assert not STEP_KEYS - set(r), f"step {r['step']} lacks {STEP_KEYS - set(r)}"
     progress = [r["train/progress"] for r in rows]
     assert progress == sorted(progress) and progress[-1] == 1.0, progress[-3:]
-    assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
     val = [r for r in rows if "val/bpb" in r]
     assert (val[0]["step"], val[-1]["step"]) == (0, len(train_rows)), "the curve starts at step 0, ends after the last"
     assert 2 <= len(val) <= 1 + summary["config"]["VAL_POINTS"]
     assert all("train/loss" not in r for r in val), "val/bpb shares a row with a step measured after it"
     assert val[-1]["val/bpb"] < val[0]["val/bpb"], "the model learned nothing on the val slice"
-    layer_rows = [r for r in train_rows if "layer/0/act_rms" in r]
-    layers = {k: v for k, v in layer_rows[-1].items() if k.startswith("layer/") and v is not None}  # None: zero-init
-    assert layer_rows[0]["step"] == 0 and {"layer/0.attn.c_q/grad_norm", "layer/3/act_rms"} <= set(layers), layers
-    assert all(math.isfinite(v) for v in layers.values()), layers
+    assert {"layer/0.attn.c_q/grad_norm", "layer/3/act_rms"} <= set(train_rows[0]), "no layer stats at step 0"
 
 
 def test_a_small_device_trains_with_the_fitted_batch_and_a_loss_over_100_is_diverged(runs):
     proc, cwd, summary = runs["fit_then_diverge"]
     assert (proc.returncode, summary["status"]) == (2, "diverged") and "step 2" in summary["error"], proc.stderr[-3000:]
     accum = summary["config"]["TOTAL_BATCH_SIZE"] // (4 * summary["harness"]["MAX_SEQ_LEN"])
-    assert summary["device_batch"]["used"] == 4 and summary["device_batch"]["grad_accum_steps"] == accum
     assert f"planted: micro-batch (4, {summary['harness']['MAX_SEQ_LEN']}), {accum} steps" in proc.stdout
     requested = summary["config"]["DEVICE_BATCH_SIZE"]
     assert f"DEVICE_BATCH_SIZE {requested} does not fit: using 4 with {accum} accumulation steps" in proc.stdout
-    assert summary["num_params_M"] > 0 and summary["num_steps"] == 3, "how far it got is on record"
     last = json.loads((cwd / "metrics.jsonl").read_text().splitlines()[-1])
-    assert last["step"] == 2 and last["train/loss"] > 100, f"the diverging step is not on record: {last}"
+    assert summary["num_steps"] == 3 and last["step"] == 2 and last["train/loss"] > 100, f"diverging step: {last}"
