@@ -3,15 +3,12 @@ results.tsv rows, decisions.jsonl) becomes one run.json per run, losing nothing 
 import hashlib
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from contrib.convert import main  # noqa: E402
-from harness.record import Archive, audit, code_sha  # noqa: E402
-from tests import test_archive  # noqa: E402
+from contrib.convert import main
+from harness.record import Archive, audit, code_sha
+from tests import test_archive
 
 pytestmark = pytest.mark.quick
 repo = test_archive.repo   # the fixture: (Archive, head, pin) of a pinned git repository

@@ -1,6 +1,5 @@
-"""contrib/shared.py, what workers sharing one archive tell each other: a claim ends by what the archive
-holds (its worker's next run, or its next claim), each worker's insights.md is copied and read back, many
-processes claim at once and lose nothing, and a view over several archives reads them and writes into none."""
+"""contrib/shared.py: what workers sharing one archive tell each other (claims, each worker's insights.md), and
+a read-only view over several archives."""
 import os
 import subprocess
 import sys
