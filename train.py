@@ -529,11 +529,8 @@ if __name__ == "__main__":
         t0 = time.time()
         want_stats = step % LAYER_STATS_EVERY == 0  # per-layer health on this step
         for micro_step in range(grad_accum_steps):
-            with autocast_ctx:
-                if want_stats and micro_step == grad_accum_steps - 1:
-                    loss, act_rms = model(x, y, return_act_rms=True)
-                else:
-                    loss = model(x, y)
+            with autocast_ctx:  # the RMS every step: a few reductions, and one compiled training graph, not two
+                loss, act_rms = model(x, y, return_act_rms=True)
             train_loss = loss.detach()
             loss = loss / grad_accum_steps
             loss.backward()
