@@ -359,7 +359,7 @@ def write_analysis(run, runs, archive):
     agent's, kept when analysis.md is written again (`analyze.py status`)."""
     v = View(run, runs, archive)
     path = v.dir / "analysis.md"
-    notes = path.read_text().partition("\n## Agent notes")[2] if path.exists() else "\n"
+    notes = (path.read_text().partition("\n## Agent notes")[2] if path.exists() else "") or "\n"
     head = [run.decision.line()] if run.decision is not None else []
     text = "\n\n".join(head + [s for s in (section(v) for section in SECTIONS) if s]) + "\n\n## Agent notes" + notes
     write_atomic(path, text)
