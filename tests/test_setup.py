@@ -1,17 +1,15 @@
 """The set-up files keep runs reproducible, keep run outputs out of the agent's commits, and let the
 agent write train.py and its notes and nothing else that the harness or the audit relies on."""
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-from permissions import decide
+from permissions import decide, path_rule_matches
 
 pytestmark = pytest.mark.quick
 
 ROOT = Path(__file__).resolve().parent.parent
-SETTINGS = json.loads((ROOT / ".claude" / "settings.json").read_text())
 SHARED = "/srv/alr/.auto-log-research"  # an archive that workers.py's agents share, outside their worktrees
 RUN_OUTPUTS = ["run.log", "metrics.jsonl", "run_summary.json", "results.tsv",
                ".auto-log-research/results.tsv", ".auto-log-research/abc1234/analysis.md"]
@@ -35,7 +33,8 @@ EVIDENCE = [".auto-log-research/results.tsv", ".auto-log-research/results.tsv.to
               for run in ("a1b2c3d", "a1b2c3d-2") for name in RUN_FILES),
             "run.json", "run_summary.json", "metrics.jsonl",  # train.py's outputs before they are archived
             "prepare.py", "analyze.py", "harness/record.py", "harness/loop.py", "program.md", ".claude/settings.json",
-            ".git/refs/auto-log-research/pins/autoresearch/mar5", ".git/logs/refs/auto-log-research/pins/x"]
+            "pyproject.toml", "uv.lock", ".git/refs/auto-log-research/pins/autoresearch/mar5",
+            ".git/logs/refs/auto-log-research/pins/x"]
 # analyze.py writes these, rebuilt from the evidence: not denied, but Claude Code asks and `claude -p` refuses
 NOT_THE_AGENTS = ["run.log", "results.tsv", "README.md", "tests/test_setup.py", "../outside.txt", "/srv/alr/train.py",
                   ".auto-log-research/progress.png", ".auto-log-research/a1b2c3d/loss.png",
@@ -44,42 +43,22 @@ NOT_THE_AGENTS = ["run.log", "results.tsv", "README.md", "tests/test_setup.py", 
                   f"{SHARED}/insights.md", f"{SHARED}/a1b2c3d/loss.png"]
 
 
-@pytest.mark.parametrize("path", AGENT_WRITES + NOT_THE_AGENTS)
-def test_the_agent_may_write_train_py_and_its_notes_and_nothing_else(path):
-    verdicts = [decide(SETTINGS, tool, path) for tool in ("Edit", "Write")]
-    assert verdicts == ["allow"] * 2 if path in AGENT_WRITES else "allow" not in verdicts, (path, verdicts)
+@pytest.mark.parametrize("path", AGENT_WRITES + EVIDENCE + NOT_THE_AGENTS)
+def test_the_agent_reads_everything_and_writes_train_py_and_its_notes_and_nothing_else(path):
+    reads = {decide(tool, path) for tool in ("Read", "Glob", "Grep")}
+    writes = {tool: decide(tool, path) for tool in ("Edit", "Write", "NotebookEdit")}
+    if path in EVIDENCE:  # denied to every tool that writes, the shell's included
+        for command in (f"cat .auto-log-research/scratch/x.txt > {path}", f"tail -n 1 run.log >> {path}",
+                        f"git diff --output={path}"):
+            writes[command] = decide("Bash", command)
+    expected = "allow" if path in AGENT_WRITES else "deny" if path in EVIDENCE else "ask"
+    assert reads == {"allow"} and set(writes.values()) == {expected}, f"{path}: read {reads}, write {writes}"
 
 
-@pytest.mark.parametrize("path", EVIDENCE)
-def test_the_evidence_and_the_harness_are_denied_to_every_tool_that_writes(path):
-    calls = [(tool, path) for tool in ("Edit", "Write", "NotebookEdit")] + [("Bash", command) for command in (
-        f"cat .auto-log-research/scratch/x.txt > {path}", f"tail -n 1 run.log >> {path}", f"git diff --output={path}")]
-    verdicts = {call: decide(SETTINGS, *call) for call in calls}
-    assert set(verdicts.values()) == {"deny"}, f"{path}: {verdicts}"
-
-
-def test_the_agent_runs_no_code_of_its_own_lists_branches_and_reads_only_its_own_variables():
-    """train.py runs only under the harness; the agent's own scripts not at all; no secrets reach it."""
-    refused = ["uv run train.py > run.log 2>&1", "uv run python x.py", "python3 -c 'print(1)'", "printenv", "env",
-               "printenv ANTHROPIC_API_KEY", "printenv AUTORESEARCH_WORKER ANTHROPIC_API_KEY",
-               "git branch autoresearch/other 1a2b3c4", "git worktree add ../x autoresearch/t-1",
-               "git worktree remove ../alr-workers/t-1", "git push . HEAD:autoresearch/t-1"]
-    allowed = ['git branch --list "autoresearch/*"', "git branch --show-current", "printenv AUTORESEARCH_WORKER",
-               "printenv AUTORESEARCH_ARCHIVE"]
-    assert [c for c in refused if decide(SETTINGS, "Bash", c) == "allow"] == []
-    assert [c for c in allowed if decide(SETTINGS, "Bash", c) != "allow"] == []
-
-
-@pytest.mark.parametrize("command", [
-    "git update-ref refs/auto-log-research/pins/autoresearch/mar5 HEAD", "git tag -d alr-pin", "git gc --prune=now",
-    "git replace 1a2b3c4 5d6e7f8", "git reflog expire --expire=now --all", "git prune", "git rebase -i HEAD~3",
-    "git symbolic-ref HEAD refs/heads/x", "git config core.logAllRefUpdates false", "git filter-branch --force HEAD",
-    "git branch -m autoresearch/mar5 x", "git branch -M x", "git branch --move x", "git branch -c x", "git branch -f x",
-    "git branch -D autoresearch/mar5", "git reset --hard HEAD~1", "git commit --amend -m x", "uv run analyze.py repin",
-    "uv run python analyze.py repin", "uv run analyze.py list && uv run analyze.py repin",
-])
-def test_the_agent_cannot_move_or_remove_the_pin(command):
-    assert decide(SETTINGS, "Bash", command) == "deny", f"{command!r} is {decide(SETTINGS, 'Bash', command)}"
+@pytest.mark.parametrize("spec,path,expected", [  # examples from Claude Code's documentation
+    ("/src/**/*.ts", "lib/src/a.ts", False), ("*.env", "config/prod.env", True)])
+def test_a_path_rule_with_a_slash_starts_at_the_root_and_one_without_holds_at_any_depth(spec, path, expected):
+    assert path_rule_matches(spec, path) is expected, f"({spec}) vs {path!r}"
 
 
 def test_the_default_install_leaves_skypilot_out():
