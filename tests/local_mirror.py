@@ -5,7 +5,7 @@ VRAM do not depend on the text, val_bpb does: runs record the tokenizer's hash, 
 val_bpb from these shards with one from climbmix.
 
 Usage:
-    uv run tests/local_mirror.py --dir /tmp/mirror --port 8765 &       # build the shards once, serve until killed
+    uv run tests/local_mirror.py --dir /tmp/mirror --port 8765 &       # the cpu profile's shards, served until killed
     AUTORESEARCH_DATA_URL=http://127.0.0.1:8765 uv run prepare.py --num-shards 4
 """
 
@@ -29,17 +29,13 @@ def main():
     parser = argparse.ArgumentParser(description="serve shards built from local text on a loopback mirror")
     parser.add_argument("--dir", default="/tmp/alr-local-mirror", help="where the shards are built and served from")
     parser.add_argument("--port", type=int, default=8765)
-    parser.add_argument("--train-shards", type=int, default=4)
     args = parser.parse_args()
-    names = [prepare.shard_name(i) for i in range(args.train_shards)] + [prepare.VAL_FILENAME, prepare.HELDOUT_FILENAME]
-    if not all((Path(args.dir) / name).exists() for name in names):  # built once
-        train, val, heldout = prepare.split_documents(prepare.stdlib_documents(), num_train_shards=args.train_shards)
-        for name, texts in zip(names, train + [val, heldout]):
-            prepare._write_shard(texts, Path(args.dir) / name)
+    prepare.DATA_DIR = prepare.TOKENIZER_DIR = Path(args.dir)  # build_cpu_shards writes here; no tokenizer to remove
+    prepare.build_cpu_shards()
     handler = functools.partial(QuietHandler, directory=args.dir)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", args.port), handler)  # port 0: any free port
-    print(f"serving {len(names)} shards from {args.dir}: AUTORESEARCH_DATA_URL=http://127.0.0.1:{server.server_port} "
-          f"uv run prepare.py --num-shards {args.train_shards}", flush=True)
+    print(f"serving shards from {args.dir}: AUTORESEARCH_DATA_URL=http://127.0.0.1:{server.server_port} "
+          f"uv run prepare.py --num-shards {prepare.CPU_TRAIN_SHARDS}", flush=True)
     server.serve_forever()
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from harness.decide import decide
-from harness.record import Archive, Caught, Decision
+from harness.record import Archive, Caught
 from harness.stats import difference_band
 from harness.report import best_text, compare_text, draw_progress, list_text, run_lines, show_text, write_analysis
 from tests.factory import make_run, metrics_rows
@@ -36,21 +36,10 @@ def best_repeats(archive, steps=(400, 396, 404), shape=lambda n: {}, **kw):
             for i, (bpb, n, speed) in enumerate(zip((1.000, 1.002, 0.998), steps, (25.0, 25.5, 24.5)))]
 
 
-def challenged(archive, val_bpb, best=None, **kw):
-    """analysis.md of a planted run, decided against the best and its two repeats (best_repeats(**best))."""
-    runs = best_repeats(archive, **(best or {})) + [planted(archive, val_bpb, **kw)]
-    runs[-1].decision = decide(runs[-1], runs)
-    return write_analysis(runs[-1], runs, archive)
-
-
 # features, and the phrase that names each: a planted run names its own and none of the others
 NAMES = {"departure": "departs from the best at progress", "spike": "spike at step", "falling": "still falling",
          "speed": "  - speed: 4", "machine": "the machine ran", "learning": "learning per step: ahead",
          "schedule": "the clock-driven schedule", "identical": "identical code"}
-
-
-def named(text):
-    return {f for f, phrase in NAMES.items() if phrase in text}
 
 
 @pytest.fixture
@@ -71,8 +60,8 @@ CAUSES = {  # planted run, the best's shape, every feature named, what explains 
         dict(val_bpb=0.999), None, set(),
         [NOTHING, "delta -0.001000 vs best", f"(band {BAND}, n 1 vs 3)", "delta -0.001000 (n 1 vs 3: the mean of "
          f"this code's runs minus the best code's, as the decision), within the noise band {BAND}",  # one verdict
-         "learning per step: within noise: +0.0000 at step 399, within 0.0", "speed: within noise: 400 steps vs 400, "
-         "the mean of the best's 3 run(s) (+0%), within 2% (the larger of 2% and the 2% spread of the best's runs)"]),
+         "learning per step: within noise: +0.0000 at step 399, within 0.0",
+         "speed: within noise: 400 steps vs 400, the mean of the best's 3 run(s) (+0%), within 2%"]),
     "spike and stall": (
         dict(val_bpb=1.001, loss=lambda s: plateau(s) + 2.0 * (s == 250),
              step_ms=lambda s: 1500.0 if s == 100 else 150.0),
@@ -84,13 +73,14 @@ CAUSES = {  # planted run, the best's shape, every feature named, what explains 
         ["- explained by: speed\n", "learning per step: within noise: +0.0000 at step 219, the last where the LR "
          "schedules agree", "speed: 480 steps vs 400, the mean of the best's 3 run(s) (+20%), beyond 2% (the larger of "
          "2% and the 2% spread of the best's runs): the code's"]),
-    "slower machine": (
-        dict(val_bpb=1.060, steps=300, speed=18.0, code_sha="base"), None, {"identical", "machine", "departure"},
+    "slower machine, caught": (
+        dict(val_bpb=1.060, steps=300, speed=18.0, code_sha="base", caught=[Caught("trained on validation data", "x")]),
+        None, {"identical", "machine", "departure"},
         ["- explained by: the machine\n", "the machine: 300 steps vs 400, the mean of the best's 3 run(s) (-25%), "
-         "beyond 2%", "the machine was slower, since the code is the best's"]),
+         "beyond 2%", "the machine was slower, since the code is the best's", "- caught: trained on validation data: x",
+         "- machine speed 18 GFLOP/s vs 25, the median of the best's 3 run(s): -28%"]),
     "better learner": (
-        dict(val_bpb=0.950, loss=lambda s: plateau(s) - 0.1 * (1 - np.exp(-s / 100.0))), None,
-        {"learning", "departure"},
+        dict(val_bpb=0.950, loss=lambda s: plateau(s) - 0.1 * (1 - np.exp(-s / 100))), None, {"learning", "departure"},
         ["- explained by: learning per step\n", "learning per step: ahead of the best at equal steps: -0.09",
          "at step 399, beyond 0.0", "- at equal steps -0.09"]),
     "clock-driven schedule": (
@@ -105,14 +95,19 @@ CAUSES = {  # planted run, the best's shape, every feature named, what explains 
 
 @pytest.mark.parametrize("run, best, features, says", CAUSES.values(), ids=CAUSES)
 def test_a_planted_feature_is_named_with_its_number_and_nothing_else(archive, run, best, features, says):
-    text = challenged(archive, best=best, **run)
-    assert named(text) == features, named(text)
+    runs = best_repeats(archive, **(best or {})) + [planted(archive, **run)]
+    runs[-1].decision = decide(runs[-1], runs)
+    text, printed = write_analysis(runs[-1], runs, archive), run_lines(runs[-1], runs[0], None, runs, archive)
+    shared = [x for x in text.splitlines() if x.startswith(("- machine", "- caught"))]  # the same line, printed
+    assert [x for x in shared if x[2:] not in printed] == [], printed
+    found = {feature for feature, phrase in NAMES.items() if phrase in text}
+    assert found == features, found
     assert [said for said in says if said not in text] == [], text
     if "identical" in features:  # identical code learns alike per step: no such cause is weighed
         assert "learning per step" not in text
 
 
-def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(archive):
+def test_a_hand_archived_run_has_no_decision_line_keeps_notes_on_status_and_is_plotted_and_compared(archive):
     best, run = best_repeats(archive)[0], planted(archive, 0.990, measured=None)  # in this order: archived after
     patch = "--- a/train.py\n+++ b/train.py\n@@ -1 +1,2 @@\n-A = 1\n+A = 2\n+B = 3\n"  # the file header counts no line
     (archive.run_dir(run.id) / "diff.patch").write_text(patch)
@@ -120,12 +115,14 @@ def test_a_hand_archived_run_has_no_decision_line_and_keeps_notes_on_status(arch
     assert "decision:" not in text and "train.py's own number (archived by hand" in text
     assert f"\n- vs best {best.id} (1.000000): -0.010000, noise band unknown\n" in text, text
     assert "- code: +2 -1 lines in train.py, 1 hunk(s): the lines are in diff.patch" in text, text
-    path = archive.run_dir(run.id) / "analysis.md"
-    path.write_text(path.read_text() + "tried a wider MLP\n")
+    (archive.run_dir(run.id) / "analysis.md").write_text(text + "tried a wider MLP\n")
     run.statuses[-1].status = "discard"
-    write_analysis(run, [best, run], archive)
-    assert "status `discard`" in path.read_text() and path.read_text().endswith("## Agent notes\ntried a wider MLP\n")
-    assert show_text(run, archive) == path.read_text()
+    again = write_analysis(run, [best, run], archive)
+    assert "status `discard`" in again and again.endswith("## Agent notes\ntried a wider MLP\n"), again
+    assert show_text(run, archive) == again
+    assert {"loss.png", "schedules.png", "throughput.png"} <= {p.name for p in archive.run_dir(run.id).iterdir()}
+    compared = compare_text(best, run, archive)
+    assert "- val_bpb B - A: -0.010000" in compared and "loss.png" in compared.splitlines()[-1], compared
 
 
 # What `analyze.py run` prints, and the other commands' texts
@@ -133,21 +130,26 @@ OOM = ('Traceback (most recent call last):\n  File "train.py", line 500, in <mod
        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79 GiB")
 
 
-def test_run_lines_of_a_crash_name_the_exception_and_never_a_negative_time(archive):
-    best = make_run(1.0, status="keep")
-    oom = make_run(None, training_seconds=0.0, total_seconds=24.5, wall_s=24.5, outcome="crash", error=OOM,
-                   decision=Decision("crash", "the run did not finish (outcome crash)", None, None, 0, 1, best.id))
-    lines = run_lines(oom, best, None, [best, oom], archive)
+def test_a_crash_prints_its_exception_never_a_negative_time_and_no_delta_of_its_codes_earlier_runs(archive):
+    runs = best_repeats(archive) + [planted(archive, 0.95)]  # the crash's code ran before
+    runs.append(make_run(None, code_sha="idea", training_seconds=0.0, total_seconds=24.5, wall_s=24.5,
+                         outcome="crash", error=OOM))
+    archive.run_dir(runs[-1].id).mkdir()
+    runs[-1].decision = decide(runs[-1], runs)
+    headline = write_analysis(runs[-1], runs, archive).split("## Headline\n")[1].split("\n## ")[0]
+    assert runs[-1].decision.delta is not None, runs[-1].decision  # the mean of the code's earlier run
+    assert "this run has no number" in headline and "delta" not in headline, headline
+    lines = run_lines(runs[-1], runs[0], None, runs, archive)
     assert lines[0].startswith("decision: crash"), lines
     assert "out of memory: torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB." in lines[-2], lines
     assert any("did not train (no counted training second), wall 24.5 s" in x for x in lines), lines
     assert not any(re.search(r"-\d+(\.\d+)? s outside", x) for x in lines), lines
-    syntax = make_run(None, outcome="crash", decision=None)
-    archive.run_dir(syntax.id).mkdir(parents=True)
+    syntax = make_run(None, outcome="crash")  # undecided, its traceback in run.log only
+    archive.run_dir(syntax.id).mkdir()
     (archive.run_dir(syntax.id) / "run.log").write_text(
         'Traceback (most recent call last):\n  File "train.py", line 3\n    x = (\n        ^\n'
         "SyntaxError: '(' was never closed\n")
-    lines = run_lines(syntax, best, None, [best, syntax], archive)
+    lines = run_lines(syntax, runs[0], None, runs + [syntax], archive)
     assert not lines[0].startswith("decision:") and "error: SyntaxError: '(' was never closed" in lines, lines
     assert lines[-1].startswith("analysis: ") and lines[-1].endswith("analysis.md"), lines
 
@@ -173,27 +175,3 @@ def test_progress_plots_the_workers_best_by_the_best_rule_not_the_luckiest_kept_
     (line,) = figures[0].axes[0].get_lines()  # the best so far; the runs are points, the band an area
     assert line.get_ydata() == pytest.approx([0.950, 0.950, 0.970, 0.975, 0.975, 0.975]), line.get_ydata()
 
-
-def test_run_lines_and_analysis_read_one_machine_speed_and_caught_case_and_the_plots_are_drawn(archive):
-    caught = [Caught("trained on validation data", "held-out 1.2")]
-    runs = best_repeats(archive) + [planted(archive, 0.990, steps=480, speed=16.0, caught=caught)]
-    text, printed = write_analysis(runs[-1], runs, archive), run_lines(runs[-1], runs[0], None, runs, archive)
-    speed = next(x for x in printed if x.startswith("machine speed"))
-    assert "- " + speed in text and "16 GFLOP/s vs 25, the median of the best's 3 run(s): -36%" in speed, speed
-    assert "caught: trained on validation data: held-out 1.2" in printed and "\n- caught: trained on" in text, printed
-    assert {"loss.png", "schedules.png", "throughput.png"} <= {p.name for p in archive.run_dir(runs[-1].id).iterdir()}
-    draw_progress(runs, archive.progress)
-    assert archive.progress.stat().st_size > 1000
-    text = compare_text(runs[0], runs[-1], archive)
-    assert "- val_bpb B - A: -0.010000" in text and "train loss (smoothed) at equal steps, step 0-399: within" in text
-    assert "loss.png" in text.splitlines()[-1]
-
-
-def test_a_crash_of_a_code_that_ran_before_says_it_has_no_number_not_its_codes_delta(archive):
-    runs = best_repeats(archive) + [planted(archive, 0.95)]
-    runs.append(make_run(None, code_sha="idea", outcome="crash"))
-    archive.run_dir(runs[-1].id).mkdir()
-    runs[-1].decision = decide(runs[-1], runs)
-    headline = write_analysis(runs[-1], runs, archive).split("## Headline\n")[1].split("\n## ")[0]
-    assert runs[-1].decision.delta is not None, runs[-1].decision  # the mean of the code's earlier run
-    assert "this run has no number" in headline and "delta" not in headline, headline
