@@ -185,7 +185,7 @@ def refuse_untracked_modules():
     """An untracked module at the repository root: first on train.py's sys.path, an argparse.py there would win."""
     tracked = {p.split("/")[0] for p in (git("ls-files", "-z") or "").split("\0") if p}
     for entry in sorted(Path(".").iterdir()):
-        package = (entry / "__init__.py").exists()
+        package = entry.is_dir() and any(entry.glob("*.py"))  # with an __init__.py, or a namespace package
         module = entry.name if package else inspect.getmodulename(entry) if entry.is_file() else None
         if module and module.isidentifier() and entry.name not in tracked:
             raise Refused(f"{entry.name} at the repository root is not tracked by git and would be imported as the "

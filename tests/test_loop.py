@@ -117,6 +117,7 @@ FAST = "fast" + EXTENSION_SUFFIXES[0]  # an extension module this Python imports
 @pytest.mark.parametrize("setup, needle", [
     (lambda repo: Path(FAST).touch(), f"{FAST} at the"),
     (lambda repo: Path("json").mkdir() or Path("json/__init__.py").touch(), "json at the repository root is not"),
+    (lambda repo: Path("helpers").mkdir() or Path("helpers/lr.py").touch(), "helpers at the repository root is not"),
     (lambda repo: (loop.preflight(Archive.here(), None), Path("harness/rules.py").write_text("LIMIT = 0\n")),
      "harness files differ from the branch's pin: harness/rules.py (changed)"),  # once the pin is made
     (lambda repo: sh("git", "checkout", "-q", "--detach"), "HEAD is detached"),
