@@ -356,11 +356,14 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
-        tokenizer_dir = Path(tokenizer_dir or TOKENIZER_DIR)
-        if not (tokenizer_dir / "tokenizer.pkl").exists():
-            raise PrepareError(f"no tokenizer at {tokenizer_dir}: run `uv run prepare.py` first (profile {PROFILE})")
-        blob = (tokenizer_dir / "tokenizer.pkl").read_bytes()
-        return cls(pickle.loads(blob), tokenizer_dir, hashlib.sha256(blob).hexdigest()[:16])
+        path = Path(tokenizer_dir or TOKENIZER_DIR) / "tokenizer.pkl"
+        try:
+            blob = path.read_bytes()
+            return cls(pickle.loads(blob), path.parent, hashlib.sha256(blob).hexdigest()[:16])
+        except FileNotFoundError:
+            raise PrepareError(f"no tokenizer at {path.parent}: run `uv run prepare.py` (profile {PROFILE})") from None
+        except Exception as e:  # cut short, or not a tokenizer at all
+            raise PrepareError(f"{path} is unreadable ({type(e).__name__}): delete it, run `uv run prepare.py`") from e
 
     def get_vocab_size(self):
         return self.enc.n_vocab

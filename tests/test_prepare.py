@@ -181,6 +181,15 @@ def test_an_eval_set_too_small_is_refused_not_scored_on_less(monkeypatch, tokeni
 
 
 @pytest.mark.quick
+def test_a_missing_or_corrupt_tokenizer_is_one_line_saying_what_to_do(tmp_path):
+    with pytest.raises(prepare.PrepareError, match="no tokenizer at .*: run `uv run prepare.py`"):
+        prepare.Tokenizer.from_directory(tmp_path)
+    (tmp_path / "tokenizer.pkl").write_bytes(b"garbage")  # e.g. a copy cut short
+    with pytest.raises(prepare.PrepareError, match=r"tokenizer\.pkl is unreadable \(UnpicklingError\): delete it"):
+        prepare.Tokenizer.from_directory(tmp_path)
+
+
+@pytest.mark.quick
 def test_the_hard_cap_grows_with_the_time_the_best_spent_outside_its_budget():
     assert prepare.hard_cap_s(300) == 600, "the gpu profile's cap: AR's budget, doubled"
     assert prepare.hard_cap_s(60) == 180 and prepare.hard_cap_s(60, outside_ref_s=20) == 180, "a floor of 120 s"
