@@ -354,12 +354,13 @@ SECTIONS = (section_headline, section_crash, section_changes, section_trajectory
 
 
 def write_analysis(run, runs, archive):
-    """analysis.md and the plots of one archived run, in its directory; returns the text. Callers hold the
-    archive's lock. The decision's line comes first (a run archived by hand has none), the Agent notes last: the
-    agent's, kept when analysis.md is written again (`analyze.py status`)."""
+    """analysis.md and the plots of one archived run, in its directory; returns the text (callers hold the lock). The
+    decision's line first (none for a run archived by hand); the Agent notes last, kept under their heading."""
     v = View(run, runs, archive)
     path = v.dir / "analysis.md"
-    notes = (path.read_text().partition("\n## Agent notes")[2] if path.exists() else "") or "\n"
+    head, heading, notes = (path.read_text() if path.exists() else "\n## Agent notes\n").partition("\n## Agent notes")
+    if not heading:  # the agent's heading is gone: its file stays as it is, rather than lose what it wrote
+        return head
     head = [run.decision.line()] if run.decision is not None else []
     text = "\n\n".join(head + [s for s in (section(v) for section in SECTIONS) if s]) + "\n\n## Agent notes" + notes
     write_atomic(path, text)

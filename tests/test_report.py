@@ -120,6 +120,8 @@ def test_a_hand_archived_run_has_no_decision_line_keeps_notes_on_status_and_is_p
     again = write_analysis(run, [best, run], archive)
     assert "status `discard`" in again and again.endswith("## Agent notes\ntried a wider MLP\n"), again
     assert show_text(run, archive) == again
+    (archive.run_dir(run.id) / "analysis.md").write_text("notes under no heading\n")  # never lost to a rewrite
+    assert write_analysis(run, [best, run], archive) == "notes under no heading\n" == show_text(run, archive)
     assert {"loss.png", "schedules.png", "throughput.png"} <= {p.name for p in archive.run_dir(run.id).iterdir()}
     compared = compare_text(best, run, archive)
     assert "- val_bpb B - A: -0.010000" in compared and "loss.png" in compared.splitlines()[-1], compared
