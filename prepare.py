@@ -91,7 +91,7 @@ VAL_SHARD = 6542                                 # pinned validation shard: the 
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"  # same name in both profiles
 HELDOUT_SHARD = VAL_SHARD - 1                    # held-out shard: never trained on, never the metric
 HELDOUT_FILENAME = f"shard_{HELDOUT_SHARD:05d}.parquet"  # same name in both profiles
-DEV_FILENAME = f"dev_{VAL_SHARD:05d}.parquet"    # validation documents no pinned row holds: the in-training curve's
+DEV_FILENAME = f"dev2_{VAL_SHARD:05d}.parquet"   # the curve's text, no pinned row's (2: renamed with its rule)
 SPLITS = ("train", "val", "heldout", "dev")      # what make_dataloader serves
 # GPT-4 split pattern, with numbers in groups of one or two (\p{N}{1,2} instead of {1,3})
 SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
