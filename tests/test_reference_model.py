@@ -74,3 +74,9 @@ def test_training_loop_is_ars(our_loop, parts):
     call in a step doubles its length), the same schedules, losses, gradient norms and final parameters."""
     for part in parts:
         assert_matches(our_loop[part], f"loop/{part}")
+
+
+def test_the_loop_trains_through_one_kind_of_call_so_torch_compile_makes_one_training_graph(our_loop):
+    """dynamo guards on forward's arguments: a loop that asks for the layer stats only on some steps compiles
+    the training graph twice, outside the budget (test_compile counts the graphs of one kind of call)."""
+    assert our_loop["training_calls"] == ["tuple"], f"training forwards returned {our_loop['training_calls']}"

@@ -80,6 +80,7 @@ class LoopFigures:
 
     def __init__(self, attention=None):
         self.losses, self.steps, self.final_params, self.attention = [], [], None, attention
+        self.training_calls = set()  # what a training forward returned: one kind is one compiled graph (dynamo)
         self._first_forward = torch.nn.modules.module.register_module_forward_pre_hook(self._on_first_forward)
         register_optimizer_step_pre_hook(self._on_step)
 
@@ -98,6 +99,7 @@ class LoopFigures:
         loss = output[0] if isinstance(output, tuple) else output
         if loss.ndim == 0:  # a training forward: the mean loss
             self.losses.append(loss.item())
+            self.training_calls.add(type(output).__name__)
 
     def _on_step(self, optimizer, args, kwargs):
         groups = optimizer.param_groups
@@ -120,7 +122,7 @@ class LoopFigures:
         return {"hyperparameters": {k: namespace[k] for k in RECORDED_HYPERPARAMETERS}, "num_steps": len(self.steps),
                 "schedules": {k: [step[k] for step in self.steps] for k in schedules},
                 "training": [{"losses": step["losses"], "grad_norm": step["grad_norm"]} for step in self.steps],
-                "final_params": self.final_params}
+                "final_params": self.final_params, "training_calls": sorted(self.training_calls)}
 
 
 def gpu_timing_skip_steps(source):
