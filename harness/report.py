@@ -356,11 +356,11 @@ SECTIONS = (section_headline, section_crash, section_changes, section_trajectory
 def write_analysis(run, runs, archive):
     """analysis.md and the plots of one archived run, in its directory; returns the text (callers hold the lock). The
     decision's line first (none for a run archived by hand); the Agent notes last, kept under their heading."""
-    v = View(run, runs, archive)
-    path = v.dir / "analysis.md"
-    head, heading, notes = (path.read_text() if path.exists() else "\n## Agent notes\n").partition("\n## Agent notes")
+    path = archive.run_dir(run.id) / "analysis.md"
+    old, heading, notes = (path.read_text() if path.exists() else "\n## Agent notes\n").partition("\n## Agent notes")
     if not heading:  # the agent's heading is gone: its file stays as it is, rather than lose what it wrote
-        return head
+        return old
+    v = View(run, runs, archive)
     head = [run.decision.line()] if run.decision is not None else []
     text = "\n\n".join(head + [s for s in (section(v) for section in SECTIONS) if s]) + "\n\n## Agent notes" + notes
     write_atomic(path, text)
