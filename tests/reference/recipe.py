@@ -108,10 +108,13 @@ def forward_figures(g, name):
         T_short = CONFIGS[name]["sequence_len"] * 5 // 8  # shorter than training rows: other masks
         xs, ys = token_batch(name, seed=2, T=T_short)
         logits = model(xs)
+        model.lm_head.weight.mul_(3000)  # logits of std ~24, well into tanh's bend: the softcap shapes them
+        capped = model(xs)
     return {
         "loss": loss.item(),
         "per_token_loss": fingerprint(per_token),
         "short_logits": fingerprint(logits),
+        "capped_logits": fingerprint(capped),
         "short_loss": torch.nn.functional.cross_entropy(logits.flatten(0, 1), ys.flatten()).item(),
         "grads": tensors((n, p.grad) for n, p in model.named_parameters()),
     }
