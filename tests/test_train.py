@@ -169,6 +169,8 @@ def test_a_cpu_run_ends_ok_with_ars_block_its_config_and_the_contract_metrics(ru
         assert not STEP_KEYS - set(r), f"step {r['step']} lacks {STEP_KEYS - set(r)}"
     progress = [r["train/progress"] for r in rows]
     assert progress == sorted(progress) and progress[-1] == 1.0, progress[-3:]
+    untimed = [r["step"] for r in train_rows if r["train/progress"] == 0]
+    assert untimed == [0], f"untimed steps {untimed}: nothing compiles on a CPU, so only the first step is untimed"
     val = [r for r in rows if "val/bpb" in r]
     assert (val[0]["step"], val[-1]["step"]) == (0, len(train_rows)), "the curve starts at step 0, ends after the last"
     assert 2 <= len(val) <= 1 + summary["config"]["VAL_POINTS"]
