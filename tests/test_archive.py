@@ -107,6 +107,7 @@ def test_ids_runs_as_saved_oldest_first_find_by_prefix_a_bad_run_json_named_once
     (archive.dir / "eeeeeee").mkdir()  # reserved by a writer: not a problem yet
     (archive.dir / "compare_a_b").mkdir()  # plots of `compare`: no run
     assert archive.runs() == [saved[2], saved[0], saved[1]], "not oldest first, or not as saved"
+    assert repr(archive.runs()[0].trained.peak_vram_mb) == "45000.0", "an int where the record says float"
     assert archive.find("abc1234").id == "abc1234" and archive.find("abd").id == "abd0000"
     for prefix, said in (("abc", r"matches several runs \(abc1234 abc1234-2\)"), ("fff", "no run 'fff'")):
         with pytest.raises(RecordError, match=said):
